@@ -1,0 +1,137 @@
+//! Multi-head attention (Vaswani et al. 2017) on libtorch's `scaled_dot_product_attention`,
+//! with a causal mask and a key padding mask. Used self- or cross-attending.
+
+use crate::error::{shape_err, Result};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// Which keys each query may attend to.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AttentionMask<'a> {
+    /// Query i sees keys 0..=i only (self-attention).
+    pub causal: bool,
+    /// [B, S] bool: true where the key is a real token, false where it is padding.
+    pub key_padding: Option<&'a Tensor>,
+}
+
+#[derive(Debug)]
+pub struct MultiHeadAttention {
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+    heads: i64,
+    dim: i64,
+}
+
+impl MultiHeadAttention {
+    /// `dim` the query width, `context_dim` the key/value source width (= dim for self-attention).
+    pub fn new(p: nn::Path, dim: i64, context_dim: i64, heads: i64) -> Result<Self> {
+        if heads <= 0 || dim % heads != 0 {
+            return Err(shape_err(
+                "attention",
+                format!("width {dim} is not divisible by {heads} heads"),
+            ));
+        }
+        let cfg = nn::LinearConfig {
+            bias: true,
+            ..Default::default()
+        };
+        Ok(Self {
+            to_q: nn::linear(&p / "to_q", dim, dim, cfg),
+            to_k: nn::linear(&p / "to_k", context_dim, dim, cfg),
+            to_v: nn::linear(&p / "to_v", context_dim, dim, cfg),
+            to_out: nn::linear(&p / "to_out" / "0", dim, dim, Default::default()),
+            heads,
+            dim,
+        })
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l) = (x.size()[0], x.size()[1]);
+        Ok(x.f_view([b, l, self.heads, self.dim / self.heads])?
+            .f_transpose(1, 2)?)
+    }
+
+    /// The boolean mask [B, 1, L, S] for SDPA (true = attend), or None when nothing is masked.
+    fn build_mask(
+        &self,
+        mask: &AttentionMask,
+        b: i64,
+        l: i64,
+        s: i64,
+        device: tch::Device,
+    ) -> Result<Option<Tensor>> {
+        let mut out: Option<Tensor> = None;
+        if mask.causal {
+            if l != s {
+                return Err(shape_err(
+                    "attention",
+                    format!("a causal mask needs self-attention, got {l} queries and {s} keys"),
+                ));
+            }
+            out = Some(
+                Tensor::ones([l, s], (Kind::Bool, device))
+                    .tril(0)
+                    .view([1, 1, l, s]),
+            );
+        }
+        if let Some(kp) = mask.key_padding {
+            if kp.size() != [b, s] {
+                return Err(shape_err(
+                    "attention key padding mask",
+                    format!("expected [{b}, {s}], got {:?}", kp.size()),
+                ));
+            }
+            let kp = kp
+                .f_to_kind(Kind::Bool)?
+                .f_to_device(device)?
+                .f_view([b, 1, 1, s])?;
+            out = Some(match out {
+                Some(c) => c.logical_and(&kp),
+                None => kp,
+            });
+        }
+        Ok(out)
+    }
+
+    /// x: [B, L, dim]; context: [B, S, context_dim] (None = self-attention). Returns [B, L, dim].
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        mask: AttentionMask,
+    ) -> Result<Tensor> {
+        let size = x.size();
+        if size.len() != 3 || size[2] != self.dim {
+            return Err(shape_err(
+                "attention input",
+                format!("expected [B, L, {}], got {size:?}", self.dim),
+            ));
+        }
+        let ctx = context.unwrap_or(x);
+        if ctx.dim() != 3 || ctx.size()[0] != size[0] {
+            return Err(shape_err(
+                "attention context",
+                format!("expected [{}, S, C], got {:?}", size[0], ctx.size()),
+            ));
+        }
+        let (b, l, s) = (size[0], size[1], ctx.size()[1]);
+        let q = self.split_heads(&self.to_q.forward(x))?;
+        let k = self.split_heads(&self.to_k.forward(ctx))?;
+        let v = self.split_heads(&self.to_v.forward(ctx))?;
+        let attn_mask = self.build_mask(&mask, b, l, s, x.device())?;
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            attn_mask.as_ref(),
+            0.0,
+            false,
+            None,
+            false,
+        )?;
+        let out = out.f_transpose(1, 2)?.f_reshape([b, l, self.dim])?;
+        Ok(self.to_out.forward(&out))
+    }
+}

@@ -1,0 +1,15 @@
+//! Neural building blocks shared by the priors, the decoder and the upsamplers. Module paths
+//! follow diffusers' names (`norm1`, `conv1`, `time_emb_proj`, `to_q`, `to_out.0`, …) so state
+//! dicts map one to one.
+
+pub mod attention;
+pub mod resample;
+pub mod resnet;
+pub mod timestep;
+pub mod transformer;
+
+pub use attention::{AttentionMask, MultiHeadAttention};
+pub use resample::{Downsample, Upsample};
+pub use resnet::{ResBlock, ResBlockConfig, Resample};
+pub use timestep::{timestep_embedding, TimestepMlp};
+pub use transformer::TransformerBlock;

@@ -1,0 +1,263 @@
+//! Samplers behind one interface: DDPM ancestral (Ho et al. 2020), DDIM with η and its
+//! deterministic inversion (Song et al. 2021), and DPM-Solver++(2M) (Lu et al. 2022, as diffusers'
+//! `DPMSolverMultistepScheduler` with the midpoint solver). Every sampler calls a closure with
+//! (x_t, training timesteps [B]) that returns the raw network output.
+
+use crate::error::{DiffusionError, Result};
+use crate::gaussian::{broadcast_to, ClipDenoised, Coef, GaussianDiffusion};
+use crate::schedule::Respacing;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// Which sampler to run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SamplerKind {
+    /// Ancestral sampling from p(x_{t-1} | x_t) with the model's variance.
+    Ddpm,
+    /// DDIM; η = 0 is deterministic, η = 1 matches DDPM's fixed-small variance.
+    Ddim { eta: f64 },
+    /// Second-order multistep DPM-Solver++ on the data prediction (deterministic).
+    DpmSolverPp2M,
+}
+
+/// The `sampling:` section of a config: which sampler, over which steps, with what clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplerConfig {
+    pub sampler: SamplerKind,
+    /// Steps to visit out of the training timesteps: "64", "ddim27", "10,15,20" or a list.
+    pub steps: Respacing,
+    #[serde(default)]
+    pub clip: ClipDenoised,
+}
+
+impl SamplerConfig {
+    pub fn validate(&self) -> Result<()> {
+        if let SamplerKind::Ddim { eta } = self.sampler {
+            if !(eta.is_finite() && eta >= 0.0) {
+                return Err(DiffusionError::InvalidConfig(format!(
+                    "ddim eta must be >= 0, got {eta}"
+                )));
+            }
+        }
+        self.clip.validate()
+    }
+}
+
+/// Where a sampling loop is: `step` of `total` (1-based), at process step `t`.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub step: usize,
+    pub total: usize,
+    pub t: usize,
+}
+
+/// Runs a model closure and checks what it returns.
+fn call_model<F, E>(
+    model: &mut F,
+    diffusion: &GaussianDiffusion,
+    x: &Tensor,
+    t: &Tensor,
+) -> Result<Tensor>
+where
+    F: FnMut(&Tensor, &Tensor) -> std::result::Result<Tensor, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let model_t = diffusion.model_timesteps(t)?;
+    model(x, &model_t).map_err(|e| DiffusionError::Model(e.into()))
+}
+
+fn step_timesteps(x: &Tensor, i: usize) -> Tensor {
+    Tensor::full([x.size()[0]], i as i64, (Kind::Int64, x.device()))
+}
+
+/// A mask [B, 1, ...] that is 0 where t == 0 (no noise is added at the last step).
+fn nonzero_mask(t: &Tensor, like: &Tensor) -> Result<Tensor> {
+    broadcast_to(&t.f_ne(0)?.f_to_kind(like.kind())?, like.dim())
+}
+
+impl GaussianDiffusion {
+    /// One DDPM ancestral step x_t → x_{t-1} from the network output at (x_t, t).
+    pub fn ddpm_step(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+        clip: &ClipDenoised,
+        noise: &Tensor,
+    ) -> Result<Tensor> {
+        let out = self.p_mean_variance(model_output, x_t, t, clip)?;
+        let std = (&out.log_variance * 0.5).exp();
+        Ok(out.mean + nonzero_mask(t, x_t)? * std * noise)
+    }
+
+    /// One DDIM step x_t → x_{t-1} (guided-diffusion `ddim_sample`); `noise` is used when η > 0.
+    pub fn ddim_step(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+        eta: f64,
+        clip: &ClipDenoised,
+        noise: &Tensor,
+    ) -> Result<Tensor> {
+        let out = self.p_mean_variance(model_output, x_t, t, clip)?;
+        let ab = self.gather(Coef::AlphasCumprod, t, x_t)?;
+        let ab_prev = self.gather(Coef::AlphasCumprodPrev, t, x_t)?;
+        let sigma = (ab_prev.rsub_scalar(1.0) / ab.rsub_scalar(1.0)).sqrt()
+            * (&ab / &ab_prev).rsub_scalar(1.0).sqrt()
+            * eta;
+        let mean = &out.pred_xstart * ab_prev.sqrt()
+            + (ab_prev.rsub_scalar(1.0) - sigma.square())
+                .clamp_min(0.0)
+                .sqrt()
+                * &out.pred_eps;
+        Ok(mean + nonzero_mask(t, x_t)? * sigma * noise)
+    }
+
+    /// One deterministic reverse-DDIM step x_t → x_{t+1} (guided-diffusion `ddim_reverse_sample`).
+    pub fn ddim_reverse_step(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+        clip: &ClipDenoised,
+    ) -> Result<Tensor> {
+        let out = self.p_mean_variance(model_output, x_t, t, clip)?;
+        let ab_next = self.gather(Coef::AlphasCumprodNext, t, x_t)?;
+        Ok(&out.pred_xstart * ab_next.sqrt() + ab_next.rsub_scalar(1.0).sqrt() * &out.pred_eps)
+    }
+
+    /// x_0 predicted by the output at (x_t, t), clipped: DPM-Solver++'s data prediction.
+    pub fn predict_xstart(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+        clip: &ClipDenoised,
+    ) -> Result<Tensor> {
+        self.check_timesteps(t, x_t)?;
+        let (mean_out, _) = self.split_output(model_output, x_t)?;
+        let (x0, _) = self.predict_xstart_eps(&mean_out, x_t, t)?;
+        clip.apply(&x0)
+    }
+
+    /// One DPM-Solver++ step from process step `t` to `t - 1` (or to clean data from step 0).
+    /// `x0_pred` is the data prediction at t; `prev` the one at the step before (t + 1), if the
+    /// second-order update is wanted. The first and last steps are first order (as diffusers).
+    pub fn dpm_solver_pp_step(
+        &self,
+        x_t: &Tensor,
+        t: usize,
+        x0_pred: &Tensor,
+        prev: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let n = self.num_timesteps();
+        if t >= n {
+            return Err(DiffusionError::TimestepOutOfRange {
+                value: t as i64,
+                num_timesteps: n,
+            });
+        }
+        if t == 0 {
+            // σ_next = 0: the update lands exactly on the data prediction.
+            return Ok(x0_pred.shallow_clone());
+        }
+        let ac = self.alphas_cumprod();
+        let lambda = |i: usize| (ac[i].sqrt() / (1.0 - ac[i]).sqrt()).ln();
+        let (a_next, s_next) = (ac[t - 1].sqrt(), (1.0 - ac[t - 1]).sqrt());
+        let s_cur = (1.0 - ac[t]).sqrt();
+        let h = lambda(t - 1) - lambda(t);
+        let phi = (-h).exp_m1(); // e^{-h} − 1
+        let first = x_t * (s_next / s_cur) - x0_pred * (a_next * phi);
+        Ok(match prev {
+            Some(prev_x0) if t + 1 < n => {
+                let r0 = (lambda(t) - lambda(t + 1)) / h;
+                let d1 = (x0_pred - prev_x0) * (1.0 / r0);
+                first - d1 * (0.5 * a_next * phi)
+            }
+            _ => first,
+        })
+    }
+
+    /// Samples from x_T (`noise`) down to x_0 with `kind`, calling `model(x_t, t_model)`.
+    /// `progress` is called after every step.
+    pub fn sample<F, E>(
+        &self,
+        kind: SamplerKind,
+        clip: &ClipDenoised,
+        noise: Tensor,
+        mut model: F,
+        mut progress: Option<&mut dyn FnMut(Progress)>,
+    ) -> Result<Tensor>
+    where
+        F: FnMut(&Tensor, &Tensor) -> std::result::Result<Tensor, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let _guard = tch::no_grad_guard();
+        let n = self.num_timesteps();
+        let mut x = noise;
+        let mut prev_x0: Option<Tensor> = None;
+        for (step, i) in (0..n).rev().enumerate() {
+            let t = step_timesteps(&x, i);
+            let out = call_model(&mut model, self, &x, &t)?;
+            x = match kind {
+                SamplerKind::Ddpm => self.ddpm_step(&out, &x, &t, clip, &x.randn_like())?,
+                SamplerKind::Ddim { eta } => {
+                    let z = if eta > 0.0 {
+                        x.randn_like()
+                    } else {
+                        x.zeros_like()
+                    };
+                    self.ddim_step(&out, &x, &t, eta, clip, &z)?
+                }
+                SamplerKind::DpmSolverPp2M => {
+                    let x0 = self.predict_xstart(&out, &x, &t, clip)?;
+                    let next = self.dpm_solver_pp_step(&x, i, &x0, prev_x0.as_ref())?;
+                    prev_x0 = Some(x0);
+                    next
+                }
+            };
+            if let Some(cb) = progress.as_deref_mut() {
+                cb(Progress {
+                    step: step + 1,
+                    total: n,
+                    t: i,
+                });
+            }
+        }
+        Ok(x)
+    }
+
+    /// Deterministic DDIM inversion x_0 → x_T: the latent that DDIM with η = 0 decodes back to
+    /// `x_start` (the bipartite latent of unCLIP's image manipulations). Use no clipping.
+    pub fn ddim_invert<F, E>(
+        &self,
+        x_start: Tensor,
+        clip: &ClipDenoised,
+        mut model: F,
+        mut progress: Option<&mut dyn FnMut(Progress)>,
+    ) -> Result<Tensor>
+    where
+        F: FnMut(&Tensor, &Tensor) -> std::result::Result<Tensor, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let _guard = tch::no_grad_guard();
+        let n = self.num_timesteps();
+        let mut x = x_start;
+        for i in 0..n {
+            let t = step_timesteps(&x, i);
+            let out = call_model(&mut model, self, &x, &t)?;
+            x = self.ddim_reverse_step(&out, &x, &t, clip)?;
+            if let Some(cb) = progress.as_deref_mut() {
+                cb(Progress {
+                    step: i + 1,
+                    total: n,
+                    t: i,
+                });
+            }
+        }
+        Ok(x)
+    }
+}
