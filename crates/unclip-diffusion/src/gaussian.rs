@@ -162,8 +162,10 @@ impl ClipDenoised {
                 max_value,
             } => {
                 let b = x0.size()[0];
-                let flat = x0.f_reshape([b, -1])?.f_abs()?.f_to_kind(Kind::Float)?;
-                let q = Tensor::from(percentile).to_device(x0.device());
+                // quantile needs f32/f64 and a q of the same kind.
+                let kind = if x0.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+                let flat = x0.f_reshape([b, -1])?.f_abs()?.f_to_kind(kind)?;
+                let q = Tensor::from(percentile).to_kind(kind).to_device(x0.device());
                 let s = flat.f_quantile(&q, 1, false, "linear")?;
                 let s = match max_value {
                     Some(m) => s.f_clamp(1.0, m)?,
