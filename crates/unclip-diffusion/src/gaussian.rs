@@ -90,10 +90,12 @@ impl DiffusionConfig {
                         .into(),
                 )
             }
-            (LossType::Hybrid, v) if v != VarianceType::LearnedRange => return bad(format!(
+            (LossType::Hybrid, v) if v != VarianceType::LearnedRange => {
+                return bad(format!(
                 "diffusion.loss `hybrid` needs diffusion.variance `learned_range` (got `{v:?}`): \
                      with a fixed variance and a stop-gradient mean the VLB term trains nothing"
-            )),
+            ))
+            }
             _ => {}
         }
         if !(self.vlb_weight.is_finite() && self.vlb_weight >= 0.0) {
@@ -163,9 +165,15 @@ impl ClipDenoised {
             } => {
                 let b = x0.size()[0];
                 // quantile needs f32/f64 and a q of the same kind.
-                let kind = if x0.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+                let kind = if x0.kind() == Kind::Double {
+                    Kind::Double
+                } else {
+                    Kind::Float
+                };
                 let flat = x0.f_reshape([b, -1])?.f_abs()?.f_to_kind(kind)?;
-                let q = Tensor::from(percentile).to_kind(kind).to_device(x0.device());
+                let q = Tensor::from(percentile)
+                    .to_kind(kind)
+                    .to_device(x0.device());
                 let s = flat.f_quantile(&q, 1, false, "linear")?;
                 let s = match max_value {
                     Some(m) => s.f_clamp(1.0, m)?,

@@ -116,19 +116,6 @@ impl GaussianDiffusion {
         Ok(mean + nonzero_mask(t, x_t)? * sigma * noise)
     }
 
-    /// One deterministic reverse-DDIM step x_t → x_{t+1} (guided-diffusion `ddim_reverse_sample`).
-    pub fn ddim_reverse_step(
-        &self,
-        model_output: &Tensor,
-        x_t: &Tensor,
-        t: &Tensor,
-        clip: &ClipDenoised,
-    ) -> Result<Tensor> {
-        let out = self.p_mean_variance(model_output, x_t, t, clip)?;
-        let ab_next = self.gather(Coef::AlphasCumprodNext, t, x_t)?;
-        Ok(&out.pred_xstart * ab_next.sqrt() + ab_next.rsub_scalar(1.0).sqrt() * &out.pred_eps)
-    }
-
     /// x_0 predicted by the output at (x_t, t), clipped: DPM-Solver++'s data prediction.
     pub fn predict_xstart(
         &self,
@@ -230,12 +217,17 @@ impl GaussianDiffusion {
         Ok(x)
     }
 
-    /// Deterministic DDIM inversion x_0 → x_T: the latent that DDIM with η = 0 decodes back to
-    /// `x_start` (the bipartite latent of unCLIP's image manipulations). Use no clipping.
+    /// Deterministic DDIM inversion x_0 → x_T: the latent that [`SamplerKind::Ddim`] with η = 0
+    /// decodes back to `x_start` (unCLIP's bipartite latent). Each step runs the DDIM update
+    /// backwards from noise level ᾱ_{j-1} to ᾱ_j (ᾱ_{-1} = 1 for the clean sample). The classic
+    /// inversion (`fixed_point_iters = 0`, as guided-diffusion) uses ε at the level it leaves,
+    /// which makes the round trip only approximate; each fixed-point iteration re-evaluates ε at
+    /// the level it reaches, which is what the decoder will see, so the round trip becomes exact
+    /// as iterations converge. Costs 1 + n·(1 + iters) − 1 model calls for n steps; no clipping.
     pub fn ddim_invert<F, E>(
         &self,
         x_start: Tensor,
-        clip: &ClipDenoised,
+        fixed_point_iters: usize,
         mut model: F,
         mut progress: Option<&mut dyn FnMut(Progress)>,
     ) -> Result<Tensor>
@@ -245,16 +237,36 @@ impl GaussianDiffusion {
     {
         let _guard = tch::no_grad_guard();
         let n = self.num_timesteps();
+        let ac = self.alphas_cumprod().to_vec();
+        let mut eps_at = |x: &Tensor, j: usize| -> Result<Tensor> {
+            let t = step_timesteps(x, j);
+            let out = call_model(&mut model, self, x, &t)?;
+            Ok(self
+                .p_mean_variance(&out, x, &t, &ClipDenoised::None)?
+                .pred_eps)
+        };
         let mut x = x_start;
-        for i in 0..n {
-            let t = step_timesteps(&x, i);
-            let out = call_model(&mut model, self, &x, &t)?;
-            x = self.ddim_reverse_step(&out, &x, &t, clip)?;
+        let mut prev_ab = 1.0f64;
+        let mut eps = eps_at(&x, 0)?;
+        for (j, &ab) in ac.iter().enumerate() {
+            let ddim_up = |x: &Tensor, e: &Tensor| {
+                let x0 = (x - e * (1.0 - prev_ab).sqrt()) / prev_ab.sqrt();
+                x0 * ab.sqrt() + e * (1.0 - ab).sqrt()
+            };
+            let mut next = ddim_up(&x, &eps);
+            for _ in 0..fixed_point_iters {
+                next = ddim_up(&x, &eps_at(&next, j)?);
+            }
+            x = next;
+            prev_ab = ab;
+            if j + 1 < n {
+                eps = eps_at(&x, j)?;
+            }
             if let Some(cb) = progress.as_deref_mut() {
                 cb(Progress {
-                    step: i + 1,
+                    step: j + 1,
                     total: n,
-                    t: i,
+                    t: j,
                 });
             }
         }

@@ -64,6 +64,12 @@ impl BetaSchedule {
             Self::Linear => {
                 let scale = 1000.0 / n as f64;
                 let (start, end) = (scale * 1e-4, scale * 0.02);
+                if end >= 1.0 {
+                    return Err(DiffusionError::InvalidConfig(format!(
+                        "the linear schedule scales β_T = 0.02·1000/T, which reaches 1 for \
+                         timesteps = {n}: use more than 20 timesteps"
+                    )));
+                }
                 // np.linspace: start + i * step, with the last point exactly `end`.
                 if n == 1 {
                     vec![start]

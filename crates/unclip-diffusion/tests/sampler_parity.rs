@@ -6,15 +6,31 @@ mod common;
 
 use common::*;
 use unclip_diffusion::{
-    BetaSchedule, ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, Respacing, VarianceType,
+    BetaSchedule, ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, Respacing,
+    VarianceType,
 };
 
 fn config(schedule: BetaSchedule, predict: MeanType, variance: VarianceType) -> DiffusionConfig {
-    let loss = if variance == VarianceType::LearnedRange { LossType::Hybrid } else { LossType::Mse };
-    DiffusionConfig { schedule, timesteps: 1000, predict, variance, loss, ..Default::default() }
+    let loss = if variance == VarianceType::LearnedRange {
+        LossType::Hybrid
+    } else {
+        LossType::Mse
+    };
+    DiffusionConfig {
+        schedule,
+        timesteps: 1000,
+        predict,
+        variance,
+        loss,
+        ..Default::default()
+    }
 }
 
-const MEAN_TYPES: [(&str, MeanType); 3] = [("epsilon", MeanType::Epsilon), ("x0", MeanType::X0), ("v", MeanType::V)];
+const MEAN_TYPES: [(&str, MeanType); 3] = [
+    ("epsilon", MeanType::Epsilon),
+    ("x0", MeanType::X0),
+    ("v", MeanType::V),
+];
 
 #[test]
 fn ddpm_step_matches_diffusers() {
@@ -26,8 +42,12 @@ fn ddpm_step_matches_diffusers() {
             ("fixed_large", VarianceType::FixedLarge),
             ("learned_range", VarianceType::LearnedRange),
         ] {
-            let d = GaussianDiffusion::new(&config(BetaSchedule::Cosine, predict, variance)).unwrap();
-            for (cname, clip) in [("noclip", ClipDenoised::None), ("clip", ClipDenoised::Static(1.0))] {
+            let d =
+                GaussianDiffusion::new(&config(BetaSchedule::Cosine, predict, variance)).unwrap();
+            for (cname, clip) in [
+                ("noclip", ClipDenoised::None),
+                ("clip", ClipDenoised::Static(1.0)),
+            ] {
                 for t in [0i64, 1, 500, 999] {
                     let key = format!("ddpm/{pname}/{vname}/{cname}/{t}");
                     let mo = get(&f, &format!("{key}/model_output"));
@@ -53,14 +73,22 @@ fn ddim_step_matches_diffusers() {
             for (cname, clip) in [
                 ("none", ClipDenoised::None),
                 ("static", ClipDenoised::Static(1.0)),
-                ("dynamic", ClipDenoised::Dynamic { percentile: 0.9, max_value: Some(1.5) }),
+                (
+                    "dynamic",
+                    ClipDenoised::Dynamic {
+                        percentile: 0.9,
+                        max_value: Some(1.5),
+                    },
+                ),
             ] {
                 for t in [980i64, 780, 0] {
                     let key = format!("ddim/{pname}/{eta:?}/{cname}/{t}");
                     let mo = get(&f, &format!("{key}/model_output"));
                     let noise = get(&f, &format!("{key}/noise"));
                     let idx = d.timestep_map().iter().position(|&k| k == t).unwrap() as i64;
-                    let prev = d.ddim_step(mo, x, &full_t(3, idx), eta, &clip, noise).unwrap();
+                    let prev = d
+                        .ddim_step(mo, x, &full_t(3, idx), eta, &clip, noise)
+                        .unwrap();
                     assert_close(&prev, get(&f, &format!("{key}/prev")), 1e-9, 1e-9, &key);
                 }
             }
@@ -76,16 +104,30 @@ fn dpm_solver_pp_2m_matches_diffusers() {
             let key = format!("dpmpp2m/{pname}/{schedule}");
             let steps: Vec<i64> = Vec::try_from(get(&f, &format!("{key}/timesteps"))).unwrap();
             let kept = Respacing::Explicit(steps.iter().map(|&s| s as usize).collect());
-            let d = GaussianDiffusion::respaced(&config(schedule, predict, VarianceType::FixedSmall), &kept).unwrap();
+            let d = GaussianDiffusion::respaced(
+                &config(schedule, predict, VarianceType::FixedSmall),
+                &kept,
+            )
+            .unwrap();
             let mut x = get(&f, "x").shallow_clone();
             let mut prev_x0 = None;
             for (i, &t) in steps.iter().enumerate() {
                 let idx = d.timestep_map().iter().position(|&k| k == t).unwrap();
                 let mo = get(&f, &format!("{key}/{i}/model_output"));
-                let x0 = d.predict_xstart(mo, &x, &full_t(3, idx as i64), &ClipDenoised::None).unwrap();
-                x = d.dpm_solver_pp_step(&x, idx, &x0, prev_x0.as_ref()).unwrap();
+                let x0 = d
+                    .predict_xstart(mo, &x, &full_t(3, idx as i64), &ClipDenoised::None)
+                    .unwrap();
+                x = d
+                    .dpm_solver_pp_step(&x, idx, &x0, prev_x0.as_ref())
+                    .unwrap();
                 prev_x0 = Some(x0);
-                assert_close(&x, get(&f, &format!("{key}/{i}/x")), 1e-5, 1e-5, &format!("{key} step {i}"));
+                assert_close(
+                    &x,
+                    get(&f, &format!("{key}/{i}/x")),
+                    1e-5,
+                    1e-5,
+                    &format!("{key} step {i}"),
+                );
             }
         }
     }
@@ -95,18 +137,37 @@ fn dpm_solver_pp_2m_matches_diffusers() {
 fn unclip_scheduler_step_matches_diffusers() {
     let f = fixtures("samplers.safetensors");
     let x = get(&f, "x");
-    for (vname, variance) in [("fixed_small_log", VarianceType::FixedSmall), ("learned_range", VarianceType::LearnedRange)] {
+    for (vname, variance) in [
+        ("fixed_small_log", VarianceType::FixedSmall),
+        ("learned_range", VarianceType::LearnedRange),
+    ] {
         for (pname, predict) in [("epsilon", MeanType::Epsilon), ("x0", MeanType::X0)] {
             let key = format!("unclip/{vname}/{pname}");
             let steps: Vec<i64> = Vec::try_from(get(&f, &format!("{key}/timesteps"))).unwrap();
             let kept = Respacing::Explicit(steps.iter().map(|&s| s as usize).collect());
-            let d = GaussianDiffusion::respaced(&config(BetaSchedule::Cosine, predict, variance), &kept).unwrap();
+            let d = GaussianDiffusion::respaced(
+                &config(BetaSchedule::Cosine, predict, variance),
+                &kept,
+            )
+            .unwrap();
             for pos in [0usize, 12, 23] {
-                let idx = d.timestep_map().iter().position(|&k| k == steps[pos]).unwrap() as i64;
+                let idx = d
+                    .timestep_map()
+                    .iter()
+                    .position(|&k| k == steps[pos])
+                    .unwrap() as i64;
                 let mo = get(&f, &format!("{key}/{pos}/model_output"));
                 let noise = get(&f, &format!("{key}/{pos}/noise"));
-                let prev = d.ddpm_step(mo, x, &full_t(3, idx), &ClipDenoised::Static(1.0), noise).unwrap();
-                assert_close(&prev, get(&f, &format!("{key}/{pos}/prev")), 1e-9, 1e-9, &format!("{key} at {pos}"));
+                let prev = d
+                    .ddpm_step(mo, x, &full_t(3, idx), &ClipDenoised::Static(1.0), noise)
+                    .unwrap();
+                assert_close(
+                    &prev,
+                    get(&f, &format!("{key}/{pos}/prev")),
+                    1e-9,
+                    1e-9,
+                    &format!("{key} at {pos}"),
+                );
             }
         }
     }

@@ -5,12 +5,16 @@ mod common;
 use common::*;
 use tch::{Kind, Tensor};
 use unclip_diffusion::{
-    space_timesteps, BetaSchedule, DiffusionConfig, DiffusionError, GaussianDiffusion, LossType, Respacing,
-    VarianceType,
+    space_timesteps, BetaSchedule, DiffusionConfig, DiffusionError, GaussianDiffusion, LossType,
+    Respacing, VarianceType,
 };
 
 fn config(schedule: BetaSchedule, timesteps: usize) -> DiffusionConfig {
-    DiffusionConfig { schedule, timesteps, ..Default::default() }
+    DiffusionConfig {
+        schedule,
+        timesteps,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -21,17 +25,51 @@ fn betas_and_posterior_match_guided_diffusion() {
             let key = |k: &str| format!("gd/{schedule}/{t}/{k}");
             let d = GaussianDiffusion::new(&config(schedule, t)).unwrap();
             assert_slice_close(d.betas(), get(&f, &key("betas")), 0.0, 1e-12, &key("betas"));
-            assert_slice_close(d.alphas_cumprod(), get(&f, &key("alphas_cumprod")), 0.0, 1e-12, &key("ac"));
+            assert_slice_close(
+                d.alphas_cumprod(),
+                get(&f, &key("alphas_cumprod")),
+                0.0,
+                1e-12,
+                &key("ac"),
+            );
             // Posterior coefficients: q(x_{t-1}|x_t, x_0) with x_0 = 1, x_t = 0 isolates coef1.
             let n = t as i64;
             let ts = Tensor::arange(n, (Kind::Int64, tch::Device::Cpu));
             let ones = Tensor::ones([n, 1], (Kind::Double, tch::Device::Cpu));
-            let (m1, var, logvar) = d.q_posterior_mean_variance(&ones, &ones.zeros_like(), &ts).unwrap();
-            let (m2, _, _) = d.q_posterior_mean_variance(&ones.zeros_like(), &ones, &ts).unwrap();
-            assert_close(&m1.flatten(0, -1), get(&f, &key("posterior_mean_coef1")), 1e-15, 1e-10, &key("coef1"));
-            assert_close(&m2.flatten(0, -1), get(&f, &key("posterior_mean_coef2")), 1e-15, 1e-10, &key("coef2"));
-            assert_close(&var.flatten(0, -1), get(&f, &key("posterior_variance")), 1e-18, 1e-10, &key("pv"));
-            assert_close(&logvar.flatten(0, -1), get(&f, &key("posterior_log_variance_clipped")), 1e-10, 1e-10, &key("plv"));
+            let (m1, var, logvar) = d
+                .q_posterior_mean_variance(&ones, &ones.zeros_like(), &ts)
+                .unwrap();
+            let (m2, _, _) = d
+                .q_posterior_mean_variance(&ones.zeros_like(), &ones, &ts)
+                .unwrap();
+            assert_close(
+                &m1.flatten(0, -1),
+                get(&f, &key("posterior_mean_coef1")),
+                1e-15,
+                1e-10,
+                &key("coef1"),
+            );
+            assert_close(
+                &m2.flatten(0, -1),
+                get(&f, &key("posterior_mean_coef2")),
+                1e-15,
+                1e-10,
+                &key("coef2"),
+            );
+            assert_close(
+                &var.flatten(0, -1),
+                get(&f, &key("posterior_variance")),
+                1e-18,
+                1e-10,
+                &key("pv"),
+            );
+            assert_close(
+                &logvar.flatten(0, -1),
+                get(&f, &key("posterior_log_variance_clipped")),
+                1e-10,
+                1e-10,
+                &key("plv"),
+            );
         }
     }
 }
@@ -69,7 +107,13 @@ fn respacing_matches_guided_diffusion() {
         let kept: Vec<i64> = Vec::try_from(get(&f, &format!("{key}/kept"))).unwrap();
         let d = GaussianDiffusion::respaced(&config(schedule, t), &Respacing::from(spec)).unwrap();
         assert_eq!(d.timestep_map(), kept.as_slice(), "{key}: kept steps");
-        assert_slice_close(d.betas(), get(&f, &format!("{key}/betas")), 1e-15, 1e-10, &key);
+        assert_slice_close(
+            d.betas(),
+            get(&f, &format!("{key}/betas")),
+            1e-15,
+            1e-10,
+            &key,
+        );
         // Marginals at kept steps are those of the full process.
         let full = GaussianDiffusion::new(&config(schedule, t)).unwrap();
         for (i, &k) in kept.iter().enumerate() {
@@ -90,33 +134,63 @@ fn respacing_matches_guided_diffusion() {
 
 #[test]
 fn bad_schedules_and_respacings_are_named_errors() {
-    let err = serde_yaml::from_str::<DiffusionConfig>("schedule: sigmoid\ntimesteps: 10\n").unwrap_err();
-    assert!(err.to_string().contains("unknown noise schedule `sigmoid`"), "{err}");
-    let err = serde_yaml::from_str::<DiffusionConfig>("schedule: cosine\ntimestep: 10\n").unwrap_err();
-    assert!(err.to_string().contains("unknown field `timestep`"), "{err}");
-    let cfg: DiffusionConfig = serde_yaml::from_str("schedule: linear\ntimesteps: 100\npredict: v\n").unwrap();
+    let err =
+        serde_yaml::from_str::<DiffusionConfig>("schedule: sigmoid\ntimesteps: 10\n").unwrap_err();
+    assert!(
+        err.to_string().contains("unknown noise schedule `sigmoid`"),
+        "{err}"
+    );
+    let err =
+        serde_yaml::from_str::<DiffusionConfig>("schedule: cosine\ntimestep: 10\n").unwrap_err();
+    assert!(
+        err.to_string().contains("unknown field `timestep`"),
+        "{err}"
+    );
+    let cfg: DiffusionConfig =
+        serde_yaml::from_str("schedule: linear\ntimesteps: 100\npredict: v\n").unwrap();
     assert_eq!(cfg.timesteps, 100);
 
     for spec in ["ddim7000", "abc", "ddim", "2000", "0"] {
         let err = space_timesteps(1000, spec).unwrap_err();
-        assert!(matches!(err, DiffusionError::InvalidRespacing { .. }), "{spec}: {err}");
+        assert!(
+            matches!(err, DiffusionError::InvalidRespacing { .. }),
+            "{spec}: {err}"
+        );
         assert!(err.to_string().contains(spec), "{spec}: {err}");
     }
-    let err = Respacing::Explicit(vec![5, 1000]).timesteps(1000).unwrap_err();
+    let err = Respacing::Explicit(vec![5, 1000])
+        .timesteps(1000)
+        .unwrap_err();
     assert!(err.to_string().contains("1000 is out of range"), "{err}");
     assert!(Respacing::Explicit(vec![]).timesteps(10).is_err());
     assert!(Respacing::Explicit(vec![3, 3]).timesteps(10).is_err());
 
-    let mut cfg = DiffusionConfig { variance: VarianceType::LearnedRange, ..Default::default() };
+    let mut cfg = DiffusionConfig {
+        variance: VarianceType::LearnedRange,
+        ..Default::default()
+    };
     let err = GaussianDiffusion::new(&cfg).unwrap_err();
-    assert!(err.to_string().contains("needs diffusion.loss `hybrid`"), "{err}");
+    assert!(
+        err.to_string().contains("needs diffusion.loss `hybrid`"),
+        "{err}"
+    );
     cfg.loss = LossType::Hybrid;
     assert!(GaussianDiffusion::new(&cfg).is_ok());
     cfg.timestep_loss_weights = Some(vec![1.0; 3]);
     let err = GaussianDiffusion::new(&cfg).unwrap_err();
-    assert!(err.to_string().contains("timestep_loss_weights has 3 entries"), "{err}");
-    let err = GaussianDiffusion::new(&DiffusionConfig { timesteps: 0, ..Default::default() }).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("timestep_loss_weights has 3 entries"),
+        "{err}"
+    );
+    let err = GaussianDiffusion::new(&DiffusionConfig {
+        timesteps: 0,
+        ..Default::default()
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("timesteps"), "{err}");
+    let err = GaussianDiffusion::new(&config(BetaSchedule::Linear, 20)).unwrap_err();
+    assert!(err.to_string().contains("more than 20 timesteps"), "{err}");
 }
 
 #[test]
@@ -124,14 +198,43 @@ fn timesteps_are_checked() {
     let d = GaussianDiffusion::new(&config(BetaSchedule::Cosine, 100)).unwrap();
     let x = Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu));
     let noise = x.randn_like();
-    let err = d.q_sample(&x, &Tensor::from_slice(&[0i64, 100]), &noise).unwrap_err();
-    assert!(matches!(err, DiffusionError::TimestepOutOfRange { value: 100, num_timesteps: 100 }), "{err}");
-    let err = d.q_sample(&x, &Tensor::from_slice(&[-1i64, 3]), &noise).unwrap_err();
-    assert!(err.to_string().contains("timestep -1 out of range"), "{err}");
-    let err = d.q_sample(&x, &Tensor::from_slice(&[1i64, 2, 3]), &noise).unwrap_err();
-    assert!(err.to_string().contains("t must have shape [B] = [2]"), "{err}");
-    let err = d.q_sample(&x, &Tensor::from_slice(&[1.0f32, 2.0]), &noise).unwrap_err();
+    let err = d
+        .q_sample(&x, &Tensor::from_slice(&[0i64, 100]), &noise)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DiffusionError::TimestepOutOfRange {
+                value: 100,
+                num_timesteps: 100
+            }
+        ),
+        "{err}"
+    );
+    let err = d
+        .q_sample(&x, &Tensor::from_slice(&[-1i64, 3]), &noise)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("timestep -1 out of range"),
+        "{err}"
+    );
+    let err = d
+        .q_sample(&x, &Tensor::from_slice(&[1i64, 2, 3]), &noise)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("t must have shape [B] = [2]"),
+        "{err}"
+    );
+    let err = d
+        .q_sample(&x, &Tensor::from_slice(&[1.0f32, 2.0]), &noise)
+        .unwrap_err();
     assert!(err.to_string().contains("int64"), "{err}");
-    let err = d.q_sample(&x, &full_t(2, 5), &Tensor::zeros([2, 4], (Kind::Float, tch::Device::Cpu))).unwrap_err();
+    let err = d
+        .q_sample(
+            &x,
+            &full_t(2, 5),
+            &Tensor::zeros([2, 4], (Kind::Float, tch::Device::Cpu)),
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("q_sample noise"), "{err}");
 }

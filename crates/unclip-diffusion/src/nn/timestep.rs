@@ -20,10 +20,11 @@ pub fn timestep_embedding(t: &Tensor, dim: i64, max_period: f64) -> Result<Tenso
         ));
     }
     let half = dim / 2;
+    // In f64: t·freq reaches 1e3, where f32 would lose 1e-4 of the phase.
     let freqs =
-        (Tensor::arange(half, (Kind::Float, t.device())) * (-max_period.ln() / half as f64)).exp();
-    let args = t.f_to_kind(Kind::Float)?.f_unsqueeze(1)? * freqs.unsqueeze(0);
-    let mut emb = Tensor::f_cat(&[args.cos(), args.sin()], -1)?;
+        (Tensor::arange(half, (Kind::Double, t.device())) * (-max_period.ln() / half as f64)).exp();
+    let args = t.f_to_kind(Kind::Double)?.f_unsqueeze(1)? * freqs.unsqueeze(0);
+    let mut emb = Tensor::f_cat(&[args.cos(), args.sin()], -1)?.f_to_kind(Kind::Float)?;
     if dim % 2 == 1 {
         emb = Tensor::f_cat(&[&emb, &emb.narrow(1, 0, 1).zeros_like()], -1)?;
     }

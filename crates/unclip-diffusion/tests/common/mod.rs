@@ -6,15 +6,23 @@ use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
 pub fn fixtures(name: &str) -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     Tensor::read_safetensors(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e} (regenerate with scripts/fixtures/diffusion.py)", path.display()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "reading {}: {e} (regenerate with scripts/fixtures/diffusion.py)",
+                path.display()
+            )
+        })
         .into_iter()
         .collect()
 }
 
 pub fn get<'a>(f: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
-    f.get(key).unwrap_or_else(|| panic!("fixture has no `{key}`"))
+    f.get(key)
+        .unwrap_or_else(|| panic!("fixture has no `{key}`"))
 }
 
 pub fn to_vec(t: &Tensor) -> Vec<f64> {
@@ -33,11 +41,23 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64, wh
             worst = (i, excess.max(f64::MIN_POSITIVE));
         }
     }
-    assert!(worst.1 <= 0.0, "{what}: element {} is {} but expected {} (atol {atol}, rtol {rtol})", worst.0, a[worst.0], b[worst.0]);
+    assert!(
+        worst.1 <= 0.0,
+        "{what}: element {} is {} but expected {} (atol {atol}, rtol {rtol})",
+        worst.0,
+        a[worst.0],
+        b[worst.0]
+    );
 }
 
 pub fn assert_slice_close(actual: &[f64], expected: &Tensor, atol: f64, rtol: f64, what: &str) {
-    assert_close(&Tensor::from_slice(actual), &expected.to_kind(Kind::Double).flatten(0, -1), atol, rtol, what);
+    assert_close(
+        &Tensor::from_slice(actual),
+        &expected.to_kind(Kind::Double).flatten(0, -1),
+        atol,
+        rtol,
+        what,
+    );
 }
 
 pub fn full_t(b: i64, t: i64) -> Tensor {

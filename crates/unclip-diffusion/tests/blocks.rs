@@ -1,0 +1,266 @@
+//! Shared neural blocks against diffusers (`ResnetBlock2D`, `Upsample2D`, `Downsample2D`,
+//! `get_timestep_embedding`) and written-out PyTorch references (attention with masks, pre-LN
+//! transformer block, slerp). Weights load by module path, so names must match the state dicts.
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use tch::{nn, Device, Kind, Tensor};
+use unclip_diffusion::nn::{
+    timestep_embedding, AttentionMask, Downsample, MultiHeadAttention, ResBlock, ResBlockConfig,
+    Resample, TransformerBlock, Upsample,
+};
+use unclip_diffusion::{l2_normalize, slerp};
+
+/// Copies `prefix`-named fixture weights into `vs`, requiring the two name sets to be equal.
+fn load(vs: &mut nn::VarStore, f: &HashMap<String, Tensor>, prefix: &str) {
+    vs.double();
+    let wanted: Vec<String> = f
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix).map(str::to_string))
+        .collect::<Vec<_>>();
+    let mut ours: Vec<String> = vs.variables().keys().cloned().collect();
+    let mut theirs = wanted.clone();
+    ours.sort();
+    theirs.sort();
+    assert_eq!(ours, theirs, "parameter names under {prefix}");
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            var.copy_(get(f, &format!("{prefix}{name}")));
+        }
+    });
+}
+
+#[test]
+fn timestep_embedding_matches_diffusers() {
+    let f = fixtures("blocks.safetensors");
+    let t = get(&f, "temb/t");
+    for dim in [32i64, 33, 320] {
+        let ours = timestep_embedding(t, dim, 10_000.0).unwrap();
+        // diffusers works in f32 (phase error ~1e-4 at t ≈ 1000); the f64 formula is exact.
+        assert_close(
+            &ours,
+            get(&f, &format!("temb/{dim}")),
+            2e-4,
+            0.0,
+            &format!("temb {dim} vs diffusers"),
+        );
+        assert_close(
+            &ours,
+            get(&f, &format!("temb64/{dim}")),
+            1e-7,
+            0.0,
+            &format!("temb {dim} vs f64"),
+        );
+    }
+    let int_t = Tensor::from_slice(&[0i64, 17, 999]);
+    assert_eq!(
+        timestep_embedding(&int_t, 8, 10_000.0).unwrap().size(),
+        [3, 8]
+    );
+    assert!(timestep_embedding(&int_t.view([3, 1]), 8, 10_000.0).is_err());
+}
+
+#[test]
+fn resblock_matches_diffusers_resnet_block() {
+    let f = fixtures("blocks.safetensors");
+    for (name, cin, cout, resample) in [
+        ("same", 32, 32, Resample::None),
+        ("wider", 32, 64, Resample::None),
+        ("up", 32, 32, Resample::Up),
+        ("down", 64, 32, Resample::Down),
+    ] {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ResBlockConfig {
+            resample,
+            ..ResBlockConfig::new(cin, cout, 48)
+        };
+        let block = ResBlock::new(vs.root(), &cfg);
+        load(&mut vs, &f, &format!("resblock/{name}/w/"));
+        let x = get(&f, &format!("resblock/{name}/x"));
+        let emb = get(&f, &format!("resblock/{name}/emb"));
+        let y = block.forward_t(x, Some(emb), false);
+        assert_close(
+            &y,
+            get(&f, &format!("resblock/{name}/y")),
+            1e-10,
+            1e-10,
+            &format!("resblock {name}"),
+        );
+    }
+}
+
+#[test]
+fn new_resblock_is_the_identity() {
+    // ADM zero-initialises the last conv so a fresh block passes its input through.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let block = ResBlock::new(vs.root(), &ResBlockConfig::new(32, 32, 16));
+    let x = Tensor::randn([2, 32, 4, 4], (Kind::Float, Device::Cpu));
+    let emb = Tensor::randn([2, 16], (Kind::Float, Device::Cpu));
+    assert_close(
+        &block.forward_t(&x, Some(&emb), true),
+        &x,
+        0.0,
+        0.0,
+        "fresh resblock",
+    );
+}
+
+#[test]
+fn up_and_downsampling_match_diffusers() {
+    let f = fixtures("blocks.safetensors");
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let up = Upsample::new(vs.root(), 16, 8, true);
+    load(&mut vs, &f, "upsample/w/");
+    assert_close(
+        &up.forward(get(&f, "upsample/x")),
+        get(&f, "upsample/y"),
+        1e-10,
+        1e-10,
+        "upsample",
+    );
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let down = Downsample::new(vs.root(), 16, 8, true);
+    load(&mut vs, &f, "downsample/w/");
+    assert_close(
+        &down.forward(get(&f, "downsample/x")),
+        get(&f, "downsample/y"),
+        1e-10,
+        1e-10,
+        "downsample",
+    );
+}
+
+#[test]
+fn attention_matches_reference_with_masks() {
+    let f = fixtures("blocks.safetensors");
+    for (name, ctx_dim, causal, pad) in [
+        ("self", 16, false, false),
+        ("causal", 16, true, false),
+        ("causal_pad", 16, true, true),
+        ("cross_pad", 12, false, true),
+    ] {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let attn = MultiHeadAttention::new(vs.root(), 16, ctx_dim, 4).unwrap();
+        load(&mut vs, &f, &format!("attn/{name}/w/"));
+        let x = get(&f, &format!("attn/{name}/x"));
+        let ctx = get(&f, &format!("attn/{name}/ctx"));
+        let kp = get(&f, &format!("attn/{name}/key_padding")).to_kind(Kind::Bool);
+        let context = (ctx_dim != 16).then_some(ctx);
+        let mask = AttentionMask {
+            causal,
+            key_padding: pad.then_some(&kp),
+        };
+        let y = attn.forward(x, context, mask).unwrap();
+        assert_close(
+            &y,
+            get(&f, &format!("attn/{name}/y")),
+            1e-10,
+            1e-10,
+            &format!("attention {name}"),
+        );
+    }
+    let vs = nn::VarStore::new(Device::Cpu);
+    assert!(
+        MultiHeadAttention::new(vs.root(), 10, 10, 4).is_err(),
+        "width not divisible by heads"
+    );
+    let attn = MultiHeadAttention::new(vs.root() / "a", 8, 8, 2).unwrap();
+    let x = Tensor::randn([2, 3, 8], (Kind::Float, Device::Cpu));
+    let bad_kp = Tensor::ones([2, 4], (Kind::Bool, Device::Cpu));
+    let err = attn
+        .forward(
+            &x,
+            None,
+            AttentionMask {
+                causal: false,
+                key_padding: Some(&bad_kp),
+            },
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("expected [2, 3], got [2, 4]"),
+        "{err}"
+    );
+    let ctx = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
+    assert!(attn
+        .forward(
+            &x,
+            Some(&ctx),
+            AttentionMask {
+                causal: true,
+                key_padding: None
+            }
+        )
+        .is_err());
+    assert!(attn
+        .forward(&x.view([6, 8]), None, AttentionMask::default())
+        .is_err());
+}
+
+#[test]
+fn transformer_block_matches_reference() {
+    let f = fixtures("blocks.safetensors");
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let block = TransformerBlock::new(vs.root(), 16, 4, 4).unwrap();
+    load(&mut vs, &f, "transformer/w/");
+    let y = block
+        .forward(
+            get(&f, "transformer/x"),
+            AttentionMask {
+                causal: true,
+                key_padding: None,
+            },
+        )
+        .unwrap();
+    assert_close(
+        &y,
+        get(&f, "transformer/y"),
+        1e-10,
+        1e-10,
+        "transformer block",
+    );
+}
+
+#[test]
+fn slerp_matches_reference_and_keeps_unit_norm() {
+    let f = fixtures("blocks.safetensors");
+    let (a, b, theta) = (
+        get(&f, "slerp/a"),
+        get(&f, "slerp/b"),
+        get(&f, "slerp/theta"),
+    );
+    let y = slerp(a, b, theta).unwrap();
+    assert_close(&y, get(&f, "slerp/y"), 1e-12, 1e-12, "slerp");
+    let norms = y.norm_scalaropt_dim(2.0, [-1i64].as_slice(), false);
+    assert_close(&norms, &norms.ones_like(), 1e-12, 0.0, "unit norm");
+    // Endpoints, a scalar θ, scaled inputs (norms interpolate) and parallel inputs.
+    assert_close(
+        &slerp(a, b, &Tensor::from(0.0f64)).unwrap(),
+        a,
+        1e-12,
+        0.0,
+        "θ = 0",
+    );
+    assert_close(
+        &slerp(a, b, &Tensor::from(1.0f64)).unwrap(),
+        b,
+        1e-12,
+        0.0,
+        "θ = 1",
+    );
+    let half = slerp(&(a * 2.0), &(b * 4.0), &Tensor::from(0.5f64)).unwrap();
+    let want = slerp(a, b, &Tensor::from(0.5f64)).unwrap() * 3.0;
+    assert_close(&half, &want, 1e-12, 1e-12, "norms interpolate linearly");
+    assert_close(
+        &slerp(a, a, &Tensor::from(0.3f64)).unwrap(),
+        a,
+        1e-12,
+        0.0,
+        "parallel",
+    );
+    assert!(slerp(a, &b.narrow(1, 0, 4), theta).is_err());
+    assert!(slerp(a, b, &Tensor::from_slice(&[0.5f64, 0.5])).is_err());
+    let n = l2_normalize(&(a * 7.0)).unwrap();
+    assert_close(&n, a, 1e-12, 1e-12, "l2_normalize");
+}

@@ -1,0 +1,231 @@
+//! Forward process moments, VLB terms and the hybrid loss against guided-diffusion's formulas.
+mod common;
+
+use common::*;
+use tch::{Kind, Tensor};
+use unclip_diffusion::gaussian::{discretized_gaussian_log_likelihood, normal_kl};
+use unclip_diffusion::{
+    BetaSchedule, DiffusionConfig, GaussianDiffusion, LossType, MeanType, VarianceType,
+};
+
+fn hybrid_config() -> DiffusionConfig {
+    DiffusionConfig {
+        schedule: BetaSchedule::Cosine,
+        timesteps: 1000,
+        predict: MeanType::Epsilon,
+        variance: VarianceType::LearnedRange,
+        loss: LossType::Hybrid,
+        vlb_weight: 1e-3,
+        timestep_loss_weights: None,
+    }
+}
+
+#[test]
+fn q_sample_has_the_marginal_moments() {
+    tch::manual_seed(0);
+    let d = GaussianDiffusion::new(&DiffusionConfig::default()).unwrap();
+    let n = 200_000;
+    let x0 = Tensor::full([n, 1], 0.7, (Kind::Double, tch::Device::Cpu));
+    for t in [0i64, 100, 500, 999] {
+        let xt = d.q_sample(&x0, &full_t(n, t), &x0.randn_like()).unwrap();
+        let ab = d.alphas_cumprod()[t as usize];
+        let (mean, std) = (
+            xt.mean(Kind::Double).double_value(&[]),
+            xt.std(true).double_value(&[]),
+        );
+        let (want_mean, want_std) = (0.7 * ab.sqrt(), (1.0 - ab).sqrt());
+        // 5 standard errors of the estimates.
+        assert!(
+            (mean - want_mean).abs() < 5.0 * want_std / (n as f64).sqrt() + 1e-12,
+            "t={t}: mean {mean} vs {want_mean}"
+        );
+        assert!(
+            (std - want_std).abs() < 5.0 * want_std / (2.0 * n as f64).sqrt() + 1e-9,
+            "t={t}: std {std} vs {want_std}"
+        );
+        let (m, v, lv) = d.q_mean_variance(&x0, &full_t(n, t)).unwrap();
+        assert_close(
+            &m.mean(Kind::Double),
+            &Tensor::from(want_mean),
+            1e-12,
+            0.0,
+            "q mean",
+        );
+        assert_close(
+            &v.mean(Kind::Double),
+            &Tensor::from(1.0 - ab),
+            1e-12,
+            0.0,
+            "q var",
+        );
+        assert_close(
+            &lv.mean(Kind::Double),
+            &Tensor::from((1.0 - ab).ln()),
+            1e-12,
+            0.0,
+            "q logvar",
+        );
+    }
+}
+
+#[test]
+fn vlb_terms_match_guided_diffusion() {
+    let f = fixtures("vlb.safetensors");
+    let d = GaussianDiffusion::new(&hybrid_config()).unwrap();
+    let (x0, xt, t, out) = (
+        get(&f, "x0"),
+        get(&f, "x_t"),
+        get(&f, "t"),
+        get(&f, "model_output"),
+    );
+    let vb = d.vb_terms_bpd(out, x0, xt, t).unwrap();
+    assert_close(&vb, get(&f, "vb"), 1e-9, 1e-9, "vb_terms_bpd");
+    assert_close(
+        &d.prior_bpd(x0).unwrap(),
+        get(&f, "prior_bpd"),
+        1e-12,
+        1e-9,
+        "prior_bpd",
+    );
+    let pmv = d
+        .p_mean_variance(out, xt, t, &unclip_diffusion::ClipDenoised::None)
+        .unwrap();
+    let ll =
+        discretized_gaussian_log_likelihood(x0, &pmv.mean, &(&pmv.log_variance * 0.5)).unwrap();
+    assert_close(
+        &ll,
+        get(&f, "disc_ll"),
+        1e-9,
+        1e-9,
+        "discretized log-likelihood",
+    );
+    let (true_mean, _, true_lv) = d.q_posterior_mean_variance(x0, xt, t).unwrap();
+    let kl = normal_kl(&true_mean, &true_lv, &pmv.mean, &pmv.log_variance);
+    assert_close(&kl, get(&f, "kl"), 1e-9, 1e-9, "normal_kl");
+}
+
+#[test]
+fn hybrid_loss_matches_and_stops_the_gradient_of_the_vlb_on_the_mean() {
+    let f = fixtures("vlb.safetensors");
+    let d = GaussianDiffusion::new(&hybrid_config()).unwrap();
+    let (x0, xt, t, noise) = (
+        get(&f, "x0"),
+        get(&f, "x_t"),
+        get(&f, "t"),
+        get(&f, "noise"),
+    );
+    let out = get(&f, "model_output").detach().set_requires_grad(true);
+    let losses = d.training_losses(&out, x0, xt, t, noise).unwrap();
+    assert_close(&losses.mse, get(&f, "mse"), 1e-12, 1e-12, "mse");
+    assert_close(losses.vb.as_ref().unwrap(), get(&f, "vb"), 1e-9, 1e-9, "vb");
+    assert_close(&losses.loss, get(&f, "hybrid"), 1e-9, 1e-9, "hybrid loss");
+    // Gradient wrt the mean channels comes from the MSE alone: 2(ε̂ − ε)/numel per sample.
+    losses.loss.sum(Kind::Double).backward();
+    let grad = out.grad();
+    let eps_grad = grad.narrow(1, 0, 3);
+    let per_sample = (3 * 4 * 4) as f64;
+    let want = (out.narrow(1, 0, 3).detach() - noise) * (2.0 / per_sample);
+    assert_close(
+        &eps_grad,
+        &want,
+        1e-12,
+        1e-9,
+        "mean-channel gradient is the MSE's only",
+    );
+    // The variance channels do get a gradient from the VLB.
+    assert!(
+        grad.narrow(1, 3, 3)
+            .abs()
+            .sum(Kind::Double)
+            .double_value(&[])
+            > 0.0
+    );
+}
+
+#[test]
+fn mse_targets_follow_the_parameterisation_and_timestep_weights_apply() {
+    tch::manual_seed(1);
+    let opts = (Kind::Double, tch::Device::Cpu);
+    let x0 = Tensor::randn([4, 2, 3, 3], opts);
+    let noise = Tensor::randn([4, 2, 3, 3], opts);
+    let t = Tensor::from_slice(&[0i64, 3, 7, 9]);
+    for predict in [MeanType::Epsilon, MeanType::X0, MeanType::V] {
+        let cfg = DiffusionConfig {
+            schedule: BetaSchedule::Linear,
+            timesteps: 100,
+            predict,
+            ..Default::default()
+        };
+        let d = GaussianDiffusion::new(&cfg).unwrap();
+        let xt = d.q_sample(&x0, &t, &noise).unwrap();
+        let target = match predict {
+            MeanType::Epsilon => noise.shallow_clone(),
+            MeanType::X0 => x0.shallow_clone(),
+            MeanType::V => d.v_target(&x0, &t, &noise).unwrap(),
+        };
+        // The exact target gives zero loss, and from it the other two quantities are recovered.
+        let losses = d.training_losses(&target, &x0, &xt, &t, &noise).unwrap();
+        assert!(
+            losses.loss.abs().max().double_value(&[]) < 1e-20,
+            "{predict:?}"
+        );
+        let (px0, peps) = d.predict_xstart_eps(&target, &xt, &t).unwrap();
+        assert_close(&px0, &x0, 1e-9, 1e-9, "x0 from target");
+        assert_close(&peps, &noise, 1e-9, 1e-9, "eps from target");
+        let off = &target + 0.5;
+        let losses = d.training_losses(&off, &x0, &xt, &t, &noise).unwrap();
+        assert_close(
+            &losses.loss,
+            &Tensor::full([4], 0.25, opts),
+            1e-12,
+            0.0,
+            "mse of a 0.5 offset",
+        );
+        // Per-timestep weights multiply each sample's loss by w[t].
+        let w: Vec<f64> = (0..100).map(|i| i as f64).collect();
+        let dw = GaussianDiffusion::new(&DiffusionConfig {
+            timestep_loss_weights: Some(w),
+            ..cfg.clone()
+        })
+        .unwrap();
+        let lw = dw.training_losses(&off, &x0, &xt, &t, &noise).unwrap();
+        assert_close(
+            &lw.loss,
+            &Tensor::from_slice(&[0.0, 0.75, 1.75, 2.25]),
+            1e-12,
+            0.0,
+            "weighted loss",
+        );
+    }
+}
+
+#[test]
+fn mismatched_shapes_are_named() {
+    let d = GaussianDiffusion::new(&hybrid_config()).unwrap();
+    let opts = (Kind::Float, tch::Device::Cpu);
+    let x = Tensor::zeros([2, 3, 4, 4], opts);
+    let t = full_t(2, 5);
+    let err = d
+        .training_losses(&Tensor::zeros([2, 3, 4, 4], opts), &x, &x, &t, &x)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("learned_range variance needs [2, 6, 4, 4]"),
+        "{err}"
+    );
+    let err = d.training_losses(
+        &Tensor::zeros([2, 6, 4, 4], opts),
+        &x,
+        &x,
+        &t,
+        &Tensor::zeros([2, 3, 4, 5], opts),
+    );
+    assert!(err.unwrap_err().to_string().contains("x_start vs noise"));
+    let err = d
+        .vb_terms_bpd(&Tensor::zeros([2, 6, 4, 4], opts), &x, &x, &full_t(2, 1000))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("timestep 1000 out of range"),
+        "{err}"
+    );
+}
