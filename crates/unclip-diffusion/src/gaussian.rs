@@ -145,7 +145,7 @@ impl ClipDenoised {
             )),
             Self::Dynamic { percentile, max_value }
                 if !(percentile > 0.0 && percentile <= 1.0)
-                    || max_value.is_some_and(|m| !(m >= 1.0)) =>
+                    || max_value.is_some_and(|m| m.is_nan() || m < 1.0) =>
             {
                 Err(DiffusionError::InvalidConfig(format!(
                     "dynamic thresholding needs 0 < percentile <= 1 and max_value >= 1, got {percentile} and {max_value:?}"
@@ -225,7 +225,6 @@ pub struct GaussianDiffusion {
     log_betas: Tensor,
     alphas_cumprod: Tensor,
     alphas_cumprod_prev: Tensor,
-    alphas_cumprod_next: Tensor,
     sqrt_alphas_cumprod: Tensor,
     sqrt_one_minus_alphas_cumprod: Tensor,
     sqrt_recip_alphas_cumprod: Tensor,
@@ -284,8 +283,6 @@ impl GaussianDiffusion {
         let ac = alphas_cumprod(&betas);
         let mut ac_prev = vec![1.0];
         ac_prev.extend_from_slice(&ac[..n - 1]);
-        let mut ac_next = ac[1..].to_vec();
-        ac_next.push(0.0);
         let map = |f: &dyn Fn(usize) -> f64| (0..n).map(f).collect::<Vec<f64>>();
         let posterior_variance = map(&|i| betas[i] * (1.0 - ac_prev[i]) / (1.0 - ac[i]));
         // β̃_0 = 0, so its log is clipped to β̃_1 (guided-diffusion); a 1-step process uses β_0.
@@ -317,7 +314,6 @@ impl GaussianDiffusion {
             log_betas: f64_tensor(&map(&|i| betas[i].ln())),
             alphas_cumprod: f64_tensor(&ac),
             alphas_cumprod_prev: f64_tensor(&ac_prev),
-            alphas_cumprod_next: f64_tensor(&ac_next),
             sqrt_alphas_cumprod: f64_tensor(&map(&|i| ac[i].sqrt())),
             sqrt_one_minus_alphas_cumprod: f64_tensor(&map(&|i| (1.0 - ac[i]).sqrt())),
             sqrt_recip_alphas_cumprod: f64_tensor(&map(&|i| (1.0 / ac[i]).sqrt())),
@@ -346,7 +342,6 @@ impl GaussianDiffusion {
             &mut self.log_betas,
             &mut self.alphas_cumprod,
             &mut self.alphas_cumprod_prev,
-            &mut self.alphas_cumprod_next,
             &mut self.sqrt_alphas_cumprod,
             &mut self.sqrt_one_minus_alphas_cumprod,
             &mut self.sqrt_recip_alphas_cumprod,
@@ -674,7 +669,7 @@ impl GaussianDiffusion {
             _ => (mse.shallow_clone(), None),
         };
         if let Some(w) = &self.loss_weights {
-            loss = loss * self.extract(w, t, &mse)?;
+            loss *= self.extract(w, t, &mse)?;
         }
         Ok(TrainingLosses { loss, mse, vb })
     }
@@ -721,8 +716,6 @@ impl GaussianDiffusion {
         let arr = match which {
             Coef::AlphasCumprod => &self.alphas_cumprod,
             Coef::AlphasCumprodPrev => &self.alphas_cumprod_prev,
-            Coef::AlphasCumprodNext => &self.alphas_cumprod_next,
-            Coef::PosteriorVariance => &self.posterior_variance,
         };
         self.extract(arr, t, like)
     }
@@ -736,9 +729,6 @@ impl GaussianDiffusion {
 pub(crate) enum Coef {
     AlphasCumprod,
     AlphasCumprodPrev,
-    AlphasCumprodNext,
-    #[allow(dead_code)]
-    PosteriorVariance,
 }
 
 /// Mean over every dimension but the batch.
