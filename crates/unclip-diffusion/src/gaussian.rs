@@ -120,9 +120,10 @@ impl DiffusionConfig {
     }
 }
 
-/// Clipping applied to every x_0 prediction while sampling.
+/// Clipping applied to every x_0 prediction while sampling. In YAML: `none`, `{static: 1.0}` or
+/// `{dynamic: {percentile: 0.995, max_value: 2.0}}`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "ClipRepr", into = "ClipRepr")]
 pub enum ClipDenoised {
     /// Leave x_0 as predicted (embeddings, inversion).
     #[default]
@@ -135,6 +136,68 @@ pub enum ClipDenoised {
         percentile: f64,
         max_value: Option<f64>,
     },
+}
+
+/// The YAML shape of [`ClipDenoised`] (serde_yaml would otherwise want `!static` tags).
+#[derive(Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "clip: none, {static: R} or {dynamic: {percentile: P, max_value: M}}"
+)]
+enum ClipRepr {
+    Name(String),
+    Static {
+        #[serde(rename = "static")]
+        range: f64,
+    },
+    Dynamic {
+        dynamic: DynamicRepr,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DynamicRepr {
+    percentile: f64,
+    #[serde(default)]
+    max_value: Option<f64>,
+}
+
+impl TryFrom<ClipRepr> for ClipDenoised {
+    type Error = String;
+    fn try_from(r: ClipRepr) -> std::result::Result<Self, String> {
+        Ok(match r {
+            ClipRepr::Name(n) if n == "none" => Self::None,
+            ClipRepr::Name(n) => {
+                return Err(format!(
+                    "unknown clip `{n}`: use none, {{static: R}} or {{dynamic: ...}}"
+                ))
+            }
+            ClipRepr::Static { range } => Self::Static(range),
+            ClipRepr::Dynamic { dynamic } => Self::Dynamic {
+                percentile: dynamic.percentile,
+                max_value: dynamic.max_value,
+            },
+        })
+    }
+}
+
+impl From<ClipDenoised> for ClipRepr {
+    fn from(c: ClipDenoised) -> Self {
+        match c {
+            ClipDenoised::None => Self::Name("none".into()),
+            ClipDenoised::Static(range) => Self::Static { range },
+            ClipDenoised::Dynamic {
+                percentile,
+                max_value,
+            } => Self::Dynamic {
+                dynamic: DynamicRepr {
+                    percentile,
+                    max_value,
+                },
+            },
+        }
+    }
 }
 
 impl ClipDenoised {

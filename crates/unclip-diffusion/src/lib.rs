@@ -20,5 +20,5 @@ pub use gaussian::{
     TrainingLosses, VarianceType,
 };
 pub use guidance::{classifier_free_guidance, guide_output};
-pub use sampling::{Progress, SamplerConfig, SamplerKind};
+pub use sampling::{Progress, SamplerConfig, SamplerKind, SamplerName};
 pub use schedule::{space_timesteps, BetaSchedule, Respacing};

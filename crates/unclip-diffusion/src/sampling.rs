@@ -4,14 +4,13 @@
 //! (x_t, training timesteps [B]) that returns the raw network output.
 
 use crate::error::{DiffusionError, Result};
-use crate::gaussian::{broadcast_to, ClipDenoised, Coef, GaussianDiffusion};
+use crate::gaussian::{broadcast_to, ClipDenoised, Coef, DiffusionConfig, GaussianDiffusion};
 use crate::schedule::Respacing;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// Which sampler to run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+/// Which sampler to run, with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SamplerKind {
     /// Ancestral sampling from p(x_{t-1} | x_t) with the model's variance.
     Ddpm,
@@ -21,27 +20,67 @@ pub enum SamplerKind {
     DpmSolverPp2M,
 }
 
+/// Sampler names as written in configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SamplerName {
+    #[serde(rename = "ddpm")]
+    Ddpm,
+    #[serde(rename = "ddim")]
+    Ddim,
+    #[serde(rename = "dpmpp_2m")]
+    DpmPp2M,
+}
+
 /// The `sampling:` section of a config: which sampler, over which steps, with what clipping.
+///
+/// ```yaml
+/// sampler: ddim        # ddpm | ddim | dpmpp_2m
+/// steps: ddim27        # "64", "ddim27", "10,15,20" (sections) or a list [0, 250, 999]
+/// eta: 0.0             # ddim only
+/// clip: {static: 1.0}  # none | {static: R} | {dynamic: {percentile: 0.995, max_value: 2.0}}
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamplerConfig {
-    pub sampler: SamplerKind,
-    /// Steps to visit out of the training timesteps: "64", "ddim27", "10,15,20" or a list.
+    pub sampler: SamplerName,
     pub steps: Respacing,
+    #[serde(default)]
+    pub eta: Option<f64>,
     #[serde(default)]
     pub clip: ClipDenoised,
 }
 
 impl SamplerConfig {
+    /// Checks the section; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        if let SamplerKind::Ddim { eta } = self.sampler {
-            if !(eta.is_finite() && eta >= 0.0) {
-                return Err(DiffusionError::InvalidConfig(format!(
-                    "ddim eta must be >= 0, got {eta}"
-                )));
-            }
-        }
+        self.kind()?;
         self.clip.validate()
+    }
+
+    /// The sampler with its parameters.
+    pub fn kind(&self) -> Result<SamplerKind> {
+        let bad = |m: String| Err(DiffusionError::InvalidConfig(m));
+        match (self.sampler, self.eta) {
+            (SamplerName::Ddim, eta) => {
+                let eta = eta.unwrap_or(0.0);
+                if !(eta.is_finite() && eta >= 0.0) {
+                    return bad(format!("sampling.eta must be >= 0, got {eta}"));
+                }
+                Ok(SamplerKind::Ddim { eta })
+            }
+            (name, Some(_)) => bad(format!("sampling.eta applies to ddim only, not {name:?}")),
+            (SamplerName::Ddpm, None) => Ok(SamplerKind::Ddpm),
+            (SamplerName::DpmPp2M, None) => Ok(SamplerKind::DpmSolverPp2M),
+        }
+    }
+
+    /// The respaced process this sampler walks, for a model trained with `diffusion`.
+    pub fn build(&self, diffusion: &DiffusionConfig) -> Result<(GaussianDiffusion, SamplerKind)> {
+        self.validate()?;
+        Ok((
+            GaussianDiffusion::respaced(diffusion, &self.steps)?,
+            self.kind()?,
+        ))
     }
 }
 

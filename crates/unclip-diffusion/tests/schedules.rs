@@ -238,3 +238,77 @@ fn timesteps_are_checked() {
         .unwrap_err();
     assert!(err.to_string().contains("q_sample noise"), "{err}");
 }
+
+#[test]
+fn sampler_configs_parse_and_validate() {
+    use unclip_diffusion::{ClipDenoised, SamplerConfig, SamplerKind};
+    let diffusion = DiffusionConfig::default();
+    let cfg: SamplerConfig =
+        serde_yaml::from_str("sampler: ddim\nsteps: ddim27\neta: 0.5\nclip: {static: 1.0}\n")
+            .unwrap();
+    let (d, kind) = cfg.build(&diffusion).unwrap();
+    assert_eq!(kind, SamplerKind::Ddim { eta: 0.5 });
+    assert_eq!(d.num_timesteps(), 27);
+    assert_eq!(cfg.clip, ClipDenoised::Static(1.0));
+    let cfg: SamplerConfig = serde_yaml::from_str(
+        "sampler: dpmpp_2m\nsteps: [0, 500, 999]\nclip: {dynamic: {percentile: 0.99}}\n",
+    )
+    .unwrap();
+    let (d, kind) = cfg.build(&diffusion).unwrap();
+    assert_eq!(
+        (kind, d.timestep_map()),
+        (SamplerKind::DpmSolverPp2M, &[0i64, 500, 999][..])
+    );
+    assert_eq!(
+        cfg.clip,
+        ClipDenoised::Dynamic {
+            percentile: 0.99,
+            max_value: None
+        }
+    );
+    let cfg: SamplerConfig = serde_yaml::from_str("sampler: ddpm\nsteps: '64'\n").unwrap();
+    assert_eq!(cfg.build(&diffusion).unwrap().1, SamplerKind::Ddpm);
+
+    let cfg: SamplerConfig =
+        serde_yaml::from_str("sampler: ddpm\nsteps: '64'\nclip: none\n").unwrap();
+    assert_eq!(cfg.clip, ClipDenoised::None);
+    let round = serde_yaml::to_string(&cfg).unwrap();
+    assert_eq!(serde_yaml::from_str::<SamplerConfig>(&round).unwrap(), cfg);
+    let err =
+        serde_yaml::from_str::<SamplerConfig>("sampler: ddpm\nsteps: '64'\nclip: {statik: 1}\n")
+            .unwrap_err();
+    assert!(err.to_string().contains("clip: none, {static: R}"), "{err}");
+    let err = serde_yaml::from_str::<SamplerConfig>("sampler: ddpm\nsteps: '64'\nclip: always\n")
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown clip `always`"), "{err}");
+    let err = serde_yaml::from_str::<SamplerConfig>("sampler: euler\nsteps: '64'\n").unwrap_err();
+    assert!(err.to_string().contains("unknown variant `euler`"), "{err}");
+    let cfg: SamplerConfig =
+        serde_yaml::from_str("sampler: ddpm\nsteps: '64'\neta: 1.0\n").unwrap();
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("eta applies to ddim only"));
+    let cfg: SamplerConfig =
+        serde_yaml::from_str("sampler: ddim\nsteps: '64'\neta: -1.0\n").unwrap();
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("sampling.eta must be >= 0"));
+    let cfg: SamplerConfig =
+        serde_yaml::from_str("sampler: ddim\nsteps: '64'\nclip: {dynamic: {percentile: 1.5}}\n")
+            .unwrap();
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("percentile"));
+    let cfg: SamplerConfig = serde_yaml::from_str("sampler: ddim\nsteps: ddim9999\n").unwrap();
+    assert!(cfg
+        .build(&diffusion)
+        .unwrap_err()
+        .to_string()
+        .contains("ddim9999"));
+}
