@@ -12,6 +12,7 @@ pub mod guidance;
 pub mod nn;
 pub mod sampling;
 pub mod schedule;
+pub mod toy;
 
 pub use embedding::{l2_normalize, slerp};
 pub use error::{DiffusionError, Result};

@@ -191,7 +191,7 @@ impl GaussianDiffusion {
             return Ok(x0_pred.shallow_clone());
         }
         let ac = self.alphas_cumprod();
-        let lambda = |i: usize| (ac[i].sqrt() / (1.0 - ac[i]).sqrt()).ln();
+        let lambda = |i: usize| self.half_log_snr(i);
         let (a_next, s_next) = (ac[t - 1].sqrt(), (1.0 - ac[t - 1]).sqrt());
         let s_cur = (1.0 - ac[t]).sqrt();
         let h = lambda(t - 1) - lambda(t);
@@ -205,6 +205,12 @@ impl GaussianDiffusion {
             }
             _ => first,
         })
+    }
+
+    /// λ_i = log(α_i / σ_i) = ½·log(ᾱ_i / (1 − ᾱ_i)) at step i of this process.
+    pub fn half_log_snr(&self, i: usize) -> f64 {
+        let ab = self.alphas_cumprod()[i];
+        0.5 * (ab / (1.0 - ab)).ln()
     }
 
     /// Samples from x_T (`noise`) down to x_0 with `kind`, calling `model(x_t, t_model)`.
