@@ -268,7 +268,7 @@ impl GaussianDiffusion {
     /// inversion (`fixed_point_iters = 0`, as guided-diffusion) uses ε at the level it leaves,
     /// which makes the round trip only approximate; each fixed-point iteration re-evaluates ε at
     /// the level it reaches, which is what the decoder will see, so the round trip becomes exact
-    /// as iterations converge. Costs 1 + n·(1 + iters) − 1 model calls for n steps; no clipping.
+    /// as iterations converge. Costs n·(1 + iters) model calls for n steps; no clipping.
     pub fn ddim_invert<F, E>(
         &self,
         x_start: Tensor,
