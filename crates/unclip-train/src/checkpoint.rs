@@ -1,0 +1,175 @@
+//! Checkpoints: `<run>/checkpoints/step-000001000/` holding `model.safetensors`,
+//! `ema.safetensors`, `optimizer.safetensors` (module-path names) and `meta.json` (step, counters,
+//! data position, the resolved config). A checkpoint is written into a hidden temporary directory,
+//! fsynced and renamed into place, so a crash never leaves a half-written `step-*`; resume takes
+//! the newest complete one. What to keep is [`RetentionPolicy`]'s business.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+const FORMAT_VERSION: u32 = 1;
+
+/// Everything but the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointMeta {
+    pub format_version: u32,
+    pub step: u64,
+    pub ema_updates: u64,
+    pub nonfinite_skipped: u64,
+    pub seed: u64,
+    /// Where the data stream stands (the task's own format).
+    pub data_state: serde_json::Value,
+    /// The resolved run config.
+    pub config: serde_json::Value,
+}
+
+impl CheckpointMeta {
+    pub fn new(step: u64) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            step,
+            ema_updates: 0,
+            nonfinite_skipped: 0,
+            seed: 0,
+            data_state: serde_json::Value::Null,
+            config: serde_json::Value::Null,
+        }
+    }
+}
+
+/// A loaded checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub meta: CheckpointMeta,
+    pub model: HashMap<String, Tensor>,
+    pub ema: Option<HashMap<String, Tensor>>,
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step:09}")
+}
+
+fn parse_step(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous())).collect();
+    Tensor::write_safetensors(&cpu, path).with_context(|| format!("writing {}", path.display()))?;
+    File::open(path)?.sync_all().with_context(|| format!("syncing {}", path.display()))
+}
+
+fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?.into_iter().collect())
+}
+
+/// Writes a checkpoint atomically under `root` and returns its directory.
+pub fn save(
+    root: &Path,
+    meta: &CheckpointMeta,
+    model: &[(String, Tensor)],
+    ema: Option<&[(String, Tensor)]>,
+    optimizer: &[(String, Tensor)],
+) -> Result<PathBuf> {
+    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let name = step_dir_name(meta.step);
+    let tmp = root.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    write_tensors(&tmp.join("model.safetensors"), model)?;
+    if let Some(ema) = ema {
+        write_tensors(&tmp.join("ema.safetensors"), ema)?;
+    }
+    write_tensors(&tmp.join("optimizer.safetensors"), optimizer)?;
+    let meta_path = tmp.join("meta.json");
+    fs::write(&meta_path, serde_json::to_vec_pretty(meta)?).with_context(|| format!("writing {}", meta_path.display()))?;
+    File::open(&meta_path)?.sync_all()?;
+    File::open(&tmp)?.sync_all()?;
+    let dst = root.join(&name);
+    if dst.exists() {
+        fs::remove_dir_all(&dst).with_context(|| format!("replacing {}", dst.display()))?;
+    }
+    fs::rename(&tmp, &dst).with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
+    File::open(root)?.sync_all()?;
+    Ok(dst)
+}
+
+/// Complete checkpoints under `root`, oldest first.
+pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in fs::read_dir(root).with_context(|| format!("listing {}", root.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = parse_step(&name) {
+            if entry.path().join("meta.json").is_file() && entry.path().join("model.safetensors").is_file() {
+                out.push((step, entry.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint under `root`, if any.
+pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(root)?.pop().map(|(_, p)| p))
+}
+
+pub fn load(dir: &Path) -> Result<Checkpoint> {
+    let meta_path = dir.join("meta.json");
+    let meta: CheckpointMeta = serde_json::from_slice(
+        &fs::read(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", meta_path.display()))?;
+    if meta.format_version != FORMAT_VERSION {
+        bail!("{}: checkpoint format {} (this build reads {FORMAT_VERSION})", dir.display(), meta.format_version);
+    }
+    let ema_path = dir.join("ema.safetensors");
+    Ok(Checkpoint {
+        meta,
+        model: read_tensors(&dir.join("model.safetensors"))?,
+        ema: if ema_path.exists() { Some(read_tensors(&ema_path)?) } else { None },
+        optimizer: read_tensors(&dir.join("optimizer.safetensors"))?,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Which checkpoints to keep: the `keep_last` newest plus every multiple of `milestone_every`.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionPolicy {
+    pub keep_last: usize,
+    pub milestone_every: Option<u64>,
+}
+
+impl RetentionPolicy {
+    /// Deletes what the policy does not keep, and stale partial directories of this process.
+    pub fn prune(&self, root: &Path) -> Result<Vec<PathBuf>> {
+        let all = list(root)?;
+        let cut = all.len().saturating_sub(self.keep_last);
+        let mut removed = Vec::new();
+        for (step, path) in &all[..cut] {
+            if self.milestone_every.is_some_and(|m| step % m == 0) {
+                continue;
+            }
+            fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path.clone());
+        }
+        Ok(removed)
+    }
+}

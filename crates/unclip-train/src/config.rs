@@ -1,0 +1,283 @@
+//! Run configs: one YAML file, `--set key.path=value` overrides, typed sections with unknown keys,
+//! wrong types and out-of-range values reported by key path and file before any work starts.
+//! The runtime owns `seed`, `device`, `train`, `logging` and `checkpoint`; every other top-level
+//! key belongs to the task's own config type (`model`, `diffusion`, `data`, …).
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+use std::path::Path;
+
+/// Keys the runtime reads; the rest of the file goes to the task.
+pub const RUNTIME_KEYS: [&str; 5] = ["seed", "device", "train", "logging", "checkpoint"];
+
+/// Learning-rate shape after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Constant,
+    Cosine,
+}
+
+/// `train:` — optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimiser steps in all.
+    pub steps: u64,
+    /// Samples per micro-batch (per process).
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled (AdamW) weight decay; never applied to biases, norms or embeddings.
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    pub lr_schedule: LrSchedule,
+    /// Cosine decay ends at lr · min_lr_ratio.
+    pub min_lr_ratio: f64,
+    /// Clip the global gradient norm to this value (none: no clipping).
+    pub grad_clip: Option<f64>,
+    /// EMA decay of the weights (none: no EMA).
+    pub ema_decay: Option<f64>,
+    /// Ramp the EMA decay as min(decay, (1 + n)/(10 + n)) so early averages are not stuck at init.
+    pub ema_warmup: bool,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient.
+    pub max_nonfinite_steps: u32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 32,
+            grad_accum: 1,
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            lr_schedule: LrSchedule::Constant,
+            min_lr_ratio: 0.0,
+            grad_clip: Some(1.0),
+            ema_decay: Some(0.9999),
+            ema_warmup: true,
+            max_nonfinite_steps: 10,
+        }
+    }
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressStyle {
+    /// A bar on a terminal, plain lines otherwise.
+    Auto,
+    Bar,
+    Lines,
+    Off,
+}
+
+/// `logging:` — TensorBoard and console.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Scalars are averaged over and written every this many steps.
+    pub every: u64,
+    pub tensorboard: bool,
+    pub progress: ProgressStyle,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { every: 10, tensorboard: true, progress: ProgressStyle::Auto }
+    }
+}
+
+/// `checkpoint:` — when to save and what to keep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every this many steps (and at the end).
+    pub every: u64,
+    /// Keep this many most recent checkpoints…
+    pub keep_last: usize,
+    /// …plus every checkpoint whose step is a multiple of this (none: no milestones).
+    pub milestone_every: Option<u64>,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: 1000, keep_last: 3, milestone_every: None }
+    }
+}
+
+/// The sections the runtime owns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    pub seed: u64,
+    /// `auto | cpu | cuda | cuda:N`
+    pub device: String,
+    pub train: TrainConfig,
+    pub logging: LoggingConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            device: "auto".into(),
+            train: TrainConfig::default(),
+            logging: LoggingConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Range checks; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let positive = [
+            ("train.steps", t.steps as f64),
+            ("train.batch_size", t.batch_size as f64),
+            ("train.grad_accum", t.grad_accum as f64),
+            ("train.lr", t.lr),
+            ("train.eps", t.eps),
+            ("logging.every", self.logging.every as f64),
+            ("checkpoint.every", self.checkpoint.every as f64),
+            ("checkpoint.keep_last", self.checkpoint.keep_last as f64),
+            ("train.max_nonfinite_steps", t.max_nonfinite_steps as f64),
+        ];
+        for (key, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{key} must be > 0, got {v}");
+            }
+        }
+        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{key} must be in [0, 1), got {v}");
+            }
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            bail!("train.weight_decay must be >= 0, got {}", t.weight_decay);
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            bail!("train.min_lr_ratio must be in [0, 1], got {}", t.min_lr_ratio);
+        }
+        if let Some(c) = t.grad_clip {
+            if !(c > 0.0 && c.is_finite()) {
+                bail!("train.grad_clip must be > 0, got {c}");
+            }
+        }
+        if let Some(d) = t.ema_decay {
+            if !(0.0..1.0).contains(&d) {
+                bail!("train.ema_decay must be in [0, 1), got {d}");
+            }
+        }
+        if self.checkpoint.milestone_every == Some(0) {
+            bail!("checkpoint.milestone_every must be > 0");
+        }
+        unclip_diffusion::device::parse_device(&self.device).map_err(|e| anyhow!("device: {e}"))?;
+        Ok(())
+    }
+}
+
+/// A task's own sections check themselves the same way.
+pub trait Validate {
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A whole run config: the runtime's sections and the task's.
+#[derive(Debug, Clone)]
+pub struct RunConfig<T> {
+    pub runtime: RuntimeConfig,
+    pub task: T,
+    /// The resolved YAML (file + overrides), written into the run directory.
+    pub resolved: Value,
+}
+
+/// Reads `path`, applies `--set` overrides (`a.b.c=value`, the value parsed as YAML) and builds
+/// the typed config. Every error names the file and the key.
+pub fn load_config<T: DeserializeOwned + Validate>(path: &Path, overrides: &[String]) -> Result<RunConfig<T>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    parse_config(&text, overrides).with_context(|| format!("config {}", path.display()))
+}
+
+/// [`load_config`] on text.
+pub fn parse_config<T: DeserializeOwned + Validate>(text: &str, overrides: &[String]) -> Result<RunConfig<T>> {
+    let mut root: Value = serde_yaml::from_str(text)?;
+    if root.is_null() {
+        root = Value::Mapping(Mapping::new());
+    }
+    if !root.is_mapping() {
+        bail!("the top level must be a mapping of sections");
+    }
+    for o in overrides {
+        apply_override(&mut root, o)?;
+    }
+    let Value::Mapping(map) = &root else { unreachable!("checked above") };
+    let mut runtime_map = Mapping::new();
+    let mut task_map = Mapping::new();
+    for (k, v) in map {
+        let is_runtime = k.as_str().is_some_and(|k| RUNTIME_KEYS.contains(&k));
+        if is_runtime { &mut runtime_map } else { &mut task_map }.insert(k.clone(), v.clone());
+    }
+    let runtime: RuntimeConfig = typed(Value::Mapping(runtime_map))?;
+    runtime.validate()?;
+    let task: T = typed(Value::Mapping(task_map))?;
+    task.validate()?;
+    Ok(RunConfig { runtime, task, resolved: root })
+}
+
+/// Deserialises with the failing key path in the error.
+fn typed<T: DeserializeOwned>(v: Value) -> Result<T> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            anyhow!("{inner}")
+        } else {
+            anyhow!("{path}: {inner}")
+        }
+    })
+}
+
+/// Sets `a.b.c` in `root` to the YAML value after `=`, creating mappings on the way.
+pub fn apply_override(root: &mut Value, spec: &str) -> Result<()> {
+    let (key, raw) = spec.split_once('=').ok_or_else(|| anyhow!("--set `{spec}`: expected KEY=VALUE"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        bail!("--set `{spec}`: malformed key `{key}`");
+    }
+    let value: Value = serde_yaml::from_str(raw).with_context(|| format!("--set `{spec}`: value"))?;
+    let mut node = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let map = match node {
+            Value::Mapping(m) => m,
+            Value::Null => {
+                *node = Value::Mapping(Mapping::new());
+                let Value::Mapping(m) = node else { unreachable!() };
+                m
+            }
+            _ => bail!("--set `{spec}`: `{}` is not a section", parts[..i].join(".")),
+        };
+        let k = Value::String((*part).to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(Value::Null);
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! Exponential moving average of the weights; sampling and export use it.
+
+use anyhow::{bail, Result};
+use std::collections::HashMap;
+use tch::{nn::VarStore, Tensor};
+
+#[derive(Debug)]
+pub struct Ema {
+    decay: f64,
+    warmup: bool,
+    updates: u64,
+    /// (name, live variable, shadow copy), in name order.
+    params: Vec<(String, Tensor, Tensor)>,
+}
+
+impl Ema {
+    pub fn new(vs: &VarStore, decay: f64, warmup: bool) -> Self {
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = named.into_iter().map(|(n, v)| {
+            let shadow = v.detach().copy();
+            (n, v, shadow)
+        });
+        Self { decay, warmup, updates: 0, params: params.collect() }
+    }
+
+    /// The decay used at the next update.
+    pub fn current_decay(&self) -> f64 {
+        if self.warmup {
+            let n = self.updates as f64;
+            self.decay.min((1.0 + n) / (10.0 + n))
+        } else {
+            self.decay
+        }
+    }
+
+    pub fn update(&mut self) {
+        let _guard = tch::no_grad_guard();
+        let d = self.current_decay();
+        for (_, var, shadow) in &mut self.params {
+            let _ = shadow.g_mul_scalar_(d).g_add_(&(var.detach() * (1.0 - d)));
+        }
+        self.updates += 1;
+    }
+
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|(n, _, s)| (n.clone(), s.shallow_clone())).collect()
+    }
+
+    /// Restores the shadow weights; every variable must be present with its shape.
+    pub fn load(&mut self, tensors: &HashMap<String, Tensor>, updates: u64) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for (name, _, shadow) in &mut self.params {
+            let Some(src) = tensors.get(name.as_str()) else { bail!("EMA weights have no `{name}`") };
+            if src.size() != shadow.size() {
+                bail!("EMA weight `{name}` has shape {:?}, the model {:?}", src.size(), shadow.size());
+            }
+            shadow.copy_(src);
+        }
+        self.updates = updates;
+        Ok(())
+    }
+}

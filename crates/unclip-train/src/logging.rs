@@ -1,0 +1,90 @@
+//! TensorBoard scalars (tensorboard-rs) and console progress (an indicatif bar on a terminal,
+//! plain periodic lines otherwise).
+
+use crate::config::{LoggingConfig, ProgressStyle};
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget};
+use std::io::IsTerminal;
+use std::path::Path;
+use tensorboard_rs::summary_writer::SummaryWriter;
+
+pub struct Logger {
+    tb: Option<SummaryWriter>,
+    bar: Option<ProgressBar>,
+    lines: bool,
+    total: u64,
+}
+
+impl Logger {
+    /// Event files go to `<run_dir>/tensorboard`.
+    pub fn new(run_dir: &Path, cfg: &LoggingConfig, total_steps: u64, start_step: u64) -> Result<Self> {
+        let tb = if cfg.tensorboard {
+            let dir = run_dir.join("tensorboard");
+            // tensorboard-rs panics on I/O errors: make sure the directory is usable first.
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let probe = dir.join(".writable");
+            std::fs::write(&probe, b"").with_context(|| format!("{} is not writable", dir.display()))?;
+            let _ = std::fs::remove_file(probe);
+            Some(SummaryWriter::new(&dir))
+        } else {
+            None
+        };
+        let terminal = std::io::stdout().is_terminal();
+        let (bar, lines) = match cfg.progress {
+            ProgressStyle::Off => (false, false),
+            ProgressStyle::Bar => (true, false),
+            ProgressStyle::Lines => (false, true),
+            ProgressStyle::Auto => (terminal, !terminal),
+        };
+        let bar = bar.then(|| {
+            let b = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stdout());
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            ) {
+                b.set_style(style);
+            }
+            b.set_position(start_step);
+            b
+        });
+        Ok(Self { tb, bar, lines, total: total_steps })
+    }
+
+    pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) {
+        if let Some(tb) = &mut self.tb {
+            for (tag, v) in values {
+                tb.add_scalar(tag, *v as f32, step as usize);
+            }
+            tb.flush();
+        }
+    }
+
+    /// After every step: moves the bar; on log steps prints a line when not on a terminal.
+    pub fn progress(&mut self, step: u64, loss: f64, samples_per_sec: f64, eta_secs: f64, log_step: bool) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4} {samples_per_sec:.1} samples/s"));
+        } else if self.lines && log_step {
+            println!(
+                "step {step}/{} loss {loss:.4} {samples_per_sec:.1} samples/s eta {}s",
+                self.total,
+                eta_secs.round()
+            );
+        }
+    }
+
+    pub fn message(&self, msg: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(msg),
+            None => println!("{msg}"),
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+        if let Some(tb) = &mut self.tb {
+            tb.flush();
+        }
+    }
+}

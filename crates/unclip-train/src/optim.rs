@@ -1,0 +1,149 @@
+//! AdamW (Loshchilov & Hutter 2019, PyTorch's update) whose moments are tensors this struct owns,
+//! so they can be checkpointed; tch's built-in optimisers cannot save their state.
+
+use crate::config::TrainConfig;
+use anyhow::{bail, Result};
+use std::collections::HashMap;
+use tch::{nn::VarStore, Kind, Tensor};
+
+/// One trainable tensor with its AdamW state.
+#[derive(Debug)]
+struct Param {
+    name: String,
+    var: Tensor,
+    decay: bool,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+#[derive(Debug)]
+pub struct AdamW {
+    params: Vec<Param>,
+    step: u64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+/// Weight decay skips biases, norm gains and embeddings: every tensor of rank ≤ 1, and any whose
+/// path names an embedding.
+pub fn decays(name: &str, var: &Tensor) -> bool {
+    var.dim() > 1 && !name.split('.').any(|p| p.contains("embedding") || p == "emb" || p.ends_with("_emb"))
+}
+
+impl AdamW {
+    /// Over every trainable variable of `vs`, in name order.
+    pub fn new(vs: &VarStore, cfg: &TrainConfig) -> Self {
+        let mut named: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = named
+            .into_iter()
+            .map(|(name, var)| Param {
+                decay: decays(&name, &var),
+                exp_avg: var.zeros_like().detach(),
+                exp_avg_sq: var.zeros_like().detach(),
+                name,
+                var,
+            })
+            .collect();
+        Self { params, step: 0, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay }
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Names of the parameters with and without weight decay.
+    pub fn groups(&self) -> (Vec<&str>, Vec<&str>) {
+        let (d, n): (Vec<&Param>, Vec<&Param>) = self.params.iter().partition(|p| p.decay);
+        (d.iter().map(|p| p.name.as_str()).collect(), n.iter().map(|p| p.name.as_str()).collect())
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            let mut g = p.var.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
+    /// The global L2 norm of all gradients (0 for none).
+    pub fn grad_norm(&self) -> f64 {
+        let _guard = tch::no_grad_guard();
+        let mut total = 0.0f64;
+        for p in &self.params {
+            let g = p.var.grad();
+            if g.defined() {
+                total += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+            }
+        }
+        total.sqrt()
+    }
+
+    /// Scales gradients so their global norm is at most `max_norm` (as torch's clip_grad_norm_).
+    pub fn clip_grad_norm(&mut self, norm: f64, max_norm: f64) {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            let _guard = tch::no_grad_guard();
+            for p in &mut self.params {
+                let mut g = p.var.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(coef);
+                }
+            }
+        }
+    }
+
+    /// One AdamW update at learning rate `lr`.
+    pub fn step(&mut self, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        self.step += 1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let bc1 = 1.0 - b1.powi(self.step as i32);
+        let bc2 = 1.0 - b2.powi(self.step as i32);
+        for p in &mut self.params {
+            let g = p.var.grad();
+            if !g.defined() {
+                continue;
+            }
+            if p.decay && self.weight_decay > 0.0 {
+                let _ = p.var.g_mul_scalar_(1.0 - lr * self.weight_decay);
+            }
+            let _ = p.exp_avg.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
+            let _ = p.exp_avg_sq.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+            let denom = (&p.exp_avg_sq / bc2).sqrt() + self.eps;
+            let update = (&p.exp_avg / &denom) * (lr / bc1);
+            let _ = p.var.g_sub_(&update);
+        }
+    }
+
+    /// The moments as named tensors, for a checkpoint.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.params.len());
+        for p in &self.params {
+            out.push((format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()));
+            out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()));
+        }
+        out
+    }
+
+    /// Restores the moments and step count; every parameter must be present with its shape.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for p in &mut self.params {
+            for (prefix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+                let key = format!("{prefix}.{}", p.name);
+                let Some(src) = tensors.get(&key) else { bail!("optimizer state has no `{key}`") };
+                if src.size() != dst.size() {
+                    bail!("optimizer state `{key}` has shape {:?}, the model {:?}", src.size(), dst.size());
+                }
+                dst.copy_(src);
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! The loop every trainer shares: seeding per step, micro-batches with gradient accumulation,
+//! non-finite guards, global-norm clipping, AdamW, EMA, logging and checkpoints with exact resume.
+
+use crate::checkpoint::{self, CheckpointMeta, RetentionPolicy};
+use crate::config::RuntimeConfig;
+use crate::ema::Ema;
+use crate::logging::Logger;
+use crate::lr::learning_rate;
+use crate::optim::AdamW;
+use anyhow::{bail, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+/// What a task returns for one micro-batch.
+pub struct StepOutput {
+    /// Scalar loss to minimise.
+    pub loss: Tensor,
+    /// Samples in the micro-batch (for samples/s).
+    pub samples: usize,
+    /// Extra scalars to log (averaged over the logging interval), e.g. loss per timestep quarter.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// A model plus its data, as the runtime sees it.
+pub trait TrainTask {
+    type Batch;
+    /// The batch for micro-batch `micro` of optimiser step `step`.
+    fn next_batch(&mut self, step: u64, micro: usize) -> Result<Self::Batch>;
+    /// Forward pass and loss (the runtime runs backward).
+    fn loss(&mut self, batch: Self::Batch) -> Result<StepOutput>;
+    /// Where the data stream stands, stored in checkpoints.
+    fn data_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn restore_data_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub final_step: u64,
+    /// (step, mean loss over its micro-batches) for every completed step of this run.
+    pub losses: Vec<(u64, f64)>,
+    pub nonfinite_skipped: u64,
+    pub resumed_from: Option<PathBuf>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// The seed of a step: runs resumed at any step draw the same random numbers as uninterrupted ones.
+fn step_seed(seed: u64, step: u64) -> i64 {
+    (seed ^ step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64
+}
+
+/// Copies named tensors into the variables of `vs`; names and shapes must match exactly.
+pub fn load_into(vs: &VarStore, tensors: &HashMap<String, Tensor>, what: &str) -> Result<()> {
+    let vars = vs.variables();
+    for name in tensors.keys() {
+        if !vars.contains_key(name) {
+            bail!("{what} has `{name}`, which the model does not");
+        }
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in vars {
+            let Some(src) = tensors.get(&name) else { bail!("{what} lacks `{name}`") };
+            if src.size() != var.size() {
+                bail!("{what}: `{name}` has shape {:?}, the model {:?}", src.size(), var.size());
+            }
+            var.copy_(src);
+        }
+        Ok(())
+    })
+}
+
+fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Parameter counts per top-level module, for `--dry-run`.
+pub fn parameter_summary(vs: &VarStore) -> Vec<(String, i64)> {
+    let mut by_module: BTreeMap<String, i64> = BTreeMap::new();
+    for (name, t) in vs.variables() {
+        let top = name.split('.').next().unwrap_or("").to_string();
+        *by_module.entry(top).or_default() += t.numel() as i64;
+    }
+    by_module.into_iter().collect()
+}
+
+/// Resolves `--resume`: `auto` is the newest complete checkpoint of the run (none: fresh start).
+pub fn resolve_resume(run_dir: &Path, resume: Option<&str>) -> Result<Option<PathBuf>> {
+    match resume {
+        None => Ok(None),
+        Some("auto") => checkpoint::latest(&checkpoint::checkpoints_dir(run_dir)),
+        Some(path) => {
+            let p = PathBuf::from(path);
+            if !p.join("meta.json").is_file() {
+                bail!("--resume {path}: not a checkpoint directory (no meta.json)");
+            }
+            Ok(Some(p))
+        }
+    }
+}
+
+/// Trains `task`'s variables in `vs` to `runtime.train.steps`, writing into `run_dir`.
+pub fn train<T: TrainTask>(
+    task: &mut T,
+    vs: &VarStore,
+    runtime: &RuntimeConfig,
+    resolved_config: &serde_yaml::Value,
+    run_dir: &Path,
+    resume: Option<&str>,
+) -> Result<TrainSummary> {
+    let cfg = &runtime.train;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    let config_path = run_dir.join("config.yaml");
+    std::fs::write(&config_path, serde_yaml::to_string(resolved_config)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let ckpt_root = checkpoint::checkpoints_dir(run_dir);
+
+    let mut opt = AdamW::new(vs, cfg);
+    let mut ema = cfg.ema_decay.map(|d| Ema::new(vs, d, cfg.ema_warmup));
+    let mut start = 0u64;
+    let mut nonfinite_skipped = 0u64;
+    let resumed_from = resolve_resume(run_dir, resume)?;
+    if let Some(dir) = &resumed_from {
+        let ck = checkpoint::load(dir)?;
+        load_into(vs, &ck.model, &format!("{}/model.safetensors", dir.display()))?;
+        opt.load_state(&ck.optimizer, ck.meta.step)
+            .with_context(|| format!("{}/optimizer.safetensors", dir.display()))?;
+        if let (Some(ema), Some(tensors)) = (ema.as_mut(), ck.ema.as_ref()) {
+            ema.load(tensors, ck.meta.ema_updates).with_context(|| format!("{}/ema.safetensors", dir.display()))?;
+        }
+        task.restore_data_state(&ck.meta.data_state)?;
+        start = ck.meta.step;
+        nonfinite_skipped = ck.meta.nonfinite_skipped;
+    }
+
+    let mut logger = Logger::new(run_dir, &runtime.logging, cfg.steps, start)?;
+    if let Some(dir) = &resumed_from {
+        logger.message(&format!("resumed from {} at step {start}", dir.display()));
+    }
+    let policy = RetentionPolicy { keep_last: runtime.checkpoint.keep_last, milestone_every: runtime.checkpoint.milestone_every };
+    let config_json = serde_json::to_value(resolved_config)?;
+    let mut losses = Vec::new();
+    let mut last_checkpoint = None;
+    let mut consecutive_bad = 0u32;
+    // Sums over the current logging interval.
+    let (mut int_loss, mut int_norm, mut int_steps, mut int_samples) = (0.0f64, 0.0f64, 0u64, 0usize);
+    let (mut int_data_secs, mut int_secs) = (0.0f64, 0.0f64);
+    let mut int_metrics: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    let run_start = Instant::now();
+
+    for step in start..cfg.steps {
+        let step_start = Instant::now();
+        tch::manual_seed(step_seed(runtime.seed, step));
+        opt.zero_grad();
+        let mut loss_sum = 0.0f64;
+        let mut samples = 0usize;
+        let mut data_secs = 0.0f64;
+        for micro in 0..cfg.grad_accum {
+            let t0 = Instant::now();
+            let batch = task.next_batch(step, micro)?;
+            data_secs += t0.elapsed().as_secs_f64();
+            let out = task.loss(batch)?;
+            let value = out.loss.to_kind(Kind::Double).double_value(&[]);
+            loss_sum += value;
+            samples += out.samples;
+            for (k, v) in out.metrics {
+                let e = int_metrics.entry(k).or_default();
+                e.0 += v;
+                e.1 += 1;
+            }
+            if value.is_finite() {
+                (out.loss / cfg.grad_accum as f64).backward();
+            }
+        }
+        let loss = loss_sum / cfg.grad_accum as f64;
+        let norm = if loss.is_finite() { opt.grad_norm() } else { f64::NAN };
+        if !norm.is_finite() {
+            nonfinite_skipped += 1;
+            consecutive_bad += 1;
+            opt.zero_grad();
+            logger.message(&format!("step {step}: non-finite loss or gradient ({loss}, norm {norm}); skipped"));
+            if consecutive_bad >= cfg.max_nonfinite_steps {
+                bail!(
+                    "{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {step}); \
+                     stopping. The last checkpoint is intact: {}",
+                    last_checkpoint.as_ref().or(resumed_from.as_ref()).map_or("none yet".into(), |p: &PathBuf| p.display().to_string())
+                );
+            }
+            continue;
+        }
+        consecutive_bad = 0;
+        if let Some(max) = cfg.grad_clip {
+            opt.clip_grad_norm(norm, max);
+        }
+        let lr = learning_rate(cfg, step);
+        opt.step(lr);
+        if let Some(ema) = ema.as_mut() {
+            ema.update();
+        }
+        losses.push((step, loss));
+
+        let done = step + 1;
+        int_loss += loss;
+        int_norm += norm;
+        int_steps += 1;
+        int_samples += samples;
+        int_data_secs += data_secs;
+        int_secs += step_start.elapsed().as_secs_f64();
+        let log_step = done % runtime.logging.every == 0 || done == cfg.steps;
+        let samples_per_sec = int_samples as f64 / int_secs.max(1e-9);
+        let eta = run_start.elapsed().as_secs_f64() / (done - start) as f64 * (cfg.steps - done) as f64;
+        logger.progress(done, int_loss / int_steps.max(1) as f64, samples_per_sec, eta, log_step);
+        if log_step {
+            let n = int_steps.max(1) as f64;
+            let mut scalars = vec![
+                ("train/loss".to_string(), int_loss / n),
+                ("train/lr".to_string(), lr),
+                ("train/grad_norm".to_string(), int_norm / n),
+                ("perf/samples_per_sec".to_string(), samples_per_sec),
+                ("perf/data_wait_fraction".to_string(), int_data_secs / int_secs.max(1e-9)),
+                ("train/nonfinite_skipped".to_string(), nonfinite_skipped as f64),
+            ];
+            for (k, (sum, count)) in std::mem::take(&mut int_metrics) {
+                scalars.push((format!("train/{k}"), sum / count.max(1) as f64));
+            }
+            logger.scalars(done, &scalars);
+            (int_loss, int_norm, int_steps, int_samples, int_data_secs, int_secs) = (0.0, 0.0, 0, 0, 0.0, 0.0);
+        }
+        if done % runtime.checkpoint.every == 0 || done == cfg.steps {
+            let mut meta = CheckpointMeta::new(done);
+            meta.ema_updates = ema.as_ref().map_or(0, Ema::updates);
+            meta.nonfinite_skipped = nonfinite_skipped;
+            meta.seed = runtime.seed;
+            meta.data_state = task.data_state();
+            meta.config = config_json.clone();
+            let ema_tensors = ema.as_ref().map(Ema::tensors);
+            let dir = checkpoint::save(&ckpt_root, &meta, &named_variables(vs), ema_tensors.as_deref(), &opt.state_tensors())?;
+            policy.prune(&ckpt_root)?;
+            last_checkpoint = Some(dir);
+        }
+    }
+    logger.finish();
+    Ok(TrainSummary { final_step: cfg.steps.max(start), losses, nonfinite_skipped, resumed_from, last_checkpoint })
+}
