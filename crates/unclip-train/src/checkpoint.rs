@@ -64,14 +64,21 @@ fn parse_step(name: &str) -> Option<u64> {
 }
 
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous())).collect();
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
     Tensor::write_safetensors(&cpu, path).with_context(|| format!("writing {}", path.display()))?;
-    File::open(path)?.sync_all().with_context(|| format!("syncing {}", path.display()))
+    File::open(path)?
+        .sync_all()
+        .with_context(|| format!("syncing {}", path.display()))
 }
 
 fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    Ok(Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?.into_iter().collect())
+    Ok(Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .into_iter()
+        .collect())
 }
 
 /// Writes a checkpoint atomically under `root` and returns its directory.
@@ -95,14 +102,16 @@ pub fn save(
     }
     write_tensors(&tmp.join("optimizer.safetensors"), optimizer)?;
     let meta_path = tmp.join("meta.json");
-    fs::write(&meta_path, serde_json::to_vec_pretty(meta)?).with_context(|| format!("writing {}", meta_path.display()))?;
+    fs::write(&meta_path, serde_json::to_vec_pretty(meta)?)
+        .with_context(|| format!("writing {}", meta_path.display()))?;
     File::open(&meta_path)?.sync_all()?;
     File::open(&tmp)?.sync_all()?;
     let dst = root.join(&name);
     if dst.exists() {
         fs::remove_dir_all(&dst).with_context(|| format!("replacing {}", dst.display()))?;
     }
-    fs::rename(&tmp, &dst).with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
+    fs::rename(&tmp, &dst)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
     File::open(root)?.sync_all()?;
     Ok(dst)
 }
@@ -117,7 +126,9 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(step) = parse_step(&name) {
-            if entry.path().join("meta.json").is_file() && entry.path().join("model.safetensors").is_file() {
+            if entry.path().join("meta.json").is_file()
+                && entry.path().join("model.safetensors").is_file()
+            {
                 out.push((step, entry.path()));
             }
         }
@@ -138,13 +149,21 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     )
     .with_context(|| format!("parsing {}", meta_path.display()))?;
     if meta.format_version != FORMAT_VERSION {
-        bail!("{}: checkpoint format {} (this build reads {FORMAT_VERSION})", dir.display(), meta.format_version);
+        bail!(
+            "{}: checkpoint format {} (this build reads {FORMAT_VERSION})",
+            dir.display(),
+            meta.format_version
+        );
     }
     let ema_path = dir.join("ema.safetensors");
     Ok(Checkpoint {
         meta,
         model: read_tensors(&dir.join("model.safetensors"))?,
-        ema: if ema_path.exists() { Some(read_tensors(&ema_path)?) } else { None },
+        ema: if ema_path.exists() {
+            Some(read_tensors(&ema_path)?)
+        } else {
+            None
+        },
         optimizer: read_tensors(&dir.join("optimizer.safetensors"))?,
         dir: dir.to_path_buf(),
     })

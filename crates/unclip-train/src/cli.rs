@@ -25,7 +25,10 @@ pub struct TrainArgs {
 impl TrainArgs {
     pub fn run_dir(&self) -> PathBuf {
         self.run_dir.clone().unwrap_or_else(|| {
-            let stem = self.config.file_stem().map(|s| s.to_string_lossy().into_owned());
+            let stem = self
+                .config
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned());
             PathBuf::from("runs").join(stem.unwrap_or_else(|| "run".into()))
         })
     }

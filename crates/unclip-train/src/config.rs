@@ -95,7 +95,11 @@ pub struct LoggingConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self { every: 10, tensorboard: true, progress: ProgressStyle::Auto }
+        Self {
+            every: 10,
+            tensorboard: true,
+            progress: ProgressStyle::Auto,
+        }
     }
 }
 
@@ -113,7 +117,11 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every: 1000, keep_last: 3, milestone_every: None }
+        Self {
+            every: 1000,
+            keep_last: 3,
+            milestone_every: None,
+        }
     }
 }
 
@@ -170,7 +178,10 @@ impl RuntimeConfig {
             bail!("train.weight_decay must be >= 0, got {}", t.weight_decay);
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-            bail!("train.min_lr_ratio must be in [0, 1], got {}", t.min_lr_ratio);
+            bail!(
+                "train.min_lr_ratio must be in [0, 1], got {}",
+                t.min_lr_ratio
+            );
         }
         if let Some(c) = t.grad_clip {
             if !(c > 0.0 && c.is_finite()) {
@@ -208,13 +219,20 @@ pub struct RunConfig<T> {
 
 /// Reads `path`, applies `--set` overrides (`a.b.c=value`, the value parsed as YAML) and builds
 /// the typed config. Every error names the file and the key.
-pub fn load_config<T: DeserializeOwned + Validate>(path: &Path, overrides: &[String]) -> Result<RunConfig<T>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+pub fn load_config<T: DeserializeOwned + Validate>(
+    path: &Path,
+    overrides: &[String],
+) -> Result<RunConfig<T>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
     parse_config(&text, overrides).with_context(|| format!("config {}", path.display()))
 }
 
 /// [`load_config`] on text.
-pub fn parse_config<T: DeserializeOwned + Validate>(text: &str, overrides: &[String]) -> Result<RunConfig<T>> {
+pub fn parse_config<T: DeserializeOwned + Validate>(
+    text: &str,
+    overrides: &[String],
+) -> Result<RunConfig<T>> {
     let mut root: Value = serde_yaml::from_str(text)?;
     if root.is_null() {
         root = Value::Mapping(Mapping::new());
@@ -225,18 +243,29 @@ pub fn parse_config<T: DeserializeOwned + Validate>(text: &str, overrides: &[Str
     for o in overrides {
         apply_override(&mut root, o)?;
     }
-    let Value::Mapping(map) = &root else { unreachable!("checked above") };
+    let Value::Mapping(map) = &root else {
+        unreachable!("checked above")
+    };
     let mut runtime_map = Mapping::new();
     let mut task_map = Mapping::new();
     for (k, v) in map {
         let is_runtime = k.as_str().is_some_and(|k| RUNTIME_KEYS.contains(&k));
-        if is_runtime { &mut runtime_map } else { &mut task_map }.insert(k.clone(), v.clone());
+        if is_runtime {
+            &mut runtime_map
+        } else {
+            &mut task_map
+        }
+        .insert(k.clone(), v.clone());
     }
     let runtime: RuntimeConfig = typed(Value::Mapping(runtime_map))?;
     runtime.validate()?;
     let task: T = typed(Value::Mapping(task_map))?;
     task.validate()?;
-    Ok(RunConfig { runtime, task, resolved: root })
+    Ok(RunConfig {
+        runtime,
+        task,
+        resolved: root,
+    })
 }
 
 /// Deserialises with the failing key path in the error.
@@ -254,12 +283,15 @@ fn typed<T: DeserializeOwned>(v: Value) -> Result<T> {
 
 /// Sets `a.b.c` in `root` to the YAML value after `=`, creating mappings on the way.
 pub fn apply_override(root: &mut Value, spec: &str) -> Result<()> {
-    let (key, raw) = spec.split_once('=').ok_or_else(|| anyhow!("--set `{spec}`: expected KEY=VALUE"))?;
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set `{spec}`: expected KEY=VALUE"))?;
     let key = key.trim();
     if key.is_empty() || key.split('.').any(str::is_empty) {
         bail!("--set `{spec}`: malformed key `{key}`");
     }
-    let value: Value = serde_yaml::from_str(raw).with_context(|| format!("--set `{spec}`: value"))?;
+    let value: Value =
+        serde_yaml::from_str(raw).with_context(|| format!("--set `{spec}`: value"))?;
     let mut node = root;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
@@ -267,10 +299,15 @@ pub fn apply_override(root: &mut Value, spec: &str) -> Result<()> {
             Value::Mapping(m) => m,
             Value::Null => {
                 *node = Value::Mapping(Mapping::new());
-                let Value::Mapping(m) = node else { unreachable!() };
+                let Value::Mapping(m) = node else {
+                    unreachable!()
+                };
                 m
             }
-            _ => bail!("--set `{spec}`: `{}` is not a section", parts[..i].join(".")),
+            _ => bail!(
+                "--set `{spec}`: `{}` is not a section",
+                parts[..i].join(".")
+            ),
         };
         let k = Value::String((*part).to_string());
         if i + 1 == parts.len() {

@@ -21,7 +21,12 @@ impl Ema {
             let shadow = v.detach().copy();
             (n, v, shadow)
         });
-        Self { decay, warmup, updates: 0, params: params.collect() }
+        Self {
+            decay,
+            warmup,
+            updates: 0,
+            params: params.collect(),
+        }
     }
 
     /// The decay used at the next update.
@@ -48,16 +53,25 @@ impl Ema {
     }
 
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|(n, _, s)| (n.clone(), s.shallow_clone())).collect()
+        self.params
+            .iter()
+            .map(|(n, _, s)| (n.clone(), s.shallow_clone()))
+            .collect()
     }
 
     /// Restores the shadow weights; every variable must be present with its shape.
     pub fn load(&mut self, tensors: &HashMap<String, Tensor>, updates: u64) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for (name, _, shadow) in &mut self.params {
-            let Some(src) = tensors.get(name.as_str()) else { bail!("EMA weights have no `{name}`") };
+            let Some(src) = tensors.get(name.as_str()) else {
+                bail!("EMA weights have no `{name}`")
+            };
             if src.size() != shadow.size() {
-                bail!("EMA weight `{name}` has shape {:?}, the model {:?}", src.size(), shadow.size());
+                bail!(
+                    "EMA weight `{name}` has shape {:?}, the model {:?}",
+                    src.size(),
+                    shadow.size()
+                );
             }
             shadow.copy_(src);
         }

@@ -17,13 +17,19 @@ pub struct Logger {
 
 impl Logger {
     /// Event files go to `<run_dir>/tensorboard`.
-    pub fn new(run_dir: &Path, cfg: &LoggingConfig, total_steps: u64, start_step: u64) -> Result<Self> {
+    pub fn new(
+        run_dir: &Path,
+        cfg: &LoggingConfig,
+        total_steps: u64,
+        start_step: u64,
+    ) -> Result<Self> {
         let tb = if cfg.tensorboard {
             let dir = run_dir.join("tensorboard");
             // tensorboard-rs panics on I/O errors: make sure the directory is usable first.
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let probe = dir.join(".writable");
-            std::fs::write(&probe, b"").with_context(|| format!("{} is not writable", dir.display()))?;
+            std::fs::write(&probe, b"")
+                .with_context(|| format!("{} is not writable", dir.display()))?;
             let _ = std::fs::remove_file(probe);
             Some(SummaryWriter::new(&dir))
         } else {
@@ -46,7 +52,12 @@ impl Logger {
             b.set_position(start_step);
             b
         });
-        Ok(Self { tb, bar, lines, total: total_steps })
+        Ok(Self {
+            tb,
+            bar,
+            lines,
+            total: total_steps,
+        })
     }
 
     pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) {
@@ -59,7 +70,14 @@ impl Logger {
     }
 
     /// After every step: moves the bar; on log steps prints a line when not on a terminal.
-    pub fn progress(&mut self, step: u64, loss: f64, samples_per_sec: f64, eta_secs: f64, log_step: bool) {
+    pub fn progress(
+        &mut self,
+        step: u64,
+        loss: f64,
+        samples_per_sec: f64,
+        eta_secs: f64,
+        log_step: bool,
+    ) {
         if let Some(bar) = &self.bar {
             bar.set_position(step);
             bar.set_message(format!("loss {loss:.4} {samples_per_sec:.1} samples/s"));

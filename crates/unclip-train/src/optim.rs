@@ -29,14 +29,20 @@ pub struct AdamW {
 /// Weight decay skips biases, norm gains and embeddings: every tensor of rank ≤ 1, and any whose
 /// path names an embedding.
 pub fn decays(name: &str, var: &Tensor) -> bool {
-    var.dim() > 1 && !name.split('.').any(|p| p.contains("embedding") || p == "emb" || p.ends_with("_emb"))
+    var.dim() > 1
+        && !name
+            .split('.')
+            .any(|p| p.contains("embedding") || p == "emb" || p.ends_with("_emb"))
 }
 
 impl AdamW {
     /// Over every trainable variable of `vs`, in name order.
     pub fn new(vs: &VarStore, cfg: &TrainConfig) -> Self {
-        let mut named: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, v)| v.requires_grad()).collect();
+        let mut named: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.requires_grad())
+            .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let params = named
             .into_iter()
@@ -48,7 +54,14 @@ impl AdamW {
                 var,
             })
             .collect();
-        Self { params, step: 0, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay }
+        Self {
+            params,
+            step: 0,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        }
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -58,7 +71,10 @@ impl AdamW {
     /// Names of the parameters with and without weight decay.
     pub fn groups(&self) -> (Vec<&str>, Vec<&str>) {
         let (d, n): (Vec<&Param>, Vec<&Param>) = self.params.iter().partition(|p| p.decay);
-        (d.iter().map(|p| p.name.as_str()).collect(), n.iter().map(|p| p.name.as_str()).collect())
+        (
+            d.iter().map(|p| p.name.as_str()).collect(),
+            n.iter().map(|p| p.name.as_str()).collect(),
+        )
     }
 
     pub fn zero_grad(&mut self) {
@@ -77,7 +93,11 @@ impl AdamW {
         for p in &self.params {
             let g = p.var.grad();
             if g.defined() {
-                total += g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[]);
+                total += g
+                    .to_kind(Kind::Double)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[]);
             }
         }
         total.sqrt()
@@ -113,7 +133,10 @@ impl AdamW {
                 let _ = p.var.g_mul_scalar_(1.0 - lr * self.weight_decay);
             }
             let _ = p.exp_avg.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
-            let _ = p.exp_avg_sq.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+            let _ = p
+                .exp_avg_sq
+                .g_mul_scalar_(b2)
+                .g_add_(&(g.square() * (1.0 - b2)));
             let denom = (&p.exp_avg_sq / bc2).sqrt() + self.eps;
             let update = (&p.exp_avg / &denom) * (lr / bc1);
             let _ = p.var.g_sub_(&update);
@@ -125,7 +148,10 @@ impl AdamW {
         let mut out = Vec::with_capacity(2 * self.params.len());
         for p in &self.params {
             out.push((format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()));
-            out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone()));
+            out.push((
+                format!("exp_avg_sq.{}", p.name),
+                p.exp_avg_sq.shallow_clone(),
+            ));
         }
         out
     }
@@ -134,11 +160,20 @@ impl AdamW {
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for p in &mut self.params {
-            for (prefix, dst) in [("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)] {
+            for (prefix, dst) in [
+                ("exp_avg", &mut p.exp_avg),
+                ("exp_avg_sq", &mut p.exp_avg_sq),
+            ] {
                 let key = format!("{prefix}.{}", p.name);
-                let Some(src) = tensors.get(&key) else { bail!("optimizer state has no `{key}`") };
+                let Some(src) = tensors.get(&key) else {
+                    bail!("optimizer state has no `{key}`")
+                };
                 if src.size() != dst.size() {
-                    bail!("optimizer state `{key}` has shape {:?}, the model {:?}", src.size(), dst.size());
+                    bail!(
+                        "optimizer state `{key}` has shape {:?}, the model {:?}",
+                        src.size(),
+                        dst.size()
+                    );
                 }
                 dst.copy_(src);
             }

@@ -65,9 +65,15 @@ pub fn load_into(vs: &VarStore, tensors: &HashMap<String, Tensor>, what: &str) -
     }
     tch::no_grad(|| {
         for (name, mut var) in vars {
-            let Some(src) = tensors.get(&name) else { bail!("{what} lacks `{name}`") };
+            let Some(src) = tensors.get(&name) else {
+                bail!("{what} lacks `{name}`")
+            };
             if src.size() != var.size() {
-                bail!("{what}: `{name}` has shape {:?}, the model {:?}", src.size(), var.size());
+                bail!(
+                    "{what}: `{name}` has shape {:?}, the model {:?}",
+                    src.size(),
+                    var.size()
+                );
             }
             var.copy_(src);
         }
@@ -116,7 +122,8 @@ pub fn train<T: TrainTask>(
     resume: Option<&str>,
 ) -> Result<TrainSummary> {
     let cfg = &runtime.train;
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
     let config_path = run_dir.join("config.yaml");
     std::fs::write(&config_path, serde_yaml::to_string(resolved_config)?)
         .with_context(|| format!("writing {}", config_path.display()))?;
@@ -129,11 +136,16 @@ pub fn train<T: TrainTask>(
     let resumed_from = resolve_resume(run_dir, resume)?;
     if let Some(dir) = &resumed_from {
         let ck = checkpoint::load(dir)?;
-        load_into(vs, &ck.model, &format!("{}/model.safetensors", dir.display()))?;
+        load_into(
+            vs,
+            &ck.model,
+            &format!("{}/model.safetensors", dir.display()),
+        )?;
         opt.load_state(&ck.optimizer, ck.meta.step)
             .with_context(|| format!("{}/optimizer.safetensors", dir.display()))?;
         if let (Some(ema), Some(tensors)) = (ema.as_mut(), ck.ema.as_ref()) {
-            ema.load(tensors, ck.meta.ema_updates).with_context(|| format!("{}/ema.safetensors", dir.display()))?;
+            ema.load(tensors, ck.meta.ema_updates)
+                .with_context(|| format!("{}/ema.safetensors", dir.display()))?;
         }
         task.restore_data_state(&ck.meta.data_state)?;
         start = ck.meta.step;
@@ -144,13 +156,17 @@ pub fn train<T: TrainTask>(
     if let Some(dir) = &resumed_from {
         logger.message(&format!("resumed from {} at step {start}", dir.display()));
     }
-    let policy = RetentionPolicy { keep_last: runtime.checkpoint.keep_last, milestone_every: runtime.checkpoint.milestone_every };
+    let policy = RetentionPolicy {
+        keep_last: runtime.checkpoint.keep_last,
+        milestone_every: runtime.checkpoint.milestone_every,
+    };
     let config_json = serde_json::to_value(resolved_config)?;
     let mut losses = Vec::new();
     let mut last_checkpoint = None;
     let mut consecutive_bad = 0u32;
     // Sums over the current logging interval.
-    let (mut int_loss, mut int_norm, mut int_steps, mut int_samples) = (0.0f64, 0.0f64, 0u64, 0usize);
+    let (mut int_loss, mut int_norm, mut int_steps, mut int_samples) =
+        (0.0f64, 0.0f64, 0u64, 0usize);
     let (mut int_data_secs, mut int_secs) = (0.0f64, 0.0f64);
     let mut int_metrics: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     let run_start = Instant::now();
@@ -180,12 +196,18 @@ pub fn train<T: TrainTask>(
             }
         }
         let loss = loss_sum / cfg.grad_accum as f64;
-        let norm = if loss.is_finite() { opt.grad_norm() } else { f64::NAN };
+        let norm = if loss.is_finite() {
+            opt.grad_norm()
+        } else {
+            f64::NAN
+        };
         if !norm.is_finite() {
             nonfinite_skipped += 1;
             consecutive_bad += 1;
             opt.zero_grad();
-            logger.message(&format!("step {step}: non-finite loss or gradient ({loss}, norm {norm}); skipped"));
+            logger.message(&format!(
+                "step {step}: non-finite loss or gradient ({loss}, norm {norm}); skipped"
+            ));
             if consecutive_bad >= cfg.max_nonfinite_steps {
                 bail!(
                     "{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {step}); \
@@ -215,8 +237,15 @@ pub fn train<T: TrainTask>(
         int_secs += step_start.elapsed().as_secs_f64();
         let log_step = done % runtime.logging.every == 0 || done == cfg.steps;
         let samples_per_sec = int_samples as f64 / int_secs.max(1e-9);
-        let eta = run_start.elapsed().as_secs_f64() / (done - start) as f64 * (cfg.steps - done) as f64;
-        logger.progress(done, int_loss / int_steps.max(1) as f64, samples_per_sec, eta, log_step);
+        let eta =
+            run_start.elapsed().as_secs_f64() / (done - start) as f64 * (cfg.steps - done) as f64;
+        logger.progress(
+            done,
+            int_loss / int_steps.max(1) as f64,
+            samples_per_sec,
+            eta,
+            log_step,
+        );
         if log_step {
             let n = int_steps.max(1) as f64;
             let mut scalars = vec![
@@ -224,14 +253,27 @@ pub fn train<T: TrainTask>(
                 ("train/lr".to_string(), lr),
                 ("train/grad_norm".to_string(), int_norm / n),
                 ("perf/samples_per_sec".to_string(), samples_per_sec),
-                ("perf/data_wait_fraction".to_string(), int_data_secs / int_secs.max(1e-9)),
-                ("train/nonfinite_skipped".to_string(), nonfinite_skipped as f64),
+                (
+                    "perf/data_wait_fraction".to_string(),
+                    int_data_secs / int_secs.max(1e-9),
+                ),
+                (
+                    "train/nonfinite_skipped".to_string(),
+                    nonfinite_skipped as f64,
+                ),
             ];
             for (k, (sum, count)) in std::mem::take(&mut int_metrics) {
                 scalars.push((format!("train/{k}"), sum / count.max(1) as f64));
             }
             logger.scalars(done, &scalars);
-            (int_loss, int_norm, int_steps, int_samples, int_data_secs, int_secs) = (0.0, 0.0, 0, 0, 0.0, 0.0);
+            (
+                int_loss,
+                int_norm,
+                int_steps,
+                int_samples,
+                int_data_secs,
+                int_secs,
+            ) = (0.0, 0.0, 0, 0, 0.0, 0.0);
         }
         if done % runtime.checkpoint.every == 0 || done == cfg.steps {
             let mut meta = CheckpointMeta::new(done);
@@ -241,11 +283,23 @@ pub fn train<T: TrainTask>(
             meta.data_state = task.data_state();
             meta.config = config_json.clone();
             let ema_tensors = ema.as_ref().map(Ema::tensors);
-            let dir = checkpoint::save(&ckpt_root, &meta, &named_variables(vs), ema_tensors.as_deref(), &opt.state_tensors())?;
+            let dir = checkpoint::save(
+                &ckpt_root,
+                &meta,
+                &named_variables(vs),
+                ema_tensors.as_deref(),
+                &opt.state_tensors(),
+            )?;
             policy.prune(&ckpt_root)?;
             last_checkpoint = Some(dir);
         }
     }
     logger.finish();
-    Ok(TrainSummary { final_step: cfg.steps.max(start), losses, nonfinite_skipped, resumed_from, last_checkpoint })
+    Ok(TrainSummary {
+        final_step: cfg.steps.max(start),
+        losses,
+        nonfinite_skipped,
+        resumed_from,
+        last_checkpoint,
+    })
 }

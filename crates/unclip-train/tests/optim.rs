@@ -5,8 +5,12 @@ use unclip_train::config::TrainConfig;
 use unclip_train::optim::AdamW;
 
 fn fixtures() -> HashMap<String, Tensor> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/adamw.safetensors");
-    Tensor::read_safetensors(&path).expect("run scripts/fixtures/runtime.py").into_iter().collect()
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/adamw.safetensors");
+    Tensor::read_safetensors(&path)
+        .expect("run scripts/fixtures/runtime.py")
+        .into_iter()
+        .collect()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -31,7 +35,14 @@ fn adamw_with_groups_and_clipping_matches_pytorch() {
             v.shallow_clone().copy_(&f[&format!("init/{n}")]);
         }
     });
-    let cfg = TrainConfig { lr: 0.05, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, ..Default::default() };
+    let cfg = TrainConfig {
+        lr: 0.05,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        ..Default::default()
+    };
     let mut opt = AdamW::new(&vs, &cfg);
     let (decay, no_decay) = opt.groups();
     assert_eq!(decay, vec!["layer.weight"]);
@@ -46,7 +57,10 @@ fn adamw_with_groups_and_clipping_matches_pytorch() {
             .fold(Tensor::from(0.0f64), |a, b| a + b);
         loss.backward();
         let norm = opt.grad_norm();
-        assert!((norm - f[&format!("norm/{i}")].double_value(&[0])).abs() < 1e-12, "norm at step {i}");
+        assert!(
+            (norm - f[&format!("norm/{i}")].double_value(&[0])).abs() < 1e-12,
+            "norm at step {i}"
+        );
         opt.clip_grad_norm(norm, 1.0);
         opt.step(0.05);
         for (n, v) in names.iter().zip(&vars) {
@@ -57,28 +71,60 @@ fn adamw_with_groups_and_clipping_matches_pytorch() {
     let state: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
     for n in names {
         assert!(max_diff(&state[&format!("exp_avg.{n}")], &f[&format!("exp_avg/{n}")]) < 1e-12);
-        assert!(max_diff(&state[&format!("exp_avg_sq.{n}")], &f[&format!("exp_avg_sq/{n}")]) < 1e-12);
+        assert!(
+            max_diff(
+                &state[&format!("exp_avg_sq.{n}")],
+                &f[&format!("exp_avg_sq/{n}")]
+            ) < 1e-12
+        );
     }
     assert_eq!(opt.steps_taken(), 6);
     // Missing or mis-shaped state is a named error.
-    let mut partial: HashMap<String, Tensor> = state.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    let mut partial: HashMap<String, Tensor> = state
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
     partial.remove("exp_avg.layer.bias");
-    assert!(opt.load_state(&partial, 6).unwrap_err().to_string().contains("exp_avg.layer.bias"));
+    assert!(opt
+        .load_state(&partial, 6)
+        .unwrap_err()
+        .to_string()
+        .contains("exp_avg.layer.bias"));
     let mut wrong = state;
-    wrong.insert("exp_avg_sq.norm.weight".into(), Tensor::zeros([2], (Kind::Double, Device::Cpu)));
-    assert!(opt.load_state(&wrong, 6).unwrap_err().to_string().contains("exp_avg_sq.norm.weight"));
+    wrong.insert(
+        "exp_avg_sq.norm.weight".into(),
+        Tensor::zeros([2], (Kind::Double, Device::Cpu)),
+    );
+    assert!(opt
+        .load_state(&wrong, 6)
+        .unwrap_err()
+        .to_string()
+        .contains("exp_avg_sq.norm.weight"));
 }
 
 #[test]
 fn learning_rate_warms_up_then_decays() {
     use unclip_train::config::LrSchedule;
     use unclip_train::lr::learning_rate;
-    let cfg = TrainConfig { steps: 110, lr: 1.0, warmup_steps: 10, lr_schedule: LrSchedule::Cosine, min_lr_ratio: 0.1, ..Default::default() };
+    let cfg = TrainConfig {
+        steps: 110,
+        lr: 1.0,
+        warmup_steps: 10,
+        lr_schedule: LrSchedule::Cosine,
+        min_lr_ratio: 0.1,
+        ..Default::default()
+    };
     assert!((learning_rate(&cfg, 0) - 0.1).abs() < 1e-12);
     assert!((learning_rate(&cfg, 9) - 1.0).abs() < 1e-12);
     assert!((learning_rate(&cfg, 10) - 1.0).abs() < 1e-12);
-    assert!((learning_rate(&cfg, 60) - 0.55).abs() < 1e-12, "halfway: floor + half the range");
+    assert!(
+        (learning_rate(&cfg, 60) - 0.55).abs() < 1e-12,
+        "halfway: floor + half the range"
+    );
     assert!((learning_rate(&cfg, 110) - 0.1).abs() < 1e-12);
-    let constant = TrainConfig { lr_schedule: LrSchedule::Constant, ..cfg };
+    let constant = TrainConfig {
+        lr_schedule: LrSchedule::Constant,
+        ..cfg
+    };
     assert_eq!(learning_rate(&constant, 100), 1.0);
 }

@@ -26,8 +26,14 @@ pub struct ToyConfig {
 
 impl Validate for ToyConfig {
     fn validate(&self) -> Result<()> {
-        anyhow::ensure!(self.model.hidden > 0, "model.hidden must be > 0, got {}", self.model.hidden);
-        self.diffusion.validate().map_err(|e| anyhow::anyhow!("diffusion: {e}"))
+        anyhow::ensure!(
+            self.model.hidden > 0,
+            "model.hidden must be > 0, got {}",
+            self.model.hidden
+        );
+        self.diffusion
+            .validate()
+            .map_err(|e| anyhow::anyhow!("diffusion: {e}"))
     }
 }
 
@@ -77,11 +83,18 @@ impl TrainTask for ToyTask {
         let noise = x0.randn_like();
         let xt = self.diffusion.q_sample(&x0, &t, &noise)?;
         let out = self.model.forward(&xt, &t)?;
-        let per_sample = self.diffusion.training_losses(&out, &x0, &xt, &t, &noise)?.loss;
+        let per_sample = self
+            .diffusion
+            .training_losses(&out, &x0, &xt, &t, &noise)?
+            .loss;
         let mut loss = per_sample.mean(Kind::Float);
         if self.poison.contains(&self.current_step) {
-            loss = loss * f64::NAN;
+            loss *= f64::NAN;
         }
-        Ok(StepOutput { loss, samples: self.batch as usize, metrics: vec![] })
+        Ok(StepOutput {
+            loss,
+            samples: self.batch as usize,
+            metrics: vec![],
+        })
     }
 }
