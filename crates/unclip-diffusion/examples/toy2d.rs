@@ -2,7 +2,7 @@
 //! the hybrid loss (ε + learned variance, cosine schedule), samples it with every sampler, scores
 //! the samples against the known mixture and writes a scatter plot.
 //!
-//!     cargo run -p unclip-diffusion --example toy2d -- [--steps 3000] [--out runs/toy2d]
+//!     cargo run -p unclip-diffusion --example toy2d -- [--steps 3000] [--out runs/toy2d-samplers]
 
 use anyhow::{bail, Context, Result};
 use std::time::Instant;
@@ -15,7 +15,7 @@ use unclip_diffusion::{
 
 fn main() -> Result<()> {
     let mut steps = 3000usize;
-    let mut out_dir = std::path::PathBuf::from("runs/toy2d");
+    let mut out_dir = std::path::PathBuf::from("runs/toy2d-samplers");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {

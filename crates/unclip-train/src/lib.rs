@@ -10,6 +10,7 @@ pub mod ema;
 pub mod logging;
 pub mod lr;
 pub mod optim;
+pub mod toy;
 pub mod trainer;
 
 pub use cli::TrainArgs;

@@ -1,8 +1,8 @@
 //! Config loading: every error names the key (and the file), before any work.
 mod common;
 
-use common::ToyConfig;
 use unclip_train::config::{load_config, parse_config, LrSchedule};
+use unclip_train::toy::ToyConfig;
 
 fn err(text: &str, overrides: &[&str]) -> String {
     let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use tch::{nn, Device, Tensor};
 use unclip_train::checkpoint::{self, checkpoints_dir, CheckpointMeta, RetentionPolicy};
 use unclip_train::config::parse_config;
-use unclip_train::{train, RunConfig, StepOutput, TrainTask};
+use unclip_train::toy::ToyConfig;
+use unclip_train::{train, RunConfig};
 
 /// libtorch's generator is process-wide and tests run on parallel threads: one run at a time.
 static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -22,25 +23,6 @@ fn config(overrides: &[&str]) -> RunConfig<ToyConfig> {
     parse_config(CONFIG, &o).unwrap()
 }
 
-/// Fails in `next_batch` at `crash_at`, like a process killed mid-run.
-struct Crashing {
-    inner: ToyTask,
-    crash_at: Option<u64>,
-}
-
-impl TrainTask for Crashing {
-    type Batch = Tensor;
-    fn next_batch(&mut self, step: u64, micro: usize) -> anyhow::Result<Tensor> {
-        if Some(step) == self.crash_at {
-            anyhow::bail!("simulated crash at step {step}");
-        }
-        self.inner.next_batch(step, micro)
-    }
-    fn loss(&mut self, batch: Tensor) -> anyhow::Result<StepOutput> {
-        self.inner.loss(batch)
-    }
-}
-
 fn run(
     cfg: &RunConfig<ToyConfig>,
     dir: &std::path::Path,
@@ -49,10 +31,8 @@ fn run(
 ) -> (nn::VarStore, anyhow::Result<unclip_train::TrainSummary>) {
     tch::manual_seed(123); // the initial weights
     let vs = nn::VarStore::new(Device::Cpu);
-    let mut task = Crashing {
-        inner: ToyTask::new(&vs, &cfg.task, cfg.runtime.train.batch_size),
-        crash_at,
-    };
+    let mut task = FaultyToy::new(&vs, &cfg.task, cfg.runtime.train.batch_size);
+    task.crash_at = crash_at;
     let summary = train(&mut task, &vs, &cfg.runtime, &cfg.resolved, dir, resume);
     (vs, summary)
 }
@@ -221,6 +201,8 @@ for tag in sorted(ea.Tags()["scalars"]):
         "perf/samples_per_sec",
         "perf/data_wait_fraction",
         "train/nonfinite_skipped",
+        "train/loss_q0",
+        "train/loss_q3",
     ] {
         for step in (5..=40).step_by(5) {
             assert!(
@@ -247,7 +229,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     let cfg = config(&["train.max_nonfinite_steps=3"]);
     tch::manual_seed(1);
     let vs = nn::VarStore::new(Device::Cpu);
-    let mut task = ToyTask::new(&vs, &cfg.task, 64);
+    let mut task = FaultyToy::new(&vs, &cfg.task, 64);
     task.poison = vec![3, 4];
     let summary = train(
         &mut task,
@@ -269,7 +251,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     }
 
     let vs = nn::VarStore::new(Device::Cpu);
-    let mut task = ToyTask::new(&vs, &cfg.task, 64);
+    let mut task = FaultyToy::new(&vs, &cfg.task, 64);
     task.poison = (12..20).collect();
     let err = train(
         &mut task,

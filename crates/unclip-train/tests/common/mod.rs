@@ -1,41 +1,10 @@
-//! A 2-D diffusion toy driven through the runtime, shared by the tests.
+//! The runtime's toy task with fault injection, shared by the tests.
 #![allow(dead_code)]
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
-use tch::{nn, Device, Kind, Tensor};
-use unclip_diffusion::toy::{RingOfGaussians, ToyDenoiser};
-use unclip_diffusion::{DiffusionConfig, GaussianDiffusion};
-use unclip_train::config::Validate;
+use tch::{nn, Tensor};
+use unclip_train::toy::{ToyConfig, ToyTask};
 use unclip_train::{StepOutput, TrainTask};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ToyModelConfig {
-    pub hidden: i64,
-    pub depth: usize,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ToyConfig {
-    pub model: ToyModelConfig,
-    #[serde(default)]
-    pub diffusion: DiffusionConfig,
-}
-
-impl Validate for ToyConfig {
-    fn validate(&self) -> Result<()> {
-        anyhow::ensure!(
-            self.model.hidden > 0,
-            "model.hidden must be > 0, got {}",
-            self.model.hidden
-        );
-        self.diffusion
-            .validate()
-            .map_err(|e| anyhow::anyhow!("diffusion: {e}"))
-    }
-}
 
 pub const CONFIG: &str = "
 seed: 7
@@ -47,54 +16,39 @@ logging: {every: 5, progress: off}
 checkpoint: {every: 10, keep_last: 2}
 ";
 
-pub struct ToyTask {
-    pub model: ToyDenoiser,
-    pub diffusion: GaussianDiffusion,
-    pub data: RingOfGaussians,
-    pub batch: i64,
-    /// Steps at which the loss is replaced by NaN (to test the guards).
+/// [`ToyTask`] that can crash in `next_batch` or return a NaN loss at chosen steps.
+pub struct FaultyToy {
+    pub inner: ToyTask,
+    pub crash_at: Option<u64>,
     pub poison: Vec<u64>,
-    current_step: u64,
+    step: u64,
 }
 
-impl ToyTask {
+impl FaultyToy {
     pub fn new(vs: &nn::VarStore, cfg: &ToyConfig, batch: usize) -> Self {
         Self {
-            model: ToyDenoiser::new(vs.root() / "denoiser", cfg.model.hidden, cfg.model.depth, 2),
-            diffusion: GaussianDiffusion::new(&cfg.diffusion).expect("valid diffusion"),
-            data: RingOfGaussians::default(),
-            batch: batch as i64,
+            inner: ToyTask::new(vs, cfg, batch).unwrap(),
+            crash_at: None,
             poison: Vec::new(),
-            current_step: 0,
+            step: 0,
         }
     }
 }
 
-impl TrainTask for ToyTask {
+impl TrainTask for FaultyToy {
     type Batch = Tensor;
-
-    fn next_batch(&mut self, step: u64, _micro: usize) -> Result<Tensor> {
-        self.current_step = step;
-        Ok(self.data.sample(self.batch, Device::Cpu))
-    }
-
-    fn loss(&mut self, x0: Tensor) -> Result<StepOutput> {
-        let t = self.diffusion.sample_timesteps(self.batch, Device::Cpu);
-        let noise = x0.randn_like();
-        let xt = self.diffusion.q_sample(&x0, &t, &noise)?;
-        let out = self.model.forward(&xt, &t)?;
-        let per_sample = self
-            .diffusion
-            .training_losses(&out, &x0, &xt, &t, &noise)?
-            .loss;
-        let mut loss = per_sample.mean(Kind::Float);
-        if self.poison.contains(&self.current_step) {
-            loss *= f64::NAN;
+    fn next_batch(&mut self, step: u64, micro: usize) -> Result<Tensor> {
+        if Some(step) == self.crash_at {
+            anyhow::bail!("simulated crash at step {step}");
         }
-        Ok(StepOutput {
-            loss,
-            samples: self.batch as usize,
-            metrics: vec![],
-        })
+        self.step = step;
+        self.inner.next_batch(step, micro)
+    }
+    fn loss(&mut self, batch: Tensor) -> Result<StepOutput> {
+        let mut out = self.inner.loss(batch)?;
+        if self.poison.contains(&self.step) {
+            out.loss *= f64::NAN;
+        }
+        Ok(out)
     }
 }
