@@ -1,0 +1,119 @@
+// A thin C ABI over PyTorch's c10d: TCPStore rendezvous and ProcessGroupGloo collectives.
+// libtorch does the work; this file only converts errors to strings and waits on Work objects.
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace {
+
+thread_local std::string last_error;
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown C++ exception";
+  }
+  return 1;
+}
+
+void wait(Group* g, c10::intrusive_ptr<c10d::Work> work) {
+  if (!work->wait(g->timeout)) {
+    throw std::runtime_error("collective timed out");
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* unclip_c10d_last_error() { return last_error.c_str(); }
+
+// Rendezvous through a TCPStore at host:port (rank 0 hosts it), then a Gloo process group.
+// Returns null on failure (see unclip_c10d_last_error).
+void* unclip_c10d_init_gloo(const char* host, int port, int rank, int world_size, long timeout_ms) {
+  Group* out = nullptr;
+  int rc = guarded([&] {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = rank == 0;
+    opts.numWorkers = world_size;
+    opts.waitWorkers = true;
+    opts.timeout = timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    // As torch.distributed: GLOO_SOCKET_IFNAME picks the interface, else the host's address.
+    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME")) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
+    out = new Group{store, pg, timeout};
+  });
+  return rc == 0 ? out : nullptr;
+}
+
+void unclip_c10d_free(void* group) { delete static_cast<Group*>(group); }
+
+// op: 0 = sum, 1 = average (Gloo has no AVG: sum, then divide).
+int unclip_c10d_all_reduce(void* group, at::Tensor* tensor, int op) {
+  auto* g = static_cast<Group*>(group);
+  return guarded([&] {
+    std::vector<at::Tensor> ts{*tensor};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    wait(g, g->backend->allreduce(ts, o));
+    if (op == 1) {
+      tensor->div_(g->backend->getSize());
+    }
+  });
+}
+
+int unclip_c10d_broadcast(void* group, at::Tensor* tensor, int root) {
+  auto* g = static_cast<Group*>(group);
+  return guarded([&] {
+    std::vector<at::Tensor> ts{*tensor};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    wait(g, g->backend->broadcast(ts, o));
+  });
+}
+
+// output: [world_size, *input.shape], preallocated.
+int unclip_c10d_all_gather(void* group, at::Tensor* output, at::Tensor* input) {
+  auto* g = static_cast<Group*>(group);
+  return guarded([&] {
+    std::vector<at::Tensor> parts;
+    for (int i = 0; i < g->backend->getSize(); ++i) {
+      parts.push_back(at::empty_like(*input));
+    }
+    std::vector<std::vector<at::Tensor>> outs{parts};
+    std::vector<at::Tensor> ins{*input};
+    wait(g, g->backend->allgather(outs, ins));
+    output->copy_(at::stack(outs[0]));
+  });
+}
+
+int unclip_c10d_barrier(void* group) {
+  auto* g = static_cast<Group*>(group);
+  return guarded([&] { wait(g, g->backend->barrier()); });
+}
+
+}  // extern "C"

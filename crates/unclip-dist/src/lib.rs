@@ -1,0 +1,245 @@
+//! Data-parallel training on PyTorch's own distributed engine (c10d), through a thin C++ shim:
+//! TCPStore rendezvous and ProcessGroupGloo collectives (broadcast, all-reduce, all-gather,
+//! barrier). Launched like PyTorch jobs: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//! `MASTER_PORT` from the environment (torchrun, SLURM wrappers); none set means one process.
+
+use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
+use std::time::Duration;
+use tch::Tensor;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum DistError {
+    #[error("environment variable {name}: {reason}")]
+    Env { name: &'static str, reason: String },
+    #[error("c10d {op}: {message}")]
+    C10d { op: &'static str, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, DistError>;
+
+mod ffi {
+    use super::*;
+    extern "C" {
+        pub fn unclip_c10d_last_error() -> *const c_char;
+        pub fn unclip_c10d_init_gloo(
+            host: *const c_char,
+            port: c_int,
+            rank: c_int,
+            world: c_int,
+            timeout_ms: c_long,
+        ) -> *mut c_void;
+        pub fn unclip_c10d_free(group: *mut c_void);
+        pub fn unclip_c10d_all_reduce(group: *mut c_void, t: *mut c_void, op: c_int) -> c_int;
+        pub fn unclip_c10d_broadcast(group: *mut c_void, t: *mut c_void, root: c_int) -> c_int;
+        pub fn unclip_c10d_all_gather(
+            group: *mut c_void,
+            out: *mut c_void,
+            input: *mut c_void,
+        ) -> c_int;
+        pub fn unclip_c10d_barrier(group: *mut c_void) -> c_int;
+    }
+}
+
+/// Where this process stands in the job, as torchrun describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+fn parse<T: std::str::FromStr>(name: &'static str, value: &str) -> Result<T> {
+    value.parse().map_err(|_| DistError::Env {
+        name,
+        reason: format!("`{value}` is not a valid number"),
+    })
+}
+
+impl DistEnv {
+    /// None when neither RANK nor WORLD_SIZE is set (a single process, no c10d).
+    pub fn from_env() -> Result<Option<Self>> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`DistEnv::from_env`] over any variable lookup.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let var = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        let (rank, world) = (var("RANK"), var("WORLD_SIZE"));
+        let (rank, world) = match (rank, world) {
+            (None, None) => return Ok(None),
+            (Some(r), Some(w)) => (
+                parse::<usize>("RANK", &r)?,
+                parse::<usize>("WORLD_SIZE", &w)?,
+            ),
+            (None, Some(_)) => {
+                return Err(DistError::Env {
+                    name: "RANK",
+                    reason: "unset while WORLD_SIZE is set".into(),
+                })
+            }
+            (Some(_), None) => {
+                return Err(DistError::Env {
+                    name: "WORLD_SIZE",
+                    reason: "unset while RANK is set".into(),
+                })
+            }
+        };
+        if world == 0 || rank >= world {
+            return Err(DistError::Env {
+                name: "RANK",
+                reason: format!("{rank} is not below WORLD_SIZE {world}"),
+            });
+        }
+        let local_rank = var("LOCAL_RANK")
+            .map(|v| parse("LOCAL_RANK", &v))
+            .transpose()?
+            .unwrap_or(rank);
+        let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let master_port = var("MASTER_PORT")
+            .map(|v| parse("MASTER_PORT", &v))
+            .transpose()?
+            .unwrap_or(29500);
+        Ok(Some(Self {
+            rank,
+            world_size: world,
+            local_rank,
+            master_addr,
+            master_port,
+        }))
+    }
+}
+
+/// A c10d process group (Gloo: CPU tensors).
+pub struct ProcessGroup {
+    ptr: *mut c_void,
+    rank: usize,
+    world_size: usize,
+}
+
+// SAFETY: c10d process groups are thread-safe; the handle is only freed in Drop.
+unsafe impl Send for ProcessGroup {}
+
+fn last_error(op: &'static str) -> DistError {
+    // SAFETY: the shim returns a pointer to a thread-local NUL-terminated string.
+    let message = unsafe { CStr::from_ptr(ffi::unclip_c10d_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    DistError::C10d { op, message }
+}
+
+fn check(op: &'static str, rc: c_int) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(last_error(op))
+    }
+}
+
+impl ProcessGroup {
+    /// Rendezvous at `env.master_addr:master_port` and build a Gloo group. `timeout` bounds the
+    /// rendezvous and every collective: a dead peer becomes an error, not a hang.
+    pub fn gloo(env: &DistEnv, timeout: Duration) -> Result<Self> {
+        let host = CString::new(env.master_addr.clone()).map_err(|_| DistError::Env {
+            name: "MASTER_ADDR",
+            reason: "contains NUL".into(),
+        })?;
+        // SAFETY: valid C string and plain integers; null means failure.
+        let ptr = unsafe {
+            ffi::unclip_c10d_init_gloo(
+                host.as_ptr(),
+                env.master_port as c_int,
+                env.rank as c_int,
+                env.world_size as c_int,
+                timeout.as_millis() as c_long,
+            )
+        };
+        if ptr.is_null() {
+            return Err(last_error("rendezvous"));
+        }
+        Ok(Self {
+            ptr,
+            rank: env.rank,
+            world_size: env.world_size,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn check_cpu(t: &Tensor) -> Result<()> {
+        if t.device() != tch::Device::Cpu {
+            return Err(DistError::Invalid(format!(
+                "the Gloo group takes CPU tensors, got {:?}",
+                t.device()
+            )));
+        }
+        Ok(())
+    }
+
+    /// In-place sum over ranks.
+    pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
+        Self::check_cpu(t)?;
+        // SAFETY: live group and tensor pointers.
+        check("all_reduce", unsafe {
+            ffi::unclip_c10d_all_reduce(self.ptr, t.as_mut_ptr() as *mut c_void, 0)
+        })
+    }
+
+    /// In-place mean over ranks.
+    pub fn all_reduce_mean(&self, t: &mut Tensor) -> Result<()> {
+        Self::check_cpu(t)?;
+        // SAFETY: live group and tensor pointers.
+        check("all_reduce", unsafe {
+            ffi::unclip_c10d_all_reduce(self.ptr, t.as_mut_ptr() as *mut c_void, 1)
+        })
+    }
+
+    /// In place: every rank ends with `root`'s values.
+    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        Self::check_cpu(t)?;
+        // SAFETY: live group and tensor pointers.
+        check("broadcast", unsafe {
+            ffi::unclip_c10d_broadcast(self.ptr, t.as_mut_ptr() as *mut c_void, root as c_int)
+        })
+    }
+
+    /// [world_size, *t.shape]: every rank's `t`, in rank order.
+    pub fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        Self::check_cpu(t)?;
+        let mut shape = vec![self.world_size as i64];
+        shape.extend(t.size());
+        let mut out = Tensor::zeros(shape.as_slice(), (t.kind(), t.device()));
+        let mut input = t.contiguous();
+        // SAFETY: live group and tensor pointers; out is preallocated with the gathered shape.
+        check("all_gather", unsafe {
+            ffi::unclip_c10d_all_gather(
+                self.ptr,
+                out.as_mut_ptr() as *mut c_void,
+                input.as_mut_ptr() as *mut c_void,
+            )
+        })?;
+        Ok(out)
+    }
+
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: live group pointer.
+        check("barrier", unsafe { ffi::unclip_c10d_barrier(self.ptr) })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: created by unclip_c10d_init_gloo and freed once.
+        unsafe { ffi::unclip_c10d_free(self.ptr) }
+    }
+}
