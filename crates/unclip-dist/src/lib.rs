@@ -3,6 +3,8 @@
 //! barrier). Launched like PyTorch jobs: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //! `MASTER_PORT` from the environment (torchrun, SLURM wrappers); none set means one process.
 
+pub mod launch;
+
 use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
 use std::time::Duration;
 use tch::Tensor;

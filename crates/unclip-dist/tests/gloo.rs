@@ -1,69 +1,30 @@
 //! Two real processes on loopback: this test binary re-runs itself as rank 0 and rank 1.
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tch::{Kind, Tensor};
+use unclip_dist::launch::launch_local;
 use unclip_dist::{DistEnv, ProcessGroup};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Runs `worker` (an ignored test of this file) as ranks 0..world; returns (exit ok, output) each.
-fn launch(
-    worker: &str,
-    world: usize,
-    extra_env: &[(&str, &str)],
-    limit: Duration,
-) -> Vec<(bool, String)> {
-    let port = free_port().to_string();
+/// Runs `worker` (an ignored test of this file) as ranks 0..world: (exit ok, output) each.
+fn launch(worker: &str, world: usize) -> Vec<(bool, String)> {
     let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..world)
-        .map(|rank| {
-            let mut cmd = Command::new(&exe);
-            cmd.args([
-                "--exact",
-                worker,
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", &port)
-            .env("UNCLIP_DIST_WORKER", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-            for (k, v) in extra_env {
-                cmd.env(k, v);
-            }
-            cmd.spawn().unwrap()
-        })
-        .collect();
-    let start = Instant::now();
-    children
-        .into_iter()
-        .map(|mut c| {
-            loop {
-                if c.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if start.elapsed() > limit {
-                    let _ = c.kill();
-                    panic!("a rank was still running after {limit:?}: it hangs");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let out = c.wait_with_output().unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr);
-            (out.status.success(), text)
-        })
-        .collect()
+    let args = [
+        "--exact",
+        worker,
+        "--include-ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ];
+    launch_local(
+        &exe,
+        &args,
+        world,
+        &[("UNCLIP_DIST_WORKER", "1")],
+        Duration::from_secs(60),
+    )
+    .expect("a rank hangs")
+    .into_iter()
+    .map(|r| (r.success, r.output))
+    .collect()
 }
 
 fn worker_group() -> Option<ProcessGroup> {
@@ -104,7 +65,7 @@ fn collectives_worker() {
 
 #[test]
 fn collectives_agree_across_two_ranks() {
-    let results = launch("collectives_worker", 2, &[], Duration::from_secs(60));
+    let results = launch("collectives_worker", 2);
     for (rank, (ok, out)) in results.iter().enumerate() {
         assert!(
             *ok && out.contains(&format!("rank {rank} ok")),
@@ -129,7 +90,7 @@ fn dying_worker() {
 
 #[test]
 fn a_dead_rank_is_an_error_not_a_hang() {
-    let results = launch("dying_worker", 2, &[], Duration::from_secs(60));
+    let results = launch("dying_worker", 2);
     let (ok, out) = &results[0];
     assert!(
         !*ok && out.contains("rank 0 error: c10d all_reduce"),

@@ -10,7 +10,14 @@ use serde_yaml::{Mapping, Value};
 use std::path::Path;
 
 /// Keys the runtime reads; the rest of the file goes to the task.
-pub const RUNTIME_KEYS: [&str; 5] = ["seed", "device", "train", "logging", "checkpoint"];
+pub const RUNTIME_KEYS: [&str; 6] = [
+    "seed",
+    "device",
+    "train",
+    "logging",
+    "checkpoint",
+    "distributed",
+];
 
 /// Learning-rate shape after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +132,25 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// `distributed:` — data-parallel training (active when launched with RANK / WORLD_SIZE).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// Bounds the rendezvous and every collective: a dead rank becomes an error, not a hang.
+    pub timeout_secs: u64,
+    /// Gradients are all-reduced in buckets of at most this many MiB.
+    pub bucket_mb: f64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 600,
+            bucket_mb: 25.0,
+        }
+    }
+}
+
 /// The sections the runtime owns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -135,6 +161,7 @@ pub struct RuntimeConfig {
     pub train: TrainConfig,
     pub logging: LoggingConfig,
     pub checkpoint: CheckpointConfig,
+    pub distributed: DistributedConfig,
 }
 
 impl Default for RuntimeConfig {
@@ -145,6 +172,7 @@ impl Default for RuntimeConfig {
             train: TrainConfig::default(),
             logging: LoggingConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            distributed: DistributedConfig::default(),
         }
     }
 }
@@ -163,6 +191,11 @@ impl RuntimeConfig {
             ("checkpoint.every", self.checkpoint.every as f64),
             ("checkpoint.keep_last", self.checkpoint.keep_last as f64),
             ("train.max_nonfinite_steps", t.max_nonfinite_steps as f64),
+            (
+                "distributed.timeout_secs",
+                self.distributed.timeout_secs as f64,
+            ),
+            ("distributed.bucket_mb", self.distributed.bucket_mb),
         ];
         for (key, v) in positive {
             if !(v.is_finite() && v > 0.0) {

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod distributed;
 pub mod ema;
 pub mod logging;
 pub mod lr;

@@ -64,6 +64,11 @@ impl AdamW {
         }
     }
 
+    /// The optimised variables, in name order (the same order on every rank).
+    pub fn variables(&self) -> impl Iterator<Item = &Tensor> {
+        self.params.iter().map(|p| &p.var)
+    }
+
     pub fn steps_taken(&self) -> u64 {
         self.step
     }

@@ -2,7 +2,8 @@
 //! non-finite guards, global-norm clipping, AdamW, EMA, logging and checkpoints with exact resume.
 
 use crate::checkpoint::{self, CheckpointMeta, RetentionPolicy};
-use crate::config::RuntimeConfig;
+use crate::config::{LoggingConfig, ProgressStyle, RuntimeConfig};
+use crate::distributed;
 use crate::ema::Ema;
 use crate::logging::Logger;
 use crate::lr::learning_rate;
@@ -51,8 +52,10 @@ pub struct TrainSummary {
 }
 
 /// The seed of a step: runs resumed at any step draw the same random numbers as uninterrupted ones.
-fn step_seed(seed: u64, step: u64) -> i64 {
-    (seed ^ step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64
+/// Ranks draw different numbers.
+fn step_seed(seed: u64, step: u64, rank: u64) -> i64 {
+    let s = step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (seed ^ s ^ rank.wrapping_mul(0xD1B5_4A32_D192_ED03)) as i64
 }
 
 /// Copies named tensors into the variables of `vs`; names and shapes must match exactly.
@@ -122,12 +125,21 @@ pub fn train<T: TrainTask>(
     resume: Option<&str>,
 ) -> Result<TrainSummary> {
     let cfg = &runtime.train;
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    let config_path = run_dir.join("config.yaml");
-    std::fs::write(&config_path, serde_yaml::to_string(resolved_config)?)
-        .with_context(|| format!("writing {}", config_path.display()))?;
+    let dist = distributed::group_from_env(&runtime.distributed, vs.device())?;
+    let rank = dist.as_ref().map_or(0, |g| g.rank());
+    let rank0 = rank == 0;
+    if rank0 {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+        let config_path = run_dir.join("config.yaml");
+        std::fs::write(&config_path, serde_yaml::to_string(resolved_config)?)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+    }
     let ckpt_root = checkpoint::checkpoints_dir(run_dir);
+    if let Some(pg) = &dist {
+        distributed::broadcast_variables(pg, vs)?;
+    }
+    let bucket_bytes = (runtime.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
 
     let mut opt = AdamW::new(vs, cfg);
     let mut ema = cfg.ema_decay.map(|d| Ema::new(vs, d, cfg.ema_warmup));
@@ -152,7 +164,17 @@ pub fn train<T: TrainTask>(
         nonfinite_skipped = ck.meta.nonfinite_skipped;
     }
 
-    let mut logger = Logger::new(run_dir, &runtime.logging, cfg.steps, start)?;
+    // Only rank 0 writes logs and checkpoints.
+    let log_cfg = if rank0 {
+        runtime.logging.clone()
+    } else {
+        LoggingConfig {
+            tensorboard: false,
+            progress: ProgressStyle::Off,
+            ..runtime.logging.clone()
+        }
+    };
+    let mut logger = Logger::new(run_dir, &log_cfg, cfg.steps, start)?;
     if let Some(dir) = &resumed_from {
         logger.message(&format!("resumed from {} at step {start}", dir.display()));
     }
@@ -173,7 +195,7 @@ pub fn train<T: TrainTask>(
 
     for step in start..cfg.steps {
         let step_start = Instant::now();
-        tch::manual_seed(step_seed(runtime.seed, step));
+        tch::manual_seed(step_seed(runtime.seed, step, rank as u64));
         opt.zero_grad();
         let mut loss_sum = 0.0f64;
         let mut samples = 0usize;
@@ -195,7 +217,15 @@ pub fn train<T: TrainTask>(
                 (out.loss / cfg.grad_accum as f64).backward();
             }
         }
-        let loss = loss_sum / cfg.grad_accum as f64;
+        // Ranks agree on the loss (so all skip a non-finite step together) and average gradients.
+        let local = [loss_sum / cfg.grad_accum as f64, samples as f64, data_secs];
+        let reduced = distributed::mean_over_ranks(dist.as_ref(), &local)?;
+        let world = dist.as_ref().map_or(1, |g| g.world_size());
+        let (loss, data_secs) = (reduced[0], reduced[2]);
+        let samples = (reduced[1] * world as f64).round() as usize;
+        if let (Some(pg), true) = (&dist, loss.is_finite()) {
+            distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
+        }
         let norm = if loss.is_finite() {
             opt.grad_norm()
         } else {
@@ -275,7 +305,7 @@ pub fn train<T: TrainTask>(
                 int_secs,
             ) = (0.0, 0.0, 0, 0, 0.0, 0.0);
         }
-        if done % runtime.checkpoint.every == 0 || done == cfg.steps {
+        if rank0 && (done % runtime.checkpoint.every == 0 || done == cfg.steps) {
             let mut meta = CheckpointMeta::new(done);
             meta.ema_updates = ema.as_ref().map_or(0, Ema::updates);
             meta.nonfinite_skipped = nonfinite_skipped;
@@ -295,6 +325,9 @@ pub fn train<T: TrainTask>(
         }
     }
     logger.finish();
+    if let Some(pg) = &dist {
+        pg.barrier().context("final barrier")?;
+    }
     Ok(TrainSummary {
         final_step: cfg.steps.max(start),
         losses,

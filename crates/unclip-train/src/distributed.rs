@@ -1,0 +1,92 @@
+//! Data parallelism over c10d: the group from the torchrun environment, rank 0's weights
+//! broadcast at start, gradients averaged in buckets after backward.
+
+use crate::config::DistributedConfig;
+use anyhow::{bail, Context, Result};
+use std::time::Duration;
+use tch::nn::VarStore;
+use tch::Tensor;
+use unclip_dist::{DistEnv, ProcessGroup};
+
+/// The process group when launched with WORLD_SIZE > 1 (None: a single process).
+pub fn group_from_env(
+    cfg: &DistributedConfig,
+    device: tch::Device,
+) -> Result<Option<ProcessGroup>> {
+    let Some(env) = DistEnv::from_env()? else {
+        return Ok(None);
+    };
+    if env.world_size == 1 {
+        return Ok(None);
+    }
+    if device != tch::Device::Cpu {
+        bail!("distributed training on {device:?} needs the NCCL backend, which this build's c10d shim does not include yet; use device: cpu (Gloo)");
+    }
+    let pg =
+        ProcessGroup::gloo(&env, Duration::from_secs(cfg.timeout_secs)).with_context(|| {
+            format!(
+                "joining rank {} of {} at {}:{}",
+                env.rank, env.world_size, env.master_addr, env.master_port
+            )
+        })?;
+    Ok(Some(pg))
+}
+
+/// Every rank takes rank 0's values of every variable.
+pub fn broadcast_variables(pg: &ProcessGroup, vs: &VarStore) -> Result<()> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (name, var) in &vars {
+            let mut t = var.shallow_clone();
+            pg.broadcast(&mut t, 0)
+                .with_context(|| format!("broadcasting `{name}`"))?;
+        }
+        Ok(())
+    })
+}
+
+/// Averages the gradients of `vars` over ranks, flattening them into buckets of at most
+/// `bucket_bytes` so each collective moves a large contiguous buffer.
+pub fn all_reduce_gradients<'a>(
+    pg: &ProcessGroup,
+    vars: impl Iterator<Item = &'a Tensor>,
+    bucket_bytes: usize,
+) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    let grads: Vec<Tensor> = vars.map(|v| v.grad()).filter(|g| g.defined()).collect();
+    let mut bucket: Vec<&Tensor> = Vec::new();
+    let mut bytes = 0usize;
+    for (i, g) in grads.iter().enumerate() {
+        bucket.push(g);
+        bytes += g.numel() * g.kind().elt_size_in_bytes();
+        if bytes >= bucket_bytes || i + 1 == grads.len() {
+            let mut flat = Tensor::cat(
+                &bucket.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
+                0,
+            );
+            pg.all_reduce_mean(&mut flat)
+                .context("averaging gradients")?;
+            let mut offset = 0i64;
+            for g in &bucket {
+                let n = g.numel() as i64;
+                g.shallow_clone()
+                    .copy_(&flat.narrow(0, offset, n).view_as(g));
+                offset += n;
+            }
+            bucket.clear();
+            bytes = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Means of `values` over ranks (identity without a group).
+pub fn mean_over_ranks(pg: Option<&ProcessGroup>, values: &[f64]) -> Result<Vec<f64>> {
+    let Some(pg) = pg else {
+        return Ok(values.to_vec());
+    };
+    let mut t = Tensor::from_slice(values);
+    pg.all_reduce_mean(&mut t)?;
+    Ok(Vec::<f64>::try_from(&t)?)
+}
