@@ -55,6 +55,8 @@ pub struct TrainConfig {
     pub ema_warmup: bool,
     /// Stop after this many consecutive steps with a non-finite loss or gradient.
     pub max_nonfinite_steps: u32,
+    /// Sharpness-aware minimisation with this ρ (none: plain steps). Doubles the compute.
+    pub sam_rho: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +77,7 @@ impl Default for TrainConfig {
             ema_decay: Some(0.9999),
             ema_warmup: true,
             max_nonfinite_steps: 10,
+            sam_rho: None,
         }
     }
 }
@@ -219,6 +222,11 @@ impl RuntimeConfig {
         if let Some(c) = t.grad_clip {
             if !(c > 0.0 && c.is_finite()) {
                 bail!("train.grad_clip must be > 0, got {c}");
+            }
+        }
+        if let Some(r) = t.sam_rho {
+            if !(r > 0.0 && r.is_finite()) {
+                bail!("train.sam_rho must be > 0, got {r}");
             }
         }
         if let Some(d) = t.ema_decay {

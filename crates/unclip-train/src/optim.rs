@@ -148,6 +148,34 @@ impl AdamW {
         }
     }
 
+    /// SAM's ascent: adds e = ρ·g/‖g‖ to every parameter (‖g‖ the global norm) and returns the
+    /// perturbations for [`AdamW::sam_descend`].
+    pub fn sam_ascend(&mut self, rho: f64, grad_norm: f64) -> Vec<Option<Tensor>> {
+        let _guard = tch::no_grad_guard();
+        let scale = rho / (grad_norm + 1e-12);
+        self.params
+            .iter_mut()
+            .map(|p| {
+                let g = p.var.grad();
+                g.defined().then(|| {
+                    let e = &g * scale;
+                    let _ = p.var.g_add_(&e);
+                    e
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the SAM perturbation back off, leaving the gradient computed at the perturbed point.
+    pub fn sam_descend(&mut self, perturbation: Vec<Option<Tensor>>) {
+        let _guard = tch::no_grad_guard();
+        for (p, e) in self.params.iter_mut().zip(perturbation) {
+            if let Some(e) = e {
+                let _ = p.var.g_sub_(&e);
+            }
+        }
+    }
+
     /// The moments as named tensors, for a checkpoint.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(2 * self.params.len());

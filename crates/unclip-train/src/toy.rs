@@ -86,7 +86,7 @@ impl TrainTask for ToyTask {
         Ok(self.data.sample(self.batch, self.device))
     }
 
-    fn loss(&mut self, x0: Tensor) -> Result<StepOutput> {
+    fn loss(&mut self, x0: &Tensor) -> Result<StepOutput> {
         let t = self.diffusion.sample_timesteps(self.batch, self.device);
         let noise = x0.randn_like();
         let xt = self.diffusion.q_sample(&x0, &t, &noise)?;

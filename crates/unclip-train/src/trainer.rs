@@ -30,8 +30,8 @@ pub trait TrainTask {
     type Batch;
     /// The batch for micro-batch `micro` of optimiser step `step`.
     fn next_batch(&mut self, step: u64, micro: usize) -> Result<Self::Batch>;
-    /// Forward pass and loss (the runtime runs backward).
-    fn loss(&mut self, batch: Self::Batch) -> Result<StepOutput>;
+    /// Forward pass and loss (the runtime runs backward). Called twice per batch under SAM.
+    fn loss(&mut self, batch: &Self::Batch) -> Result<StepOutput>;
     /// Where the data stream stands, stored in checkpoints.
     fn data_state(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -200,11 +200,12 @@ pub fn train<T: TrainTask>(
         let mut loss_sum = 0.0f64;
         let mut samples = 0usize;
         let mut data_secs = 0.0f64;
+        let mut kept = Vec::new(); // the micro-batches, for SAM's second pass
         for micro in 0..cfg.grad_accum {
             let t0 = Instant::now();
             let batch = task.next_batch(step, micro)?;
             data_secs += t0.elapsed().as_secs_f64();
-            let out = task.loss(batch)?;
+            let out = task.loss(&batch)?;
             let value = out.loss.to_kind(Kind::Double).double_value(&[]);
             loss_sum += value;
             samples += out.samples;
@@ -216,6 +217,9 @@ pub fn train<T: TrainTask>(
             if value.is_finite() {
                 (out.loss / cfg.grad_accum as f64).backward();
             }
+            if cfg.sam_rho.is_some() {
+                kept.push(batch);
+            }
         }
         // Ranks agree on the loss (so all skip a non-finite step together) and average gradients.
         let local = [loss_sum / cfg.grad_accum as f64, samples as f64, data_secs];
@@ -226,11 +230,34 @@ pub fn train<T: TrainTask>(
         if let (Some(pg), true) = (&dist, loss.is_finite()) {
             distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
         }
-        let norm = if loss.is_finite() {
+        let mut norm = if loss.is_finite() {
             opt.grad_norm()
         } else {
             f64::NAN
         };
+        if let (Some(rho), true) = (cfg.sam_rho, norm.is_finite()) {
+            // SAM (Foret et al. 2021): the gradient at w + ρ·g/‖g‖, applied at w.
+            let perturbation = opt.sam_ascend(rho, norm);
+            opt.zero_grad();
+            let mut second = 0.0f64;
+            for batch in &kept {
+                let out = task.loss(batch)?;
+                second += out.loss.to_kind(Kind::Double).double_value(&[]);
+                if out.loss.to_kind(Kind::Double).double_value(&[]).is_finite() {
+                    (out.loss / cfg.grad_accum as f64).backward();
+                }
+            }
+            let second = distributed::mean_over_ranks(dist.as_ref(), &[second])?[0];
+            if let (Some(pg), true) = (&dist, second.is_finite()) {
+                distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
+            }
+            opt.sam_descend(perturbation);
+            norm = if second.is_finite() {
+                opt.grad_norm()
+            } else {
+                f64::NAN
+            };
+        }
         if !norm.is_finite() {
             nonfinite_skipped += 1;
             consecutive_bad += 1;

@@ -69,7 +69,7 @@ impl TrainTask for Regression {
             self.y.narrow(0, start, self.batch),
         ))
     }
-    fn loss(&mut self, (x, y): (Tensor, Tensor)) -> Result<StepOutput> {
+    fn loss(&mut self, (x, y): &(Tensor, Tensor)) -> Result<StepOutput> {
         let loss = (self.mlp.forward(&x) - y).square().mean(Kind::Float);
         Ok(StepOutput {
             loss,

@@ -44,7 +44,7 @@ impl TrainTask for FaultyToy {
         self.step = step;
         self.inner.next_batch(step, micro)
     }
-    fn loss(&mut self, batch: Tensor) -> Result<StepOutput> {
+    fn loss(&mut self, batch: &Tensor) -> Result<StepOutput> {
         let mut out = self.inner.loss(batch)?;
         if self.poison.contains(&self.step) {
             out.loss *= f64::NAN;
