@@ -89,11 +89,11 @@ impl TrainTask for ToyTask {
     fn loss(&mut self, x0: &Tensor) -> Result<StepOutput> {
         let t = self.diffusion.sample_timesteps(self.batch, self.device);
         let noise = x0.randn_like();
-        let xt = self.diffusion.q_sample(&x0, &t, &noise)?;
+        let xt = self.diffusion.q_sample(x0, &t, &noise)?;
         let out = self.model.forward(&xt, &t)?;
         let per_sample = self
             .diffusion
-            .training_losses(&out, &x0, &xt, &t, &noise)?
+            .training_losses(&out, x0, &xt, &t, &noise)?
             .loss;
         // Loss per quarter of the timestep range, as every diffusion trainer logs it.
         let quarter = (&t * 4).divide_scalar_mode(self.diffusion.num_timesteps() as i64, "floor");
