@@ -70,7 +70,7 @@ impl TrainTask for Regression {
         ))
     }
     fn loss(&mut self, (x, y): &(Tensor, Tensor)) -> Result<StepOutput> {
-        let loss = (self.mlp.forward(&x) - y).square().mean(Kind::Float);
+        let loss = (self.mlp.forward(x) - y).square().mean(Kind::Float);
         Ok(StepOutput {
             loss,
             samples: self.batch as usize,
