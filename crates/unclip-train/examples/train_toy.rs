@@ -44,10 +44,13 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let run_dir = args.run_dir();
-    println!(
-        "run directory {} ({total} parameters, device {device:?})",
-        run_dir.display()
-    );
+    let rank0 = unclip_dist::DistEnv::from_env()?.is_none_or(|e| e.rank == 0);
+    if rank0 {
+        println!(
+            "run directory {} ({total} parameters, device {device:?})",
+            run_dir.display()
+        );
+    }
     let summary = train(
         &mut task,
         &vs,
@@ -56,6 +59,9 @@ fn main() -> Result<()> {
         &run_dir,
         args.resume.as_deref(),
     )?;
+    if summary.rank != 0 {
+        return Ok(()); // rank 0 reports and samples
+    }
     let n = summary.losses.len().min(100);
     if n > 0 {
         let tail = summary.losses[summary.losses.len() - n..]

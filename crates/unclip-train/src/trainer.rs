@@ -48,7 +48,10 @@ pub struct TrainSummary {
     pub losses: Vec<(u64, f64)>,
     pub nonfinite_skipped: u64,
     pub resumed_from: Option<PathBuf>,
+    /// Written by rank 0 only; None on other ranks.
     pub last_checkpoint: Option<PathBuf>,
+    /// This process's rank (0 without c10d).
+    pub rank: usize,
 }
 
 /// The seed of a step: runs resumed at any step draw the same random numbers as uninterrupted ones.
@@ -361,5 +364,6 @@ pub fn train<T: TrainTask>(
         nonfinite_skipped,
         resumed_from,
         last_checkpoint,
+        rank,
     })
 }
