@@ -543,6 +543,17 @@ impl GaussianDiffusion {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         self.check_timesteps(t, x_t)?;
         Self::check_same_shape("q_posterior x_start vs x_t", x_start, x_t)?;
+        self.posterior(x_start, x_t, t)
+    }
+
+    /// [`Self::q_posterior_mean_variance`] for callers that checked `t` already: the check
+    /// synchronises with the device, so the hot path makes it once.
+    fn posterior(
+        &self,
+        x_start: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let mean = self.extract(&self.posterior_mean_coef1, t, x_t)? * x_start
             + self.extract(&self.posterior_mean_coef2, t, x_t)? * x_t;
         let var = self
@@ -682,6 +693,16 @@ impl GaussianDiffusion {
         clip: &ClipDenoised,
     ) -> Result<PMeanVariance> {
         self.check_timesteps(t, x_t)?;
+        self.p_mean_variance_checked(model_output, x_t, t, clip)
+    }
+
+    fn p_mean_variance_checked(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+        clip: &ClipDenoised,
+    ) -> Result<PMeanVariance> {
         let (mean_out, var_out) = self.split_output(model_output, x_t)?;
         let log_variance = self.model_log_variance(var_out.as_ref(), x_t, t)?;
         let (x0, eps) = self.predict_xstart_eps(&mean_out, x_t, t)?;
@@ -691,7 +712,7 @@ impl GaussianDiffusion {
         } else {
             self.predict_eps_from_xstart(x_t, t, &pred_xstart)?
         };
-        let (mean, _, _) = self.q_posterior_mean_variance(&pred_xstart, x_t, t)?;
+        let (mean, _, _) = self.posterior(&pred_xstart, x_t, t)?;
         Ok(PMeanVariance {
             mean,
             variance: log_variance.exp(),
@@ -725,7 +746,7 @@ impl GaussianDiffusion {
             (LossType::Hybrid, Some(var_out)) => {
                 // The VLB trains only the variance: stop the gradient through the mean.
                 let frozen = Tensor::f_cat(&[mean_out.detach(), var_out], 1)?;
-                let vb = self.vb_terms_bpd(&frozen, x_start, x_t, t)?;
+                let vb = self.vb_terms_bpd_checked(&frozen, x_start, x_t, t)?;
                 let scale = self.vlb_weight * self.num_timesteps() as f64;
                 (&mse + &vb * scale, Some(vb))
             }
@@ -746,8 +767,20 @@ impl GaussianDiffusion {
         x_t: &Tensor,
         t: &Tensor,
     ) -> Result<Tensor> {
-        let (true_mean, _, true_log_var) = self.q_posterior_mean_variance(x_start, x_t, t)?;
-        let out = self.p_mean_variance(model_output, x_t, t, &ClipDenoised::None)?;
+        self.check_timesteps(t, x_t)?;
+        Self::check_same_shape("vb_terms_bpd x_start vs x_t", x_start, x_t)?;
+        self.vb_terms_bpd_checked(model_output, x_start, x_t, t)
+    }
+
+    fn vb_terms_bpd_checked(
+        &self,
+        model_output: &Tensor,
+        x_start: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+    ) -> Result<Tensor> {
+        let (true_mean, _, true_log_var) = self.posterior(x_start, x_t, t)?;
+        let out = self.p_mean_variance_checked(model_output, x_t, t, &ClipDenoised::None)?;
         let ln2 = std::f64::consts::LN_2;
         let kl = mean_flat(&normal_kl(
             &true_mean,

@@ -245,8 +245,9 @@ pub fn train<T: TrainTask>(
             let mut second = 0.0f64;
             for batch in &kept {
                 let out = task.loss(batch)?;
-                second += out.loss.to_kind(Kind::Double).double_value(&[]);
-                if out.loss.to_kind(Kind::Double).double_value(&[]).is_finite() {
+                let value = out.loss.to_kind(Kind::Double).double_value(&[]);
+                second += value;
+                if value.is_finite() {
                     (out.loss / cfg.grad_accum as f64).backward();
                 }
             }
