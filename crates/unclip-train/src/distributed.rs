@@ -90,3 +90,38 @@ pub fn mean_over_ranks(pg: Option<&ProcessGroup>, values: &[f64]) -> Result<Vec<
     pg.all_reduce_mean(&mut t)?;
     Ok(Vec::<f64>::try_from(&t)?)
 }
+
+/// Means over ranks of a task's named metrics. When the ranks' key sets differ (a metric a rank
+/// did not see this interval), each rank keeps its own values rather than mixing keys.
+pub fn mean_metrics(
+    pg: Option<&ProcessGroup>,
+    local: Vec<(String, f64)>,
+) -> Result<Vec<(String, f64)>> {
+    let Some(pg) = pg else { return Ok(local) };
+    // FNV-1a over the sorted key names, exact in an f64.
+    let mut hash = 0x811c_9dc5u32;
+    for (k, _) in &local {
+        for byte in k.bytes().chain([0]) {
+            hash = (hash ^ byte as u32).wrapping_mul(0x0100_0193);
+        }
+    }
+    // Every rank sees every rank's (count, hash) and so takes the same branch.
+    let all = pg
+        .all_gather(&Tensor::from_slice(&[local.len() as f64, hash as f64]))
+        .context("comparing metric names")?;
+    if all
+        .eq_tensor(&all.get(0).unsqueeze(0))
+        .all()
+        .int64_value(&[])
+        == 0
+    {
+        return Ok(local);
+    }
+    let values: Vec<f64> = local.iter().map(|(_, v)| *v).collect();
+    let means = mean_over_ranks(Some(pg), &values)?;
+    Ok(local
+        .into_iter()
+        .zip(means)
+        .map(|((k, _), m)| (k, m))
+        .collect())
+}

@@ -323,8 +323,12 @@ pub fn train<T: TrainTask>(
                     nonfinite_skipped as f64,
                 ),
             ];
-            for (k, (sum, count)) in std::mem::take(&mut int_metrics) {
-                scalars.push((format!("train/{k}"), sum / count.max(1) as f64));
+            let local: Vec<(String, f64)> = std::mem::take(&mut int_metrics)
+                .into_iter()
+                .map(|(k, (sum, count))| (k, sum / count.max(1) as f64))
+                .collect();
+            for (k, v) in distributed::mean_metrics(dist.as_ref(), local)? {
+                scalars.push((format!("train/{k}"), v));
             }
             logger.scalars(done, &scalars);
             (

@@ -1,5 +1,7 @@
 //! Data-parallel training over Gloo on loopback: 2 ranks with half the batch each end with the
 //! same weights as one process over the whole batch. This test binary re-runs itself as the ranks.
+mod common;
+
 use anyhow::Result;
 use std::collections::HashMap;
 use std::path::Path;
@@ -71,10 +73,12 @@ impl TrainTask for Regression {
     }
     fn loss(&mut self, (x, y): &(Tensor, Tensor)) -> Result<StepOutput> {
         let loss = (self.mlp.forward(x) - y).square().mean(Kind::Float);
+        // A metric that differs per rank: rank 0 must log its mean over ranks.
+        let metrics = vec![("rank_id".to_string(), self.rank as f64)];
         Ok(StepOutput {
             loss,
             samples: self.batch as usize,
-            metrics: vec![],
+            metrics,
         })
     }
 }
@@ -156,11 +160,20 @@ fn two_gloo_ranks_match_one_process() {
             );
         }
     }
-    // Only rank 0 wrote logs.
+    // Only rank 0 wrote logs, and they hold means over ranks.
     assert_eq!(
         std::fs::read_dir(multi.join("tensorboard"))
             .unwrap()
             .count(),
         1
+    );
+    let scalars = common::read_scalars(&multi.join("tensorboard"));
+    assert_eq!(scalars[&("train/rank_id".to_string(), 12)], 0.5);
+    let single_loss =
+        common::read_scalars(&single.join("tensorboard"))[&("train/loss".to_string(), 12)];
+    let multi_loss = scalars[&("train/loss".to_string(), 12)];
+    assert!(
+        (single_loss - multi_loss).abs() < 1e-5,
+        "logged loss {single_loss} vs {multi_loss}"
     );
 }

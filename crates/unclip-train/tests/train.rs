@@ -164,36 +164,8 @@ fn tensorboard_reads_the_scalars_back() {
     let dir = tmp.path().join("run");
     let cfg = config(&[]);
     let summary = run(&cfg, &dir, None, None).1.unwrap();
-    let python = std::env::var("UNCLIP_PYTHON").expect("UNCLIP_PYTHON unset: run scripts/setup.sh");
-    let script = r#"
-import sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-ea = EventAccumulator(sys.argv[1]); ea.Reload()
-for tag in sorted(ea.Tags()["scalars"]):
-    for e in ea.Scalars(tag):
-        print(tag, e.step, repr(e.value))
-"#;
-    let out = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(dir.join("tensorboard"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut scalars: HashMap<(String, u64), f64> = HashMap::new();
-    for line in text.lines() {
-        let mut p = line.split_whitespace();
-        let (tag, step, value) = (p.next().unwrap(), p.next().unwrap(), p.next().unwrap());
-        scalars.insert(
-            (tag.to_string(), step.parse().unwrap()),
-            value.parse().unwrap(),
-        );
-    }
+    let scalars = read_scalars(&dir.join("tensorboard"));
+    let text = format!("{:?}", scalars.keys().collect::<Vec<_>>());
     for tag in [
         "train/loss",
         "train/lr",
