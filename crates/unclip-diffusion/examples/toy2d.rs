@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
-use unclip_diffusion::toy::{train_toy, RingOfGaussians, ToyDenoiser};
+use unclip_diffusion::toy::{scatter_image, train_toy, RingOfGaussians, ToyDenoiser};
 use unclip_diffusion::{
     BetaSchedule, ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, Respacing,
     SamplerKind, VarianceType,
@@ -123,26 +123,14 @@ fn main() -> Result<()> {
 
 /// Side-by-side 256×256 scatter panels of points in [-1.5, 1.5]².
 fn write_scatter(path: &std::path::Path, panels: &[Tensor]) -> Result<()> {
-    let size = 256u32;
-    let mut img = image::RgbImage::from_pixel(
-        size * panels.len() as u32,
-        size,
-        image::Rgb([255, 255, 255]),
-    );
-    for (p, pts) in panels.iter().enumerate() {
-        let v: Vec<f32> = Vec::try_from(pts.to_kind(Kind::Float).flatten(0, -1))?;
-        for xy in v.chunks(2) {
-            let px = ((xy[0] + 1.5) / 3.0 * size as f32) as i64;
-            let py = ((1.5 - xy[1]) / 3.0 * size as f32) as i64;
-            if (0..size as i64).contains(&px) && (0..size as i64).contains(&py) {
-                img.put_pixel(
-                    p as u32 * size + px as u32,
-                    py as u32,
-                    image::Rgb([20, 60, 200]),
-                );
-            }
-        }
-    }
+    let images = panels
+        .iter()
+        .map(|p| scatter_image(p, 256))
+        .collect::<Result<Vec<_>, _>>()?;
+    let row = Tensor::cat(&images, 2).permute([1, 2, 0]).contiguous(); // [H, W·n, 3]
+    let (h, w) = (row.size()[0] as u32, row.size()[1] as u32);
+    let bytes: Vec<u8> = Vec::try_from(row.flatten(0, -1))?;
+    let img = image::RgbImage::from_raw(w, h, bytes).context("scatter buffer size")?;
     img.save(path)
         .with_context(|| format!("writing {}", path.display()))
 }

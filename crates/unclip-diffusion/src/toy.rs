@@ -144,3 +144,21 @@ pub fn train_toy(
     }
     Ok(losses)
 }
+
+/// A `size`×`size` scatter plot of 2-D points in [-1.5, 1.5]², as an RGB uint8 tensor [3, H, W]
+/// (white background, blue points): what the example saves and the trainer logs.
+pub fn scatter_image(points: &Tensor, size: i64) -> Result<Tensor> {
+    let pts = points.to_kind(Kind::Float).to_device(Device::Cpu);
+    let v: Vec<f32> = Vec::try_from(pts.flatten(0, -1))?;
+    let mut rgb = vec![255u8; (3 * size * size) as usize];
+    for xy in v.chunks_exact(2) {
+        let px = ((xy[0] + 1.5) / 3.0 * size as f32).floor() as i64;
+        let py = ((1.5 - xy[1]) / 3.0 * size as f32).floor() as i64;
+        if (0..size).contains(&px) && (0..size).contains(&py) {
+            for (c, value) in [20u8, 60, 200].into_iter().enumerate() {
+                rgb[(c as i64 * size * size + py * size + px) as usize] = value;
+            }
+        }
+    }
+    Ok(Tensor::from_slice(&rgb).view([3, size, size]))
+}

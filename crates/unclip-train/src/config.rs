@@ -101,6 +101,8 @@ pub struct LoggingConfig {
     pub every: u64,
     pub tensorboard: bool,
     pub progress: ProgressStyle,
+    /// Log the task's sample images every this many steps (none: never).
+    pub images_every: Option<u64>,
 }
 
 impl Default for LoggingConfig {
@@ -109,6 +111,7 @@ impl Default for LoggingConfig {
             every: 10,
             tensorboard: true,
             progress: ProgressStyle::Auto,
+            images_every: None,
         }
     }
 }
@@ -233,6 +236,9 @@ impl RuntimeConfig {
             if !(0.0..1.0).contains(&d) {
                 bail!("train.ema_decay must be in [0, 1), got {d}");
             }
+        }
+        if self.logging.images_every == Some(0) {
+            bail!("logging.images_every must be > 0");
         }
         if self.checkpoint.milestone_every == Some(0) {
             bail!("checkpoint.milestone_every must be > 0");

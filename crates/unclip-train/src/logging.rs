@@ -2,10 +2,11 @@
 //! plain periodic lines otherwise).
 
 use crate::config::{LoggingConfig, ProgressStyle};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget};
 use std::io::IsTerminal;
 use std::path::Path;
+use tch::{Device, Kind, Tensor};
 use tensorboard_rs::summary_writer::SummaryWriter;
 
 pub struct Logger {
@@ -58,6 +59,41 @@ impl Logger {
             lines,
             total: total_steps,
         })
+    }
+
+    /// Images as [3, H, W] tensors, uint8 or float in [0, 1].
+    pub fn images(&mut self, step: u64, images: &[(String, Tensor)]) -> Result<()> {
+        let Some(tb) = &mut self.tb else {
+            return Ok(());
+        };
+        for (tag, img) in images {
+            let size = img.size();
+            if size.len() != 3 || size[0] != 3 {
+                bail!("image `{tag}` must be [3, H, W], got {size:?}");
+            }
+            let img = if img.kind() == Kind::Uint8 {
+                img.shallow_clone()
+            } else {
+                (img.to_kind(Kind::Float).clamp(0.0, 1.0) * 255.0)
+                    .round()
+                    .to_kind(Kind::Uint8)
+            };
+            let hwc: Vec<u8> = Vec::try_from(
+                img.to_device(Device::Cpu)
+                    .permute([1, 2, 0])
+                    .contiguous()
+                    .flatten(0, -1),
+            )?;
+            // tensorboard-rs reads interleaved RGB rows and takes dim[1] as the width.
+            tb.add_image(
+                tag,
+                &hwc,
+                &[3, size[2] as usize, size[1] as usize],
+                step as usize,
+            );
+        }
+        tb.flush();
+        Ok(())
     }
 
     pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) {

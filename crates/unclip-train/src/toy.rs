@@ -54,6 +54,7 @@ pub struct ToyTask {
     pub data: RingOfGaussians,
     batch: i64,
     device: tch::Device,
+    config: ToyConfig,
 }
 
 impl ToyTask {
@@ -75,6 +76,7 @@ impl ToyTask {
             data: RingOfGaussians::default(),
             batch: batch as i64,
             device: vs.device(),
+            config: cfg.clone(),
         })
     }
 }
@@ -114,5 +116,32 @@ impl TrainTask for ToyTask {
             samples: self.batch as usize,
             metrics,
         })
+    }
+
+    /// A scatter plot of 1024 samples from the current weights, with the configured sampler
+    /// (DDIM over 20 steps without one).
+    fn images(&mut self, _step: u64) -> Result<Vec<(String, Tensor)>> {
+        let default = SamplerConfig {
+            sampler: unclip_diffusion::SamplerName::Ddim,
+            steps: "20".into(),
+            eta: None,
+            clip: unclip_diffusion::ClipDenoised::Static(1.5),
+        };
+        let sampling = self.config.sampling.clone().unwrap_or(default);
+        let (sampler, kind) = sampling.build(&self.config.diffusion)?;
+        let sampler = sampler.to_device(self.device);
+        let noise = Tensor::randn([1024, 2], (Kind::Float, self.device));
+        let model = &self.model;
+        let x = sampler.sample(
+            kind,
+            &sampling.clip,
+            noise,
+            |x: &Tensor, t: &Tensor| model.forward(x, t),
+            None,
+        )?;
+        Ok(vec![(
+            "samples".to_string(),
+            unclip_diffusion::toy::scatter_image(&x, 128)?,
+        )])
     }
 }

@@ -39,6 +39,11 @@ pub trait TrainTask {
     fn restore_data_state(&mut self, _state: &serde_json::Value) -> Result<()> {
         Ok(())
     }
+    /// Sample images for TensorBoard ([3, H, W], uint8 or float in [0, 1]), every
+    /// `logging.images_every` steps on rank 0, without gradients.
+    fn images(&mut self, _step: u64) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
 }
 
 #[derive(Debug)]
@@ -339,6 +344,10 @@ pub fn train<T: TrainTask>(
                 int_data_secs,
                 int_secs,
             ) = (0.0, 0.0, 0, 0, 0.0, 0.0);
+        }
+        if rank0 && runtime.logging.images_every.is_some_and(|n| done % n == 0) {
+            let images = tch::no_grad(|| task.images(done))?;
+            logger.images(done, &images)?;
         }
         if rank0 && (done % runtime.checkpoint.every == 0 || done == cfg.steps) {
             let mut meta = CheckpointMeta::new(done);

@@ -162,7 +162,7 @@ fn tensorboard_reads_the_scalars_back() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
-    let cfg = config(&[]);
+    let cfg = config(&["logging.images_every=20"]);
     let summary = run(&cfg, &dir, None, None).1.unwrap();
     let scalars = read_scalars(&dir.join("tensorboard"));
     let text = format!("{:?}", scalars.keys().collect::<Vec<_>>());
@@ -192,6 +192,47 @@ fn tensorboard_reads_the_scalars_back() {
     );
     let frac = scalars[&("perf/data_wait_fraction".to_string(), 40)];
     assert!((0.0..=1.0).contains(&frac));
+    // The task's scatter plots, at steps 20 and 40, decode as 128×128 PNGs.
+    let python = std::env::var("UNCLIP_PYTHON").unwrap();
+    let script = r#"
+import io, sys
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+ea = EventAccumulator(sys.argv[1]); ea.Reload()
+for e in ea.Images("samples"):
+    img = Image.open(io.BytesIO(e.encoded_image_string))
+    px = list(img.convert("RGB").getdata())
+    print(e.step, img.size[0], img.size[1], px.count((255, 255, 255)), px.count((20, 60, 200)))
+"#;
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(dir.join("tensorboard"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<u64>> = text
+        .lines()
+        .map(|l| l.split(' ').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r[0]).collect::<Vec<_>>(),
+        vec![20, 40],
+        "{text}"
+    );
+    for r in &rows {
+        assert_eq!((r[1], r[2]), (128, 128), "{text}");
+        // White background with the samples drawn in blue, and nothing else.
+        assert!(
+            r[3] > 128 * 128 / 2 && r[4] > 0 && r[3] + r[4] == 128 * 128,
+            "{text}"
+        );
+    }
 }
 
 #[test]

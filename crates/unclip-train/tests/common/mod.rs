@@ -51,6 +51,9 @@ impl TrainTask for FaultyToy {
         }
         Ok(out)
     }
+    fn images(&mut self, step: u64) -> Result<Vec<(String, Tensor)>> {
+        self.inner.images(step)
+    }
 }
 
 /// Every scalar in the event files under `dir`, read with TensorBoard's own EventAccumulator
