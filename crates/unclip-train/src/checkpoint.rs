@@ -177,7 +177,7 @@ pub struct RetentionPolicy {
 }
 
 impl RetentionPolicy {
-    /// Deletes what the policy does not keep, and stale partial directories of this process.
+    /// Deletes the complete checkpoints the policy does not keep.
     pub fn prune(&self, root: &Path) -> Result<Vec<PathBuf>> {
         let all = list(root)?;
         let cut = all.len().saturating_sub(self.keep_last);

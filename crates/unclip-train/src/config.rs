@@ -57,6 +57,10 @@ pub struct TrainConfig {
     pub max_nonfinite_steps: u32,
     /// Sharpness-aware minimisation with this ρ (none: plain steps). Doubles the compute.
     pub sam_rho: Option<f64>,
+    /// `fp32`, or `bf16` autocast for the forward pass with fp32 master weights.
+    pub precision: crate::precision::Precision,
+    /// Allow TF32 in CUDA matmuls and convolutions.
+    pub tf32: bool,
 }
 
 impl Default for TrainConfig {
@@ -78,6 +82,8 @@ impl Default for TrainConfig {
             ema_warmup: true,
             max_nonfinite_steps: 10,
             sam_rho: None,
+            precision: crate::precision::Precision::Fp32,
+            tf32: true,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod ema;
 pub mod logging;
 pub mod lr;
 pub mod optim;
+pub mod precision;
 pub mod toy;
 pub mod trainer;
 

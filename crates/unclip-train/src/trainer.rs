@@ -8,6 +8,7 @@ use crate::ema::Ema;
 use crate::logging::Logger;
 use crate::lr::learning_rate;
 use crate::optim::AdamW;
+use crate::precision;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -64,6 +65,16 @@ pub struct TrainSummary {
 fn step_seed(seed: u64, step: u64, rank: u64) -> i64 {
     let s = step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (seed ^ s ^ rank.wrapping_mul(0xD1B5_4A32_D192_ED03)) as i64
+}
+
+/// Backward of loss / micro_batches; a reduced-precision loss is upcast first so the gradient
+/// seed is fp32.
+fn backward_mean(loss: &Tensor, micro_batches: usize) {
+    let loss = match loss.kind() {
+        Kind::BFloat16 | Kind::Half => loss.to_kind(Kind::Float),
+        _ => loss.shallow_clone(),
+    };
+    (loss / micro_batches as f64).backward();
 }
 
 /// Copies named tensors into the variables of `vs`; names and shapes must match exactly.
@@ -147,6 +158,7 @@ pub fn train<T: TrainTask>(
     if let Some(pg) = &dist {
         distributed::broadcast_variables(pg, vs)?;
     }
+    precision::set_tf32(cfg.tf32);
     let bucket_bytes = (runtime.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
 
     let mut opt = AdamW::new(vs, cfg);
@@ -213,7 +225,10 @@ pub fn train<T: TrainTask>(
             let t0 = Instant::now();
             let batch = task.next_batch(step, micro)?;
             data_secs += t0.elapsed().as_secs_f64();
-            let out = task.loss(&batch)?;
+            let out = {
+                let _autocast = precision::autocast(vs.device(), cfg.precision);
+                task.loss(&batch)?
+            };
             let value = out.loss.to_kind(Kind::Double).double_value(&[]);
             loss_sum += value;
             samples += out.samples;
@@ -223,7 +238,7 @@ pub fn train<T: TrainTask>(
                 e.1 += 1;
             }
             if value.is_finite() {
-                (out.loss / cfg.grad_accum as f64).backward();
+                backward_mean(&out.loss, cfg.grad_accum);
             }
             if cfg.sam_rho.is_some() {
                 kept.push(batch);
@@ -249,11 +264,14 @@ pub fn train<T: TrainTask>(
             opt.zero_grad();
             let mut second = 0.0f64;
             for batch in &kept {
-                let out = task.loss(batch)?;
+                let out = {
+                    let _autocast = precision::autocast(vs.device(), cfg.precision);
+                    task.loss(batch)?
+                };
                 let value = out.loss.to_kind(Kind::Double).double_value(&[]);
                 second += value;
                 if value.is_finite() {
-                    (out.loss / cfg.grad_accum as f64).backward();
+                    backward_mean(&out.loss, cfg.grad_accum);
                 }
             }
             let second = distributed::mean_over_ranks(dist.as_ref(), &[second])?[0];
