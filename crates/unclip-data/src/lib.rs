@@ -1,0 +1,5 @@
+//! Data for unCLIP training. So far: the synthetic shapes dataset (the embedded default) and its
+//! WebDataset shard writer.
+
+pub mod shapes;
+pub mod shards;
