@@ -193,7 +193,6 @@ fn tensorboard_reads_the_scalars_back() {
     let frac = scalars[&("perf/data_wait_fraction".to_string(), 40)];
     assert!((0.0..=1.0).contains(&frac));
     // The task's scatter plots, at steps 20 and 40, decode as 128×128 PNGs.
-    let python = std::env::var("UNCLIP_PYTHON").unwrap();
     let script = r#"
 import io, sys
 from PIL import Image
@@ -204,18 +203,7 @@ for e in ea.Images("samples"):
     px = list(img.convert("RGB").getdata())
     print(e.step, img.size[0], img.size[1], px.count((255, 255, 255)), px.count((20, 60, 200)))
 "#;
-    let out = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(dir.join("tensorboard"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = python(script, &dir.join("tensorboard"));
     let rows: Vec<Vec<u64>> = text
         .lines()
         .map(|l| l.split(' ').map(|v| v.parse().unwrap()).collect())

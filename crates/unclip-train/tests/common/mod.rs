@@ -59,7 +59,6 @@ impl TrainTask for FaultyToy {
 /// Every scalar in the event files under `dir`, read with TensorBoard's own EventAccumulator
 /// (Python from the setup's venv): (tag, step) -> value.
 pub fn read_scalars(dir: &std::path::Path) -> std::collections::HashMap<(String, u64), f64> {
-    let python = std::env::var("UNCLIP_PYTHON").expect("UNCLIP_PYTHON unset: run scripts/setup.sh");
     let script = r#"
 import sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -68,19 +67,7 @@ for tag in sorted(ea.Tags()["scalars"]):
     for e in ea.Scalars(tag):
         print(tag, e.step, repr(e.value))
 "#;
-    let out = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
+    python(script, dir)
         .lines()
         .map(|line| {
             let mut p = line.split_whitespace();
@@ -91,4 +78,21 @@ for tag in sorted(ea.Tags()["scalars"]):
             )
         })
         .collect()
+}
+
+/// Runs a Python script from the setup's venv (fixture tooling only) with one argument; its stdout.
+pub fn python(script: &str, arg: &std::path::Path) -> String {
+    let python = std::env::var("UNCLIP_PYTHON").expect("UNCLIP_PYTHON unset: run scripts/setup.sh");
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(arg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
