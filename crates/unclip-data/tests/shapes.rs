@@ -168,7 +168,6 @@ fn shards_are_reproducible_and_load_in_python_webdataset() {
         .to_string_lossy()
         .contains("partial")));
 
-    let python = std::env::var("UNCLIP_PYTHON").expect("UNCLIP_PYTHON unset: run scripts/setup.sh");
     let script = r#"
 import hashlib, json, sys
 import webdataset as wds
@@ -177,19 +176,7 @@ for s in wds.WebDataset(sys.argv[1], shardshuffle=False):
     print(s["__key__"], hashlib.sha256(s["png"]).hexdigest(), len(scene["objects"]), s["txt"].decode())
 "#;
     let pattern = format!("{}/train-{{000000..000002}}.tar", spec.out.display());
-    let out = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(&pattern)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<String> = String::from_utf8(out.stdout)
-        .unwrap()
+    let lines: Vec<String> = unclip_testkit::python(script, [&pattern])
         .lines()
         .map(str::to_string)
         .collect();

@@ -203,7 +203,7 @@ for e in ea.Images("samples"):
     px = list(img.convert("RGB").getdata())
     print(e.step, img.size[0], img.size[1], px.count((255, 255, 255)), px.count((20, 60, 200)))
 "#;
-    let text = python(script, &dir.join("tensorboard"));
+    let text = unclip_testkit::python(script, [dir.join("tensorboard")]);
     let rows: Vec<Vec<u64>> = text
         .lines()
         .map(|l| l.split(' ').map(|v| v.parse().unwrap()).collect())

@@ -67,7 +67,7 @@ for tag in sorted(ea.Tags()["scalars"]):
     for e in ea.Scalars(tag):
         print(tag, e.step, repr(e.value))
 "#;
-    python(script, dir)
+    unclip_testkit::python(script, [dir])
         .lines()
         .map(|line| {
             let mut p = line.split_whitespace();
@@ -78,21 +78,4 @@ for tag in sorted(ea.Tags()["scalars"]):
             )
         })
         .collect()
-}
-
-/// Runs a Python script from the setup's venv (fixture tooling only) with one argument; its stdout.
-pub fn python(script: &str, arg: &std::path::Path) -> String {
-    let python = std::env::var("UNCLIP_PYTHON").expect("UNCLIP_PYTHON unset: run scripts/setup.sh");
-    let out = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(arg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
