@@ -34,10 +34,8 @@ pub fn group_from_env(
 
 /// Every rank takes rank 0's values of every variable.
 pub fn broadcast_variables(pg: &ProcessGroup, vs: &VarStore) -> Result<()> {
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
     tch::no_grad(|| {
-        for (name, var) in &vars {
+        for (name, var) in &crate::named_variables(vs) {
             let mut t = var.shallow_clone();
             pg.broadcast(&mut t, 0)
                 .with_context(|| format!("broadcasting `{name}`"))?;

@@ -15,9 +15,7 @@ pub struct Ema {
 
 impl Ema {
     pub fn new(vs: &VarStore, decay: f64, warmup: bool) -> Self {
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = named.into_iter().map(|(n, v)| {
+        let params = crate::named_variables(vs).into_iter().map(|(n, v)| {
             let shadow = v.detach().copy();
             (n, v, shadow)
         });

@@ -15,6 +15,14 @@ pub mod precision;
 pub mod toy;
 pub mod trainer;
 
+/// Every variable of `vs` with its path, in name order: the order optimiser state, EMA shadows,
+/// broadcasts and checkpoints share, identical on every rank.
+pub fn named_variables(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
+    let mut v: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 pub use cli::TrainArgs;
 pub use config::{load_config, RunConfig, TrainConfig};
 pub use trainer::{train, StepOutput, TrainSummary, TrainTask};

@@ -38,14 +38,9 @@ pub fn decays(name: &str, var: &Tensor) -> bool {
 impl AdamW {
     /// Over every trainable variable of `vs`, in name order.
     pub fn new(vs: &VarStore, cfg: &TrainConfig) -> Self {
-        let mut named: Vec<(String, Tensor)> = vs
-            .variables()
+        let params = crate::named_variables(vs)
             .into_iter()
             .filter(|(_, v)| v.requires_grad())
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = named
-            .into_iter()
             .map(|(name, var)| Param {
                 decay: decays(&name, &var),
                 exp_avg: var.zeros_like().detach(),

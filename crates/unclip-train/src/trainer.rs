@@ -7,6 +7,7 @@ use crate::distributed;
 use crate::ema::Ema;
 use crate::logging::Logger;
 use crate::lr::learning_rate;
+use crate::named_variables;
 use crate::optim::AdamW;
 use crate::precision;
 use anyhow::{bail, Context, Result};
@@ -101,12 +102,6 @@ pub fn load_into(vs: &VarStore, tensors: &HashMap<String, Tensor>, what: &str) -
         }
         Ok(())
     })
-}
-
-fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 /// Parameter counts per top-level module, for `--dry-run`.
