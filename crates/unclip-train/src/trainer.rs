@@ -68,14 +68,28 @@ fn step_seed(seed: u64, step: u64, rank: u64) -> i64 {
     (seed ^ s ^ rank.wrapping_mul(0xD1B5_4A32_D192_ED03)) as i64
 }
 
-/// Backward of loss / micro_batches; a reduced-precision loss is upcast first so the gradient
-/// seed is fp32.
-fn backward_mean(loss: &Tensor, micro_batches: usize) {
-    let loss = match loss.kind() {
-        Kind::BFloat16 | Kind::Half => loss.to_kind(Kind::Float),
-        _ => loss.shallow_clone(),
+/// One micro-batch: the task's loss under the configured autocast, then, when it is finite,
+/// backward of loss / grad_accum (a reduced-precision loss upcast first so the gradient seed is
+/// fp32). Returns the output and the loss value.
+fn loss_and_backward<T: TrainTask>(
+    task: &mut T,
+    batch: &T::Batch,
+    device: tch::Device,
+    cfg: &crate::config::TrainConfig,
+) -> Result<(StepOutput, f64)> {
+    let out = {
+        let _autocast = precision::autocast(device, cfg.precision);
+        task.loss(batch)?
     };
-    (loss / micro_batches as f64).backward();
+    let value = out.loss.to_kind(Kind::Double).double_value(&[]);
+    if value.is_finite() {
+        let loss = match out.loss.kind() {
+            Kind::BFloat16 | Kind::Half => out.loss.to_kind(Kind::Float),
+            _ => out.loss.shallow_clone(),
+        };
+        (loss / cfg.grad_accum as f64).backward();
+    }
+    Ok((out, value))
 }
 
 /// Copies named tensors into the variables of `vs`; names and shapes must match exactly.
@@ -220,20 +234,13 @@ pub fn train<T: TrainTask>(
             let t0 = Instant::now();
             let batch = task.next_batch(step, micro)?;
             data_secs += t0.elapsed().as_secs_f64();
-            let out = {
-                let _autocast = precision::autocast(vs.device(), cfg.precision);
-                task.loss(&batch)?
-            };
-            let value = out.loss.to_kind(Kind::Double).double_value(&[]);
+            let (out, value) = loss_and_backward(task, &batch, vs.device(), cfg)?;
             loss_sum += value;
             samples += out.samples;
             for (k, v) in out.metrics {
                 let e = int_metrics.entry(k).or_default();
                 e.0 += v;
                 e.1 += 1;
-            }
-            if value.is_finite() {
-                backward_mean(&out.loss, cfg.grad_accum);
             }
             if cfg.sam_rho.is_some() {
                 kept.push(batch);
@@ -259,15 +266,7 @@ pub fn train<T: TrainTask>(
             opt.zero_grad();
             let mut second = 0.0f64;
             for batch in &kept {
-                let out = {
-                    let _autocast = precision::autocast(vs.device(), cfg.precision);
-                    task.loss(batch)?
-                };
-                let value = out.loss.to_kind(Kind::Double).double_value(&[]);
-                second += value;
-                if value.is_finite() {
-                    backward_mean(&out.loss, cfg.grad_accum);
-                }
+                second += loss_and_backward(task, batch, vs.device(), cfg)?.1;
             }
             let second = distributed::mean_over_ranks(dist.as_ref(), &[second])?[0];
             if let (Some(pg), true) = (&dist, second.is_finite()) {
