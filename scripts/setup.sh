@@ -53,6 +53,9 @@ TORCH_DIR=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch
 TORCH_VERSION=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
 [ "$TORCH_VERSION" = "2.11.0" ] || { echo "setup: expected torch 2.11.0 in $VENV, found $TORCH_VERSION" >&2; exit 1; }
 ln -sfn "$VENV" "$ROOT/.venv"
+# CLIP's BPE merges ship with open_clip_torch; they are compiled into the binaries (unclip-data).
+CLIP_BPE=$("$VENV/bin/python" -c 'import os, open_clip; print(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"))')
+[ -f "$CLIP_BPE" ] || { echo "setup: CLIP BPE merges not found at $CLIP_BPE" >&2; exit 1; }
 
 # 3. Wire cargo to that libtorch. This file is machine-specific and git-ignored.
 # The rpath lets built binaries and tests find libtorch with no LD_LIBRARY_PATH. libtorch_cuda.so,
@@ -64,6 +67,7 @@ want=$(cat <<TOML
 LIBTORCH = "$TORCH_DIR"
 LIBTORCH_CXX11_ABI = "1"
 UNCLIP_PYTHON = "$VENV/bin/python"
+UNCLIP_CLIP_BPE = "$CLIP_BPE"
 
 [target.x86_64-unknown-linux-gnu]
 rustflags = ["-C", "link-arg=-Wl,-rpath,$TORCH_DIR/lib"]

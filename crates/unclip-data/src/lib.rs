@@ -1,7 +1,9 @@
-//! Data for unCLIP training. So far: the synthetic shapes dataset (the embedded default) and its
-//! WebDataset shard writer.
+//! Data for unCLIP training: the synthetic shapes dataset (the embedded default), WebDataset
+//! shards, CLIP's tokenizer, image transforms and degradations.
 
 pub mod degrade;
 pub mod reader;
 pub mod shapes;
 pub mod shards;
+pub mod text_clean;
+pub mod tokenizer;
