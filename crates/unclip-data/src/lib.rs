@@ -2,6 +2,8 @@
 //! shards, CLIP's tokenizer, image transforms and degradations.
 
 pub mod degrade;
+pub mod images;
+pub mod loader;
 pub mod reader;
 pub mod shapes;
 pub mod shards;

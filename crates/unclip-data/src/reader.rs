@@ -142,13 +142,14 @@ impl ShardReader {
     }
 
     /// The epoch's good samples; bad ones are counted in [`ShardReader::skipped`].
-    pub fn iter(&self) -> impl Iterator<Item = CaptionedImage> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = CaptionedImage> + Send + 'static {
+        let skipped = self.skipped.clone();
         self.dataset
             .iter()
             .filter_map(move |item| match item.ok().and_then(|s| captioned(&s)) {
                 Some(sample) => Some(sample),
                 None => {
-                    self.skipped.bump();
+                    skipped.bump();
                     None
                 }
             })

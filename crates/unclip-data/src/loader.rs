@@ -1,0 +1,285 @@
+//! Batches of transformed images with their captions, produced ahead of the trainer: a background
+//! thread walks the shards epoch after epoch, decodes and transforms each batch in parallel (rayon)
+//! and keeps at most `prefetch` batches queued.
+//!
+//! Deterministic for a seed and a rank: the sample order comes from the reader, and each sample's
+//! random crop / flip from (seed, epoch, rank, position in the epoch), never from thread timing.
+//! Every batch carries the stream position after it, so a checkpoint can resume the stream exactly.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::images::ImageTransform;
+use crate::reader::{CaptionedImage, ReaderConfig, ShardReader};
+use crate::shards::ShardError;
+
+/// Where a stream stands: `samples` samples of epoch `epoch` have been consumed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    pub samples: u64,
+}
+
+/// What one finished epoch read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochReport {
+    pub epoch: u64,
+    /// Samples that made it into batches.
+    pub samples: u64,
+    /// Unreadable tar entries, missing image or caption, non-UTF-8 caption.
+    pub skipped_read: u64,
+    /// Images that would not decode.
+    pub skipped_decode: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageBatch {
+    pub keys: Vec<String>,
+    pub captions: Vec<String>,
+    pub metadata: Vec<Option<serde_json::Value>>,
+    /// `[len, 3, resolution, resolution]`, row-major.
+    pub images: Vec<f32>,
+    pub resolution: u32,
+    /// Stream position after this batch.
+    pub position: DataPosition,
+    /// Epochs that ended while this batch was assembled.
+    pub finished_epochs: Vec<EpochReport>,
+    /// Samples skipped since the loader started.
+    pub skipped_total: u64,
+}
+
+impl ImageBatch {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub reader: ReaderConfig,
+    pub transform: ImageTransform,
+    pub batch_size: usize,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+    pub start: DataPosition,
+}
+
+pub struct ImageLoader {
+    rx: Receiver<Result<ImageBatch, ShardError>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+fn sample_seed(seed: u64, epoch: u64, rank: usize, index: u64) -> u64 {
+    let mut h = seed ^ 0x51_7C_C1_B7_27_22_0A_95;
+    for v in [epoch, rank as u64, index] {
+        h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^= h >> 29;
+    }
+    h
+}
+
+struct Transformed {
+    sample: CaptionedImage,
+    pixels: Vec<f32>,
+}
+
+impl ImageLoader {
+    /// Checks the shard list and the config, then starts the background thread.
+    pub fn start(cfg: LoaderConfig) -> Result<Self, ShardError> {
+        let invalid = |message: String| ShardError::Io {
+            path: cfg.reader.shards.clone().into(),
+            message,
+        };
+        cfg.transform.validate().map_err(invalid)?;
+        if cfg.batch_size == 0 {
+            return Err(invalid("batch_size must be at least 1".into()));
+        }
+        // Missing shards and impossible rank splits fail here, before training starts.
+        ShardReader::new(&cfg.reader, cfg.start.epoch)?;
+        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let worker = std::thread::Builder::new()
+            .name("unclip-loader".into())
+            .spawn(move || {
+                let mut producer = Producer::new(cfg);
+                loop {
+                    let batch = producer.next_batch();
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| ShardError::Io {
+                path: "<loader thread>".into(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            rx,
+            worker: Some(worker),
+        })
+    }
+
+    /// The next batch (blocks until it is ready).
+    pub fn next_batch(&mut self) -> Result<ImageBatch, ShardError> {
+        self.rx.recv().unwrap_or_else(|_| {
+            Err(ShardError::Io {
+                path: "<loader thread>".into(),
+                message: "the loader thread stopped".into(),
+            })
+        })
+    }
+}
+
+impl Drop for ImageLoader {
+    fn drop(&mut self) {
+        // Unblock a producer waiting on a full queue, then let it finish.
+        let (_, dead) = sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, dead));
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+struct Producer {
+    cfg: LoaderConfig,
+    position: DataPosition,
+    reader: Option<(ShardReader, Box<dyn Iterator<Item = CaptionedImage> + Send>)>,
+    epoch_samples: u64,
+    epoch_decode_skips: u64,
+    skipped_total: u64,
+    pending: Vec<Transformed>,
+    finished: Vec<EpochReport>,
+}
+
+impl Producer {
+    fn new(cfg: LoaderConfig) -> Self {
+        Self {
+            position: cfg.start,
+            cfg,
+            reader: None,
+            epoch_samples: 0,
+            epoch_decode_skips: 0,
+            skipped_total: 0,
+            pending: Vec::new(),
+            finished: Vec::new(),
+        }
+    }
+
+    /// Up to `n` raw samples of the current epoch, opening epochs as needed; empty at epoch end.
+    fn pull(&mut self, n: usize) -> Result<Vec<(u64, CaptionedImage)>, ShardError> {
+        if self.reader.is_none() {
+            let reader = ShardReader::new(&self.cfg.reader, self.position.epoch)?;
+            let mut iter: Box<dyn Iterator<Item = CaptionedImage> + Send> = Box::new(reader.iter());
+            // Resuming inside an epoch: the order is deterministic, so skip what was consumed.
+            for _ in 0..self.position.samples {
+                if iter.next().is_none() {
+                    break;
+                }
+            }
+            self.reader = Some((reader, iter));
+        }
+        let (_, iter) = self.reader.as_mut().expect("opened above");
+        let mut out = Vec::with_capacity(n);
+        for sample in iter.by_ref().take(n) {
+            out.push((self.position.samples, sample));
+            self.position.samples += 1;
+        }
+        Ok(out)
+    }
+
+    fn end_epoch(&mut self) -> Result<(), ShardError> {
+        let (reader, _) = self.reader.take().expect("an open epoch");
+        let skipped_read = reader.skipped();
+        self.skipped_total += skipped_read;
+        if self.epoch_samples == 0 {
+            return Err(ShardError::Io {
+                path: self.cfg.reader.shards.clone().into(),
+                message: format!(
+                    "epoch {} yielded no usable samples ({} skipped as unreadable, {} undecodable)",
+                    self.position.epoch, skipped_read, self.epoch_decode_skips
+                ),
+            });
+        }
+        self.finished.push(EpochReport {
+            epoch: self.position.epoch,
+            samples: self.epoch_samples,
+            skipped_read,
+            skipped_decode: self.epoch_decode_skips,
+        });
+        self.position = DataPosition {
+            epoch: self.position.epoch + 1,
+            samples: 0,
+        };
+        self.epoch_samples = 0;
+        self.epoch_decode_skips = 0;
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Result<ImageBatch, ShardError> {
+        let b = self.cfg.batch_size;
+        while self.pending.len() < b {
+            let raw = self.pull(b - self.pending.len())?;
+            if raw.is_empty() {
+                self.end_epoch()?;
+                continue;
+            }
+            let (seed, epoch, rank) = (
+                self.cfg.reader.seed,
+                self.position.epoch,
+                self.cfg.reader.rank,
+            );
+            let transform = &self.cfg.transform;
+            let done: Vec<Option<Transformed>> = raw
+                .into_par_iter()
+                .map(|(index, sample)| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(sample_seed(seed, epoch, rank, index));
+                    let mut pixels = vec![0.0; transform.numel()];
+                    transform
+                        .apply(&sample.image, &mut rng, &mut pixels)
+                        .ok()
+                        .map(|()| Transformed { sample, pixels })
+                })
+                .collect();
+            for t in done {
+                match t {
+                    Some(t) => {
+                        self.epoch_samples += 1;
+                        self.pending.push(t);
+                    }
+                    None => {
+                        self.epoch_decode_skips += 1;
+                        self.skipped_total += 1;
+                    }
+                }
+            }
+        }
+        let items: Vec<Transformed> = self.pending.drain(..b).collect();
+        let mut batch = ImageBatch {
+            keys: Vec::with_capacity(b),
+            captions: Vec::with_capacity(b),
+            metadata: Vec::with_capacity(b),
+            images: Vec::with_capacity(b * self.cfg.transform.numel()),
+            resolution: self.cfg.transform.resolution,
+            position: self.position,
+            finished_epochs: std::mem::take(&mut self.finished),
+            skipped_total: self.skipped_total
+                + self.reader.as_ref().map_or(0, |(r, _)| r.skipped()),
+        };
+        for t in items {
+            batch.keys.push(t.sample.key);
+            batch.captions.push(t.sample.caption);
+            batch.metadata.push(t.sample.metadata);
+            batch.images.extend_from_slice(&t.pixels);
+        }
+        Ok(batch)
+    }
+}
