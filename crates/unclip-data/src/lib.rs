@@ -2,8 +2,10 @@
 //! shards, CLIP's tokenizer, image transforms and degradations.
 
 pub mod degrade;
+pub mod embeddings;
 pub mod images;
 pub mod loader;
+pub mod npy;
 pub mod reader;
 pub mod shapes;
 pub mod shards;

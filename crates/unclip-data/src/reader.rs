@@ -106,14 +106,28 @@ pub fn rank_shards(
         .collect())
 }
 
-pub struct ShardReader {
+/// Reads samples of one kind from the shards of one epoch; `parse` rejects (and so counts) bad
+/// samples.
+pub struct ShardReader<T = CaptionedImage> {
     dataset: WebDataset,
     skipped: SkipCounter,
+    parse: fn(&Sample) -> Option<T>,
 }
 
-impl ShardReader {
-    /// The reader for one epoch; errors (missing shards, bad splits) come before any reading.
+impl ShardReader<CaptionedImage> {
+    /// The reader of captioned images for one epoch; errors (missing shards, bad splits) come
+    /// before any reading.
     pub fn new(cfg: &ReaderConfig, epoch: u64) -> Result<Self, ShardError> {
+        Self::with_parser(cfg, epoch, captioned)
+    }
+}
+
+impl<T: Send + 'static> ShardReader<T> {
+    pub fn with_parser(
+        cfg: &ReaderConfig,
+        epoch: u64,
+        parse: fn(&Sample) -> Option<T>,
+    ) -> Result<Self, ShardError> {
         let mine = rank_shards(&shard_list(&cfg.shards)?, cfg.rank, cfg.world_size)?;
         let skipped = SkipCounter::default();
         let seed = cfg.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (cfg.rank as u64) << 32;
@@ -138,15 +152,20 @@ impl ShardReader {
         if cfg.shuffle_buffer > 0 {
             dataset = dataset.shuffle(cfg.shuffle_buffer);
         }
-        Ok(Self { dataset, skipped })
+        Ok(Self {
+            dataset,
+            skipped,
+            parse,
+        })
     }
 
     /// The epoch's good samples; bad ones are counted in [`ShardReader::skipped`].
-    pub fn iter(&self) -> impl Iterator<Item = CaptionedImage> + Send + 'static {
+    pub fn iter(&self) -> impl Iterator<Item = T> + Send + 'static {
         let skipped = self.skipped.clone();
+        let parse = self.parse;
         self.dataset
             .iter()
-            .filter_map(move |item| match item.ok().and_then(|s| captioned(&s)) {
+            .filter_map(move |item| match item.ok().and_then(|s| parse(&s)) {
                 Some(sample) => Some(sample),
                 None => {
                     skipped.bump();
@@ -161,7 +180,7 @@ impl ShardReader {
     }
 }
 
-fn bytes_of(v: &Value) -> Option<Vec<u8>> {
+pub(crate) fn bytes_of(v: &Value) -> Option<Vec<u8>> {
     match v {
         Value::Bytes(b) => Some(b.to_vec()),
         Value::Text(t) => Some(t.clone().into_bytes()),

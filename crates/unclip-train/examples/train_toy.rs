@@ -9,9 +9,10 @@ use clap::Parser;
 use tch::{nn, Kind, Tensor};
 use unclip_diffusion::device::parse_device;
 use unclip_train::checkpoint;
+use unclip_train::cli::{print_parameter_summary, train_with_args};
 use unclip_train::toy::{ToyConfig, ToyTask};
-use unclip_train::trainer::{load_into, parameter_summary};
-use unclip_train::{load_config, train, TrainArgs};
+use unclip_train::trainer::load_into;
+use unclip_train::{load_config, TrainArgs};
 
 #[derive(Parser)]
 #[command(about = "Train the 2-D diffusion toy through the unCLIP training runtime")]
@@ -31,34 +32,16 @@ fn main() -> Result<()> {
     tch::manual_seed(cfg.runtime.seed as i64);
     let vs = nn::VarStore::new(device);
     let mut task = ToyTask::new(&vs, &cfg.task, cfg.runtime.train.batch_size)?;
-    let total: i64 = parameter_summary(&vs).iter().map(|(_, n)| n).sum();
     if args.dry_run {
         println!(
             "config {} is valid; device {device:?}",
             args.config.display()
         );
-        for (module, n) in parameter_summary(&vs) {
-            println!("  {module:<20} {n:>12} parameters");
-        }
-        println!("  {:<20} {total:>12} parameters", "total");
+        print_parameter_summary(&vs);
         return Ok(());
     }
+    let summary = train_with_args(&mut task, &vs, &cfg, args)?;
     let run_dir = args.run_dir();
-    let rank0 = unclip_dist::DistEnv::from_env()?.is_none_or(|e| e.rank == 0);
-    if rank0 {
-        println!(
-            "run directory {} ({total} parameters, device {device:?})",
-            run_dir.display()
-        );
-    }
-    let summary = train(
-        &mut task,
-        &vs,
-        &cfg.runtime,
-        &cfg.resolved,
-        &run_dir,
-        args.resume.as_deref(),
-    )?;
     if summary.rank != 0 {
         return Ok(()); // rank 0 reports and samples
     }

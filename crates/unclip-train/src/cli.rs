@@ -33,3 +33,43 @@ impl TrainArgs {
         })
     }
 }
+
+/// Prints parameter counts per top-level module and the total (`--dry-run`).
+pub fn print_parameter_summary(vs: &tch::nn::VarStore) {
+    let summary = crate::trainer::parameter_summary(vs);
+    for (module, n) in &summary {
+        println!("  {module:<24} {n:>14} parameters");
+    }
+    let total: i64 = summary.iter().map(|(_, n)| n).sum();
+    println!("  {:<24} {total:>14} parameters", "total");
+}
+
+/// What every trainer binary does once its task is built: announce the run on rank 0, then train
+/// into `--run-dir` honouring `--resume`.
+pub fn train_with_args<T: crate::TrainTask, C>(
+    task: &mut T,
+    vs: &tch::nn::VarStore,
+    cfg: &crate::RunConfig<C>,
+    args: &TrainArgs,
+) -> anyhow::Result<crate::TrainSummary> {
+    let run_dir = args.run_dir();
+    if unclip_dist::DistEnv::from_env()?.is_none_or(|e| e.rank == 0) {
+        let total: i64 = crate::trainer::parameter_summary(vs)
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        println!(
+            "run directory {} ({total} parameters, device {:?})",
+            run_dir.display(),
+            vs.device()
+        );
+    }
+    crate::train(
+        task,
+        vs,
+        &cfg.runtime,
+        &cfg.resolved,
+        &run_dir,
+        args.resume.as_deref(),
+    )
+}

@@ -13,9 +13,11 @@ use crate::precision;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
+use unclip_dist::ProcessGroup;
 
 /// What a task returns for one micro-batch.
 pub struct StepOutput {
@@ -46,6 +48,9 @@ pub trait TrainTask {
     fn images(&mut self, _step: u64) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
     }
+    /// The data-parallel group, given once before the first step of a multi-process run, for
+    /// tasks whose loss needs other ranks' activations (CLIP's global-batch contrastive loss).
+    fn set_process_group(&mut self, _group: Rc<ProcessGroup>) {}
 }
 
 #[derive(Debug)]
@@ -153,7 +158,7 @@ pub fn train<T: TrainTask>(
     resume: Option<&str>,
 ) -> Result<TrainSummary> {
     let cfg = &runtime.train;
-    let dist = distributed::group_from_env(&runtime.distributed, vs.device())?;
+    let dist = distributed::group_from_env(&runtime.distributed, vs.device())?.map(Rc::new);
     let rank = dist.as_ref().map_or(0, |g| g.rank());
     let rank0 = rank == 0;
     if rank0 {
@@ -166,6 +171,7 @@ pub fn train<T: TrainTask>(
     let ckpt_root = checkpoint::checkpoints_dir(run_dir);
     if let Some(pg) = &dist {
         distributed::broadcast_variables(pg, vs)?;
+        task.set_process_group(pg.clone());
     }
     precision::set_tf32(cfg.tf32);
     let bucket_bytes = (runtime.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
@@ -248,7 +254,7 @@ pub fn train<T: TrainTask>(
         }
         // Ranks agree on the loss (so all skip a non-finite step together) and average gradients.
         let local = [loss_sum / cfg.grad_accum as f64, samples as f64, data_secs];
-        let reduced = distributed::mean_over_ranks(dist.as_ref(), &local)?;
+        let reduced = distributed::mean_over_ranks(dist.as_deref(), &local)?;
         let world = dist.as_ref().map_or(1, |g| g.world_size());
         let (loss, data_secs) = (reduced[0], reduced[2]);
         let samples = (reduced[1] * world as f64).round() as usize;
@@ -268,7 +274,7 @@ pub fn train<T: TrainTask>(
             for batch in &kept {
                 second += loss_and_backward(task, batch, vs.device(), cfg)?.1;
             }
-            let second = distributed::mean_over_ranks(dist.as_ref(), &[second])?[0];
+            let second = distributed::mean_over_ranks(dist.as_deref(), &[second])?[0];
             if let (Some(pg), true) = (&dist, second.is_finite()) {
                 distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
             }
@@ -344,7 +350,7 @@ pub fn train<T: TrainTask>(
                 .into_iter()
                 .map(|(k, (sum, count))| (k, sum / count.max(1) as f64))
                 .collect();
-            for (k, v) in distributed::mean_metrics(dist.as_ref(), local)? {
+            for (k, v) in distributed::mean_metrics(dist.as_deref(), local)? {
                 scalars.push((format!("train/{k}"), v));
             }
             logger.scalars(done, &scalars);

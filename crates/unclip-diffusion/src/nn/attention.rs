@@ -26,22 +26,42 @@ pub struct MultiHeadAttention {
 
 impl MultiHeadAttention {
     /// `dim` the query width, `context_dim` the key/value source width (= dim for self-attention).
+    /// diffusers' names: `to_q`, `to_k`, `to_v` (with bias), `to_out.0`.
     pub fn new(p: nn::Path, dim: i64, context_dim: i64, heads: i64) -> Result<Self> {
+        Self::with_names(
+            p,
+            dim,
+            context_dim,
+            heads,
+            ["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    }
+
+    /// The same layer under other projection names, e.g. transformers' CLIP:
+    /// `["q_proj", "k_proj", "v_proj", "out_proj"]`. Dots in a name are path separators.
+    pub fn with_names(
+        p: nn::Path,
+        dim: i64,
+        context_dim: i64,
+        heads: i64,
+        names: [&str; 4],
+    ) -> Result<Self> {
         if heads <= 0 || dim % heads != 0 {
             return Err(shape_err(
                 "attention",
                 format!("width {dim} is not divisible by {heads} heads"),
             ));
         }
+        let path = |name: &str| name.split('.').fold(p.clone(), |acc, part| &acc / part);
         let cfg = nn::LinearConfig {
             bias: true,
             ..Default::default()
         };
         Ok(Self {
-            to_q: nn::linear(&p / "to_q", dim, dim, cfg),
-            to_k: nn::linear(&p / "to_k", context_dim, dim, cfg),
-            to_v: nn::linear(&p / "to_v", context_dim, dim, cfg),
-            to_out: nn::linear(&p / "to_out" / "0", dim, dim, Default::default()),
+            to_q: nn::linear(path(names[0]), dim, dim, cfg),
+            to_k: nn::linear(path(names[1]), context_dim, dim, cfg),
+            to_v: nn::linear(path(names[2]), context_dim, dim, cfg),
+            to_out: nn::linear(path(names[3]), dim, dim, Default::default()),
             heads,
             dim,
         })

@@ -1,0 +1,167 @@
+//! CLIP embeddings of a WebDataset: one embedding shard per image shard, same file name and keys
+//! (layout: `unclip_data::embeddings`). Resumable: shards already written are skipped.
+//!
+//!     embed --clip runs/clip-shapes --shards 'data/shapes/clip32-{000000..000019}.tar' --out data/shapes/emb
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use half::f16;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
+use unclip_clip::load::load_clip;
+use unclip_data::embeddings::{embedding_shard_for, write_embedding_shard, EmbeddingSample};
+use unclip_data::npy::{NpyArray, NpyData};
+use unclip_data::reader::{shard_list, ReaderConfig, ShardReader};
+use unclip_data::tokenizer::ClipTokenizer;
+use unclip_diffusion::device::parse_device;
+use unclip_diffusion::embedding::l2_normalize;
+
+#[derive(Parser)]
+#[command(about = "Write CLIP image and text embeddings of captioned-image shards")]
+struct Cli {
+    /// A train-clip run directory, or a Hugging Face CLIP directory (config.json + model.safetensors).
+    #[arg(long)]
+    clip: PathBuf,
+    /// Image shards, brace-expanded.
+    #[arg(long)]
+    shards: String,
+    /// Directory for the embedding shards.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Also store the text encoder's per-token features (float16), for the priors.
+    #[arg(long)]
+    token_features: bool,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let device = parse_device(&cli.device)?;
+    let shards = shard_list(&cli.shards)?;
+    let clip = load_clip(&cli.clip, device)?;
+    let tokenizer = ClipTokenizer::new();
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    eprintln!("embedding {} shards with {}", shards.len(), clip.source);
+    let bar = ProgressBar::new(shards.len() as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} shards {msg} [{elapsed} < {eta}]")
+            .context("progress template")?,
+    );
+    let (mut written, mut resumed, mut samples, mut skipped) = (0, 0, 0u64, 0u64);
+    let ctx = clip.model.cfg.text.context_length as usize;
+    for shard in &shards {
+        let out = embedding_shard_for(shard, &cli.out)?;
+        if out.exists() {
+            resumed += 1;
+            bar.inc(1);
+            continue;
+        }
+        let reader = ShardReader::new(
+            &ReaderConfig {
+                shards: shard.display().to_string(),
+                rank: 0,
+                world_size: 1,
+                seed: 0,
+                shard_shuffle: false,
+                shuffle_buffer: 0,
+            },
+            0,
+        )?;
+        let raw: Vec<_> = reader.iter().collect();
+        skipped += reader.skipped();
+        let mut result = Vec::with_capacity(raw.len());
+        for chunk in raw.chunks(cli.batch_size) {
+            let numel = clip.image.numel();
+            let decoded: Vec<Option<Vec<f32>>> = chunk
+                .par_iter()
+                .map(|s| {
+                    let mut px = vec![0.0; numel];
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+                    clip.image
+                        .apply(&s.image, &mut rng, &mut px)
+                        .ok()
+                        .map(|()| px)
+                })
+                .collect();
+            let good: Vec<(usize, Vec<f32>)> = decoded
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, px)| px.map(|p| (i, p)))
+                .collect();
+            skipped += (chunk.len() - good.len()) as u64;
+            if good.is_empty() {
+                continue;
+            }
+            let n = good.len() as i64;
+            let r = i64::from(clip.image.resolution);
+            let pixels: Vec<f32> = good.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+            let captions: Vec<&str> = good
+                .iter()
+                .map(|(i, _)| chunk[*i].caption.as_str())
+                .collect();
+            let ids = Tensor::from_slice(&tokenizer.tokenize_batch(&captions, ctx))
+                .view([n, ctx as i64])
+                .to_device(device);
+            let (img, txt, tokens) = tch::no_grad(|| -> Result<_> {
+                let img = l2_normalize(
+                    &clip.model.encode_image(
+                        &Tensor::from_slice(&pixels)
+                            .view([n, 3, r, r])
+                            .to_device(device),
+                    )?,
+                )?;
+                let text = clip.model.encode_text(&ids)?;
+                Ok((img, l2_normalize(&text.embeds)?, text.tokens))
+            })?;
+            let to_vecs = |t: &Tensor| -> Result<Vec<Vec<f32>>> {
+                let t = t.to_kind(Kind::Float).to_device(Device::Cpu);
+                Ok(Vec::<Vec<f32>>::try_from(&t)?)
+            };
+            let (img, txt) = (to_vecs(&img)?, to_vecs(&txt)?);
+            let ends: Vec<i64> = Vec::try_from(&ids.argmax(-1, false).to_device(Device::Cpu))?;
+            for (row, (i, _)) in good.iter().enumerate() {
+                let text_tokens = if cli.token_features {
+                    let len = ends[row] + 1;
+                    let t = tokens
+                        .get(row as i64)
+                        .narrow(0, 0, len)
+                        .to_kind(Kind::Half)
+                        .to_device(Device::Cpu)
+                        .contiguous();
+                    let width = t.size()[1] as usize;
+                    let values: Vec<f16> = Vec::try_from(&t.flatten(0, -1))?;
+                    Some(NpyArray {
+                        shape: vec![len as usize, width],
+                        data: NpyData::F16(values),
+                    })
+                } else {
+                    None
+                };
+                result.push(EmbeddingSample {
+                    key: chunk[*i].key.clone(),
+                    caption: chunk[*i].caption.clone(),
+                    image_emb: img[row].clone(),
+                    text_emb: txt[row].clone(),
+                    text_tokens,
+                });
+            }
+        }
+        samples += result.len() as u64;
+        write_embedding_shard(&out, &result)?;
+        written += 1;
+        bar.set_message(format!("{samples} samples, {skipped} skipped"));
+        bar.inc(1);
+    }
+    bar.finish();
+    println!(
+        "wrote {written} embedding shards to {} ({resumed} already there): {samples} samples embedded, {skipped} skipped (unreadable or undecodable)",
+        cli.out.display()
+    );
+    Ok(())
+}

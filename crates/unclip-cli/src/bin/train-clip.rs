@@ -1,0 +1,89 @@
+//! Train CLIP contrastively on captioned-image shards.
+//!
+//!     train-clip --config configs/shapes/clip.yaml
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tch::nn;
+use unclip_clip::task::{ensure_shards, ClipTask, ClipTrainConfig};
+use unclip_diffusion::device::parse_device;
+use unclip_train::checkpoint;
+use unclip_train::cli::{print_parameter_summary, train_with_args};
+use unclip_train::trainer::load_into;
+use unclip_train::{load_config, TrainArgs};
+
+#[derive(Parser)]
+#[command(about = "Train CLIP (ViT image encoder + causal text encoder) with the unCLIP runtime")]
+struct Cli {
+    #[command(flatten)]
+    args: TrainArgs,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let args = &cli.args;
+    let cfg = load_config::<ClipTrainConfig>(&args.config, &args.overrides)?;
+    let device = parse_device(&cfg.runtime.device)?;
+    let env = unclip_dist::DistEnv::from_env()?;
+    let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
+    if args.dry_run {
+        let vs = nn::VarStore::new(device);
+        let _model = unclip_clip::Clip::new(vs.root(), &cfg.task.model)?;
+        println!(
+            "config {} is valid; device {device:?}",
+            args.config.display()
+        );
+        print_parameter_summary(&vs);
+        return Ok(());
+    }
+    for set in [&cfg.task.data.train, &cfg.task.data.held_out] {
+        if world > 1
+            && set.generate.is_some()
+            && unclip_data::reader::shard_list(&set.shards).is_err()
+        {
+            anyhow::bail!(
+                "{} is missing: in multi-process runs write it first (make-shapes), ranks do not generate data",
+                set.shards
+            );
+        }
+        ensure_shards(set)?;
+    }
+    tch::manual_seed(cfg.runtime.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let mut task = ClipTask::new(
+        &vs,
+        &cfg.task,
+        cfg.runtime.seed,
+        cfg.runtime.train.batch_size,
+        rank,
+        world,
+    )?;
+    let summary = train_with_args(&mut task, &vs, &cfg, args)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
+    let report = |task: &ClipTask, which: &str| -> Result<()> {
+        if let Some((i2t, t2i)) = task.held_out_retrieval()? {
+            println!(
+                "step {}: held-out top-1 among {} ({which}): image->text {:.1}%, text->image {:.1}%",
+                summary.final_step,
+                cfg.task.data.held_out_count,
+                i2t * 100.0,
+                t2i * 100.0
+            );
+        }
+        Ok(())
+    };
+    report(&task, "current weights")?;
+    let ckpt = summary
+        .last_checkpoint
+        .or(summary.resumed_from)
+        .context("no checkpoint written")?;
+    let ck = checkpoint::load(&ckpt)?;
+    if let Some(ema) = &ck.ema {
+        load_into(&vs, ema, "EMA weights")?;
+        report(&task, "EMA weights")?;
+    }
+    println!("checkpoint {}", ckpt.display());
+    Ok(())
+}

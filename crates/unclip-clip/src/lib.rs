@@ -1,0 +1,12 @@
+//! CLIP for unCLIP: the encoders (transformers' `CLIPModel` names), open_clip / OpenAI weight
+//! conversion, the symmetric contrastive loss, and the `train-clip` task.
+
+pub mod config;
+pub mod convert;
+pub mod load;
+pub mod loss;
+pub mod model;
+pub mod task;
+
+pub use config::{Activation, ClipConfig, TextConfig, VisionConfig};
+pub use model::{init_clip_weights, Clip, TextFeatures};

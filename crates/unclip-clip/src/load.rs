@@ -1,0 +1,156 @@
+//! A trained CLIP ready for inference, from a `train-clip` run directory (its newest checkpoint,
+//! EMA weights when present) or a Hugging Face model directory (`config.json` +
+//! `model.safetensors`, e.g. openai/clip-vit-large-patch14).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use tch::{nn, Device};
+use unclip_data::images::{Crop, ImageTransform, Normalize, Resample};
+use unclip_train::checkpoint;
+
+use crate::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+use crate::convert::{load_clip_weights, read_clip_weights};
+use crate::model::Clip;
+use crate::task::ClipTrainConfig;
+
+pub struct LoadedClip {
+    /// Holds the weights; frozen.
+    pub vs: nn::VarStore,
+    pub model: Clip,
+    /// The preprocessing the model was trained with.
+    pub image: ImageTransform,
+    /// What was loaded, for messages.
+    pub source: String,
+}
+
+impl ClipConfig {
+    /// The shape of a transformers `CLIPModel` from its `config.json` (transformers' defaults for
+    /// absent fields).
+    pub fn from_hf_config(json: &Value) -> Result<Self> {
+        let int = |section: &Value, key: &str, default: i64| -> Result<i64> {
+            match section.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_i64()
+                    .with_context(|| format!("config.json: {key} is not an integer")),
+            }
+        };
+        let empty = Value::Object(Default::default());
+        let text = json.get("text_config").unwrap_or(&empty);
+        let vision = json.get("vision_config").unwrap_or(&empty);
+        let act = |section: &Value| -> Result<Activation> {
+            match section
+                .get("hidden_act")
+                .and_then(Value::as_str)
+                .unwrap_or("quick_gelu")
+            {
+                "quick_gelu" => Ok(Activation::QuickGelu),
+                "gelu" => Ok(Activation::Gelu),
+                other => bail!("config.json: hidden_act {other:?} is not supported"),
+            }
+        };
+        let (text_act, vision_act) = (act(text)?, act(vision)?);
+        if text_act != vision_act {
+            bail!("config.json: the text and vision towers use different activations");
+        }
+        let cfg = Self {
+            embed_dim: int(json, "projection_dim", 512)?,
+            vision: VisionConfig {
+                image_size: int(vision, "image_size", 224)?,
+                patch_size: int(vision, "patch_size", 32)?,
+                width: int(vision, "hidden_size", 768)?,
+                layers: int(vision, "num_hidden_layers", 12)?,
+                heads: int(vision, "num_attention_heads", 12)?,
+                mlp_width: Some(int(vision, "intermediate_size", 3072)?),
+            },
+            text: TextConfig {
+                vocab_size: int(text, "vocab_size", 49_408)?,
+                context_length: int(text, "max_position_embeddings", 77)?,
+                width: int(text, "hidden_size", 512)?,
+                layers: int(text, "num_hidden_layers", 12)?,
+                heads: int(text, "num_attention_heads", 8)?,
+                mlp_width: Some(int(text, "intermediate_size", 2048)?),
+            },
+            activation: text_act,
+            logit_scale_init: json
+                .get("logit_scale_init_value")
+                .and_then(Value::as_f64)
+                .unwrap_or(2.6592),
+            logit_scale_max: 100.0,
+            layer_norm_eps: text
+                .get("layer_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-5),
+        };
+        cfg.validate().context("config.json")?;
+        Ok(cfg)
+    }
+}
+
+fn build(cfg: &ClipConfig, device: Device) -> Result<(nn::VarStore, Clip)> {
+    let vs = nn::VarStore::new(device);
+    let model = Clip::new(vs.root(), cfg)?;
+    Ok((vs, model))
+}
+
+/// Loads CLIP from a run directory or a Hugging Face model directory.
+pub fn load_clip(path: &Path, device: Device) -> Result<LoadedClip> {
+    if path.join("config.yaml").is_file() {
+        let cfg = unclip_train::load_config::<ClipTrainConfig>(&path.join("config.yaml"), &[])?;
+        let ckpt = checkpoint::latest(&checkpoint::checkpoints_dir(path))?
+            .with_context(|| format!("{}: no complete checkpoint", path.display()))?;
+        let ck = checkpoint::load(&ckpt)?;
+        let (weights, which) = match ck.ema {
+            Some(ema) => (ema, "EMA"),
+            None => (ck.model, "model"),
+        };
+        let (mut vs, model) = build(&cfg.task.model, device)?;
+        let source = format!("{} ({which} weights)", ckpt.display());
+        load_clip_weights(&vs, &weights.into_iter().collect(), "", &source)?;
+        vs.freeze();
+        return Ok(LoadedClip {
+            vs,
+            model,
+            image: ImageTransform {
+                crop: Crop::Center,
+                random_flip: false,
+                ..cfg.task.data.image
+            },
+            source,
+        });
+    }
+    let config_json = path.join("config.json");
+    if config_json.is_file() {
+        let json: Value = serde_json::from_slice(
+            &std::fs::read(&config_json)
+                .with_context(|| format!("reading {}", config_json.display()))?,
+        )
+        .with_context(|| format!("parsing {}", config_json.display()))?;
+        let cfg =
+            ClipConfig::from_hf_config(&json).with_context(|| config_json.display().to_string())?;
+        let weights_path = path.join("model.safetensors");
+        let weights = read_clip_weights(&weights_path)?;
+        let (mut vs, model) = build(&cfg, device)?;
+        let source = weights_path.display().to_string();
+        load_clip_weights(&vs, &weights, "", &source)?;
+        vs.freeze();
+        return Ok(LoadedClip {
+            vs,
+            image: ImageTransform {
+                resolution: cfg.vision.image_size as u32,
+                crop: Crop::Center,
+                random_flip: false,
+                resample: Resample::Bicubic,
+                normalize: Normalize::Clip,
+            },
+            model,
+            source,
+        });
+    }
+    bail!(
+        "{}: neither a train-clip run directory (config.yaml + checkpoints/) nor a Hugging Face CLIP directory (config.json + model.safetensors)",
+        path.display()
+    )
+}

@@ -1,0 +1,395 @@
+//! `train-clip`: CLIP trained contrastively on captioned-image shards through the shared runtime
+//! (checkpoints, EMA, SAM, logs, data parallelism), with held-out retrieval accuracy logged.
+
+use std::rc::Rc;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+use unclip_data::images::ImageTransform;
+use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig};
+use unclip_data::reader::ReaderConfig;
+use unclip_data::tokenizer::ClipTokenizer;
+use unclip_dist::ProcessGroup;
+use unclip_train::config::Validate;
+use unclip_train::{StepOutput, TrainTask};
+
+use crate::config::ClipConfig;
+use crate::loss::{contrastive_loss, retrieval_top1};
+use crate::model::{init_clip_weights, Clip};
+
+/// Synthetic shapes shards written before training when the configured ones are missing, so the
+/// default configs run with nothing prepared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateShapes {
+    pub count: u64,
+    pub resolution: u32,
+    pub seed: u64,
+    #[serde(default = "default_shard_size")]
+    pub shard_size: u64,
+}
+
+fn default_shard_size() -> u64 {
+    1000
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSet {
+    /// Brace-expanded shard pattern, e.g. `data/shapes/train-{000000..000009}.tar`.
+    pub shards: String,
+    /// Write shapes shards matching the pattern's directory and prefix if they are missing.
+    #[serde(default)]
+    pub generate: Option<GenerateShapes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipDataConfig {
+    pub train: ShardSet,
+    /// Held-out pairs for retrieval accuracy.
+    pub held_out: ShardSet,
+    /// Candidates per retrieval query (the held-out batch size).
+    #[serde(default = "default_held_out_count")]
+    pub held_out_count: usize,
+    #[serde(default)]
+    pub image: ImageTransform,
+    #[serde(default = "yes")]
+    pub shard_shuffle: bool,
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// Batches decoded ahead of the trainer.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+fn default_held_out_count() -> usize {
+    64
+}
+fn yes() -> bool {
+    true
+}
+fn default_shuffle_buffer() -> usize {
+    1000
+}
+fn default_prefetch() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipEvalConfig {
+    /// Held-out retrieval every this many steps (0: never).
+    #[serde(default = "default_eval_every")]
+    pub every: u64,
+}
+
+impl Default for ClipEvalConfig {
+    fn default() -> Self {
+        Self {
+            every: default_eval_every(),
+        }
+    }
+}
+
+fn default_eval_every() -> u64 {
+    50
+}
+
+/// The task's sections of a `train-clip` config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipTrainConfig {
+    pub model: ClipConfig,
+    pub data: ClipDataConfig,
+    #[serde(default)]
+    pub eval: ClipEvalConfig,
+}
+
+impl Validate for ClipTrainConfig {
+    fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.data
+            .image
+            .validate()
+            .map_err(|e| anyhow!("data.{e}"))?;
+        ensure!(
+            i64::from(self.data.image.resolution) == self.model.vision.image_size,
+            "data.image.resolution ({}) must equal model.vision.image_size ({})",
+            self.data.image.resolution,
+            self.model.vision.image_size
+        );
+        ensure!(
+            self.data.held_out_count >= 2,
+            "data.held_out_count must be at least 2"
+        );
+        for (key, set) in [
+            ("data.train", &self.data.train),
+            ("data.held_out", &self.data.held_out),
+        ] {
+            ensure!(
+                !set.shards.trim().is_empty(),
+                "{key}.shards must name shards"
+            );
+            if let Some(g) = &set.generate {
+                ensure!(
+                    g.count > 0 && g.shard_size > 0 && (32..=1024).contains(&g.resolution),
+                    "{key}.generate: count and shard_size must be > 0, resolution 32..=1024"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the shapes shards of `set` when its pattern matches none on disk.
+pub fn ensure_shards(set: &ShardSet) -> Result<()> {
+    let Some(g) = &set.generate else {
+        return Ok(());
+    };
+    if unclip_data::reader::shard_list(&set.shards).is_ok() {
+        return Ok(());
+    }
+    let path = std::path::Path::new(&set.shards);
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let file = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .context("shard pattern has no file name")?;
+    let prefix = file.split_once('-').map(|(p, _)| p).with_context(|| {
+        format!(
+            "{}: generated shards are named PREFIX-NNNNNN.tar",
+            set.shards
+        )
+    })?;
+    let spec = unclip_data::shards::ShapesSpec {
+        count: g.count,
+        resolution: g.resolution,
+        seed: g.seed,
+        shard_size: g.shard_size,
+        out: dir.to_path_buf(),
+        prefix: prefix.to_string(),
+    };
+    let written = unclip_data::shards::write_shapes_shards(&spec)?;
+    unclip_data::reader::shard_list(&set.shards).with_context(|| {
+        format!(
+            "generated {} shards in {}, but {} does not match them",
+            written.len(),
+            dir.display(),
+            set.shards
+        )
+    })?;
+    Ok(())
+}
+
+pub struct ClipBatch {
+    pub pixels: Tensor,
+    pub ids: Tensor,
+    position: DataPosition,
+}
+
+pub struct ClipTask {
+    pub model: Clip,
+    tokenizer: ClipTokenizer,
+    loader: ImageLoader,
+    loader_cfg: LoaderConfig,
+    held_out: Option<ClipBatch>,
+    cfg: ClipTrainConfig,
+    device: Device,
+    group: Option<Rc<ProcessGroup>>,
+    step: u64,
+    last_eval: Option<u64>,
+    position: DataPosition,
+    skipped_total: u64,
+}
+
+impl ClipTask {
+    /// Builds CLIP at the root of `vs` (transformers' names) with CLIP's initialisation and
+    /// starts the data stream for `rank` of `world_size`.
+    pub fn new(
+        vs: &nn::VarStore,
+        cfg: &ClipTrainConfig,
+        seed: u64,
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
+        let model = Clip::new(vs.root(), &cfg.model)?;
+        init_clip_weights(vs, &cfg.model, "");
+        let loader_cfg = LoaderConfig {
+            reader: ReaderConfig {
+                shards: cfg.data.train.shards.clone(),
+                rank,
+                world_size,
+                seed,
+                shard_shuffle: cfg.data.shard_shuffle,
+                shuffle_buffer: cfg.data.shuffle_buffer,
+            },
+            transform: cfg.data.image.clone(),
+            batch_size,
+            prefetch: cfg.data.prefetch,
+            start: DataPosition::default(),
+        };
+        let loader = ImageLoader::start(loader_cfg.clone())
+            .with_context(|| format!("data.train.shards {}", cfg.data.train.shards))?;
+        let tokenizer = ClipTokenizer::new();
+        let mut task = Self {
+            model,
+            tokenizer,
+            loader,
+            loader_cfg,
+            held_out: None,
+            cfg: cfg.clone(),
+            device: vs.device(),
+            group: None,
+            step: 0,
+            last_eval: None,
+            position: DataPosition::default(),
+            skipped_total: 0,
+        };
+        if cfg.eval.every > 0 && rank == 0 {
+            task.held_out = Some(task.load_held_out()?);
+        }
+        Ok(task)
+    }
+
+    /// The first `held_out_count` held-out pairs, centre-cropped, unflipped, in file order.
+    fn load_held_out(&self) -> Result<ClipBatch> {
+        let d = &self.cfg.data;
+        let mut loader = ImageLoader::start(LoaderConfig {
+            reader: ReaderConfig {
+                shards: d.held_out.shards.clone(),
+                rank: 0,
+                world_size: 1,
+                seed: 0,
+                shard_shuffle: false,
+                shuffle_buffer: 0,
+            },
+            transform: ImageTransform {
+                crop: unclip_data::images::Crop::Center,
+                random_flip: false,
+                ..d.image.clone()
+            },
+            batch_size: d.held_out_count,
+            prefetch: 1,
+            start: DataPosition::default(),
+        })
+        .with_context(|| format!("data.held_out.shards {}", d.held_out.shards))?;
+        let batch = loader.next_batch()?;
+        self.to_batch(&batch)
+    }
+
+    fn to_batch(&self, b: &ImageBatch) -> Result<ClipBatch> {
+        let r = i64::from(b.resolution);
+        let pixels = Tensor::from_slice(&b.images)
+            .view([b.len() as i64, 3, r, r])
+            .to_device(self.device);
+        let ctx = self.cfg.model.text.context_length as usize;
+        let ids = Tensor::from_slice(&self.tokenizer.tokenize_batch(&b.captions, ctx))
+            .view([b.len() as i64, ctx as i64])
+            .to_device(self.device);
+        Ok(ClipBatch {
+            pixels,
+            ids,
+            position: b.position,
+        })
+    }
+
+    /// (image→text, text→image) top-1 among the held-out candidates, without gradients.
+    pub fn held_out_retrieval(&self) -> Result<Option<(f64, f64)>> {
+        let Some(h) = &self.held_out else {
+            return Ok(None);
+        };
+        let _g = tch::no_grad_guard();
+        let img = self.model.encode_image(&h.pixels)?;
+        let txt = self.model.encode_text(&h.ids)?.embeds;
+        Ok(Some(retrieval_top1(&img, &txt)?))
+    }
+}
+
+impl TrainTask for ClipTask {
+    type Batch = ClipBatch;
+
+    fn next_batch(&mut self, step: u64, _micro: usize) -> Result<ClipBatch> {
+        self.step = step;
+        let b = self.loader.next_batch()?;
+        self.skipped_total = b.skipped_total;
+        self.to_batch(&b)
+    }
+
+    fn loss(&mut self, batch: &ClipBatch) -> Result<StepOutput> {
+        let image = self.model.encode_image(&batch.pixels)?;
+        let text = self.model.encode_text(&batch.ids)?.embeds;
+        let scale = self.model.logit_scale();
+        let out = contrastive_loss(&image, &text, &scale, self.group.as_deref())?;
+        self.position = batch.position;
+        let mut metrics = vec![
+            ("logit_scale".to_string(), scale.double_value(&[])),
+            ("data_skipped".to_string(), self.skipped_total as f64),
+        ];
+        let (i2t, t2i) = tch::no_grad(|| retrieval_top1(&image, &text))?;
+        metrics.push(("batch_i2t_top1".into(), i2t));
+        metrics.push(("batch_t2i_top1".into(), t2i));
+        let every = self.cfg.eval.every;
+        if every > 0 && self.step.is_multiple_of(every) && self.last_eval != Some(self.step) {
+            self.last_eval = Some(self.step);
+            if let Some((i2t, t2i)) = self.held_out_retrieval()? {
+                metrics.push(("heldout_i2t_top1".into(), i2t));
+                metrics.push(("heldout_t2i_top1".into(), t2i));
+            }
+        }
+        Ok(StepOutput {
+            loss: out.loss,
+            samples: batch.pixels.size()[0] as usize,
+            metrics,
+        })
+    }
+
+    fn data_state(&self) -> serde_json::Value {
+        serde_json::to_value(self.position).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn restore_data_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        if state.is_null() {
+            return Ok(());
+        }
+        let position: DataPosition = serde_json::from_value(state.clone())
+            .context("checkpoint data_state is not a data position")?;
+        self.loader = ImageLoader::start(LoaderConfig {
+            start: position,
+            ..self.loader_cfg.clone()
+        })?;
+        self.position = position;
+        Ok(())
+    }
+
+    /// The held-out image–text similarity matrix (bright diagonal = right matches).
+    fn images(&mut self, _step: u64) -> Result<Vec<(String, Tensor)>> {
+        let Some(h) = &self.held_out else {
+            return Ok(Vec::new());
+        };
+        let _g = tch::no_grad_guard();
+        let img = unclip_diffusion::embedding::l2_normalize(&self.model.encode_image(&h.pixels)?)?;
+        let txt =
+            unclip_diffusion::embedding::l2_normalize(&self.model.encode_text(&h.ids)?.embeds)?;
+        let sim = img
+            .matmul(&txt.tr())
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
+        let (lo, hi) = (sim.min().double_value(&[]), sim.max().double_value(&[]));
+        let sim = (sim - lo) / (hi - lo).max(1e-6);
+        let n = sim.size()[0];
+        let big = sim
+            .view([1, 1, n, n])
+            .upsample_nearest2d([n * 4, n * 4], None, None)
+            .view([1, n * 4, n * 4])
+            .expand([3, n * 4, n * 4], false)
+            .contiguous();
+        Ok(vec![("heldout_similarity".into(), big)])
+    }
+
+    fn set_process_group(&mut self, group: Rc<ProcessGroup>) {
+        self.group = Some(group);
+    }
+}

@@ -1,0 +1,114 @@
+//! CLIP against transformers' CLIPModel and open_clip with the same random weights
+//! (scripts/fixtures/clip.py): embeddings, per-token features, loss.
+use std::path::{Path, PathBuf};
+use tch::{nn, Kind, Tensor};
+use unclip_clip::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+use unclip_clip::convert::{load_clip_weights, read_clip_weights};
+use unclip_clip::loss::contrastive_loss;
+use unclip_clip::Clip;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn config(mlp_text: i64, mlp_vision: i64) -> ClipConfig {
+    ClipConfig {
+        embed_dim: 24,
+        vision: VisionConfig {
+            image_size: 32,
+            patch_size: 8,
+            width: 48,
+            layers: 2,
+            heads: 4,
+            mlp_width: Some(mlp_vision),
+        },
+        text: TextConfig {
+            vocab_size: 1000,
+            context_length: 16,
+            width: 32,
+            layers: 2,
+            heads: 4,
+            mlp_width: Some(mlp_text),
+        },
+        activation: Activation::QuickGelu,
+        logit_scale_init: 2.6592,
+        logit_scale_max: 100.0,
+        layer_norm_eps: 1e-5,
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+fn check(weights: &str, io: &str, cfg: &ClipConfig) {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let model = Clip::new(vs.root(), cfg).unwrap();
+    let w = read_clip_weights(&fixture(weights)).unwrap();
+    load_clip_weights(&vs, &w, "", weights).unwrap();
+    let io: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(fixture(io))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let _g = tch::no_grad_guard();
+    let text = model.encode_text(&io["ids"]).unwrap();
+    let image = model.encode_image(&io["pixels"]).unwrap();
+    let tol = 1e-4;
+    let d = max_diff(&text.embeds, &io["text_proj"]);
+    assert!(d <= tol, "{weights}: text embeddings off by {d}");
+    let d = max_diff(&image, &io["image_proj"]);
+    assert!(d <= tol, "{weights}: image embeddings off by {d}");
+    let d = max_diff(&text.tokens, &io["tokens"]);
+    assert!(d <= tol, "{weights}: token features off by {d}");
+    let out = contrastive_loss(&image, &text.embeds, &model.logit_scale(), None).unwrap();
+    let d = (out.loss.double_value(&[]) - io["loss"].double_value(&[0])).abs();
+    assert!(d <= tol, "{weights}: loss off by {d}");
+    if let Some(want) = io.get("logits_per_image") {
+        let d = max_diff(&out.logits_per_image, want);
+        assert!(d <= tol, "{weights}: logits off by {d}");
+    }
+    assert_eq!(text.tokens.kind(), Kind::Float);
+}
+
+#[test]
+fn matches_transformers_clip_model() {
+    check(
+        "hf_clip/model.safetensors",
+        "hf_io.safetensors",
+        &config(64, 96),
+    );
+}
+
+#[test]
+fn matches_open_clip_through_the_name_mapping() {
+    check(
+        "open_clip.safetensors",
+        "open_clip_io.safetensors",
+        &config(64, 96),
+    );
+}
+
+#[test]
+fn wrong_shapes_and_missing_weights_are_named() {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let mut cfg = config(64, 96);
+    cfg.text.width = 64;
+    cfg.text.mlp_width = Some(128);
+    let _model = Clip::new(vs.root(), &cfg).unwrap();
+    let w = read_clip_weights(&fixture("hf_clip/model.safetensors")).unwrap();
+    let err = load_clip_weights(&vs, &w, "", "hf_clip")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("hf_clip") && err.contains("shape"), "{err}");
+    let mut w = w;
+    w.remove("logit_scale");
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let _model = Clip::new(vs.root(), &config(64, 96)).unwrap();
+    let err = load_clip_weights(&vs, &w, "", "hf_clip")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing weight logit_scale"), "{err}");
+}
