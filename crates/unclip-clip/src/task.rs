@@ -183,6 +183,32 @@ pub fn ensure_shards(set: &ShardSet) -> Result<()> {
     Ok(())
 }
 
+/// What must differ between held-out candidates for retrieval to be well posed. With scene
+/// metadata (the shapes dataset's `KEY.json`), the set of (colour, shape) objects: captions often
+/// leave size and background out, so two scenes with the same objects can both match one caption.
+/// Otherwise the caption, case- and space-normalised.
+pub fn retrieval_signature(caption: &str, metadata: Option<&serde_json::Value>) -> String {
+    let objects = metadata
+        .and_then(|m| m.get("objects"))
+        .and_then(|o| o.as_array());
+    if let Some(objects) = objects {
+        let mut parts: Vec<String> = objects
+            .iter()
+            .map(|o| {
+                let field = |k: &str| o.get(k).and_then(|v| v.as_str()).unwrap_or("?");
+                format!("{} {}", field("colour"), field("shape"))
+            })
+            .collect();
+        parts.sort();
+        return parts.join(",");
+    }
+    caption
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
 pub struct ClipBatch {
     pub pixels: Tensor,
     pub ids: Tensor,
@@ -254,9 +280,11 @@ impl ClipTask {
         Ok(task)
     }
 
-    /// The first `held_out_count` held-out pairs, centre-cropped, unflipped, in file order.
+    /// The first `held_out_count` held-out pairs that are distinguishable from one another (see
+    /// [`retrieval_signature`]), centre-cropped, unflipped, in file order.
     fn load_held_out(&self) -> Result<ClipBatch> {
         let d = &self.cfg.data;
+        let pool = d.held_out_count * 4;
         let mut loader = ImageLoader::start(LoaderConfig {
             reader: ReaderConfig {
                 shards: d.held_out.shards.clone(),
@@ -271,13 +299,43 @@ impl ClipTask {
                 random_flip: false,
                 ..d.image.clone()
             },
-            batch_size: d.held_out_count,
+            batch_size: pool,
             prefetch: 1,
             start: DataPosition::default(),
         })
         .with_context(|| format!("data.held_out.shards {}", d.held_out.shards))?;
         let batch = loader.next_batch()?;
-        self.to_batch(&batch)
+        let numel = d.image.numel();
+        let mut seen = std::collections::HashSet::new();
+        let mut picked = ImageBatch {
+            keys: Vec::new(),
+            captions: Vec::new(),
+            metadata: Vec::new(),
+            images: Vec::new(),
+            ..batch.clone()
+        };
+        for i in 0..batch.len() {
+            if picked.len() == d.held_out_count {
+                break;
+            }
+            let signature = retrieval_signature(&batch.captions[i], batch.metadata[i].as_ref());
+            if seen.insert(signature) {
+                picked.keys.push(batch.keys[i].clone());
+                picked.captions.push(batch.captions[i].clone());
+                picked.metadata.push(batch.metadata[i].clone());
+                picked
+                    .images
+                    .extend_from_slice(&batch.images[i * numel..(i + 1) * numel]);
+            }
+        }
+        ensure!(
+            picked.len() == d.held_out_count,
+            "data.held_out.shards {}: only {} distinguishable pairs among the first {pool} samples, {} needed",
+            d.held_out.shards,
+            picked.len(),
+            d.held_out_count
+        );
+        self.to_batch(&picked)
     }
 
     fn to_batch(&self, b: &ImageBatch) -> Result<ClipBatch> {

@@ -53,7 +53,7 @@ data:
     generate: {{count: 2000, resolution: 32, seed: 1, shard_size: 500}}
   held_out:
     shards: {d}/val-000000.tar
-    generate: {{count: 32, resolution: 32, seed: 2}}
+    generate: {{count: 128, resolution: 32, seed: 2}}
   held_out_count: 32
   image: {{resolution: 16}}
   shuffle_buffer: 200

@@ -70,7 +70,7 @@ pub fn gaussian_kernel(kernel: usize, sigma: f32) -> Vec<f32> {
 }
 
 /// Reflect index (no edge repeat), as torch's "reflect" padding.
-fn reflect(i: isize, n: isize) -> usize {
+pub(crate) fn reflect(i: isize, n: isize) -> usize {
     let mut i = i;
     if n == 1 {
         return 0;

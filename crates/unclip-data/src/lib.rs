@@ -1,6 +1,7 @@
 //! Data for unCLIP training: the synthetic shapes dataset (the embedded default), WebDataset
 //! shards, CLIP's tokenizer, image transforms and degradations.
 
+pub mod bsr;
 pub mod degrade;
 pub mod embeddings;
 pub mod images;
