@@ -1,0 +1,170 @@
+//! `embed` end to end: a CLIP run directory → embedding shards with the image shards' names and
+//! keys, normalised embeddings equal to the model's, token features, skips counted, resumable.
+use std::path::Path;
+use std::process::Command;
+use tch::{nn, Device, Tensor};
+use unclip_clip::load::load_clip;
+use unclip_data::embeddings::parse_embedding_sample;
+use unclip_data::reader::{ReaderConfig, ShardReader};
+use unclip_data::shapes::make_sample;
+use unclip_data::shards::{write_shapes_shards, ShapesSpec};
+use unclip_data::tokenizer::ClipTokenizer;
+
+const CONFIG: &str = "
+seed: 0
+device: cpu
+model:
+  embed_dim: 16
+  vision: {image_size: 32, patch_size: 8, width: 32, layers: 1, heads: 2}
+  text: {context_length: 24, width: 32, layers: 1, heads: 2}
+data:
+  train: {shards: unused-000000.tar}
+  held_out: {shards: unused-000000.tar}
+  image: {resolution: 32}
+";
+
+/// A run directory holding one checkpoint of a randomly initialised tiny CLIP.
+fn run_dir(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.yaml"), CONFIG).unwrap();
+    let cfg = unclip_train::config::parse_config::<unclip_clip::task::ClipTrainConfig>(CONFIG, &[])
+        .unwrap();
+    tch::manual_seed(1);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = unclip_clip::Clip::new(vs.root(), &cfg.task.model).unwrap();
+    unclip_clip::init_clip_weights(&vs, &cfg.task.model, "");
+    let mut weights: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = unclip_train::checkpoint::CheckpointMeta::new(1);
+    unclip_train::checkpoint::save(
+        &unclip_train::checkpoint::checkpoints_dir(dir),
+        &meta,
+        &weights,
+        None,
+        &[],
+    )
+    .unwrap();
+}
+
+fn embed(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_embed"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn embeds_shards_resumably_with_the_models_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    run_dir(&run);
+    let data = tmp.path().join("data");
+    write_shapes_shards(&ShapesSpec {
+        count: 12,
+        resolution: 32,
+        seed: 5,
+        shard_size: 6,
+        out: data.clone(),
+        prefix: "img".into(),
+    })
+    .unwrap();
+    // A third shard with an undecodable image.
+    let bad = data.join("img-000002.tar");
+    let mut w = webdataset::TarWriter::create(bad.to_str().unwrap()).unwrap();
+    for (key, png) in [
+        ("x0", make_sample(5, 99, 32).unwrap().png),
+        ("x1", b"junk".to_vec()),
+    ] {
+        let mut s = webdataset::Sample::with_key(key);
+        s.insert("png", webdataset::Value::Bytes(png.into()));
+        s.insert(
+            "txt",
+            webdataset::Value::Bytes(b"a red circle".to_vec().into()),
+        );
+        w.write(&s).unwrap();
+    }
+    w.close().unwrap();
+    let out = tmp.path().join("emb");
+    let shards = format!("{}/img-{{000000..000002}}.tar", data.display());
+    let args = [
+        "--clip",
+        run.to_str().unwrap(),
+        "--shards",
+        &shards,
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--token-features",
+        "--device",
+        "cpu",
+    ];
+    let report = embed(&args);
+    assert!(
+        report.contains("wrote 3 embedding shards")
+            && report.contains("13 samples embedded, 1 skipped"),
+        "{report}"
+    );
+
+    let clip = load_clip(&run, Device::Cpu).unwrap();
+    let tok = ClipTokenizer::new();
+    for shard in ["img-000000.tar", "img-000001.tar", "img-000002.tar"] {
+        let cfg = |p: &Path| ReaderConfig {
+            shards: p.display().to_string(),
+            rank: 0,
+            world_size: 1,
+            seed: 0,
+            shard_shuffle: false,
+            shuffle_buffer: 0,
+        };
+        let images: Vec<_> = ShardReader::new(&cfg(&data.join(shard)), 0)
+            .unwrap()
+            .iter()
+            .collect();
+        let embs: Vec<_> =
+            ShardReader::with_parser(&cfg(&out.join(shard)), 0, parse_embedding_sample)
+                .unwrap()
+                .iter()
+                .collect();
+        let want_keys: Vec<&str> = images
+            .iter()
+            .map(|s| s.key.as_str())
+            .filter(|k| *k != "x1")
+            .collect();
+        let got_keys: Vec<&str> = embs.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(got_keys, want_keys, "{shard}");
+        for e in &embs {
+            let img = images.iter().find(|s| s.key == e.key).unwrap();
+            assert_eq!(e.caption, img.caption);
+            // The model's own embedding of this sample, normalised.
+            let mut px = vec![0f32; clip.image.numel()];
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+            clip.image.apply(&img.image, &mut rng, &mut px).unwrap();
+            let want = tch::no_grad(|| {
+                clip.model
+                    .encode_image(&Tensor::from_slice(&px).view([1, 3, 32, 32]))
+                    .unwrap()
+            });
+            let want = &want / want.norm();
+            let got = Tensor::from_slice(&e.image_emb).view([1, 16]);
+            assert!((got - want).abs().max().double_value(&[]) < 1e-5);
+            let norm: f32 = e.text_emb.iter().map(|v| v * v).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4);
+            let tokens = e.text_tokens.as_ref().unwrap();
+            let n = tok.encode(&e.caption).len() + 2;
+            assert_eq!(tokens.shape, vec![n, 32], "tokens up to the end token");
+        }
+    }
+    // A rerun skips every finished shard.
+    let again = embed(&args);
+    assert!(
+        again.contains("wrote 0 embedding shards") && again.contains("(3 already there)"),
+        "{again}"
+    );
+}
