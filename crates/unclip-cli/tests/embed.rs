@@ -115,14 +115,7 @@ fn embeds_shards_resumably_with_the_models_embeddings() {
     let clip = load_clip(&run, Device::Cpu).unwrap();
     let tok = ClipTokenizer::new();
     for shard in ["img-000000.tar", "img-000001.tar", "img-000002.tar"] {
-        let cfg = |p: &Path| ReaderConfig {
-            shards: p.display().to_string(),
-            rank: 0,
-            world_size: 1,
-            seed: 0,
-            shard_shuffle: false,
-            shuffle_buffer: 0,
-        };
+        let cfg = |p: &Path| ReaderConfig::in_order(p.display().to_string());
         let images: Vec<_> = ShardReader::new(&cfg(&data.join(shard)), 0)
             .unwrap()
             .iter()

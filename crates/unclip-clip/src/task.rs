@@ -256,6 +256,7 @@ impl ClipTask {
             batch_size,
             prefetch: cfg.data.prefetch,
             start: DataPosition::default(),
+            embeddings: None,
         };
         let loader = ImageLoader::start(loader_cfg.clone())
             .with_context(|| format!("data.train.shards {}", cfg.data.train.shards))?;
@@ -286,14 +287,7 @@ impl ClipTask {
         let d = &self.cfg.data;
         let pool = d.held_out_count * 4;
         let mut loader = ImageLoader::start(LoaderConfig {
-            reader: ReaderConfig {
-                shards: d.held_out.shards.clone(),
-                rank: 0,
-                world_size: 1,
-                seed: 0,
-                shard_shuffle: false,
-                shuffle_buffer: 0,
-            },
+            reader: ReaderConfig::in_order(d.held_out.shards.clone()),
             transform: ImageTransform {
                 crop: unclip_data::images::Crop::Center,
                 random_flip: false,
@@ -302,6 +296,7 @@ impl ClipTask {
             batch_size: pool,
             prefetch: 1,
             start: DataPosition::default(),
+            embeddings: None,
         })
         .with_context(|| format!("data.held_out.shards {}", d.held_out.shards))?;
         let batch = loader.next_batch()?;

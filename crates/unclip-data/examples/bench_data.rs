@@ -42,14 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = "data/bench";
     let source = shards(dir, "src512", 400, 512)?;
     let big = shards(dir, "src1024", 16, 1024)?;
-    let reader_cfg = |shards: &str| ReaderConfig {
-        shards: shards.to_string(),
-        rank: 0,
-        world_size: 1,
-        seed: 0,
-        shard_shuffle: false,
-        shuffle_buffer: 0,
-    };
+    let reader_cfg = |shards: &str| ReaderConfig::in_order(shards.to_string());
 
     // Ours, on this thread only.
     let mut ours = Vec::new();

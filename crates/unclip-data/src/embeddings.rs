@@ -10,12 +10,17 @@
 //! Python's webdataset decodes these with `.decode()` (numpy arrays), so they are usable there too.
 //! The prior trains from these shards alone; the decoder pairs them with the image shards by key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use webdataset::{Sample, TarWriter, Value};
 
 use crate::npy::NpyArray;
-use crate::reader::bytes_of;
+use crate::reader::{
+    bytes_of, rank_shards, shard_list, CaptionedImage, ReaderConfig, ShardReader, SkipCounter,
+};
 use crate::shards::ShardError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,4 +127,131 @@ pub fn align_by_key(
         ));
     }
     Ok(out)
+}
+
+/// An image sample with its precomputed embeddings.
+pub type Paired = (CaptionedImage, EmbeddingSample);
+
+/// Image shards read together with their embedding shards (same file names in `embedding_dir`),
+/// matched by key with [`align_by_key`]. Shard order and a sample buffer are shuffled from (seed,
+/// epoch, rank) like [`ShardReader`]; image samples without an embedding are skipped and counted;
+/// an embedding shard that does not belong to its image shard is an error naming the key.
+pub struct PairedShardReader {
+    shards: Vec<PathBuf>,
+    embedding_dir: PathBuf,
+    shuffle_buffer: usize,
+    seed: u64,
+    skipped: SkipCounter,
+}
+
+fn single(path: &Path) -> ReaderConfig {
+    ReaderConfig::in_order(path.display().to_string())
+}
+
+/// One image shard and its embedding shard, matched.
+fn read_pair(
+    image_shard: &Path,
+    embedding_dir: &Path,
+    skipped: &SkipCounter,
+) -> Result<Vec<Paired>, ShardError> {
+    let emb_path = embedding_shard_for(image_shard, embedding_dir)?;
+    let images = ShardReader::new(&single(image_shard), 0)?;
+    let embeddings = ShardReader::with_parser(&single(&emb_path), 0, parse_embedding_sample)?;
+    let images: Vec<CaptionedImage> = images.iter().collect();
+    let embs: Vec<EmbeddingSample> = embeddings.iter().collect();
+    let image_keys: Vec<String> = images.iter().map(|s| s.key.clone()).collect();
+    let emb_keys: Vec<String> = embs.iter().map(|s| s.key.clone()).collect();
+    let matches = align_by_key(&image_keys, &emb_keys, &emb_path)?;
+    let mut embs: Vec<Option<EmbeddingSample>> = embs.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(images.len());
+    for (img, m) in images.into_iter().zip(matches) {
+        match m.and_then(|i| embs[i].take()) {
+            Some(e) => out.push((img, e)),
+            None => skipped.bump(),
+        }
+    }
+    Ok(out)
+}
+
+impl PairedShardReader {
+    /// Checks, before any training, that every embedding shard exists and that the first pair
+    /// of shards belongs together.
+    pub fn new(cfg: &ReaderConfig, embedding_dir: &Path, epoch: u64) -> Result<Self, ShardError> {
+        let mut shards = rank_shards(&shard_list(&cfg.shards)?, cfg.rank, cfg.world_size)?;
+        for s in &shards {
+            let e = embedding_shard_for(s, embedding_dir)?;
+            if !e.is_file() {
+                return Err(io_err(
+                    &e,
+                    format!("embedding shard for {} not found", s.display()),
+                ));
+            }
+        }
+        let seed = cfg.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (cfg.rank as u64) << 32;
+        if cfg.shard_shuffle {
+            shards.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        }
+        read_pair(&shards[0], embedding_dir, &SkipCounter::default())?;
+        Ok(Self {
+            shards,
+            embedding_dir: embedding_dir.to_path_buf(),
+            shuffle_buffer: cfg.shuffle_buffer,
+            seed,
+            skipped: SkipCounter::default(),
+        })
+    }
+
+    /// The epoch's pairs; an error ends the iteration.
+    pub fn iter(&self) -> impl Iterator<Item = Result<Paired, ShardError>> + Send + 'static {
+        let shards = self.shards.clone();
+        let dir = self.embedding_dir.clone();
+        let skipped = self.skipped.clone();
+        let pairs = shards
+            .into_iter()
+            .flat_map(move |s| match read_pair(&s, &dir, &skipped) {
+                Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            });
+        BufferShuffle::new(pairs, self.shuffle_buffer, self.seed)
+    }
+
+    pub fn skipped(&self) -> u64 {
+        self.skipped.get()
+    }
+}
+
+/// A seeded shuffle buffer: hold up to `size` items, emit a random one as each new item arrives.
+struct BufferShuffle<I: Iterator> {
+    inner: I,
+    buffer: Vec<I::Item>,
+    size: usize,
+    rng: ChaCha8Rng,
+}
+
+impl<I: Iterator> BufferShuffle<I> {
+    fn new(inner: I, size: usize, seed: u64) -> Self {
+        Self {
+            inner,
+            buffer: Vec::with_capacity(size),
+            size,
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0xB5F1),
+        }
+    }
+}
+
+impl<I: Iterator> Iterator for BufferShuffle<I> {
+    type Item = I::Item;
+    fn next(&mut self) -> Option<I::Item> {
+        while self.buffer.len() < self.size.max(1) {
+            match self.inner.next() {
+                Some(item) => self.buffer.push(item),
+                None => break,
+            }
+        }
+        if self.buffer.is_empty() {
+            return None;
+        }
+        let i = self.rng.gen_range(0..self.buffer.len());
+        Some(self.buffer.swap_remove(i))
+    }
 }

@@ -6,6 +6,7 @@
 //! random crop / flip from (seed, epoch, rank, position in the epoch), never from thread timing.
 //! Every batch carries the stream position after it, so a checkpoint can resume the stream exactly.
 
+use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
 
@@ -14,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::embeddings::{EmbeddingSample, PairedShardReader};
 use crate::images::ImageTransform;
 use crate::reader::{CaptionedImage, ReaderConfig, ShardReader};
 use crate::shards::ShardError;
@@ -51,6 +53,10 @@ pub struct ImageBatch {
     pub finished_epochs: Vec<EpochReport>,
     /// Samples skipped since the loader started.
     pub skipped_total: u64,
+    /// With `LoaderConfig::embeddings`: `[len, embed_dim]` L2-normalised image and text
+    /// embeddings, row-major (empty otherwise).
+    pub image_embeds: Vec<f32>,
+    pub text_embeds: Vec<f32>,
 }
 
 impl ImageBatch {
@@ -70,6 +76,9 @@ pub struct LoaderConfig {
     /// Batches prepared ahead of the consumer.
     pub prefetch: usize,
     pub start: DataPosition,
+    /// Read each image with its precomputed embeddings from the embedding shards of this
+    /// directory (same file names and keys as the image shards; see `crate::embeddings`).
+    pub embeddings: Option<PathBuf>,
 }
 
 pub struct ImageLoader {
@@ -88,7 +97,39 @@ fn sample_seed(seed: u64, epoch: u64, rank: usize, index: u64) -> u64 {
 
 struct Transformed {
     sample: CaptionedImage,
+    embedding: Option<EmbeddingSample>,
     pixels: Vec<f32>,
+}
+
+/// One raw sample and, when reading embeddings, its embedding.
+type Raw = (CaptionedImage, Option<EmbeddingSample>);
+type RawIter = Box<dyn Iterator<Item = Result<Raw, ShardError>> + Send>;
+
+/// One epoch's stream and how to ask it how many samples it skipped.
+struct Epoch {
+    iter: RawIter,
+    skipped: Box<dyn Fn() -> u64 + Send>,
+}
+
+fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
+    Ok(match &cfg.embeddings {
+        None => {
+            let reader = ShardReader::new(&cfg.reader, epoch)?;
+            let iter = reader.iter().map(|s| Ok((s, None)));
+            Epoch {
+                iter: Box::new(iter),
+                skipped: Box::new(move || reader.skipped()),
+            }
+        }
+        Some(dir) => {
+            let reader = PairedShardReader::new(&cfg.reader, dir, epoch)?;
+            let iter = reader.iter().map(|r| r.map(|(s, e)| (s, Some(e))));
+            Epoch {
+                iter: Box::new(iter),
+                skipped: Box::new(move || reader.skipped()),
+            }
+        }
+    })
 }
 
 impl ImageLoader {
@@ -102,8 +143,9 @@ impl ImageLoader {
         if cfg.batch_size == 0 {
             return Err(invalid("batch_size must be at least 1".into()));
         }
-        // Missing shards and impossible rank splits fail here, before training starts.
-        ShardReader::new(&cfg.reader, cfg.start.epoch)?;
+        // Missing shards, impossible rank splits and embedding shards that do not belong fail
+        // here, before training starts.
+        open_epoch(&cfg, cfg.start.epoch)?;
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
         let worker = std::thread::Builder::new()
             .name("unclip-loader".into())
@@ -152,7 +194,7 @@ impl Drop for ImageLoader {
 struct Producer {
     cfg: LoaderConfig,
     position: DataPosition,
-    reader: Option<(ShardReader, Box<dyn Iterator<Item = CaptionedImage> + Send>)>,
+    reader: Option<Epoch>,
     epoch_samples: u64,
     epoch_decode_skips: u64,
     skipped_total: u64,
@@ -175,30 +217,32 @@ impl Producer {
     }
 
     /// Up to `n` raw samples of the current epoch, opening epochs as needed; empty at epoch end.
-    fn pull(&mut self, n: usize) -> Result<Vec<(u64, CaptionedImage)>, ShardError> {
+    fn pull(&mut self, n: usize) -> Result<Vec<(u64, Raw)>, ShardError> {
         if self.reader.is_none() {
-            let reader = ShardReader::new(&self.cfg.reader, self.position.epoch)?;
-            let mut iter: Box<dyn Iterator<Item = CaptionedImage> + Send> = Box::new(reader.iter());
+            let mut epoch = open_epoch(&self.cfg, self.position.epoch)?;
             // Resuming inside an epoch: the order is deterministic, so skip what was consumed.
             for _ in 0..self.position.samples {
-                if iter.next().is_none() {
-                    break;
+                match epoch.iter.next() {
+                    Some(r) => {
+                        r?;
+                    }
+                    None => break,
                 }
             }
-            self.reader = Some((reader, iter));
+            self.reader = Some(epoch);
         }
-        let (_, iter) = self.reader.as_mut().expect("opened above");
+        let epoch = self.reader.as_mut().expect("opened above");
         let mut out = Vec::with_capacity(n);
-        for sample in iter.by_ref().take(n) {
-            out.push((self.position.samples, sample));
+        for sample in epoch.iter.by_ref().take(n) {
+            out.push((self.position.samples, sample?));
             self.position.samples += 1;
         }
         Ok(out)
     }
 
     fn end_epoch(&mut self) -> Result<(), ShardError> {
-        let (reader, _) = self.reader.take().expect("an open epoch");
-        let skipped_read = reader.skipped();
+        let epoch = self.reader.take().expect("an open epoch");
+        let skipped_read = (epoch.skipped)();
         self.skipped_total += skipped_read;
         if self.epoch_samples == 0 {
             return Err(ShardError::Io {
@@ -240,13 +284,17 @@ impl Producer {
             let transform = &self.cfg.transform;
             let done: Vec<Option<Transformed>> = raw
                 .into_par_iter()
-                .map(|(index, sample)| {
+                .map(|(index, (sample, embedding))| {
                     let mut rng = ChaCha8Rng::seed_from_u64(sample_seed(seed, epoch, rank, index));
                     let mut pixels = vec![0.0; transform.numel()];
                     transform
                         .apply(&sample.image, &mut rng, &mut pixels)
                         .ok()
-                        .map(|()| Transformed { sample, pixels })
+                        .map(|()| Transformed {
+                            sample,
+                            embedding,
+                            pixels,
+                        })
                 })
                 .collect();
             for t in done {
@@ -271,14 +319,19 @@ impl Producer {
             resolution: self.cfg.transform.resolution,
             position: self.position,
             finished_epochs: std::mem::take(&mut self.finished),
-            skipped_total: self.skipped_total
-                + self.reader.as_ref().map_or(0, |(r, _)| r.skipped()),
+            skipped_total: self.skipped_total + self.reader.as_ref().map_or(0, |e| (e.skipped)()),
+            image_embeds: Vec::new(),
+            text_embeds: Vec::new(),
         };
         for t in items {
             batch.keys.push(t.sample.key);
             batch.captions.push(t.sample.caption);
             batch.metadata.push(t.sample.metadata);
             batch.images.extend_from_slice(&t.pixels);
+            if let Some(e) = &t.embedding {
+                batch.image_embeds.extend_from_slice(&e.image_emb);
+                batch.text_embeds.extend_from_slice(&e.text_emb);
+            }
         }
         Ok(batch)
     }

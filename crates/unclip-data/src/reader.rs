@@ -26,6 +26,20 @@ pub struct ReaderConfig {
     pub shuffle_buffer: usize,
 }
 
+impl ReaderConfig {
+    /// `shards` read once in file order by one process: no shuffling, no rank split.
+    pub fn in_order(shards: impl Into<String>) -> Self {
+        Self {
+            shards: shards.into(),
+            rank: 0,
+            world_size: 1,
+            seed: 0,
+            shard_shuffle: false,
+            shuffle_buffer: 0,
+        }
+    }
+}
+
 /// One good sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaptionedImage {
@@ -45,7 +59,7 @@ impl SkipCounter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
-    fn bump(&self) {
+    pub(crate) fn bump(&self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -24,14 +24,7 @@ fn sample(i: usize, tokens: bool) -> EmbeddingSample {
 }
 
 fn read(path: &Path) -> (Vec<EmbeddingSample>, u64) {
-    let cfg = ReaderConfig {
-        shards: path.display().to_string(),
-        rank: 0,
-        world_size: 1,
-        seed: 0,
-        shard_shuffle: false,
-        shuffle_buffer: 0,
-    };
+    let cfg = ReaderConfig::in_order(path.display().to_string());
     let r = ShardReader::with_parser(&cfg, 0, parse_embedding_sample).unwrap();
     let v = r.iter().collect();
     (v, r.skipped())
@@ -125,4 +118,145 @@ fn keys_align_as_a_subsequence_or_fail_naming_the_key() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("\"a\""), "{err}");
+}
+
+mod paired {
+    use super::*;
+    use unclip_data::images::ImageTransform;
+    use unclip_data::loader::{DataPosition, ImageLoader, LoaderConfig};
+    use unclip_data::shards::{write_shapes_shards, ShapesSpec};
+
+    fn image_keys(shard: &Path) -> Vec<String> {
+        let cfg = ReaderConfig::in_order(shard.display().to_string());
+        ShardReader::new(&cfg, 0)
+            .unwrap()
+            .iter()
+            .map(|s| s.key)
+            .collect()
+    }
+
+    /// Two image shards of 5 and their embedding shards (embedding = the key's number); the second
+    /// embedding shard lacks one key. `stray` adds a key no image has to the first.
+    fn dataset(dir: &Path, stray: bool) -> (String, std::path::PathBuf) {
+        write_shapes_shards(&ShapesSpec {
+            count: 10,
+            resolution: 32,
+            seed: 2,
+            shard_size: 5,
+            out: dir.join("img"),
+            prefix: "train".into(),
+        })
+        .unwrap();
+        let emb = dir.join("emb");
+        std::fs::create_dir_all(&emb).unwrap();
+        for (i, name) in ["train-000000.tar", "train-000001.tar"].iter().enumerate() {
+            let mut keys = image_keys(&dir.join("img").join(name));
+            if i == 1 {
+                keys.remove(2);
+            }
+            if stray && i == 0 {
+                keys.push("zzz".into());
+            }
+            let samples: Vec<EmbeddingSample> = keys
+                .iter()
+                .map(|k| {
+                    let v = k.parse::<f32>().unwrap_or(-1.0);
+                    EmbeddingSample {
+                        key: k.clone(),
+                        caption: "c".into(),
+                        image_emb: vec![v; 4],
+                        text_emb: vec![-v; 4],
+                        text_tokens: None,
+                    }
+                })
+                .collect();
+            write_embedding_shard(&emb.join(name), &samples).unwrap();
+        }
+        (
+            format!("{}/img/train-{{000000..000001}}.tar", dir.display()),
+            emb,
+        )
+    }
+
+    fn config(shards: String, emb: std::path::PathBuf) -> LoaderConfig {
+        LoaderConfig {
+            reader: ReaderConfig {
+                shards,
+                rank: 0,
+                world_size: 1,
+                seed: 4,
+                shard_shuffle: false,
+                shuffle_buffer: 3,
+            },
+            transform: ImageTransform {
+                resolution: 16,
+                ..Default::default()
+            },
+            batch_size: 3,
+            prefetch: 1,
+            start: DataPosition::default(),
+            embeddings: Some(emb),
+        }
+    }
+
+    #[test]
+    fn images_come_with_their_own_embeddings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (shards, emb) = dataset(tmp.path(), false);
+        let take = |start| {
+            let mut cfg = config(shards.clone(), emb.clone());
+            cfg.start = start;
+            let mut l = ImageLoader::start(cfg).unwrap();
+            (0..6).map(|_| l.next_batch().unwrap()).collect::<Vec<_>>()
+        };
+        let batches = take(DataPosition::default());
+        let mut epoch0 = std::collections::BTreeSet::new();
+        for b in &batches {
+            assert_eq!(b.image_embeds.len(), b.len() * 4);
+            for (row, key) in b.keys.iter().enumerate() {
+                let v: f32 = key.parse().unwrap();
+                assert_eq!(&b.image_embeds[row * 4..row * 4 + 4], &[v; 4]);
+                assert_eq!(b.text_embeds[row * 4], -v);
+            }
+        }
+        for b in &batches[..3] {
+            epoch0.extend(b.keys.iter().cloned());
+        }
+        assert_eq!(epoch0.len(), 9, "9 of 10 images have embeddings");
+        let r = batches[3]
+            .finished_epochs
+            .first()
+            .copied()
+            .or(batches[2].finished_epochs.first().copied())
+            .unwrap();
+        assert_eq!((r.samples, r.skipped_read), (9, 1));
+        // Resuming mid-stream continues with the same pairs.
+        let resumed = take(batches[1].position);
+        for (a, b) in batches[2..].iter().zip(&resumed) {
+            assert_eq!((&a.keys, &a.image_embeds), (&b.keys, &b.image_embeds));
+        }
+    }
+
+    #[test]
+    fn shards_that_do_not_belong_together_fail_before_training() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (shards, emb) = dataset(tmp.path(), true);
+        let err = ImageLoader::start(config(shards.clone(), emb.clone()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("\"zzz\"") && err.contains("train-000000.tar"),
+            "{err}"
+        );
+        std::fs::remove_file(emb.join("train-000001.tar")).unwrap();
+        let err = ImageLoader::start(config(shards, emb))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("train-000001.tar") && err.contains("not found"),
+            "{err}"
+        );
+    }
 }

@@ -138,6 +138,7 @@ fn loader_config(shards: String, start: DataPosition) -> LoaderConfig {
         batch_size: 5,
         prefetch: 2,
         start,
+        embeddings: None,
     }
 }
 

@@ -62,17 +62,7 @@ fn main() -> Result<()> {
             bar.inc(1);
             continue;
         }
-        let reader = ShardReader::new(
-            &ReaderConfig {
-                shards: shard.display().to_string(),
-                rank: 0,
-                world_size: 1,
-                seed: 0,
-                shard_shuffle: false,
-                shuffle_buffer: 0,
-            },
-            0,
-        )?;
+        let reader = ShardReader::new(&ReaderConfig::in_order(shard.display().to_string()), 0)?;
         let raw: Vec<_> = reader.iter().collect();
         skipped += reader.skipped();
         let mut result = Vec::with_capacity(raw.len());
