@@ -62,6 +62,13 @@ pub struct ClipDataConfig {
     /// Batches decoded ahead of the trainer.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Shard-reading threads per rank (the rank's shards are split between them).
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_held_out_count() -> usize {
@@ -257,6 +264,7 @@ impl ClipTask {
             prefetch: cfg.data.prefetch,
             start: DataPosition::default(),
             embeddings: None,
+            workers: cfg.data.workers,
         };
         let loader = ImageLoader::start(loader_cfg.clone())
             .with_context(|| format!("data.train.shards {}", cfg.data.train.shards))?;
@@ -297,6 +305,7 @@ impl ClipTask {
             prefetch: 1,
             start: DataPosition::default(),
             embeddings: None,
+            workers: 1,
         })
         .with_context(|| format!("data.held_out.shards {}", d.held_out.shards))?;
         let batch = loader.next_batch()?;

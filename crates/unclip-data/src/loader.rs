@@ -79,6 +79,8 @@ pub struct LoaderConfig {
     /// Read each image with its precomputed embeddings from the embedding shards of this
     /// directory (same file names and keys as the image shards; see `crate::embeddings`).
     pub embeddings: Option<PathBuf>,
+    /// Reader threads per rank, each with its own share of the rank's shards (1: one reader).
+    pub workers: usize,
 }
 
 pub struct ImageLoader {
@@ -111,10 +113,11 @@ struct Epoch {
     skipped: Box<dyn Fn() -> u64 + Send>,
 }
 
-fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
+/// One reader's stream over the shards `reader` selects.
+fn open_stream(cfg: &LoaderConfig, reader: &ReaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
     Ok(match &cfg.embeddings {
         None => {
-            let reader = ShardReader::new(&cfg.reader, epoch)?;
+            let reader = ShardReader::new(reader, epoch)?;
             let iter = reader.iter().map(|s| Ok((s, None)));
             Epoch {
                 iter: Box::new(iter),
@@ -122,7 +125,7 @@ fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
             }
         }
         Some(dir) => {
-            let reader = PairedShardReader::new(&cfg.reader, dir, epoch)?;
+            let reader = PairedShardReader::new(reader, dir, epoch)?;
             let iter = reader.iter().map(|r| r.map(|(s, e)| (s, Some(e))));
             Epoch {
                 iter: Box::new(iter),
@@ -130,6 +133,76 @@ fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
             }
         }
     })
+}
+
+/// This rank's stream for one epoch. With `workers` > 1 the rank's shards are split again
+/// between reader threads (worker w of W reads as rank `rank·W + w` of `world·W`), whose samples
+/// are interleaved round robin: a fixed order, so streams and resumes stay deterministic.
+fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
+    let workers = cfg.workers.max(1);
+    if workers == 1 {
+        return open_stream(cfg, &cfg.reader, epoch);
+    }
+    let mut receivers = Vec::with_capacity(workers);
+    let mut counters = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let reader = ReaderConfig {
+            rank: cfg.reader.rank * workers + w,
+            world_size: cfg.reader.world_size * workers,
+            ..cfg.reader.clone()
+        };
+        let Epoch { iter, skipped } =
+            open_stream(cfg, &reader, epoch).map_err(|e| ShardError::Io {
+                path: cfg.reader.shards.clone().into(),
+                message: format!("reader worker {w} of {workers}: {e}"),
+            })?;
+        let (tx, rx) = sync_channel(64);
+        std::thread::Builder::new()
+            .name(format!("unclip-reader-{w}"))
+            .spawn(move || {
+                for item in iter {
+                    if tx.send(item).is_err() {
+                        return; // the epoch was dropped
+                    }
+                }
+            })
+            .map_err(|e| ShardError::Io {
+                path: "<reader thread>".into(),
+                message: e.to_string(),
+            })?;
+        receivers.push(rx);
+        counters.push(skipped);
+    }
+    Ok(Epoch {
+        iter: Box::new(RoundRobin { receivers, next: 0 }),
+        skipped: Box::new(move || counters.iter().map(|c| c()).sum()),
+    })
+}
+
+/// Takes one item from each stream in turn, dropping streams as they end.
+struct RoundRobin {
+    receivers: Vec<Receiver<Result<Raw, ShardError>>>,
+    next: usize,
+}
+
+impl Iterator for RoundRobin {
+    type Item = Result<Raw, ShardError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.receivers.is_empty() {
+            let i = self.next % self.receivers.len();
+            match self.receivers[i].recv() {
+                Ok(item) => {
+                    self.next = i + 1;
+                    return Some(item);
+                }
+                Err(_) => {
+                    self.receivers.remove(i);
+                    self.next = i;
+                }
+            }
+        }
+        None
+    }
 }
 
 impl ImageLoader {

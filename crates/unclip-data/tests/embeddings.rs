@@ -196,6 +196,7 @@ mod paired {
             prefetch: 1,
             start: DataPosition::default(),
             embeddings: Some(emb),
+            workers: 1,
         }
     }
 

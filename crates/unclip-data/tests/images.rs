@@ -139,6 +139,7 @@ fn loader_config(shards: String, start: DataPosition) -> LoaderConfig {
         prefetch: 2,
         start,
         embeddings: None,
+        workers: 1,
     }
 }
 
@@ -258,4 +259,36 @@ fn a_dataset_with_nothing_usable_is_an_error_not_a_hang() {
         DataPosition::default(),
     ));
     assert!(missing.err().unwrap().to_string().contains("none-000.tar"));
+}
+
+#[test]
+fn reader_workers_split_the_shards_and_stay_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = shapes(tmp.path(), 23); // 3 shards: 8, 8, 7
+    let take = |start, workers, n| {
+        let mut cfg = loader_config(shards.clone(), start);
+        cfg.workers = workers;
+        let mut l = ImageLoader::start(cfg).unwrap();
+        (0..n).map(|_| l.next_batch().unwrap()).collect::<Vec<_>>()
+    };
+    let a = take(DataPosition::default(), 3, 10);
+    let b = take(DataPosition::default(), 3, 10);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.keys, &x.images), (&y.keys, &y.images));
+    }
+    let epoch0: std::collections::BTreeSet<_> =
+        a.iter().flat_map(|x| x.keys.clone()).take(23).collect();
+    assert_eq!(epoch0.len(), 23, "every sample once per epoch");
+    // Round robin: the first three samples come from the three workers' shards.
+    let shard_of = |k: &String| k.parse::<u64>().unwrap() / 8;
+    let first: std::collections::BTreeSet<u64> = a[0].keys[..3].iter().map(shard_of).collect();
+    assert_eq!(first.len(), 3, "{:?}", a[0].keys);
+    let resumed = take(a[3].position, 3, 6);
+    for (x, y) in a[4..].iter().zip(&resumed) {
+        assert_eq!((&x.keys, &x.images), (&y.keys, &y.images));
+    }
+    let mut cfg = loader_config(shards, DataPosition::default());
+    cfg.workers = 4;
+    let err = ImageLoader::start(cfg).err().unwrap().to_string();
+    assert!(err.contains("worker") && err.contains("3 shards"), "{err}");
 }
