@@ -299,7 +299,10 @@ impl Clip {
 /// train CLIP noticeably worse. `prefix` is where the model sits in `vs` ("" at the root).
 pub fn init_clip_weights(vs: &nn::VarStore, cfg: &ClipConfig, prefix: &str) {
     let _guard = tch::no_grad_guard();
-    for (name, mut var) in vs.variables() {
+    // In name order: every draw comes from the global generator, and `variables()` is a HashMap
+    // whose order changes from run to run.
+    let sorted: std::collections::BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    for (name, mut var) in sorted {
         let Some(name) = name.strip_prefix(prefix) else {
             continue;
         };
