@@ -3,6 +3,7 @@
 
 pub mod bsr;
 pub mod degrade;
+pub mod embedding_loader;
 pub mod embeddings;
 pub mod images;
 pub mod loader;

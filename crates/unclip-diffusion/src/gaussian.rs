@@ -827,6 +827,29 @@ pub(crate) enum Coef {
     AlphasCumprodPrev,
 }
 
+/// Mean per-sample loss in each quarter of the timestep range (`loss_q0` … `loss_q3`; quarters
+/// with no sample in the batch are left out): what every diffusion trainer logs.
+pub fn loss_per_quarter(
+    per_sample: &Tensor,
+    t: &Tensor,
+    num_timesteps: usize,
+) -> Result<Vec<(String, f64)>> {
+    let quarter = (t * 4).f_divide_scalar_mode(num_timesteps as i64, "floor")?;
+    let mut metrics = Vec::new();
+    for q in 0..4 {
+        let mask = quarter.f_eq(q)?.f_to_device(per_sample.device())?;
+        if mask.f_any()?.int64_value(&[]) != 0 {
+            let v = per_sample
+                .detach()
+                .f_masked_select(&mask)?
+                .f_mean(Kind::Float)?
+                .double_value(&[]);
+            metrics.push((format!("loss_q{q}"), v));
+        }
+    }
+    Ok(metrics)
+}
+
 /// Mean over every dimension but the batch.
 pub fn mean_flat(x: &Tensor) -> Result<Tensor> {
     if x.dim() <= 1 {

@@ -97,20 +97,11 @@ impl TrainTask for ToyTask {
             .diffusion
             .training_losses(&out, x0, &xt, &t, &noise)?
             .loss;
-        // Loss per quarter of the timestep range, as every diffusion trainer logs it.
-        let quarter = (&t * 4).divide_scalar_mode(self.diffusion.num_timesteps() as i64, "floor");
-        let mut metrics = Vec::new();
-        for q in 0..4 {
-            let mask = quarter.eq(q);
-            let n = mask.sum(Kind::Int64).int64_value(&[]);
-            if n > 0 {
-                let v = per_sample
-                    .masked_select(&mask)
-                    .mean(Kind::Float)
-                    .double_value(&[]);
-                metrics.push((format!("loss_q{q}"), v));
-            }
-        }
+        let metrics = unclip_diffusion::gaussian::loss_per_quarter(
+            &per_sample,
+            &t,
+            self.diffusion.num_timesteps(),
+        )?;
         Ok(StepOutput {
             loss: per_sample.mean(Kind::Float),
             samples: self.batch as usize,

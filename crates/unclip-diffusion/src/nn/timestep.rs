@@ -40,9 +40,14 @@ pub struct TimestepMlp {
 
 impl TimestepMlp {
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64) -> Self {
+        Self::with_hidden(p, in_dim, out_dim, out_dim)
+    }
+
+    /// in → hidden → out (diffusers' `TimestepEmbedding` with `out_dim`, as the prior uses it).
+    pub fn with_hidden(p: nn::Path, in_dim: i64, hidden_dim: i64, out_dim: i64) -> Self {
         Self {
-            linear_1: nn::linear(&p / "linear_1", in_dim, out_dim, Default::default()),
-            linear_2: nn::linear(&p / "linear_2", out_dim, out_dim, Default::default()),
+            linear_1: nn::linear(&p / "linear_1", in_dim, hidden_dim, Default::default()),
+            linear_2: nn::linear(&p / "linear_2", hidden_dim, out_dim, Default::default()),
         }
     }
 

@@ -1,0 +1,52 @@
+//! Prior weights from safetensors in diffusers' names: a diffusers `PriorTransformer` directory
+//! (`config.json` + `diffusion_pytorch_model.safetensors`, e.g. Karlo's `prior/`) or a file.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tch::{nn, Device, Tensor};
+use unclip_train::trainer::load_into;
+
+use crate::config::PriorConfig;
+use crate::model::DiffusionPrior;
+
+/// Copies the tensors of a safetensors file into `vs` (converted to each variable's kind); a
+/// missing, unused or mis-shaped tensor is an error naming it and the file.
+pub fn load_prior_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
+    let kinds: HashMap<String, tch::Kind> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.kind()))
+        .collect();
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .into_iter()
+        .map(|(n, t)| {
+            let t = match kinds.get(&n) {
+                Some(k) => t.to_kind(*k),
+                None => t,
+            };
+            (n, t)
+        })
+        .collect();
+    load_into(vs, &tensors, &path.display().to_string())
+}
+
+pub struct LoadedPrior {
+    pub vs: nn::VarStore,
+    pub model: DiffusionPrior,
+}
+
+/// A diffusers `PriorTransformer` directory, frozen, on `device`.
+pub fn load_diffusers_prior(dir: &Path, device: Device) -> Result<LoadedPrior> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let cfg = PriorConfig::from_diffusers_json(&text, &config_path.display().to_string())?;
+    let mut vs = nn::VarStore::new(device);
+    let model = DiffusionPrior::new(vs.root(), &cfg)?;
+    load_prior_weights(&vs, &dir.join("diffusion_pytorch_model.safetensors"))?;
+    vs.freeze();
+    Ok(LoadedPrior { vs, model })
+}
