@@ -2,7 +2,7 @@
 //! keys, normalised embeddings equal to the model's, token features, skips counted, resumable.
 use std::path::Path;
 use std::process::Command;
-use tch::{nn, Device, Tensor};
+use tch::{Device, Tensor};
 use unclip_clip::load::load_clip;
 use unclip_data::embeddings::parse_embedding_sample;
 use unclip_data::reader::{ReaderConfig, ShardReader};
@@ -25,25 +25,7 @@ data:
 
 /// A run directory holding one checkpoint of a randomly initialised tiny CLIP.
 fn run_dir(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.yaml"), CONFIG).unwrap();
-    let cfg = unclip_train::config::parse_config::<unclip_clip::task::ClipTrainConfig>(CONFIG, &[])
-        .unwrap();
-    tch::manual_seed(1);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let _model = unclip_clip::Clip::new(vs.root(), &cfg.task.model).unwrap();
-    unclip_clip::init_clip_weights(&vs, &cfg.task.model, "");
-    let mut weights: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    weights.sort_by(|a, b| a.0.cmp(&b.0));
-    let meta = unclip_train::checkpoint::CheckpointMeta::new(1);
-    unclip_train::checkpoint::save(
-        &unclip_train::checkpoint::checkpoints_dir(dir),
-        &meta,
-        &weights,
-        None,
-        &[],
-    )
-    .unwrap();
+    unclip_clip::load::write_random_run(dir, CONFIG, 1).unwrap();
 }
 
 fn embed(args: &[&str]) -> String {

@@ -154,3 +154,27 @@ pub fn load_clip(path: &Path, device: Device) -> Result<LoadedClip> {
         path.display()
     )
 }
+
+/// Writes a `train-clip` run directory holding one checkpoint of a CLIP with CLIP's random
+/// initialisation from `seed`: what tests and smoke runs of the later stages (`embed`, the priors,
+/// the decoder) load when no trained CLIP is needed. `config_yaml` is a `train-clip` config.
+pub fn write_random_run(dir: &Path, config_yaml: &str, seed: i64) -> Result<()> {
+    let cfg = unclip_train::config::parse_config::<ClipTrainConfig>(config_yaml, &[])?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("config.yaml"), config_yaml)
+        .with_context(|| format!("writing {}/config.yaml", dir.display()))?;
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = Clip::new(vs.root(), &cfg.task.model)?;
+    crate::model::init_clip_weights(&vs, &cfg.task.model, "");
+    let weights = unclip_train::named_variables(&vs);
+    let meta = checkpoint::CheckpointMeta::new(1);
+    checkpoint::save(
+        &checkpoint::checkpoints_dir(dir),
+        &meta,
+        &weights,
+        None,
+        &[],
+    )?;
+    Ok(())
+}

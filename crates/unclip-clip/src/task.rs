@@ -415,15 +415,13 @@ impl TrainTask for ClipTask {
     }
 
     fn data_state(&self) -> serde_json::Value {
-        serde_json::to_value(self.position).unwrap_or(serde_json::Value::Null)
+        self.position.to_state()
     }
 
     fn restore_data_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        if state.is_null() {
+        let Some(position) = DataPosition::from_state(state).map_err(|e| anyhow!(e))? else {
             return Ok(());
-        }
-        let position: DataPosition = serde_json::from_value(state.clone())
-            .context("checkpoint data_state is not a data position")?;
+        };
         self.loader = ImageLoader::start(LoaderConfig {
             start: position,
             ..self.loader_cfg.clone()

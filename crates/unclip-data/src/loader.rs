@@ -27,6 +27,23 @@ pub struct DataPosition {
     pub samples: u64,
 }
 
+impl DataPosition {
+    /// As a checkpoint stores it (`TrainTask::data_state`).
+    pub fn to_state(self) -> serde_json::Value {
+        serde_json::json!({"epoch": self.epoch, "samples": self.samples})
+    }
+
+    /// A checkpoint's data state; None for a checkpoint that stored none.
+    pub fn from_state(state: &serde_json::Value) -> Result<Option<Self>, String> {
+        if state.is_null() {
+            return Ok(None);
+        }
+        serde_json::from_value(state.clone())
+            .map(Some)
+            .map_err(|e| format!("checkpoint data_state is not a data position: {e}"))
+    }
+}
+
 /// What one finished epoch read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EpochReport {

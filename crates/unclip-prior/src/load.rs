@@ -50,3 +50,41 @@ pub fn load_diffusers_prior(dir: &Path, device: Device) -> Result<LoadedPrior> {
     vs.freeze();
     Ok(LoadedPrior { vs, model })
 }
+
+/// A trained prior from a `train-prior` run directory: its resolved `config.yaml` and the newest
+/// complete checkpoint (EMA weights when present), frozen. The CLIP it was trained with is named
+/// by the config's `clip:` key.
+pub struct PriorRun {
+    pub cfg: crate::task::PriorTrainConfig,
+    pub prior: LoadedPrior,
+    /// The checkpoint and which weights, for messages.
+    pub source: String,
+}
+
+pub fn load_prior_run(run_dir: &Path, device: Device) -> Result<PriorRun> {
+    use unclip_train::checkpoint;
+    let config = run_dir.join("config.yaml");
+    anyhow::ensure!(
+        config.is_file(),
+        "{}: not a train-prior run directory (no config.yaml)",
+        run_dir.display()
+    );
+    let cfg = unclip_train::load_config::<crate::task::PriorTrainConfig>(&config, &[])?.task;
+    let ckpt = checkpoint::latest(&checkpoint::checkpoints_dir(run_dir))?
+        .with_context(|| format!("{}: no complete checkpoint", run_dir.display()))?;
+    let ck = checkpoint::load(&ckpt)?;
+    let (weights, which) = match ck.ema {
+        Some(ema) => (ema, "EMA"),
+        None => (ck.model, "model"),
+    };
+    let mut vs = nn::VarStore::new(device);
+    let model = DiffusionPrior::new(vs.root(), &cfg.prior.model)?;
+    let source = format!("{} ({which} weights)", ckpt.display());
+    load_into(&vs, &weights.into_iter().collect(), &source)?;
+    vs.freeze();
+    Ok(PriorRun {
+        cfg,
+        prior: LoadedPrior { vs, model },
+        source,
+    })
+}

@@ -73,3 +73,25 @@ pub fn train_with_args<T: crate::TrainTask, C>(
         args.resume.as_deref(),
     )
 }
+
+/// After training: `report("current weights")`, then, when the run's last checkpoint holds EMA
+/// weights, loads them into `vs` and `report("EMA weights")`. Returns that checkpoint.
+pub fn report_current_then_ema(
+    vs: &tch::nn::VarStore,
+    summary: &crate::TrainSummary,
+    mut report: impl FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    report("current weights")?;
+    let ckpt = summary
+        .last_checkpoint
+        .clone()
+        .or_else(|| summary.resumed_from.clone())
+        .context("no checkpoint written")?;
+    let ck = crate::checkpoint::load(&ckpt)?;
+    if let Some(ema) = &ck.ema {
+        crate::trainer::load_into(vs, ema, "EMA weights")?;
+        report("EMA weights")?;
+    }
+    Ok(ckpt)
+}

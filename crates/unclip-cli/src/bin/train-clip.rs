@@ -2,14 +2,12 @@
 //!
 //!     train-clip --config configs/shapes/clip.yaml
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use tch::nn;
 use unclip_clip::task::{ensure_shards, ClipTask, ClipTrainConfig};
 use unclip_diffusion::device::parse_device;
-use unclip_train::checkpoint;
-use unclip_train::cli::{print_parameter_summary, train_with_args};
-use unclip_train::trainer::load_into;
+use unclip_train::cli::{print_parameter_summary, report_current_then_ema, train_with_args};
 use unclip_train::{load_config, TrainArgs};
 
 #[derive(Parser)]
@@ -62,7 +60,7 @@ fn main() -> Result<()> {
     if summary.rank != 0 {
         return Ok(());
     }
-    let report = |task: &ClipTask, which: &str| -> Result<()> {
+    let ckpt = report_current_then_ema(&vs, &summary, |which| {
         if let Some((i2t, t2i)) = task.held_out_retrieval()? {
             println!(
                 "step {}: held-out top-1 among {} ({which}): image->text {:.1}%, text->image {:.1}%",
@@ -73,17 +71,7 @@ fn main() -> Result<()> {
             );
         }
         Ok(())
-    };
-    report(&task, "current weights")?;
-    let ckpt = summary
-        .last_checkpoint
-        .or(summary.resumed_from)
-        .context("no checkpoint written")?;
-    let ck = checkpoint::load(&ckpt)?;
-    if let Some(ema) = &ck.ema {
-        load_into(&vs, ema, "EMA weights")?;
-        report(&task, "EMA weights")?;
-    }
+    })?;
     println!("checkpoint {}", ckpt.display());
     Ok(())
 }

@@ -1,0 +1,153 @@
+//! Train the diffusion prior on embedding shards, or sample image embeddings from a trained one.
+//!
+//!     train-prior --config configs/shapes/prior.yaml
+//!     train-prior --config configs/shapes/prior.yaml --sample "a red circle" --out z.npy
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::path::PathBuf;
+use tch::nn;
+use unclip_data::npy::NpyArray;
+use unclip_diffusion::device::parse_device;
+use unclip_prior::load::load_prior_run;
+use unclip_prior::sample::PriorSampler;
+use unclip_prior::task::{EvalReport, PriorTask, PriorTrainConfig};
+use unclip_prior::text::CaptionEncoder;
+use unclip_prior::DiffusionPrior;
+use unclip_train::cli::{print_parameter_summary, report_current_then_ema, train_with_args};
+use unclip_train::{load_config, TrainArgs};
+
+#[derive(Parser)]
+#[command(
+    about = "Train unCLIP's diffusion prior (CLIP text → CLIP image embedding), or sample from a trained one"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: TrainArgs,
+    /// Instead of training: sample an image embedding for this caption from the run's newest
+    /// checkpoint (EMA weights). Repeatable.
+    #[arg(long = "sample", value_name = "CAPTION")]
+    sample: Vec<String>,
+    /// With --sample: write the embeddings as a float32 [N, D] .npy file.
+    #[arg(long, value_name = "FILE.npy")]
+    out: Option<PathBuf>,
+    /// With --sample: the guidance scale (default: the config's prior.guidance_scale).
+    #[arg(long)]
+    guidance_scale: Option<f64>,
+    /// With --sample: candidates per caption (default: the config's prior.candidates).
+    #[arg(long)]
+    candidates: Option<usize>,
+    /// With --sample: the seed of the sampling noise.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+}
+
+fn print_report(report: &EvalReport, count: usize, what: &str) {
+    println!(
+        "held-out ({count} captions, {what}): cosine(z_t, true z_i) baseline {:.4}",
+        report.baseline
+    );
+    for r in &report.rows {
+        println!(
+            "  guidance {:>4}: cosine(sampled z_i, true z_i) {:.4}  cosine(sampled z_i, z_t) {:.4}",
+            r.guidance_scale, r.cos_true, r.cos_text
+        );
+    }
+}
+
+fn sample(cli: &Cli) -> Result<()> {
+    let run_dir = cli.args.run_dir();
+    let cfg = load_config::<PriorTrainConfig>(&cli.args.config, &cli.args.overrides)?;
+    let device = parse_device(&cfg.runtime.device)?;
+    let run = load_prior_run(&run_dir, device)?;
+    let encoder = CaptionEncoder::load(&run.cfg.clip, device)
+        .with_context(|| format!("clip: {}", run.cfg.clip.display()))?;
+    unclip_prior::task::check_clip_fits(
+        &encoder,
+        &run.cfg.prior.model,
+        &run.cfg.clip.display().to_string(),
+    )?;
+    let text = encoder.encode(&cli.sample)?;
+    let null = encoder.null_condition()?;
+    let p = &run.cfg.prior;
+    let sampler = PriorSampler::new(&run.prior.model, &p.diffusion, &p.sampling)?;
+    let scale = cli.guidance_scale.unwrap_or(p.guidance_scale);
+    let candidates = cli.candidates.unwrap_or(p.candidates);
+    tch::manual_seed(cli.seed);
+    let s = sampler.sample(&text, &null, scale, candidates)?;
+    println!(
+        "{} ({} candidates each, guidance {scale}, {:?} {})",
+        run.source,
+        candidates,
+        p.sampling.sampler,
+        match &p.sampling.steps {
+            unclip_diffusion::Respacing::Spec(s) => s.clone(),
+            unclip_diffusion::Respacing::Explicit(v) => format!("{} steps", v.len()),
+        }
+    );
+    let best: Vec<f64> = Vec::try_from(&s.scores.max_dim(1, false).0.to_device(tch::Device::Cpu))?;
+    for (caption, score) in cli.sample.iter().zip(best) {
+        println!("  {caption:?}: z_i · z_t = {score:.4}");
+    }
+    if let Some(out) = &cli.out {
+        let z = s
+            .image_embeds
+            .to_kind(tch::Kind::Float)
+            .to_device(tch::Device::Cpu);
+        let (n, d) = (z.size()[0] as usize, z.size()[1] as usize);
+        let values: Vec<f32> = Vec::try_from(&z.flatten(0, -1))?;
+        std::fs::write(out, NpyArray::f32(vec![n, d], values).to_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!(
+            "wrote {} ([{n}, {d}] float32, L2-normalised)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if !cli.sample.is_empty() {
+        return sample(&cli);
+    }
+    let args = &cli.args;
+    let cfg = load_config::<PriorTrainConfig>(&args.config, &args.overrides)?;
+    let device = parse_device(&cfg.runtime.device)?;
+    let env = unclip_dist::DistEnv::from_env()?;
+    let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
+    if args.dry_run {
+        let vs = nn::VarStore::new(device);
+        let _model = DiffusionPrior::new(vs.root(), &cfg.task.prior.model)?;
+        println!(
+            "config {} is valid; device {device:?}",
+            args.config.display()
+        );
+        print_parameter_summary(&vs);
+        return Ok(());
+    }
+    tch::manual_seed(cfg.runtime.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let mut task = PriorTask::new(
+        &vs,
+        &cfg.task,
+        cfg.runtime.seed,
+        cfg.runtime.train.batch_size,
+        rank,
+        world,
+    )?;
+    let summary = train_with_args(&mut task, &vs, &cfg, args)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
+    let scales = cfg.task.eval.guidance_scales.clone();
+    let count = cfg.task.eval.count;
+    let ckpt = report_current_then_ema(&vs, &summary, |which| {
+        if let Some(report) = task.evaluate(&scales)? {
+            print_report(&report, count, which);
+        }
+        Ok(())
+    })?;
+    println!("checkpoint {}", ckpt.display());
+    Ok(())
+}

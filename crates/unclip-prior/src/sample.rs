@@ -1,0 +1,110 @@
+//! Sampling image embeddings from the prior (unCLIP §2.2): a respaced process walked by DDIM,
+//! DPM-Solver++ or DDPM from the core, classifier-free guidance against the null caption, and
+//! `candidates` draws per caption of which the one with the highest z_i · z_t is kept.
+
+use anyhow::{ensure, Result};
+use tch::{Kind, Tensor};
+use unclip_diffusion::embedding::l2_normalize;
+use unclip_diffusion::{
+    classifier_free_guidance, ClipDenoised, DiffusionConfig, GaussianDiffusion, SamplerConfig,
+    SamplerKind,
+};
+
+use crate::model::{DiffusionPrior, TextCondition};
+
+/// What a sampling call returns.
+#[derive(Debug)]
+pub struct PriorSamples {
+    /// [B, D]: the kept candidate per caption, L2-normalised (the embedding layout of the shards).
+    pub image_embeds: Tensor,
+    /// [B, n, D]: every candidate, L2-normalised.
+    pub candidates: Tensor,
+    /// [B, n]: each candidate's z_i · z_t (both normalised).
+    pub scores: Tensor,
+}
+
+/// A prior with the respaced process it samples over.
+pub struct PriorSampler<'a> {
+    prior: &'a DiffusionPrior,
+    diffusion: GaussianDiffusion,
+    kind: SamplerKind,
+    clip: ClipDenoised,
+}
+
+impl<'a> PriorSampler<'a> {
+    /// `diffusion` is the process the prior was trained with; `sampling` picks sampler and steps.
+    pub fn new(
+        prior: &'a DiffusionPrior,
+        diffusion: &DiffusionConfig,
+        sampling: &SamplerConfig,
+    ) -> Result<Self> {
+        let (process, kind) = sampling.build(diffusion)?;
+        Ok(Self {
+            prior,
+            diffusion: process.to_device(prior.clip_stats().0.device()),
+            kind,
+            clip: sampling.clip,
+        })
+    }
+
+    /// Image embeddings for `text` ([B] rows). `null` is the one-row null condition (the empty
+    /// caption) guidance contrasts with; `guidance_scale` 1 is unguided. Uses libtorch's global
+    /// generator (seed it for reproducible draws).
+    pub fn sample(
+        &self,
+        text: &TextCondition,
+        null: &TextCondition,
+        guidance_scale: f64,
+        candidates: usize,
+    ) -> Result<PriorSamples> {
+        ensure!(candidates >= 1, "candidates must be at least 1");
+        ensure!(
+            guidance_scale.is_finite() && guidance_scale >= 0.0,
+            "guidance scale must be finite and >= 0, got {guidance_scale}"
+        );
+        ensure!(null.len() == 1, "the null condition must have one row");
+        let _g = tch::no_grad_guard();
+        let b = text.len();
+        let n = candidates as i64;
+        let device = text.text_embeds.device();
+        let rows = Tensor::arange(b, (Kind::Int64, device)).repeat_interleave_self_int(n, 0, None);
+        let cond = text.index_select(&rows)?;
+        let m = b * n;
+        let d = self.prior.cfg.embedding_dim;
+        let noise = Tensor::randn([m, d], (Kind::Float, device));
+        let x0 = if guidance_scale == 1.0 {
+            self.diffusion.sample(
+                self.kind,
+                &self.clip,
+                noise,
+                |x: &Tensor, t: &Tensor| self.prior.forward_t(x, t, &cond, false),
+                None,
+            )?
+        } else {
+            let zeros = Tensor::zeros([m], (Kind::Int64, device));
+            let both = cond.cat(&null.index_select(&zeros)?)?;
+            let guided = classifier_free_guidance(
+                |x: &Tensor, t: &Tensor| self.prior.forward_t(x, t, &both, false),
+                guidance_scale,
+                d,
+            );
+            self.diffusion
+                .sample(self.kind, &self.clip, noise, guided, None)?
+        };
+        let z = l2_normalize(&self.prior.unstandardize(&x0).to_kind(Kind::Float))?;
+        let z_t = l2_normalize(&cond.text_embeds.to_kind(Kind::Float))?;
+        let scores = (&z * z_t)
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .view([b, n]);
+        let candidates = z.view([b, n, d]);
+        let best = scores.argmax(1, false);
+        let image_embeds = candidates
+            .gather(1, &best.view([b, 1, 1]).expand([b, 1, d], false), false)
+            .squeeze_dim(1);
+        Ok(PriorSamples {
+            image_embeds,
+            candidates,
+            scores,
+        })
+    }
+}

@@ -1,0 +1,587 @@
+//! `train-prior`: the diffusion prior trained on the embedding shards `embed` writes, through the
+//! shared runtime, with guidance dropout and held-out evaluation of sampled embeddings.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+use unclip_data::embedding_loader::{EmbeddingBatch, EmbeddingLoader, EmbeddingLoaderConfig};
+use unclip_data::embeddings::{parse_embedding_sample, EmbeddingSample};
+use unclip_data::loader::DataPosition;
+use unclip_data::reader::{ReaderConfig, ShardReader};
+use unclip_diffusion::gaussian::loss_per_quarter;
+use unclip_diffusion::{
+    ClipDenoised, DiffusionConfig, GaussianDiffusion, MeanType, Respacing, SamplerConfig,
+    SamplerName, VarianceType,
+};
+use unclip_train::config::Validate;
+use unclip_train::{StepOutput, TrainTask};
+
+use crate::config::PriorConfig;
+use crate::model::{init_prior_weights, DiffusionPrior, TextCondition};
+use crate::sample::PriorSampler;
+use crate::text::{stored_condition, CaptionEncoder};
+
+/// Which prior `train-prior` trains. The autoregressive prior will join as a second kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PriorKind {
+    #[default]
+    Diffusion,
+}
+
+/// The `prior:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorSection {
+    #[serde(default)]
+    pub kind: PriorKind,
+    /// diffusers `PriorTransformer` config names.
+    pub model: PriorConfig,
+    /// The training process: cosine schedule, 1000 steps, predicting x0, MSE (the paper's).
+    #[serde(default = "default_diffusion")]
+    pub diffusion: DiffusionConfig,
+    /// How embeddings are sampled (evaluation, `--sample`, the inference pipeline).
+    #[serde(default = "default_sampling")]
+    pub sampling: SamplerConfig,
+    #[serde(default = "default_guidance_scale")]
+    pub guidance_scale: f64,
+    /// Draws per caption; the one with the highest z_i · z_t is kept.
+    #[serde(default = "default_candidates")]
+    pub candidates: usize,
+    /// Probability of training a sample with the null caption (z_t and token features of "").
+    #[serde(default = "default_text_drop")]
+    pub text_drop_prob: f64,
+}
+
+pub fn default_diffusion() -> DiffusionConfig {
+    DiffusionConfig {
+        predict: MeanType::X0,
+        ..DiffusionConfig::default()
+    }
+}
+
+pub fn default_sampling() -> SamplerConfig {
+    SamplerConfig {
+        sampler: SamplerName::Ddim,
+        steps: Respacing::Spec("64".into()),
+        eta: None,
+        // diffusers' UnCLIP prior scheduler clips x0 to ±10 in the standardised space.
+        clip: ClipDenoised::Static(10.0),
+    }
+}
+
+fn default_guidance_scale() -> f64 {
+    2.0
+}
+fn default_candidates() -> usize {
+    2
+}
+fn default_text_drop() -> f64 {
+    0.1
+}
+
+/// Where the prior's caption token features come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextFeatureSource {
+    /// `txt_tokens.npy` in the embedding shards (`embed --token-features`): no text encoder runs
+    /// while training.
+    #[default]
+    Stored,
+    /// The frozen CLIP text encoder runs on each batch's captions: no per-token storage.
+    Clip,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorDataConfig {
+    /// Embedding shards (`embed`'s output), brace-expanded.
+    pub train: String,
+    /// Held-out embedding shards for evaluation.
+    pub held_out: String,
+    #[serde(default)]
+    pub text_features: TextFeatureSource,
+    #[serde(default = "yes")]
+    pub shard_shuffle: bool,
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// Training image embeddings (in file order) the standardisation statistics come from.
+    #[serde(default = "default_stats_samples")]
+    pub stats_samples: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_shuffle_buffer() -> usize {
+    1000
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_stats_samples() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorEvalConfig {
+    /// Evaluate every this many steps (0: never).
+    pub every: u64,
+    /// Held-out samples (the first ones, in file order).
+    pub count: usize,
+    /// The guidance scales swept at each evaluation.
+    pub guidance_scales: Vec<f64>,
+    /// Seed of the sampling noise, the same at every evaluation.
+    pub seed: i64,
+}
+
+impl Default for PriorEvalConfig {
+    fn default() -> Self {
+        Self {
+            every: 200,
+            count: 256,
+            guidance_scales: vec![1.0, 2.0, 4.0],
+            seed: 0,
+        }
+    }
+}
+
+/// The task's sections of a `train-prior` config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorTrainConfig {
+    pub prior: PriorSection,
+    /// The frozen CLIP: a `train-clip` run directory or a Hugging Face CLIP directory.
+    pub clip: PathBuf,
+    pub data: PriorDataConfig,
+    #[serde(default, deserialize_with = "eval_with_defaults")]
+    pub eval: PriorEvalConfig,
+}
+
+/// `eval:` with any subset of its keys.
+fn eval_with_defaults<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PriorEvalConfig, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {
+        every: Option<u64>,
+        count: Option<usize>,
+        guidance_scales: Option<Vec<f64>>,
+        seed: Option<i64>,
+    }
+    let p = Partial::deserialize(d)?;
+    let def = PriorEvalConfig::default();
+    Ok(PriorEvalConfig {
+        every: p.every.unwrap_or(def.every),
+        count: p.count.unwrap_or(def.count),
+        guidance_scales: p.guidance_scales.unwrap_or(def.guidance_scales),
+        seed: p.seed.unwrap_or(def.seed),
+    })
+}
+
+impl Validate for PriorTrainConfig {
+    fn validate(&self) -> Result<()> {
+        let p = &self.prior;
+        p.model.validate()?;
+        p.diffusion
+            .validate()
+            .map_err(|e| anyhow!("prior.diffusion: {e}"))?;
+        ensure!(
+            p.diffusion.variance != VarianceType::LearnedRange,
+            "prior.diffusion.variance: the prior outputs no variance channels (use fixed_small or fixed_large)"
+        );
+        p.sampling
+            .validate()
+            .map_err(|e| anyhow!("prior.sampling: {e}"))?;
+        p.sampling
+            .steps
+            .timesteps(p.diffusion.timesteps)
+            .map_err(|e| anyhow!("prior.sampling.steps: {e}"))?;
+        ensure!(
+            p.guidance_scale.is_finite() && p.guidance_scale >= 0.0,
+            "prior.guidance_scale must be finite and >= 0, got {}",
+            p.guidance_scale
+        );
+        ensure!(p.candidates >= 1, "prior.candidates must be at least 1");
+        ensure!(
+            (0.0..1.0).contains(&p.text_drop_prob),
+            "prior.text_drop_prob must be in [0, 1), got {}",
+            p.text_drop_prob
+        );
+        for (key, s) in [
+            ("data.train", &self.data.train),
+            ("data.held_out", &self.data.held_out),
+        ] {
+            ensure!(!s.trim().is_empty(), "{key} must name embedding shards");
+        }
+        ensure!(
+            self.data.stats_samples >= 2,
+            "data.stats_samples must be at least 2"
+        );
+        ensure!(self.eval.count >= 1, "eval.count must be at least 1");
+        ensure!(
+            self.eval
+                .guidance_scales
+                .iter()
+                .all(|s| s.is_finite() && *s >= 0.0),
+            "eval.guidance_scales must be finite and >= 0"
+        );
+        Ok(())
+    }
+}
+
+/// The first `count` samples of `shards` in file order.
+fn read_in_order(shards: &str, count: usize) -> Result<Vec<EmbeddingSample>> {
+    let reader = ShardReader::with_parser(
+        &ReaderConfig::in_order(shards.to_string()),
+        0,
+        parse_embedding_sample,
+    )?;
+    let samples: Vec<EmbeddingSample> = reader.iter().take(count).collect();
+    ensure!(
+        !samples.is_empty(),
+        "{shards}: no readable embedding samples ({} skipped)",
+        reader.skipped()
+    );
+    Ok(samples)
+}
+
+fn image_embeds(samples: &[EmbeddingSample], device: Device) -> Tensor {
+    let flat: Vec<f32> = samples
+        .iter()
+        .flat_map(|s| s.image_emb.iter().copied())
+        .collect();
+    Tensor::from_slice(&flat)
+        .view([samples.len() as i64, -1])
+        .to_device(device)
+}
+
+pub struct PriorBatch {
+    /// Standardised clean image embeddings [B, D].
+    pub x_start: Tensor,
+    pub text: TextCondition,
+    position: DataPosition,
+}
+
+/// Held-out text with its true image embeddings.
+pub struct HeldOut {
+    pub text: TextCondition,
+    pub image_embeds: Tensor,
+}
+
+/// Held-out figures for one guidance scale.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalRow {
+    pub guidance_scale: f64,
+    /// Mean cosine(sampled z_i, true z_i).
+    pub cos_true: f64,
+    /// Mean cosine(sampled z_i, z_t).
+    pub cos_text: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    /// Mean cosine(z_t, true z_i): what using z_t directly as the image embedding scores.
+    pub baseline: f64,
+    pub rows: Vec<EvalRow>,
+}
+
+impl EvalReport {
+    /// One line: the baseline, then cos(sample, true z_i) / cos(sample, z_t) per guidance scale.
+    pub fn summary(&self) -> String {
+        let rows: Vec<String> = self
+            .rows
+            .iter()
+            .map(|r| {
+                format!(
+                    "guidance {} {:.4}/{:.4}",
+                    r.guidance_scale, r.cos_true, r.cos_text
+                )
+            })
+            .collect();
+        format!(
+            "cos(z_t, z_i) baseline {:.4}; cos(sample, z_i)/cos(sample, z_t): {}",
+            self.baseline,
+            rows.join(", ")
+        )
+    }
+}
+
+pub struct PriorTask {
+    pub model: DiffusionPrior,
+    pub encoder: CaptionEncoder,
+    null: TextCondition,
+    diffusion: GaussianDiffusion,
+    loader: EmbeddingLoader,
+    loader_cfg: EmbeddingLoaderConfig,
+    held_out: Option<HeldOut>,
+    cfg: PriorTrainConfig,
+    device: Device,
+    step: u64,
+    last_eval: Option<u64>,
+    position: DataPosition,
+    skipped_total: u64,
+}
+
+/// Checks that the CLIP fits the prior's shape; errors name the keys.
+pub fn check_clip_fits(encoder: &CaptionEncoder, model: &PriorConfig, clip: &str) -> Result<()> {
+    ensure!(
+        encoder.embed_dim() == model.embedding_dim,
+        "prior.model.embedding_dim ({}) must equal the CLIP embedding width of {clip} ({})",
+        model.embedding_dim,
+        encoder.embed_dim()
+    );
+    ensure!(
+        encoder.text_width() == model.embedding_dim,
+        "the CLIP text width of {clip} ({}) must equal prior.model.embedding_dim ({}): diffusers' \
+         PriorTransformer projects token features from embedding_dim",
+        encoder.text_width(),
+        model.embedding_dim
+    );
+    ensure!(
+        encoder.context_length() == model.num_embeddings,
+        "prior.model.num_embeddings ({}) must equal the CLIP context length of {clip} ({})",
+        model.num_embeddings,
+        encoder.context_length()
+    );
+    Ok(())
+}
+
+impl PriorTask {
+    /// Loads the frozen CLIP, builds the prior at the root of `vs` (diffusers' names), sets its
+    /// standardisation from the training embeddings and starts the data stream for `rank`.
+    pub fn new(
+        vs: &nn::VarStore,
+        cfg: &PriorTrainConfig,
+        seed: u64,
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
+        let device = vs.device();
+        let clip_name = cfg.clip.display().to_string();
+        let encoder = CaptionEncoder::load(&cfg.clip, device)
+            .with_context(|| format!("clip: {clip_name}"))?;
+        check_clip_fits(&encoder, &cfg.prior.model, &clip_name)?;
+        let mut model = DiffusionPrior::new(vs.root(), &cfg.prior.model)?;
+        init_prior_weights(vs, "");
+        // Every rank reads the same first samples, so all agree without communicating.
+        let stats = read_in_order(&cfg.data.train, cfg.data.stats_samples)
+            .with_context(|| format!("data.train {}", cfg.data.train))?;
+        let d = stats[0].image_emb.len() as i64;
+        ensure!(
+            d == cfg.prior.model.embedding_dim,
+            "data.train {}: embeddings of width {d}, prior.model.embedding_dim is {}",
+            cfg.data.train,
+            cfg.prior.model.embedding_dim
+        );
+        model.set_clip_stats(&image_embeds(&stats, device))?;
+        let loader_cfg = EmbeddingLoaderConfig {
+            reader: ReaderConfig {
+                shards: cfg.data.train.clone(),
+                rank,
+                world_size,
+                seed,
+                shard_shuffle: cfg.data.shard_shuffle,
+                shuffle_buffer: cfg.data.shuffle_buffer,
+            },
+            batch_size,
+            prefetch: cfg.data.prefetch,
+            start: DataPosition::default(),
+        };
+        let loader = EmbeddingLoader::start(loader_cfg.clone())
+            .with_context(|| format!("data.train {}", cfg.data.train))?;
+        let null = encoder.null_condition()?;
+        let mut task = Self {
+            model,
+            null,
+            diffusion: GaussianDiffusion::new(&cfg.prior.diffusion)?.to_device(device),
+            loader,
+            loader_cfg,
+            held_out: None,
+            cfg: cfg.clone(),
+            device,
+            step: 0,
+            last_eval: None,
+            position: DataPosition::default(),
+            skipped_total: 0,
+            encoder,
+        };
+        // Missing token features fail here, naming the sample, not at the first step.
+        task.condition(&stats[..1])
+            .with_context(|| format!("data.train {}", cfg.data.train))?;
+        if rank == 0 {
+            let samples = read_in_order(&cfg.data.held_out, cfg.eval.count)
+                .with_context(|| format!("data.held_out {}", cfg.data.held_out))?;
+            task.held_out = Some(HeldOut {
+                text: task.condition(&samples)?,
+                image_embeds: image_embeds(&samples, device),
+            });
+        }
+        Ok(task)
+    }
+
+    /// The text condition of embedding samples, from stored features or the CLIP text encoder.
+    pub fn condition(&self, samples: &[EmbeddingSample]) -> Result<TextCondition> {
+        match self.cfg.data.text_features {
+            TextFeatureSource::Stored => stored_condition(
+                samples,
+                self.cfg.prior.model.num_embeddings,
+                self.cfg.prior.model.embedding_dim,
+                self.device,
+            ),
+            TextFeatureSource::Clip => {
+                let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
+                let mut text = self.encoder.encode(&captions)?;
+                // z_t as stored (identical up to float noise; keeps both sources comparable).
+                let flat: Vec<f32> = samples
+                    .iter()
+                    .flat_map(|s| s.text_emb.iter().copied())
+                    .collect();
+                text.text_embeds = Tensor::from_slice(&flat)
+                    .view([samples.len() as i64, -1])
+                    .to_device(self.device);
+                Ok(text)
+            }
+        }
+    }
+
+    pub fn null_condition(&self) -> &TextCondition {
+        &self.null
+    }
+
+    pub fn held_out(&self) -> Option<&HeldOut> {
+        self.held_out.as_ref()
+    }
+
+    /// Samples embeddings for the held-out captions at each guidance scale (noise seeded by
+    /// `eval.seed`) and compares them with the true image embeddings and with z_t.
+    pub fn evaluate(&self, guidance_scales: &[f64]) -> Result<Option<EvalReport>> {
+        let Some(h) = &self.held_out else {
+            return Ok(None);
+        };
+        let _g = tch::no_grad_guard();
+        let sampler = PriorSampler::new(
+            &self.model,
+            &self.cfg.prior.diffusion,
+            &self.cfg.prior.sampling,
+        )?;
+        let cos = |a: &Tensor, b: &Tensor| -> f64 {
+            let a = unclip_diffusion::l2_normalize(a).unwrap_or_else(|_| a.shallow_clone());
+            let b = unclip_diffusion::l2_normalize(b).unwrap_or_else(|_| b.shallow_clone());
+            (a * b)
+                .sum_dim_intlist(-1, false, Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[])
+        };
+        let baseline = cos(&h.text.text_embeds, &h.image_embeds);
+        let mut rows = Vec::new();
+        for &scale in guidance_scales {
+            tch::manual_seed(self.cfg.eval.seed);
+            let s = sampler.sample(&h.text, &self.null, scale, self.cfg.prior.candidates)?;
+            rows.push(EvalRow {
+                guidance_scale: scale,
+                cos_true: cos(&s.image_embeds, &h.image_embeds),
+                cos_text: cos(&s.image_embeds, &h.text.text_embeds),
+            });
+        }
+        Ok(Some(EvalReport { baseline, rows }))
+    }
+
+    fn to_batch(&self, b: &EmbeddingBatch) -> Result<PriorBatch> {
+        let text = self.condition(&b.samples)?;
+        let z = image_embeds(&b.samples, self.device);
+        ensure!(
+            z.size()[1] == self.cfg.prior.model.embedding_dim,
+            "data.train {}: embeddings of width {}, prior.model.embedding_dim is {}",
+            self.cfg.data.train,
+            z.size()[1],
+            self.cfg.prior.model.embedding_dim
+        );
+        Ok(PriorBatch {
+            x_start: self.model.standardize(&z),
+            text,
+            position: b.position,
+        })
+    }
+}
+
+impl TrainTask for PriorTask {
+    type Batch = PriorBatch;
+
+    fn next_batch(&mut self, step: u64, _micro: usize) -> Result<PriorBatch> {
+        self.step = step;
+        let b = self.loader.next_batch()?;
+        self.skipped_total = b.skipped_total;
+        for r in &b.finished_epochs {
+            eprintln!(
+                "data: epoch {} done on rank {}: {} samples, {} skipped as malformed",
+                r.epoch, self.loader_cfg.reader.rank, r.samples, r.skipped_read
+            );
+        }
+        self.to_batch(&b)
+    }
+
+    fn loss(&mut self, batch: &PriorBatch) -> Result<StepOutput> {
+        let x0 = &batch.x_start;
+        let b = x0.size()[0];
+        let t = self.diffusion.sample_timesteps(b, self.device);
+        let noise = x0.randn_like();
+        let x_t = self.diffusion.q_sample(x0, &t, &noise)?;
+        // Classifier-free guidance: some samples see the null caption instead of theirs.
+        let drop = Tensor::rand([b], (Kind::Float, self.device)).lt(self.cfg.prior.text_drop_prob);
+        let text = batch.text.replace_rows(&drop, &self.null)?;
+        let out = self.model.forward_t(&x_t, &t, &text, true)?;
+        let per_sample = self
+            .diffusion
+            .training_losses(&out, x0, &x_t, &t, &noise)?
+            .loss;
+        self.position = batch.position;
+        let mut metrics = loss_per_quarter(&per_sample, &t, self.diffusion.num_timesteps())?;
+        metrics.push(("data_skipped".into(), self.skipped_total as f64));
+        let every = self.cfg.eval.every;
+        // Not at step 0: an untrained prior's samples say nothing and cost as much.
+        if every > 0
+            && self.step > 0
+            && self.step.is_multiple_of(every)
+            && self.last_eval != Some(self.step)
+        {
+            self.last_eval = Some(self.step);
+            let scales = self.cfg.eval.guidance_scales.clone();
+            if let Some(report) = self.evaluate(&scales)? {
+                eprintln!("eval step {}: {}", self.step, report.summary());
+                metrics.push(("heldout_baseline_cos_zt".into(), report.baseline));
+                for r in report.rows {
+                    let g = r.guidance_scale;
+                    metrics.push((format!("heldout_cos_true_g{g}"), r.cos_true));
+                    metrics.push((format!("heldout_cos_text_g{g}"), r.cos_text));
+                }
+            }
+        }
+        Ok(StepOutput {
+            loss: per_sample.mean(Kind::Float),
+            samples: b as usize,
+            metrics,
+        })
+    }
+
+    fn data_state(&self) -> serde_json::Value {
+        self.position.to_state()
+    }
+
+    fn restore_data_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let Some(position) = DataPosition::from_state(state).map_err(|e| anyhow!(e))? else {
+            return Ok(());
+        };
+        self.loader = EmbeddingLoader::start(EmbeddingLoaderConfig {
+            start: position,
+            ..self.loader_cfg.clone()
+        })?;
+        self.position = position;
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! The prior's text input, from captions through the frozen CLIP text encoder or from the token
+//! features `embed --token-features` stored in the embedding shards.
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use tch::{Device, Kind, Tensor};
+use unclip_clip::load::{load_clip, LoadedClip};
+use unclip_data::embeddings::EmbeddingSample;
+use unclip_data::tokenizer::ClipTokenizer;
+use unclip_diffusion::embedding::l2_normalize;
+
+use crate::model::TextCondition;
+
+/// The frozen CLIP text encoder and its tokenizer.
+pub struct CaptionEncoder {
+    pub clip: LoadedClip,
+    tokenizer: ClipTokenizer,
+}
+
+impl CaptionEncoder {
+    /// CLIP from a `train-clip` run directory or a Hugging Face CLIP directory.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        Ok(Self {
+            clip: load_clip(path, device)?,
+            tokenizer: ClipTokenizer::new(),
+        })
+    }
+
+    pub fn context_length(&self) -> i64 {
+        self.clip.model.cfg.text.context_length
+    }
+
+    pub fn text_width(&self) -> i64 {
+        self.clip.model.cfg.text.width
+    }
+
+    pub fn embed_dim(&self) -> i64 {
+        self.clip.model.cfg.embed_dim
+    }
+
+    /// z_t (L2-normalised, as in the embedding shards), the token features and their mask.
+    pub fn encode<S: AsRef<str>>(&self, captions: &[S]) -> Result<TextCondition> {
+        let ctx = self.context_length();
+        let device = self.clip.vs.device();
+        let ids = Tensor::from_slice(&self.tokenizer.tokenize_batch(captions, ctx as usize))
+            .view([captions.len() as i64, ctx])
+            .to_device(device);
+        let _g = tch::no_grad_guard();
+        let text = self.clip.model.encode_text(&ids)?;
+        // The end token has the largest id, so argmax finds it; it and everything before it count.
+        let end = ids.argmax(-1, true);
+        let mask = Tensor::arange(ctx, (Kind::Int64, device))
+            .unsqueeze(0)
+            .le_tensor(&end);
+        Ok(TextCondition {
+            text_embeds: l2_normalize(&text.embeds)?,
+            tokens: text.tokens,
+            mask,
+        })
+    }
+
+    /// The null condition classifier-free guidance uses: the empty caption, as diffusers'
+    /// UnCLIP pipeline encodes it.
+    pub fn null_condition(&self) -> Result<TextCondition> {
+        self.encode(&[""])
+    }
+}
+
+/// z_t from the shards and their stored token features, padded to `context_length`. A sample
+/// without token features is an error naming its key (run `embed --token-features`).
+pub fn stored_condition(
+    samples: &[EmbeddingSample],
+    context_length: i64,
+    width: i64,
+    device: Device,
+) -> Result<TextCondition> {
+    let b = samples.len() as i64;
+    let ctx = context_length as usize;
+    let w = width as usize;
+    let mut tokens = vec![0f32; samples.len() * ctx * w];
+    let mut lengths = Vec::with_capacity(samples.len());
+    let mut text =
+        Vec::with_capacity(samples.len() * samples.first().map_or(0, |s| s.text_emb.len()));
+    for (i, s) in samples.iter().enumerate() {
+        let t = s.text_tokens.as_ref().with_context(|| {
+            format!(
+                "embedding sample {:?} has no txt_tokens.npy: write the shards with `embed --token-features` or set data.text_features: clip",
+                s.key
+            )
+        })?;
+        ensure!(
+            t.shape.len() == 2 && t.shape[1] == w && (1..=ctx).contains(&t.shape[0]),
+            "embedding sample {:?}: token features of shape {:?}, expected [1..={ctx}, {w}]",
+            s.key,
+            t.shape
+        );
+        let values = t.to_f32();
+        tokens[i * ctx * w..i * ctx * w + values.len()].copy_from_slice(&values);
+        lengths.push(t.shape[0] as i64);
+        text.extend_from_slice(&s.text_emb);
+    }
+    let lengths = Tensor::from_slice(&lengths).to_device(device);
+    let mask = Tensor::arange(context_length, (Kind::Int64, device))
+        .unsqueeze(0)
+        .lt_tensor(&lengths.unsqueeze(1));
+    Ok(TextCondition {
+        text_embeds: Tensor::from_slice(&text).view([b, -1]).to_device(device),
+        tokens: Tensor::from_slice(&tokens)
+            .view([b, context_length, width])
+            .to_device(device),
+        mask,
+    })
+}
