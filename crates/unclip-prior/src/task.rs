@@ -260,6 +260,16 @@ fn image_embeds(samples: &[EmbeddingSample], device: Device) -> Tensor {
         .to_device(device)
 }
 
+/// Mean cosine similarity of matching rows of two [N, D] tensors.
+fn mean_cosine(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = unclip_diffusion::l2_normalize(&a.to_kind(Kind::Float))?;
+    let b = unclip_diffusion::l2_normalize(&b.to_kind(Kind::Float))?;
+    Ok((a * b)
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]))
+}
+
 pub struct PriorBatch {
     /// Standardised clean image embeddings [B, D].
     pub x_start: Tensor,
@@ -470,23 +480,15 @@ impl PriorTask {
             &self.cfg.prior.diffusion,
             &self.cfg.prior.sampling,
         )?;
-        let cos = |a: &Tensor, b: &Tensor| -> f64 {
-            let a = unclip_diffusion::l2_normalize(a).unwrap_or_else(|_| a.shallow_clone());
-            let b = unclip_diffusion::l2_normalize(b).unwrap_or_else(|_| b.shallow_clone());
-            (a * b)
-                .sum_dim_intlist(-1, false, Kind::Float)
-                .mean(Kind::Float)
-                .double_value(&[])
-        };
-        let baseline = cos(&h.text.text_embeds, &h.image_embeds);
+        let baseline = mean_cosine(&h.text.text_embeds, &h.image_embeds)?;
         let mut rows = Vec::new();
         for &scale in guidance_scales {
             tch::manual_seed(self.cfg.eval.seed);
             let s = sampler.sample(&h.text, &self.null, scale, self.cfg.prior.candidates)?;
             rows.push(EvalRow {
                 guidance_scale: scale,
-                cos_true: cos(&s.image_embeds, &h.image_embeds),
-                cos_text: cos(&s.image_embeds, &h.text.text_embeds),
+                cos_true: mean_cosine(&s.image_embeds, &h.image_embeds)?,
+                cos_text: mean_cosine(&s.image_embeds, &h.text.text_embeds)?,
             });
         }
         Ok(Some(EvalReport { baseline, rows }))
