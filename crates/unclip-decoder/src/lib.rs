@@ -1,0 +1,9 @@
+//! unCLIP's decoder (Ramesh et al. 2022, §2.1): GLIDE's text-conditional ADM UNet with CLIP
+//! conditioning, in the module layout of diffusers' UnCLIP decoder (`UNet2DConditionModel` +
+//! `UnCLIPTextProjModel`). In progress: the blocks specific to it, each checked against diffusers.
+
+pub mod added_kv_attention;
+pub mod text_proj;
+
+pub use added_kv_attention::AddedKvAttention;
+pub use text_proj::{ClipConditioning, TextProj};
