@@ -4,6 +4,8 @@
 
 pub mod added_kv_attention;
 pub mod text_proj;
+pub mod unet;
 
 pub use added_kv_attention::AddedKvAttention;
 pub use text_proj::{ClipConditioning, TextProj};
+pub use unet::{UNet, UNetConfig};

@@ -58,3 +58,43 @@ fn text_proj_matches_diffusers() {
         .unwrap_err();
     assert!(err.to_string().contains("token features"), "{err}");
 }
+
+#[test]
+fn unet_matches_diffusers_unclip_layout() {
+    let cfg = unclip_decoder::UNetConfig {
+        in_channels: 3,
+        out_channels: 6,
+        block_out_channels: vec![16, 32],
+        down_block_types: vec![
+            "ResnetDownsampleBlock2D".into(),
+            "SimpleCrossAttnDownBlock2D".into(),
+        ],
+        up_block_types: vec![
+            "SimpleCrossAttnUpBlock2D".into(),
+            "ResnetUpsampleBlock2D".into(),
+        ],
+        layers_per_block: 2,
+        cross_attention_dim: 24,
+        attention_head_dim: 8,
+        norm_num_groups: 4,
+        norm_eps: 1e-5,
+        dropout: 0.0,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let unet = unclip_decoder::UNet::new(vs.root(), &cfg).unwrap();
+    let io = load(&vs, "unet");
+    let _g = tch::no_grad_guard();
+    let mask = io["mask"].to_kind(Kind::Bool);
+    let out = unet
+        .forward_t(
+            &io["x"],
+            &io["t"],
+            &io["class_emb"],
+            &io["context"],
+            Some(&mask),
+            false,
+        )
+        .unwrap();
+    let d = max_diff(&out, &io["out"]);
+    assert!(d <= 1e-4, "unet differs by {d}");
+}

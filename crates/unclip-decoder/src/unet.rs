@@ -1,0 +1,321 @@
+//! GLIDE's text-conditional ADM UNet as diffusers' UnCLIP decoder builds it: a
+//! `UNet2DConditionModel` with `ResnetDownsampleBlock2D` / `SimpleCrossAttnDownBlock2D` down,
+//! `UNetMidBlock2DSimpleCrossAttn`, `SimpleCrossAttnUpBlock2D` / `ResnetUpsampleBlock2D` up,
+//! scale-shift ResBlocks that resample inside the block, and the identity class embedding through
+//! which the CLIP conditioning is added to the timestep embedding. Module paths are diffusers'.
+
+use anyhow::{bail, ensure, Result};
+use tch::nn::{self, Module};
+use tch::Tensor;
+use unclip_diffusion::nn::resnet::{ResBlock, ResBlockConfig, Resample};
+use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
+
+use crate::added_kv_attention::AddedKvAttention;
+
+/// The subset of diffusers' `UNet2DConditionModel` config the UnCLIP decoder uses (same names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UNetConfig {
+    pub in_channels: i64,
+    /// 2 × in_channels for a learned variance.
+    pub out_channels: i64,
+    pub block_out_channels: Vec<i64>,
+    /// Per level: `ResnetDownsampleBlock2D` or `SimpleCrossAttnDownBlock2D`.
+    pub down_block_types: Vec<String>,
+    /// Per level, deepest first: `SimpleCrossAttnUpBlock2D` or `ResnetUpsampleBlock2D`.
+    pub up_block_types: Vec<String>,
+    pub layers_per_block: i64,
+    /// Width of the conditioning sequence (extra CLIP tokens + caption tokens).
+    pub cross_attention_dim: i64,
+    pub attention_head_dim: i64,
+    pub norm_num_groups: i64,
+    pub norm_eps: f64,
+    pub dropout: f64,
+}
+
+impl UNetConfig {
+    /// Width of the timestep embedding (4 × the first level's channels).
+    pub fn time_embed_dim(&self) -> i64 {
+        4 * self.block_out_channels[0]
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        ensure!(n >= 1, "unet.block_out_channels must not be empty");
+        ensure!(
+            self.down_block_types.len() == n && self.up_block_types.len() == n,
+            "unet.down_block_types and up_block_types need one entry per block_out_channels entry ({n})"
+        );
+        for t in &self.down_block_types {
+            ensure!(
+                t == "ResnetDownsampleBlock2D" || t == "SimpleCrossAttnDownBlock2D",
+                "unet.down_block_types: {t:?} is not ResnetDownsampleBlock2D or SimpleCrossAttnDownBlock2D"
+            );
+        }
+        for t in &self.up_block_types {
+            ensure!(
+                t == "ResnetUpsampleBlock2D" || t == "SimpleCrossAttnUpBlock2D",
+                "unet.up_block_types: {t:?} is not ResnetUpsampleBlock2D or SimpleCrossAttnUpBlock2D"
+            );
+        }
+        for &c in &self.block_out_channels {
+            ensure!(
+                c > 0 && c % self.norm_num_groups == 0 && c % self.attention_head_dim == 0,
+                "unet.block_out_channels: {c} must be a multiple of norm_num_groups ({}) and attention_head_dim ({})",
+                self.norm_num_groups,
+                self.attention_head_dim
+            );
+        }
+        ensure!(
+            self.layers_per_block >= 1,
+            "unet.layers_per_block must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+/// Context handed to every attention block.
+struct Cond<'a> {
+    context: &'a Tensor,
+    mask: Option<&'a Tensor>,
+}
+
+#[derive(Debug)]
+struct Level {
+    resnets: Vec<ResBlock>,
+    attentions: Vec<AddedKvAttention>,
+    resampler: Option<ResBlock>,
+}
+
+impl Level {
+    fn forward_down(
+        &self,
+        mut h: Tensor,
+        emb: &Tensor,
+        cond: &Cond,
+        skips: &mut Vec<Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            h = resnet.forward_t(&h, Some(emb), train);
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, cond.context, cond.mask)?;
+            }
+            skips.push(h.shallow_clone());
+        }
+        if let Some(down) = &self.resampler {
+            h = down.forward_t(&h, Some(emb), train);
+            skips.push(h.shallow_clone());
+        }
+        Ok(h)
+    }
+
+    fn forward_up(
+        &self,
+        mut h: Tensor,
+        emb: &Tensor,
+        cond: &Cond,
+        skips: &mut Vec<Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let Some(skip) = skips.pop() else {
+                bail!("unet: ran out of skip connections")
+            };
+            h = resnet.forward_t(&Tensor::f_cat(&[&h, &skip], 1)?, Some(emb), train);
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, cond.context, cond.mask)?;
+            }
+        }
+        if let Some(up) = &self.resampler {
+            h = up.forward_t(&h, Some(emb), train);
+        }
+        Ok(h)
+    }
+}
+
+#[derive(Debug)]
+pub struct UNet {
+    conv_in: nn::Conv2D,
+    time_embedding: TimestepMlp,
+    down: Vec<Level>,
+    mid_resnets: Vec<ResBlock>,
+    mid_attention: AddedKvAttention,
+    up: Vec<Level>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+    pub cfg: UNetConfig,
+}
+
+impl UNet {
+    pub fn new(p: nn::Path, cfg: &UNetConfig) -> Result<Self> {
+        cfg.validate()?;
+        let boc = &cfg.block_out_channels;
+        let temb = cfg.time_embed_dim();
+        let conv3 = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let res = |p: nn::Path, i: i64, o: i64, resample: Resample| {
+            ResBlock::new(
+                p,
+                &ResBlockConfig {
+                    groups: cfg.norm_num_groups,
+                    eps: cfg.norm_eps,
+                    dropout: cfg.dropout,
+                    resample,
+                    ..ResBlockConfig::new(i, o, temb)
+                },
+            )
+        };
+        let attn = |p: nn::Path, c: i64| {
+            AddedKvAttention::new(
+                p,
+                c,
+                c / cfg.attention_head_dim,
+                cfg.attention_head_dim,
+                cfg.cross_attention_dim,
+                cfg.norm_num_groups,
+            )
+        };
+        // One level: a ResBlock per entry of `inputs` (its input width), each followed by
+        // attention in the cross-attention blocks, then the resampling ResBlock if any.
+        let level = |bp: nn::Path,
+                     with_attention: bool,
+                     inputs: &[i64],
+                     out: i64,
+                     resampler: Option<(&str, Resample)>|
+         -> Result<Level> {
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for (j, &inp) in inputs.iter().enumerate() {
+                resnets.push(res(&bp / "resnets" / j as i64, inp, out, Resample::None));
+                if with_attention {
+                    attentions.push(attn(&bp / "attentions" / j as i64, out)?);
+                }
+            }
+            Ok(Level {
+                resnets,
+                attentions,
+                resampler: resampler.map(|(name, r)| res(&bp / name / 0, out, out, r)),
+            })
+        };
+        let last = boc.len() - 1;
+        let mut down = Vec::new();
+        let mut channels = boc[0];
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            let out = boc[i];
+            let mut inputs = vec![out; cfg.layers_per_block as usize];
+            inputs[0] = channels;
+            down.push(level(
+                &p / "down_blocks" / i as i64,
+                kind == "SimpleCrossAttnDownBlock2D",
+                &inputs,
+                out,
+                (i != last).then_some(("downsamplers", Resample::Down)),
+            )?);
+            channels = out;
+        }
+        let mid = &p / "mid_block";
+        let c = boc[last];
+        let mid_resnets = vec![
+            res(&mid / "resnets" / 0, c, c, Resample::None),
+            res(&mid / "resnets" / 1, c, c, Resample::None),
+        ];
+        let mid_attention = attn(&mid / "attentions" / 0, c)?;
+        let reversed: Vec<i64> = boc.iter().rev().copied().collect();
+        let mut up = Vec::new();
+        let mut prev_out = reversed[0];
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let out = reversed[i];
+            let layers = (cfg.layers_per_block + 1) as usize;
+            // Each ResBlock takes the running features concatenated with one skip: the last skip
+            // of a level comes from the level below's input width.
+            let inputs: Vec<i64> = (0..layers)
+                .map(|j| {
+                    let skip = if j == layers - 1 {
+                        reversed[(i + 1).min(last)]
+                    } else {
+                        out
+                    };
+                    (if j == 0 { prev_out } else { out }) + skip
+                })
+                .collect();
+            up.push(level(
+                &p / "up_blocks" / i as i64,
+                kind == "SimpleCrossAttnUpBlock2D",
+                &inputs,
+                out,
+                (i != last).then_some(("upsamplers", Resample::Up)),
+            )?);
+            prev_out = out;
+        }
+        Ok(Self {
+            conv_in: nn::conv2d(&p / "conv_in", cfg.in_channels, boc[0], 3, conv3),
+            time_embedding: TimestepMlp::with_hidden(&p / "time_embedding", boc[0], temb, temb),
+            down,
+            mid_resnets,
+            mid_attention,
+            up,
+            conv_norm_out: nn::group_norm(
+                &p / "conv_norm_out",
+                cfg.norm_num_groups,
+                boc[0],
+                nn::GroupNormConfig {
+                    eps: cfg.norm_eps,
+                    ..Default::default()
+                },
+            ),
+            conv_out: nn::conv2d(&p / "conv_out", boc[0], cfg.out_channels, 3, conv3),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// x: [B, in, H, W]; t: [B] training timesteps; class_emb: [B, time_embed_dim] added to the
+    /// timestep embedding (the CLIP conditioning); context: [B, S, cross_attention_dim];
+    /// context_mask: [B, S] bool (true = real token). Returns [B, out, H, W].
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        class_emb: &Tensor,
+        context: &Tensor,
+        context_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let levels = self.cfg.block_out_channels.len() as i64 - 1;
+        let (h, w) = (x.size()[2], x.size()[3]);
+        ensure!(
+            h % (1 << levels) == 0 && w % (1 << levels) == 0,
+            "unet input {:?}: height and width must be multiples of {}",
+            x.size(),
+            1 << levels
+        );
+        let temb = timestep_embedding(t, self.cfg.block_out_channels[0], 10_000.0)?
+            .to_device(x.device())
+            .to_kind(x.kind());
+        let emb = self.time_embedding.forward(&temb) + class_emb;
+        let cond = Cond {
+            context,
+            mask: context_mask,
+        };
+        let mut h = self.conv_in.forward(x);
+        let mut skips = vec![h.shallow_clone()];
+        for level in &self.down {
+            h = level.forward_down(h, &emb, &cond, &mut skips, train)?;
+        }
+        h = self.mid_resnets[0].forward_t(&h, Some(&emb), train);
+        h = self.mid_attention.forward(&h, context, context_mask)?;
+        h = self.mid_resnets[1].forward_t(&h, Some(&emb), train);
+        for level in &self.up {
+            h = level.forward_up(h, &emb, &cond, &mut skips, train)?;
+        }
+        ensure!(
+            skips.is_empty(),
+            "unet: {} skip connections unused",
+            skips.len()
+        );
+        Ok(self
+            .conv_out
+            .forward(&self.conv_norm_out.forward(&h).silu()))
+    }
+}
