@@ -26,13 +26,24 @@ pub struct AdamW {
     weight_decay: f64,
 }
 
-/// Weight decay skips biases, norm gains and embeddings: every tensor of rank ≤ 1, and any whose
-/// path names an embedding.
+/// Weight decay skips biases, norm gains and embeddings: every tensor of rank ≤ 1, and any that is
+/// an embedding by name — a parameter called `*embedding` (`positional_embedding`), or the `weight`
+/// of a module called `*embedding` (`token_embedding.weight`) or `emb` / `*_emb`. Linear layers
+/// that merely mention embeddings (`time_embedding.linear_1`, `embedding_proj`,
+/// `proj_to_clip_embeddings`) decay like any other matrix.
 pub fn decays(name: &str, var: &Tensor) -> bool {
-    var.dim() > 1
-        && !name
-            .split('.')
-            .any(|p| p.contains("embedding") || p == "emb" || p.ends_with("_emb"))
+    if var.dim() <= 1 {
+        return false;
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    let leaf = parts.last().copied().unwrap_or("");
+    let module = if parts.len() >= 2 {
+        parts[parts.len() - 2]
+    } else {
+        ""
+    };
+    let is_embedding = |p: &str| p.ends_with("embedding") || p == "emb" || p.ends_with("_emb");
+    !(is_embedding(leaf) || (leaf == "weight" && is_embedding(module)))
 }
 
 impl AdamW {
@@ -208,5 +219,37 @@ impl AdamW {
         }
         self.step = step;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decays;
+    use tch::{Kind, Tensor};
+
+    #[test]
+    fn embeddings_do_not_decay_but_layers_named_after_them_do() {
+        let matrix = Tensor::zeros([4, 4], (Kind::Float, tch::Device::Cpu));
+        let vector = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu));
+        for name in [
+            "text_model.embeddings.token_embedding.weight",
+            "vision_model.embeddings.position_embedding.weight",
+            "vision_model.embeddings.patch_embedding.weight",
+            "positional_embedding",
+            "prd_embedding",
+            "label_emb.weight",
+        ] {
+            assert!(!decays(name, &matrix), "{name} should not decay");
+        }
+        for name in [
+            "time_embedding.linear_1.weight",
+            "embedding_proj.weight",
+            "proj_to_clip_embeddings.weight",
+            "transformer_blocks.0.attn1.to_q.weight",
+        ] {
+            assert!(decays(name, &matrix), "{name} should decay");
+        }
+        assert!(!decays("layer.bias", &vector));
+        assert!(!decays("norm.weight", &vector));
     }
 }
