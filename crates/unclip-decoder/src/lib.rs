@@ -3,9 +3,11 @@
 //! `UnCLIPTextProjModel`). In progress: the blocks specific to it, each checked against diffusers.
 
 pub mod added_kv_attention;
+pub mod model;
 pub mod text_proj;
 pub mod unet;
 
 pub use added_kv_attention::AddedKvAttention;
+pub use model::{DecoderCondition, UnclipDecoder};
 pub use text_proj::{ClipConditioning, TextProj};
 pub use unet::{UNet, UNetConfig};

@@ -2,7 +2,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
-use unclip_decoder::{AddedKvAttention, TextProj};
+use unclip_decoder::{AddedKvAttention, DecoderCondition, TextProj, UnclipDecoder};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,7 +47,7 @@ fn added_kv_attention_matches_diffusers() {
 #[test]
 fn text_proj_matches_diffusers() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let proj = TextProj::new(vs.root(), 16, 4, 40, 24);
+    let proj = TextProj::new(vs.root(), 16, 4, 64, 24);
     let io = load(&vs, "text_proj");
     let _g = tch::no_grad_guard();
     let c = proj.forward(&io["z_i"], &io["z_t"], &io["tokens"]).unwrap();
@@ -59,9 +59,8 @@ fn text_proj_matches_diffusers() {
     assert!(err.to_string().contains("token features"), "{err}");
 }
 
-#[test]
-fn unet_matches_diffusers_unclip_layout() {
-    let cfg = unclip_decoder::UNetConfig {
+fn tiny_unet() -> unclip_decoder::UNetConfig {
+    unclip_decoder::UNetConfig {
         in_channels: 3,
         out_channels: 6,
         block_out_channels: vec![16, 32],
@@ -79,9 +78,13 @@ fn unet_matches_diffusers_unclip_layout() {
         norm_num_groups: 4,
         norm_eps: 1e-5,
         dropout: 0.0,
-    };
+    }
+}
+
+#[test]
+fn unet_matches_diffusers_unclip_layout() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let unet = unclip_decoder::UNet::new(vs.root(), &cfg).unwrap();
+    let unet = unclip_decoder::UNet::new(vs.root(), &tiny_unet()).unwrap();
     let io = load(&vs, "unet");
     let _g = tch::no_grad_guard();
     let mask = io["mask"].to_kind(Kind::Bool);
@@ -97,4 +100,58 @@ fn unet_matches_diffusers_unclip_layout() {
         .unwrap();
     let d = max_diff(&out, &io["out"]);
     assert!(d <= 1e-4, "unet differs by {d}");
+}
+
+/// The tensors of a fixture weights file under `prefix.`.
+fn prefixed(name: &str, prefix: &str) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(fixture(&format!("{name}_weights.safetensors")))
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}.{k}"), v))
+        .collect()
+}
+
+#[test]
+fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let decoder = UnclipDecoder::new(vs.root(), &tiny_unet(), 16, 4).unwrap();
+    let mut weights = prefixed("unet", "decoder");
+    weights.extend(prefixed("text_proj", "text_proj"));
+    unclip_train::trainer::load_into(&vs, &weights, "fixtures").unwrap();
+    let io: HashMap<String, Tensor> = Tensor::read_safetensors(fixture("decoder_io.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let cond = DecoderCondition {
+        image_embeds: io["z_i"].shallow_clone(),
+        text_embeds: io["z_t"].shallow_clone(),
+        tokens: io["tokens"].shallow_clone(),
+        mask: io["mask"].to_kind(Kind::Bool),
+    };
+    let _g = tch::no_grad_guard();
+    let out = decoder.forward_t(&io["x"], &io["t"], &cond, false).unwrap();
+    let d = max_diff(&out, &io["out"]);
+    assert!(d <= 1e-4, "decoder differs by {d}");
+    // Dropout: row 0 loses its image embedding, row 1 its caption.
+    let null = DecoderCondition {
+        image_embeds: Tensor::zeros([1, 16], (Kind::Float, Device::Cpu)),
+        text_embeds: Tensor::full([1, 16], 7.0, (Kind::Float, Device::Cpu)),
+        tokens: Tensor::full([1, 6, 16], 3.0, (Kind::Float, Device::Cpu)),
+        mask: Tensor::from_slice(&[true, true, false, false, false, false]).view([1, 6]),
+    };
+    let drop_image = Tensor::from_slice(&[true, false]);
+    let drop_text = Tensor::from_slice(&[false, true]);
+    let dropped = decoder
+        .drop_conditioning(&cond, &drop_image, &drop_text, &null)
+        .unwrap();
+    let learned = &decoder
+        .text_proj
+        .learned_classifier_free_guidance_embeddings;
+    assert!(max_diff(&dropped.image_embeds.get(0), learned) == 0.0);
+    assert!(max_diff(&dropped.image_embeds.get(1), &cond.image_embeds.get(1)) == 0.0);
+    assert!(max_diff(&dropped.text_embeds.get(0), &cond.text_embeds.get(0)) == 0.0);
+    assert!(max_diff(&dropped.text_embeds.get(1), &null.text_embeds.get(0)) == 0.0);
+    assert!(max_diff(&dropped.tokens.get(1), &null.tokens.get(0)) == 0.0);
+    assert!(dropped.mask.get(1).equal(&null.mask.get(0)));
+    assert!(dropped.mask.get(0).equal(&cond.mask.get(0)));
 }
