@@ -99,15 +99,8 @@ fn build(cfg: &ClipConfig, device: Device) -> Result<(nn::VarStore, Clip)> {
 pub fn load_clip(path: &Path, device: Device) -> Result<LoadedClip> {
     if path.join("config.yaml").is_file() {
         let cfg = unclip_train::load_config::<ClipTrainConfig>(&path.join("config.yaml"), &[])?;
-        let ckpt = checkpoint::latest(&checkpoint::checkpoints_dir(path))?
-            .with_context(|| format!("{}: no complete checkpoint", path.display()))?;
-        let ck = checkpoint::load(&ckpt)?;
-        let (weights, which) = match ck.ema {
-            Some(ema) => (ema, "EMA"),
-            None => (ck.model, "model"),
-        };
+        let (weights, source) = checkpoint::inference_weights(path)?;
         let (mut vs, model) = build(&cfg.task.model, device)?;
-        let source = format!("{} ({which} weights)", ckpt.display());
         load_clip_weights(&vs, &weights.into_iter().collect(), "", &source)?;
         vs.freeze();
         return Ok(LoadedClip {
@@ -134,7 +127,7 @@ pub fn load_clip(path: &Path, device: Device) -> Result<LoadedClip> {
         let weights = read_clip_weights(&weights_path)?;
         let (mut vs, model) = build(&cfg, device)?;
         let source = weights_path.display().to_string();
-        load_clip_weights(&vs, &weights, "", &source)?;
+        load_clip_weights(&vs, &weights.into_iter().collect(), "", &source)?;
         vs.freeze();
         return Ok(LoadedClip {
             vs,

@@ -2,11 +2,9 @@
 //! trainer by a background thread. Deterministic for a seed and a rank, and exactly resumable:
 //! every batch carries the stream position after it, as [`crate::loader::ImageLoader`]'s do.
 
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::thread::JoinHandle;
-
 use crate::embeddings::{parse_embedding_sample, EmbeddingSample};
 use crate::loader::{DataPosition, EpochReport};
+use crate::prefetch::Prefetch;
 use crate::reader::{ReaderConfig, ShardReader};
 use crate::shards::ShardError;
 
@@ -32,8 +30,7 @@ pub struct EmbeddingBatch {
 }
 
 pub struct EmbeddingLoader {
-    rx: Receiver<Result<EmbeddingBatch, ShardError>>,
-    worker: Option<JoinHandle<()>>,
+    batches: Prefetch<EmbeddingBatch>,
 }
 
 type SampleIter = Box<dyn Iterator<Item = EmbeddingSample> + Send>;
@@ -126,54 +123,24 @@ impl EmbeddingLoader {
             });
         }
         ShardReader::with_parser(&cfg.reader, cfg.start.epoch, parse_embedding_sample)?;
-        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-        let worker = std::thread::Builder::new()
-            .name("unclip-embedding-loader".into())
-            .spawn(move || {
-                let mut producer = Producer {
-                    position: cfg.start,
-                    cfg,
-                    epoch: None,
-                    epoch_samples: 0,
-                    skipped_total: 0,
-                };
-                loop {
-                    let batch = producer.next_batch();
-                    let failed = batch.is_err();
-                    if tx.send(batch).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| ShardError::Io {
-                path: "<loader thread>".into(),
-                message: e.to_string(),
-            })?;
+        let depth = cfg.prefetch;
+        let mut producer = Producer {
+            position: cfg.start,
+            cfg,
+            epoch: None,
+            epoch_samples: 0,
+            skipped_total: 0,
+        };
         Ok(Self {
-            rx,
-            worker: Some(worker),
+            batches: Prefetch::spawn("unclip-embedding-loader", depth, move || {
+                producer.next_batch()
+            })?,
         })
     }
 
     /// The next batch (blocks until it is ready).
     pub fn next_batch(&mut self) -> Result<EmbeddingBatch, ShardError> {
-        self.rx.recv().unwrap_or_else(|_| {
-            Err(ShardError::Io {
-                path: "<loader thread>".into(),
-                message: "the loader thread stopped".into(),
-            })
-        })
-    }
-}
-
-impl Drop for EmbeddingLoader {
-    fn drop(&mut self) {
-        // Unblock a producer waiting on a full queue, then let it finish.
-        let (_, dead) = sync_channel(0);
-        drop(std::mem::replace(&mut self.rx, dead));
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
+        self.batches.next()
     }
 }
 

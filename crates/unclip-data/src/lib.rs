@@ -8,6 +8,7 @@ pub mod embeddings;
 pub mod images;
 pub mod loader;
 pub mod npy;
+mod prefetch;
 pub mod reader;
 pub mod shapes;
 pub mod shards;

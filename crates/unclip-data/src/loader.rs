@@ -8,7 +8,6 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::thread::JoinHandle;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -17,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::embeddings::{EmbeddingSample, PairedShardReader};
 use crate::images::ImageTransform;
+use crate::prefetch::Prefetch;
 use crate::reader::{CaptionedImage, ReaderConfig, ShardReader};
 use crate::shards::ShardError;
 
@@ -101,8 +101,7 @@ pub struct LoaderConfig {
 }
 
 pub struct ImageLoader {
-    rx: Receiver<Result<ImageBatch, ShardError>>,
-    worker: Option<JoinHandle<()>>,
+    batches: Prefetch<ImageBatch>,
 }
 
 fn sample_seed(seed: u64, epoch: u64, rank: usize, index: u64) -> u64 {
@@ -236,48 +235,16 @@ impl ImageLoader {
         // Missing shards, impossible rank splits and embedding shards that do not belong fail
         // here, before training starts.
         open_epoch(&cfg, cfg.start.epoch)?;
-        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-        let worker = std::thread::Builder::new()
-            .name("unclip-loader".into())
-            .spawn(move || {
-                let mut producer = Producer::new(cfg);
-                loop {
-                    let batch = producer.next_batch();
-                    let failed = batch.is_err();
-                    if tx.send(batch).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| ShardError::Io {
-                path: "<loader thread>".into(),
-                message: e.to_string(),
-            })?;
+        let depth = cfg.prefetch;
+        let mut producer = Producer::new(cfg);
         Ok(Self {
-            rx,
-            worker: Some(worker),
+            batches: Prefetch::spawn("unclip-loader", depth, move || producer.next_batch())?,
         })
     }
 
     /// The next batch (blocks until it is ready).
     pub fn next_batch(&mut self) -> Result<ImageBatch, ShardError> {
-        self.rx.recv().unwrap_or_else(|_| {
-            Err(ShardError::Io {
-                path: "<loader thread>".into(),
-                message: "the loader thread stopped".into(),
-            })
-        })
-    }
-}
-
-impl Drop for ImageLoader {
-    fn drop(&mut self) {
-        // Unblock a producer waiting on a full queue, then let it finish.
-        let (_, dead) = sync_channel(0);
-        drop(std::mem::replace(&mut self.rx, dead));
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
+        self.batches.next()
     }
 }
 

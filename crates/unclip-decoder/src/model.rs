@@ -7,6 +7,8 @@ use anyhow::{ensure, Result};
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use unclip_diffusion::guidance::replace_rows;
+
 use crate::text_proj::TextProj;
 use crate::unet::{UNet, UNetConfig};
 
@@ -84,22 +86,15 @@ impl UnclipDecoder {
         drop_text: &Tensor,
         null_text: &DecoderCondition,
     ) -> Result<DecoderCondition> {
-        let pick = |keep: &Tensor, other: &Tensor, drop: &Tensor| -> Result<Tensor> {
-            let mut shape = vec![-1i64];
-            shape.resize(keep.dim(), 1);
-            Ok(other
-                .f_expand_as(keep)?
-                .f_where_self(&drop.f_view(shape.as_slice())?, keep)?)
-        };
         let null_image = self
             .text_proj
             .learned_classifier_free_guidance_embeddings
             .unsqueeze(0);
         Ok(DecoderCondition {
-            image_embeds: pick(&cond.image_embeds, &null_image, drop_image)?,
-            text_embeds: pick(&cond.text_embeds, &null_text.text_embeds, drop_text)?,
-            tokens: pick(&cond.tokens, &null_text.tokens, drop_text)?,
-            mask: pick(&cond.mask, &null_text.mask, drop_text)?,
+            image_embeds: replace_rows(&cond.image_embeds, &null_image, drop_image)?,
+            text_embeds: replace_rows(&cond.text_embeds, &null_text.text_embeds, drop_text)?,
+            tokens: replace_rows(&cond.tokens, &null_text.tokens, drop_text)?,
+            mask: replace_rows(&cond.mask, &null_text.mask, drop_text)?,
         })
     }
 }

@@ -56,3 +56,13 @@ where
         guide_output(&out, scale, mean_channels)
     }
 }
+
+/// Guidance dropout on one conditioning tensor: row i of `keep` [B, ...], or of `other` (one row
+/// [1, ...] broadcast, or [B, ...]) where `take_other` [B] bool is true.
+pub fn replace_rows(keep: &Tensor, other: &Tensor, take_other: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![-1i64];
+    shape.resize(keep.dim(), 1);
+    Ok(other
+        .f_expand_as(keep)?
+        .f_where_self(&take_other.f_view(shape.as_slice())?, keep)?)
+}

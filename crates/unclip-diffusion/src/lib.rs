@@ -20,6 +20,6 @@ pub use gaussian::{
     ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, PMeanVariance,
     TrainingLosses, VarianceType,
 };
-pub use guidance::{classifier_free_guidance, guide_output};
+pub use guidance::{classifier_free_guidance, guide_output, replace_rows};
 pub use sampling::{Progress, SamplerConfig, SamplerKind, SamplerName};
 pub use schedule::{space_timesteps, BetaSchedule, Respacing};

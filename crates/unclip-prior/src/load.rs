@@ -62,7 +62,6 @@ pub struct PriorRun {
 }
 
 pub fn load_prior_run(run_dir: &Path, device: Device) -> Result<PriorRun> {
-    use unclip_train::checkpoint;
     let config = run_dir.join("config.yaml");
     anyhow::ensure!(
         config.is_file(),
@@ -70,17 +69,10 @@ pub fn load_prior_run(run_dir: &Path, device: Device) -> Result<PriorRun> {
         run_dir.display()
     );
     let cfg = unclip_train::load_config::<crate::task::PriorTrainConfig>(&config, &[])?.task;
-    let ckpt = checkpoint::latest(&checkpoint::checkpoints_dir(run_dir))?
-        .with_context(|| format!("{}: no complete checkpoint", run_dir.display()))?;
-    let ck = checkpoint::load(&ckpt)?;
-    let (weights, which) = match ck.ema {
-        Some(ema) => (ema, "EMA"),
-        None => (ck.model, "model"),
-    };
+    let (weights, source) = unclip_train::checkpoint::inference_weights(run_dir)?;
     let mut vs = nn::VarStore::new(device);
     let model = DiffusionPrior::new(vs.root(), &cfg.prior.model)?;
-    let source = format!("{} ({which} weights)", ckpt.display());
-    load_into(&vs, &weights.into_iter().collect(), &source)?;
+    load_into(&vs, &weights, &source)?;
     vs.freeze();
     Ok(PriorRun {
         cfg,

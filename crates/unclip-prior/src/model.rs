@@ -6,6 +6,7 @@
 use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
+use unclip_diffusion::guidance::replace_rows;
 use unclip_diffusion::nn::attention::{AttentionMask, MultiHeadAttention};
 use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
 
@@ -86,16 +87,10 @@ impl TextCondition {
 
     /// Per row, `other`'s row where `take_other` [B] bool is true (guidance dropout).
     pub fn replace_rows(&self, take_other: &Tensor, other: &Self) -> Result<Self> {
-        let pick = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
-            let mut shape = vec![-1i64];
-            shape.resize(a.dim(), 1);
-            let cond = take_other.f_view(shape.as_slice())?;
-            Ok(b.f_expand_as(a)?.f_where_self(&cond, a)?)
-        };
         Ok(Self {
-            text_embeds: pick(&self.text_embeds, &other.text_embeds)?,
-            tokens: pick(&self.tokens, &other.tokens)?,
-            mask: pick(&self.mask, &other.mask)?,
+            text_embeds: replace_rows(&self.text_embeds, &other.text_embeds, take_other)?,
+            tokens: replace_rows(&self.tokens, &other.tokens, take_other)?,
+            mask: replace_rows(&self.mask, &other.mask, take_other)?,
         })
     }
 

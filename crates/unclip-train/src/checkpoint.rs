@@ -169,6 +169,18 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     })
 }
 
+/// The weights a trained run is used with: its newest complete checkpoint's EMA weights when it
+/// has them, else its model weights; with a description ("DIR (EMA weights)") for messages.
+pub fn inference_weights(run_dir: &Path) -> Result<(HashMap<String, Tensor>, String)> {
+    let dir = latest(&checkpoints_dir(run_dir))?
+        .with_context(|| format!("{}: no complete checkpoint", run_dir.display()))?;
+    let ck = load(&dir)?;
+    Ok(match ck.ema {
+        Some(ema) => (ema, format!("{} (EMA weights)", dir.display())),
+        None => (ck.model, format!("{} (model weights)", dir.display())),
+    })
+}
+
 /// Which checkpoints to keep: the `keep_last` newest plus every multiple of `milestone_every`.
 #[derive(Debug, Clone, Copy)]
 pub struct RetentionPolicy {
