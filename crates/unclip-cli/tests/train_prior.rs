@@ -2,33 +2,9 @@
 //! --token-features` (a random tiny CLIP) → `train-prior` → `train-prior --sample`; and
 //! `--dry-run` on the paper config.
 use std::path::Path;
-use std::process::Command;
+mod common;
+use common::{embedded_shapes, run};
 use unclip_data::npy::NpyArray;
-use unclip_data::shards::{write_shapes_shards, ShapesSpec};
-
-const CLIP: &str = "
-seed: 0
-device: cpu
-model:
-  embed_dim: 32
-  vision: {image_size: 32, patch_size: 16, width: 32, layers: 1, heads: 2}
-  text: {context_length: 16, width: 32, layers: 1, heads: 2}
-data:
-  train: {shards: unused-000000.tar}
-  held_out: {shards: unused-000000.tar}
-  image: {resolution: 32}
-";
-
-fn run(bin: &str, args: &[&str]) -> String {
-    let out = Command::new(bin).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{bin} {args:?}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn prior_config(dir: &Path) -> String {
     format!(
@@ -55,35 +31,7 @@ checkpoint: {{every: 3}}
 fn embed_then_train_prior_then_sample() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    unclip_clip::load::write_random_run(&dir.join("clip"), CLIP, 1).unwrap();
-    for (prefix, count, seed) in [("img", 32, 1), ("val", 8, 2)] {
-        write_shapes_shards(&ShapesSpec {
-            count,
-            resolution: 32,
-            seed,
-            shard_size: 16,
-            out: dir.join("shapes"),
-            prefix: prefix.into(),
-        })
-        .unwrap();
-    }
-    let embed = env!("CARGO_BIN_EXE_embed");
-    for shards in ["img-{000000..000001}.tar", "val-000000.tar"] {
-        run(
-            embed,
-            &[
-                "--clip",
-                dir.join("clip").to_str().unwrap(),
-                "--shards",
-                dir.join("shapes").join(shards).to_str().unwrap(),
-                "--out",
-                dir.join("emb").to_str().unwrap(),
-                "--token-features",
-                "--device",
-                "cpu",
-            ],
-        );
-    }
+    embedded_shapes(dir, 32, env!("CARGO_BIN_EXE_embed"));
     let config = dir.join("prior.yaml");
     std::fs::write(&config, prior_config(dir)).unwrap();
     let run_dir = dir.join("run");

@@ -1,6 +1,8 @@
 //! CLIP for unCLIP: the encoders (transformers' `CLIPModel` names), open_clip / OpenAI weight
-//! conversion, the symmetric contrastive loss, and the `train-clip` task.
+//! conversion, the symmetric contrastive loss, the `train-clip` task, and the caption
+//! conditioning (z_t, token features) the prior and the decoder share.
 
+pub mod caption;
 pub mod config;
 pub mod convert;
 pub mod load;

@@ -6,8 +6,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tch::{nn, Device};
-use unclip_data::images::{Crop, ImageTransform, Normalize, Resample};
+use tch::{nn, Device, Kind, Tensor};
+use unclip_data::images::{Crop, ImageTransform, Normalize, Resample, CLIP_MEAN, CLIP_STD};
+use unclip_diffusion::embedding::l2_normalize;
 use unclip_train::checkpoint;
 
 use crate::config::{Activation, ClipConfig, TextConfig, VisionConfig};
@@ -23,6 +24,26 @@ pub struct LoadedClip {
     pub image: ImageTransform,
     /// What was loaded, for messages.
     pub source: String,
+}
+
+impl LoadedClip {
+    /// L2-normalised image embeddings z_i of images in [-1, 1] ([B, 3, H, W], any size): resized
+    /// (bilinear, antialiased) to the CLIP's resolution when they differ and renormalised as the
+    /// CLIP was trained. At the CLIP's own resolution and crop this is what `embed` stores.
+    pub fn embed_images(&self, images: &Tensor) -> Result<Tensor> {
+        let r = i64::from(self.image.resolution);
+        let _g = tch::no_grad_guard();
+        let device = self.vs.device();
+        let mut x = images.to_device(device).to_kind(Kind::Float);
+        if x.size()[2..] != [r, r] {
+            x = x.f_internal_upsample_bilinear2d_aa([r, r], false, None, None)?;
+        }
+        if self.image.normalize == Normalize::Clip {
+            let stats = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
+            x = ((x + 1.0) * 0.5 - stats(CLIP_MEAN)) / stats(CLIP_STD);
+        }
+        Ok(l2_normalize(&self.model.encode_image(&x)?)?)
+    }
 }
 
 impl ClipConfig {
@@ -147,6 +168,21 @@ pub fn load_clip(path: &Path, device: Device) -> Result<LoadedClip> {
         path.display()
     )
 }
+
+/// A `train-clip` config of a tiny CPU CLIP (32-wide embeddings and text, 16 tokens, 32 px
+/// images, one block per tower) for [`write_random_run`] in tests and smoke runs.
+pub const TINY_CLIP_CONFIG: &str = "
+seed: 0
+device: cpu
+model:
+  embed_dim: 32
+  vision: {image_size: 32, patch_size: 16, width: 32, layers: 1, heads: 2}
+  text: {context_length: 16, width: 32, layers: 1, heads: 2}
+data:
+  train: {shards: unused-000000.tar}
+  held_out: {shards: unused-000000.tar}
+  image: {resolution: 32}
+";
 
 /// Writes a `train-clip` run directory holding one checkpoint of a CLIP with CLIP's random
 /// initialisation from `seed`: what tests and smoke runs of the later stages (`embed`, the priors,

@@ -74,6 +74,9 @@ pub struct ImageBatch {
     /// embeddings, row-major (empty otherwise).
     pub image_embeds: Vec<f32>,
     pub text_embeds: Vec<f32>,
+    /// With `LoaderConfig::embeddings`: each sample's embedding record (with its token features
+    /// when `embed --token-features` wrote them).
+    pub embeddings: Vec<EmbeddingSample>,
 }
 
 impl ImageBatch {
@@ -379,15 +382,17 @@ impl Producer {
             skipped_total: self.skipped_total + self.reader.as_ref().map_or(0, |e| (e.skipped)()),
             image_embeds: Vec::new(),
             text_embeds: Vec::new(),
+            embeddings: Vec::new(),
         };
         for t in items {
             batch.keys.push(t.sample.key);
             batch.captions.push(t.sample.caption);
             batch.metadata.push(t.sample.metadata);
             batch.images.extend_from_slice(&t.pixels);
-            if let Some(e) = &t.embedding {
+            if let Some(e) = t.embedding {
                 batch.image_embeds.extend_from_slice(&e.image_emb);
                 batch.text_embeds.extend_from_slice(&e.text_emb);
+                batch.embeddings.push(e);
             }
         }
         Ok(batch)

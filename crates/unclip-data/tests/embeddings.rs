@@ -218,6 +218,10 @@ mod paired {
                 let v: f32 = key.parse().unwrap();
                 assert_eq!(&b.image_embeds[row * 4..row * 4 + 4], &[v; 4]);
                 assert_eq!(b.text_embeds[row * 4], -v);
+                assert_eq!(
+                    &b.embeddings[row].key, key,
+                    "the record travels with its image"
+                );
             }
         }
         for b in &batches[..3] {

@@ -7,8 +7,10 @@ use anyhow::{ensure, Result};
 use tch::nn;
 use tch::{Kind, Tensor};
 
+use unclip_clip::caption::TextCondition;
 use unclip_diffusion::guidance::replace_rows;
 
+use crate::config::DecoderModelConfig;
 use crate::text_proj::TextProj;
 use crate::unet::{UNet, UNetConfig};
 
@@ -17,12 +19,26 @@ use crate::unet::{UNet, UNetConfig};
 pub struct DecoderCondition {
     /// [B, D]: CLIP image embeddings z_i.
     pub image_embeds: Tensor,
-    /// [B, D]: CLIP text embeddings z_t.
-    pub text_embeds: Tensor,
-    /// [B, L, D]: the caption's token features.
-    pub tokens: Tensor,
-    /// [B, L] bool: real caption tokens.
-    pub mask: Tensor,
+    /// z_t [B, D], the caption's token features [B, L, D] and their mask.
+    pub text: TextCondition,
+}
+
+impl DecoderCondition {
+    /// This batch followed by `other`.
+    pub fn cat(&self, other: &Self) -> Result<Self> {
+        Ok(Self {
+            image_embeds: Tensor::f_cat(&[&self.image_embeds, &other.image_embeds], 0)?,
+            text: self.text.cat(&other.text)?,
+        })
+    }
+
+    pub fn len(&self) -> i64 {
+        self.image_embeds.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Debug)]
@@ -50,6 +66,17 @@ impl UnclipDecoder {
         })
     }
 
+    /// The decoder a `decoder.model:` section describes.
+    pub fn from_config(p: nn::Path, cfg: &DecoderModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        Self::new(
+            p,
+            &cfg.unet,
+            cfg.clip_embeddings_dim,
+            cfg.clip_extra_context_tokens,
+        )
+    }
+
     /// The raw UNet output (ε and variance channels) for noised images `x_t` at training
     /// timesteps `t`.
     pub fn forward_t(
@@ -59,32 +86,35 @@ impl UnclipDecoder {
         cond: &DecoderCondition,
         train: bool,
     ) -> Result<Tensor> {
-        let c = self
-            .text_proj
-            .forward(&cond.image_embeds, &cond.text_embeds, &cond.tokens)?;
+        let c = self.text_proj.forward(
+            &cond.image_embeds,
+            &cond.text.text_embeds,
+            &cond.text.tokens,
+        )?;
         let b = x_t.size()[0];
+        let text_mask = &cond.text.mask;
         ensure!(
-            cond.mask.size() == [b, cond.tokens.size()[1]],
+            text_mask.size() == [b, cond.text.tokens.size()[1]],
             "decoder conditioning: mask must be [{b}, {}], got {:?}",
-            cond.tokens.size()[1],
-            cond.mask.size()
+            cond.text.tokens.size()[1],
+            text_mask.size()
         );
         // The extra CLIP tokens are always attended to.
-        let extra = Tensor::ones([b, self.extra_tokens], (Kind::Bool, cond.mask.device()));
-        let mask = Tensor::f_cat(&[&extra, &cond.mask.to_kind(Kind::Bool)], 1)?;
+        let extra = Tensor::ones([b, self.extra_tokens], (Kind::Bool, text_mask.device()));
+        let mask = Tensor::f_cat(&[&extra, &text_mask.to_kind(Kind::Bool)], 1)?;
         self.unet
             .forward_t(x_t, t, &c.time_add, &c.context, Some(&mask), train)
     }
 
     /// Guidance dropout: rows where `drop_image` [B] is true get the learned null image
-    /// embedding; rows where `drop_text` is true get `null_text`'s (one row: z_t, tokens, mask of
-    /// the empty caption).
+    /// embedding; rows where `drop_text` is true get `null_text` (one row: z_t, tokens and mask
+    /// of the empty caption).
     pub fn drop_conditioning(
         &self,
         cond: &DecoderCondition,
         drop_image: &Tensor,
         drop_text: &Tensor,
-        null_text: &DecoderCondition,
+        null_text: &TextCondition,
     ) -> Result<DecoderCondition> {
         let null_image = self
             .text_proj
@@ -92,9 +122,21 @@ impl UnclipDecoder {
             .unsqueeze(0);
         Ok(DecoderCondition {
             image_embeds: replace_rows(&cond.image_embeds, &null_image, drop_image)?,
-            text_embeds: replace_rows(&cond.text_embeds, &null_text.text_embeds, drop_text)?,
-            tokens: replace_rows(&cond.tokens, &null_text.tokens, drop_text)?,
-            mask: replace_rows(&cond.mask, &null_text.mask, drop_text)?,
+            text: cond.text.replace_rows(drop_text, null_text)?,
+        })
+    }
+
+    /// The fully unconditional row classifier-free guidance contrasts with: the learned null
+    /// image embedding and the empty caption, `n` times.
+    pub fn null_condition(&self, null_text: &TextCondition, n: i64) -> Result<DecoderCondition> {
+        let zeros = Tensor::zeros([n], (Kind::Int64, null_text.text_embeds.device()));
+        Ok(DecoderCondition {
+            image_embeds: self
+                .text_proj
+                .learned_classifier_free_guidance_embeddings
+                .unsqueeze(0)
+                .f_index_select(0, &zeros)?,
+            text: null_text.index_select(&zeros)?,
         })
     }
 }

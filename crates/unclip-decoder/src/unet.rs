@@ -5,6 +5,7 @@
 //! which the CLIP conditioning is added to the timestep embedding. Module paths are diffusers'.
 
 use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::Tensor;
 use unclip_diffusion::nn::resnet::{ResBlock, ResBlockConfig, Resample};
@@ -12,24 +13,50 @@ use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
 
 use crate::added_kv_attention::AddedKvAttention;
 
-/// The subset of diffusers' `UNet2DConditionModel` config the UnCLIP decoder uses (same names).
-#[derive(Debug, Clone, PartialEq)]
+/// The subset of diffusers' `UNet2DConditionModel` config the UnCLIP decoder uses (same names;
+/// the rest of the UnCLIP configuration — scale-shift ResBlocks, identity class embedding,
+/// resampling inside ResBlocks — is fixed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UNetConfig {
+    #[serde(default = "three")]
     pub in_channels: i64,
     /// 2 × in_channels for a learned variance.
+    #[serde(default = "six")]
     pub out_channels: i64,
     pub block_out_channels: Vec<i64>,
     /// Per level: `ResnetDownsampleBlock2D` or `SimpleCrossAttnDownBlock2D`.
     pub down_block_types: Vec<String>,
     /// Per level, deepest first: `SimpleCrossAttnUpBlock2D` or `ResnetUpsampleBlock2D`.
     pub up_block_types: Vec<String>,
+    #[serde(default = "three")]
     pub layers_per_block: i64,
     /// Width of the conditioning sequence (extra CLIP tokens + caption tokens).
     pub cross_attention_dim: i64,
+    #[serde(default = "sixty_four")]
     pub attention_head_dim: i64,
+    #[serde(default = "thirty_two")]
     pub norm_num_groups: i64,
+    #[serde(default = "norm_eps")]
     pub norm_eps: f64,
+    #[serde(default)]
     pub dropout: f64,
+}
+
+fn three() -> i64 {
+    3
+}
+fn six() -> i64 {
+    6
+}
+fn sixty_four() -> i64 {
+    64
+}
+fn thirty_two() -> i64 {
+    32
+}
+fn norm_eps() -> f64 {
+    1e-5
 }
 
 impl UNetConfig {
@@ -69,7 +96,75 @@ impl UNetConfig {
             self.layers_per_block >= 1,
             "unet.layers_per_block must be at least 1"
         );
+        ensure!(
+            self.in_channels >= 1 && self.out_channels >= 1 && self.cross_attention_dim >= 1,
+            "unet.in_channels, out_channels and cross_attention_dim must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "unet.dropout must be in [0, 1), got {}",
+            self.dropout
+        );
         Ok(())
+    }
+
+    /// How many parameters [`UNet::new`] creates, computed without allocating them (the paper's
+    /// decoder would need 10+ GB just to be counted by building it).
+    pub fn parameter_count(&self) -> i64 {
+        let boc = &self.block_out_channels;
+        let temb = self.time_embed_dim();
+        let linear = |i: i64, o: i64| i * o + o;
+        let conv = |i: i64, o: i64, k: i64| i * o * k * k + o;
+        let res = |i: i64, o: i64| {
+            2 * i
+                + conv(i, o, 3)
+                + linear(temb, 2 * o)
+                + 2 * o
+                + conv(o, o, 3)
+                + if i != o { conv(i, o, 1) } else { 0 }
+        };
+        let attn = |c: i64| {
+            2 * c + 3 * linear(c, c) + 2 * linear(self.cross_attention_dim, c) + linear(c, c)
+        };
+        let last = boc.len() - 1;
+        let mut n = conv(self.in_channels, boc[0], 3) + linear(boc[0], temb) + linear(temb, temb);
+        let mut channels = boc[0];
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            let out = boc[i];
+            for j in 0..self.layers_per_block {
+                n += res(if j == 0 { channels } else { out }, out);
+                if kind == "SimpleCrossAttnDownBlock2D" {
+                    n += attn(out);
+                }
+            }
+            if i != last {
+                n += res(out, out);
+            }
+            channels = out;
+        }
+        n += 2 * res(boc[last], boc[last]) + attn(boc[last]);
+        let reversed: Vec<i64> = boc.iter().rev().copied().collect();
+        let mut prev_out = reversed[0];
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let out = reversed[i];
+            let layers = self.layers_per_block + 1;
+            for j in 0..layers {
+                let skip = if j == layers - 1 {
+                    reversed[(i + 1).min(last)]
+                } else {
+                    out
+                };
+                n += res(if j == 0 { prev_out } else { out } + skip, out);
+                if kind == "SimpleCrossAttnUpBlock2D" {
+                    n += attn(out);
+                }
+            }
+            if i != last {
+                n += res(out, out);
+            }
+            prev_out = out;
+        }
+        n + 2 * boc[0] + conv(boc[0], self.out_channels, 3)
     }
 }
 

@@ -2,6 +2,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
+use unclip_clip::caption::TextCondition;
 use unclip_decoder::{AddedKvAttention, DecoderCondition, TextProj, UnclipDecoder};
 
 fn fixture(name: &str) -> PathBuf {
@@ -124,17 +125,18 @@ fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
         .collect();
     let cond = DecoderCondition {
         image_embeds: io["z_i"].shallow_clone(),
-        text_embeds: io["z_t"].shallow_clone(),
-        tokens: io["tokens"].shallow_clone(),
-        mask: io["mask"].to_kind(Kind::Bool),
+        text: TextCondition {
+            text_embeds: io["z_t"].shallow_clone(),
+            tokens: io["tokens"].shallow_clone(),
+            mask: io["mask"].to_kind(Kind::Bool),
+        },
     };
     let _g = tch::no_grad_guard();
     let out = decoder.forward_t(&io["x"], &io["t"], &cond, false).unwrap();
     let d = max_diff(&out, &io["out"]);
     assert!(d <= 1e-4, "decoder differs by {d}");
     // Dropout: row 0 loses its image embedding, row 1 its caption.
-    let null = DecoderCondition {
-        image_embeds: Tensor::zeros([1, 16], (Kind::Float, Device::Cpu)),
+    let null = TextCondition {
         text_embeds: Tensor::full([1, 16], 7.0, (Kind::Float, Device::Cpu)),
         tokens: Tensor::full([1, 6, 16], 3.0, (Kind::Float, Device::Cpu)),
         mask: Tensor::from_slice(&[true, true, false, false, false, false]).view([1, 6]),
@@ -149,9 +151,10 @@ fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
         .learned_classifier_free_guidance_embeddings;
     assert!(max_diff(&dropped.image_embeds.get(0), learned) == 0.0);
     assert!(max_diff(&dropped.image_embeds.get(1), &cond.image_embeds.get(1)) == 0.0);
-    assert!(max_diff(&dropped.text_embeds.get(0), &cond.text_embeds.get(0)) == 0.0);
-    assert!(max_diff(&dropped.text_embeds.get(1), &null.text_embeds.get(0)) == 0.0);
-    assert!(max_diff(&dropped.tokens.get(1), &null.tokens.get(0)) == 0.0);
-    assert!(dropped.mask.get(1).equal(&null.mask.get(0)));
-    assert!(dropped.mask.get(0).equal(&cond.mask.get(0)));
+    let (kept, text) = (&cond.text, &dropped.text);
+    assert!(max_diff(&text.text_embeds.get(0), &kept.text_embeds.get(0)) == 0.0);
+    assert!(max_diff(&text.text_embeds.get(1), &null.text_embeds.get(0)) == 0.0);
+    assert!(max_diff(&text.tokens.get(1), &null.tokens.get(0)) == 0.0);
+    assert!(text.mask.get(1).equal(&null.mask.get(0)));
+    assert!(text.mask.get(0).equal(&kept.mask.get(0)));
 }

@@ -6,7 +6,6 @@ pub mod load;
 pub mod model;
 pub mod sample;
 pub mod task;
-pub mod text;
 
 pub use config::PriorConfig;
 pub use model::{init_prior_weights, DiffusionPrior, TextCondition};

@@ -6,11 +6,11 @@
 use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
-use unclip_diffusion::guidance::replace_rows;
 use unclip_diffusion::nn::attention::{AttentionMask, MultiHeadAttention};
 use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
 
 use crate::config::PriorConfig;
+pub use unclip_clip::caption::TextCondition;
 
 /// diffusers' `BasicTransformerBlock` with self-attention only: x + attn(norm1(x)), then
 /// x + ff(norm3(x)); the MLP is GELU with 4× width.
@@ -51,55 +51,6 @@ impl Block {
             .gelu("none")
             .dropout(self.dropout, train);
         Ok(&x + self.ff_out.forward(&h))
-    }
-}
-
-/// The text side of the prior's input, for a batch.
-#[derive(Debug)]
-pub struct TextCondition {
-    /// [B, embedding_proj_dim]: the CLIP text embedding z_t.
-    pub text_embeds: Tensor,
-    /// [B, num_embeddings, embedding_dim]: the text encoder's final per-token features.
-    pub tokens: Tensor,
-    /// [B, num_embeddings] bool: true for real tokens (up to and including the end token).
-    pub mask: Tensor,
-}
-
-impl TextCondition {
-    /// Rows `index` (a [N] int64 tensor) of every part.
-    pub fn index_select(&self, index: &Tensor) -> Result<Self> {
-        let index = index.to_device(self.text_embeds.device());
-        Ok(Self {
-            text_embeds: self.text_embeds.f_index_select(0, &index)?,
-            tokens: self.tokens.f_index_select(0, &index)?,
-            mask: self.mask.f_index_select(0, &index)?,
-        })
-    }
-
-    /// This batch followed by `other` (same widths).
-    pub fn cat(&self, other: &Self) -> Result<Self> {
-        Ok(Self {
-            text_embeds: Tensor::f_cat(&[&self.text_embeds, &other.text_embeds], 0)?,
-            tokens: Tensor::f_cat(&[&self.tokens, &other.tokens], 0)?,
-            mask: Tensor::f_cat(&[&self.mask, &other.mask], 0)?,
-        })
-    }
-
-    /// Per row, `other`'s row where `take_other` [B] bool is true (guidance dropout).
-    pub fn replace_rows(&self, take_other: &Tensor, other: &Self) -> Result<Self> {
-        Ok(Self {
-            text_embeds: replace_rows(&self.text_embeds, &other.text_embeds, take_other)?,
-            tokens: replace_rows(&self.tokens, &other.tokens, take_other)?,
-            mask: replace_rows(&self.mask, &other.mask, take_other)?,
-        })
-    }
-
-    pub fn len(&self) -> i64 {
-        self.text_embeds.size()[0]
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

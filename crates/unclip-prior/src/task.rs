@@ -21,7 +21,7 @@ use unclip_train::{StepOutput, TrainTask};
 use crate::config::PriorConfig;
 use crate::model::{init_prior_weights, DiffusionPrior, TextCondition};
 use crate::sample::PriorSampler;
-use crate::text::{stored_condition, CaptionEncoder};
+use unclip_clip::caption::{stored_condition, CaptionEncoder};
 
 /// Which prior `train-prior` trains. The autoregressive prior will join as a second kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

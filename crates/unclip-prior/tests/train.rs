@@ -7,11 +7,11 @@ use std::sync::Mutex;
 
 use half::f16;
 use tch::{nn, Device, Kind, Tensor};
+use unclip_clip::caption::{stored_condition, CaptionEncoder};
 use unclip_data::embeddings::{write_embedding_shard, EmbeddingSample};
 use unclip_data::npy::{NpyArray, NpyData};
 use unclip_prior::sample::PriorSampler;
 use unclip_prior::task::{PriorTask, PriorTrainConfig};
-use unclip_prior::text::{stored_condition, CaptionEncoder};
 use unclip_train::config::parse_config;
 use unclip_train::RunConfig;
 
@@ -21,18 +21,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const CLIP: &str = "
-seed: 0
-device: cpu
-model:
-  embed_dim: 32
-  vision: {image_size: 32, patch_size: 16, width: 32, layers: 1, heads: 2}
-  text: {context_length: 16, width: 32, layers: 1, heads: 2}
-data:
-  train: {shards: unused-000000.tar}
-  held_out: {shards: unused-000000.tar}
-  image: {resolution: 32}
-";
+use unclip_clip::load::TINY_CLIP_CONFIG as CLIP;
 
 const CONCEPTS: [&str; 8] = [
     "a red circle",

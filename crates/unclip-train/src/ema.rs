@@ -46,6 +46,17 @@ impl Ema {
         self.updates += 1;
     }
 
+    /// Exchanges the live weights and the shadow copy (exactly; calling it twice restores both),
+    /// so code that reads the model sees the EMA weights in between.
+    pub fn swap(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for (_, var, shadow) in &mut self.params {
+            let live = var.detach().copy();
+            var.copy_(shadow);
+            shadow.copy_(&live);
+        }
+    }
+
     pub fn updates(&self) -> u64 {
         self.updates
     }
@@ -75,5 +86,39 @@ impl Ema {
         }
         self.updates = updates;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn, Device};
+
+    #[test]
+    fn swap_exchanges_live_and_shadow_weights_exactly() {
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().randn("w", &[4, 3], 0.0, 1.0);
+        let _ = nn::linear(vs.root() / "l", 3, 2, Default::default());
+        let mut ema = Ema::new(&vs, 0.5, false);
+        let before = w.copy();
+        tch::no_grad(|| {
+            let _ = w.shallow_clone().g_add_scalar_(1.0);
+        });
+        ema.update(); // shadow = 0.5·before + 0.5·(before + 1)
+        let live = w.copy();
+        let shadow = ema
+            .tensors()
+            .into_iter()
+            .find(|(n, _)| n == "w")
+            .unwrap()
+            .1
+            .copy();
+        assert!(shadow.allclose(&(&before + 0.5), 1e-6, 1e-6, false));
+        ema.swap();
+        assert!(w.equal(&shadow), "the model sees the EMA weights");
+        ema.swap();
+        assert!(w.equal(&live), "swapping twice restores the live weights");
+        let (_, _, s) = ema.params.iter().find(|(n, _, _)| n == "w").unwrap();
+        assert!(s.equal(&shadow), "and the shadow copy");
     }
 }

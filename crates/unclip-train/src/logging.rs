@@ -68,22 +68,7 @@ impl Logger {
         };
         for (tag, img) in images {
             let size = img.size();
-            if size.len() != 3 || size[0] != 3 {
-                bail!("image `{tag}` must be [3, H, W], got {size:?}");
-            }
-            let img = if img.kind() == Kind::Uint8 {
-                img.shallow_clone()
-            } else {
-                (img.to_kind(Kind::Float).clamp(0.0, 1.0) * 255.0)
-                    .round()
-                    .to_kind(Kind::Uint8)
-            };
-            let hwc: Vec<u8> = Vec::try_from(
-                img.to_device(Device::Cpu)
-                    .permute([1, 2, 0])
-                    .contiguous()
-                    .flatten(0, -1),
-            )?;
+            let hwc = rgb_bytes(img).with_context(|| format!("image `{tag}`"))?;
             // tensorboard-rs reads interleaved RGB rows and takes dim[1] as the width.
             tb.add_image(
                 tag,
@@ -141,4 +126,36 @@ impl Logger {
             tb.flush();
         }
     }
+}
+
+/// A [3, H, W] image (uint8, or float in [0, 1]) as interleaved RGB bytes, row by row.
+fn rgb_bytes(img: &Tensor) -> Result<Vec<u8>> {
+    let size = img.size();
+    if size.len() != 3 || size[0] != 3 {
+        bail!("must be [3, H, W], got {size:?}");
+    }
+    let img = if img.kind() == Kind::Uint8 {
+        img.shallow_clone()
+    } else {
+        (img.to_kind(Kind::Float).clamp(0.0, 1.0) * 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+    };
+    Ok(Vec::try_from(
+        img.to_device(Device::Cpu)
+            .permute([1, 2, 0])
+            .contiguous()
+            .flatten(0, -1),
+    )?)
+}
+
+/// Writes a [3, H, W] image (uint8, or float in [0, 1]) as a PNG file, atomically.
+pub fn write_png(path: &Path, img: &Tensor) -> Result<()> {
+    let rgb = rgb_bytes(img).with_context(|| format!("{}", path.display()))?;
+    let (h, w) = (img.size()[1] as u32, img.size()[2] as u32);
+    let buf = image::RgbImage::from_raw(w, h, rgb).context("image buffer size")?;
+    let tmp = path.with_extension("png.tmp");
+    buf.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

@@ -44,7 +44,8 @@ pub trait TrainTask {
         Ok(())
     }
     /// Sample images for TensorBoard ([3, H, W], uint8 or float in [0, 1]), every
-    /// `logging.images_every` steps on rank 0, without gradients.
+    /// `logging.images_every` steps on rank 0, without gradients, with the EMA weights in the
+    /// model's variables when the run keeps an EMA.
     fn images(&mut self, _step: u64) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
     }
@@ -364,8 +365,15 @@ pub fn train<T: TrainTask>(
             ) = (0.0, 0.0, 0, 0, 0.0, 0.0);
         }
         if rank0 && runtime.logging.images_every.is_some_and(|n| done % n == 0) {
-            let images = tch::no_grad(|| task.images(done))?;
-            logger.images(done, &images)?;
+            // Samples show the EMA weights (what sampling and export use) when there are any.
+            if let Some(ema) = ema.as_mut() {
+                ema.swap();
+            }
+            let images = tch::no_grad(|| task.images(done));
+            if let Some(ema) = ema.as_mut() {
+                ema.swap();
+            }
+            logger.images(done, &images?)?;
         }
         if rank0 && (done % runtime.checkpoint.every == 0 || done == cfg.steps) {
             let mut meta = CheckpointMeta::new(done);

@@ -1,16 +1,66 @@
-//! The prior's text input, from captions through the frozen CLIP text encoder or from the token
-//! features `embed --token-features` stored in the embedding shards.
+//! Caption conditioning shared by the prior and the decoder: z_t, the text encoder's per-token
+//! features and their mask, from captions through the frozen CLIP text encoder or from the token
+//! features `embed --token-features` stores in the embedding shards.
 
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
-use unclip_clip::load::{load_clip, LoadedClip};
 use unclip_data::embeddings::EmbeddingSample;
 use unclip_data::tokenizer::ClipTokenizer;
 use unclip_diffusion::embedding::l2_normalize;
+use unclip_diffusion::guidance::replace_rows;
 
-use crate::model::TextCondition;
+use crate::load::{load_clip, LoadedClip};
+
+/// The caption side of a conditioning batch.
+#[derive(Debug)]
+pub struct TextCondition {
+    /// [B, D]: the CLIP text embedding z_t.
+    pub text_embeds: Tensor,
+    /// [B, L, W]: the text encoder's final per-token features.
+    pub tokens: Tensor,
+    /// [B, L] bool: true for real tokens (up to and including the end token).
+    pub mask: Tensor,
+}
+
+impl TextCondition {
+    /// Rows `index` (a [N] int64 tensor) of every part.
+    pub fn index_select(&self, index: &Tensor) -> Result<Self> {
+        let index = index.to_device(self.text_embeds.device());
+        Ok(Self {
+            text_embeds: self.text_embeds.f_index_select(0, &index)?,
+            tokens: self.tokens.f_index_select(0, &index)?,
+            mask: self.mask.f_index_select(0, &index)?,
+        })
+    }
+
+    /// This batch followed by `other` (same widths).
+    pub fn cat(&self, other: &Self) -> Result<Self> {
+        Ok(Self {
+            text_embeds: Tensor::f_cat(&[&self.text_embeds, &other.text_embeds], 0)?,
+            tokens: Tensor::f_cat(&[&self.tokens, &other.tokens], 0)?,
+            mask: Tensor::f_cat(&[&self.mask, &other.mask], 0)?,
+        })
+    }
+
+    /// Per row, `other`'s row where `take_other` [B] bool is true (guidance dropout).
+    pub fn replace_rows(&self, take_other: &Tensor, other: &Self) -> Result<Self> {
+        Ok(Self {
+            text_embeds: replace_rows(&self.text_embeds, &other.text_embeds, take_other)?,
+            tokens: replace_rows(&self.tokens, &other.tokens, take_other)?,
+            mask: replace_rows(&self.mask, &other.mask, take_other)?,
+        })
+    }
+
+    pub fn len(&self) -> i64 {
+        self.text_embeds.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// The frozen CLIP text encoder and its tokenizer.
 pub struct CaptionEncoder {

@@ -1,0 +1,115 @@
+//! Train unCLIP's 64×64 decoder on image shards with their CLIP embeddings.
+//!
+//!     train-decoder --config configs/shapes/decoder.yaml
+
+use anyhow::Result;
+use clap::Parser;
+use tch::nn;
+use unclip_decoder::task::{DecoderTask, DecoderTrainConfig};
+use unclip_decoder::UnclipDecoder;
+use unclip_diffusion::device::parse_device;
+use unclip_train::cli::{report_current_then_ema, train_with_args};
+use unclip_train::{load_config, TrainArgs};
+
+#[derive(Parser)]
+#[command(
+    about = "Train unCLIP's CLIP-conditioned 64×64 decoder (diffusers UnCLIP decoder layout)"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: TrainArgs,
+    /// Instead of training: decode the held-out image embeddings with the run's newest checkpoint
+    /// (EMA weights) and write the grid (real images, then one row per `samples.guidance_scales`)
+    /// to this PNG file. `--set decoder.sampling...` picks the sampler.
+    #[arg(long, value_name = "FILE.png")]
+    grid: Option<std::path::PathBuf>,
+}
+
+fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
+    let args = &cli.args;
+    let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?;
+    let device = parse_device(&cfg.runtime.device)?;
+    let vs = nn::VarStore::new(device);
+    let task = DecoderTask::new(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
+    let (weights, source) = unclip_train::checkpoint::inference_weights(&args.run_dir())?;
+    unclip_train::trainer::load_into(&vs, &weights, &source)?;
+    if let Some(report) = task.sample_held_out()? {
+        unclip_train::logging::write_png(out, &report.grid)?;
+        println!("{source}: {}", report.summary());
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// Models above this size are counted, not built, by `--dry-run` (the paper's would need ~14 GB).
+const BUILD_LIMIT: i64 = 300_000_000;
+
+fn dry_run(cfg: &DecoderTrainConfig, config: &std::path::Path, device: tch::Device) -> Result<()> {
+    let m = &cfg.decoder.model;
+    let (text_proj, unet) = (m.text_proj_parameter_count(), m.unet.parameter_count());
+    println!("config {} is valid; device {device:?}", config.display());
+    if text_proj + unet <= BUILD_LIMIT {
+        let vs = nn::VarStore::new(device);
+        UnclipDecoder::from_config(vs.root(), m)?;
+        unclip_train::cli::print_parameter_summary(&vs);
+    } else {
+        println!("  (counted from the config, not built)");
+        println!("  {:<24} {unet:>14} parameters", "decoder");
+        println!("  {:<24} {text_proj:>14} parameters", "text_proj");
+        println!("  {:<24} {:>14} parameters", "total", text_proj + unet);
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(out) = &cli.grid {
+        return grid(&cli, out);
+    }
+    let args = &cli.args;
+    let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?;
+    let device = parse_device(&cfg.runtime.device)?;
+    if args.dry_run {
+        return dry_run(&cfg.task, &args.config, device);
+    }
+    let env = unclip_dist::DistEnv::from_env()?;
+    let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
+    tch::manual_seed(cfg.runtime.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let mut task = DecoderTask::new(
+        &vs,
+        &cfg.task,
+        cfg.runtime.seed,
+        cfg.runtime.train.batch_size,
+        rank,
+        world,
+        Some(args.run_dir()),
+    )?;
+    let summary = train_with_args(&mut task, &vs, &cfg, args)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
+    let samples = args.run_dir().join("samples");
+    std::fs::create_dir_all(&samples)?;
+    let ckpt = report_current_then_ema(&vs, &summary, |which| {
+        if let Some(report) = task.sample_held_out()? {
+            let file = samples.join(format!(
+                "final_{}.png",
+                if which.starts_with("EMA") {
+                    "ema"
+                } else {
+                    "current"
+                }
+            ));
+            unclip_train::logging::write_png(&file, &report.grid)?;
+            println!("held-out samples, {which}: {}", report.summary());
+            println!(
+                "  grid (real images, then one row per guidance scale): {}",
+                file.display()
+            );
+        }
+        Ok(())
+    })?;
+    println!("checkpoint {}", ckpt.display());
+    Ok(())
+}

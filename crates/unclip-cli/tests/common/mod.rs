@@ -1,0 +1,51 @@
+//! Helpers the binaries' end-to-end tests share.
+use std::path::Path;
+use std::process::Command;
+use unclip_clip::load::TINY_CLIP_CONFIG;
+use unclip_data::shards::{write_shapes_shards, ShapesSpec};
+
+/// Runs `bin` with `args`; panics with its output unless it succeeds. Returns stdout.
+pub fn run(bin: &str, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{bin} {args:?}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A random tiny CLIP in `dir/clip`, `train` shapes images at 32 px in two shards
+/// (`dir/shapes/img-00000{0,1}.tar`) and 8 held-out ones (`val-000000.tar`), and their embeddings
+/// with token features in `dir/emb` (through the `embed` binary, `embed_bin`).
+pub fn embedded_shapes(dir: &Path, train: u64, embed_bin: &str) {
+    unclip_clip::load::write_random_run(&dir.join("clip"), TINY_CLIP_CONFIG, 1).unwrap();
+    for (prefix, count, seed) in [("img", train, 1), ("val", 8, 2)] {
+        write_shapes_shards(&ShapesSpec {
+            count,
+            resolution: 32,
+            seed,
+            shard_size: train.div_ceil(2),
+            out: dir.join("shapes"),
+            prefix: prefix.into(),
+        })
+        .unwrap();
+    }
+    for shards in ["img-{000000..000001}.tar", "val-000000.tar"] {
+        run(
+            embed_bin,
+            &[
+                "--clip",
+                dir.join("clip").to_str().unwrap(),
+                "--shards",
+                dir.join("shapes").join(shards).to_str().unwrap(),
+                "--out",
+                dir.join("emb").to_str().unwrap(),
+                "--token-features",
+                "--device",
+                "cpu",
+            ],
+        );
+    }
+}

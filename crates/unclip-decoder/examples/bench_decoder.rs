@@ -1,0 +1,150 @@
+//! Training-step throughput of the decoder here against diffusers' UnCLIP decoder
+//! (`UnCLIPTextProjModel` + `UNet2DConditionModel`) in eager PyTorch
+//! (scripts/bench/decoder_step.py): same architecture, loss (ε MSE + learned-range VLB), batch,
+//! threads and machine, one after the other. A step: timesteps and noise, q_sample, forward,
+//! hybrid loss, backward, global-norm clipping, AdamW. Run from the repository root:
+//!
+//!     cargo run --release -p unclip-decoder --example bench_decoder [-- CHANNELS LAYERS HEAD_DIM CLIP_DIM TOKENS RES BATCH STEPS]
+//!
+//! Defaults: the shapes decoder (configs/shapes/decoder.yaml: channels 32,64,128, 1 layer per
+//! block, 32-wide heads, 128-wide CLIP, 24 caption tokens, 32 px), batch 32, 10 steps.
+
+use std::time::Instant;
+
+use tch::{nn, Device, Kind, Tensor};
+use unclip_clip::caption::TextCondition;
+use unclip_decoder::task::default_diffusion;
+use unclip_decoder::{DecoderCondition, UNetConfig, UnclipDecoder};
+use unclip_diffusion::GaussianDiffusion;
+use unclip_train::optim::AdamW;
+use unclip_train::TrainConfig;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
+    let channels: Vec<i64> = arg(0, "32,64,128")
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let rest: Vec<i64> = ["1", "32", "128", "24", "32", "32", "10"]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| arg(i + 1, d).parse())
+        .collect::<Result<_, _>>()?;
+    let (layers, head_dim, clip_dim, tokens, res, batch, steps) = (
+        rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], rest[6],
+    );
+    let device = Device::cuda_if_available();
+    tch::manual_seed(0);
+    let n = channels.len();
+    let mut down = vec!["ResnetDownsampleBlock2D".to_string()];
+    down.extend(vec!["SimpleCrossAttnDownBlock2D".to_string(); n - 1]);
+    let mut up = vec!["SimpleCrossAttnUpBlock2D".to_string(); n - 1];
+    up.push("ResnetUpsampleBlock2D".into());
+    let unet = UNetConfig {
+        in_channels: 3,
+        out_channels: 6,
+        block_out_channels: channels.clone(),
+        down_block_types: down,
+        up_block_types: up,
+        layers_per_block: layers,
+        cross_attention_dim: clip_dim,
+        attention_head_dim: head_dim,
+        norm_num_groups: 32,
+        norm_eps: 1e-5,
+        dropout: 0.0,
+    };
+    let vs = nn::VarStore::new(device);
+    let model = UnclipDecoder::new(vs.root(), &unet, clip_dim, 4)?;
+    let mut opt = AdamW::new(&vs, &TrainConfig::default());
+    let diffusion = GaussianDiffusion::new(&default_diffusion())?.to_device(device);
+    let opts = (Kind::Float, device);
+    let x0 = Tensor::rand([batch, 3, res, res], opts) * 2.0 - 1.0;
+    let cond = DecoderCondition {
+        image_embeds: Tensor::randn([batch, clip_dim], opts),
+        text: TextCondition {
+            text_embeds: Tensor::randn([batch, clip_dim], opts),
+            tokens: Tensor::randn([batch, tokens, clip_dim], opts),
+            mask: Tensor::ones([batch, tokens], (Kind::Bool, device)),
+        },
+    };
+    let mut phases = [0f64; 4];
+    let mut step = || -> Result<(), Box<dyn std::error::Error>> {
+        let t0 = Instant::now();
+        let t = diffusion.sample_timesteps(batch, device);
+        let noise = x0.randn_like();
+        let x_t = diffusion.q_sample(&x0, &t, &noise)?;
+        let out = model.forward_t(&x_t, &t, &cond, true)?;
+        let t1 = Instant::now();
+        let loss = diffusion
+            .training_losses(&out, &x0, &x_t, &t, &noise)?
+            .loss
+            .mean(Kind::Float);
+        let t2 = Instant::now();
+        opt.zero_grad();
+        loss.backward();
+        let t3 = Instant::now();
+        let norm = opt.grad_norm();
+        opt.clip_grad_norm(norm, 1.0);
+        opt.step(1e-4);
+        for (p, d) in phases
+            .iter_mut()
+            .zip([t1 - t0, t2 - t1, t3 - t2, t3.elapsed()])
+        {
+            *p += d.as_secs_f64();
+        }
+        Ok(())
+    };
+    let sync = || {
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+    };
+    for _ in 0..3 {
+        step()?;
+    }
+    sync();
+    let start = Instant::now();
+    for _ in 0..steps {
+        step()?;
+    }
+    sync();
+    let ours = (batch * steps) as f64 / start.elapsed().as_secs_f64();
+    if std::env::var_os("UNCLIP_BENCH_PHASES").is_some() {
+        let n = (steps + 3) as f64;
+        eprintln!(
+            "ours, ms per step: forward {:.1}, loss {:.1}, backward {:.1}, optimiser {:.1}",
+            phases[0] / n * 1e3,
+            phases[1] / n * 1e3,
+            phases[2] / n * 1e3,
+            phases[3] / n * 1e3
+        );
+    }
+
+    let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
+    let channel_list: Vec<String> = channels.iter().map(i64::to_string).collect();
+    let output = std::process::Command::new(python)
+        .arg("scripts/bench/decoder_step.py")
+        .arg(channel_list.join(","))
+        .args(rest.iter().map(i64::to_string))
+        .arg(if device.is_cuda() { "cuda" } else { "cpu" })
+        .output()?;
+    if !output.status.success() {
+        return Err(format!("python failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+    }
+    let text_out = String::from_utf8(output.stdout)?;
+    let theirs: f64 = text_out
+        .split_whitespace()
+        .nth(1)
+        .ok_or("no figure from python")?
+        .parse()?;
+    println!(
+        "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {steps} steps, {} threads, {device:?}",
+        tch::get_num_threads()
+    );
+    println!("{:<28} {:>12}", "", "images/s");
+    println!("{:<28} {ours:>12.2}", "unclip-decoder");
+    println!("{:<28} {theirs:>12.2}", "diffusers (eager PyTorch)");
+    println!("{:<28} {:>11.2}x", "ratio", ours / theirs);
+    Ok(())
+}

@@ -1,0 +1,594 @@
+//! `train-decoder`: the CLIP-conditioned decoder trained on image shards with their CLIP
+//! embeddings (stored by `embed`, or computed on the fly by the frozen CLIP), hybrid loss with
+//! learned variances, independent guidance dropout of z_i and the caption, and sample grids of
+//! held-out images from their image embeddings.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+use unclip_clip::caption::{stored_condition, CaptionEncoder, TextCondition};
+use unclip_data::images::{Crop, ImageTransform, Normalize};
+use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig};
+use unclip_data::reader::ReaderConfig;
+use unclip_diffusion::gaussian::loss_per_quarter;
+use unclip_diffusion::{
+    ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, Respacing, SamplerConfig,
+    SamplerName, VarianceType,
+};
+use unclip_train::config::Validate;
+use unclip_train::{StepOutput, TrainTask};
+
+use crate::config::DecoderModelConfig;
+use crate::model::{DecoderCondition, UnclipDecoder};
+use crate::sample::DecoderSampler;
+
+/// The `decoder:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderSection {
+    pub model: DecoderModelConfig,
+    /// Cosine schedule, 1000 steps, ε with learned-range variances, hybrid loss (λ = 0.001).
+    #[serde(default = "default_diffusion")]
+    pub diffusion: DiffusionConfig,
+    /// How grids and the pipeline sample (default: DDPM, 250 steps, x0 clipped to [-1, 1]).
+    #[serde(default = "default_sampling")]
+    pub sampling: SamplerConfig,
+    #[serde(default = "default_guidance_scale")]
+    pub guidance_scale: f64,
+    /// Probability that a training sample's z_i is replaced by the learned null embedding.
+    #[serde(default = "default_image_drop")]
+    pub image_drop_prob: f64,
+    /// Probability that a training sample's caption is replaced by the empty caption.
+    #[serde(default = "default_text_drop")]
+    pub text_drop_prob: f64,
+}
+
+pub fn default_diffusion() -> DiffusionConfig {
+    DiffusionConfig {
+        predict: MeanType::Epsilon,
+        variance: VarianceType::LearnedRange,
+        loss: LossType::Hybrid,
+        ..DiffusionConfig::default()
+    }
+}
+
+/// The paper's: ancestral sampling with the learned variances over 250 respaced steps (diffusers'
+/// UnCLIP pipeline uses 25; DDIM ignores the learned variances).
+pub fn default_sampling() -> SamplerConfig {
+    SamplerConfig {
+        sampler: SamplerName::Ddpm,
+        steps: Respacing::Spec("250".into()),
+        eta: None,
+        clip: ClipDenoised::Static(1.0),
+    }
+}
+
+fn default_guidance_scale() -> f64 {
+    3.0
+}
+fn default_image_drop() -> f64 {
+    0.1
+}
+fn default_text_drop() -> f64 {
+    0.5
+}
+
+/// Where the CLIP conditioning comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingSource {
+    /// The embedding shards `embed --token-features` wrote into `data.embedding_dir` (same
+    /// shard names and keys as the image shards): no CLIP runs while training.
+    #[default]
+    Stored,
+    /// The frozen CLIP encodes each batch's images and captions.
+    Clip,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderDataConfig {
+    /// Image shards (brace-expanded).
+    pub train: String,
+    /// Held-out image shards: the sample grids decode their image embeddings.
+    pub held_out: String,
+    #[serde(default)]
+    pub embeddings: EmbeddingSource,
+    /// With `embeddings: stored`: the directory of embedding shards.
+    #[serde(default)]
+    pub embedding_dir: Option<PathBuf>,
+    /// The decoder's input: resolution (64 in the paper), crop, flip. Pixels are in [-1, 1].
+    #[serde(default = "default_image")]
+    pub image: ImageTransform,
+    #[serde(default = "yes")]
+    pub shard_shuffle: bool,
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// Reader threads per rank.
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+fn default_image() -> ImageTransform {
+    ImageTransform {
+        resolution: 64,
+        crop: Crop::Center,
+        // Stored embeddings were computed on the unflipped image.
+        random_flip: false,
+        ..ImageTransform::default()
+    }
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+fn default_shuffle_buffer() -> usize {
+    1000
+}
+fn default_prefetch() -> usize {
+    4
+}
+
+/// The `samples:` section: what the grids every `logging.images_every` steps show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleGridConfig {
+    /// Held-out images (the first ones, in file order): one column each.
+    pub count: usize,
+    /// One row of samples per guidance scale, under a row of the real images.
+    pub guidance_scales: Vec<f64>,
+    /// Seed of the sampling noise, the same for every grid.
+    pub seed: i64,
+}
+
+impl Default for SampleGridConfig {
+    fn default() -> Self {
+        Self {
+            count: 8,
+            guidance_scales: vec![1.0, 3.0],
+            seed: 0,
+        }
+    }
+}
+
+/// The task's sections of a `train-decoder` config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderTrainConfig {
+    pub decoder: DecoderSection,
+    /// The frozen CLIP: a `train-clip` run directory or a Hugging Face CLIP directory.
+    pub clip: PathBuf,
+    pub data: DecoderDataConfig,
+    #[serde(default)]
+    pub samples: SampleGridConfig,
+}
+
+impl Validate for DecoderTrainConfig {
+    fn validate(&self) -> Result<()> {
+        let d = &self.decoder;
+        d.model.validate()?;
+        d.diffusion
+            .validate()
+            .map_err(|e| anyhow!("decoder.diffusion: {e}"))?;
+        let want = if d.diffusion.variance == VarianceType::LearnedRange {
+            6
+        } else {
+            3
+        };
+        ensure!(
+            d.model.unet.out_channels == want && d.model.unet.in_channels == 3,
+            "decoder.model.unet: in_channels must be 3 and out_channels {want} for diffusion.variance {:?}",
+            d.diffusion.variance
+        );
+        d.sampling
+            .validate()
+            .map_err(|e| anyhow!("decoder.sampling: {e}"))?;
+        d.sampling
+            .steps
+            .timesteps(d.diffusion.timesteps)
+            .map_err(|e| anyhow!("decoder.sampling.steps: {e}"))?;
+        ensure!(
+            d.guidance_scale.is_finite() && d.guidance_scale >= 0.0,
+            "decoder.guidance_scale must be finite and >= 0, got {}",
+            d.guidance_scale
+        );
+        for (key, p) in [
+            ("decoder.image_drop_prob", d.image_drop_prob),
+            ("decoder.text_drop_prob", d.text_drop_prob),
+        ] {
+            ensure!((0.0..1.0).contains(&p), "{key} must be in [0, 1), got {p}");
+        }
+        for (key, s) in [
+            ("data.train", &self.data.train),
+            ("data.held_out", &self.data.held_out),
+        ] {
+            ensure!(!s.trim().is_empty(), "{key} must name image shards");
+        }
+        ensure!(
+            self.data.embeddings != EmbeddingSource::Stored || self.data.embedding_dir.is_some(),
+            "data.embedding_dir is required with data.embeddings: stored (or set data.embeddings: clip)"
+        );
+        self.data
+            .image
+            .validate()
+            .map_err(|e| anyhow!("data.image: {e}"))?;
+        ensure!(
+            self.data.image.normalize == Normalize::MinusOneOne,
+            "data.image.normalize must be minus_one_one: the decoder generates pixels in [-1, 1]"
+        );
+        let levels = d.model.unet.block_out_channels.len() as u32 - 1;
+        ensure!(
+            self.data.image.resolution.is_multiple_of(1 << levels),
+            "data.image.resolution ({}) must be a multiple of {} for {} UNet levels",
+            self.data.image.resolution,
+            1 << levels,
+            levels + 1
+        );
+        ensure!(self.samples.count >= 1, "samples.count must be at least 1");
+        ensure!(
+            !self.samples.guidance_scales.is_empty()
+                && self
+                    .samples
+                    .guidance_scales
+                    .iter()
+                    .all(|s| s.is_finite() && *s >= 0.0),
+            "samples.guidance_scales must be a non-empty list of finite scales >= 0"
+        );
+        Ok(())
+    }
+}
+
+/// Checks that the CLIP fits the decoder's conditioning widths; errors name the keys.
+pub fn check_clip_fits(
+    encoder: &CaptionEncoder,
+    model: &DecoderModelConfig,
+    clip: &str,
+) -> Result<()> {
+    ensure!(
+        encoder.embed_dim() == model.clip_embeddings_dim,
+        "decoder.model.clip_embeddings_dim ({}) must equal the CLIP embedding width of {clip} ({})",
+        model.clip_embeddings_dim,
+        encoder.embed_dim()
+    );
+    ensure!(
+        encoder.text_width() == model.clip_embeddings_dim,
+        "the CLIP text width of {clip} ({}) must equal decoder.model.clip_embeddings_dim ({}): \
+         diffusers' UnCLIPTextProjModel projects token features from clip_embeddings_dim",
+        encoder.text_width(),
+        model.clip_embeddings_dim
+    );
+    Ok(())
+}
+
+pub struct DecoderBatch {
+    /// [B, 3, H, W] in [-1, 1].
+    pub images: Tensor,
+    pub cond: DecoderCondition,
+    position: DataPosition,
+}
+
+/// Held-out images with their conditioning, for the grids.
+pub struct HeldOut {
+    pub images: Tensor,
+    pub cond: DecoderCondition,
+    pub captions: Vec<String>,
+}
+
+/// What one round of held-out sampling produced.
+pub struct SampleReport {
+    /// [3, (1 + scales)·H, count·W] in [0, 1]: the real images, then one row per guidance scale.
+    pub grid: Tensor,
+    /// Per guidance scale: mean cosine(CLIP image embedding of the sample, the z_i it was
+    /// decoded from).
+    pub cos_to_condition: Vec<(f64, f64)>,
+    /// Mean cosine(z_i of a held-out image, z_i of another): what an unrelated image scores.
+    pub cos_unrelated: f64,
+}
+
+impl SampleReport {
+    pub fn summary(&self) -> String {
+        let rows: Vec<String> = self
+            .cos_to_condition
+            .iter()
+            .map(|(g, c)| format!("guidance {g} {c:.4}"))
+            .collect();
+        format!(
+            "cos(CLIP(sample), z_i): {} (unrelated images {:.4})",
+            rows.join(", "),
+            self.cos_unrelated
+        )
+    }
+}
+
+pub struct DecoderTask {
+    pub model: UnclipDecoder,
+    pub encoder: CaptionEncoder,
+    null: TextCondition,
+    diffusion: GaussianDiffusion,
+    loader: ImageLoader,
+    loader_cfg: LoaderConfig,
+    held_out: Option<HeldOut>,
+    cfg: DecoderTrainConfig,
+    device: Device,
+    /// Where grids are written as PNG files (`<run_dir>/samples`), on rank 0.
+    samples_dir: Option<PathBuf>,
+    position: DataPosition,
+    skipped_total: u64,
+}
+
+fn loader_config(
+    cfg: &DecoderTrainConfig,
+    reader: ReaderConfig,
+    batch_size: usize,
+) -> LoaderConfig {
+    LoaderConfig {
+        reader,
+        transform: cfg.data.image.clone(),
+        batch_size,
+        prefetch: cfg.data.prefetch,
+        start: DataPosition::default(),
+        embeddings: match cfg.data.embeddings {
+            EmbeddingSource::Stored => cfg.data.embedding_dir.clone(),
+            EmbeddingSource::Clip => None,
+        },
+        workers: cfg.data.workers,
+    }
+}
+
+/// [N, 3, H, W] images per row (in [-1, 1]) tiled into one [3, rows·H, N·W] image in [0, 1].
+pub fn tile_rows(rows: &[Tensor]) -> Result<Tensor> {
+    let strips: Vec<Tensor> = rows
+        .iter()
+        .map(|r| {
+            let r = (r.to_kind(Kind::Float).to_device(Device::Cpu) + 1.0) * 0.5;
+            // [N, 3, H, W] → [3, H, N·W]
+            let (n, c, h, w) = r.size4()?;
+            Ok(r.permute([1, 2, 0, 3]).reshape([c, h, n * w]))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Tensor::f_cat(&strips, 1)?.clamp(0.0, 1.0))
+}
+
+/// Mean cosine of matching rows.
+fn mean_cosine(a: &Tensor, b: &Tensor) -> f64 {
+    (a * b)
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[])
+}
+
+impl DecoderTask {
+    /// Loads the frozen CLIP, builds the decoder at the root of `vs` (diffusers' pipeline names
+    /// `text_proj.*`, `decoder.*`) and starts the data stream for `rank`. Grids go to
+    /// `run_dir/samples` when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vs: &nn::VarStore,
+        cfg: &DecoderTrainConfig,
+        seed: u64,
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+        run_dir: Option<PathBuf>,
+    ) -> Result<Self> {
+        let device = vs.device();
+        let clip_name = cfg.clip.display().to_string();
+        let encoder = CaptionEncoder::load(&cfg.clip, device)
+            .with_context(|| format!("clip: {clip_name}"))?;
+        check_clip_fits(&encoder, &cfg.decoder.model, &clip_name)?;
+        let model = UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
+        let loader_cfg = loader_config(
+            cfg,
+            ReaderConfig {
+                shards: cfg.data.train.clone(),
+                rank,
+                world_size,
+                seed,
+                shard_shuffle: cfg.data.shard_shuffle,
+                shuffle_buffer: cfg.data.shuffle_buffer,
+            },
+            batch_size,
+        );
+        let loader = ImageLoader::start(loader_cfg.clone())
+            .with_context(|| format!("data.train {}", cfg.data.train))?;
+        let null = encoder.null_condition()?;
+        let mut task = Self {
+            model,
+            null,
+            diffusion: GaussianDiffusion::new(&cfg.decoder.diffusion)?.to_device(device),
+            loader,
+            loader_cfg,
+            held_out: None,
+            cfg: cfg.clone(),
+            device,
+            samples_dir: run_dir.filter(|_| rank == 0).map(|d| d.join("samples")),
+            position: DataPosition::default(),
+            skipped_total: 0,
+            encoder,
+        };
+        // Missing token features or mismatched embedding widths fail here (naming the sample),
+        // not at the first step.
+        if rank == 0 {
+            let mut held = ImageLoader::start(LoaderConfig {
+                prefetch: 1,
+                ..loader_config(
+                    cfg,
+                    ReaderConfig::in_order(cfg.data.held_out.clone()),
+                    cfg.samples.count,
+                )
+            })
+            .with_context(|| format!("data.held_out {}", cfg.data.held_out))?;
+            let b = held.next_batch()?;
+            let batch = task
+                .to_batch(&b)
+                .with_context(|| format!("data.held_out {}", cfg.data.held_out))?;
+            task.held_out = Some(HeldOut {
+                images: batch.images,
+                cond: batch.cond,
+                captions: b.captions,
+            });
+        }
+        Ok(task)
+    }
+
+    pub fn null_text(&self) -> &TextCondition {
+        &self.null
+    }
+
+    pub fn held_out(&self) -> Option<&HeldOut> {
+        self.held_out.as_ref()
+    }
+
+    /// The CLIP conditioning of a loader batch, from the embedding shards or the frozen CLIP.
+    pub fn condition(&self, b: &ImageBatch, images: &Tensor) -> Result<DecoderCondition> {
+        match self.cfg.data.embeddings {
+            EmbeddingSource::Stored => {
+                let n = b.len() as i64;
+                let d = self.cfg.decoder.model.clip_embeddings_dim;
+                ensure!(
+                    b.embeddings.len() == b.len() && b.image_embeds.len() as i64 == n * d,
+                    "embedding shards hold embeddings of width {}, decoder.model.clip_embeddings_dim is {d}",
+                    b.image_embeds.len() / b.len().max(1)
+                );
+                Ok(DecoderCondition {
+                    image_embeds: Tensor::from_slice(&b.image_embeds)
+                        .view([n, d])
+                        .to_device(self.device),
+                    text: stored_condition(
+                        &b.embeddings,
+                        self.encoder.context_length(),
+                        self.encoder.text_width(),
+                        self.device,
+                    )?,
+                })
+            }
+            EmbeddingSource::Clip => Ok(DecoderCondition {
+                image_embeds: self.encoder.clip.embed_images(images)?,
+                text: self.encoder.encode(&b.captions)?,
+            }),
+        }
+    }
+
+    fn to_batch(&self, b: &ImageBatch) -> Result<DecoderBatch> {
+        let r = i64::from(b.resolution);
+        let images = Tensor::from_slice(&b.images)
+            .view([b.len() as i64, 3, r, r])
+            .to_device(self.device);
+        Ok(DecoderBatch {
+            cond: self.condition(b, &images)?,
+            images,
+            position: b.position,
+        })
+    }
+
+    /// Decodes the held-out image embeddings (with their captions) at each of `samples`' guidance
+    /// scales from the same seeded noise, and scores each sample by how close CLIP puts it to
+    /// the embedding it was decoded from. None on ranks without the held-out set.
+    pub fn sample_held_out(&self) -> Result<Option<SampleReport>> {
+        let Some(h) = &self.held_out else {
+            return Ok(None);
+        };
+        let _g = tch::no_grad_guard();
+        let d = &self.cfg.decoder;
+        let sampler = DecoderSampler::new(&self.model, &d.diffusion, &d.sampling)?;
+        let z = h.cond.image_embeds.to_kind(Kind::Float);
+        let mut rows = vec![h.images.shallow_clone()];
+        let mut cos = Vec::new();
+        for &g in &self.cfg.samples.guidance_scales {
+            tch::manual_seed(self.cfg.samples.seed);
+            let noise = h.images.randn_like();
+            let x = sampler.sample(&h.cond, &self.null, g, noise)?;
+            let z_x = self.encoder.clip.embed_images(&x)?;
+            cos.push((g, mean_cosine(&z_x, &z)));
+            rows.push(x);
+        }
+        let cos_unrelated = if z.size()[0] > 1 {
+            mean_cosine(&z, &z.roll([1], [0]))
+        } else {
+            f64::NAN
+        };
+        Ok(Some(SampleReport {
+            grid: tile_rows(&rows)?,
+            cos_to_condition: cos,
+            cos_unrelated,
+        }))
+    }
+}
+
+impl TrainTask for DecoderTask {
+    type Batch = DecoderBatch;
+
+    fn next_batch(&mut self, _step: u64, _micro: usize) -> Result<DecoderBatch> {
+        let b = self.loader.next_batch()?;
+        self.skipped_total = b.skipped_total;
+        for r in &b.finished_epochs {
+            eprintln!(
+                "data: epoch {} done on rank {}: {} samples, {} skipped as unreadable, {} undecodable",
+                r.epoch, self.loader_cfg.reader.rank, r.samples, r.skipped_read, r.skipped_decode
+            );
+        }
+        self.to_batch(&b)
+    }
+
+    fn loss(&mut self, batch: &DecoderBatch) -> Result<StepOutput> {
+        let x0 = &batch.images;
+        let b = x0.size()[0];
+        let t = self.diffusion.sample_timesteps(b, self.device);
+        let noise = x0.randn_like();
+        let x_t = self.diffusion.q_sample(x0, &t, &noise)?;
+        // Classifier-free guidance: z_i and the caption are dropped independently.
+        let d = &self.cfg.decoder;
+        let drop_image = Tensor::rand([b], (Kind::Float, self.device)).lt(d.image_drop_prob);
+        let drop_text = Tensor::rand([b], (Kind::Float, self.device)).lt(d.text_drop_prob);
+        let cond =
+            self.model
+                .drop_conditioning(&batch.cond, &drop_image, &drop_text, &self.null)?;
+        let out = self.model.forward_t(&x_t, &t, &cond, true)?;
+        let losses = self.diffusion.training_losses(&out, x0, &x_t, &t, &noise)?;
+        self.position = batch.position;
+        let mut metrics = loss_per_quarter(&losses.loss, &t, self.diffusion.num_timesteps())?;
+        metrics.push(("data_skipped".into(), self.skipped_total as f64));
+        Ok(StepOutput {
+            loss: losses.loss.mean(Kind::Float),
+            samples: b as usize,
+            metrics,
+        })
+    }
+
+    fn images(&mut self, step: u64) -> Result<Vec<(String, Tensor)>> {
+        let Some(report) = self.sample_held_out()? else {
+            return Ok(Vec::new());
+        };
+        eprintln!("samples step {step}: {}", report.summary());
+        if let Some(dir) = &self.samples_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            unclip_train::logging::write_png(
+                &dir.join(format!("step_{step:06}.png")),
+                &report.grid,
+            )?;
+        }
+        Ok(vec![("samples/held_out".into(), report.grid)])
+    }
+
+    fn data_state(&self) -> serde_json::Value {
+        self.position.to_state()
+    }
+
+    fn restore_data_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let Some(position) = DataPosition::from_state(state).map_err(|e| anyhow!(e))? else {
+            return Ok(());
+        };
+        self.loader = ImageLoader::start(LoaderConfig {
+            start: position,
+            ..self.loader_cfg.clone()
+        })?;
+        self.position = position;
+        Ok(())
+    }
+}
