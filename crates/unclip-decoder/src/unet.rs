@@ -108,6 +108,54 @@ impl UNetConfig {
         Ok(())
     }
 
+    /// The resolution levels as [`UNet::new`] builds them: down levels from the top, then up
+    /// levels from the bottom.
+    fn level_plans(&self) -> (Vec<LevelPlan>, Vec<LevelPlan>) {
+        let boc = &self.block_out_channels;
+        let last = boc.len() - 1;
+        let mut down = Vec::new();
+        let mut channels = boc[0];
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            let out = boc[i];
+            let mut inputs = vec![out; self.layers_per_block as usize];
+            inputs[0] = channels;
+            down.push(LevelPlan {
+                inputs,
+                out,
+                attention: kind == "SimpleCrossAttnDownBlock2D",
+                resample: i != last,
+            });
+            channels = out;
+        }
+        let reversed: Vec<i64> = boc.iter().rev().copied().collect();
+        let mut up = Vec::new();
+        let mut prev_out = reversed[0];
+        for (i, kind) in self.up_block_types.iter().enumerate() {
+            let out = reversed[i];
+            let layers = (self.layers_per_block + 1) as usize;
+            // Each ResBlock takes the running features concatenated with one skip: the last skip
+            // of a level comes from the level below's input width.
+            let inputs = (0..layers)
+                .map(|j| {
+                    let skip = if j == layers - 1 {
+                        reversed[(i + 1).min(last)]
+                    } else {
+                        out
+                    };
+                    (if j == 0 { prev_out } else { out }) + skip
+                })
+                .collect();
+            up.push(LevelPlan {
+                inputs,
+                out,
+                attention: kind == "SimpleCrossAttnUpBlock2D",
+                resample: i != last,
+            });
+            prev_out = out;
+        }
+        (down, up)
+    }
+
     /// How many parameters [`UNet::new`] creates, computed without allocating them (the paper's
     /// decoder would need 10+ GB just to be counted by building it).
     pub fn parameter_count(&self) -> i64 {
@@ -126,46 +174,32 @@ impl UNetConfig {
         let attn = |c: i64| {
             2 * c + 3 * linear(c, c) + 2 * linear(self.cross_attention_dim, c) + linear(c, c)
         };
-        let last = boc.len() - 1;
-        let mut n = conv(self.in_channels, boc[0], 3) + linear(boc[0], temb) + linear(temb, temb);
-        let mut channels = boc[0];
-        for (i, kind) in self.down_block_types.iter().enumerate() {
-            let out = boc[i];
-            for j in 0..self.layers_per_block {
-                n += res(if j == 0 { channels } else { out }, out);
-                if kind == "SimpleCrossAttnDownBlock2D" {
-                    n += attn(out);
-                }
-            }
-            if i != last {
-                n += res(out, out);
-            }
-            channels = out;
-        }
-        n += 2 * res(boc[last], boc[last]) + attn(boc[last]);
-        let reversed: Vec<i64> = boc.iter().rev().copied().collect();
-        let mut prev_out = reversed[0];
-        for (i, kind) in self.up_block_types.iter().enumerate() {
-            let out = reversed[i];
-            let layers = self.layers_per_block + 1;
-            for j in 0..layers {
-                let skip = if j == layers - 1 {
-                    reversed[(i + 1).min(last)]
-                } else {
-                    out
-                };
-                n += res(if j == 0 { prev_out } else { out } + skip, out);
-                if kind == "SimpleCrossAttnUpBlock2D" {
-                    n += attn(out);
-                }
-            }
-            if i != last {
-                n += res(out, out);
-            }
-            prev_out = out;
-        }
-        n + 2 * boc[0] + conv(boc[0], self.out_channels, 3)
+        let (down, up) = self.level_plans();
+        let level = |l: &LevelPlan| -> i64 {
+            let per_block = l.inputs.iter().map(|&i| res(i, l.out)).sum::<i64>();
+            let attention = if l.attention { attn(l.out) } else { 0 };
+            let resampler = if l.resample { res(l.out, l.out) } else { 0 };
+            per_block + l.inputs.len() as i64 * attention + resampler
+        };
+        let c = boc[boc.len() - 1];
+        conv(self.in_channels, boc[0], 3)
+            + linear(boc[0], temb)
+            + linear(temb, temb)
+            + down.iter().chain(&up).map(level).sum::<i64>()
+            + 2 * res(c, c)
+            + attn(c)
+            + 2 * boc[0]
+            + conv(boc[0], self.out_channels, 3)
     }
+}
+
+/// One resolution level: a ResBlock per entry of `inputs` (its input width) to `out` channels,
+/// each followed by attention when `attention`, then a resampling ResBlock when `resample`.
+struct LevelPlan {
+    inputs: Vec<i64>,
+    out: i64,
+    attention: bool,
+    resample: bool,
 }
 
 /// Context handed to every attention block.
@@ -272,78 +306,60 @@ impl UNet {
                 cfg.norm_num_groups,
             )
         };
-        // One level: a ResBlock per entry of `inputs` (its input width), each followed by
-        // attention in the cross-attention blocks, then the resampling ResBlock if any.
-        let level = |bp: nn::Path,
-                     with_attention: bool,
-                     inputs: &[i64],
-                     out: i64,
-                     resampler: Option<(&str, Resample)>|
-         -> Result<Level> {
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for (j, &inp) in inputs.iter().enumerate() {
-                resnets.push(res(&bp / "resnets" / j as i64, inp, out, Resample::None));
-                if with_attention {
-                    attentions.push(attn(&bp / "attentions" / j as i64, out)?);
+        let level =
+            |bp: nn::Path, plan: &LevelPlan, resampler: (&str, Resample)| -> Result<Level> {
+                let mut resnets = Vec::new();
+                let mut attentions = Vec::new();
+                for (j, &inp) in plan.inputs.iter().enumerate() {
+                    resnets.push(res(
+                        &bp / "resnets" / j as i64,
+                        inp,
+                        plan.out,
+                        Resample::None,
+                    ));
+                    if plan.attention {
+                        attentions.push(attn(&bp / "attentions" / j as i64, plan.out)?);
+                    }
                 }
-            }
-            Ok(Level {
-                resnets,
-                attentions,
-                resampler: resampler.map(|(name, r)| res(&bp / name / 0, out, out, r)),
+                let (name, r) = resampler;
+                Ok(Level {
+                    resnets,
+                    attentions,
+                    resampler: plan
+                        .resample
+                        .then(|| res(&bp / name / 0, plan.out, plan.out, r)),
+                })
+            };
+        let (down_plan, up_plan) = cfg.level_plans();
+        let down = down_plan
+            .iter()
+            .enumerate()
+            .map(|(i, plan)| {
+                level(
+                    &p / "down_blocks" / i as i64,
+                    plan,
+                    ("downsamplers", Resample::Down),
+                )
             })
-        };
-        let last = boc.len() - 1;
-        let mut down = Vec::new();
-        let mut channels = boc[0];
-        for (i, kind) in cfg.down_block_types.iter().enumerate() {
-            let out = boc[i];
-            let mut inputs = vec![out; cfg.layers_per_block as usize];
-            inputs[0] = channels;
-            down.push(level(
-                &p / "down_blocks" / i as i64,
-                kind == "SimpleCrossAttnDownBlock2D",
-                &inputs,
-                out,
-                (i != last).then_some(("downsamplers", Resample::Down)),
-            )?);
-            channels = out;
-        }
+            .collect::<Result<Vec<_>>>()?;
         let mid = &p / "mid_block";
-        let c = boc[last];
+        let c = boc[boc.len() - 1];
         let mid_resnets = vec![
             res(&mid / "resnets" / 0, c, c, Resample::None),
             res(&mid / "resnets" / 1, c, c, Resample::None),
         ];
         let mid_attention = attn(&mid / "attentions" / 0, c)?;
-        let reversed: Vec<i64> = boc.iter().rev().copied().collect();
-        let mut up = Vec::new();
-        let mut prev_out = reversed[0];
-        for (i, kind) in cfg.up_block_types.iter().enumerate() {
-            let out = reversed[i];
-            let layers = (cfg.layers_per_block + 1) as usize;
-            // Each ResBlock takes the running features concatenated with one skip: the last skip
-            // of a level comes from the level below's input width.
-            let inputs: Vec<i64> = (0..layers)
-                .map(|j| {
-                    let skip = if j == layers - 1 {
-                        reversed[(i + 1).min(last)]
-                    } else {
-                        out
-                    };
-                    (if j == 0 { prev_out } else { out }) + skip
-                })
-                .collect();
-            up.push(level(
-                &p / "up_blocks" / i as i64,
-                kind == "SimpleCrossAttnUpBlock2D",
-                &inputs,
-                out,
-                (i != last).then_some(("upsamplers", Resample::Up)),
-            )?);
-            prev_out = out;
-        }
+        let up = up_plan
+            .iter()
+            .enumerate()
+            .map(|(i, plan)| {
+                level(
+                    &p / "up_blocks" / i as i64,
+                    plan,
+                    ("upsamplers", Resample::Up),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             conv_in: nn::conv2d(&p / "conv_in", cfg.in_channels, boc[0], 3, conv3),
             time_embedding: TimestepMlp::with_hidden(&p / "time_embedding", boc[0], temb, temb),
