@@ -117,6 +117,30 @@ impl CaptionEncoder {
     }
 }
 
+/// The stored image embeddings z_i of embedding samples as one [N, D] tensor on `device`.
+pub fn image_embeddings(samples: &[EmbeddingSample], device: Device) -> Tensor {
+    stack(samples, |s| &s.image_emb, device)
+}
+
+/// The stored text embeddings z_t of embedding samples as one [N, D] tensor on `device`.
+pub fn text_embeddings(samples: &[EmbeddingSample], device: Device) -> Tensor {
+    stack(samples, |s| &s.text_emb, device)
+}
+
+fn stack(
+    samples: &[EmbeddingSample],
+    row: impl Fn(&EmbeddingSample) -> &[f32],
+    device: Device,
+) -> Tensor {
+    let flat: Vec<f32> = samples
+        .iter()
+        .flat_map(|s| row(s).iter().copied())
+        .collect();
+    Tensor::from_slice(&flat)
+        .view([samples.len() as i64, -1])
+        .to_device(device)
+}
+
 /// z_t from the shards and their stored token features, padded to `context_length`. A sample
 /// without token features is an error naming its key (run `embed --token-features`).
 pub fn stored_condition(
@@ -130,8 +154,6 @@ pub fn stored_condition(
     let w = width as usize;
     let mut tokens = vec![0f32; samples.len() * ctx * w];
     let mut lengths = Vec::with_capacity(samples.len());
-    let mut text =
-        Vec::with_capacity(samples.len() * samples.first().map_or(0, |s| s.text_emb.len()));
     for (i, s) in samples.iter().enumerate() {
         let t = s.text_tokens.as_ref().with_context(|| {
             format!(
@@ -148,14 +170,13 @@ pub fn stored_condition(
         let values = t.to_f32();
         tokens[i * ctx * w..i * ctx * w + values.len()].copy_from_slice(&values);
         lengths.push(t.shape[0] as i64);
-        text.extend_from_slice(&s.text_emb);
     }
     let lengths = Tensor::from_slice(&lengths).to_device(device);
     let mask = Tensor::arange(context_length, (Kind::Int64, device))
         .unsqueeze(0)
         .lt_tensor(&lengths.unsqueeze(1));
     Ok(TextCondition {
-        text_embeds: Tensor::from_slice(&text).view([b, -1]).to_device(device),
+        text_embeds: text_embeddings(samples, device),
         tokens: Tensor::from_slice(&tokens)
             .view([b, context_length, width])
             .to_device(device),

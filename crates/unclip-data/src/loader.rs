@@ -70,12 +70,9 @@ pub struct ImageBatch {
     pub finished_epochs: Vec<EpochReport>,
     /// Samples skipped since the loader started.
     pub skipped_total: u64,
-    /// With `LoaderConfig::embeddings`: `[len, embed_dim]` L2-normalised image and text
-    /// embeddings, row-major (empty otherwise).
-    pub image_embeds: Vec<f32>,
-    pub text_embeds: Vec<f32>,
-    /// With `LoaderConfig::embeddings`: each sample's embedding record (with its token features
-    /// when `embed --token-features` wrote them).
+    /// With `LoaderConfig::embeddings`: each sample's embedding record — its L2-normalised image
+    /// and text embeddings, and its token features when `embed --token-features` wrote them
+    /// (empty otherwise).
     pub embeddings: Vec<EmbeddingSample>,
 }
 
@@ -380,8 +377,6 @@ impl Producer {
             position: self.position,
             finished_epochs: std::mem::take(&mut self.finished),
             skipped_total: self.skipped_total + self.reader.as_ref().map_or(0, |e| (e.skipped)()),
-            image_embeds: Vec::new(),
-            text_embeds: Vec::new(),
             embeddings: Vec::new(),
         };
         for t in items {
@@ -389,11 +384,7 @@ impl Producer {
             batch.captions.push(t.sample.caption);
             batch.metadata.push(t.sample.metadata);
             batch.images.extend_from_slice(&t.pixels);
-            if let Some(e) = t.embedding {
-                batch.image_embeds.extend_from_slice(&e.image_emb);
-                batch.text_embeds.extend_from_slice(&e.text_emb);
-                batch.embeddings.push(e);
-            }
+            batch.embeddings.extend(t.embedding);
         }
         Ok(batch)
     }

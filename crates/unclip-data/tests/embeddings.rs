@@ -213,15 +213,13 @@ mod paired {
         let batches = take(DataPosition::default());
         let mut epoch0 = std::collections::BTreeSet::new();
         for b in &batches {
-            assert_eq!(b.image_embeds.len(), b.len() * 4);
+            assert_eq!(b.embeddings.len(), b.len());
             for (row, key) in b.keys.iter().enumerate() {
                 let v: f32 = key.parse().unwrap();
-                assert_eq!(&b.image_embeds[row * 4..row * 4 + 4], &[v; 4]);
-                assert_eq!(b.text_embeds[row * 4], -v);
-                assert_eq!(
-                    &b.embeddings[row].key, key,
-                    "the record travels with its image"
-                );
+                let e = &b.embeddings[row];
+                assert_eq!(e.image_emb, [v; 4]);
+                assert_eq!(e.text_emb[0], -v);
+                assert_eq!(&e.key, key, "the record travels with its image");
             }
         }
         for b in &batches[..3] {
@@ -238,7 +236,7 @@ mod paired {
         // Resuming mid-stream continues with the same pairs.
         let resumed = take(batches[1].position);
         for (a, b) in batches[2..].iter().zip(&resumed) {
-            assert_eq!((&a.keys, &a.image_embeds), (&b.keys, &b.image_embeds));
+            assert_eq!((&a.keys, &a.embeddings), (&b.keys, &b.embeddings));
         }
     }
 

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use anyhow::{anyhow, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
-use unclip_clip::caption::{stored_condition, CaptionEncoder, TextCondition};
+use unclip_clip::caption::{image_embeddings, stored_condition, CaptionEncoder, TextCondition};
 use unclip_data::images::{Crop, ImageTransform, Normalize};
 use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig};
 use unclip_data::reader::ReaderConfig;
+use unclip_diffusion::embedding::mean_cosine;
 use unclip_diffusion::gaussian::loss_per_quarter;
 use unclip_diffusion::{
     ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, Respacing, SamplerConfig,
@@ -277,7 +278,6 @@ pub struct DecoderBatch {
 pub struct HeldOut {
     pub images: Tensor,
     pub cond: DecoderCondition,
-    pub captions: Vec<String>,
 }
 
 /// What one round of held-out sampling produced.
@@ -355,14 +355,6 @@ pub fn tile_rows(rows: &[Tensor]) -> Result<Tensor> {
     Ok(Tensor::f_cat(&strips, 1)?.clamp(0.0, 1.0))
 }
 
-/// Mean cosine of matching rows.
-fn mean_cosine(a: &Tensor, b: &Tensor) -> f64 {
-    (a * b)
-        .sum_dim_intlist(-1, false, Kind::Float)
-        .mean(Kind::Float)
-        .double_value(&[])
-}
-
 impl DecoderTask {
     /// Loads the frozen CLIP, builds the decoder at the root of `vs` (diffusers' pipeline names
     /// `text_proj.*`, `decoder.*`) and starts the data stream for `rank`. Grids go to
@@ -431,7 +423,6 @@ impl DecoderTask {
             task.held_out = Some(HeldOut {
                 images: batch.images,
                 cond: batch.cond,
-                captions: b.captions,
             });
         }
         Ok(task)
@@ -449,17 +440,15 @@ impl DecoderTask {
     pub fn condition(&self, b: &ImageBatch, images: &Tensor) -> Result<DecoderCondition> {
         match self.cfg.data.embeddings {
             EmbeddingSource::Stored => {
-                let n = b.len() as i64;
                 let d = self.cfg.decoder.model.clip_embeddings_dim;
+                let image_embeds = image_embeddings(&b.embeddings, self.device);
                 ensure!(
-                    b.embeddings.len() == b.len() && b.image_embeds.len() as i64 == n * d,
-                    "embedding shards hold embeddings of width {}, decoder.model.clip_embeddings_dim is {d}",
-                    b.image_embeds.len() / b.len().max(1)
+                    image_embeds.size() == [b.len() as i64, d],
+                    "embedding shards hold embeddings of shape {:?}, decoder.model.clip_embeddings_dim is {d}",
+                    image_embeds.size()
                 );
                 Ok(DecoderCondition {
-                    image_embeds: Tensor::from_slice(&b.image_embeds)
-                        .view([n, d])
-                        .to_device(self.device),
+                    image_embeds,
                     text: stored_condition(
                         &b.embeddings,
                         self.encoder.context_length(),
@@ -497,7 +486,7 @@ impl DecoderTask {
         let _g = tch::no_grad_guard();
         let d = &self.cfg.decoder;
         let sampler = DecoderSampler::new(&self.model, &d.diffusion, &d.sampling)?;
-        let z = h.cond.image_embeds.to_kind(Kind::Float);
+        let z = &h.cond.image_embeds;
         let mut rows = vec![h.images.shallow_clone()];
         let mut cos = Vec::new();
         for &g in &self.cfg.samples.guidance_scales {
@@ -505,11 +494,11 @@ impl DecoderTask {
             let noise = h.images.randn_like();
             let x = sampler.sample(&h.cond, &self.null, g, noise)?;
             let z_x = self.encoder.clip.embed_images(&x)?;
-            cos.push((g, mean_cosine(&z_x, &z)));
+            cos.push((g, mean_cosine(&z_x, z)?));
             rows.push(x);
         }
         let cos_unrelated = if z.size()[0] > 1 {
-            mean_cosine(&z, &z.roll([1], [0]))
+            mean_cosine(z, &z.roll([1], [0]))?
         } else {
             f64::NAN
         };
@@ -567,7 +556,6 @@ impl TrainTask for DecoderTask {
         };
         eprintln!("samples step {step}: {}", report.summary());
         if let Some(dir) = &self.samples_dir {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             unclip_train::logging::write_png(
                 &dir.join(format!("step_{step:06}.png")),
                 &report.grid,

@@ -10,6 +10,16 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     Ok(x / norm.clamp_min(1e-12))
 }
 
+/// Mean cosine similarity of matching rows of two [N, D] tensors (computed in f32).
+pub fn mean_cosine(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = l2_normalize(&a.to_kind(Kind::Float))?;
+    let b = l2_normalize(&b.to_kind(Kind::Float))?;
+    Ok((a * b)
+        .f_sum_dim_intlist(-1, false, Kind::Float)?
+        .f_mean(Kind::Float)?
+        .double_value(&[]))
+}
+
 /// Spherical interpolation between `a` and `b` along the last dimension, θ ∈ [0, 1] a scalar or
 /// one per row ([B] or [B, 1]). Vectors need not be unit length: the angle is taken between their
 /// directions and norms are interpolated linearly. Falls back to linear interpolation when the

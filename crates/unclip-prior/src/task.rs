@@ -10,6 +10,7 @@ use unclip_data::embedding_loader::{EmbeddingBatch, EmbeddingLoader, EmbeddingLo
 use unclip_data::embeddings::{parse_embedding_sample, EmbeddingSample};
 use unclip_data::loader::DataPosition;
 use unclip_data::reader::{ReaderConfig, ShardReader};
+use unclip_diffusion::embedding::mean_cosine;
 use unclip_diffusion::gaussian::loss_per_quarter;
 use unclip_diffusion::{
     ClipDenoised, DiffusionConfig, GaussianDiffusion, MeanType, Respacing, SamplerConfig,
@@ -21,7 +22,7 @@ use unclip_train::{StepOutput, TrainTask};
 use crate::config::PriorConfig;
 use crate::model::{init_prior_weights, DiffusionPrior, TextCondition};
 use crate::sample::PriorSampler;
-use unclip_clip::caption::{stored_condition, CaptionEncoder};
+use unclip_clip::caption::{image_embeddings, stored_condition, text_embeddings, CaptionEncoder};
 
 /// Which prior `train-prior` trains. The autoregressive prior will join as a second kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -250,26 +251,6 @@ fn read_in_order(shards: &str, count: usize) -> Result<Vec<EmbeddingSample>> {
     Ok(samples)
 }
 
-fn image_embeds(samples: &[EmbeddingSample], device: Device) -> Tensor {
-    let flat: Vec<f32> = samples
-        .iter()
-        .flat_map(|s| s.image_emb.iter().copied())
-        .collect();
-    Tensor::from_slice(&flat)
-        .view([samples.len() as i64, -1])
-        .to_device(device)
-}
-
-/// Mean cosine similarity of matching rows of two [N, D] tensors.
-fn mean_cosine(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let a = unclip_diffusion::l2_normalize(&a.to_kind(Kind::Float))?;
-    let b = unclip_diffusion::l2_normalize(&b.to_kind(Kind::Float))?;
-    Ok((a * b)
-        .sum_dim_intlist(-1, false, Kind::Float)
-        .mean(Kind::Float)
-        .double_value(&[]))
-}
-
 pub struct PriorBatch {
     /// Standardised clean image embeddings [B, D].
     pub x_start: Tensor,
@@ -389,7 +370,7 @@ impl PriorTask {
             cfg.data.train,
             cfg.prior.model.embedding_dim
         );
-        model.set_clip_stats(&image_embeds(&stats, device))?;
+        model.set_clip_stats(&image_embeddings(&stats, device))?;
         let loader_cfg = EmbeddingLoaderConfig {
             reader: ReaderConfig {
                 shards: cfg.data.train.clone(),
@@ -429,7 +410,7 @@ impl PriorTask {
                 .with_context(|| format!("data.held_out {}", cfg.data.held_out))?;
             task.held_out = Some(HeldOut {
                 text: task.condition(&samples)?,
-                image_embeds: image_embeds(&samples, device),
+                image_embeds: image_embeddings(&samples, device),
             });
         }
         Ok(task)
@@ -448,13 +429,7 @@ impl PriorTask {
                 let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
                 let mut text = self.encoder.encode(&captions)?;
                 // z_t as stored (identical up to float noise; keeps both sources comparable).
-                let flat: Vec<f32> = samples
-                    .iter()
-                    .flat_map(|s| s.text_emb.iter().copied())
-                    .collect();
-                text.text_embeds = Tensor::from_slice(&flat)
-                    .view([samples.len() as i64, -1])
-                    .to_device(self.device);
+                text.text_embeds = text_embeddings(samples, self.device);
                 Ok(text)
             }
         }
@@ -496,7 +471,7 @@ impl PriorTask {
 
     fn to_batch(&self, b: &EmbeddingBatch) -> Result<PriorBatch> {
         let text = self.condition(&b.samples)?;
-        let z = image_embeds(&b.samples, self.device);
+        let z = image_embeddings(&b.samples, self.device);
         ensure!(
             z.size()[1] == self.cfg.prior.model.embedding_dim,
             "data.train {}: embeddings of width {}, prior.model.embedding_dim is {}",

@@ -149,9 +149,13 @@ fn rgb_bytes(img: &Tensor) -> Result<Vec<u8>> {
     )?)
 }
 
-/// Writes a [3, H, W] image (uint8, or float in [0, 1]) as a PNG file, atomically.
+/// Writes a [3, H, W] image (uint8, or float in [0, 1]) as a PNG file, atomically, creating its
+/// directory.
 pub fn write_png(path: &Path, img: &Tensor) -> Result<()> {
     let rgb = rgb_bytes(img).with_context(|| format!("{}", path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let (h, w) = (img.size()[1] as u32, img.size()[2] as u32);
     let buf = image::RgbImage::from_raw(w, h, rgb).context("image buffer size")?;
     let tmp = path.with_extension("png.tmp");

@@ -90,7 +90,6 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let samples = args.run_dir().join("samples");
-    std::fs::create_dir_all(&samples)?;
     let ckpt = report_current_then_ema(&vs, &summary, |which| {
         if let Some(report) = task.sample_held_out()? {
             let file = samples.join(format!(
