@@ -35,6 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], rest[6],
     );
     let device = Device::cuda_if_available();
+    // As every trainer runs (unclip_train::malloc); diffusers runs with glibc's defaults.
+    let tuned = unclip_train::malloc::retain_freed_memory();
     tch::manual_seed(0);
     let n = channels.len();
     let mut down = vec!["ResnetDownsampleBlock2D".to_string()];
@@ -123,28 +125,54 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
     let channel_list: Vec<String> = channels.iter().map(i64::to_string).collect();
-    let output = std::process::Command::new(python)
-        .arg("scripts/bench/decoder_step.py")
-        .arg(channel_list.join(","))
-        .args(rest.iter().map(i64::to_string))
-        .arg(if device.is_cuda() { "cuda" } else { "cpu" })
-        .output()?;
-    if !output.status.success() {
-        return Err(format!("python failed: {}", String::from_utf8_lossy(&output.stderr)).into());
-    }
-    let text_out = String::from_utf8(output.stdout)?;
-    let theirs: f64 = text_out
-        .split_whitespace()
-        .nth(1)
-        .ok_or("no figure from python")?
-        .parse()?;
+    let diffusers = |glibc_tunables: Option<&str>| -> Result<f64, Box<dyn std::error::Error>> {
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg("scripts/bench/decoder_step.py")
+            .arg(channel_list.join(","))
+            .args(rest.iter().map(i64::to_string))
+            .arg(if device.is_cuda() { "cuda" } else { "cpu" });
+        if let Some(t) = glibc_tunables {
+            cmd.env("GLIBC_TUNABLES", t);
+        }
+        let output = cmd.output()?;
+        if !output.status.success() {
+            return Err(
+                format!("python failed: {}", String::from_utf8_lossy(&output.stderr)).into(),
+            );
+        }
+        let text_out = String::from_utf8(output.stdout)?;
+        Ok(text_out
+            .split_whitespace()
+            .nth(1)
+            .ok_or("no figure from python")?
+            .parse()?)
+    };
+    let theirs = diffusers(None)?;
+    // The same malloc settings, through glibc's environment tunables: how much of the lead is ours.
+    let theirs_tuned = if tuned && !device.is_cuda() {
+        Some(diffusers(Some(
+            "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647",
+        ))?)
+    } else {
+        None
+    };
     println!(
         "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {steps} steps, {} threads, {device:?}",
         tch::get_num_threads()
     );
-    println!("{:<28} {:>12}", "", "images/s");
-    println!("{:<28} {ours:>12.2}", "unclip-decoder");
-    println!("{:<28} {theirs:>12.2}", "diffusers (eager PyTorch)");
-    println!("{:<28} {:>11.2}x", "ratio", ours / theirs);
+    println!("{:<44} {:>9} {:>7}", "", "images/s", "ratio");
+    println!("{:<44} {ours:>9.2}", "unclip-decoder");
+    println!(
+        "{:<44} {theirs:>9.2} {:>6.2}x",
+        "diffusers (eager PyTorch)",
+        ours / theirs
+    );
+    if let Some(t) = theirs_tuned {
+        println!(
+            "{:<44} {t:>9.2} {:>6.2}x",
+            "diffusers with our malloc settings",
+            ours / t
+        );
+    }
     Ok(())
 }

@@ -62,10 +62,26 @@ impl AddedKvAttention {
         })
     }
 
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+    /// `[B, L, n·inner]` projections → n tensors `[B, heads, L, head_dim]` (views).
+    fn split_heads(&self, x: &Tensor, n: i64) -> Result<Vec<Tensor>> {
         let (b, l) = (x.size()[0], x.size()[1]);
-        Ok(x.f_view([b, l, self.heads, self.head_dim])?
-            .f_transpose(1, 2)?)
+        let x = x.f_view([b, l, n, self.heads, self.head_dim])?;
+        (0..n)
+            .map(|i| Ok(x.f_select(2, i)?.f_transpose(1, 2)?))
+            .collect()
+    }
+
+    /// One matmul for several projections of the same input (fewer, larger GEMMs than diffusers'
+    /// separate to_q/to_k/to_v calls; the weights stay separate parameters).
+    fn fused_linear(input: &Tensor, layers: &[&nn::Linear]) -> Result<Tensor> {
+        let ws: Vec<&Tensor> = layers.iter().map(|l| &l.ws).collect();
+        let bs: Vec<&Tensor> = layers.iter().filter_map(|l| l.bs.as_ref()).collect();
+        let bias = if bs.len() == layers.len() {
+            Some(Tensor::f_cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(input.f_linear(&Tensor::f_cat(&ws, 0)?, bias.as_ref())?)
     }
 
     /// x: [B, C, H, W]; context: [B, S, context_dim]; context_mask: [B, S] bool (true = real
@@ -89,22 +105,26 @@ impl AddedKvAttention {
             "attention context: expected [{b}, S, {}], got {cs:?}",
             self.context_dim
         );
+        // Image tokens [B, HW, C], made contiguous once here rather than by each projection.
         let h = self
             .group_norm
             .forward(x)
             .f_view([b, self.channels, hw])?
-            .f_transpose(1, 2)?;
-        let q = self.split_heads(&self.to_q.forward(&h))?;
+            .f_transpose(1, 2)?
+            .f_contiguous()?;
+        let qkv = Self::fused_linear(&h, &[&self.to_q, &self.to_k, &self.to_v])?;
+        let [q, k_img, v_img]: [Tensor; 3] = self
+            .split_heads(&qkv, 3)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("three projections"))?;
+        let kv = Self::fused_linear(context, &[&self.add_k_proj, &self.add_v_proj])?;
+        let [k_ctx, v_ctx]: [Tensor; 2] = self
+            .split_heads(&kv, 2)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("two projections"))?;
         // Keys and values: the context's first, then the image tokens' (diffusers' order).
-        let k = Tensor::f_cat(
-            &[self.add_k_proj.forward(context), self.to_k.forward(&h)],
-            1,
-        )?;
-        let v = Tensor::f_cat(
-            &[self.add_v_proj.forward(context), self.to_v.forward(&h)],
-            1,
-        )?;
-        let (k, v) = (self.split_heads(&k)?, self.split_heads(&v)?);
+        let k = Tensor::f_cat(&[k_ctx, k_img], 2)?;
+        let v = Tensor::f_cat(&[v_ctx, v_img], 2)?;
         let mask = match context_mask {
             None => None,
             Some(m) => {
@@ -154,7 +174,10 @@ impl AddedKvAttention {
             .to_out
             .forward(&out)
             .f_transpose(1, 2)?
-            .f_reshape(size.as_slice())?;
+            // Back to standard NCHW: a transposed view here would make the residual sum, and with
+            // it every later layer, channels-last, whose GroupNorm kernels are slower on CPU.
+            .f_contiguous()?
+            .f_view(size.as_slice())?;
         Ok(out + x)
     }
 }

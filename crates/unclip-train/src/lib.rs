@@ -10,6 +10,7 @@ pub mod distributed;
 pub mod ema;
 pub mod logging;
 pub mod lr;
+pub mod malloc;
 pub mod optim;
 pub mod precision;
 pub mod toy;

@@ -97,21 +97,21 @@ impl AdamW {
         }
     }
 
-    /// The global L2 norm of all gradients (0 for none).
+    /// The global L2 norm of all gradients (0 for none): per-tensor norms in the gradients' own
+    /// precision, as torch's clip_grad_norm_, and a single read back to the host.
     pub fn grad_norm(&self) -> f64 {
         let _guard = tch::no_grad_guard();
-        let mut total = 0.0f64;
-        for p in &self.params {
-            let g = p.var.grad();
-            if g.defined() {
-                total += g
-                    .to_kind(Kind::Double)
-                    .square()
-                    .sum(Kind::Double)
-                    .double_value(&[]);
-            }
+        let norms: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.var.grad())
+            .filter(Tensor::defined)
+            .map(|g| g.norm().to_kind(Kind::Double))
+            .collect();
+        if norms.is_empty() {
+            return 0.0;
         }
-        total.sqrt()
+        Tensor::stack(&norms, 0).norm().double_value(&[])
     }
 
     /// Scales gradients so their global norm is at most `max_norm` (as torch's clip_grad_norm_).
@@ -143,14 +143,22 @@ impl AdamW {
             if p.decay && self.weight_decay > 0.0 {
                 let _ = p.var.g_mul_scalar_(1.0 - lr * self.weight_decay);
             }
-            let _ = p.exp_avg.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
+            // torch's single-tensor AdamW, in place: two temporaries per parameter.
+            let _ = p.exp_avg.lerp_(&g, 1.0 - b1);
             let _ = p
                 .exp_avg_sq
                 .g_mul_scalar_(b2)
-                .g_add_(&(g.square() * (1.0 - b2)));
-            let denom = (&p.exp_avg_sq / bc2).sqrt() + self.eps;
-            let update = (&p.exp_avg / &denom) * (lr / bc1);
-            let _ = p.var.g_sub_(&update);
+                .addcmul_(&g, &(&g * (1.0 - b2)));
+            if lr == 0.0 {
+                continue;
+            }
+            let mut denom = p.exp_avg_sq.sqrt();
+            let _ = denom
+                .g_div_scalar_(bc2.sqrt())
+                .g_add_scalar_(self.eps)
+                .g_mul_scalar_(-bc1 / lr);
+            // var − (lr / bc1) · exp_avg / denom, as one addcdiv.
+            let _ = p.var.addcdiv_(&p.exp_avg, &denom);
         }
     }
 

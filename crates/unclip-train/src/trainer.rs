@@ -175,6 +175,7 @@ pub fn train<T: TrainTask>(
         task.set_process_group(pg.clone());
     }
     precision::set_tf32(cfg.tf32);
+    crate::malloc::retain_freed_memory();
     let bucket_bytes = (runtime.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
 
     let mut opt = AdamW::new(vs, cfg);

@@ -52,6 +52,8 @@ pub struct ResBlock {
     up: Option<Upsample>,
     down: Option<Downsample>,
     dropout: f64,
+    groups: i64,
+    eps: f64,
 }
 
 impl ResBlock {
@@ -97,7 +99,27 @@ impl ResBlock {
             down: (c.resample == Resample::Down)
                 .then(|| Downsample::new(&p / "downsample", c.in_channels, c.in_channels, false)),
             dropout: c.dropout,
+            groups: c.groups,
+            eps: c.eps,
         }
+    }
+
+    /// norm2(h)·(1 + scale) + shift with `scale_shift` [B, 2C]. GroupNorm's affine (γ, β) is
+    /// folded into the per-sample coefficients — normalise, then one fused multiply-add,
+    /// (γ(1 + scale))·ĥ + (β(1 + scale) + shift) — instead of three passes over the feature map.
+    fn norm2_scale_shift(&self, h: &Tensor, scale_shift: &Tensor) -> Tensor {
+        let parts = scale_shift.unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
+        let (scale, shift) = (&parts[0] + 1.0, &parts[1]);
+        let c = self.norm2.num_channels;
+        let per_channel = |t: &Option<Tensor>| t.as_ref().map(|t| t.view([1, c, 1, 1]));
+        let gain =
+            per_channel(&self.norm2.ws).map_or_else(|| scale.shallow_clone(), |g| g * &scale);
+        let bias = match per_channel(&self.norm2.bs) {
+            Some(b) => b * &scale + shift,
+            None => shift.shallow_clone(),
+        };
+        let normalised = h.group_norm(self.groups, None::<Tensor>, None::<Tensor>, self.eps, true);
+        bias.addcmul(&normalised, &gain)
     }
 
     /// x: [B, C_in, H, W], emb: [B, emb_channels] → [B, C_out, H', W'].
@@ -111,12 +133,11 @@ impl ResBlock {
             h = down.forward(&h);
             skip = down.forward(&skip);
         }
-        let mut h = self.norm2.forward(&self.conv1.forward(&h));
-        if let (Some(proj), Some(emb)) = (&self.time_emb_proj, emb) {
-            let ss = proj.forward(&emb.silu()).unsqueeze(-1).unsqueeze(-1);
-            let parts = ss.chunk(2, 1);
-            h = h * (&parts[0] + 1.0) + &parts[1];
-        }
+        let h = self.conv1.forward(&h);
+        let h = match (&self.time_emb_proj, emb) {
+            (Some(proj), Some(emb)) => self.norm2_scale_shift(&h, &proj.forward(&emb.silu())),
+            _ => self.norm2.forward(&h),
+        };
         let h = self.conv2.forward(&h.silu().dropout(self.dropout, train));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward_t(&skip, train),
