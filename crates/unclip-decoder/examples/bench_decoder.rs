@@ -1,8 +1,10 @@
 //! Training-step throughput of the decoder here against diffusers' UnCLIP decoder
 //! (`UnCLIPTextProjModel` + `UNet2DConditionModel`) in eager PyTorch
 //! (scripts/bench/decoder_step.py): same architecture, loss (ε MSE + learned-range VLB), batch,
-//! threads and machine, one after the other. A step: timesteps and noise, q_sample, forward,
-//! hybrid loss, backward, global-norm clipping, AdamW. Run from the repository root:
+//! threads and machine, in alternating rounds (`UNCLIP_BENCH_ROUNDS`, 3; medians printed). A
+//! step: timesteps and noise, q_sample, forward, hybrid loss, backward, global-norm clipping,
+//! AdamW. Ours runs with the runtime's malloc settings (`unclip_train::malloc`); diffusers once
+//! with glibc's defaults and once with the same settings. Run from the repository root:
 //!
 //!     cargo run --release -p unclip-decoder --example bench_decoder [-- CHANNELS LAYERS HEAD_DIM CLIP_DIM TOKENS RES BATCH STEPS]
 //!
@@ -70,7 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             mask: Tensor::ones([batch, tokens], (Kind::Bool, device)),
         },
     };
-    let mut phases = [0f64; 4];
+    let phases = std::cell::RefCell::new([0f64; 4]);
     let mut step = || -> Result<(), Box<dyn std::error::Error>> {
         let t0 = Instant::now();
         let t = diffusion.sample_timesteps(batch, device);
@@ -90,6 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         opt.clip_grad_norm(norm, 1.0);
         opt.step(1e-4);
         for (p, d) in phases
+            .borrow_mut()
             .iter_mut()
             .zip([t1 - t0, t2 - t1, t3 - t2, t3.elapsed()])
         {
@@ -102,27 +105,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tch::Cuda::synchronize(0);
         }
     };
-    for _ in 0..3 {
-        step()?;
-    }
-    sync();
-    let start = Instant::now();
-    for _ in 0..steps {
-        step()?;
-    }
-    sync();
-    let ours = (batch * steps) as f64 / start.elapsed().as_secs_f64();
-    if std::env::var_os("UNCLIP_BENCH_PHASES").is_some() {
-        let n = (steps + 3) as f64;
-        eprintln!(
-            "ours, ms per step: forward {:.1}, loss {:.1}, backward {:.1}, optimiser {:.1}",
-            phases[0] / n * 1e3,
-            phases[1] / n * 1e3,
-            phases[2] / n * 1e3,
-            phases[3] / n * 1e3
-        );
-    }
-
     let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
     let channel_list: Vec<String> = channels.iter().map(i64::to_string).collect();
     let diffusers = |glibc_tunables: Option<&str>| -> Result<f64, Box<dyn std::error::Error>> {
@@ -147,20 +129,71 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .ok_or("no figure from python")?
             .parse()?)
     };
-    let theirs = diffusers(None)?;
     // The same malloc settings, through glibc's environment tunables: how much of the lead is ours.
-    let theirs_tuned = if tuned && !device.is_cuda() {
-        Some(diffusers(Some(
-            "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647",
-        ))?)
-    } else {
-        None
+    let compare_tuned = tuned && !device.is_cuda();
+    let tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647";
+
+    for _ in 0..3 {
+        step()?;
+    }
+    // Rounds alternate ours and theirs so that drifts in the machine's speed hit both; medians.
+    let rounds: usize = std::env::var("UNCLIP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let (mut ours_runs, mut theirs_runs, mut tuned_runs) = (vec![], vec![], vec![]);
+    for _ in 0..rounds.max(1) {
+        sync();
+        let start = Instant::now();
+        for _ in 0..steps {
+            step()?;
+        }
+        sync();
+        ours_runs.push((batch * steps) as f64 / start.elapsed().as_secs_f64());
+        if std::env::var_os("UNCLIP_BENCH_PHASES").is_some() {
+            let n = (3 + steps as usize * ours_runs.len()) as f64;
+            let phases = phases.borrow();
+            eprintln!(
+                "ours, ms per step: forward {:.1}, loss {:.1}, backward {:.1}, optimiser {:.1}",
+                phases[0] / n * 1e3,
+                phases[1] / n * 1e3,
+                phases[2] / n * 1e3,
+                phases[3] / n * 1e3
+            );
+        }
+        theirs_runs.push(diffusers(None)?);
+        if compare_tuned {
+            tuned_runs.push(diffusers(Some(tunables))?);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     };
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let runs = format!(
+        "ours {} | diffusers {} | diffusers, our malloc {}",
+        show(&ours_runs),
+        show(&theirs_runs),
+        show(&tuned_runs)
+    );
+    let ours = median(&mut ours_runs);
+    let theirs = median(&mut theirs_runs);
+    let theirs_tuned = (!tuned_runs.is_empty()).then(|| median(&mut tuned_runs));
     println!(
         "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {steps} steps, {} threads, {device:?}",
         tch::get_num_threads()
     );
-    println!("{:<44} {:>9} {:>7}", "", "images/s", "ratio");
+    println!("rounds (images/s): {runs}");
+    println!(
+        "{:<44} {:>9} {:>7}",
+        "median of rounds", "images/s", "ratio"
+    );
     println!("{:<44} {ours:>9.2}", "unclip-decoder");
     println!(
         "{:<44} {theirs:>9.2} {:>6.2}x",

@@ -65,9 +65,12 @@ impl AddedKvAttention {
     /// `[B, L, n·inner]` projections → n tensors `[B, heads, L, head_dim]` (views).
     fn split_heads(&self, x: &Tensor, n: i64) -> Result<Vec<Tensor>> {
         let (b, l) = (x.size()[0], x.size()[1]);
-        let x = x.f_view([b, l, n, self.heads, self.head_dim])?;
-        (0..n)
-            .map(|i| Ok(x.f_select(2, i)?.f_transpose(1, 2)?))
+        // unbind, not n selects: its backward stacks the n gradients in one pass, where each
+        // select's would zero-fill a full-size gradient.
+        x.f_view([b, l, n, self.heads, self.head_dim])?
+            .f_unbind(2)?
+            .into_iter()
+            .map(|t| Ok(t.f_transpose(1, 2)?))
             .collect()
     }
 
