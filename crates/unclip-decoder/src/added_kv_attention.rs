@@ -6,6 +6,7 @@
 use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
+use unclip_diffusion::nn::attention::{fused_linear, split_heads};
 
 #[derive(Debug)]
 pub struct AddedKvAttention {
@@ -62,31 +63,6 @@ impl AddedKvAttention {
         })
     }
 
-    /// `[B, L, n·inner]` projections → n tensors `[B, heads, L, head_dim]` (views).
-    fn split_heads(&self, x: &Tensor, n: i64) -> Result<Vec<Tensor>> {
-        let (b, l) = (x.size()[0], x.size()[1]);
-        // unbind, not n selects: its backward stacks the n gradients in one pass, where each
-        // select's would zero-fill a full-size gradient.
-        x.f_view([b, l, n, self.heads, self.head_dim])?
-            .f_unbind(2)?
-            .into_iter()
-            .map(|t| Ok(t.f_transpose(1, 2)?))
-            .collect()
-    }
-
-    /// One matmul for several projections of the same input (fewer, larger GEMMs than diffusers'
-    /// separate to_q/to_k/to_v calls; the weights stay separate parameters).
-    fn fused_linear(input: &Tensor, layers: &[&nn::Linear]) -> Result<Tensor> {
-        let ws: Vec<&Tensor> = layers.iter().map(|l| &l.ws).collect();
-        let bs: Vec<&Tensor> = layers.iter().filter_map(|l| l.bs.as_ref()).collect();
-        let bias = if bs.len() == layers.len() {
-            Some(Tensor::f_cat(&bs, 0)?)
-        } else {
-            None
-        };
-        Ok(input.f_linear(&Tensor::f_cat(&ws, 0)?, bias.as_ref())?)
-    }
-
     /// x: [B, C, H, W]; context: [B, S, context_dim]; context_mask: [B, S] bool (true = real
     /// token; None = all real). Returns [B, C, H, W].
     pub fn forward(
@@ -115,14 +91,12 @@ impl AddedKvAttention {
             .f_view([b, self.channels, hw])?
             .f_transpose(1, 2)?
             .f_contiguous()?;
-        let qkv = Self::fused_linear(&h, &[&self.to_q, &self.to_k, &self.to_v])?;
-        let [q, k_img, v_img]: [Tensor; 3] = self
-            .split_heads(&qkv, 3)?
+        let qkv = fused_linear(&h, &[&self.to_q, &self.to_k, &self.to_v])?;
+        let [q, k_img, v_img]: [Tensor; 3] = split_heads(&qkv, 3, self.heads)?
             .try_into()
             .map_err(|_| anyhow::anyhow!("three projections"))?;
-        let kv = Self::fused_linear(context, &[&self.add_k_proj, &self.add_v_proj])?;
-        let [k_ctx, v_ctx]: [Tensor; 2] = self
-            .split_heads(&kv, 2)?
+        let kv = fused_linear(context, &[&self.add_k_proj, &self.add_v_proj])?;
+        let [k_ctx, v_ctx]: [Tensor; 2] = split_heads(&kv, 2, self.heads)?
             .try_into()
             .map_err(|_| anyhow::anyhow!("two projections"))?;
         // Keys and values: the context's first, then the image tokens' (diffusers' order).

@@ -14,6 +14,39 @@ pub struct AttentionMask<'a> {
     pub key_padding: Option<&'a Tensor>,
 }
 
+/// Several projections of the same input as one matmul over their concatenated weights — fewer,
+/// larger GEMMs than one call per projection; the weights stay separate parameters (and names).
+/// `[.., in]` → `[.., Σ out]`.
+pub fn fused_linear(input: &Tensor, layers: &[&nn::Linear]) -> Result<Tensor> {
+    let ws: Vec<&Tensor> = layers.iter().map(|l| &l.ws).collect();
+    let bs: Vec<&Tensor> = layers.iter().filter_map(|l| l.bs.as_ref()).collect();
+    let bias = if bs.len() == layers.len() {
+        Some(Tensor::f_cat(&bs, 0)?)
+    } else if bs.is_empty() {
+        None
+    } else {
+        return Err(shape_err(
+            "fused projections",
+            "some have a bias and some not".to_string(),
+        ));
+    };
+    Ok(input.f_linear(&Tensor::f_cat(&ws, 0)?, bias.as_ref())?)
+}
+
+/// `[B, L, n·heads·head_dim]` (n projections side by side) → n views `[B, heads, L, head_dim]`.
+/// unbind rather than n selects: its backward stacks the n gradients in one pass, where each
+/// select's would zero-fill a gradient of the full width.
+pub fn split_heads(x: &Tensor, n: i64, heads: i64) -> Result<Vec<Tensor>> {
+    let size = x.size();
+    let (b, l) = (size[0], size[1]);
+    let head_dim = size[2] / (n * heads);
+    x.f_view([b, l, n, heads, head_dim])?
+        .f_unbind(2)?
+        .into_iter()
+        .map(|t| Ok(t.f_transpose(1, 2)?))
+        .collect()
+}
+
 #[derive(Debug)]
 pub struct MultiHeadAttention {
     to_q: nn::Linear,
@@ -65,12 +98,6 @@ impl MultiHeadAttention {
             heads,
             dim,
         })
-    }
-
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l) = (x.size()[0], x.size()[1]);
-        Ok(x.f_view([b, l, self.heads, self.dim / self.heads])?
-            .f_transpose(1, 2)?)
     }
 
     /// The boolean mask [B, 1, L, S] for SDPA (true = attend), or None when nothing is masked.
@@ -137,17 +164,32 @@ impl MultiHeadAttention {
             ));
         }
         let (b, l, s) = (size[0], size[1], ctx.size()[1]);
-        let q = self.split_heads(&self.to_q.forward(x))?;
-        let k = self.split_heads(&self.to_k.forward(ctx))?;
-        let v = self.split_heads(&self.to_v.forward(ctx))?;
-        let attn_mask = self.build_mask(&mask, b, l, s, x.device())?;
+        let parts = |t: Tensor, n: i64| -> Result<Vec<Tensor>> { split_heads(&t, n, self.heads) };
+        let wrong = |_| shape_err("attention", "projection split".to_string());
+        let (q, k, v) = if context.is_none() {
+            let qkv = fused_linear(x, &[&self.to_q, &self.to_k, &self.to_v])?;
+            let [q, k, v]: [Tensor; 3] = parts(qkv, 3)?.try_into().map_err(wrong)?;
+            (q, k, v)
+        } else {
+            let kv = fused_linear(ctx, &[&self.to_k, &self.to_v])?;
+            let [k, v]: [Tensor; 2] = parts(kv, 2)?.try_into().map_err(wrong)?;
+            let [q]: [Tensor; 1] = parts(self.to_q.forward(x), 1)?.try_into().map_err(wrong)?;
+            (q, k, v)
+        };
+        // A plain causal mask goes to SDPA as is_causal, which skips the masked blocks.
+        let causal_only = mask.causal && mask.key_padding.is_none() && l == s;
+        let attn_mask = if causal_only {
+            None
+        } else {
+            self.build_mask(&mask, b, l, s, x.device())?
+        };
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
             &k,
             &v,
             attn_mask.as_ref(),
             0.0,
-            false,
+            causal_only,
             None,
             false,
         )?;
