@@ -5,6 +5,7 @@
 pub mod added_kv_attention;
 pub mod config;
 pub mod model;
+pub mod pretrained;
 pub mod sample;
 pub mod task;
 pub mod text_proj;
@@ -13,6 +14,7 @@ pub mod unet;
 pub use added_kv_attention::AddedKvAttention;
 pub use config::DecoderModelConfig;
 pub use model::{DecoderCondition, UnclipDecoder};
+pub use pretrained::{load_diffusers_decoder, LoadedDecoder};
 pub use sample::DecoderSampler;
 pub use text_proj::{ClipConditioning, TextProj};
 pub use unet::{UNet, UNetConfig};

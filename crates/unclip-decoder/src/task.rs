@@ -30,6 +30,10 @@ use crate::sample::DecoderSampler;
 #[serde(deny_unknown_fields)]
 pub struct DecoderSection {
     pub model: DecoderModelConfig,
+    /// Start from a diffusers UnCLIP pipeline directory's decoder (`decoder/` + `text_proj/`, e.g.
+    /// Karlo's) instead of a random initialisation; `model` must describe the same network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     /// Cosine schedule, 1000 steps, ε with learned-range variances, hybrid loss (λ = 0.001).
     #[serde(default = "default_diffusion")]
     pub diffusion: DiffusionConfig,
@@ -174,6 +178,16 @@ impl Validate for DecoderTrainConfig {
     fn validate(&self) -> Result<()> {
         let d = &self.decoder;
         d.model.validate()?;
+        if let Some(dir) = &d.init_from {
+            let theirs = crate::pretrained::read_diffusers_decoder_config(dir)
+                .with_context(|| format!("decoder.init_from {}", dir.display()))?;
+            ensure!(
+                theirs == d.model,
+                "decoder.init_from {}: its decoder differs from decoder.model, which would be (YAML): {}",
+                dir.display(),
+                serde_json::to_string(&theirs).unwrap_or_default()
+            );
+        }
         d.diffusion
             .validate()
             .map_err(|e| anyhow!("decoder.diffusion: {e}"))?;
@@ -375,6 +389,10 @@ impl DecoderTask {
             .with_context(|| format!("clip: {clip_name}"))?;
         check_clip_fits(&encoder, &cfg.decoder.model, &clip_name)?;
         let model = UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
+        if let Some(dir) = &cfg.decoder.init_from {
+            crate::pretrained::load_diffusers_decoder_weights(vs, dir)
+                .with_context(|| format!("decoder.init_from {}", dir.display()))?;
+        }
         let loader_cfg = loader_config(
             cfg,
             ReaderConfig {

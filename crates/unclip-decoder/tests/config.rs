@@ -105,3 +105,26 @@ fn defaults_are_the_papers_and_bad_values_name_their_key() {
     let e = error(&["decoder.sampling.steps=2000"]);
     assert!(e.contains("decoder.sampling.steps"), "{e}");
 }
+
+#[test]
+fn init_from_a_diffusers_pipeline_needs_its_model_and_says_which() {
+    let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pipeline");
+    let init = format!("decoder.init_from={pipeline}");
+    let e = error(&[&init]);
+    assert!(
+        e.contains("decoder.init_from") && e.contains("differs"),
+        "{e}"
+    );
+    // The model the error prints is the one that fits.
+    let theirs = e.rsplit("(YAML): ").next().unwrap();
+    let cfg = parse_config::<DecoderTrainConfig>(VALID, &[init, format!("decoder.model={theirs}")])
+        .unwrap()
+        .task;
+    assert_eq!(cfg.decoder.model.unet.cross_attention_dim, 24);
+    assert_eq!(cfg.decoder.model.unet.layers_per_block, 2);
+    let e = error(&["decoder.init_from=/nonexistent/pipeline"]);
+    assert!(
+        e.contains("/nonexistent/pipeline/decoder/config.json"),
+        "{e}"
+    );
+}

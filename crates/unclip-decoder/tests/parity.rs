@@ -112,13 +112,8 @@ fn prefixed(name: &str, prefix: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
-#[test]
-fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let decoder = UnclipDecoder::new(vs.root(), &tiny_unet(), 16, 4).unwrap();
-    let mut weights = prefixed("unet", "decoder");
-    weights.extend(prefixed("text_proj", "text_proj"));
-    unclip_train::trainer::load_into(&vs, &weights, "fixtures").unwrap();
+/// diffusers' UnCLIP decoder's inputs and output, and its inputs as our condition.
+fn decoder_io() -> (HashMap<String, Tensor>, DecoderCondition) {
     let io: HashMap<String, Tensor> = Tensor::read_safetensors(fixture("decoder_io.safetensors"))
         .unwrap()
         .into_iter()
@@ -131,6 +126,38 @@ fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
             mask: io["mask"].to_kind(Kind::Bool),
         },
     };
+    (io, cond)
+}
+
+/// The same modules saved by diffusers' `save_pretrained` as a pipeline directory (`decoder/`,
+/// `text_proj/`) load, shape from their config.json files, into the same outputs.
+#[test]
+fn a_diffusers_pipeline_directory_loads_with_its_outputs() {
+    let loaded = unclip_decoder::load_diffusers_decoder(&fixture("pipeline"), Device::Cpu).unwrap();
+    let cfg = &loaded.config;
+    assert_eq!(cfg.unet, tiny_unet());
+    assert_eq!(
+        (cfg.clip_embeddings_dim, cfg.clip_extra_context_tokens),
+        (16, 4)
+    );
+    let (io, cond) = decoder_io();
+    let _g = tch::no_grad_guard();
+    let out = loaded
+        .model
+        .forward_t(&io["x"], &io["t"], &cond, false)
+        .unwrap();
+    let d = max_diff(&out, &io["out"]);
+    assert!(d <= 1e-4, "loaded decoder differs from diffusers' by {d}");
+}
+
+#[test]
+fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let decoder = UnclipDecoder::new(vs.root(), &tiny_unet(), 16, 4).unwrap();
+    let mut weights = prefixed("unet", "decoder");
+    weights.extend(prefixed("text_proj", "text_proj"));
+    unclip_train::trainer::load_into(&vs, &weights, "fixtures").unwrap();
+    let (io, cond) = decoder_io();
     let _g = tch::no_grad_guard();
     let out = decoder.forward_t(&io["x"], &io["t"], &cond, false).unwrap();
     let d = max_diff(&out, &io["out"]);
