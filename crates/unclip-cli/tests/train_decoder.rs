@@ -111,6 +111,33 @@ fn embed_then_train_decoder_learns_writes_grids_and_resumes_exactly() {
             |run: &Path| std::fs::read(run.join("checkpoints/step-000000040").join(file)).unwrap();
         assert!(read(&full) == read(&split), "{file} differs after resume");
     }
+    // Exported as a diffusers pipeline directory: it loads back with the EMA weights.
+    let export = dir.join("export");
+    run(
+        decoder,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--run-dir",
+            full.to_str().unwrap(),
+            "--export-diffusers",
+            export.to_str().unwrap(),
+        ],
+    );
+    let loaded = unclip_decoder::load_diffusers_decoder(&export, tch::Device::Cpu).unwrap();
+    let ema: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(full.join("checkpoints/step-000000040/ema.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let vars = loaded.vs.variables();
+    assert_eq!(vars.len(), ema.len());
+    for (name, v) in vars {
+        assert!(
+            v.equal(&ema[&name]),
+            "{name} differs from the EMA checkpoint"
+        );
+    }
 }
 
 #[test]

@@ -14,7 +14,7 @@ pub mod unet;
 pub use added_kv_attention::AddedKvAttention;
 pub use config::DecoderModelConfig;
 pub use model::{DecoderCondition, UnclipDecoder};
-pub use pretrained::{load_diffusers_decoder, LoadedDecoder};
+pub use pretrained::{load_diffusers_decoder, save_diffusers_decoder, LoadedDecoder};
 pub use sample::DecoderSampler;
 pub use text_proj::{ClipConditioning, TextProj};
 pub use unet::{UNet, UNetConfig};

@@ -220,3 +220,50 @@ pub fn load_diffusers_decoder(dir: &Path, device: Device) -> Result<LoadedDecode
     load_diffusers_decoder_weights(&vs, dir)?;
     Ok(LoadedDecoder { vs, model, config })
 }
+
+/// Writes the decoder in `vs` (built from `cfg`) as a diffusers UnCLIP pipeline's `decoder/` and
+/// `text_proj/` under `dir` — config.json and `diffusion_pytorch_model.safetensors` each — so
+/// diffusers' `UNet2DConditionModel.from_pretrained` / `UnCLIPTextProjModel.from_pretrained`
+/// (and [`load_diffusers_decoder`]) read it. `sample_size` is the image side it was trained at.
+pub fn save_diffusers_decoder(
+    vs: &nn::VarStore,
+    cfg: &DecoderModelConfig,
+    sample_size: i64,
+    dir: &Path,
+) -> Result<()> {
+    let mut unet = match serde_json::to_value(&cfg.unet)? {
+        Value::Object(map) => map,
+        _ => bail!("UNet config did not serialise to an object"),
+    };
+    unet.insert("_class_name".into(), "UNet2DConditionModel".into());
+    unet.insert("sample_size".into(), sample_size.into());
+    for (key, value) in FIXED {
+        unet.insert(key.to_string(), serde_json::from_str(value)?);
+    }
+    let text_proj = serde_json::json!({
+        "_class_name": "UnCLIPTextProjModel",
+        "clip_embeddings_dim": cfg.clip_embeddings_dim,
+        "clip_extra_context_tokens": cfg.clip_extra_context_tokens,
+        "cross_attention_dim": cfg.unet.cross_attention_dim,
+        "time_embed_dim": cfg.unet.time_embed_dim(),
+    });
+    for (component, config) in [("decoder", Value::Object(unet)), ("text_proj", text_proj)] {
+        let out = dir.join(component);
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        let config_path = out.join("config.json");
+        std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let prefix = format!("{component}.");
+        let mut tensors: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|s| (s.to_string(), t)))
+            .collect();
+        ensure!(!tensors.is_empty(), "no `{prefix}*` variables to export");
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let weights = out.join("diffusion_pytorch_model.safetensors");
+        Tensor::write_safetensors(&tensors, &weights)
+            .with_context(|| format!("writing {}", weights.display()))?;
+    }
+    Ok(())
+}

@@ -23,6 +23,23 @@ struct Cli {
     /// to this PNG file. `--set decoder.sampling...` picks the sampler.
     #[arg(long, value_name = "FILE.png")]
     grid: Option<std::path::PathBuf>,
+    /// Instead of training: write the run's newest checkpoint (EMA weights) as a diffusers UnCLIP
+    /// pipeline's `decoder/` and `text_proj/` (config.json + safetensors) into this directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "grid")]
+    export_diffusers: Option<std::path::PathBuf>,
+}
+
+fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
+    let args = &cli.args;
+    let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?.task;
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
+    let (weights, source) = unclip_train::checkpoint::inference_weights(&args.run_dir())?;
+    unclip_train::trainer::load_into(&vs, &weights, &source)?;
+    let size = cfg.data.image.resolution as i64;
+    unclip_decoder::save_diffusers_decoder(&vs, &cfg.decoder.model, size, out)?;
+    println!("{source} -> {} (decoder/, text_proj/)", out.display());
+    Ok(())
 }
 
 fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
@@ -65,6 +82,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(out) = &cli.grid {
         return grid(&cli, out);
+    }
+    if let Some(out) = &cli.export_diffusers {
+        return export_diffusers(&cli, out);
     }
     let args = &cli.args;
     let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?;
