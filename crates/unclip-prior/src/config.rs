@@ -84,6 +84,34 @@ impl PriorConfig {
     }
 
     /// Errors name the key under `prior.model`.
+    /// Variables of the model this config builds (its buffers `clip_mean` / `clip_std`
+    /// included, as `--dry-run` counts them), computed without building it.
+    pub fn parameter_count(&self) -> i64 {
+        let (inner, d) = (self.inner_dim(), self.embedding_dim);
+        let linear = |i: i64, o: i64| i * o + o;
+        let block = 2 * 2 * inner
+            + 4 * linear(inner, inner)
+            + linear(inner, 4 * inner)
+            + linear(4 * inner, inner);
+        let optional_norm = |on: bool, width: i64| if on { 2 * width } else { 0 };
+        linear(inner, self.time_embed_dim())
+            + linear(self.time_embed_dim(), inner)
+            + linear(d, inner)
+            + optional_norm(
+                self.embedding_proj_norm_type.is_some(),
+                self.embedding_proj_dim(),
+            )
+            + linear(self.embedding_proj_dim(), inner)
+            + linear(d, inner)
+            + self.sequence_length() * inner
+            + inner
+            + self.num_layers * block
+            + optional_norm(self.norm_in_type.is_some(), inner)
+            + 2 * inner
+            + linear(inner, d)
+            + 2 * d
+    }
+
     pub fn validate(&self) -> Result<()> {
         for (key, v) in [
             ("num_attention_heads", self.num_attention_heads),
