@@ -4,7 +4,7 @@
 //! `--dry-run` on the paper config.
 use std::path::Path;
 mod common;
-use common::{embedded_shapes, run};
+use common::{dry_run_total, embedded_shapes, run};
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig, EmbeddingSource};
 use unclip_train::config::parse_config;
 
@@ -187,12 +187,7 @@ fn dry_run_counts_the_paper_decoder_without_building_it() {
         &["--config", config, "--dry-run", "--set", "device=cpu"],
     );
     assert!(out.contains("counted from the config"), "{out}");
-    let total: i64 = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("total"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no total in {out}"));
+    let total = dry_run_total(&out);
     // GLIDE's 64×64 UNet at 512 channels (~2.3 B; the paper's 3.5 B adds its 1.2 B caption
     // transformer, which this layout takes from CLIP).
     assert!((2_200_000_000..2_300_000_000).contains(&total), "{total}");

@@ -3,7 +3,7 @@
 //! `--dry-run` on the paper config.
 use std::path::Path;
 mod common;
-use common::{embedded_shapes, run};
+use common::{dry_run_total, embedded_shapes, run};
 use unclip_data::npy::NpyArray;
 
 fn prior_config(dir: &Path) -> String {
@@ -90,12 +90,7 @@ fn dry_run_prints_the_paper_priors_size() {
         env!("CARGO_BIN_EXE_train-prior"),
         &["--config", config, "--dry-run", "--set", "device=cpu"],
     );
-    let total: i64 = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("total"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no total in {out}"));
+    let total = dry_run_total(&out);
     // 24 blocks of 12·2048² (attention + 4× MLP) plus projections and positions: about 1.2 B.
     assert!((1_200_000_000..1_230_000_000).contains(&total), "{total}");
 }

@@ -7,7 +7,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 use unclip_data::images::ImageTransform;
-use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig};
+use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig, Restartable};
 use unclip_data::reader::ReaderConfig;
 use unclip_data::tokenizer::ClipTokenizer;
 use unclip_dist::ProcessGroup;
@@ -419,14 +419,10 @@ impl TrainTask for ClipTask {
     }
 
     fn restore_data_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        let Some(position) = DataPosition::from_state(state).map_err(|e| anyhow!(e))? else {
-            return Ok(());
-        };
-        self.loader = ImageLoader::start(LoaderConfig {
-            start: position,
-            ..self.loader_cfg.clone()
-        })?;
-        self.position = position;
+        if let Some((loader, position)) = ImageLoader::resume(&self.loader_cfg, state)? {
+            self.loader = loader;
+            self.position = position;
+        }
         Ok(())
     }
 

@@ -112,6 +112,17 @@ impl Producer {
     }
 }
 
+impl crate::loader::Restartable for EmbeddingLoader {
+    type Config = EmbeddingLoaderConfig;
+
+    fn start_at(cfg: &EmbeddingLoaderConfig, start: DataPosition) -> Result<Self, ShardError> {
+        Self::start(EmbeddingLoaderConfig {
+            start,
+            ..cfg.clone()
+        })
+    }
+}
+
 impl EmbeddingLoader {
     /// Checks the shard list (missing shards and impossible rank splits fail here), then starts
     /// the background thread.

@@ -34,13 +34,44 @@ impl DataPosition {
     }
 
     /// A checkpoint's data state; None for a checkpoint that stored none.
-    pub fn from_state(state: &serde_json::Value) -> Result<Option<Self>, String> {
+    pub fn from_state(state: &serde_json::Value) -> Result<Option<Self>, ShardError> {
         if state.is_null() {
             return Ok(None);
         }
         serde_json::from_value(state.clone())
             .map(Some)
-            .map_err(|e| format!("checkpoint data_state is not a data position: {e}"))
+            .map_err(|e| ShardError::DataState(e.to_string()))
+    }
+}
+
+/// A batch loader that can start anywhere in its stream: what a training task resumes.
+pub trait Restartable: Sized {
+    type Config: Clone;
+
+    /// The loader of `cfg`, started at `position` instead of `cfg`'s own start.
+    fn start_at(cfg: &Self::Config, position: DataPosition) -> Result<Self, ShardError>;
+
+    /// The loader restarted where a checkpoint's data state (`DataPosition::to_state`) says, with
+    /// that position; None when the checkpoint stored none (keep the running loader).
+    fn resume(
+        cfg: &Self::Config,
+        state: &serde_json::Value,
+    ) -> Result<Option<(Self, DataPosition)>, ShardError> {
+        let Some(position) = DataPosition::from_state(state)? else {
+            return Ok(None);
+        };
+        Ok(Some((Self::start_at(cfg, position)?, position)))
+    }
+}
+
+impl Restartable for ImageLoader {
+    type Config = LoaderConfig;
+
+    fn start_at(cfg: &LoaderConfig, start: DataPosition) -> Result<Self, ShardError> {
+        Self::start(LoaderConfig {
+            start,
+            ..cfg.clone()
+        })
     }
 }
 

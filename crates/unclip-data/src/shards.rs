@@ -14,6 +14,8 @@ pub enum ShardError {
     ShardSize,
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
+    #[error("checkpoint data_state is not a data position: {0}")]
+    DataState(String),
 }
 
 /// What to generate.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 use unclip_clip::caption::{image_embeddings, stored_condition, CaptionEncoder, TextCondition};
 use unclip_data::images::{Crop, ImageTransform, Normalize};
-use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig};
+use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig, Restartable};
 use unclip_data::reader::ReaderConfig;
 use unclip_diffusion::embedding::mean_cosine;
 use unclip_diffusion::gaussian::loss_per_quarter;
@@ -587,14 +587,10 @@ impl TrainTask for DecoderTask {
     }
 
     fn restore_data_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        let Some(position) = DataPosition::from_state(state).map_err(|e| anyhow!(e))? else {
-            return Ok(());
-        };
-        self.loader = ImageLoader::start(LoaderConfig {
-            start: position,
-            ..self.loader_cfg.clone()
-        })?;
-        self.position = position;
+        if let Some((loader, position)) = ImageLoader::resume(&self.loader_cfg, state)? {
+            self.loader = loader;
+            self.position = position;
+        }
         Ok(())
     }
 }

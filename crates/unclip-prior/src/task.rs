@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 use unclip_data::embedding_loader::{EmbeddingBatch, EmbeddingLoader, EmbeddingLoaderConfig};
 use unclip_data::embeddings::{parse_embedding_sample, EmbeddingSample};
-use unclip_data::loader::DataPosition;
+use unclip_data::loader::{DataPosition, Restartable};
 use unclip_data::reader::{ReaderConfig, ShardReader};
 use unclip_diffusion::embedding::mean_cosine;
 use unclip_diffusion::gaussian::loss_per_quarter;
@@ -551,14 +551,10 @@ impl TrainTask for PriorTask {
     }
 
     fn restore_data_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        let Some(position) = DataPosition::from_state(state).map_err(|e| anyhow!(e))? else {
-            return Ok(());
-        };
-        self.loader = EmbeddingLoader::start(EmbeddingLoaderConfig {
-            start: position,
-            ..self.loader_cfg.clone()
-        })?;
-        self.position = position;
+        if let Some((loader, position)) = EmbeddingLoader::resume(&self.loader_cfg, state)? {
+            self.loader = loader;
+            self.position = position;
+        }
         Ok(())
     }
 }

@@ -44,6 +44,21 @@ pub fn print_parameter_summary(vs: &tch::nn::VarStore) {
     println!("  {:<24} {total:>14} parameters", "total");
 }
 
+/// Models above this many parameters are counted from their config by `--dry-run`, not built:
+/// the paper's would allocate gigabytes just to be counted.
+pub const DRY_RUN_BUILD_LIMIT: i64 = 300_000_000;
+
+/// `--dry-run`'s summary for a model counted from its config: `(component, parameters)` rows and
+/// the total, in [`print_parameter_summary`]'s format.
+pub fn print_counted_parameters(components: &[(&str, i64)]) {
+    println!("  (counted from the config, not built)");
+    for (module, n) in components {
+        println!("  {module:<24} {n:>14} parameters");
+    }
+    let total: i64 = components.iter().map(|(_, n)| n).sum();
+    println!("  {:<24} {total:>14} parameters", "total");
+}
+
 /// What every trainer binary does once its task is built: announce the run on rank 0, then train
 /// into `--run-dir` honouring `--resume`.
 pub fn train_with_args<T: crate::TrainTask, C>(

@@ -6,7 +6,6 @@ use anyhow::Result;
 use clap::Parser;
 use tch::nn;
 use unclip_clip::task::{ensure_shards, ClipTask, ClipTrainConfig};
-use unclip_diffusion::device::parse_device;
 use unclip_train::cli::{print_parameter_summary, report_current_then_ema, train_with_args};
 use unclip_train::{load_config, TrainArgs};
 
@@ -21,7 +20,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let args = &cli.args;
     let cfg = load_config::<ClipTrainConfig>(&args.config, &args.overrides)?;
-    let device = parse_device(&cfg.runtime.device)?;
+    let device = cfg.runtime.device()?;
     let env = unclip_dist::DistEnv::from_env()?;
     let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
     if args.dry_run {

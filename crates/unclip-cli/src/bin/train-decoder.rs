@@ -7,8 +7,10 @@ use clap::Parser;
 use tch::nn;
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig};
 use unclip_decoder::UnclipDecoder;
-use unclip_diffusion::device::parse_device;
-use unclip_train::cli::{report_current_then_ema, train_with_args};
+use unclip_train::cli::{
+    print_counted_parameters, print_parameter_summary, report_current_then_ema, train_with_args,
+    DRY_RUN_BUILD_LIMIT,
+};
 use unclip_train::{load_config, TrainArgs};
 
 #[derive(Parser)]
@@ -45,7 +47,7 @@ fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
 fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
     let args = &cli.args;
     let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?;
-    let device = parse_device(&cfg.runtime.device)?;
+    let device = cfg.runtime.device()?;
     let vs = nn::VarStore::new(device);
     let task = DecoderTask::new(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
     let (weights, source) = unclip_train::checkpoint::inference_weights(&args.run_dir())?;
@@ -58,22 +60,16 @@ fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Models above this size are counted, not built, by `--dry-run` (the paper's would need ~14 GB).
-const BUILD_LIMIT: i64 = 300_000_000;
-
 fn dry_run(cfg: &DecoderTrainConfig, config: &std::path::Path, device: tch::Device) -> Result<()> {
     let m = &cfg.decoder.model;
     let (text_proj, unet) = (m.text_proj_parameter_count(), m.unet.parameter_count());
     println!("config {} is valid; device {device:?}", config.display());
-    if text_proj + unet <= BUILD_LIMIT {
+    if text_proj + unet <= DRY_RUN_BUILD_LIMIT {
         let vs = nn::VarStore::new(device);
         UnclipDecoder::from_config(vs.root(), m)?;
-        unclip_train::cli::print_parameter_summary(&vs);
+        print_parameter_summary(&vs);
     } else {
-        println!("  (counted from the config, not built)");
-        println!("  {:<24} {unet:>14} parameters", "decoder");
-        println!("  {:<24} {text_proj:>14} parameters", "text_proj");
-        println!("  {:<24} {:>14} parameters", "total", text_proj + unet);
+        print_counted_parameters(&[("decoder", unet), ("text_proj", text_proj)]);
     }
     Ok(())
 }
@@ -88,7 +84,7 @@ fn main() -> Result<()> {
     }
     let args = &cli.args;
     let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?;
-    let device = parse_device(&cfg.runtime.device)?;
+    let device = cfg.runtime.device()?;
     if args.dry_run {
         return dry_run(&cfg.task, &args.config, device);
     }

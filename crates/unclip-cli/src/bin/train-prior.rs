@@ -9,12 +9,14 @@ use std::path::PathBuf;
 use tch::nn;
 use unclip_clip::caption::CaptionEncoder;
 use unclip_data::npy::NpyArray;
-use unclip_diffusion::device::parse_device;
 use unclip_prior::load::load_prior_run;
 use unclip_prior::sample::PriorSampler;
 use unclip_prior::task::{EvalReport, PriorTask, PriorTrainConfig};
 use unclip_prior::DiffusionPrior;
-use unclip_train::cli::{print_parameter_summary, report_current_then_ema, train_with_args};
+use unclip_train::cli::{
+    print_counted_parameters, print_parameter_summary, report_current_then_ema, train_with_args,
+    DRY_RUN_BUILD_LIMIT,
+};
 use unclip_train::{load_config, TrainArgs};
 
 #[derive(Parser)]
@@ -58,7 +60,7 @@ fn print_report(report: &EvalReport, count: usize, what: &str) {
 fn sample(cli: &Cli) -> Result<()> {
     let run_dir = cli.args.run_dir();
     let cfg = load_config::<PriorTrainConfig>(&cli.args.config, &cli.args.overrides)?;
-    let device = parse_device(&cfg.runtime.device)?;
+    let device = cfg.runtime.device()?;
     let run = load_prior_run(&run_dir, device)?;
     let encoder = CaptionEncoder::load(&run.cfg.clip, device)
         .with_context(|| format!("clip: {}", run.cfg.clip.display()))?;
@@ -113,7 +115,7 @@ fn main() -> Result<()> {
     }
     let args = &cli.args;
     let cfg = load_config::<PriorTrainConfig>(&args.config, &args.overrides)?;
-    let device = parse_device(&cfg.runtime.device)?;
+    let device = cfg.runtime.device()?;
     let env = unclip_dist::DistEnv::from_env()?;
     let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
     if args.dry_run {
@@ -122,15 +124,8 @@ fn main() -> Result<()> {
             args.config.display()
         );
         let model = &cfg.task.prior.model;
-        // Large priors are counted, not built (the paper's would allocate ~5 GB just to count).
-        if model.parameter_count() > 300_000_000 {
-            model.validate()?;
-            println!("  (counted from the config, not built)");
-            println!(
-                "  {:<24} {:>14} parameters",
-                "total",
-                model.parameter_count()
-            );
+        if model.parameter_count() > DRY_RUN_BUILD_LIMIT {
+            print_counted_parameters(&[("prior", model.parameter_count())]);
         } else {
             let vs = nn::VarStore::new(device);
             let _model = DiffusionPrior::new(vs.root(), model)?;

@@ -16,6 +16,15 @@ pub fn run(bin: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The `total` parameter count a `--dry-run` printed.
+pub fn dry_run_total(out: &str) -> i64 {
+    out.lines()
+        .find(|l| l.trim_start().starts_with("total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no total in {out}"))
+}
+
 /// A random tiny CLIP in `dir/clip`, `train` shapes images at 32 px in two shards
 /// (`dir/shapes/img-00000{0,1}.tar`) and 8 held-out ones (`val-000000.tar`), and their embeddings
 /// with token features in `dir/emb` (through the `embed` binary, `embed_bin`).
