@@ -1,18 +1,33 @@
 //! Build-script helper: compiles a C++ shim against the same libtorch headers tch links
 //! (`LIBTORCH`, written into `.cargo/config.toml` by scripts/setup.sh).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The libtorch directory tch links. Panics (the build-script way of failing) with a hint when
+/// LIBTORCH is unset.
+pub fn libtorch_dir() -> PathBuf {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    PathBuf::from(std::env::var("LIBTORCH").unwrap_or_else(|_| {
+        panic!("LIBTORCH is not set: run scripts/setup.sh, which writes it into .cargo/config.toml")
+    }))
+}
 
 /// Compiles `files` into the static library `lib` with the given preprocessor `defines`.
-/// Panics (the build-script way of failing) with a hint when LIBTORCH is unset.
 pub fn compile_libtorch_shim(lib: &str, files: &[&str], defines: &[&str]) {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    compile_libtorch_shim_with(lib, files, defines, &[]);
+}
+
+/// [`compile_libtorch_shim`] with extra include directories (CUDA's and NCCL's headers).
+pub fn compile_libtorch_shim_with(
+    lib: &str,
+    files: &[&str],
+    defines: &[&str],
+    includes: &[PathBuf],
+) {
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }
-    let libtorch = PathBuf::from(std::env::var("LIBTORCH").unwrap_or_else(|_| {
-        panic!("LIBTORCH is not set: run scripts/setup.sh, which writes it into .cargo/config.toml")
-    }));
+    let libtorch = libtorch_dir();
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     let mut build = cc::Build::new();
     build
@@ -21,10 +36,55 @@ pub fn compile_libtorch_shim(lib: &str, files: &[&str], defines: &[&str]) {
         .warnings(false)
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
+        .includes(includes)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"));
     for d in defines {
         build.define(d, None);
     }
     build.files(files).compile(lib);
+}
+
+/// The include directories for a shim that uses libtorch's CUDA and NCCL headers (c10d's
+/// ProcessGroupNCCL), when this libtorch is a CUDA build whose headers can be found: the PyPI
+/// wheel's `nvidia/*/include` packages beside `torch/`, or `CUDA_HOME` / `NCCL_INCLUDE_DIR`.
+/// None for a CPU-only libtorch.
+pub fn cuda_nccl_includes(libtorch: &Path) -> Option<Vec<PathBuf>> {
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=NCCL_INCLUDE_DIR");
+    if !libtorch.join("lib/libtorch_cuda.so").is_file() {
+        return None;
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = std::env::var("NCCL_INCLUDE_DIR") {
+        candidates.push(dir.into());
+    }
+    if let Ok(cuda) = std::env::var("CUDA_HOME") {
+        candidates.push(Path::new(&cuda).join("include"));
+    }
+    if let Some(site) = libtorch.parent() {
+        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+            let mut dirs: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path().join("include")))
+                .filter(|p| p.is_dir())
+                .collect();
+            dirs.sort();
+            candidates.extend(dirs);
+        }
+    }
+    candidates.push("/usr/local/cuda/include".into());
+    candidates.push("/usr/include".into());
+    let find = |header: &str| {
+        candidates
+            .iter()
+            .find(|d| d.join(header).is_file())
+            .cloned()
+    };
+    let (nccl, cuda) = (find("nccl.h")?, find("cuda_runtime_api.h")?);
+    // The wheels' CUDA headers (with nvidia-cuda-crt and nvidia-cuda-cccl) share one folder.
+    let mut out = vec![cuda];
+    if !out.contains(&nccl) {
+        out.push(nccl);
+    }
+    Some(out)
 }

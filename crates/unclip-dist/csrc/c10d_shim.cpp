@@ -1,8 +1,12 @@
-// A thin C ABI over PyTorch's c10d: TCPStore rendezvous and ProcessGroupGloo collectives.
-// libtorch does the work; this file only converts errors to strings and waits on Work objects.
+// A thin C ABI over PyTorch's c10d: TCPStore rendezvous, ProcessGroupGloo (CPU tensors) and, when
+// built with USE_C10D_NCCL, ProcessGroupNCCL (CUDA tensors) collectives. libtorch does the work;
+// this file only converts errors to strings and waits on Work objects.
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <cstdlib>
@@ -38,6 +42,18 @@ void wait(Group* g, c10::intrusive_ptr<c10d::Work> work) {
   }
 }
 
+// The rendezvous: a TCPStore at host:port, hosted by rank 0, that waits for every rank.
+c10::intrusive_ptr<c10d::Store> rendezvous(const char* host, int port, int rank, int world_size,
+                                           std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions opts;
+  opts.port = static_cast<std::uint16_t>(port);
+  opts.isServer = rank == 0;
+  opts.numWorkers = world_size;
+  opts.waitWorkers = true;
+  opts.timeout = timeout;
+  return c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+}
+
 }  // namespace
 
 extern "C" {
@@ -50,13 +66,7 @@ void* unclip_c10d_init_gloo(const char* host, int port, int rank, int world_size
   Group* out = nullptr;
   int rc = guarded([&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
-    c10d::TCPStoreOptions opts;
-    opts.port = static_cast<std::uint16_t>(port);
-    opts.isServer = rank == 0;
-    opts.numWorkers = world_size;
-    opts.waitWorkers = true;
-    opts.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto store = rendezvous(host, port, rank, world_size, timeout);
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     // As torch.distributed: GLOO_SOCKET_IFNAME picks the interface, else the host's address.
     if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME")) {
@@ -70,9 +80,42 @@ void* unclip_c10d_init_gloo(const char* host, int port, int rank, int world_size
   return rc == 0 ? out : nullptr;
 }
 
+// 1 when this build has the NCCL backend.
+int unclip_c10d_has_nccl() {
+#ifdef USE_C10D_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// The same rendezvous, then an NCCL process group bound to CUDA device `device_index` (one
+// device per rank, as torchrun's LOCAL_RANK). Returns null on failure.
+void* unclip_c10d_init_nccl(const char* host, int port, int rank, int world_size, long timeout_ms,
+                            int device_index) {
+  Group* out = nullptr;
+  int rc = guarded([&] {
+#ifdef USE_C10D_NCCL
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = rendezvous(host, port, rank, world_size, timeout);
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = timeout;
+    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, options);
+    // Binding the device lets NCCL create its communicator eagerly and lets barrier() know
+    // which device to use.
+    pg->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index)));
+    out = new Group{store, pg, timeout};
+#else
+    (void)host, (void)port, (void)rank, (void)world_size, (void)timeout_ms, (void)device_index;
+    throw std::runtime_error("this build of the c10d shim has no NCCL backend");
+#endif
+  });
+  return rc == 0 ? out : nullptr;
+}
+
 void unclip_c10d_free(void* group) { delete static_cast<Group*>(group); }
 
-// op: 0 = sum, 1 = average (Gloo has no AVG: sum, then divide).
+// op: 0 = sum, 1 = average (Gloo has no AVG: sum, then divide; NCCL's AVG would do the same).
 int unclip_c10d_all_reduce(void* group, at::Tensor* tensor, int op) {
   auto* g = static_cast<Group*>(group);
   return guarded([&] {

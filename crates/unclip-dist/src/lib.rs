@@ -1,6 +1,6 @@
 //! Data-parallel training on PyTorch's own distributed engine (c10d), through a thin C++ shim:
-//! TCPStore rendezvous and ProcessGroupGloo collectives (broadcast, all-reduce, all-gather,
-//! barrier). Launched like PyTorch jobs: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//! TCPStore rendezvous, and ProcessGroupGloo (CPU tensors) or ProcessGroupNCCL (CUDA tensors;
+//! in builds against a CUDA libtorch) collectives: broadcast, all-reduce, all-gather, barrier. Launched like PyTorch jobs: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //! `MASTER_PORT` from the environment (torchrun, SLURM wrappers); none set means one process.
 
 pub mod launch;
@@ -32,6 +32,15 @@ mod ffi {
             rank: c_int,
             world: c_int,
             timeout_ms: c_long,
+        ) -> *mut c_void;
+        pub fn unclip_c10d_has_nccl() -> c_int;
+        pub fn unclip_c10d_init_nccl(
+            host: *const c_char,
+            port: c_int,
+            rank: c_int,
+            world: c_int,
+            timeout_ms: c_long,
+            device_index: c_int,
         ) -> *mut c_void;
         pub fn unclip_c10d_free(group: *mut c_void);
         pub fn unclip_c10d_all_reduce(group: *mut c_void, t: *mut c_void, op: c_int) -> c_int;
@@ -116,11 +125,20 @@ impl DistEnv {
     }
 }
 
-/// A c10d process group (Gloo: CPU tensors).
+/// Whether this build's shim has the NCCL backend (compiled against a CUDA libtorch with CUDA and
+/// NCCL headers at hand).
+pub fn nccl_available() -> bool {
+    // SAFETY: no arguments, returns a constant.
+    unsafe { ffi::unclip_c10d_has_nccl() != 0 }
+}
+
+/// A c10d process group: Gloo over CPU tensors or NCCL over one CUDA device's tensors.
 pub struct ProcessGroup {
     ptr: *mut c_void,
     rank: usize,
     world_size: usize,
+    /// The device whose tensors the collectives take.
+    device: tch::Device,
 }
 
 // SAFETY: c10d process groups are thread-safe; the handle is only freed in Drop.
@@ -146,10 +164,7 @@ impl ProcessGroup {
     /// Rendezvous at `env.master_addr:master_port` and build a Gloo group. `timeout` bounds the
     /// rendezvous and every collective: a dead peer becomes an error, not a hang.
     pub fn gloo(env: &DistEnv, timeout: Duration) -> Result<Self> {
-        let host = CString::new(env.master_addr.clone()).map_err(|_| DistError::Env {
-            name: "MASTER_ADDR",
-            reason: "contains NUL".into(),
-        })?;
+        let host = master_addr(env)?;
         // SAFETY: valid C string and plain integers; null means failure.
         let ptr = unsafe {
             ffi::unclip_c10d_init_gloo(
@@ -160,6 +175,43 @@ impl ProcessGroup {
                 timeout.as_millis() as c_long,
             )
         };
+        Self::from_ptr(ptr, env, tch::Device::Cpu)
+    }
+
+    /// Rendezvous as [`ProcessGroup::gloo`], then an NCCL group over CUDA device `device_index`
+    /// (one device per rank: torchrun's LOCAL_RANK). With `TORCH_NCCL_BLOCKING_WAIT` unset, NCCL's
+    /// watchdog also ends a process whose collective outlives `timeout`.
+    pub fn nccl(env: &DistEnv, timeout: Duration, device_index: usize) -> Result<Self> {
+        if !nccl_available() {
+            return Err(DistError::Invalid(
+                "this build has no NCCL backend: build against a CUDA libtorch (scripts/setup.sh's \
+                 PyPI wheel) with its CUDA and NCCL headers, or train on device: cpu (Gloo)"
+                    .into(),
+            ));
+        }
+        if device_index >= tch::Cuda::device_count() as usize {
+            return Err(DistError::Invalid(format!(
+                "rank {} wants CUDA device {device_index}, but {} are visible",
+                env.rank,
+                tch::Cuda::device_count()
+            )));
+        }
+        let host = master_addr(env)?;
+        // SAFETY: valid C string and plain integers; null means failure.
+        let ptr = unsafe {
+            ffi::unclip_c10d_init_nccl(
+                host.as_ptr(),
+                env.master_port as c_int,
+                env.rank as c_int,
+                env.world_size as c_int,
+                timeout.as_millis() as c_long,
+                device_index as c_int,
+            )
+        };
+        Self::from_ptr(ptr, env, tch::Device::Cuda(device_index))
+    }
+
+    fn from_ptr(ptr: *mut c_void, env: &DistEnv, device: tch::Device) -> Result<Self> {
         if ptr.is_null() {
             return Err(last_error("rendezvous"));
         }
@@ -167,7 +219,13 @@ impl ProcessGroup {
             ptr,
             rank: env.rank,
             world_size: env.world_size,
+            device,
         })
+    }
+
+    /// The device whose tensors this group's collectives take.
+    pub fn device(&self) -> tch::Device {
+        self.device
     }
 
     pub fn rank(&self) -> usize {
@@ -178,10 +236,11 @@ impl ProcessGroup {
         self.world_size
     }
 
-    fn check_cpu(t: &Tensor) -> Result<()> {
-        if t.device() != tch::Device::Cpu {
+    fn check_device(&self, t: &Tensor) -> Result<()> {
+        if t.device() != self.device {
             return Err(DistError::Invalid(format!(
-                "the Gloo group takes CPU tensors, got {:?}",
+                "this process group takes tensors on {:?}, got one on {:?}",
+                self.device,
                 t.device()
             )));
         }
@@ -190,7 +249,7 @@ impl ProcessGroup {
 
     /// In-place sum over ranks.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
-        Self::check_cpu(t)?;
+        self.check_device(t)?;
         // SAFETY: live group and tensor pointers.
         check("all_reduce", unsafe {
             ffi::unclip_c10d_all_reduce(self.ptr, t.as_mut_ptr() as *mut c_void, 0)
@@ -199,7 +258,7 @@ impl ProcessGroup {
 
     /// In-place mean over ranks.
     pub fn all_reduce_mean(&self, t: &mut Tensor) -> Result<()> {
-        Self::check_cpu(t)?;
+        self.check_device(t)?;
         // SAFETY: live group and tensor pointers.
         check("all_reduce", unsafe {
             ffi::unclip_c10d_all_reduce(self.ptr, t.as_mut_ptr() as *mut c_void, 1)
@@ -208,7 +267,7 @@ impl ProcessGroup {
 
     /// In place: every rank ends with `root`'s values.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        Self::check_cpu(t)?;
+        self.check_device(t)?;
         // SAFETY: live group and tensor pointers.
         check("broadcast", unsafe {
             ffi::unclip_c10d_broadcast(self.ptr, t.as_mut_ptr() as *mut c_void, root as c_int)
@@ -217,7 +276,7 @@ impl ProcessGroup {
 
     /// [world_size, *t.shape]: every rank's `t`, in rank order.
     pub fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        Self::check_cpu(t)?;
+        self.check_device(t)?;
         let mut shape = vec![self.world_size as i64];
         shape.extend(t.size());
         let mut out = Tensor::zeros(shape.as_slice(), (t.kind(), t.device()));
@@ -239,9 +298,16 @@ impl ProcessGroup {
     }
 }
 
+fn master_addr(env: &DistEnv) -> Result<CString> {
+    CString::new(env.master_addr.clone()).map_err(|_| DistError::Env {
+        name: "MASTER_ADDR",
+        reason: "contains NUL".into(),
+    })
+}
+
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // SAFETY: created by unclip_c10d_init_gloo and freed once.
+        // SAFETY: created by unclip_c10d_init_gloo / _nccl and freed once.
         unsafe { ffi::unclip_c10d_free(self.ptr) }
     }
 }

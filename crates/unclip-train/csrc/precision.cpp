@@ -1,5 +1,6 @@
-// Mixed-precision switches libtch does not expose: autocast on any device with a chosen dtype
-// (tch's autocast is CUDA-only and fp16), and TF32 for CUDA matmuls and convolutions.
+// Mixed-precision and layout switches libtch does not expose: autocast on any device with a chosen
+// dtype (tch's autocast is CUDA-only and fp16), TF32 for CUDA matmuls and convolutions, and the
+// channels-last memory format.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
@@ -38,6 +39,18 @@ void unclip_set_tf32(bool enabled) {
 
 bool unclip_tf32_enabled() {
   return at::globalContext().allowTF32CuBLAS() && at::globalContext().allowTF32CuDNN();
+}
+
+// Re-lays a 4-D tensor's storage out channels-last in place, keeping its identity (autograd,
+// VarStore entry), as module.to(memory_format=torch.channels_last) does for parameters.
+void unclip_to_channels_last(at::Tensor* t) {
+  if (t->dim() == 4) {
+    t->set_data(t->contiguous(at::MemoryFormat::ChannelsLast));
+  }
+}
+
+bool unclip_is_channels_last(const at::Tensor* t) {
+  return t->dim() == 4 && t->is_contiguous(at::MemoryFormat::ChannelsLast) && !t->is_contiguous();
 }
 
 }  // extern "C"

@@ -7,7 +7,6 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use tch::{nn, Kind, Tensor};
-use unclip_diffusion::device::parse_device;
 use unclip_train::checkpoint;
 use unclip_train::cli::{print_parameter_summary, train_with_args};
 use unclip_train::toy::{ToyConfig, ToyTask};
@@ -28,7 +27,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let args = &cli.args;
     let cfg = load_config::<ToyConfig>(&args.config, &args.overrides)?;
-    let device = parse_device(&cfg.runtime.device)?;
+    let device = cfg.runtime.device()?;
     tch::manual_seed(cfg.runtime.seed as i64);
     let vs = nn::VarStore::new(device);
     let mut task = ToyTask::new(&vs, &cfg.task, cfg.runtime.train.batch_size)?;

@@ -21,6 +21,14 @@ pub struct CheckpointMeta {
     pub ema_updates: u64,
     pub nonfinite_skipped: u64,
     pub seed: u64,
+    /// Updates the optimiser has applied: fewer than `step` when steps were skipped (fp16
+    /// overflows, non-finite losses); AdamW's bias correction counts these. Absent in older
+    /// checkpoints, which had `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_steps: Option<u64>,
+    /// The fp16 loss scaler's state (absent for other precisions and older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::loss_scale::LossScaleState>,
     /// Where the data stream stands (the task's own format).
     pub data_state: serde_json::Value,
     /// The resolved run config.
@@ -35,6 +43,8 @@ impl CheckpointMeta {
             ema_updates: 0,
             nonfinite_skipped: 0,
             seed: 0,
+            optimizer_steps: None,
+            loss_scale: None,
             data_state: serde_json::Value::Null,
             config: serde_json::Value::Null,
         }

@@ -57,10 +57,15 @@ pub struct TrainConfig {
     pub max_nonfinite_steps: u32,
     /// Sharpness-aware minimisation with this ρ (none: plain steps). Doubles the compute.
     pub sam_rho: Option<f64>,
-    /// `fp32`, or `bf16` autocast for the forward pass with fp32 master weights.
+    /// `fp32`, or `bf16` / `fp16` autocast for the forward pass with fp32 master weights.
     pub precision: crate::precision::Precision,
+    /// Dynamic loss scaling for `precision: fp16`.
+    pub loss_scale: crate::loss_scale::LossScaleConfig,
     /// Allow TF32 in CUDA matmuls and convolutions.
     pub tf32: bool,
+    /// Store convolution weights channels-last (NHWC): faster convolutions on CUDA, especially
+    /// in bf16 / fp16; slower on CPU.
+    pub channels_last: bool,
 }
 
 impl Default for TrainConfig {
@@ -83,7 +88,9 @@ impl Default for TrainConfig {
             max_nonfinite_steps: 10,
             sam_rho: None,
             precision: crate::precision::Precision::Fp32,
+            loss_scale: crate::loss_scale::LossScaleConfig::default(),
             tf32: true,
+            channels_last: false,
         }
     }
 }
@@ -243,14 +250,20 @@ impl RuntimeConfig {
                 bail!("train.ema_decay must be in [0, 1), got {d}");
             }
         }
+        t.loss_scale.validate().map_err(|e| anyhow!(e))?;
         if self.logging.images_every == Some(0) {
             bail!("logging.images_every must be > 0");
         }
         if self.checkpoint.milestone_every == Some(0) {
             bail!("checkpoint.milestone_every must be > 0");
         }
-        unclip_diffusion::device::parse_device(&self.device).map_err(|e| anyhow!("device: {e}"))?;
+        crate::distributed::process_device(&self.device)?;
         Ok(())
+    }
+
+    /// This process's device (`device:`; in a multi-process CUDA job the GPU of its LOCAL_RANK).
+    pub fn device(&self) -> Result<tch::Device> {
+        crate::distributed::process_device(&self.device)
     }
 }
 

@@ -1,34 +1,58 @@
-//! Data parallelism over c10d: the group from the torchrun environment, rank 0's weights
-//! broadcast at start, gradients averaged in buckets after backward.
+//! Data parallelism over c10d: the group from the torchrun environment (Gloo on CPU, NCCL on
+//! CUDA), rank 0's weights broadcast at start, gradients averaged in buckets after backward.
 
 use crate::config::DistributedConfig;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::time::Duration;
 use tch::nn::VarStore;
-use tch::Tensor;
+use tch::{Device, Tensor};
+use unclip_diffusion::device::parse_device;
 use unclip_dist::{DistEnv, ProcessGroup};
 
-/// The process group when launched with WORLD_SIZE > 1 (None: a single process).
-pub fn group_from_env(
-    cfg: &DistributedConfig,
-    device: tch::Device,
-) -> Result<Option<ProcessGroup>> {
+/// This process's device for `spec` (`auto | cpu | cuda | cuda:N`): in a multi-process CUDA
+/// job, `auto` and `cuda` mean the GPU of this rank's LOCAL_RANK, as torchrun jobs expect.
+pub fn process_device(spec: &str) -> Result<Device> {
+    let device = parse_device(spec).map_err(|e| anyhow!("device: {e}"))?;
+    let env = DistEnv::from_env()?;
+    match (device, env) {
+        (Device::Cuda(_), Some(env))
+            if env.world_size > 1 && (spec == "auto" || spec == "cuda") =>
+        {
+            let visible = tch::Cuda::device_count() as usize;
+            if env.local_rank >= visible {
+                bail!(
+                    "LOCAL_RANK {} has no GPU: {visible} CUDA device(s) are visible (launch at most \
+                     {visible} processes per node)",
+                    env.local_rank
+                );
+            }
+            Ok(Device::Cuda(env.local_rank))
+        }
+        (device, _) => Ok(device),
+    }
+}
+
+/// The process group when launched with WORLD_SIZE > 1 (None: a single process): Gloo for a
+/// CPU model, NCCL on the model's GPU for a CUDA one.
+pub fn group_from_env(cfg: &DistributedConfig, device: Device) -> Result<Option<ProcessGroup>> {
     let Some(env) = DistEnv::from_env()? else {
         return Ok(None);
     };
     if env.world_size == 1 {
         return Ok(None);
     }
-    if device != tch::Device::Cpu {
-        bail!("distributed training on {device:?} needs the NCCL backend, which this build's c10d shim does not include yet; use device: cpu (Gloo)");
+    let timeout = Duration::from_secs(cfg.timeout_secs);
+    let pg = match device {
+        Device::Cpu => ProcessGroup::gloo(&env, timeout),
+        Device::Cuda(index) => ProcessGroup::nccl(&env, timeout, index),
+        other => bail!("data-parallel training runs on cpu (Gloo) or cuda (NCCL), not {other:?}"),
     }
-    let pg =
-        ProcessGroup::gloo(&env, Duration::from_secs(cfg.timeout_secs)).with_context(|| {
-            format!(
-                "joining rank {} of {} at {}:{}",
-                env.rank, env.world_size, env.master_addr, env.master_port
-            )
-        })?;
+    .with_context(|| {
+        format!(
+            "joining rank {} of {} at {}:{}",
+            env.rank, env.world_size, env.master_addr, env.master_port
+        )
+    })?;
     Ok(Some(pg))
 }
 
@@ -84,9 +108,9 @@ pub fn mean_over_ranks(pg: Option<&ProcessGroup>, values: &[f64]) -> Result<Vec<
     let Some(pg) = pg else {
         return Ok(values.to_vec());
     };
-    let mut t = Tensor::from_slice(values);
+    let mut t = Tensor::from_slice(values).to_device(pg.device());
     pg.all_reduce_mean(&mut t)?;
-    Ok(Vec::<f64>::try_from(&t)?)
+    Ok(Vec::<f64>::try_from(&t.to_device(Device::Cpu))?)
 }
 
 /// Means over ranks of a task's named metrics. When the ranks' key sets differ (a metric a rank
@@ -105,8 +129,9 @@ pub fn mean_metrics(
     }
     // Every rank sees every rank's (count, hash) and so takes the same branch.
     let all = pg
-        .all_gather(&Tensor::from_slice(&[local.len() as f64, hash as f64]))
-        .context("comparing metric names")?;
+        .all_gather(&Tensor::from_slice(&[local.len() as f64, hash as f64]).to_device(pg.device()))
+        .context("comparing metric names")?
+        .to_device(Device::Cpu);
     if all
         .eq_tensor(&all.get(0).unsqueeze(0))
         .all()

@@ -9,6 +9,7 @@ pub mod config;
 pub mod distributed;
 pub mod ema;
 pub mod logging;
+pub mod loss_scale;
 pub mod lr;
 pub mod malloc;
 pub mod optim;

@@ -118,12 +118,17 @@ impl AdamW {
     pub fn clip_grad_norm(&mut self, norm: f64, max_norm: f64) {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            let _guard = tch::no_grad_guard();
-            for p in &mut self.params {
-                let mut g = p.var.grad();
-                if g.defined() {
-                    let _ = g.g_mul_scalar_(coef);
-                }
+            self.scale_gradients(coef);
+        }
+    }
+
+    /// Multiplies every gradient by `factor` in place.
+    pub fn scale_gradients(&mut self, factor: f64) {
+        let _guard = tch::no_grad_guard();
+        for p in &mut self.params {
+            let mut g = p.var.grad();
+            if g.defined() {
+                let _ = g.g_mul_scalar_(factor);
             }
         }
     }

@@ -6,10 +6,11 @@ use crate::config::{LoggingConfig, ProgressStyle, RuntimeConfig};
 use crate::distributed;
 use crate::ema::Ema;
 use crate::logging::Logger;
+use crate::loss_scale::LossScaler;
 use crate::lr::learning_rate;
 use crate::named_variables;
 use crate::optim::AdamW;
-use crate::precision;
+use crate::precision::{self, Precision};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -75,13 +76,14 @@ fn step_seed(seed: u64, step: u64, rank: u64) -> i64 {
 }
 
 /// One micro-batch: the task's loss under the configured autocast, then, when it is finite,
-/// backward of loss / grad_accum (a reduced-precision loss upcast first so the gradient seed is
-/// fp32). Returns the output and the loss value.
+/// backward of loss · loss_scale / grad_accum (a reduced-precision loss upcast first so the
+/// gradient seed is fp32). Returns the output and the (unscaled) loss value.
 fn loss_and_backward<T: TrainTask>(
     task: &mut T,
     batch: &T::Batch,
     device: tch::Device,
     cfg: &crate::config::TrainConfig,
+    loss_scale: Option<&LossScaler>,
 ) -> Result<(StepOutput, f64)> {
     let out = {
         let _autocast = precision::autocast(device, cfg.precision);
@@ -93,9 +95,47 @@ fn loss_and_backward<T: TrainTask>(
             Kind::BFloat16 | Kind::Half => out.loss.to_kind(Kind::Float),
             _ => out.loss.shallow_clone(),
         };
-        (loss / cfg.grad_accum as f64).backward();
+        match loss_scale {
+            Some(s) => (loss * (s.scale() / cfg.grad_accum as f64)).backward(),
+            None => (loss / cfg.grad_accum as f64).backward(),
+        }
     }
     Ok((out, value))
+}
+
+/// What a step's gradients allow.
+#[derive(Debug, Clone, Copy)]
+enum Gradients {
+    /// Finite, unscaled, with this global norm.
+    Finite(f64),
+    /// fp16 gradients overflowed at the current loss scale, which has been backed off.
+    Overflow,
+    /// A non-finite loss or gradient that loss scaling cannot explain.
+    NonFinite,
+}
+
+/// Checks the (all-reduced) gradients of a step whose mean loss was `loss`; with a loss scaler,
+/// divides the scale back out of finite gradients, or backs the scale off after an overflow.
+fn check_gradients(opt: &mut AdamW, loss_scale: Option<&mut LossScaler>, loss: f64) -> Gradients {
+    if !loss.is_finite() {
+        return Gradients::NonFinite;
+    }
+    let norm = opt.grad_norm();
+    match loss_scale {
+        None if norm.is_finite() => Gradients::Finite(norm),
+        None => Gradients::NonFinite,
+        Some(s) if norm.is_finite() => {
+            opt.scale_gradients(1.0 / s.scale());
+            Gradients::Finite(norm / s.scale())
+        }
+        Some(s) => {
+            if s.overflowed() {
+                Gradients::Overflow
+            } else {
+                Gradients::NonFinite
+            }
+        }
+    }
 }
 
 /// Copies named tensors into the variables of `vs`; names and shapes must match exactly.
@@ -178,7 +218,12 @@ pub fn train<T: TrainTask>(
     crate::malloc::retain_freed_memory();
     let bucket_bytes = (runtime.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
 
+    if cfg.channels_last {
+        // Before the optimiser and EMA, whose state tensors copy the variables' layout.
+        precision::to_channels_last(vs);
+    }
     let mut opt = AdamW::new(vs, cfg);
+    let mut scaler = (cfg.precision == Precision::Fp16).then(|| LossScaler::new(&cfg.loss_scale));
     let mut ema = cfg.ema_decay.map(|d| Ema::new(vs, d, cfg.ema_warmup));
     let mut start = 0u64;
     let mut nonfinite_skipped = 0u64;
@@ -190,11 +235,17 @@ pub fn train<T: TrainTask>(
             &ck.model,
             &format!("{}/model.safetensors", dir.display()),
         )?;
-        opt.load_state(&ck.optimizer, ck.meta.step)
-            .with_context(|| format!("{}/optimizer.safetensors", dir.display()))?;
+        opt.load_state(
+            &ck.optimizer,
+            ck.meta.optimizer_steps.unwrap_or(ck.meta.step),
+        )
+        .with_context(|| format!("{}/optimizer.safetensors", dir.display()))?;
         if let (Some(ema), Some(tensors)) = (ema.as_mut(), ck.ema.as_ref()) {
             ema.load(tensors, ck.meta.ema_updates)
                 .with_context(|| format!("{}/ema.safetensors", dir.display()))?;
+        }
+        if let (Some(s), Some(state)) = (scaler.as_mut(), ck.meta.loss_scale) {
+            s.restore(state);
         }
         task.restore_data_state(&ck.meta.data_state)?;
         start = ck.meta.step;
@@ -242,7 +293,7 @@ pub fn train<T: TrainTask>(
             let t0 = Instant::now();
             let batch = task.next_batch(step, micro)?;
             data_secs += t0.elapsed().as_secs_f64();
-            let (out, value) = loss_and_backward(task, &batch, vs.device(), cfg)?;
+            let (out, value) = loss_and_backward(task, &batch, vs.device(), cfg, scaler.as_ref())?;
             loss_sum += value;
             samples += out.samples;
             for (k, v) in out.metrics {
@@ -263,61 +314,68 @@ pub fn train<T: TrainTask>(
         if let (Some(pg), true) = (&dist, loss.is_finite()) {
             distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
         }
-        let mut norm = if loss.is_finite() {
-            opt.grad_norm()
-        } else {
-            f64::NAN
-        };
-        if let (Some(rho), true) = (cfg.sam_rho, norm.is_finite()) {
+        let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss);
+        if let (Some(rho), Gradients::Finite(norm)) = (cfg.sam_rho, gradients) {
             // SAM (Foret et al. 2021): the gradient at w + ρ·g/‖g‖, applied at w.
             let perturbation = opt.sam_ascend(rho, norm);
             opt.zero_grad();
             let mut second = 0.0f64;
             for batch in &kept {
-                second += loss_and_backward(task, batch, vs.device(), cfg)?.1;
+                second += loss_and_backward(task, batch, vs.device(), cfg, scaler.as_ref())?.1;
             }
             let second = distributed::mean_over_ranks(dist.as_deref(), &[second])?[0];
             if let (Some(pg), true) = (&dist, second.is_finite()) {
                 distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
             }
             opt.sam_descend(perturbation);
-            norm = if second.is_finite() {
-                opt.grad_norm()
-            } else {
-                f64::NAN
-            };
+            gradients = check_gradients(&mut opt, scaler.as_mut(), second);
         }
-        if !norm.is_finite() {
-            nonfinite_skipped += 1;
-            consecutive_bad += 1;
-            opt.zero_grad();
-            logger.message(&format!(
-                "step {step}: non-finite loss or gradient ({loss}, norm {norm}); skipped"
-            ));
-            if consecutive_bad >= cfg.max_nonfinite_steps {
-                bail!(
-                    "{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {step}); \
-                     stopping. The last checkpoint is intact: {}",
-                    last_checkpoint.as_ref().or(resumed_from.as_ref()).map_or("none yet".into(), |p: &PathBuf| p.display().to_string())
-                );
-            }
-            continue;
-        }
-        consecutive_bad = 0;
-        if let Some(max) = cfg.grad_clip {
-            opt.clip_grad_norm(norm, max);
-        }
+        // A skipped step still counts as done: its checkpoint and logs are written as usual.
         let lr = learning_rate(cfg, step);
-        opt.step(lr);
-        if let Some(ema) = ema.as_mut() {
-            ema.update();
+        match gradients {
+            Gradients::Finite(norm) => {
+                consecutive_bad = 0;
+                if let Some(max) = cfg.grad_clip {
+                    opt.clip_grad_norm(norm, max);
+                }
+                opt.step(lr);
+                if let Some(s) = scaler.as_mut() {
+                    s.stepped();
+                }
+                if let Some(ema) = ema.as_mut() {
+                    ema.update();
+                }
+                losses.push((step, loss));
+                int_loss += loss;
+                int_norm += norm;
+                int_steps += 1;
+            }
+            Gradients::Overflow => {
+                // Expected now and then in fp16: not a failure, and not counted as one.
+                opt.zero_grad();
+                logger.message(&format!(
+                    "step {step}: fp16 gradients overflowed; skipped, loss scale now {}",
+                    scaler.as_ref().map_or(0.0, LossScaler::scale)
+                ));
+            }
+            Gradients::NonFinite => {
+                nonfinite_skipped += 1;
+                consecutive_bad += 1;
+                opt.zero_grad();
+                logger.message(&format!(
+                    "step {step}: non-finite loss or gradient (loss {loss}); skipped"
+                ));
+                if consecutive_bad >= cfg.max_nonfinite_steps {
+                    bail!(
+                        "{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {step}); \
+                         stopping. The last checkpoint is intact: {}",
+                        last_checkpoint.as_ref().or(resumed_from.as_ref()).map_or("none yet".into(), |p: &PathBuf| p.display().to_string())
+                    );
+                }
+            }
         }
-        losses.push((step, loss));
 
         let done = step + 1;
-        int_loss += loss;
-        int_norm += norm;
-        int_steps += 1;
         int_samples += samples;
         int_data_secs += data_secs;
         int_secs += step_start.elapsed().as_secs_f64();
@@ -348,6 +406,13 @@ pub fn train<T: TrainTask>(
                     nonfinite_skipped as f64,
                 ),
             ];
+            if let Some(s) = &scaler {
+                scalars.push(("train/loss_scale".to_string(), s.scale()));
+                scalars.push((
+                    "train/loss_scale_overflows".to_string(),
+                    s.state().overflows as f64,
+                ));
+            }
             let local: Vec<(String, f64)> = std::mem::take(&mut int_metrics)
                 .into_iter()
                 .map(|(k, (sum, count))| (k, sum / count.max(1) as f64))
@@ -381,6 +446,8 @@ pub fn train<T: TrainTask>(
             meta.ema_updates = ema.as_ref().map_or(0, Ema::updates);
             meta.nonfinite_skipped = nonfinite_skipped;
             meta.seed = runtime.seed;
+            meta.loss_scale = scaler.as_ref().map(LossScaler::state);
+            meta.optimizer_steps = Some(opt.steps_taken());
             meta.data_state = task.data_state();
             meta.config = config_json.clone();
             let ema_tensors = ema.as_ref().map(Ema::tensors);

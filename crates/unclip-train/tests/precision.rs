@@ -88,3 +88,81 @@ fn bf16_training_keeps_fp32_master_weights_and_learns() {
         "{err:#}"
     );
 }
+
+/// A two-layer convolutional regression: the smallest model whose weights channels-last touches.
+struct ConvRegression {
+    net: nn::Sequential,
+}
+
+impl unclip_train::TrainTask for ConvRegression {
+    type Batch = (Tensor, Tensor);
+    fn next_batch(&mut self, _: u64, _: usize) -> anyhow::Result<(Tensor, Tensor)> {
+        let x = Tensor::randn([8, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let y = x.mean_dim(1, true, Kind::Float).tanh();
+        Ok((x, y))
+    }
+    fn loss(&mut self, (x, y): &(Tensor, Tensor)) -> anyhow::Result<unclip_train::StepOutput> {
+        use tch::nn::Module;
+        Ok(unclip_train::StepOutput {
+            loss: (self.net.forward(x) - y).square().mean(Kind::Float),
+            samples: 8,
+            metrics: vec![],
+        })
+    }
+}
+
+fn conv_run(dir: &std::path::Path, channels_last: bool) -> (nn::VarStore, Vec<(u64, f64)>) {
+    let text = format!(
+        "device: cpu\ntrain: {{steps: 30, lr: 0.01, ema_decay: 0.9, channels_last: {channels_last}}}\n\
+         logging: {{progress: off, tensorboard: false}}\ncheckpoint: {{every: 30}}\n"
+    );
+    let cfg =
+        parse_config::<ToyConfig>(&format!("{text}{}", "model: {hidden: 8, depth: 1}\n"), &[])
+            .unwrap();
+    tch::manual_seed(11);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let p = vs.root();
+    let conv = |name: &str, i, o| {
+        nn::conv2d(
+            &p / name,
+            i,
+            o,
+            3,
+            nn::ConvConfig {
+                padding: 1,
+                ..Default::default()
+            },
+        )
+    };
+    let net = nn::seq()
+        .add(conv("c1", 3, 16))
+        .add_fn(|x| x.relu())
+        .add(conv("c2", 16, 1));
+    let mut task = ConvRegression { net };
+    let summary = train(&mut task, &vs, &cfg.runtime, &cfg.resolved, dir, None).unwrap();
+    (vs, summary.losses)
+}
+
+#[test]
+fn channels_last_weights_train_like_contiguous_ones_and_save_plainly() {
+    use unclip_train::precision::is_channels_last;
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain_vs, plain) = conv_run(&tmp.path().join("plain"), false);
+    let (cl_vs, cl) = conv_run(&tmp.path().join("cl"), true);
+    let vars = cl_vs.variables();
+    assert!(is_channels_last(&vars["c1.weight"]) && is_channels_last(&vars["c2.weight"]));
+    assert!(!is_channels_last(&plain_vs.variables()["c1.weight"]));
+    // Same data and start; only the kernels' summation order differs.
+    for ((_, a), (_, b)) in plain.iter().zip(&cl) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1e-3), "{a} vs {b}");
+    }
+    assert!(cl.last().unwrap().1 < 0.5 * cl[0].1, "loss falls: {:?}", cl);
+    // The checkpoint holds the weights in their logical (NCHW) order.
+    let ck = unclip_train::checkpoint::load(
+        &unclip_train::checkpoint::checkpoints_dir(&tmp.path().join("cl")).join("step-000000030"),
+    )
+    .unwrap();
+    for (name, var) in &vars {
+        assert!(ck.model[name].equal(var), "{name}");
+    }
+}
