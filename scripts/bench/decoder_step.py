@@ -2,9 +2,11 @@
 steps of diffusers' UnCLIP decoder (UnCLIPTextProjModel + UNet2DConditionModel as the UnCLIP
 pipeline configures them, eager PyTorch, torch.optim.AdamW) on random inputs, with the same loss
 as ours: ε MSE + the VLB term of the learned-range variance (improved DDPM's hybrid loss,
-λ = 0.001 · T). Prints `images_per_s <value>`.
+λ = 0.001 · T). Prints `images_per_s <value>`, then `flops_per_step <value>` (matmul and
+convolution FLOPs of one forward + backward, from torch.utils.flop_counter: what model-FLOPs
+utilisation counts) and `device_name <name>`.
 
-Usage: decoder_step.py CHANNELS(comma-separated) LAYERS HEAD_DIM CLIP_DIM TOKENS RESOLUTION BATCH STEPS DEVICE
+Usage: decoder_step.py CHANNELS(comma-separated) LAYERS HEAD_DIM CLIP_DIM TOKENS RESOLUTION BATCH STEPS DEVICE [bf16]
 """
 import math
 import sys
@@ -116,3 +118,9 @@ for _ in range(steps):
     step()
 sync()
 print(f"images_per_s {batch * steps / (time.perf_counter() - start):.2f}")
+from torch.utils.flop_counter import FlopCounterMode
+
+with FlopCounterMode(display=False) as counter:
+    step()
+print(f"flops_per_step {counter.get_total_flops()}")
+print("device_name", torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")

@@ -10,6 +10,11 @@
 //!
 //! Defaults: the shapes decoder (configs/shapes/decoder.yaml: channels 32,64,128, 1 layer per
 //! block, 32-wide heads, 128-wide CLIP, 24 caption tokens, 32 px), batch 32, 10 steps.
+//!
+//! `UNCLIP_BENCH_PRECISION=bf16` runs both sides' forward and loss under bf16 autocast. On CUDA
+//! it also prints model-FLOPs utilisation: the matmul and convolution FLOPs of a step (counted by
+//! torch.utils.flop_counter on the diffusers side; the architectures are the same) per second,
+//! over the GPU's dense bf16 peak (from its name, or `UNCLIP_BENCH_PEAK_TFLOPS`).
 
 use std::time::Instant;
 
@@ -19,6 +24,7 @@ use unclip_decoder::task::default_diffusion;
 use unclip_decoder::{DecoderCondition, UNetConfig, UnclipDecoder};
 use unclip_diffusion::GaussianDiffusion;
 use unclip_train::optim::AdamW;
+use unclip_train::precision::{self, Precision};
 use unclip_train::TrainConfig;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,7 +42,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (layers, head_dim, clip_dim, tokens, res, batch, steps) = (
         rest[0], rest[1], rest[2], rest[3], rest[4], rest[5], rest[6],
     );
+    unclip_diffusion::device::load_cuda_backend();
     let device = Device::cuda_if_available();
+    let precision = match std::env::var("UNCLIP_BENCH_PRECISION").as_deref() {
+        Ok("bf16") => Precision::Bf16,
+        Ok("fp32") | Err(_) => Precision::Fp32,
+        Ok(other) => return Err(format!("UNCLIP_BENCH_PRECISION={other}: fp32 or bf16").into()),
+    };
     // As every trainer runs (unclip_train::malloc); diffusers runs with glibc's defaults.
     let tuned = unclip_train::malloc::retain_freed_memory();
     tch::manual_seed(0);
@@ -78,12 +90,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = diffusion.sample_timesteps(batch, device);
         let noise = x0.randn_like();
         let x_t = diffusion.q_sample(&x0, &t, &noise)?;
-        let out = model.forward_t(&x_t, &t, &cond, true)?;
+        let autocast = precision::autocast(device, precision);
+        let out = model.forward_t(&x_t, &t, &cond, true)?.to_kind(Kind::Float);
         let t1 = Instant::now();
         let loss = diffusion
             .training_losses(&out, &x0, &x_t, &t, &noise)?
             .loss
             .mean(Kind::Float);
+        drop(autocast);
         let t2 = Instant::now();
         opt.zero_grad();
         loss.backward();
@@ -107,28 +121,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
     let channel_list: Vec<String> = channels.iter().map(i64::to_string).collect();
-    let diffusers = |glibc_tunables: Option<&str>| -> Result<f64, Box<dyn std::error::Error>> {
-        let mut cmd = std::process::Command::new(&python);
-        cmd.arg("scripts/bench/decoder_step.py")
-            .arg(channel_list.join(","))
-            .args(rest.iter().map(i64::to_string))
-            .arg(if device.is_cuda() { "cuda" } else { "cpu" });
-        if let Some(t) = glibc_tunables {
-            cmd.env("GLIBC_TUNABLES", t);
-        }
-        let output = cmd.output()?;
-        if !output.status.success() {
-            return Err(
-                format!("python failed: {}", String::from_utf8_lossy(&output.stderr)).into(),
-            );
-        }
-        let text_out = String::from_utf8(output.stdout)?;
-        Ok(text_out
-            .split_whitespace()
-            .nth(1)
-            .ok_or("no figure from python")?
-            .parse()?)
-    };
+    // (images/s, FLOPs per step, device name) from the reference script.
+    type Reference = (f64, f64, String);
+    let diffusers =
+        |glibc_tunables: Option<&str>| -> Result<Reference, Box<dyn std::error::Error>> {
+            let mut cmd = std::process::Command::new(&python);
+            cmd.arg("scripts/bench/decoder_step.py")
+                .arg(channel_list.join(","))
+                .args(rest.iter().map(i64::to_string))
+                .arg(if device.is_cuda() { "cuda" } else { "cpu" })
+                .arg(if precision == Precision::Bf16 {
+                    "bf16"
+                } else {
+                    "fp32"
+                });
+            if let Some(t) = glibc_tunables {
+                cmd.env("GLIBC_TUNABLES", t);
+            }
+            let output = cmd.output()?;
+            if !output.status.success() {
+                return Err(
+                    format!("python failed: {}", String::from_utf8_lossy(&output.stderr)).into(),
+                );
+            }
+            let text_out = String::from_utf8(output.stdout)?;
+            let value = |key: &str| -> Result<String, Box<dyn std::error::Error>> {
+                Ok(text_out
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+                    .ok_or_else(|| format!("no {key} from python: {text_out}"))?)
+            };
+            Ok((
+                value("images_per_s")?.parse()?,
+                value("flops_per_step")?.parse()?,
+                value("device_name")?,
+            ))
+        };
     // The same malloc settings, through glibc's environment tunables: how much of the lead is ours.
     let compare_tuned = tuned && !device.is_cuda();
     let tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647";
@@ -142,6 +170,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
     let (mut ours_runs, mut theirs_runs, mut tuned_runs) = (vec![], vec![], vec![]);
+    let mut reference = None;
     for _ in 0..rounds.max(1) {
         sync();
         let start = Instant::now();
@@ -161,9 +190,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 phases[3] / n * 1e3
             );
         }
-        theirs_runs.push(diffusers(None)?);
+        let (images_per_s, flops, name) = diffusers(None)?;
+        theirs_runs.push(images_per_s);
+        reference = Some((flops, name));
         if compare_tuned {
-            tuned_runs.push(diffusers(Some(tunables))?);
+            tuned_runs.push(diffusers(Some(tunables))?.0);
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -186,7 +217,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let theirs = median(&mut theirs_runs);
     let theirs_tuned = (!tuned_runs.is_empty()).then(|| median(&mut tuned_runs));
     println!(
-        "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {steps} steps, {} threads, {device:?}",
+        "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {steps} steps, {} threads, {device:?}, {precision:?}",
         tch::get_num_threads()
     );
     println!("rounds (images/s): {runs}");
@@ -207,5 +238,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ours / t
         );
     }
+    if let (true, Some((flops, name))) = (device.is_cuda(), reference) {
+        let peak = peak_bf16_flops(&name)?;
+        let mfu = |images_per_s: f64| flops * images_per_s / batch as f64 / peak;
+        println!(
+            "model FLOPs per step {:.3e}; {name}, dense bf16 peak {:.0} TFLOP/s",
+            flops,
+            peak / 1e12
+        );
+        println!(
+            "MFU: unclip-decoder {:.1} %, diffusers {:.1} %",
+            100.0 * mfu(ours),
+            100.0 * mfu(theirs)
+        );
+    }
     Ok(())
+}
+
+/// The dense bf16 tensor-core peak of the GPU called `name` (NVIDIA's data sheets), or
+/// `UNCLIP_BENCH_PEAK_TFLOPS`.
+fn peak_bf16_flops(name: &str) -> Result<f64, Box<dyn std::error::Error>> {
+    if let Ok(tflops) = std::env::var("UNCLIP_BENCH_PEAK_TFLOPS") {
+        return Ok(tflops.parse::<f64>()? * 1e12);
+    }
+    let tflops = [
+        ("H100 PCIe", 756.0),
+        ("H100", 989.4),
+        ("H200", 989.4),
+        ("A100", 312.0),
+        ("L40S", 362.1),
+        ("A10G", 70.0),
+        ("L4", 121.0),
+    ]
+    .iter()
+    .find(|(key, _)| name.contains(key))
+    .map(|(_, t)| *t)
+    .ok_or_else(|| format!("no bf16 peak known for `{name}`: set UNCLIP_BENCH_PEAK_TFLOPS"))?;
+    Ok(tflops * 1e12)
 }
