@@ -7,8 +7,17 @@ use unclip_train::precision::{autocast, set_tf32, tf32_enabled, Precision};
 use unclip_train::toy::{ToyConfig, ToyTask};
 use unclip_train::{config::parse_config, train};
 
+/// libtorch's generator and autocast state are process-wide and tests run on parallel threads:
+/// one test at a time, so each run sees the random numbers its seed gives.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn autocast_matches_pytorch_and_restores_fp32() {
+    let _serial = serial();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/autocast.safetensors");
     let f: HashMap<String, Tensor> = Tensor::read_safetensors(path)
@@ -50,6 +59,7 @@ fn autocast_matches_pytorch_and_restores_fp32() {
 
 #[test]
 fn bf16_training_keeps_fp32_master_weights_and_learns() {
+    let _serial = serial();
     let cfg = parse_config::<ToyConfig>(
         common::CONFIG,
         &["train.precision=bf16".into(), "train.steps=60".into()],
@@ -146,15 +156,18 @@ fn conv_run(dir: &std::path::Path, channels_last: bool) -> (nn::VarStore, Vec<(u
 #[test]
 fn channels_last_weights_train_like_contiguous_ones_and_save_plainly() {
     use unclip_train::precision::is_channels_last;
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let (plain_vs, plain) = conv_run(&tmp.path().join("plain"), false);
     let (cl_vs, cl) = conv_run(&tmp.path().join("cl"), true);
     let vars = cl_vs.variables();
     assert!(is_channels_last(&vars["c1.weight"]) && is_channels_last(&vars["c2.weight"]));
     assert!(!is_channels_last(&plain_vs.variables()["c1.weight"]));
-    // Same data and start; only the kernels' summation order differs.
+    // Same data and start; only the kernels' summation order differs, and 30 Adam steps amplify
+    // that a little (a wrong layout would give unrelated losses).
+    assert_eq!(plain.len(), cl.len());
     for ((_, a), (_, b)) in plain.iter().zip(&cl) {
-        assert!((a - b).abs() <= 1e-4 * a.abs().max(1e-3), "{a} vs {b}");
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(1e-3), "{a} vs {b}");
     }
     assert!(cl.last().unwrap().1 < 0.5 * cl[0].1, "loss falls: {:?}", cl);
     // The checkpoint holds the weights in their logical (NCHW) order.
