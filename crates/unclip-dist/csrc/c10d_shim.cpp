@@ -60,26 +60,6 @@ extern "C" {
 
 const char* unclip_c10d_last_error() { return last_error.c_str(); }
 
-// Rendezvous through a TCPStore at host:port (rank 0 hosts it), then a Gloo process group.
-// Returns null on failure (see unclip_c10d_last_error).
-void* unclip_c10d_init_gloo(const char* host, int port, int rank, int world_size, long timeout_ms) {
-  Group* out = nullptr;
-  int rc = guarded([&] {
-    auto timeout = std::chrono::milliseconds(timeout_ms);
-    auto store = rendezvous(host, port, rank, world_size, timeout);
-    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-    // As torch.distributed: GLOO_SOCKET_IFNAME picks the interface, else the host's address.
-    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME")) {
-      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-    } else {
-      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-    }
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
-    out = new Group{store, pg, timeout};
-  });
-  return rc == 0 ? out : nullptr;
-}
-
 // 1 when this build has the NCCL backend.
 int unclip_c10d_has_nccl() {
 #ifdef USE_C10D_NCCL
@@ -89,26 +69,39 @@ int unclip_c10d_has_nccl() {
 #endif
 }
 
-// The same rendezvous, then an NCCL process group bound to CUDA device `device_index` (one
-// device per rank, as torchrun's LOCAL_RANK). Returns null on failure.
-void* unclip_c10d_init_nccl(const char* host, int port, int rank, int world_size, long timeout_ms,
-                            int device_index) {
+// Rendezvous through a TCPStore at host:port (rank 0 hosts it), then a process group: Gloo when
+// cuda_device < 0, else NCCL bound to that CUDA device (one per rank, as torchrun's LOCAL_RANK).
+// Returns null on failure (see unclip_c10d_last_error).
+void* unclip_c10d_init(const char* host, int port, int rank, int world_size, long timeout_ms,
+                       int cuda_device) {
   Group* out = nullptr;
   int rc = guarded([&] {
-#ifdef USE_C10D_NCCL
     auto timeout = std::chrono::milliseconds(timeout_ms);
     auto store = rendezvous(host, port, rank, world_size, timeout);
-    auto options = c10d::ProcessGroupNCCL::Options::create();
-    options->timeout = timeout;
-    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, options);
-    // Binding the device lets NCCL create its communicator eagerly and lets barrier() know
-    // which device to use.
-    pg->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index)));
-    out = new Group{store, pg, timeout};
+    c10::intrusive_ptr<c10d::Backend> backend;
+    if (cuda_device < 0) {
+      auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+      // As torch.distributed: GLOO_SOCKET_IFNAME picks the interface, else the host's address.
+      if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME")) {
+        options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+      } else {
+        options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+      backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
+    } else {
+#ifdef USE_C10D_NCCL
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = timeout;
+      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, options);
+      // Binding the device lets NCCL create its communicator eagerly and lets barrier() know
+      // which device to use.
+      pg->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_device)));
+      backend = pg;
 #else
-    (void)host, (void)port, (void)rank, (void)world_size, (void)timeout_ms, (void)device_index;
-    throw std::runtime_error("this build of the c10d shim has no NCCL backend");
+      throw std::runtime_error("this build of the c10d shim has no NCCL backend");
 #endif
+    }
+    out = new Group{store, backend, timeout};
   });
   return rc == 0 ? out : nullptr;
 }

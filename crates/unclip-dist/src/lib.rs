@@ -1,7 +1,8 @@
 //! Data-parallel training on PyTorch's own distributed engine (c10d), through a thin C++ shim:
 //! TCPStore rendezvous, and ProcessGroupGloo (CPU tensors) or ProcessGroupNCCL (CUDA tensors;
-//! in builds against a CUDA libtorch) collectives: broadcast, all-reduce, all-gather, barrier. Launched like PyTorch jobs: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-//! `MASTER_PORT` from the environment (torchrun, SLURM wrappers); none set means one process.
+//! in builds against a CUDA libtorch) collectives: broadcast, all-reduce, all-gather, barrier.
+//! Launched like PyTorch jobs: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`
+//! from the environment (torchrun, SLURM wrappers); none set means one process.
 
 pub mod launch;
 
@@ -26,21 +27,15 @@ mod ffi {
     use super::*;
     extern "C" {
         pub fn unclip_c10d_last_error() -> *const c_char;
-        pub fn unclip_c10d_init_gloo(
-            host: *const c_char,
-            port: c_int,
-            rank: c_int,
-            world: c_int,
-            timeout_ms: c_long,
-        ) -> *mut c_void;
         pub fn unclip_c10d_has_nccl() -> c_int;
-        pub fn unclip_c10d_init_nccl(
+        /// Gloo when `cuda_device` < 0, else NCCL on that device.
+        pub fn unclip_c10d_init(
             host: *const c_char,
             port: c_int,
             rank: c_int,
             world: c_int,
             timeout_ms: c_long,
-            device_index: c_int,
+            cuda_device: c_int,
         ) -> *mut c_void;
         pub fn unclip_c10d_free(group: *mut c_void);
         pub fn unclip_c10d_all_reduce(group: *mut c_void, t: *mut c_void, op: c_int) -> c_int;
@@ -164,18 +159,7 @@ impl ProcessGroup {
     /// Rendezvous at `env.master_addr:master_port` and build a Gloo group. `timeout` bounds the
     /// rendezvous and every collective: a dead peer becomes an error, not a hang.
     pub fn gloo(env: &DistEnv, timeout: Duration) -> Result<Self> {
-        let host = master_addr(env)?;
-        // SAFETY: valid C string and plain integers; null means failure.
-        let ptr = unsafe {
-            ffi::unclip_c10d_init_gloo(
-                host.as_ptr(),
-                env.master_port as c_int,
-                env.rank as c_int,
-                env.world_size as c_int,
-                timeout.as_millis() as c_long,
-            )
-        };
-        Self::from_ptr(ptr, env, tch::Device::Cpu)
+        Self::init(env, timeout, tch::Device::Cpu)
     }
 
     /// Rendezvous as [`ProcessGroup::gloo`], then an NCCL group over CUDA device `device_index`
@@ -196,22 +180,30 @@ impl ProcessGroup {
                 tch::Cuda::device_count()
             )));
         }
-        let host = master_addr(env)?;
+        Self::init(env, timeout, tch::Device::Cuda(device_index))
+    }
+
+    /// The rendezvous and a group over `device`'s tensors (Gloo for the CPU, NCCL for a GPU).
+    fn init(env: &DistEnv, timeout: Duration, device: tch::Device) -> Result<Self> {
+        let host = CString::new(env.master_addr.clone()).map_err(|_| DistError::Env {
+            name: "MASTER_ADDR",
+            reason: "contains NUL".into(),
+        })?;
+        let cuda_device = match device {
+            tch::Device::Cuda(i) => i as c_int,
+            _ => -1,
+        };
         // SAFETY: valid C string and plain integers; null means failure.
         let ptr = unsafe {
-            ffi::unclip_c10d_init_nccl(
+            ffi::unclip_c10d_init(
                 host.as_ptr(),
                 env.master_port as c_int,
                 env.rank as c_int,
                 env.world_size as c_int,
                 timeout.as_millis() as c_long,
-                device_index as c_int,
+                cuda_device,
             )
         };
-        Self::from_ptr(ptr, env, tch::Device::Cuda(device_index))
-    }
-
-    fn from_ptr(ptr: *mut c_void, env: &DistEnv, device: tch::Device) -> Result<Self> {
         if ptr.is_null() {
             return Err(last_error("rendezvous"));
         }
@@ -298,16 +290,9 @@ impl ProcessGroup {
     }
 }
 
-fn master_addr(env: &DistEnv) -> Result<CString> {
-    CString::new(env.master_addr.clone()).map_err(|_| DistError::Env {
-        name: "MASTER_ADDR",
-        reason: "contains NUL".into(),
-    })
-}
-
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // SAFETY: created by unclip_c10d_init_gloo / _nccl and freed once.
+        // SAFETY: created by unclip_c10d_init and freed once.
         unsafe { ffi::unclip_c10d_free(self.ptr) }
     }
 }

@@ -1,6 +1,6 @@
 //! Mixed precision: autocast regions with bf16 (or fp16, with [`crate::loss_scale`]) compute and
-//! fp32 master weights, the TF32 switch, and channels-last convolution weights. The loss is computed under autocast; backward and the
-//! optimiser run outside it.
+//! fp32 master weights, the TF32 switch, and channels-last convolution weights. The loss is
+//! computed under autocast; backward and the optimiser run outside it.
 
 use serde::{Deserialize, Serialize};
 use tch::Device;

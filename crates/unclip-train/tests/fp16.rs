@@ -1,7 +1,10 @@
 //! fp16 autocast with dynamic loss scaling through the trainer, against torch.amp.GradScaler
 //! (scripts/fixtures/runtime.py): the same steps skipped for overflow, the same final weights and
 //! scale; and a resumed fp16 run continues with the saved scale.
+mod common;
+
 use anyhow::Result;
+use common::fixture;
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
 use unclip_train::config::{parse_config, Validate};
@@ -11,15 +14,6 @@ use unclip_train::{train, StepOutput, TrainTask};
 #[derive(Debug, Clone, serde::Deserialize)]
 struct NoTaskSections {}
 impl Validate for NoTaskSections {}
-
-fn fixtures() -> HashMap<String, Tensor> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fp16.safetensors");
-    Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .collect()
-}
 
 /// The fixture's regression: step k fits `t[k]` from `x[k]` with one linear layer.
 struct Regression {
@@ -85,7 +79,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn loss_scaling_matches_torch_grad_scaler() {
-    let f = fixtures();
+    let f = fixture("fp16.safetensors");
     let tmp = tempfile::tempdir().unwrap();
     let (w, b, summary) = run(&f, tmp.path(), &[], None);
     assert!(max_diff(&w, &f["after/lin.weight"]) < 1e-6, "weight");
@@ -117,7 +111,7 @@ fn loss_scaling_matches_torch_grad_scaler() {
 
 #[test]
 fn a_resumed_fp16_run_keeps_its_scale() {
-    let f = fixtures();
+    let f = fixture("fp16.safetensors");
     let tmp = tempfile::tempdir().unwrap();
     let (w_whole, b_whole, _) = run(&f, &tmp.path().join("whole"), &[], None);
     let dir = tmp.path().join("split");
@@ -132,13 +126,8 @@ fn a_resumed_fp16_run_keeps_its_scale() {
 
 #[test]
 fn fp16_autocast_matches_pytorch() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/autocast.safetensors");
-    let a: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .collect();
-    let f = fixtures();
+    let a = fixture("autocast.safetensors");
+    let f = fixture("fp16.safetensors");
     let _guard = autocast(Device::Cpu, Precision::Fp16);
     let lin = a["x"].linear(&a["w"], Some(&a["bias"]));
     assert_eq!(lin.kind(), Kind::Half);

@@ -1,17 +1,10 @@
 //! AdamW and gradient clipping against torch.optim.AdamW and clip_grad_norm_.
+mod common;
+
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
 use unclip_train::config::TrainConfig;
 use unclip_train::optim::AdamW;
-
-fn fixtures() -> HashMap<String, Tensor> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/adamw.safetensors");
-    Tensor::read_safetensors(&path)
-        .expect("run scripts/fixtures/runtime.py")
-        .into_iter()
-        .collect()
-}
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
@@ -19,7 +12,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn adamw_with_groups_and_clipping_matches_pytorch() {
-    let f = fixtures();
+    let f = common::fixture("adamw.safetensors");
     let mut vs = nn::VarStore::new(Device::Cpu);
     let names = ["layer.weight", "layer.bias", "norm.weight"];
     let vars: Vec<Tensor> = names

@@ -1,7 +1,6 @@
 //! bf16 autocast against torch.autocast("cpu", bfloat16), and a bf16 training run.
 mod common;
 
-use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
 use unclip_train::precision::{autocast, set_tf32, tf32_enabled, Precision};
 use unclip_train::toy::{ToyConfig, ToyTask};
@@ -18,12 +17,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn autocast_matches_pytorch_and_restores_fp32() {
     let _serial = serial();
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/autocast.safetensors");
-    let f: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let f = common::fixture("autocast.safetensors");
     let (x, w, b) = (&f["x"], &f["w"], &f["bias"]);
     {
         let _guard = autocast(Device::Cpu, Precision::Bf16);

@@ -1,4 +1,6 @@
 //! SAM through the trainer against a PyTorch reference (scripts/fixtures/runtime.py).
+mod common;
+
 use anyhow::Result;
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
@@ -71,12 +73,7 @@ fn run(f: &HashMap<String, Tensor>, train_yaml: &str) -> (Tensor, Tensor) {
 
 #[test]
 fn sam_steps_match_pytorch() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sam.safetensors");
-    let f: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let f = common::fixture("sam.safetensors");
     let common = "steps: 5, lr: 0.1, weight_decay: 0.05, grad_clip: 10.0, ema_decay: null";
     let (w, b) = run(&f, &format!("{{{common}, sam_rho: 0.05}}"));
     let off = |t: &Tensor, name: &str| {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use anyhow::Result;
+use std::collections::HashMap;
 use tch::{nn, Tensor};
 use unclip_train::toy::{ToyConfig, ToyTask};
 use unclip_train::{StepOutput, TrainTask};
@@ -15,6 +16,17 @@ train: {steps: 40, batch_size: 64, lr: 2.0e-3, warmup_steps: 5, lr_schedule: cos
 logging: {every: 5, progress: off}
 checkpoint: {every: 10, keep_last: 2}
 ";
+
+/// A reference fixture of `tests/fixtures/` (written by scripts/fixtures/runtime.py), by name.
+pub fn fixture(file: &str) -> HashMap<String, Tensor> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(file);
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{} (run scripts/fixtures/runtime.py): {e}", path.display()))
+        .into_iter()
+        .collect()
+}
 
 /// [`ToyTask`] that can crash in `next_batch` or return a NaN loss at chosen steps.
 pub struct FaultyToy {
