@@ -29,6 +29,7 @@ fn committed_configs_build_with_the_published_sizes() {
         ("configs/clip/vit-b-32.yaml", Some(151_277_313u64)),
         ("configs/clip/vit-l-14.yaml", Some(427_616_513)),
         ("configs/shapes/clip.yaml", None),
+        ("configs/shapes/clip-vit.yaml", None),
     ] {
         let (ok, text) = dry_run(config, &[]);
         assert!(ok, "{config}: {text}");
@@ -41,14 +42,29 @@ fn committed_configs_build_with_the_published_sizes() {
 #[test]
 fn a_bad_value_fails_naming_the_key() {
     let (ok, text) = dry_run(
-        "configs/shapes/clip.yaml",
+        "configs/shapes/clip-vit.yaml",
         &["--set", "model.vision.patch_size=5"],
     );
     assert!(!ok);
     assert!(
-        text.contains("model.vision.patch_size") && text.contains("configs/shapes/clip.yaml"),
+        text.contains("model.vision.patch_size") && text.contains("configs/shapes/clip-vit.yaml"),
         "{text}"
     );
+    // The ResNet tower: its attention-pool heads must divide its 1024 final channels, and the
+    // ViT's keys are refused rather than ignored.
+    let (ok, text) = dry_run(
+        "configs/shapes/clip.yaml",
+        &["--set", "model.vision.heads=5"],
+    );
+    assert!(
+        !ok && text.contains("model.vision.heads") && text.contains("1024"),
+        "{text}"
+    );
+    let (ok, text) = dry_run(
+        "configs/shapes/clip.yaml",
+        &["--set", "model.vision.patch_size=8"],
+    );
+    assert!(!ok && text.contains("patch_size"), "{text}");
     let (ok, text) = dry_run(
         "configs/shapes/clip.yaml",
         &["--set", "model.vision.depth=5"],

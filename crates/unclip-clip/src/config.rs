@@ -17,13 +17,23 @@ pub enum Activation {
 #[serde(deny_unknown_fields)]
 pub struct VisionConfig {
     pub image_size: i64,
+    /// ViT: the patch side. Absent (0) for the ResNet.
+    #[serde(default)]
     pub patch_size: i64,
+    /// ViT: width of the tokens. ResNet: the base width (stem output; stage i has width·2^i planes).
     pub width: i64,
+    /// ViT: transformer blocks. Absent (0) for the ResNet.
+    #[serde(default)]
     pub layers: i64,
+    /// ViT: attention heads per block. ResNet: heads of the attention pool.
     pub heads: i64,
-    /// MLP hidden width; 4 × width when absent.
+    /// ViT: MLP hidden width; 4 × width when absent.
     #[serde(default)]
     pub mlp_width: Option<i64>,
+    /// Bottleneck blocks per stage of CLIP's ResNet (`ModifiedResNet`, e.g. [3, 4, 6, 3] for RN50);
+    /// set, the image tower is that ResNet instead of a ViT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resnet_layers: Vec<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +90,17 @@ fn default_eps() -> f64 {
 }
 
 impl VisionConfig {
+    pub fn is_resnet(&self) -> bool {
+        !self.resnet_layers.is_empty()
+    }
+    /// The ResNet's total stride: 4 in the stem, 2 in each stage after the first.
+    pub fn resnet_downsampling(&self) -> i64 {
+        4 << (self.resnet_layers.len().max(1) - 1)
+    }
+    /// Channels of the ResNet's last stage (the attention pool's width).
+    pub fn resnet_channels(&self) -> i64 {
+        (self.width << (self.resnet_layers.len().max(1) - 1)) * 4
+    }
     pub fn mlp(&self) -> i64 {
         self.mlp_width.unwrap_or(4 * self.width)
     }
@@ -110,13 +131,41 @@ impl ClipConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.embed_dim > 0, "model.embed_dim must be > 0");
         let v = &self.vision;
-        check_tower("vision", v.width, v.layers, v.heads, v.mlp())?;
-        ensure!(
-            v.patch_size > 0 && v.image_size > 0 && v.image_size % v.patch_size == 0,
-            "model.vision.image_size ({}) must be a multiple of model.vision.patch_size ({})",
-            v.image_size,
-            v.patch_size
-        );
+        if v.is_resnet() {
+            ensure!(
+                v.patch_size == 0 && v.layers == 0 && v.mlp_width.is_none(),
+                "model.vision: patch_size, layers and mlp_width are the ViT's; a ResNet \
+                 (model.vision.resnet_layers) takes image_size, width, heads"
+            );
+            ensure!(
+                v.resnet_layers.iter().all(|&n| n > 0) && v.resnet_layers.len() <= 6,
+                "model.vision.resnet_layers must be 1 to 6 stages of at least one block each"
+            );
+            ensure!(
+                v.width >= 2 && v.width % 2 == 0 && v.heads > 0,
+                "model.vision: a ResNet needs an even width >= 2 and heads > 0"
+            );
+            let c = v.resnet_channels();
+            ensure!(
+                c % v.heads == 0,
+                "model.vision.heads ({}) must divide the ResNet's final channels ({c})",
+                v.heads
+            );
+            let d = v.resnet_downsampling();
+            ensure!(
+                v.image_size > 0 && v.image_size % d == 0,
+                "model.vision.image_size ({}) must be a multiple of the ResNet's stride ({d})",
+                v.image_size
+            );
+        } else {
+            check_tower("vision", v.width, v.layers, v.heads, v.mlp())?;
+            ensure!(
+                v.patch_size > 0 && v.image_size > 0 && v.image_size % v.patch_size == 0,
+                "model.vision.image_size ({}) must be a multiple of model.vision.patch_size ({})",
+                v.image_size,
+                v.patch_size
+            );
+        }
         let t = &self.text;
         check_tower("text", t.width, t.layers, t.heads, t.mlp())?;
         ensure!(

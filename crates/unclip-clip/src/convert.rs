@@ -18,9 +18,11 @@
 //! | `visual.transformer.resblocks.N.…`                   | `vision_model.encoder.layers.N.…` (as for text)        |
 //! | `visual.proj` ([width, embed])                       | `visual_projection.weight` (transposed)                |
 //! | `logit_scale`                                        | `logit_scale`                                          |
+//! | ResNet tower (`visual.attnpool.…` present): `visual.…` | unchanged (transformers has no ResNet CLIP)          |
 //!
 //! Non-weight entries of OpenAI's files (`input_resolution`, `context_length`, `vocab_size`,
-//! `attn_mask`) and transformers' `position_ids` buffers are ignored.
+//! `attn_mask`), BatchNorm's `num_batches_tracked` and transformers' `position_ids` buffers are
+//! ignored.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,6 +39,7 @@ pub enum WeightFormat {
 
 fn is_ignored(name: &str) -> bool {
     name.ends_with("position_ids")
+        || name.ends_with("num_batches_tracked")
         || matches!(
             name,
             "input_resolution" | "context_length" | "vocab_size" | "attn_mask"
@@ -44,14 +47,17 @@ fn is_ignored(name: &str) -> bool {
 }
 
 /// Which layout `names` follow.
+/// Ours with a ResNet tower mix the two (`text_model.…` with `visual.…`): transformers' names win.
 pub fn detect_format<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<WeightFormat> {
+    let mut open_clip = false;
     for name in names {
         if name.starts_with("text_model.") || name.starts_with("vision_model.") {
             return Ok(WeightFormat::Transformers);
         }
-        if name.starts_with("visual.") || name == "token_embedding.weight" {
-            return Ok(WeightFormat::OpenClip);
-        }
+        open_clip |= name.starts_with("visual.") || name == "token_embedding.weight";
+    }
+    if open_clip {
+        return Ok(WeightFormat::OpenClip);
     }
     bail!("neither transformers' CLIPModel names nor open_clip's were found")
 }
@@ -105,9 +111,16 @@ fn block(
 pub fn open_clip_to_transformers(
     state: impl IntoIterator<Item = (String, Tensor)>,
 ) -> Result<Vec<(String, Tensor)>> {
+    let state: Vec<(String, Tensor)> = state.into_iter().collect();
+    // A ResNet tower keeps open_clip's names here (transformers has none for it).
+    let resnet = state.iter().any(|(n, _)| n.starts_with("visual.attnpool."));
     let mut out = Vec::new();
     for (name, t) in state {
         if is_ignored(&name) {
+            continue;
+        }
+        if resnet && name.starts_with("visual.") {
+            out.push((name, t));
             continue;
         }
         let direct = match name.as_str() {

@@ -8,6 +8,7 @@ pub mod convert;
 pub mod load;
 pub mod loss;
 pub mod model;
+pub mod resnet;
 pub mod task;
 
 pub use config::{Activation, ClipConfig, TextConfig, VisionConfig};

@@ -85,6 +85,7 @@ impl ClipConfig {
                 layers: int(vision, "num_hidden_layers", 12)?,
                 heads: int(vision, "num_attention_heads", 12)?,
                 mlp_width: Some(int(vision, "intermediate_size", 3072)?),
+                resnet_layers: Vec::new(),
             },
             text: TextConfig {
                 vocab_size: int(text, "vocab_size", 49_408)?,

@@ -1,6 +1,8 @@
-//! CLIP (Radford et al. 2021): a ViT image encoder and a causal text transformer projected into one
-//! space. Module paths are transformers' `CLIPModel` state-dict names (`text_model.encoder.layers.0.
-//! self_attn.q_proj.weight`, `vision_model.pre_layrnorm`, …), so its safetensors load unchanged.
+//! CLIP (Radford et al. 2021): a ViT (or CLIP's ResNet) image encoder and a causal text transformer
+//! projected into one space. Module paths are transformers' `CLIPModel` state-dict names
+//! (`text_model.encoder.layers.0.self_attn.q_proj.weight`, `vision_model.pre_layrnorm`, …), so its
+//! safetensors load unchanged; the ResNet tower, which transformers lacks, has open_clip's
+//! (`visual.…`, see [`crate::resnet`]).
 
 use anyhow::{bail, Result};
 use tch::nn::{self, Module};
@@ -8,6 +10,7 @@ use tch::{Kind, Tensor};
 use unclip_diffusion::nn::{AttentionMask, MultiHeadAttention};
 
 use crate::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+use crate::resnet::ModifiedResNet;
 
 const HF_ATTENTION: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
 
@@ -227,13 +230,26 @@ impl VisionTransformer {
     }
 }
 
+/// The image tower: a ViT whose class token is projected by `visual_projection`, or CLIP's ResNet,
+/// whose attention pool projects itself.
+#[derive(Debug)]
+pub enum ImageEncoder {
+    Vit {
+        vision_model: Box<VisionTransformer>,
+        visual_projection: nn::Linear,
+    },
+    ResNet(Box<ModifiedResNet>),
+}
+
 #[derive(Debug)]
 pub struct Clip {
     pub text_model: TextTransformer,
-    pub vision_model: VisionTransformer,
-    visual_projection: nn::Linear,
+    pub image_encoder: ImageEncoder,
     text_projection: nn::Linear,
     logit_scale: Tensor,
+    /// Training mode: batch statistics in the ResNet's norms (the ViT has none). Off after
+    /// construction, so a loaded CLIP embeds deterministically; the CLIP trainer switches it on.
+    training: std::sync::atomic::AtomicBool,
     pub cfg: ClipConfig,
 }
 
@@ -245,15 +261,23 @@ impl Clip {
             bias: false,
             ..Default::default()
         };
+        let image_encoder = if cfg.vision.is_resnet() {
+            let resnet = ModifiedResNet::new(&p / "visual", &cfg.vision, cfg.embed_dim);
+            ImageEncoder::ResNet(Box::new(resnet))
+        } else {
+            ImageEncoder::Vit {
+                vision_model: Box::new(VisionTransformer::new(&p / "vision_model", cfg)?),
+                visual_projection: nn::linear(
+                    &p / "visual_projection",
+                    cfg.vision.width,
+                    cfg.embed_dim,
+                    no_bias,
+                ),
+            }
+        };
         Ok(Self {
             text_model: TextTransformer::new(&p / "text_model", cfg)?,
-            vision_model: VisionTransformer::new(&p / "vision_model", cfg)?,
-            visual_projection: nn::linear(
-                &p / "visual_projection",
-                cfg.vision.width,
-                cfg.embed_dim,
-                no_bias,
-            ),
+            image_encoder,
             text_projection: nn::linear(
                 &p / "text_projection",
                 cfg.text.width,
@@ -261,15 +285,29 @@ impl Clip {
                 no_bias,
             ),
             logit_scale: p.var("logit_scale", &[], nn::Init::Const(cfg.logit_scale_init)),
+            training: false.into(),
             cfg: cfg.clone(),
         })
     }
 
+    /// Switches training mode (see `training`); returns the previous mode.
+    pub fn set_training(&self, on: bool) -> bool {
+        self.training.swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Projected image embeddings (not normalised): [B, embed_dim].
     pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .visual_projection
-            .forward(&self.vision_model.forward(pixels)?))
+        match &self.image_encoder {
+            ImageEncoder::Vit {
+                vision_model,
+                visual_projection,
+            } => Ok(visual_projection.forward(&vision_model.forward(pixels)?)),
+            ImageEncoder::ResNet(resnet) => resnet.forward(pixels, self.is_training()),
+        }
     }
 
     /// Projected text embeddings at the end token and the per-token features.
@@ -306,6 +344,10 @@ pub fn init_clip_weights(vs: &nn::VarStore, cfg: &ClipConfig, prefix: &str) {
         let Some(name) = name.strip_prefix(prefix) else {
             continue;
         };
+        if name.starts_with("visual.") {
+            resnet_init(name, &mut var, cfg);
+            continue;
+        }
         let (width, layers) = if name.starts_with("vision_model") {
             (cfg.vision.width, cfg.vision.layers)
         } else {
@@ -340,5 +382,18 @@ pub fn init_clip_weights(vs: &nn::VarStore, cfg: &ClipConfig, prefix: &str) {
             continue; // layer norms, the patch convolution, logit_scale: as built
         };
         let _ = var.normal_(0.0, std);
+    }
+}
+
+/// open_clip's `ModifiedResNet` initialisation: attention-pool projections ~ N(0, C^-1/2) (zero
+/// biases, as elsewhere here), each bottleneck's last norm at zero so every residual branch starts
+/// as the identity; convolutions and the pool's positions as built.
+fn resnet_init(name: &str, var: &mut Tensor, cfg: &ClipConfig) {
+    if name.starts_with("visual.attnpool.") && name.ends_with("_proj.weight") {
+        let _ = var.normal_(0.0, (cfg.vision.resnet_channels() as f64).powf(-0.5));
+    } else if (name.starts_with("visual.attnpool.") && name.ends_with("_proj.bias"))
+        || (name.starts_with("visual.layer") && name.ends_with(".bn3.weight"))
+    {
+        let _ = var.zero_();
     }
 }

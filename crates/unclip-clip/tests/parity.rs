@@ -1,5 +1,6 @@
 //! CLIP against transformers' CLIPModel and open_clip with the same random weights
-//! (scripts/fixtures/clip.py): embeddings, per-token features, loss.
+//! (scripts/fixtures/clip.py): embeddings, per-token features, loss; and open_clip's ResNet image
+//! tower in evaluation and training mode.
 use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
 use unclip_clip::config::{Activation, ClipConfig, TextConfig, VisionConfig};
@@ -23,6 +24,7 @@ fn config(mlp_text: i64, mlp_vision: i64) -> ClipConfig {
             layers: 2,
             heads: 4,
             mlp_width: Some(mlp_vision),
+            resnet_layers: Vec::new(),
         },
         text: TextConfig {
             vocab_size: 1000,
@@ -44,7 +46,23 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-fn check(weights: &str, io: &str, cfg: &ClipConfig) {
+/// open_clip's `CLIPVisionCfg(layers=(1, 2, 1, 1), width=16, image_size=64)`: 512 final channels,
+/// 8 heads (open_clip's width·32/64).
+fn resnet_config() -> ClipConfig {
+    let mut cfg = config(64, 96);
+    cfg.vision = VisionConfig {
+        image_size: 64,
+        patch_size: 0,
+        width: 16,
+        layers: 0,
+        heads: 8,
+        mlp_width: None,
+        resnet_layers: vec![1, 2, 1, 1],
+    };
+    cfg
+}
+
+fn check(weights: &str, io: &str, cfg: &ClipConfig) -> (nn::VarStore, Clip) {
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let model = Clip::new(vs.root(), cfg).unwrap();
     let w = read_clip_weights(&fixture(weights)).unwrap();
@@ -71,6 +89,7 @@ fn check(weights: &str, io: &str, cfg: &ClipConfig) {
         assert!(d <= tol, "{weights}: logits off by {d}");
     }
     assert_eq!(text.tokens.kind(), Kind::Float);
+    (vs, model)
 }
 
 #[test]
@@ -89,6 +108,41 @@ fn matches_open_clip_through_the_name_mapping() {
         "open_clip_io.safetensors",
         &config(64, 96),
     );
+}
+
+#[test]
+fn matches_open_clip_resnet_in_eval_and_training_mode() {
+    let (vs, model) = check(
+        "open_clip_rn.safetensors",
+        "open_clip_rn_io.safetensors",
+        &resnet_config(),
+    );
+    let io: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixture("open_clip_rn_io.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let _g = tch::no_grad_guard();
+    assert!(
+        !model.is_training(),
+        "a built CLIP starts in evaluation mode"
+    );
+    model.set_training(true);
+    let train = model.encode_image(&io["pixels"]).unwrap();
+    let d = max_diff(&train, &io["image_proj_train"]);
+    assert!(d <= 1e-4, "training-mode image embeddings off by {d}");
+    // The pass moved the running averages as torch's momentum-0.1 update does.
+    let running_var = &vs.variables()["visual.layer2.1.bn2.running_var"];
+    let d = max_diff(running_var, &io["layer2.1.bn2.running_var"]);
+    assert!(d <= 1e-5, "running variance off by {d}");
+    model.set_training(false);
+    let eval = model.encode_image(&io["pixels"]).unwrap();
+    let d = max_diff(&eval, &io["image_proj"]);
+    assert!(
+        d > 1e-3,
+        "evaluation mode must use the (moved) running statistics: {d}"
+    );
+    assert!(max_diff(&eval, &train) > 1e-2);
 }
 
 #[test]

@@ -28,6 +28,7 @@ fn tiny() -> ClipConfig {
             layers: 2,
             heads: 2,
             mlp_width: None,
+            resnet_layers: Vec::new(),
         },
         text: TextConfig {
             vocab_size: 49_408,
@@ -45,13 +46,21 @@ fn tiny() -> ClipConfig {
 }
 
 fn run_config(dir: &Path, steps: u64) -> String {
+    run_config_with(
+        dir,
+        steps,
+        "{image_size: 16, patch_size: 4, width: 48, layers: 2, heads: 4}",
+    )
+}
+
+fn run_config_with(dir: &Path, steps: u64, vision: &str) -> String {
     format!(
         "
 seed: 0
 device: cpu
 model:
   embed_dim: 48
-  vision: {{image_size: 16, patch_size: 4, width: 48, layers: 2, heads: 4}}
+  vision: {vision}
   text: {{context_length: 24, width: 48, layers: 2, heads: 4}}
 data:
   train:
@@ -100,6 +109,67 @@ fn a_tiny_clip_learns_shapes_retrieval() {
     let loaded = load_clip(&run, Device::Cpu).unwrap();
     assert!(loaded.source.contains("EMA"), "{}", loaded.source);
     assert_eq!(loaded.image.resolution, 16);
+}
+
+/// CLIP's ResNet tower through the runtime: the loss falls, the BatchNorm running statistics are
+/// checkpointed (a run of 2N steps and one of N + resume + N end bit-identical, running averages
+/// included), and the run directory embeds in evaluation mode as the trainer evaluated (to float
+/// rounding: the two models run their convolutions separately).
+#[test]
+fn a_tiny_resnet_clip_trains_and_resumes_exactly() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let vision = "{image_size: 16, resnet_layers: [1, 1], width: 16, heads: 4}";
+    let config = |steps: u64| {
+        run_config_with(tmp.path(), steps, vision).replace(
+            &format!("checkpoint: {{every: {steps}}}"),
+            "checkpoint: {every: 20, keep_last: 5}",
+        )
+    };
+    let run = |dir: &Path, steps: u64, resume: Option<&str>| {
+        let cfg = parse_config::<ClipTrainConfig>(&config(steps), &[]).unwrap();
+        ensure_shards(&cfg.task.data.train).unwrap();
+        ensure_shards(&cfg.task.data.held_out).unwrap();
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut task = ClipTask::new(&vs, &cfg.task, 0, 64, 0, 1).unwrap();
+        let summary =
+            unclip_train::train(&mut task, &vs, &cfg.runtime, &cfg.resolved, dir, resume).unwrap();
+        (vs, task, summary)
+    };
+    let (vs, task, summary) = run(&tmp.path().join("whole"), 40, None);
+    let first: f64 = summary.losses[..5].iter().map(|l| l.1).sum::<f64>() / 5.0;
+    let last: f64 = summary.losses[35..].iter().map(|l| l.1).sum::<f64>() / 5.0;
+    assert!(last < first * 0.8, "loss {first:.3} -> {last:.3}");
+    let split = tmp.path().join("split");
+    run(&split, 20, None);
+    let (vs2, _, _) = run(&split, 40, Some("auto"));
+    let (a, b) = (vs.variables(), vs2.variables());
+    assert!(a.contains_key("visual.layer2.0.bn1.running_var"));
+    for (name, t) in &a {
+        assert!(t.equal(&b[name]), "{name} differs after resume");
+    }
+    // The EMA weights `load_clip` takes embed as the trainer's EMA evaluation does.
+    let loaded = load_clip(&tmp.path().join("whole"), Device::Cpu).unwrap();
+    assert!(!loaded.model.is_training());
+    let pixels = Tensor::randn([4, 3, 16, 16], (Kind::Float, Device::Cpu));
+    let _g = tch::no_grad_guard();
+    let ours = loaded.model.encode_image(&pixels).unwrap();
+    let ema: HashMap<String, Tensor> = Tensor::read_safetensors(
+        summary
+            .last_checkpoint
+            .as_ref()
+            .expect("a final checkpoint")
+            .join("ema.safetensors"),
+    )
+    .unwrap()
+    .into_iter()
+    .collect();
+    unclip_train::trainer::load_into(&vs, &ema, "EMA weights").unwrap();
+    task.model.set_training(false);
+    let want = task.model.encode_image(&pixels).unwrap();
+    let d = (&ours - &want).abs().max().double_value(&[]);
+    assert!(d < 1e-5, "{d}");
 }
 
 #[test]

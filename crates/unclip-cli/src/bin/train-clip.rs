@@ -61,10 +61,15 @@ fn main() -> Result<()> {
     }
     let ckpt = report_current_then_ema(&vs, &summary, |which| {
         if let Some((i2t, t2i)) = task.held_out_retrieval()? {
+            let d = &cfg.task.data;
+            let groups = match d.held_out_groups {
+                1 => String::new(),
+                n => format!(", mean of {n} disjoint sets"),
+            };
             println!(
-                "step {}: held-out top-1 among {} ({which}): image->text {:.1}%, text->image {:.1}%",
+                "step {}: held-out top-1 among {}{groups} ({which}): image->text {:.1}%, text->image {:.1}%",
                 summary.final_step,
-                cfg.task.data.held_out_count,
+                d.held_out_count,
                 i2t * 100.0,
                 t2i * 100.0
             );
