@@ -28,6 +28,8 @@ fn committed_configs_build_with_the_published_sizes() {
     for (config, want) in [
         ("configs/clip/vit-b-32.yaml", Some(151_277_313u64)),
         ("configs/clip/vit-l-14.yaml", Some(427_616_513)),
+        // open_clip's RN50: 102,007,137 parameters + 53,248 BatchNorm running statistics.
+        ("configs/clip/rn50.yaml", Some(102_060_385)),
         ("configs/shapes/clip.yaml", None),
         ("configs/shapes/clip-vit.yaml", None),
     ] {
