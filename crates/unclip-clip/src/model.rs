@@ -262,7 +262,7 @@ impl Clip {
             ..Default::default()
         };
         let image_encoder = if cfg.vision.is_resnet() {
-            let resnet = ModifiedResNet::new(&p / "visual", &cfg.vision, cfg.embed_dim);
+            let resnet = ModifiedResNet::new(&p / "visual", &cfg.vision, cfg.embed_dim)?;
             ImageEncoder::ResNet(Box::new(resnet))
         } else {
             ImageEncoder::Vit {

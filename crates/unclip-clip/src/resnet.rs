@@ -15,13 +15,15 @@ use tch::Tensor;
 
 use crate::config::VisionConfig;
 
-fn conv(p: nn::Path, cin: i64, cout: i64, k: i64) -> nn::Conv2D {
+/// A bias-free k×k convolution padded to keep the size (before the stride).
+fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
     nn::conv2d(
         p,
         cin,
         cout,
         k,
         nn::ConvConfig {
+            stride,
             padding: k / 2,
             bias: false,
             ..Default::default()
@@ -69,14 +71,17 @@ impl Bottleneck {
         let out = planes * Self::EXPANSION;
         let downsample = (stride > 1 || inplanes != out).then(|| {
             let d = &p / "downsample";
-            (conv(&d / "0", inplanes, out, 1), batch_norm(&d / "1", out))
+            (
+                conv(&d / "0", inplanes, out, 1, 1),
+                batch_norm(&d / "1", out),
+            )
         });
         Self {
-            conv1: conv(&p / "conv1", inplanes, planes, 1),
+            conv1: conv(&p / "conv1", inplanes, planes, 1, 1),
             bn1: batch_norm(&p / "bn1", planes),
-            conv2: conv(&p / "conv2", planes, planes, 3),
+            conv2: conv(&p / "conv2", planes, planes, 3, 1),
             bn2: batch_norm(&p / "bn2", planes),
-            conv3: conv(&p / "conv3", planes, out, 1),
+            conv3: conv(&p / "conv3", planes, out, 1, 1),
             bn3: batch_norm(&p / "bn3", out),
             downsample,
             stride,
@@ -97,7 +102,10 @@ impl Bottleneck {
 }
 
 /// Multi-head attention of the feature map's mean (plus a learned position) over the mean and
-/// every position, then `c_proj` into the embedding space.
+/// every position, then `c_proj` into the embedding space. Not the shared `MultiHeadAttention`:
+/// its fused k/v projection rounds differently, and the shapes run's figures are those of this
+/// arithmetic (the same run through it ended 2 points lower — rounding noise, but not the run the
+/// README shows).
 #[derive(Debug)]
 struct AttentionPool {
     positional_embedding: Tensor,
@@ -157,7 +165,8 @@ impl AttentionPool {
 #[derive(Debug)]
 pub struct ModifiedResNet {
     stem: Vec<(nn::Conv2D, nn::BatchNorm)>,
-    stages: Vec<Vec<Bottleneck>>,
+    /// Every stage's bottlenecks in order (`visual.layerS.J`).
+    blocks: Vec<Bottleneck>,
     attnpool: AttentionPool,
     image_size: i64,
 }
@@ -165,49 +174,38 @@ pub struct ModifiedResNet {
 impl ModifiedResNet {
     /// `v.resnet_layers` bottlenecks per stage, base width `v.width` (the stem ends at `width`,
     /// stage i has `width·2^i` planes and `4·width·2^i` outputs), `v.heads` attention-pool heads.
-    pub fn new(p: nn::Path, v: &VisionConfig, embed_dim: i64) -> Self {
+    pub fn new(p: nn::Path, v: &VisionConfig, embed_dim: i64) -> Result<Self> {
         let w = v.width;
         let stem_channels = [(3, w / 2, 2), (w / 2, w / 2, 1), (w / 2, w, 1)];
         let stem = stem_channels
             .iter()
             .enumerate()
             .map(|(i, &(cin, cout, stride))| {
-                let c = nn::conv2d(
-                    &p / format!("conv{}", i + 1),
-                    cin,
-                    cout,
-                    3,
-                    nn::ConvConfig {
-                        stride,
-                        padding: 1,
-                        bias: false,
-                        ..Default::default()
-                    },
-                );
-                (c, batch_norm(&p / format!("bn{}", i + 1), cout))
+                (
+                    conv(&p / format!("conv{}", i + 1), cin, cout, 3, stride),
+                    batch_norm(&p / format!("bn{}", i + 1), cout),
+                )
             })
             .collect();
         let mut inplanes = w;
-        let mut stages = Vec::new();
-        for (i, &blocks) in v.resnet_layers.iter().enumerate() {
+        let mut blocks = Vec::new();
+        for (i, &count) in v.resnet_layers.iter().enumerate() {
             let planes = w << i;
-            let stride = if i == 0 { 1 } else { 2 };
             let stage = &p / format!("layer{}", i + 1);
-            let mut layer = Vec::new();
-            for j in 0..blocks {
-                let s = if j == 0 { stride } else { 1 };
-                layer.push(Bottleneck::new(&stage / j, inplanes, planes, s));
+            for j in 0..count {
+                // Every stage but the first halves the size in its first block.
+                let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                blocks.push(Bottleneck::new(&stage / j, inplanes, planes, stride));
                 inplanes = planes * Bottleneck::EXPANSION;
             }
-            stages.push(layer);
         }
         let spatial = v.image_size / v.resnet_downsampling();
-        Self {
+        Ok(Self {
             stem,
-            stages,
+            blocks,
             attnpool: AttentionPool::new(&p / "attnpool", spatial, inplanes, v.heads, embed_dim),
             image_size: v.image_size,
-        }
+        })
     }
 
     /// pixels: [B, 3, S, S] → [B, embed_dim]. `train`: batch statistics (and running-average
@@ -223,7 +221,7 @@ impl ModifiedResNet {
             x = bn.forward_t(&c.forward(&x), train).relu();
         }
         x = avg_pool(&x, 2);
-        for block in self.stages.iter().flatten() {
+        for block in &self.blocks {
             x = block.forward(&x, train);
         }
         Ok(self.attnpool.forward(&x))
