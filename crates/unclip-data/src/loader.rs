@@ -313,6 +313,9 @@ impl Producer {
                 match epoch.iter.next() {
                     Some(r) => {
                         r?;
+                        // Batched before the resume: the epoch did yield them (a checkpoint
+                        // taken exactly at the epoch's end resumes into an empty remainder).
+                        self.epoch_samples += 1;
                     }
                     None => break,
                 }

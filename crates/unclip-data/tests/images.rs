@@ -196,6 +196,39 @@ fn batches_are_deterministic_and_resume_exactly() {
     );
 }
 
+/// A checkpoint can land exactly on an epoch's end (80,000 samples = 4 epochs of 20,000): the
+/// resumed stream opens the next epoch instead of calling the finished one empty.
+#[test]
+fn resuming_exactly_at_an_epoch_end_continues_with_the_next_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = shapes(tmp.path(), 20);
+    let take = |start, n| {
+        let mut l = ImageLoader::start(loader_config(shards.clone(), start)).unwrap();
+        (0..n).map(|_| l.next_batch().unwrap()).collect::<Vec<_>>()
+    };
+    let a = take(DataPosition::default(), 10);
+    assert_eq!(
+        a[3].position,
+        DataPosition {
+            epoch: 0,
+            samples: 20
+        }
+    );
+    let resumed = take(a[3].position, 6);
+    for (x, y) in a[4..].iter().zip(&resumed) {
+        assert_eq!(
+            (&x.keys, &x.images, x.position),
+            (&y.keys, &y.images, y.position)
+        );
+    }
+    // The resumed stream reports the finished epoch whole, then its own.
+    let reports: Vec<_> = resumed
+        .iter()
+        .flat_map(|x| x.finished_epochs.iter().map(|r| (r.epoch, r.samples)))
+        .collect();
+    assert_eq!(reports, [(0, 20), (1, 20)]);
+}
+
 #[test]
 fn undecodable_images_are_skipped_and_reported() {
     let tmp = tempfile::tempdir().unwrap();
