@@ -59,6 +59,10 @@ pub struct DiffusionConfig {
     pub vlb_weight: f64,
     /// Optional weight per training timestep, multiplied into each sample's loss.
     pub timestep_loss_weights: Option<Vec<f64>>,
+    /// Min-SNR-γ (Hang et al. 2023): weights L_simple so that, in x_0 terms, timestep t counts
+    /// min(SNR(t), γ) — ε: min(SNR, γ)/SNR, v: min(SNR, γ)/(SNR + 1), x_0: min(SNR, γ). Caps the
+    /// nearly noise-free steps, whose gradients otherwise dominate. L_vlb is left unweighted.
+    pub min_snr_gamma: Option<f64>,
 }
 
 impl Default for DiffusionConfig {
@@ -71,6 +75,7 @@ impl Default for DiffusionConfig {
             loss: LossType::Mse,
             vlb_weight: 1e-3,
             timestep_loss_weights: None,
+            min_snr_gamma: None,
         }
     }
 }
@@ -114,6 +119,13 @@ impl DiffusionConfig {
             }
             if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
                 return bad("diffusion.timestep_loss_weights must be finite and >= 0".into());
+            }
+        }
+        if let Some(g) = self.min_snr_gamma {
+            if !(g.is_finite() && g > 0.0) {
+                return bad(format!(
+                    "diffusion.min_snr_gamma must be finite and > 0, got {g}"
+                ));
             }
         }
         Ok(())
@@ -298,6 +310,7 @@ pub struct GaussianDiffusion {
     posterior_mean_coef2: Tensor,
     fixed_large_variance: Tensor,
     loss_weights: Option<Tensor>,
+    mse_weights: Option<Tensor>,
 }
 
 fn f64_tensor(v: &[f64]) -> Tensor {
@@ -366,6 +379,17 @@ impl GaussianDiffusion {
             let per_step: Vec<f64> = timestep_map.iter().map(|&t| w[t as usize]).collect();
             f64_tensor(&per_step)
         });
+        let mse_weights = config.min_snr_gamma.map(|gamma| {
+            f64_tensor(&map(&|i| {
+                let snr = ac[i] / (1.0 - ac[i]);
+                let capped = snr.min(gamma);
+                match config.predict {
+                    MeanType::Epsilon => capped / snr,
+                    MeanType::V => capped / (snr + 1.0),
+                    MeanType::X0 => capped,
+                }
+            }))
+        });
         Ok(Self {
             mean_type: config.predict,
             var_type: config.variance,
@@ -391,6 +415,7 @@ impl GaussianDiffusion {
             })),
             fixed_large_variance: f64_tensor(&fixed_large),
             loss_weights,
+            mse_weights,
             betas_f64: betas,
             alphas_cumprod_f64: ac,
             timestep_map,
@@ -418,6 +443,7 @@ impl GaussianDiffusion {
             *t = t.to_device(device);
         }
         self.loss_weights = self.loss_weights.map(|w| w.to_device(device));
+        self.mse_weights = self.mse_weights.map(|w| w.to_device(device));
         self
     }
 
@@ -742,15 +768,19 @@ impl GaussianDiffusion {
             MeanType::V => self.v_target(x_start, t, noise)?,
         };
         let mse = mean_flat(&(&mean_out - target).f_square()?)?;
+        let simple = match &self.mse_weights {
+            Some(w) => &mse * self.extract(w, t, &mse)?,
+            None => mse.shallow_clone(),
+        };
         let (mut loss, vb) = match (self.loss_type, var_out) {
             (LossType::Hybrid, Some(var_out)) => {
                 // The VLB trains only the variance: stop the gradient through the mean.
                 let frozen = Tensor::f_cat(&[mean_out.detach(), var_out], 1)?;
                 let vb = self.vb_terms_bpd_checked(&frozen, x_start, x_t, t)?;
                 let scale = self.vlb_weight * self.num_timesteps() as f64;
-                (&mse + &vb * scale, Some(vb))
+                (&simple + &vb * scale, Some(vb))
             }
-            _ => (mse.shallow_clone(), None),
+            _ => (simple, None),
         };
         if let Some(w) = &self.loss_weights {
             loss *= self.extract(w, t, &mse)?;

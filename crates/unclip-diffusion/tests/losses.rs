@@ -17,6 +17,7 @@ fn hybrid_config() -> DiffusionConfig {
         loss: LossType::Hybrid,
         vlb_weight: 1e-3,
         timestep_loss_weights: None,
+        min_snr_gamma: None,
     }
 }
 
@@ -228,4 +229,77 @@ fn mismatched_shapes_are_named() {
         err.to_string().contains("timestep 1000 out of range"),
         "{err}"
     );
+}
+
+/// Min-SNR-γ is one weighting in x_0 terms whatever the network predicts: an output whose implied
+/// x_0 is off by δ costs min(SNR(t), γ)·mean(δ²), and the hybrid loss's VLB term stays unweighted.
+#[test]
+fn min_snr_weights_every_parameterisation_as_capped_snr_in_x0_terms() {
+    tch::manual_seed(2);
+    let opts = (Kind::Double, tch::Device::Cpu);
+    let x0 = Tensor::randn([5, 3, 4, 4], opts);
+    let noise = Tensor::randn([5, 3, 4, 4], opts);
+    let delta = Tensor::randn([5, 3, 4, 4], opts) * 0.1;
+    let t = Tensor::from_slice(&[0i64, 50, 300, 700, 999]);
+    let gamma = 5.0;
+    for predict in [MeanType::Epsilon, MeanType::X0, MeanType::V] {
+        let cfg = DiffusionConfig {
+            predict,
+            min_snr_gamma: Some(gamma),
+            ..Default::default()
+        };
+        let d = GaussianDiffusion::new(&cfg).unwrap();
+        let xt = d.q_sample(&x0, &t, &noise).unwrap();
+        let x0_hat = &x0 + &delta;
+        let ac = d.alphas_cumprod();
+        let per = |f: &dyn Fn(f64) -> f64| {
+            let v: Vec<f64> = [0usize, 50, 300, 700, 999]
+                .iter()
+                .map(|&i| f(ac[i]))
+                .collect();
+            Tensor::from_slice(&v).reshape([5, 1, 1, 1])
+        };
+        let (sa, s1a) = (per(&|a| a.sqrt()), per(&|a| (1.0 - a).sqrt()));
+        let eps_hat = (&xt - &sa * &x0_hat) / &s1a;
+        let out = match predict {
+            MeanType::Epsilon => eps_hat.shallow_clone(),
+            MeanType::X0 => x0_hat.shallow_clone(),
+            MeanType::V => &sa * &eps_hat - &s1a * &x0_hat,
+        };
+        let losses = d.training_losses(&out, &x0, &xt, &t, &noise).unwrap();
+        let capped = per(&|a| (a / (1.0 - a)).min(gamma)).reshape([5]);
+        let want = delta
+            .square()
+            .mean_dim(&[1i64, 2, 3][..], false, Kind::Double)
+            * capped;
+        assert_close(&losses.loss, &want, 1e-8, 1e-10, &format!("{predict:?}"));
+        // The unweighted MSE is still reported as such.
+        assert!((losses.mse - &losses.loss).abs().max().double_value(&[]) > 1e-6);
+    }
+    // Hybrid: only L_simple is weighted.
+    let cfg = DiffusionConfig {
+        min_snr_gamma: Some(gamma),
+        ..hybrid_config()
+    };
+    let d = GaussianDiffusion::new(&cfg).unwrap();
+    let xt = d.q_sample(&x0, &t, &noise).unwrap();
+    let out = Tensor::cat(&[&noise + &delta, Tensor::zeros([5, 3, 4, 4], opts)], 1);
+    let l = d.training_losses(&out, &x0, &xt, &t, &noise).unwrap();
+    let ac = d.alphas_cumprod();
+    let w: Vec<f64> = [0usize, 50, 300, 700, 999]
+        .iter()
+        .map(|&i| {
+            let snr = ac[i] / (1.0 - ac[i]);
+            snr.min(gamma) / snr
+        })
+        .collect();
+    let want = &l.mse * Tensor::from_slice(&w) + l.vb.as_ref().unwrap() * 1.0;
+    assert_close(&l.loss, &want, 1e-10, 1e-12, "hybrid with min-SNR");
+    // γ must be positive.
+    let bad = DiffusionConfig {
+        min_snr_gamma: Some(0.0),
+        ..Default::default()
+    };
+    let err = GaussianDiffusion::new(&bad).unwrap_err().to_string();
+    assert!(err.contains("diffusion.min_snr_gamma"), "{err}");
 }
