@@ -3,7 +3,7 @@
 use rand::SeedableRng;
 use std::path::Path;
 use unclip_data::images::{Crop, ImageTransform, Normalize, Resample};
-use unclip_data::loader::{DataPosition, ImageLoader, LoaderConfig};
+use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig};
 use unclip_data::reader::ReaderConfig;
 use unclip_data::shapes::make_sample;
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
@@ -143,14 +143,17 @@ fn loader_config(shards: String, start: DataPosition) -> LoaderConfig {
     }
 }
 
+/// The first `n` batches of a fresh loader over `shards` starting at `start`.
+fn take_batches(shards: &str, start: DataPosition, n: usize) -> Vec<ImageBatch> {
+    let mut l = ImageLoader::start(loader_config(shards.to_string(), start)).unwrap();
+    (0..n).map(|_| l.next_batch().unwrap()).collect()
+}
+
 #[test]
 fn batches_are_deterministic_and_resume_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = shapes(tmp.path(), 23);
-    let take = |start, n| {
-        let mut l = ImageLoader::start(loader_config(shards.clone(), start)).unwrap();
-        (0..n).map(|_| l.next_batch().unwrap()).collect::<Vec<_>>()
-    };
+    let take = |start, n| take_batches(&shards, start, n);
     let a = take(DataPosition::default(), 12);
     let b = take(DataPosition::default(), 12);
     for (x, y) in a.iter().zip(&b) {
@@ -202,10 +205,7 @@ fn batches_are_deterministic_and_resume_exactly() {
 fn resuming_exactly_at_an_epoch_end_continues_with_the_next_epoch() {
     let tmp = tempfile::tempdir().unwrap();
     let shards = shapes(tmp.path(), 20);
-    let take = |start, n| {
-        let mut l = ImageLoader::start(loader_config(shards.clone(), start)).unwrap();
-        (0..n).map(|_| l.next_batch().unwrap()).collect::<Vec<_>>()
-    };
+    let take = |start, n| take_batches(&shards, start, n);
     let a = take(DataPosition::default(), 10);
     assert_eq!(
         a[3].position,

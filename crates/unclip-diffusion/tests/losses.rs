@@ -240,8 +240,13 @@ fn min_snr_weights_every_parameterisation_as_capped_snr_in_x0_terms() {
     let x0 = Tensor::randn([5, 3, 4, 4], opts);
     let noise = Tensor::randn([5, 3, 4, 4], opts);
     let delta = Tensor::randn([5, 3, 4, 4], opts) * 0.1;
-    let t = Tensor::from_slice(&[0i64, 50, 300, 700, 999]);
+    let steps = [0usize, 50, 300, 700, 999];
+    let t = Tensor::from_slice(&steps.map(|i| i as i64));
     let gamma = 5.0;
+    // f(ᾱ_t) for each sample's t, shaped [5, 1, 1, 1].
+    let per = |ac: &[f64], f: &dyn Fn(f64) -> f64| {
+        Tensor::from_slice(&steps.map(|i| f(ac[i]))).reshape([5, 1, 1, 1])
+    };
     for predict in [MeanType::Epsilon, MeanType::X0, MeanType::V] {
         let cfg = DiffusionConfig {
             predict,
@@ -252,14 +257,7 @@ fn min_snr_weights_every_parameterisation_as_capped_snr_in_x0_terms() {
         let xt = d.q_sample(&x0, &t, &noise).unwrap();
         let x0_hat = &x0 + &delta;
         let ac = d.alphas_cumprod();
-        let per = |f: &dyn Fn(f64) -> f64| {
-            let v: Vec<f64> = [0usize, 50, 300, 700, 999]
-                .iter()
-                .map(|&i| f(ac[i]))
-                .collect();
-            Tensor::from_slice(&v).reshape([5, 1, 1, 1])
-        };
-        let (sa, s1a) = (per(&|a| a.sqrt()), per(&|a| (1.0 - a).sqrt()));
+        let (sa, s1a) = (per(ac, &|a| a.sqrt()), per(ac, &|a| (1.0 - a).sqrt()));
         let eps_hat = (&xt - &sa * &x0_hat) / &s1a;
         let out = match predict {
             MeanType::Epsilon => eps_hat.shallow_clone(),
@@ -267,7 +265,7 @@ fn min_snr_weights_every_parameterisation_as_capped_snr_in_x0_terms() {
             MeanType::V => &sa * &eps_hat - &s1a * &x0_hat,
         };
         let losses = d.training_losses(&out, &x0, &xt, &t, &noise).unwrap();
-        let capped = per(&|a| (a / (1.0 - a)).min(gamma)).reshape([5]);
+        let capped = per(ac, &|a| (a / (1.0 - a)).min(gamma)).reshape([5]);
         let want = delta
             .square()
             .mean_dim(&[1i64, 2, 3][..], false, Kind::Double)
@@ -285,15 +283,11 @@ fn min_snr_weights_every_parameterisation_as_capped_snr_in_x0_terms() {
     let xt = d.q_sample(&x0, &t, &noise).unwrap();
     let out = Tensor::cat(&[&noise + &delta, Tensor::zeros([5, 3, 4, 4], opts)], 1);
     let l = d.training_losses(&out, &x0, &xt, &t, &noise).unwrap();
-    let ac = d.alphas_cumprod();
-    let w: Vec<f64> = [0usize, 50, 300, 700, 999]
-        .iter()
-        .map(|&i| {
-            let snr = ac[i] / (1.0 - ac[i]);
-            snr.min(gamma) / snr
-        })
-        .collect();
-    let want = &l.mse * Tensor::from_slice(&w) + l.vb.as_ref().unwrap() * 1.0;
+    let w = per(d.alphas_cumprod(), &|a| {
+        let snr = a / (1.0 - a);
+        snr.min(gamma) / snr
+    });
+    let want = &l.mse * w.reshape([5]) + l.vb.as_ref().unwrap() * 1.0;
     assert_close(&l.loss, &want, 1e-10, 1e-12, "hybrid with min-SNR");
     // γ must be positive.
     let bad = DiffusionConfig {
