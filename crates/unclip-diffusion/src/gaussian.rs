@@ -59,6 +59,8 @@ pub struct DiffusionConfig {
     pub vlb_weight: f64,
     /// Optional weight per training timestep, multiplied into each sample's loss.
     pub timestep_loss_weights: Option<Vec<f64>>,
+    /// A smooth alternative to `timestep_loss_weights`: more weight on the middle noise levels.
+    pub timestep_emphasis: Option<TimestepEmphasis>,
     /// Min-SNR-γ (Hang et al. 2023): weights L_simple so that, in x_0 terms, timestep t counts
     /// min(SNR(t), γ) — ε: min(SNR, γ)/SNR, v: min(SNR, γ)/(SNR + 1), x_0: min(SNR, γ). Caps the
     /// nearly noise-free steps, whose gradients otherwise dominate. L_vlb is left unweighted.
@@ -75,8 +77,40 @@ impl Default for DiffusionConfig {
             loss: LossType::Mse,
             vlb_weight: 1e-3,
             timestep_loss_weights: None,
+            timestep_emphasis: None,
             min_snr_gamma: None,
         }
+    }
+}
+
+/// Per-timestep loss weights `floor + (1 - floor) · exp(-½ ((t/T - centre) / width)²)`, scaled to
+/// mean 1 over the T steps (so the loss and learning rate keep their scale). Unlike Min-SNR or P2,
+/// which take the noisiest steps' weight to zero (and with it the background colour, decided
+/// there), the floor keeps every step trained; the bump trains the middle noise levels where a
+/// sample's layout and outlines are decided.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimestepEmphasis {
+    /// Where the weight peaks, as a fraction of T.
+    pub centre: f64,
+    /// The bump's standard deviation, as a fraction of T.
+    pub width: f64,
+    /// The weight far from the centre relative to the peak, in [0, 1]; 1 is uniform.
+    pub floor: f64,
+}
+
+impl TimestepEmphasis {
+    /// The T weights, mean 1.
+    pub fn weights(&self, timesteps: usize) -> Vec<f64> {
+        let t_max = timesteps as f64;
+        let raw: Vec<f64> = (0..timesteps)
+            .map(|t| {
+                let z = (t as f64 / t_max - self.centre) / self.width;
+                self.floor + (1.0 - self.floor) * (-0.5 * z * z).exp()
+            })
+            .collect();
+        let mean = raw.iter().sum::<f64>() / t_max;
+        raw.into_iter().map(|w| w / mean).collect()
     }
 }
 
@@ -119,6 +153,35 @@ impl DiffusionConfig {
             }
             if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
                 return bad("diffusion.timestep_loss_weights must be finite and >= 0".into());
+            }
+        }
+        if let Some(e) = &self.timestep_emphasis {
+            if self.timestep_loss_weights.is_some() {
+                return bad(
+                    "diffusion.timestep_emphasis and diffusion.timestep_loss_weights both set: \
+                     give one"
+                        .into(),
+                );
+            }
+            if !(e.centre.is_finite() && (0.0..=1.0).contains(&e.centre)) {
+                return bad(format!(
+                    "diffusion.timestep_emphasis.centre must be in [0, 1], got {}",
+                    e.centre
+                ));
+            }
+            // Narrower than a step, the bump would miss every step (or all but one).
+            let step = 1.0 / self.timesteps as f64;
+            if !(e.width.is_finite() && e.width >= step) {
+                return bad(format!(
+                    "diffusion.timestep_emphasis.width must be at least 1/T = {step}, got {}",
+                    e.width
+                ));
+            }
+            if !(e.floor.is_finite() && (0.0..=1.0).contains(&e.floor)) {
+                return bad(format!(
+                    "diffusion.timestep_emphasis.floor must be in [0, 1], got {}",
+                    e.floor
+                ));
             }
         }
         if let Some(g) = self.min_snr_gamma {
@@ -375,10 +438,17 @@ impl GaussianDiffusion {
             }
         });
         let fixed_large = map(&|i| if i == 0 { pv1 } else { betas[i] });
-        let loss_weights = config.timestep_loss_weights.as_ref().map(|w| {
-            let per_step: Vec<f64> = timestep_map.iter().map(|&t| w[t as usize]).collect();
-            f64_tensor(&per_step)
-        });
+        let emphasis = config
+            .timestep_emphasis
+            .map(|e| e.weights(original_num_timesteps));
+        let loss_weights = config
+            .timestep_loss_weights
+            .as_ref()
+            .or(emphasis.as_ref())
+            .map(|w| {
+                let per_step: Vec<f64> = timestep_map.iter().map(|&t| w[t as usize]).collect();
+                f64_tensor(&per_step)
+            });
         let mse_weights = config.min_snr_gamma.map(|gamma| {
             f64_tensor(&map(&|i| {
                 let snr = ac[i] / (1.0 - ac[i]);

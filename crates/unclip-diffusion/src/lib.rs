@@ -18,7 +18,7 @@ pub use embedding::{l2_normalize, slerp};
 pub use error::{DiffusionError, Result};
 pub use gaussian::{
     ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, PMeanVariance,
-    TrainingLosses, VarianceType,
+    TimestepEmphasis, TrainingLosses, VarianceType,
 };
 pub use guidance::{classifier_free_guidance, guide_output, replace_rows};
 pub use sampling::{Progress, SamplerConfig, SamplerKind, SamplerName};

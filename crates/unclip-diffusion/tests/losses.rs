@@ -5,7 +5,8 @@ use common::*;
 use tch::{Kind, Tensor};
 use unclip_diffusion::gaussian::{discretized_gaussian_log_likelihood, normal_kl};
 use unclip_diffusion::{
-    BetaSchedule, DiffusionConfig, GaussianDiffusion, LossType, MeanType, VarianceType,
+    BetaSchedule, DiffusionConfig, GaussianDiffusion, LossType, MeanType, TimestepEmphasis,
+    VarianceType,
 };
 
 fn hybrid_config() -> DiffusionConfig {
@@ -17,6 +18,7 @@ fn hybrid_config() -> DiffusionConfig {
         loss: LossType::Hybrid,
         vlb_weight: 1e-3,
         timestep_loss_weights: None,
+        timestep_emphasis: None,
         min_snr_gamma: None,
     }
 }
@@ -296,4 +298,95 @@ fn min_snr_weights_every_parameterisation_as_capped_snr_in_x0_terms() {
     };
     let err = GaussianDiffusion::new(&bad).unwrap_err().to_string();
     assert!(err.contains("diffusion.min_snr_gamma"), "{err}");
+}
+
+#[test]
+fn timestep_emphasis_weights_the_middle_steps_and_keeps_a_floor() {
+    let e = TimestepEmphasis {
+        centre: 0.45,
+        width: 0.2,
+        floor: 0.15,
+    };
+    let w = e.weights(1000);
+    assert_eq!(w.len(), 1000);
+    let mean = w.iter().sum::<f64>() / 1000.0;
+    assert!((mean - 1.0).abs() < 1e-12, "mean {mean}");
+    let peak = (0..1000).max_by(|&a, &b| w[a].total_cmp(&w[b])).unwrap();
+    assert_eq!(peak, 450);
+    // Symmetric about the centre; the ends sit just above the floor, relative to the peak.
+    assert!((w[350] - w[550]).abs() < 1e-12);
+    let rel_end = |t: usize, dist: f64| {
+        let want = 0.15 + 0.85 * (-0.5f64 * (dist / 0.2).powi(2)).exp();
+        assert!(
+            (w[t] / w[450] - want).abs() < 1e-12,
+            "t {t}: {}",
+            w[t] / w[450]
+        );
+    };
+    rel_end(0, 0.45);
+    rel_end(999, 0.549);
+    assert!(w[999] / w[450] > 0.15 && w[999] / w[450] < 0.2);
+    // A floor of 1 is uniform.
+    let flat = TimestepEmphasis { floor: 1.0, ..e }.weights(1000);
+    assert!(flat.iter().all(|x| (x - 1.0).abs() < 1e-12));
+
+    // The loss is weighted exactly as by the same list given as timestep_loss_weights.
+    let opts = (Kind::Double, tch::Device::Cpu);
+    let x0 = Tensor::randn([4, 3, 4, 4], opts);
+    let noise = Tensor::randn([4, 3, 4, 4], opts);
+    let t = Tensor::from_slice(&[0i64, 300, 450, 999]);
+    let losses = |cfg: &DiffusionConfig| {
+        let d = GaussianDiffusion::new(cfg).unwrap();
+        let xt = d.q_sample(&x0, &t, &noise).unwrap();
+        let out = Tensor::cat(&[&noise + 0.1, Tensor::zeros([4, 3, 4, 4], opts)], 1);
+        d.training_losses(&out, &x0, &xt, &t, &noise).unwrap().loss
+    };
+    let emphasised = losses(&DiffusionConfig {
+        timestep_emphasis: Some(e),
+        ..hybrid_config()
+    });
+    let listed = losses(&DiffusionConfig {
+        timestep_loss_weights: Some(w.clone()),
+        ..hybrid_config()
+    });
+    let plain = losses(&hybrid_config());
+    assert_close(&emphasised, &listed, 1e-12, 0.0, "emphasis = its list");
+    let want = &plain * Tensor::from_slice(&[w[0], w[300], w[450], w[999]]);
+    assert_close(&emphasised, &want, 1e-12, 1e-15, "per-sample weights");
+
+    // Bad settings name the key.
+    for (bad, key) in [
+        (
+            DiffusionConfig {
+                timestep_emphasis: Some(e),
+                timestep_loss_weights: Some(w),
+                ..hybrid_config()
+            },
+            "timestep_loss_weights",
+        ),
+        (
+            DiffusionConfig {
+                timestep_emphasis: Some(TimestepEmphasis { width: 0.0, ..e }),
+                ..hybrid_config()
+            },
+            "timestep_emphasis.width",
+        ),
+        (
+            DiffusionConfig {
+                timestep_emphasis: Some(TimestepEmphasis { floor: 1.5, ..e }),
+                ..hybrid_config()
+            },
+            "timestep_emphasis.floor",
+        ),
+        (
+            DiffusionConfig {
+                timestep_emphasis: Some(TimestepEmphasis { centre: -0.1, ..e }),
+                ..hybrid_config()
+            },
+            "timestep_emphasis.centre",
+        ),
+    ] {
+        let err = GaussianDiffusion::new(&bad).unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
+    }
 }
