@@ -163,11 +163,12 @@ impl DiffusionConfig {
                         .into(),
                 );
             }
-            if !(e.centre.is_finite() && (0.0..=1.0).contains(&e.centre)) {
-                return bad(format!(
-                    "diffusion.timestep_emphasis.centre must be in [0, 1], got {}",
-                    e.centre
-                ));
+            for (key, v) in [("centre", e.centre), ("floor", e.floor)] {
+                if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                    return bad(format!(
+                        "diffusion.timestep_emphasis.{key} must be in [0, 1], got {v}"
+                    ));
+                }
             }
             // Narrower than a step, the bump would miss every step (or all but one).
             let step = 1.0 / self.timesteps as f64;
@@ -175,12 +176,6 @@ impl DiffusionConfig {
                 return bad(format!(
                     "diffusion.timestep_emphasis.width must be at least 1/T = {step}, got {}",
                     e.width
-                ));
-            }
-            if !(e.floor.is_finite() && (0.0..=1.0).contains(&e.floor)) {
-                return bad(format!(
-                    "diffusion.timestep_emphasis.floor must be in [0, 1], got {}",
-                    e.floor
                 ));
             }
         }
