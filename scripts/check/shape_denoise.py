@@ -1,0 +1,104 @@
+"""How well a `train-decoder` checkpoint keeps the shapes of real held-out scenes it is asked to
+denoise: each image is noised to step t (fixed noise), brought back to t = 0 by deterministic DDIM
+(25 steps) with the EMA weights in diffusers' UnCLIP decoder modules (strict loading: the names
+match), and scored by shape_score.py. With (a) the scene's own z_i and caption and (b) another
+scene's, so the gap is what the conditioning adds. Unlike sampling from pure noise this is above
+chance early in training, so it compares decoder configs after a few hundred CPU-seconds of
+training rather than at the end (README, Measured).
+
+Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png EMB_SHARD.tar \
+           HELDOUT_SHARD.tar [T ...]
+  CHECKPOINT_DIR: RUN/checkpoints/step-N (its RUN/config.yaml gives the UNet);
+  GRID.png: a grid of the run's config whose top row is the held-out images (`--grid`, any count);
+  EMB_SHARD.tar: the held-out shard's `embed --token-features` shard; T: noise steps (200 350 500).
+Needs a v-prediction config with the cosine schedule over 1000 steps, as configs/shapes/decoder.yaml.
+"""
+import io, json, math, os, sys, tarfile
+import numpy as np, torch, yaml
+from PIL import Image
+from safetensors.torch import load_file
+from diffusers import UNet2DConditionModel
+from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shape_score
+
+torch.set_num_threads(2)
+ckpt, grid_png, emb_tar, heldout_tar = sys.argv[1:5]
+steps = [int(a) for a in sys.argv[5:]] or [200, 350, 500]
+cfg = yaml.safe_load(open(os.path.join(ckpt, "..", "..", "config.yaml")))
+m, res = cfg["decoder"]["model"], cfg["data"]["image"]["resolution"]
+assert cfg["decoder"]["diffusion"].get("predict") == "v", "needs a v-prediction decoder"
+u, width = m["unet"], m["clip_embeddings_dim"]
+unet = UNet2DConditionModel(sample_size=res, in_channels=3, out_channels=6,
+    down_block_types=tuple(u["down_block_types"]), up_block_types=tuple(u["up_block_types"]),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=tuple(u["block_out_channels"]),
+    layers_per_block=u["layers_per_block"], cross_attention_dim=u["cross_attention_dim"],
+    attention_head_dim=u["attention_head_dim"], norm_num_groups=u["norm_num_groups"],
+    resnet_time_scale_shift="scale_shift", class_embed_type="identity").eval()
+proj = UnCLIPTextProjModel(clip_extra_context_tokens=m["clip_extra_context_tokens"],
+    clip_embeddings_dim=width, time_embed_dim=4 * u["block_out_channels"][0],
+    cross_attention_dim=u["cross_attention_dim"]).eval()
+w = load_file(os.path.join(ckpt, "ema.safetensors"))
+unet.load_state_dict({k[8:]: v for k, v in w.items() if k.startswith("decoder.")}, strict=True)
+proj.load_state_dict({k[10:]: v for k, v in w.items() if k.startswith("text_proj.")}, strict=True)
+
+grid = np.asarray(Image.open(grid_png).convert("RGB")).astype(np.float32) / 127.5 - 1
+n = grid.shape[1] // res
+x0 = torch.tensor(grid[:res]).reshape(res, n, res, 3).permute(1, 3, 0, 2).contiguous()
+def members(path, suffix):
+    with tarfile.open(path) as tf:
+        return {e.name[: -len(suffix)]: tf.extractfile(e).read() for e in tf.getmembers() if e.name.endswith(suffix)}
+scenes = members(heldout_tar, ".json")
+keys = sorted(scenes)[:n]
+scenes = [json.loads(scenes[k]) for k in keys]
+def arrays(suffix):
+    found = members(emb_tar, suffix)
+    return [torch.tensor(np.load(io.BytesIO(found[k])).astype(np.float32)) for k in keys]
+zi, zt, toks = torch.stack(arrays(".img_emb.npy")), torch.stack(arrays(".txt_emb.npy")), arrays(".txt_tokens.npy")
+feats = torch.zeros(n, max(len(t) for t in toks), toks[0].shape[1])
+mask = torch.zeros(feats.shape[:2], dtype=torch.bool)
+for i, t in enumerate(toks):
+    feats[i, : len(t)], mask[i, : len(t)] = t, True
+
+T = 1000
+s = torch.arange(T + 1, dtype=torch.float64) / T
+f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+acp = torch.cumprod(1 - (1 - f[1:] / f[:-1]).clamp(max=0.999), 0).float()
+
+def condition(idx):
+    with torch.no_grad():
+        ctx, add = proj(image_embeddings=zi[idx], prompt_embeds=zt[idx],
+                        text_encoder_hidden_states=feats[idx], do_classifier_free_guidance=False)
+    pad = torch.ones(len(idx), m["clip_extra_context_tokens"], dtype=torch.bool)
+    return ctx, add, torch.cat([pad, mask[idx]], 1)
+
+def ddim(x, t0, cond, count=25):
+    ctx, add, attn = cond
+    ts = np.linspace(t0, 0, count + 1).round().astype(int)
+    with torch.no_grad():
+        for a_t, b_t in zip(ts[:-1], ts[1:]):
+            a = acp[a_t]
+            v = unet(x, torch.full((n,), int(a_t)), encoder_hidden_states=ctx, class_labels=add,
+                     attention_mask=attn).sample[:, :3]
+            x0_hat = (a.sqrt() * x - (1 - a).sqrt() * v).clamp(-1, 1)
+            eps = (x - a.sqrt() * x0_hat) / (1 - a).sqrt()
+            b = acp[b_t] if b_t > 0 else torch.tensor(1.0)
+            x = b.sqrt() * x0_hat + (1 - b).sqrt() * eps
+    return x
+
+def count(x):
+    cells = ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    pairs = [p for i in range(n) for p in shape_score.score(cells[i], scenes[i], res)]
+    right = sum(got == true for true, got in pairs)
+    missing = sum(got is None for _, got in pairs)
+    return f"shape right {right}/{len(pairs)} ({100 * right / len(pairs):.1f} %), missing {missing}"
+
+print(f"{ckpt}: {n} held-out scenes; real images: {count(x0)}")
+own, other = condition(torch.arange(n)), condition(torch.roll(torch.arange(n), 1))
+torch.manual_seed(0)
+noise = torch.randn_like(x0)
+for t in steps:
+    a = acp[t]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    print(f"t={t}: own conditioning {count(ddim(xt, t, own))} | another scene's {count(ddim(xt, t, other))}",
+          flush=True)
