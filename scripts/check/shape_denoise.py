@@ -27,7 +27,9 @@ ckpt, grid_png, emb_tar, heldout_tar = sys.argv[1:5]
 steps = [int(a) for a in sys.argv[5:]] or [200, 350, 500]
 cfg = yaml.safe_load(open(os.path.join(ckpt, "..", "..", "config.yaml")))
 m, res = cfg["decoder"]["model"], cfg["data"]["image"]["resolution"]
-assert cfg["decoder"]["diffusion"].get("predict") == "v", "needs a v-prediction decoder"
+d = cfg["decoder"]["diffusion"]
+assert (d.get("predict"), d.get("schedule"), d.get("timesteps")) == ("v", "cosine", 1000), \
+    f"needs a v-prediction decoder on the cosine schedule over 1000 steps, not {d}"
 u, width = m["unet"], m["clip_embeddings_dim"]
 unet = UNet2DConditionModel(sample_size=res, in_channels=3, out_channels=6,
     down_block_types=tuple(u["down_block_types"]), up_block_types=tuple(u["up_block_types"]),
