@@ -13,11 +13,11 @@ Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png E
   EMB_SHARD.tar: the held-out shard's `embed --token-features` shard; T: noise steps (200 350 500).
 Needs a v-prediction config with the cosine schedule over 1000 steps, as configs/shapes/decoder.yaml.
 """
-import io, json, math, os, sys, tarfile
+import io, os, sys, tarfile
 import numpy as np, torch, yaml
 from PIL import Image
 from safetensors.torch import load_file
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shape_score
@@ -47,25 +47,19 @@ proj.load_state_dict({k[10:]: v for k, v in w.items() if k.startswith("text_proj
 grid = np.asarray(Image.open(grid_png).convert("RGB")).astype(np.float32) / 127.5 - 1
 n = grid.shape[1] // res
 x0 = torch.tensor(grid[:res]).reshape(res, n, res, 3).permute(1, 3, 0, 2).contiguous()
-def members(path, suffix):
-    with tarfile.open(path) as tf:
-        return {e.name[: -len(suffix)]: tf.extractfile(e).read() for e in tf.getmembers() if e.name.endswith(suffix)}
-scenes = members(heldout_tar, ".json")
-keys = sorted(scenes)[:n]
-scenes = [json.loads(scenes[k]) for k in keys]
+keys, scenes = shape_score.held_out_scenes(heldout_tar, n)
 def arrays(suffix):
-    found = members(emb_tar, suffix)
-    return [torch.tensor(np.load(io.BytesIO(found[k])).astype(np.float32)) for k in keys]
+    with tarfile.open(emb_tar) as tar:
+        return [torch.tensor(np.load(io.BytesIO(tar.extractfile(k + suffix).read())).astype(np.float32))
+                for k in keys]
 zi, zt, toks = torch.stack(arrays(".img_emb.npy")), torch.stack(arrays(".txt_emb.npy")), arrays(".txt_tokens.npy")
 feats = torch.zeros(n, max(len(t) for t in toks), toks[0].shape[1])
 mask = torch.zeros(feats.shape[:2], dtype=torch.bool)
 for i, t in enumerate(toks):
     feats[i, : len(t)], mask[i, : len(t)] = t, True
 
-T = 1000
-s = torch.arange(T + 1, dtype=torch.float64) / T
-f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-acp = torch.cumprod(1 - (1 - f[1:] / f[:-1]).clamp(max=0.999), 0).float()
+# the core's cosine schedule (betas capped at 0.999) is diffusers' squaredcos_cap_v2
+acp = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
 
 def condition(idx):
     with torch.no_grad():
@@ -90,10 +84,7 @@ def ddim(x, t0, cond, count=25):
 
 def count(x):
     cells = ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
-    pairs = [p for i in range(n) for p in shape_score.score(cells[i], scenes[i], res)]
-    right = sum(got == true for true, got in pairs)
-    missing = sum(got is None for _, got in pairs)
-    return f"shape right {right}/{len(pairs)} ({100 * right / len(pairs):.1f} %), missing {missing}"
+    return shape_score.tally([p for i in range(n) for p in shape_score.score(cells[i], scenes[i], res)])
 
 print(f"{ckpt}: {n} held-out scenes; real images: {count(x0)}")
 own, other = condition(torch.arange(n)), condition(torch.roll(torch.arange(n), 1))

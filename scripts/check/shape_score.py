@@ -133,6 +133,21 @@ def score(cell, scene, res):
     return out
 
 
+def held_out_scenes(shard, count):
+    """The first `count` scenes of a shard in key order (a grid's columns), with their keys."""
+    with tarfile.open(shard) as tar:
+        names = sorted(n for n in tar.getnames() if n.endswith(".json"))[:count]
+        return [n[: -len(".json")] for n in names], [json.load(tar.extractfile(n)) for n in names]
+
+
+def tally(pairs):
+    """How many shapes are right and how many objects are missing, as one line."""
+    right = sum(t == g for t, g in pairs)
+    missing = sum(g is None for _, g in pairs)
+    return (f"shape right {right}/{len(pairs)} ({100 * right / len(pairs):.1f} %), "
+            f"no region of the colour {missing}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("grid")
@@ -141,22 +156,16 @@ def main():
     a = ap.parse_args()
     grid = np.asarray(Image.open(a.grid).convert("RGB")).astype(np.float32)
     rows, cols = grid.shape[0] // a.res, grid.shape[1] // a.res
-    with tarfile.open(a.shard) as tar:
-        names = sorted(n for n in tar.getnames() if n.endswith(".json"))[:cols]
-        scenes = [json.load(tar.extractfile(n)) for n in names]
+    _, scenes = held_out_scenes(a.shard, cols)
     for row in range(rows):
         pairs = []
         for col, scene in enumerate(scenes):
             cell = grid[row * a.res:(row + 1) * a.res, col * a.res:(col + 1) * a.res]
             pairs += score(cell, scene, a.res)
-        n = len(pairs)
-        right = sum(t == g for t, g in pairs)
-        missing = sum(g is None for _, g in pairs)
         detail = " ".join(f"{s} {sum(t == g == s for t, g in pairs)}/{sum(t == s for t, _ in pairs)}"
                           for s in SHAPES if any(t == s for t, _ in pairs))
         label = "real" if row == 0 else f"row {row}"
-        print(f"{label}: shape right {right}/{n} ({100 * right / n:.1f} %), no region of the colour "
-              f"{missing} | {detail}")
+        print(f"{label}: {tally(pairs)} | {detail}")
 
 
 if __name__ == "__main__":
