@@ -14,35 +14,22 @@ Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png E
 Needs a v-prediction config with the cosine schedule over 1000 steps, as configs/shapes/decoder.yaml.
 """
 import io, os, sys, tarfile
-import numpy as np, torch, yaml
+import numpy as np, torch
 from PIL import Image
-from safetensors.torch import load_file
-from diffusers import DDPMScheduler, UNet2DConditionModel
-from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import shape_score
+import diffusers_decoder, shape_score
 
 torch.set_num_threads(2)
 ckpt, grid_png, emb_tar, heldout_tar = sys.argv[1:5]
 steps = [int(a) for a in sys.argv[5:]] or [200, 350, 500]
-cfg = yaml.safe_load(open(os.path.join(ckpt, "..", "..", "config.yaml")))
+cfg = diffusers_decoder.run_config(ckpt)
 m, res = cfg["decoder"]["model"], cfg["data"]["image"]["resolution"]
 d = cfg["decoder"]["diffusion"]
 assert (d.get("predict"), d.get("schedule"), d.get("timesteps")) == ("v", "cosine", 1000), \
     f"needs a v-prediction decoder on the cosine schedule over 1000 steps, not {d}"
-u, width = m["unet"], m["clip_embeddings_dim"]
-unet = UNet2DConditionModel(sample_size=res, in_channels=3, out_channels=6,
-    down_block_types=tuple(u["down_block_types"]), up_block_types=tuple(u["up_block_types"]),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=tuple(u["block_out_channels"]),
-    layers_per_block=u["layers_per_block"], cross_attention_dim=u["cross_attention_dim"],
-    attention_head_dim=u["attention_head_dim"], norm_num_groups=u["norm_num_groups"],
-    resnet_time_scale_shift="scale_shift", class_embed_type="identity").eval()
-proj = UnCLIPTextProjModel(clip_extra_context_tokens=m["clip_extra_context_tokens"],
-    clip_embeddings_dim=width, time_embed_dim=4 * u["block_out_channels"][0],
-    cross_attention_dim=u["cross_attention_dim"]).eval()
-w = load_file(os.path.join(ckpt, "ema.safetensors"))
-unet.load_state_dict({k[8:]: v for k, v in w.items() if k.startswith("decoder.")}, strict=True)
-proj.load_state_dict({k[10:]: v for k, v in w.items() if k.startswith("text_proj.")}, strict=True)
+unet, proj = diffusers_decoder.modules(cfg)
+diffusers_decoder.load_ema(ckpt, unet, proj)
+unet, proj = unet.eval(), proj.eval()
 
 grid = np.asarray(Image.open(grid_png).convert("RGB")).astype(np.float32) / 127.5 - 1
 n = grid.shape[1] // res
@@ -58,8 +45,7 @@ mask = torch.zeros(feats.shape[:2], dtype=torch.bool)
 for i, t in enumerate(toks):
     feats[i, : len(t)], mask[i, : len(t)] = t, True
 
-# the core's cosine schedule (betas capped at 0.999) is diffusers' squaredcos_cap_v2
-acp = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+acp = diffusers_decoder.alphas_cumprod()
 
 def condition(idx):
     with torch.no_grad():

@@ -7,6 +7,7 @@ use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 use unclip_diffusion::nn::attention::{fused_linear, split_heads};
+use unclip_diffusion::nn::init;
 
 #[derive(Debug)]
 pub struct AddedKvAttention {
@@ -39,7 +40,7 @@ impl AddedKvAttention {
             "attention: {channels} channels do not split into {groups} groups"
         );
         let inner = heads * head_dim;
-        let linear = |name: &str, i: i64, o: i64| nn::linear(&p / name, i, o, Default::default());
+        let linear = |name: &str, i: i64, o: i64| init::linear(&p / name, i, o);
         Ok(Self {
             group_norm: nn::group_norm(
                 &p / "group_norm",
@@ -55,7 +56,7 @@ impl AddedKvAttention {
             to_v: linear("to_v", channels, inner),
             add_k_proj: linear("add_k_proj", context_dim, inner),
             add_v_proj: linear("add_v_proj", context_dim, inner),
-            to_out: nn::linear(&p / "to_out" / "0", inner, channels, Default::default()),
+            to_out: init::linear(&p / "to_out" / "0", inner, channels),
             heads,
             head_dim,
             channels,

@@ -5,6 +5,7 @@
 use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::Tensor;
+use unclip_diffusion::nn::init;
 
 #[derive(Debug)]
 pub struct TextProj {
@@ -37,7 +38,7 @@ impl TextProj {
         time_embed_dim: i64,
         context_dim: i64,
     ) -> Self {
-        let linear = |name: &str, o: i64| nn::linear(&p / name, clip_dim, o, Default::default());
+        let linear = |name: &str, o: i64| init::linear(&p / name, clip_dim, o);
         Self {
             learned_classifier_free_guidance_embeddings: p
                 .zeros("learned_classifier_free_guidance_embeddings", &[clip_dim]),

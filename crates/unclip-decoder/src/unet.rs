@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::Tensor;
+use unclip_diffusion::nn::init;
 use unclip_diffusion::nn::resnet::{ResBlock, ResBlockConfig, Resample};
 use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
 
@@ -361,7 +362,7 @@ impl UNet {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            conv_in: nn::conv2d(&p / "conv_in", cfg.in_channels, boc[0], 3, conv3),
+            conv_in: init::conv2d(&p / "conv_in", cfg.in_channels, boc[0], 3, conv3),
             time_embedding: TimestepMlp::with_hidden(&p / "time_embedding", boc[0], temb, temb),
             down,
             mid_resnets,
@@ -376,7 +377,7 @@ impl UNet {
                     ..Default::default()
                 },
             ),
-            conv_out: nn::conv2d(&p / "conv_out", boc[0], cfg.out_channels, 3, conv3),
+            conv_out: init::conv2d(&p / "conv_out", boc[0], cfg.out_channels, 3, conv3),
             cfg: cfg.clone(),
         })
     }

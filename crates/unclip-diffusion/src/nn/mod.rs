@@ -3,6 +3,7 @@
 //! dicts map one to one.
 
 pub mod attention;
+pub mod init;
 pub mod resample;
 pub mod resnet;
 pub mod timestep;

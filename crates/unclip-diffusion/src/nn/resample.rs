@@ -1,5 +1,6 @@
 //! 2× up- and down-sampling of feature maps (ADM / diffusers `Upsample2D`, `Downsample2D`).
 
+use super::init;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -16,7 +17,7 @@ impl Upsample {
             ..Default::default()
         };
         Self {
-            conv: use_conv.then(|| nn::conv2d(&p / "conv", channels, out_channels, 3, cfg)),
+            conv: use_conv.then(|| init::conv2d(&p / "conv", channels, out_channels, 3, cfg)),
         }
     }
 
@@ -44,7 +45,7 @@ impl Downsample {
             ..Default::default()
         };
         Self {
-            conv: use_conv.then(|| nn::conv2d(&p / "conv", channels, out_channels, 3, cfg)),
+            conv: use_conv.then(|| init::conv2d(&p / "conv", channels, out_channels, 3, cfg)),
         }
     }
 

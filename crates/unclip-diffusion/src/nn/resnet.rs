@@ -1,7 +1,9 @@
 //! ADM residual block (Dhariwal & Nichol 2021) with scale-shift conditioning: GroupNorm → SiLU →
-//! conv → norm(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv (zero-initialised),
-//! plus a skip (1×1 conv when the width changes). Names follow diffusers' `ResnetBlock2D`.
+//! conv → norm(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv, plus a skip (1×1
+//! conv when the width changes). Names and initialisation follow diffusers' `ResnetBlock2D` (no
+//! zero-initialised last conv, unlike ADM: the shapes decoder trained faster so; README, Measured).
 
+use super::init;
 use super::resample::{Downsample, Upsample};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
@@ -66,27 +68,15 @@ impl ResBlock {
             padding: 1,
             ..Default::default()
         };
-        let zero = nn::ConvConfig {
-            padding: 1,
-            ws_init: nn::Init::Const(0.0),
-            bs_init: nn::Init::Const(0.0),
-            ..Default::default()
-        };
         Self {
             norm1: nn::group_norm(&p / "norm1", c.groups, c.in_channels, gn),
-            conv1: nn::conv2d(&p / "conv1", c.in_channels, c.out_channels, 3, conv3),
-            time_emb_proj: (c.emb_channels > 0).then(|| {
-                nn::linear(
-                    &p / "time_emb_proj",
-                    c.emb_channels,
-                    2 * c.out_channels,
-                    Default::default(),
-                )
-            }),
+            conv1: init::conv2d(&p / "conv1", c.in_channels, c.out_channels, 3, conv3),
+            time_emb_proj: (c.emb_channels > 0)
+                .then(|| init::linear(&p / "time_emb_proj", c.emb_channels, 2 * c.out_channels)),
             norm2: nn::group_norm(&p / "norm2", c.groups, c.out_channels, gn),
-            conv2: nn::conv2d(&p / "conv2", c.out_channels, c.out_channels, 3, zero),
+            conv2: init::conv2d(&p / "conv2", c.out_channels, c.out_channels, 3, conv3),
             conv_shortcut: (c.in_channels != c.out_channels).then(|| {
-                nn::conv2d(
+                init::conv2d(
                     &p / "conv_shortcut",
                     c.in_channels,
                     c.out_channels,

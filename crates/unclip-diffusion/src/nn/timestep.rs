@@ -1,6 +1,7 @@
 //! Sinusoidal timestep embeddings (Vaswani et al. 2017, as guided-diffusion's
 //! `timestep_embedding`: cos first, then sin) and the MLP that follows them in ADM.
 
+use super::init;
 use crate::error::{shape_err, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -46,8 +47,8 @@ impl TimestepMlp {
     /// in → hidden → out (diffusers' `TimestepEmbedding` with `out_dim`, as the prior uses it).
     pub fn with_hidden(p: nn::Path, in_dim: i64, hidden_dim: i64, out_dim: i64) -> Self {
         Self {
-            linear_1: nn::linear(&p / "linear_1", in_dim, hidden_dim, Default::default()),
-            linear_2: nn::linear(&p / "linear_2", hidden_dim, out_dim, Default::default()),
+            linear_1: init::linear(&p / "linear_1", in_dim, hidden_dim),
+            linear_2: init::linear(&p / "linear_2", hidden_dim, out_dim),
         }
     }
 

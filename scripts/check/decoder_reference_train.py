@@ -1,0 +1,202 @@
+"""The shapes decoder's training recipe in PyTorch with diffusers' modules, as a reference for
+`train-decoder`'s training dynamics: same config file, shards, stored CLIP embeddings, loss (v or ε
+MSE + the learned-range VLB at λ = 0.001·T, timestep emphasis), guidance dropout (learned null
+z_i, the empty caption), AdamW with warm-up and global-norm clipping, EMA with warm-up, bf16
+autocast when the config says so. Writes the EMA weights under our checkpoint names
+(RUN/checkpoints/step-N/ema.safetensors, RUN/config.yaml), so shape_denoise.py scores it like one
+of ours (README, Measured).
+
+Usage: .venv/bin/python scripts/check/decoder_reference_train.py CONFIG.yaml RUN_DIR NULL_EMB.tar \
+           [--steps N] [--threads 2]
+  NULL_EMB.tar: `embed --token-features` of a one-sample shard whose caption is empty (the
+  empty caption's z_t and token features; the decoder's text dropout uses them). The README's
+  "Training dynamics against diffusers" shows how to make one.
+"""
+import argparse, io, math, os, re, sys, tarfile, time
+import numpy as np, torch, yaml
+from PIL import Image
+from safetensors.torch import save_file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import diffusers_decoder
+
+ap = argparse.ArgumentParser()
+ap.add_argument("config")
+ap.add_argument("run_dir")
+ap.add_argument("null_emb")
+ap.add_argument("--steps", type=int)
+ap.add_argument("--threads", type=int, default=2)
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+cfg = yaml.safe_load(open(a.config))
+dec, data, tr = cfg["decoder"], cfg["data"], cfg["train"]
+m, d = dec["model"], dec["diffusion"]
+assert d.get("schedule") == "cosine" and d.get("timesteps") == 1000 and d.get("variance") == "learned_range"
+res, steps, batch = data["image"]["resolution"], a.steps or tr["steps"], tr["batch_size"]
+torch.manual_seed(cfg.get("seed", 0))
+
+
+def expand(pattern):
+    """data/x-{000000..000019}.tar → the 20 paths."""
+    g = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not g:
+        return [pattern]
+    lo, hi = g.group(1), g.group(2)
+    return [pattern[: g.start()] + str(i).zfill(len(lo)) + pattern[g.end():] for i in range(int(lo), int(hi) + 1)]
+
+
+def load_npy(tar, name):
+    return np.load(io.BytesIO(tar.extractfile(name).read())).astype(np.float32)
+
+
+ctx_len = 0
+images, zi, zt, toks = [], [], [], []
+for shard in expand(data["train"]):
+    emb = os.path.join(data["embedding_dir"], os.path.basename(shard))
+    with tarfile.open(shard) as ti, tarfile.open(emb) as te:
+        names = set(te.getnames())
+        for n in sorted(x for x in ti.getnames() if x.endswith(".png")):
+            k = n[:-4]
+            if k + ".txt_tokens.npy" not in names:
+                continue
+            img = Image.open(io.BytesIO(ti.extractfile(n).read())).convert("RGB").resize((res, res), Image.BICUBIC)
+            images.append(np.asarray(img))
+            zi.append(load_npy(te, k + ".img_emb.npy"))
+            zt.append(load_npy(te, k + ".txt_emb.npy"))
+            toks.append(load_npy(te, k + ".txt_tokens.npy"))
+with tarfile.open(a.null_emb) as te:
+    k = [n for n in te.getnames() if n.endswith(".txt_tokens.npy")][0][: -len(".txt_tokens.npy")]
+    null_zt, null_tok = load_npy(te, k + ".txt_emb.npy"), load_npy(te, k + ".txt_tokens.npy")
+L = max(len(t) for t in toks + [null_tok])
+
+
+def padded(ts):
+    f = torch.zeros(len(ts), L, ts[0].shape[1])
+    mask = torch.zeros(len(ts), L, dtype=torch.bool)
+    for i, t in enumerate(ts):
+        f[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), True
+    return f, mask
+
+
+X = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+ZI, ZT = torch.tensor(np.stack(zi)), torch.tensor(np.stack(zt))
+F, M = padded(toks)
+NF, NM = padded([null_tok])
+NZT = torch.tensor(null_zt)[None]
+N = len(X)
+print(f"{N} training images at {res} px, {L} caption tokens at most", flush=True)
+
+unet, proj = diffusers_decoder.modules(cfg)
+unet, proj = unet.train(), proj.train()
+named = [("decoder." + k, p) for k, p in unet.named_parameters()] + \
+        [("text_proj." + k, p) for k, p in proj.named_parameters()]
+params = [p for _, p in named]
+print(f"{sum(p.numel() for p in params) / 1e6:.2f} M parameters", flush=True)
+lr = tr["lr"]
+opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, tr.get("beta2", 0.999)), eps=tr.get("eps", 1e-8),
+                        weight_decay=tr.get("weight_decay", 0.0))
+ema = {k: p.detach().clone() for k, p in named}
+
+T = 1000
+acp = diffusers_decoder.alphas_cumprod(T).double()
+betas = 1 - acp / torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+post_var = betas * (1 - acp_prev) / (1 - acp)
+tab = {k: v.float() for k, v in dict(sa=acp.sqrt(), s1a=(1 - acp).sqrt(),
+    c1=betas * acp_prev.sqrt() / (1 - acp), c2=(1 - acp_prev) * (1 - betas).sqrt() / (1 - acp),
+    plv=torch.log(torch.cat([post_var[1:2], post_var[1:]])), lb=betas.log()).items()}
+weights = torch.ones(T)
+if "timestep_emphasis" in d:
+    e = d["timestep_emphasis"]
+    s = torch.arange(T, dtype=torch.float64) / T
+    w = e["floor"] + (1 - e["floor"]) * torch.exp(-0.5 * ((s - e["centre"]) / e["width"]) ** 2)
+    weights = (w / w.mean()).float()
+
+
+def g(name, t):
+    return tab[name][t].view(-1, 1, 1, 1)
+
+
+def cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_nll(x, mean, log_scale):
+    c, inv = x - mean, torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv * (c + 1 / 255)), cdf(inv * (c - 1 / 255))
+    lp = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+         torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(), (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    return -lp
+
+
+def loss_fn(x0, zi, zt, feats, mask):
+    b = len(x0)
+    t = torch.randint(0, T, (b,))
+    noise = torch.randn_like(x0)
+    x_t = g("sa", t) * x0 + g("s1a", t) * noise
+    drop_i = torch.rand(b) < dec.get("image_drop_prob", 0.1)
+    drop_t = torch.rand(b) < dec.get("text_drop_prob", 0.5)
+    zi = torch.where(drop_i[:, None], proj.learned_classifier_free_guidance_embeddings[None], zi)
+    zt = torch.where(drop_t[:, None], NZT, zt)
+    feats = torch.where(drop_t[:, None, None], NF, feats)
+    mask = torch.where(drop_t[:, None], NM, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tr.get("precision") == "bf16"):
+        ctx, add = proj(image_embeddings=zi, prompt_embeds=zt, text_encoder_hidden_states=feats,
+                        do_classifier_free_guidance=False)
+        attn = torch.cat([torch.ones(b, m["clip_extra_context_tokens"], dtype=torch.bool), mask], 1)
+        out = unet(x_t, t, encoder_hidden_states=ctx, class_labels=add, attention_mask=attn).sample
+    out = out.float()
+    mean_out, var_out = out[:, :3], out[:, 3:]
+    if d.get("predict", "epsilon") == "v":
+        target = g("sa", t) * noise - g("s1a", t) * x0
+        pred_x0 = g("sa", t) * x_t - g("s1a", t) * mean_out.detach()
+    else:
+        target = noise
+        pred_x0 = (x_t - g("s1a", t) * mean_out.detach()) / g("sa", t)
+    mse = (mean_out - target).square().mean(dim=(1, 2, 3))
+    frac = (var_out + 1) / 2
+    model_logvar = frac * g("lb", t) + (1 - frac) * g("plv", t)
+    model_mean = g("c1", t) * pred_x0 + g("c2", t) * x_t
+    true_mean, true_logvar = g("c1", t) * x0 + g("c2", t) * x_t, g("plv", t)
+    kl = 0.5 * (-1 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
+                + (true_mean - model_mean) ** 2 * torch.exp(-model_logvar))
+    kl = kl.mean(dim=(1, 2, 3)) / math.log(2)
+    nll = discretized_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=(1, 2, 3)) / math.log(2)
+    vb = torch.where(t == 0, nll, kl)
+    return ((mse + d.get("vlb_weight", 0.001) * T * vb) * weights[t]).mean()
+
+
+def save(step):
+    out = os.path.join(a.run_dir, "checkpoints", f"step-{step:09d}")
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ema.items()}, os.path.join(out, "ema.safetensors"))
+    print(f"checkpoint {out}", flush=True)
+
+
+os.makedirs(a.run_dir, exist_ok=True)
+yaml.safe_dump(cfg, open(os.path.join(a.run_dir, "config.yaml"), "w"), sort_keys=False)
+order, pos, start, running = torch.randperm(N), 0, time.time(), []
+every = cfg.get("checkpoint", {}).get("every", steps)
+for step in range(1, steps + 1):
+    if pos + batch > N:
+        order, pos = torch.randperm(N), 0
+    idx = order[pos: pos + batch]
+    pos += batch
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, step / max(tr.get("warmup_steps", 0), 1))
+    loss = loss_fn(X[idx], ZI[idx], ZT[idx], F[idx], M[idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, tr.get("grad_clip", 1.0))
+    opt.step()
+    decay = min(tr.get("ema_decay", 0.9999), (1 + step - 1) / (10 + step - 1))
+    with torch.no_grad():
+        for k, p in named:
+            ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+    running.append(loss.item())
+    if step % 50 == 0:
+        print(f"step {step}/{steps} loss {np.mean(running):.4f} {step * batch / (time.time() - start):.1f} samples/s",
+              flush=True)
+        running = []
+    if step % every == 0 or step == steps:
+        save(step)
+print(f"{time.time() - start:.1f} s")

@@ -1,0 +1,44 @@
+"""diffusers' UnCLIP decoder modules (`UNet2DConditionModel` + `UnCLIPTextProjModel`, as the UnCLIP
+pipeline configures them) built from a `train-decoder` config, our checkpoints' EMA weights loaded
+into them (strict: the names match), and the core's cosine schedule. Shared by the check scripts
+that run or train our decoder in PyTorch.
+"""
+import os
+import yaml
+from safetensors.torch import load_file
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+
+def run_config(ckpt):
+    """The resolved config of the run a checkpoint directory (RUN/checkpoints/step-N) belongs to."""
+    return yaml.safe_load(open(os.path.join(ckpt, "..", "..", "config.yaml")))
+
+
+def modules(cfg):
+    """(unet, text_proj) for the config's `decoder.model` at its `data.image.resolution`."""
+    m = cfg["decoder"]["model"]
+    u = m["unet"]
+    unet = UNet2DConditionModel(sample_size=cfg["data"]["image"]["resolution"], in_channels=3,
+        out_channels=6, down_block_types=tuple(u["down_block_types"]),
+        up_block_types=tuple(u["up_block_types"]), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=tuple(u["block_out_channels"]), layers_per_block=u["layers_per_block"],
+        cross_attention_dim=u["cross_attention_dim"], attention_head_dim=u["attention_head_dim"],
+        norm_num_groups=u["norm_num_groups"], resnet_time_scale_shift="scale_shift",
+        class_embed_type="identity")
+    proj = UnCLIPTextProjModel(clip_extra_context_tokens=m["clip_extra_context_tokens"],
+        clip_embeddings_dim=m["clip_embeddings_dim"], time_embed_dim=4 * u["block_out_channels"][0],
+        cross_attention_dim=u["cross_attention_dim"])
+    return unet, proj
+
+
+def load_ema(ckpt, unet, proj):
+    """A checkpoint's EMA weights (`decoder.*`, `text_proj.*`) into the two modules."""
+    w = load_file(os.path.join(ckpt, "ema.safetensors"))
+    unet.load_state_dict({k[8:]: v for k, v in w.items() if k.startswith("decoder.")}, strict=True)
+    proj.load_state_dict({k[10:]: v for k, v in w.items() if k.startswith("text_proj.")}, strict=True)
+
+
+def alphas_cumprod(timesteps=1000):
+    """ᾱ_t of the core's cosine schedule (betas capped at 0.999): diffusers' squaredcos_cap_v2."""
+    return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2").alphas_cumprod
