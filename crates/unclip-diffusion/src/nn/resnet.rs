@@ -1,7 +1,8 @@
 //! ADM residual block (Dhariwal & Nichol 2021) with scale-shift conditioning: GroupNorm → SiLU →
 //! conv → norm(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv, plus a skip (1×1
-//! conv when the width changes). Names and initialisation follow diffusers' `ResnetBlock2D` (no
-//! zero-initialised last conv, unlike ADM: the shapes decoder trained faster so; README, Measured).
+//! conv when the width changes). Names and initialisation follow diffusers' `ResnetBlock2D`
+//! (PyTorch's defaults; no zero-initialised last conv as in ADM): so initialised, the shapes
+//! decoder trains as fast as diffusers' does from the same recipe (README, Measured).
 
 use super::init;
 use super::resample::{Downsample, Upsample};
