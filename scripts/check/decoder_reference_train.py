@@ -31,6 +31,10 @@ cfg = yaml.safe_load(open(a.config))
 dec, data, tr = cfg["decoder"], cfg["data"], cfg["train"]
 m, d = dec["model"], dec["diffusion"]
 assert d.get("schedule") == "cosine" and d.get("timesteps") == 1000 and d.get("variance") == "learned_range"
+# What this reference does not reproduce is refused rather than silently trained differently.
+unsupported = [k for k in ("timestep_loss_weights", "min_snr_gamma") if d.get(k) is not None] + \
+    [f"train.{k}" for k in ("lr_schedule", "sam_rho", "grad_accum") if tr.get(k) not in (None, "constant", 1)]
+assert not unsupported, f"not reproduced here: {unsupported}"
 res, steps, batch = data["image"]["resolution"], a.steps or tr["steps"], tr["batch_size"]
 torch.manual_seed(cfg.get("seed", 0))
 
@@ -48,8 +52,7 @@ def load_npy(tar, name):
     return np.load(io.BytesIO(tar.extractfile(name).read())).astype(np.float32)
 
 
-ctx_len = 0
-images, zi, zt, toks = [], [], [], []
+images, zi, zt, toks, missing = [], [], [], [], 0
 for shard in expand(data["train"]):
     emb = os.path.join(data["embedding_dir"], os.path.basename(shard))
     with tarfile.open(shard) as ti, tarfile.open(emb) as te:
@@ -57,6 +60,7 @@ for shard in expand(data["train"]):
         for n in sorted(x for x in ti.getnames() if x.endswith(".png")):
             k = n[:-4]
             if k + ".txt_tokens.npy" not in names:
+                missing += 1
                 continue
             img = Image.open(io.BytesIO(ti.extractfile(n).read())).convert("RGB").resize((res, res), Image.BICUBIC)
             images.append(np.asarray(img))
@@ -83,7 +87,8 @@ F, M = padded(toks)
 NF, NM = padded([null_tok])
 NZT = torch.tensor(null_zt)[None]
 N = len(X)
-print(f"{N} training images at {res} px, {L} caption tokens at most", flush=True)
+print(f"{N} training images at {res} px ({missing} without embeddings, left out), "
+      f"{L} caption tokens at most", flush=True)
 
 unet, proj = diffusers_decoder.modules(cfg)
 unet, proj = unet.train(), proj.train()
