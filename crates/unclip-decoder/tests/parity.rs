@@ -185,3 +185,50 @@ fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
     assert!(text.mask.get(1).equal(&null.mask.get(0)));
     assert!(text.mask.get(0).equal(&kept.mask.get(0)));
 }
+
+#[test]
+fn a_fresh_decoder_starts_as_diffusers_initialises_it() {
+    // PyTorch's nn.Linear / nn.Conv2d defaults, which diffusers keeps: weights and biases uniform in
+    // ±1/√fan_in; norms at 1 and 0; the null z_i at 0. A layer built with tch's defaults
+    // (√6× wider) or zero-initialised fails here.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _decoder = UnclipDecoder::new(vs.root(), &tiny_unet(), 16, 4).unwrap();
+    let vars = vs.variables();
+    let mut layers = 0;
+    for (name, w) in &vars {
+        let dims = w.size();
+        let max = w.abs().max().double_value(&[]);
+        if name.ends_with("learned_classifier_free_guidance_embeddings") {
+            assert_eq!(max, 0.0, "{name}");
+            continue;
+        }
+        let Some(layer) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let bias = vars[&format!("{layer}.bias")].abs().max().double_value(&[]);
+        if dims.len() == 1 {
+            assert_eq!(w.min().double_value(&[]), 1.0, "{name}: a norm starts at 1");
+            assert_eq!(max, 1.0, "{name}: a norm starts at 1");
+            assert_eq!(bias, 0.0, "{layer}.bias: a norm's bias starts at 0");
+            continue;
+        }
+        layers += 1;
+        let bound = 1.0 / (dims[1..].iter().product::<i64>() as f64).sqrt();
+        assert!(
+            max <= bound,
+            "{name}: max {max} above 1/sqrt(fan_in) = {bound}"
+        );
+        if w.numel() >= 1000 {
+            let (std, want) = (w.std(true).double_value(&[]), bound / 3f64.sqrt());
+            assert!(
+                (std / want - 1.0).abs() < 0.1,
+                "{name}: std {std}, uniform ±{bound} has {want}"
+            );
+        }
+        assert!(
+            bias <= bound && bias > 0.0,
+            "{layer}.bias: max {bias}, bound {bound}"
+        );
+    }
+    assert!(layers > 30, "only {layers} layers checked");
+}
