@@ -24,9 +24,7 @@ x0 = torch.tensor(grid[:res, :8 * res]).reshape(res, 8, res, 3).permute(1, 3, 0,
 zi = torch.stack([torch.tensor(np.load(os.path.join(emb_dir, f'{i:09d}.img_emb.npy'))).float() for i in range(8)])
 zt = torch.stack([torch.tensor(np.load(os.path.join(emb_dir, f'{i:09d}.txt_emb.npy'))).float() for i in range(8)])
 toks = [torch.tensor(np.load(os.path.join(emb_dir, f'{i:09d}.txt_tokens.npy')).astype(np.float32)) for i in range(8)]
-L = max(len(t) for t in toks)
-feats = torch.zeros(8, L, toks[0].shape[1]); mask = torch.zeros(8, L, dtype=torch.bool)
-for i, t in enumerate(toks): feats[i, :len(t)] = t; mask[i, :len(t)] = True
+feats, mask = diffusers_decoder.padded_tokens(toks)
 acp = diffusers_decoder.alphas_cumprod()
 torch.manual_seed(0)
 with torch.no_grad():

@@ -71,20 +71,10 @@ with tarfile.open(a.null_emb) as te:
     k = [n for n in te.getnames() if n.endswith(".txt_tokens.npy")][0][: -len(".txt_tokens.npy")]
     null_zt, null_tok = load_npy(te, k + ".txt_emb.npy"), load_npy(te, k + ".txt_tokens.npy")
 L = max(len(t) for t in toks + [null_tok])
-
-
-def padded(ts):
-    f = torch.zeros(len(ts), L, ts[0].shape[1])
-    mask = torch.zeros(len(ts), L, dtype=torch.bool)
-    for i, t in enumerate(ts):
-        f[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), True
-    return f, mask
-
-
 X = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 ZI, ZT = torch.tensor(np.stack(zi)), torch.tensor(np.stack(zt))
-F, M = padded(toks)
-NF, NM = padded([null_tok])
+F, M = diffusers_decoder.padded_tokens(toks, L)
+NF, NM = diffusers_decoder.padded_tokens([null_tok], L)
 NZT = torch.tensor(null_zt)[None]
 N = len(X)
 print(f"{N} training images at {res} px ({missing} without embeddings, left out), "
@@ -103,8 +93,8 @@ ema = {k: p.detach().clone() for k, p in named}
 
 T = 1000
 acp = diffusers_decoder.alphas_cumprod(T).double()
-betas = 1 - acp / torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
 acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+betas = 1 - acp / acp_prev
 post_var = betas * (1 - acp_prev) / (1 - acp)
 tab = {k: v.float() for k, v in dict(sa=acp.sqrt(), s1a=(1 - acp).sqrt(),
     c1=betas * acp_prev.sqrt() / (1 - acp), c2=(1 - acp_prev) * (1 - betas).sqrt() / (1 - acp),

@@ -4,7 +4,7 @@ into them (strict: the names match), and the core's cosine schedule. Shared by t
 that run or train our decoder in PyTorch.
 """
 import os
-import yaml
+import torch, yaml
 from safetensors.torch import load_file
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
@@ -42,3 +42,14 @@ def load_ema(ckpt, unet, proj):
 def alphas_cumprod(timesteps=1000):
     """ᾱ_t of the core's cosine schedule (betas capped at 0.999): diffusers' squaredcos_cap_v2."""
     return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+
+
+def padded_tokens(toks, length=None):
+    """Caption token features of different lengths ([L_i, D] each) as one [N, length, D] tensor
+    (zeros past each caption) and its [N, length] mask; length defaults to the longest."""
+    length = length or max(len(t) for t in toks)
+    feats = torch.zeros(len(toks), length, toks[0].shape[1])
+    mask = torch.zeros(len(toks), length, dtype=torch.bool)
+    for i, t in enumerate(toks):
+        feats[i, : len(t)], mask[i, : len(t)] = torch.as_tensor(t), True
+    return feats, mask

@@ -40,10 +40,7 @@ def arrays(suffix):
         return [torch.tensor(np.load(io.BytesIO(tar.extractfile(k + suffix).read())).astype(np.float32))
                 for k in keys]
 zi, zt, toks = torch.stack(arrays(".img_emb.npy")), torch.stack(arrays(".txt_emb.npy")), arrays(".txt_tokens.npy")
-feats = torch.zeros(n, max(len(t) for t in toks), toks[0].shape[1])
-mask = torch.zeros(feats.shape[:2], dtype=torch.bool)
-for i, t in enumerate(toks):
-    feats[i, : len(t)], mask[i, : len(t)] = t, True
+feats, mask = diffusers_decoder.padded_tokens(toks)
 
 acp = diffusers_decoder.alphas_cumprod()
 

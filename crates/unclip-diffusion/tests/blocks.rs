@@ -98,45 +98,8 @@ fn fresh_blocks_start_as_pytorch_initialises_them() {
     let vs = nn::VarStore::new(Device::Cpu);
     let _block = ResBlock::new(vs.root(), &ResBlockConfig::new(32, 64, 16));
     let _down = Downsample::new(vs.root() / "down", 64, 64, true);
-    let vars = vs.variables();
-    let mut layers = 0;
-    for (name, w) in &vars {
-        let Some(layer) = name.strip_suffix(".weight") else {
-            continue;
-        };
-        let dims = w.size();
-        if dims.len() == 1 {
-            // GroupNorm: ones, and a zero bias.
-            assert_eq!(w.min().double_value(&[]), 1.0, "{name}");
-            assert_eq!(
-                vars[&format!("{layer}.bias")].abs().max().double_value(&[]),
-                0.0
-            );
-            continue;
-        }
-        layers += 1;
-        let bound = 1.0 / (dims[1..].iter().product::<i64>() as f64).sqrt();
-        let (max, std) = (
-            w.abs().max().double_value(&[]),
-            w.std(true).double_value(&[]),
-        );
-        assert!(
-            max <= bound,
-            "{name}: max {max} above 1/sqrt(fan_in) = {bound}"
-        );
-        let want = bound / 3f64.sqrt();
-        assert!(
-            (std / want - 1.0).abs() < 0.1,
-            "{name}: std {std}, uniform ±{bound} has {want}"
-        );
-        let b = vars[&format!("{layer}.bias")].abs().max().double_value(&[]);
-        assert!(
-            b <= bound && b > bound / 2.0,
-            "{layer}.bias: max {b}, bound {bound}"
-        );
-    }
     // conv1, time_emb_proj, conv2, conv_shortcut and the downsampling conv.
-    assert_eq!(layers, 5);
+    assert_eq!(unclip_testkit::assert_pytorch_default_init(&vs), 5);
 }
 
 #[test]

@@ -23,3 +23,52 @@ where
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
+
+/// Asserts that every layer in `vs` starts as PyTorch initialises `nn.Linear` / `nn.Conv2d`
+/// (what diffusers' modules keep): weights uniform in ±1/√fan_in (bound, and the spread of that
+/// uniform where there are 1000+ weights), biases within the same bound and not zero (above half
+/// of it where there are 32+); norms at weight 1, bias 0. Returns how many linear or conv layers
+/// it checked.
+pub fn assert_pytorch_default_init(vs: &tch::nn::VarStore) -> usize {
+    let vars = vs.variables();
+    let max_abs = |t: &tch::Tensor| t.abs().max().double_value(&[]);
+    let mut layers = 0;
+    for (name, w) in &vars {
+        let Some(layer) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let bias = &vars[&format!("{layer}.bias")];
+        let dims = w.size();
+        if dims.len() == 1 {
+            assert_eq!(w.min().double_value(&[]), 1.0, "{name}: a norm starts at 1");
+            assert_eq!(max_abs(w), 1.0, "{name}: a norm starts at 1");
+            assert_eq!(
+                max_abs(bias),
+                0.0,
+                "{layer}.bias: a norm's bias starts at 0"
+            );
+            continue;
+        }
+        layers += 1;
+        let bound = 1.0 / (dims[1..].iter().product::<i64>() as f64).sqrt();
+        let max = max_abs(w);
+        assert!(
+            max <= bound,
+            "{name}: max {max} above 1/sqrt(fan_in) = {bound}"
+        );
+        if w.numel() >= 1000 {
+            let (std, want) = (w.std(true).double_value(&[]), bound / 3f64.sqrt());
+            assert!(
+                (std / want - 1.0).abs() < 0.1,
+                "{name}: std {std}, uniform ±{bound} has {want}"
+            );
+        }
+        let b = max_abs(bias);
+        let floor = if bias.numel() >= 32 { bound / 2.0 } else { 0.0 };
+        assert!(
+            b <= bound && b > floor,
+            "{layer}.bias: max {b}, bound {bound}"
+        );
+    }
+    layers
+}
