@@ -7,6 +7,7 @@ import os
 import torch, yaml
 from safetensors.torch import load_file
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
 
@@ -25,11 +26,35 @@ def modules(cfg):
         block_out_channels=tuple(u["block_out_channels"]), layers_per_block=u["layers_per_block"],
         cross_attention_dim=u["cross_attention_dim"], attention_head_dim=u["attention_head_dim"],
         norm_num_groups=u["norm_num_groups"], resnet_time_scale_shift="scale_shift",
-        class_embed_type="identity")
+        class_embed_type="identity", only_cross_attention=only_cross(u.get("only_cross_attention", False)),
+        mid_block_only_cross_attention=u.get("mid_block_only_cross_attention"))
+    for m_ in unet.modules():
+        if isinstance(m_, Attention) and m_.only_cross_attention:
+            m_.set_processor(OnlyCrossAttnProcessor())
     proj = UnCLIPTextProjModel(clip_extra_context_tokens=m["clip_extra_context_tokens"],
         clip_embeddings_dim=m["clip_embeddings_dim"], time_embed_dim=4 * u["block_out_channels"][0],
         cross_attention_dim=u["cross_attention_dim"])
     return unet, proj
+
+
+class OnlyCrossAttnProcessor(AttnAddedKVProcessor2_0):
+    """AttnAddedKVProcessor2_0 for `only_cross_attention` layers: diffusers pads the context mask
+    by the image tokens even when, as here, the keys are the context's alone (a shape error)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        if attention_mask is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, None)
+        pad = attn.prepare_attention_mask
+        attn.prepare_attention_mask = lambda m, length, batch, out_dim=3: pad(m, 0, batch, out_dim)
+        try:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
+        finally:
+            del attn.prepare_attention_mask
+
+
+def only_cross(v):
+    """diffusers takes a bool or a tuple (one per down block); YAML gives a bool or a list."""
+    return tuple(v) if isinstance(v, list) else v
 
 
 def load_ema(ckpt, unet, proj):

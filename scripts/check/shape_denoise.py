@@ -7,10 +7,12 @@ chance early in training, so it compares decoder configs after a few hundred CPU
 training rather than at the end (README, Measured).
 
 Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png EMB_SHARD.tar \
-           HELDOUT_SHARD.tar [T ...]
+           HELDOUT_SHARD.tar [T ...] [--mixed]
   CHECKPOINT_DIR: RUN/checkpoints/step-N (its RUN/config.yaml gives the UNet);
   GRID.png: a grid of the run's config whose top row is the held-out images (`--grid`, any count);
-  EMB_SHARD.tar: the held-out shard's `embed --token-features` shard; T: noise steps (200 350 500).
+  EMB_SHARD.tar: the held-out shard's `embed --token-features` shard; T: noise steps (200 350 500);
+  --mixed: also the scene's own z_i with another scene's caption, and the other way round (which of
+  the two conditioning signals the shapes come from).
 Needs a v-prediction config with the cosine schedule over 1000 steps, as configs/shapes/decoder.yaml.
 """
 import io, os, sys, tarfile
@@ -20,8 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import diffusers_decoder, shape_score
 
 torch.set_num_threads(2)
-ckpt, grid_png, emb_tar, heldout_tar = sys.argv[1:5]
-steps = [int(a) for a in sys.argv[5:]] or [200, 350, 500]
+mixed = "--mixed" in sys.argv
+args = [a for a in sys.argv[1:] if a != "--mixed"]
+ckpt, grid_png, emb_tar, heldout_tar = args[:4]
+steps = [int(a) for a in args[4:]] or [200, 350, 500]
 cfg = diffusers_decoder.run_config(ckpt)
 m, res = cfg["decoder"]["model"], cfg["data"]["image"]["resolution"]
 d = cfg["decoder"]["diffusion"]
@@ -44,12 +48,13 @@ feats, mask = diffusers_decoder.padded_tokens(toks)
 
 acp = diffusers_decoder.alphas_cumprod()
 
-def condition(idx):
+def condition(image_idx, caption_idx):
+    """z_i of the scenes image_idx with the captions (z_t and token features) of caption_idx."""
     with torch.no_grad():
-        ctx, add = proj(image_embeddings=zi[idx], prompt_embeds=zt[idx],
-                        text_encoder_hidden_states=feats[idx], do_classifier_free_guidance=False)
-    pad = torch.ones(len(idx), m["clip_extra_context_tokens"], dtype=torch.bool)
-    return ctx, add, torch.cat([pad, mask[idx]], 1)
+        ctx, add = proj(image_embeddings=zi[image_idx], prompt_embeds=zt[caption_idx],
+                        text_encoder_hidden_states=feats[caption_idx], do_classifier_free_guidance=False)
+    pad = torch.ones(len(image_idx), m["clip_extra_context_tokens"], dtype=torch.bool)
+    return ctx, add, torch.cat([pad, mask[caption_idx]], 1)
 
 def ddim(x, t0, cond, count=25):
     ctx, add, attn = cond
@@ -70,7 +75,8 @@ def count(x):
     return shape_score.tally([p for i in range(n) for p in shape_score.score(cells[i], scenes[i], res)])
 
 print(f"{ckpt}: {n} held-out scenes; real images: {count(x0)}")
-own, other = condition(torch.arange(n)), condition(torch.roll(torch.arange(n), 1))
+scene, another = torch.arange(n), torch.roll(torch.arange(n), 1)
+own, other = condition(scene, scene), condition(another, another)
 torch.manual_seed(0)
 noise = torch.randn_like(x0)
 for t in steps:
@@ -78,3 +84,6 @@ for t in steps:
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     print(f"t={t}: own conditioning {count(ddim(xt, t, own))} | another scene's {count(ddim(xt, t, other))}",
           flush=True)
+    if mixed:
+        print(f"t={t}: own z_i, another's caption {count(ddim(xt, t, condition(scene, another)))} | "
+              f"another's z_i, own caption {count(ddim(xt, t, condition(another, scene)))}", flush=True)
