@@ -28,9 +28,9 @@ def modules(cfg):
         norm_num_groups=u["norm_num_groups"], resnet_time_scale_shift="scale_shift",
         class_embed_type="identity", only_cross_attention=only_cross(u.get("only_cross_attention", False)),
         mid_block_only_cross_attention=u.get("mid_block_only_cross_attention"))
-    for m_ in unet.modules():
-        if isinstance(m_, Attention) and m_.only_cross_attention:
-            m_.set_processor(OnlyCrossAttnProcessor())
+    for layer in unet.modules():
+        if isinstance(layer, Attention) and layer.only_cross_attention:
+            layer.set_processor(OnlyCrossAttnProcessor())
     proj = UnCLIPTextProjModel(clip_extra_context_tokens=m["clip_extra_context_tokens"],
         clip_embeddings_dim=m["clip_embeddings_dim"], time_embed_dim=4 * u["block_out_channels"][0],
         cross_attention_dim=u["cross_attention_dim"])
