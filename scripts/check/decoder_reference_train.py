@@ -2,9 +2,9 @@
 `train-decoder`'s training dynamics: same config file, shards, stored CLIP embeddings, loss (v or ε
 MSE + the learned-range VLB at λ = 0.001·T, timestep emphasis), guidance dropout (learned null
 z_i, the empty caption), AdamW with warm-up and global-norm clipping, EMA with warm-up, bf16
-autocast when the config says so. Writes the EMA weights under our checkpoint names
-(RUN/checkpoints/step-N/ema.safetensors, RUN/config.yaml), so shape_denoise.py scores it like one
-of ours (README, Measured).
+autocast when the config says so, self-conditioning when `decoder.model.self_condition` is set.
+Writes the EMA weights under our checkpoint names (RUN/checkpoints/step-N/ema.safetensors,
+RUN/config.yaml), so shape_denoise.py scores it like one of ours (README, Measured).
 
 Usage: .venv/bin/python scripts/check/decoder_reference_train.py CONFIG.yaml RUN_DIR NULL_EMB.tar \
            [--steps N] [--threads 2]
@@ -123,6 +123,13 @@ def discretized_nll(x, mean, log_scale):
     return -lp
 
 
+def x0_from(mean_out, x_t, t):
+    """x0 from the model's mean channels (v or ε)."""
+    if d.get("predict", "epsilon") == "v":
+        return g("sa", t) * x_t - g("s1a", t) * mean_out
+    return (x_t - g("s1a", t) * mean_out) / g("sa", t)
+
+
 def loss_fn(x0, zi, zt, feats, mask):
     b = len(x0)
     t = torch.randint(0, T, (b,))
@@ -138,7 +145,18 @@ def loss_fn(x0, zi, zt, feats, mask):
         ctx, add = proj(image_embeddings=zi, prompt_embeds=zt, text_encoder_hidden_states=feats,
                         do_classifier_free_guidance=False)
         attn = torch.cat([torch.ones(b, m["clip_extra_context_tokens"], dtype=torch.bool), mask], 1)
-        out = unet(x_t, t, encoder_hidden_states=ctx, class_labels=add, attention_mask=attn).sample
+        net_in = x_t
+        if m.get("self_condition"):
+            # Self-conditioning (Chen et al. 2022): half the time the input carries the model's own
+            # x0 estimate from a first, gradient-free pass; otherwise zeros.
+            x0_sc = torch.zeros_like(x0)
+            if torch.rand(()) < 0.5:
+                with torch.no_grad():
+                    first = unet(torch.cat([x_t, x0_sc], 1), t, encoder_hidden_states=ctx, class_labels=add,
+                                 attention_mask=attn).sample.float()[:, :3]
+                x0_sc = x0_from(first, x_t, t).clamp(-1, 1)
+            net_in = torch.cat([x_t, x0_sc], 1)
+        out = unet(net_in, t, encoder_hidden_states=ctx, class_labels=add, attention_mask=attn).sample
     out = out.float()
     mean_out, var_out = out[:, :3], out[:, 3:]
     if d.get("predict", "epsilon") == "v":

@@ -20,8 +20,9 @@ def modules(cfg):
     """(unet, text_proj) for the config's `decoder.model` at its `data.image.resolution`."""
     m = cfg["decoder"]["model"]
     u = m["unet"]
-    unet = UNet2DConditionModel(sample_size=cfg["data"]["image"]["resolution"], in_channels=3,
-        out_channels=6, down_block_types=tuple(u["down_block_types"]),
+    # 6 input channels: a self-conditioned decoder (x_t, then its x0 estimate)
+    unet = UNet2DConditionModel(sample_size=cfg["data"]["image"]["resolution"],
+        in_channels=u.get("in_channels", 3), out_channels=6, down_block_types=tuple(u["down_block_types"]),
         up_block_types=tuple(u["up_block_types"]), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         block_out_channels=tuple(u["block_out_channels"]), layers_per_block=u["layers_per_block"],
         cross_attention_dim=u["cross_attention_dim"], attention_head_dim=u["attention_head_dim"],

@@ -13,7 +13,9 @@ Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png E
   EMB_SHARD.tar: the held-out shard's `embed --token-features` shard; T: noise steps (200 350 500);
   --mixed: also the scene's own z_i with another scene's caption, and the other way round (which of
   the two conditioning signals the shapes come from).
-Needs a v-prediction config with the cosine schedule over 1000 steps, as configs/shapes/decoder.yaml.
+Needs a v-prediction config with the cosine schedule over 1000 steps, as configs/shapes/decoder.yaml;
+a self-conditioned one (`decoder.model.self_condition`) gets each step's x0 estimate, as train-decoder's
+sampler gives it.
 """
 import io, os, sys, tarfile
 import numpy as np, torch
@@ -32,6 +34,7 @@ d = cfg["decoder"]["diffusion"]
 assert (d.get("predict"), d.get("schedule"), d.get("timesteps")) == ("v", "cosine", 1000), \
     f"needs a v-prediction decoder on the cosine schedule over 1000 steps, not {d}"
 unet, proj = diffusers_decoder.modules(cfg)
+self_condition = bool(cfg["decoder"]["model"].get("self_condition"))
 diffusers_decoder.load_ema(ckpt, unet, proj)
 unet, proj = unet.eval(), proj.eval()
 
@@ -59,10 +62,13 @@ def condition(image_idx, caption_idx):
 def ddim(x, t0, cond, count=25):
     ctx, add, attn = cond
     ts = np.linspace(t0, 0, count + 1).round().astype(int)
+    x0_hat = torch.zeros_like(x)
     with torch.no_grad():
         for a_t, b_t in zip(ts[:-1], ts[1:]):
             a = acp[a_t]
-            v = unet(x, torch.full((n,), int(a_t)), encoder_hidden_states=ctx, class_labels=add,
+            # A self-conditioned decoder (6 input channels) also sees its previous x0 estimate.
+            net_in = torch.cat([x, x0_hat], 1) if self_condition else x
+            v = unet(net_in, torch.full((n,), int(a_t)), encoder_hidden_states=ctx, class_labels=add,
                      attention_mask=attn).sample[:, :3]
             x0_hat = (a.sqrt() * x - (1 - a).sqrt() * v).clamp(-1, 1)
             eps = (x - a.sqrt() * x0_hat) / (1 - a).sqrt()

@@ -7,7 +7,7 @@ one whose drawing (the generator's signed distances, any of its 3 sizes and rota
 degrees, on the region's centroid) overlaps it best. Row 0 of the grid, the real images, checks
 the scorer itself.
 
-Usage: .venv/bin/python scripts/check/shape_score.py GRID.png HELDOUT_SHARD.tar [--res 32]
+Usage: .venv/bin/python scripts/check/shape_score.py GRID.png HELDOUT_SHARD.tar [--res 32] [--detail]
   GRID.png: a `train-decoder` grid (top row: the first held-out images; then one row per guidance
   scale) or any grid of the same layout; HELDOUT_SHARD.tar: the shard they came from (its .json).
 """
@@ -153,19 +153,36 @@ def main():
     ap.add_argument("grid")
     ap.add_argument("shard")
     ap.add_argument("--res", type=int, default=32)
+    ap.add_argument("--detail", action="store_true",
+                    help="also: right by objects per scene and by size, and the confusion of shapes")
     a = ap.parse_args()
     grid = np.asarray(Image.open(a.grid).convert("RGB")).astype(np.float32)
     rows, cols = grid.shape[0] // a.res, grid.shape[1] // a.res
     _, scenes = held_out_scenes(a.shard, cols)
     for row in range(rows):
-        pairs = []
+        pairs, counts, sizes = [], [], []
         for col, scene in enumerate(scenes):
             cell = grid[row * a.res:(row + 1) * a.res, col * a.res:(col + 1) * a.res]
             pairs += score(cell, scene, a.res)
+            # score() takes the objects largest first
+            objects = sorted(scene["objects"], key=lambda o: -o["radius"])
+            counts += [len(objects)] * len(objects)
+            sizes += [o["size"] for o in objects]
         detail = " ".join(f"{s} {sum(t == g == s for t, g in pairs)}/{sum(t == s for t, _ in pairs)}"
                           for s in SHAPES if any(t == s for t, _ in pairs))
         label = "real" if row == 0 else f"row {row}"
         print(f"{label}: {tally(pairs)} | {detail}")
+        if a.detail:
+            right = [t == g for t, g in pairs]
+            def split(keys, order):
+                return " ".join(f"{k} {sum(r for r, kk in zip(right, keys) if kk == k)}/{keys.count(k)}"
+                                for k in order if k in keys)
+            print(f"  right by objects in the scene: {split(counts, [1, 2, 3])}; "
+                  f"by size: {split(sizes, ['small', 'medium', 'large'])}")
+            drawn = SHAPES + [None]
+            print("  true shape → drawn as " + " ".join(f"{str(g)[:4]:>5}" for g in drawn))
+            for t in SHAPES:
+                print(f"  {t:>19} " + " ".join(f"{sum(p == (t, g) for p in pairs):5}" for g in drawn))
 
 
 if __name__ == "__main__":

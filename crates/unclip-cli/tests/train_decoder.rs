@@ -6,6 +6,7 @@ use std::path::Path;
 mod common;
 use common::{dry_run_total, embedded_shapes, run};
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig, EmbeddingSource};
+use unclip_decoder::LoadedDecoder;
 use unclip_train::config::parse_config;
 
 /// A random CLIP, 48 training and 8 held-out shapes images at 32 px, and their embeddings.
@@ -53,24 +54,25 @@ fn losses(stdout: &str) -> Vec<f64> {
         .collect()
 }
 
-#[test]
-fn embed_then_train_decoder_learns_writes_grids_and_resumes_exactly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    dataset(dir);
-    let config = dir.join("decoder.yaml");
-    std::fs::write(&config, decoder_config(dir)).unwrap();
-    let decoder = env!("CARGO_BIN_EXE_train-decoder");
-    let full = dir.join("full");
-    let out = run(
-        decoder,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--run-dir",
-            full.to_str().unwrap(),
-        ],
-    );
+/// `train-decoder --config CONFIG --run-dir RUN_DIR`, `--set` each of `sets`, then `extra`.
+fn run_with(decoder: &str, config: &Path, run_dir: &Path, sets: &[&str], extra: &[&str]) -> String {
+    let mut args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    args.extend(extra);
+    run(decoder, &args)
+}
+
+/// Trains the config's 40 steps into `run_dir` (with `--set` `sets`): the loss falls, and the EMA
+/// grids (real images, then one row per guidance scale) are written.
+fn train_and_check_grids(decoder: &str, config: &Path, run_dir: &Path, sets: &[&str]) {
+    let out = run_with(decoder, config, run_dir, sets, &[]);
     let l = losses(&out);
     assert_eq!(l.len(), 4, "{out}");
     assert!(l[3] < 0.8 * l[0], "the hybrid loss falls: {l:?}");
@@ -78,52 +80,55 @@ fn embed_then_train_decoder_learns_writes_grids_and_resumes_exactly() {
         out.contains("held-out samples, EMA weights: cos(CLIP(sample), z_i)"),
         "{out}"
     );
-    // Grids: the real images, then one row per guidance scale; 4 columns of 32 px.
+    // 4 columns of 32 px.
     for name in ["step_000020.png", "step_000040.png", "final_ema.png"] {
-        let img = image::open(full.join("samples").join(name)).unwrap();
+        let img = image::open(run_dir.join("samples").join(name)).unwrap();
         assert_eq!((img.width(), img.height()), (4 * 32, 3 * 32), "{name}");
     }
-    // 20 steps, then resume to 40: the same weights and EMA as the uninterrupted run.
-    let split = dir.join("split");
-    let args = |steps: &'static str| {
-        vec![
-            "--config".to_string(),
-            config.display().to_string(),
-            "--run-dir".into(),
-            split.display().to_string(),
-            "--set".into(),
-            format!("train.steps={steps}"),
-        ]
-    };
-    let first: Vec<String> = args("20");
-    run(
+}
+
+/// 20 steps into `split`, then resumed to 40: the same weights and EMA as `full`'s 40.
+fn resume_matches_the_full_run(
+    decoder: &str,
+    config: &Path,
+    full: &Path,
+    split: &Path,
+    sets: &[&str],
+) {
+    let steps = |n: &str| format!("train.steps={n}");
+    let (first, second) = (steps("20"), steps("40"));
+    run_with(decoder, config, split, &[sets, &[&first]].concat(), &[]);
+    run_with(
         decoder,
-        &first.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let mut second = args("40");
-    second.extend(["--resume".into(), "auto".into()]);
-    run(
-        decoder,
-        &second.iter().map(String::as_str).collect::<Vec<_>>(),
+        config,
+        split,
+        &[sets, &[&second]].concat(),
+        &["--resume", "auto"],
     );
     for file in ["model.safetensors", "ema.safetensors"] {
         let read =
             |run: &Path| std::fs::read(run.join("checkpoints/step-000000040").join(file)).unwrap();
-        assert!(read(&full) == read(&split), "{file} differs after resume");
+        assert!(read(full) == read(split), "{file} differs after resume");
     }
-    // Exported as a diffusers pipeline directory: it loads back with the EMA weights.
+}
+
+/// A tiny run with `--set` `sets`, through `train_and_check_grids` and
+/// `resume_matches_the_full_run`, then exported as a diffusers pipeline directory and loaded
+/// back with the EMA weights. Returns the temporary directory (alive while held) and the export.
+fn train_resume_and_export(sets: &[&str]) -> (tempfile::TempDir, LoadedDecoder) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    dataset(dir);
+    let config = dir.join("decoder.yaml");
+    std::fs::write(&config, decoder_config(dir)).unwrap();
+    let decoder = env!("CARGO_BIN_EXE_train-decoder");
+    let full = dir.join("full");
+    train_and_check_grids(decoder, &config, &full, sets);
+    resume_matches_the_full_run(decoder, &config, &full, &dir.join("split"), sets);
     let export = dir.join("export");
-    run(
-        decoder,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--run-dir",
-            full.to_str().unwrap(),
-            "--export-diffusers",
-            export.to_str().unwrap(),
-        ],
-    );
+    let to = ["--export-diffusers", export.to_str().unwrap()];
+    run_with(decoder, &config, &full, sets, &to);
+    // It loads back with the EMA weights.
     let loaded = unclip_decoder::load_diffusers_decoder(&export, tch::Device::Cpu).unwrap();
     let ema: std::collections::HashMap<String, tch::Tensor> =
         tch::Tensor::read_safetensors(full.join("checkpoints/step-000000040/ema.safetensors"))
@@ -138,6 +143,24 @@ fn embed_then_train_decoder_learns_writes_grids_and_resumes_exactly() {
             "{name} differs from the EMA checkpoint"
         );
     }
+    (tmp, loaded)
+}
+
+#[test]
+fn a_self_conditioned_decoder_learns_samples_resumes_exactly_and_exports() {
+    // The first-pass coin comes from the seeded generator the checkpoint restores; diffusers has
+    // no self-conditioning flag, so the export's 6 input channels say it.
+    let (_tmp, loaded) = train_resume_and_export(&[
+        "decoder.model.self_condition=true",
+        "decoder.model.unet.in_channels=6",
+    ]);
+    assert!(loaded.config.self_condition && loaded.model.self_condition);
+}
+
+#[test]
+fn embed_then_train_decoder_learns_writes_grids_and_resumes_exactly() {
+    let (_tmp, loaded) = train_resume_and_export(&[]);
+    assert!(!loaded.model.self_condition);
 }
 
 #[test]

@@ -15,7 +15,18 @@ pub struct DecoderModelConfig {
     #[serde(default = "four")]
     pub clip_extra_context_tokens: i64,
     pub unet: UNetConfig,
+    /// Self-conditioning (Chen et al. 2022): the UNet also takes its own previous estimate of
+    /// x_0 as input channels (`unet.in_channels` = 2 × the image's), zeros when there is none.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub self_condition: bool,
 }
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// Channels of the images the decoder generates (RGB).
+pub const IMAGE_CHANNELS: i64 = 3;
 
 fn four() -> i64 {
     4
@@ -33,7 +44,17 @@ impl DecoderModelConfig {
         );
         self.unet
             .validate()
-            .map_err(|e| anyhow::anyhow!("decoder.model.{e}"))
+            .map_err(|e| anyhow::anyhow!("decoder.model.{e}"))?;
+        let image = IMAGE_CHANNELS;
+        ensure!(
+            self.unet.in_channels == image * (1 + i64::from(self.self_condition)),
+            "decoder.model.unet.in_channels is {} but must be {} with decoder.model.self_condition: {} \
+             (the image's {image} channels, then as many for the x_0 estimate when self-conditioned)",
+            self.unet.in_channels,
+            image * (1 + i64::from(self.self_condition)),
+            self.self_condition
+        );
+        Ok(())
     }
 
     /// Parameters of `text_proj` (the CLIP conditioning), computed without building it.

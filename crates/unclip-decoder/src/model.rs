@@ -46,12 +46,24 @@ pub struct UnclipDecoder {
     pub text_proj: TextProj,
     pub unet: UNet,
     extra_tokens: i64,
+    /// Whether the UNet also takes an x_0 estimate (see [`UnclipDecoder::input`]).
+    pub self_condition: bool,
 }
 
 impl UnclipDecoder {
     /// `text_proj` and `decoder` under `p` (diffusers' pipeline component names);
     /// `clip_dim` is the CLIP embedding (and token feature) width.
     pub fn new(p: nn::Path, unet: &UNetConfig, clip_dim: i64, extra_tokens: i64) -> Result<Self> {
+        Self::build(p, unet, clip_dim, extra_tokens, false)
+    }
+
+    fn build(
+        p: nn::Path,
+        unet: &UNetConfig,
+        clip_dim: i64,
+        extra_tokens: i64,
+        self_condition: bool,
+    ) -> Result<Self> {
         let unet_model = UNet::new(&p / "decoder", unet)?;
         Ok(Self {
             text_proj: TextProj::new(
@@ -63,22 +75,47 @@ impl UnclipDecoder {
             ),
             unet: unet_model,
             extra_tokens,
+            self_condition,
         })
     }
 
     /// The decoder a `decoder.model:` section describes.
     pub fn from_config(p: nn::Path, cfg: &DecoderModelConfig) -> Result<Self> {
         cfg.validate()?;
-        Self::new(
+        Self::build(
             p,
             &cfg.unet,
             cfg.clip_embeddings_dim,
             cfg.clip_extra_context_tokens,
+            cfg.self_condition,
         )
     }
 
-    /// The raw UNet output (ε and variance channels) for noised images `x_t` at training
-    /// timesteps `t`.
+    /// The UNet's input for noised images `x_t`: `x_t` itself, or for a self-conditioned decoder
+    /// `x_t` followed on the channel axis by the x_0 estimate (zeros when `None`).
+    pub fn input(&self, x_t: &Tensor, x0_estimate: Option<&Tensor>) -> Result<Tensor> {
+        if !self.self_condition {
+            return Ok(x_t.shallow_clone());
+        }
+        let zeros;
+        let estimate = match x0_estimate {
+            Some(e) => e,
+            None => {
+                zeros = x_t.zeros_like();
+                &zeros
+            }
+        };
+        ensure!(
+            estimate.size() == x_t.size(),
+            "decoder: x_0 estimate {:?} for images {:?}",
+            estimate.size(),
+            x_t.size()
+        );
+        Ok(Tensor::f_cat(&[x_t, &estimate.to_kind(x_t.kind())], 1)?)
+    }
+
+    /// The raw UNet output (mean and variance channels) for the network input `x_t` (see
+    /// [`UnclipDecoder::input`]) at training timesteps `t`.
     pub fn forward_t(
         &self,
         x_t: &Tensor,

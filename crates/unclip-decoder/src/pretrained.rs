@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tch::{nn, Device, Tensor};
 use unclip_train::trainer::load_into;
 
-use crate::config::DecoderModelConfig;
+use crate::config::{DecoderModelConfig, IMAGE_CHANNELS};
 use crate::model::UnclipDecoder;
 use crate::unet::UNetConfig;
 
@@ -136,6 +136,9 @@ impl DecoderModelConfig {
         let cfg = DecoderModelConfig {
             clip_embeddings_dim: get("clip_embeddings_dim")?,
             clip_extra_context_tokens: get("clip_extra_context_tokens")?,
+            // diffusers has no self-conditioning; a UNet that takes twice the image's channels
+            // is one `save_diffusers_decoder` wrote from a self-conditioned decoder.
+            self_condition: unet_cfg.in_channels == 2 * IMAGE_CHANNELS,
             unet: unet_cfg,
         };
         let (ctx, temb) = (get("cross_attention_dim")?, get("time_embed_dim")?);

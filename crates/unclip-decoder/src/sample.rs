@@ -1,13 +1,14 @@
 //! Sampling 64×64 images from the decoder: a respaced process walked by a sampler from the core,
 //! classifier-free guidance against the fully unconditional row (learned null z_i, empty caption)
 //! on the ε channels, the variance taken from the conditional branch (GLIDE / diffusers UnCLIP).
+//! A self-conditioned decoder is fed the guided x_0 estimate of the step before.
 
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 use unclip_clip::caption::TextCondition;
 use unclip_diffusion::{
-    classifier_free_guidance, ClipDenoised, DiffusionConfig, GaussianDiffusion, SamplerConfig,
-    SamplerKind,
+    classifier_free_guidance, self_conditioned, ClipDenoised, DiffusionConfig, GaussianDiffusion,
+    SamplerConfig, SamplerKind,
 };
 
 use crate::model::{DecoderCondition, UnclipDecoder};
@@ -15,6 +16,8 @@ use crate::model::{DecoderCondition, UnclipDecoder};
 pub struct DecoderSampler<'a> {
     decoder: &'a UnclipDecoder,
     diffusion: GaussianDiffusion,
+    /// The unrespaced process: a self-conditioned decoder's x_0 estimates are read with it.
+    training: GaussianDiffusion,
     kind: SamplerKind,
     clip: ClipDenoised,
 }
@@ -34,6 +37,7 @@ impl<'a> DecoderSampler<'a> {
         Ok(Self {
             decoder,
             diffusion: process.to_device(device),
+            training: GaussianDiffusion::new(diffusion)?.to_device(device),
             kind,
             clip: sampling.clip,
         })
@@ -60,24 +64,38 @@ impl<'a> DecoderSampler<'a> {
         );
         let _g = tch::no_grad_guard();
         let channels = noise.size()[1];
+        let d = self.decoder;
         let x = if guidance_scale == 1.0 {
-            self.diffusion.sample(
-                self.kind,
-                &self.clip,
-                noise,
-                |x: &Tensor, t: &Tensor| self.decoder.forward_t(x, t, cond, false),
-                None,
-            )?
+            self.run(noise, |x: &Tensor, t: &Tensor| {
+                d.forward_t(x, t, cond, false)
+            })?
         } else {
-            let both = cond.cat(&self.decoder.null_condition(null_text, b)?)?;
-            let guided = classifier_free_guidance(
-                |x: &Tensor, t: &Tensor| self.decoder.forward_t(x, t, &both, false),
+            let both = cond.cat(&d.null_condition(null_text, b)?)?;
+            let mut guided = classifier_free_guidance(
+                |x: &Tensor, t: &Tensor| d.forward_t(x, t, &both, false),
                 guidance_scale,
                 channels,
             );
-            self.diffusion
-                .sample(self.kind, &self.clip, noise, guided, None)?
+            self.run(noise, |x: &Tensor, t: &Tensor| Ok(guided(x, t)?))?
         };
         Ok(x.to_kind(Kind::Float).clamp(-1.0, 1.0))
+    }
+
+    /// Walks the process from `noise` with `model(network input, t)`; a self-conditioned decoder
+    /// gets the (guided, clipped) x_0 of the step before as its estimate.
+    fn run<M>(&self, noise: Tensor, mut model: M) -> Result<Tensor>
+    where
+        M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+    {
+        Ok(if self.decoder.self_condition {
+            let conditioned = self_conditioned(&self.training, self.clip, |x, x0, t| {
+                model(&self.decoder.input(x, Some(x0))?, t)
+            });
+            self.diffusion
+                .sample(self.kind, &self.clip, noise, conditioned, None)?
+        } else {
+            self.diffusion
+                .sample(self.kind, &self.clip, noise, model, None)?
+        })
     }
 }

@@ -15,8 +15,8 @@ use unclip_data::reader::ReaderConfig;
 use unclip_diffusion::embedding::mean_cosine;
 use unclip_diffusion::gaussian::loss_per_quarter;
 use unclip_diffusion::{
-    ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, Respacing, SamplerConfig,
-    SamplerName, VarianceType,
+    training_estimate, ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType,
+    Respacing, SamplerConfig, SamplerName, VarianceType,
 };
 use unclip_train::config::Validate;
 use unclip_train::{StepOutput, TrainTask};
@@ -197,8 +197,8 @@ impl Validate for DecoderTrainConfig {
             3
         };
         ensure!(
-            d.model.unet.out_channels == want && d.model.unet.in_channels == 3,
-            "decoder.model.unet: in_channels must be 3 and out_channels {want} for diffusion.variance {:?}",
+            d.model.unet.out_channels == want,
+            "decoder.model.unet.out_channels must be {want} for diffusion.variance {:?}",
             d.diffusion.variance
         );
         d.sampling
@@ -556,7 +556,22 @@ impl TrainTask for DecoderTask {
         let cond =
             self.model
                 .drop_conditioning(&batch.cond, &drop_image, &drop_text, &self.null)?;
-        let out = self.model.forward_t(&x_t, &t, &cond, true)?;
+        let input = if self.model.self_condition {
+            let m = &self.model;
+            let estimate = training_estimate(
+                &self.diffusion,
+                &x_t,
+                &t,
+                &d.sampling.clip,
+                |x: &Tensor, x0: &Tensor, t: &Tensor| {
+                    m.forward_t(&m.input(x, Some(x0))?, t, &cond, true)
+                },
+            )?;
+            self.model.input(&x_t, Some(&estimate))?
+        } else {
+            x_t.shallow_clone()
+        };
+        let out = self.model.forward_t(&input, &t, &cond, true)?;
         let losses = self.diffusion.training_losses(&out, x0, &x_t, &t, &noise)?;
         self.position = batch.position;
         let mut metrics = loss_per_quarter(&losses.loss, &t, self.diffusion.num_timesteps())?;

@@ -104,6 +104,20 @@ fn defaults_are_the_papers_and_bad_values_name_their_key() {
     assert!(e.contains("CrossAttnDownBlock2D"), "{e}");
     let e = error(&["decoder.sampling.steps=2000"]);
     assert!(e.contains("decoder.sampling.steps"), "{e}");
+    // Self-conditioning doubles the UNet's input channels; each without the other is refused.
+    let e = error(&["decoder.model.self_condition=true"]);
+    assert!(
+        e.contains("decoder.model.unet.in_channels") && e.contains("self_condition"),
+        "{e}"
+    );
+    let e = error(&["decoder.model.unet.in_channels=6"]);
+    assert!(e.contains("decoder.model.unet.in_channels"), "{e}");
+    let sets = [
+        "decoder.model.self_condition=true",
+        "decoder.model.unet.in_channels=6",
+    ];
+    let cfg = parse_config::<DecoderTrainConfig>(VALID, &sets.map(String::from)).unwrap();
+    assert!(cfg.task.decoder.model.self_condition);
 }
 
 #[test]
