@@ -52,7 +52,8 @@ pub struct UnclipDecoder {
 
 impl UnclipDecoder {
     /// `text_proj` and `decoder` under `p` (diffusers' pipeline component names);
-    /// `clip_dim` is the CLIP embedding (and token feature) width.
+    /// `clip_dim` is the CLIP embedding (and token feature) width. Not self-conditioned
+    /// (`from_config` builds those).
     pub fn new(p: nn::Path, unet: &UNetConfig, clip_dim: i64, extra_tokens: i64) -> Result<Self> {
         Self::build(p, unet, clip_dim, extra_tokens, false)
     }
