@@ -159,12 +159,8 @@ def loss_fn(x0, zi, zt, feats, mask):
         out = unet(net_in, t, encoder_hidden_states=ctx, class_labels=add, attention_mask=attn).sample
     out = out.float()
     mean_out, var_out = out[:, :3], out[:, 3:]
-    if d.get("predict", "epsilon") == "v":
-        target = g("sa", t) * noise - g("s1a", t) * x0
-        pred_x0 = g("sa", t) * x_t - g("s1a", t) * mean_out.detach()
-    else:
-        target = noise
-        pred_x0 = (x_t - g("s1a", t) * mean_out.detach()) / g("sa", t)
+    target = g("sa", t) * noise - g("s1a", t) * x0 if d.get("predict", "epsilon") == "v" else noise
+    pred_x0 = x0_from(mean_out.detach(), x_t, t)
     mse = (mean_out - target).square().mean(dim=(1, 2, 3))
     frac = (var_out + 1) / 2
     model_logvar = frac * g("lb", t) + (1 - frac) * g("plv", t)

@@ -121,7 +121,7 @@ def score(cell, scene, res):
     the nearest unclaimed region of its colour, wherever the decoder put it."""
     found = components(cell, scene)
     out = []
-    for obj in sorted(scene["objects"], key=lambda o: -o["radius"]):
+    for obj in largest_first(scene):
         regions = found[obj["colour"]]
         if not regions:
             out.append((obj["shape"], None))
@@ -131,6 +131,11 @@ def score(cell, scene, res):
         mask = regions.pop(int(np.argmin(dist)))
         out.append((obj["shape"], classify(mask, res)[0]))
     return out
+
+
+def largest_first(scene):
+    """The scene's objects in the order score() takes (and reports) them."""
+    return sorted(scene["objects"], key=lambda o: -o["radius"])
 
 
 def held_out_scenes(shard, count):
@@ -164,8 +169,7 @@ def main():
         for col, scene in enumerate(scenes):
             cell = grid[row * a.res:(row + 1) * a.res, col * a.res:(col + 1) * a.res]
             pairs += score(cell, scene, a.res)
-            # score() takes the objects largest first
-            objects = sorted(scene["objects"], key=lambda o: -o["radius"])
+            objects = largest_first(scene)
             counts += [len(objects)] * len(objects)
             sizes += [o["size"] for o in objects]
         detail = " ".join(f"{s} {sum(t == g == s for t, g in pairs)}/{sum(t == s for t, _ in pairs)}"

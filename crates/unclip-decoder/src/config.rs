@@ -45,13 +45,12 @@ impl DecoderModelConfig {
         self.unet
             .validate()
             .map_err(|e| anyhow::anyhow!("decoder.model.{e}"))?;
-        let image = IMAGE_CHANNELS;
+        let want = IMAGE_CHANNELS * (1 + i64::from(self.self_condition));
         ensure!(
-            self.unet.in_channels == image * (1 + i64::from(self.self_condition)),
-            "decoder.model.unet.in_channels is {} but must be {} with decoder.model.self_condition: {} \
-             (the image's {image} channels, then as many for the x_0 estimate when self-conditioned)",
+            self.unet.in_channels == want,
+            "decoder.model.unet.in_channels is {} but must be {want} with decoder.model.self_condition: {} \
+             (the image's {IMAGE_CHANNELS} channels, then as many for the x_0 estimate when self-conditioned)",
             self.unet.in_channels,
-            image * (1 + i64::from(self.self_condition)),
             self.self_condition
         );
         Ok(())

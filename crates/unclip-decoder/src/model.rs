@@ -93,19 +93,11 @@ impl UnclipDecoder {
     }
 
     /// The UNet's input for noised images `x_t`: `x_t` itself, or for a self-conditioned decoder
-    /// `x_t` followed on the channel axis by the x_0 estimate (zeros when `None`).
-    pub fn input(&self, x_t: &Tensor, x0_estimate: Option<&Tensor>) -> Result<Tensor> {
+    /// `x_t` followed on the channel axis by the x_0 estimate.
+    pub fn input(&self, x_t: &Tensor, estimate: &Tensor) -> Result<Tensor> {
         if !self.self_condition {
             return Ok(x_t.shallow_clone());
         }
-        let zeros;
-        let estimate = match x0_estimate {
-            Some(e) => e,
-            None => {
-                zeros = x_t.zeros_like();
-                &zeros
-            }
-        };
         ensure!(
             estimate.size() == x_t.size(),
             "decoder: x_0 estimate {:?} for images {:?}",

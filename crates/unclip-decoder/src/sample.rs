@@ -89,7 +89,7 @@ impl<'a> DecoderSampler<'a> {
     {
         Ok(if self.decoder.self_condition {
             let conditioned = self_conditioned(&self.training, self.clip, |x, x0, t| {
-                model(&self.decoder.input(x, Some(x0))?, t)
+                model(&self.decoder.input(x, x0)?, t)
             });
             self.diffusion
                 .sample(self.kind, &self.clip, noise, conditioned, None)?

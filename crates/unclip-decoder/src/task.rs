@@ -563,11 +563,9 @@ impl TrainTask for DecoderTask {
                 &x_t,
                 &t,
                 &d.sampling.clip,
-                |x: &Tensor, x0: &Tensor, t: &Tensor| {
-                    m.forward_t(&m.input(x, Some(x0))?, t, &cond, true)
-                },
+                |x: &Tensor, x0: &Tensor, t: &Tensor| m.forward_t(&m.input(x, x0)?, t, &cond, true),
             )?;
-            self.model.input(&x_t, Some(&estimate))?
+            self.model.input(&x_t, &estimate)?
         } else {
             x_t.shallow_clone()
         };

@@ -23,10 +23,7 @@ where
 {
     let mut estimate: Option<Tensor> = None;
     move |x: &Tensor, t: &Tensor| {
-        let previous = match &estimate {
-            Some(e) if e.size() == x.size() => e.shallow_clone(),
-            _ => x.zeros_like(),
-        };
+        let previous = estimate.take().unwrap_or_else(|| x.zeros_like());
         let out = model(x, &previous, t).map_err(|e| DiffusionError::Model(e.into()))?;
         estimate = Some(diffusion.predict_xstart(&out, x, t, &clip)?);
         Ok(out)
