@@ -1,6 +1,8 @@
 """Does a CLIP's image embedding carry the objects' shapes, or only their colours? A linear probe
 (softmax regression on the z_i that `embed` wrote) predicts the shape and the colour of
-single-object shapes scenes: fitted on training shards, scored on held-out ones.
+single-object shapes scenes: fitted on training shards, scored on held-out ones. The same probe on
+the caption's z_t and, where the shards have them (`embed --token-features`), its token features
+(mean over the caption) says what the decoder's other conditioning signals carry.
 
 Run: .venv/bin/python scripts/check/shape_probe.py EMB_DIR TRAIN_SHARD... -- HELD_OUT_SHARD...
 (image shards of the shapes dataset; their embeddings are EMB_DIR/<same file name>), e.g. after
@@ -31,17 +33,22 @@ def members(path):
 
 
 def single_objects(emb_dir, shards):
-    x, shape, colour = [], [], []
+    x, shape, colour = {}, [], []
     for shard in shards:
         scenes = members(shard)
         embs = members(os.path.join(emb_dir, os.path.basename(shard)))
         for key, e in sorted(embs.items()):
             objects = json.loads(scenes[key]["json"])["objects"]
             if len(objects) == 1:
-                x.append(np.load(io.BytesIO(e["img_emb.npy"])))
+                x.setdefault("z_i", []).append(np.load(io.BytesIO(e["img_emb.npy"])))
+                x.setdefault("z_t", []).append(np.load(io.BytesIO(e["txt_emb.npy"])))
+                if "txt_tokens.npy" in e:
+                    tokens = np.load(io.BytesIO(e["txt_tokens.npy"])).astype(np.float32)
+                    x.setdefault("caption tokens", []).append(tokens.mean(0))
                 shape.append(SHAPES.index(objects[0]["shape"]))
                 colour.append(COLOURS.index(objects[0]["colour"]))
-    return torch.tensor(np.stack(x)), torch.tensor(shape), torch.tensor(colour)
+    x = {k: torch.tensor(np.stack(v)).float() for k, v in x.items() if len(v) == len(shape)}
+    return x, torch.tensor(shape), torch.tensor(colour)
 
 
 def probe(x_train, y_train, x_test, y_test, classes):
@@ -64,7 +71,8 @@ emb_dir, rest = sys.argv[1], sys.argv[2:]
 split = rest.index("--")
 xa, sa, ca = single_objects(emb_dir, rest[:split])
 xb, sb, cb = single_objects(emb_dir, rest[split + 1:])
-print(f"{emb_dir}: single-object scenes, {len(xa)} to fit, {len(xb)} held out")
-for name, ya, yb, n in [("shape", sa, sb, len(SHAPES)), ("colour", ca, cb, len(COLOURS))]:
-    fit, held = probe(xa, ya, xb, yb, n)
-    print(f"  {name:6} from z_i: fitted {fit:.1%}, held out {held:.1%} (chance {1 / n:.1%})")
+print(f"{emb_dir}: single-object scenes, {len(sa)} to fit, {len(sb)} held out")
+for signal in [k for k in xa if k in xb]:
+    for name, ya, yb, n in [("shape", sa, sb, len(SHAPES)), ("colour", ca, cb, len(COLOURS))]:
+        fit, held = probe(xa[signal], ya, xb[signal], yb, n)
+        print(f"  {name:6} from {signal}: fitted {fit:.1%}, held out {held:.1%} (chance {1 / n:.1%})")
