@@ -19,6 +19,8 @@ Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png E
   in all); a decoder that takes the shape from x_t alone keeps them circles.
   --sensitivity: instead, how far the clean-image estimate at each t moves, in mean |x0|, when z_i or the
   caption (z_t and token features) is swapped for another scene's: which signal the decoder uses.
+  --null-image: every z_i is the learned null embedding (a caption-only decoder, trained with
+  decoder.image_drop_prob near 1).
 Needs a v-prediction config with the cosine schedule over 1000 steps, as configs/shapes/decoder.yaml;
 a self-conditioned one (`decoder.model.self_condition`) gets each step's x0 estimate, as train-decoder's
 sampler gives it.
@@ -30,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import diffusers_decoder, shape_score
 
 torch.set_num_threads(2)
-FLAGS = ("--mixed", "--reshape", "--sensitivity")
-mixed, reshape, sensitivity = (f in sys.argv for f in FLAGS)
+FLAGS = ("--mixed", "--reshape", "--sensitivity", "--null-image")
+mixed, reshape, sensitivity, null_image = (f in sys.argv for f in FLAGS)
 args = [a for a in sys.argv[1:] if a not in FLAGS]
 ckpt, grid_png, emb_tar, heldout_tar = args[:4]
 steps = [int(a) for a in args[4:]] or [200, 350, 500]
@@ -55,6 +57,8 @@ def arrays(suffix):
                 for k in keys]
 zi, zt, toks = torch.stack(arrays(".img_emb.npy")), torch.stack(arrays(".txt_emb.npy")), arrays(".txt_tokens.npy")
 feats, mask = diffusers_decoder.padded_tokens(toks)
+if null_image:
+    zi[:] = proj.learned_classifier_free_guidance_embeddings.detach()
 
 acp = diffusers_decoder.alphas_cumprod()
 
