@@ -16,7 +16,7 @@ Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png E
   --reshape: instead, the scenes redrawn with every object a circle (same colour, place and size), noised
   to each t and denoised with the scene's own conditioning: how many objects the conditioning turns
   into their real shape (in one-object scenes, where no binding of words to objects is needed, and
-  in all); a decoder that takes the shape from x_t alone keeps them circles.
+  in the others); a decoder that takes the shape from x_t alone keeps them circles.
   --sensitivity: instead, how far the clean-image estimate at each t moves, in mean |x0|, when z_i or the
   caption (z_t and token features) is swapped for another scene's: which signal the decoder uses.
   --null-image: every z_i is the learned null embedding (a caption-only decoder, trained with
@@ -70,21 +70,30 @@ def condition(image_idx, caption_idx):
     pad = torch.ones(len(image_idx), m["clip_extra_context_tokens"], dtype=torch.bool)
     return ctx, add, torch.cat([pad, mask[caption_idx]], 1)
 
-def ddim(x, t0, cond, count=25):
+def noised(x, t):
+    """x at noise step t with the fixed noise."""
+    return acp[t].sqrt() * x + (1 - acp[t]).sqrt() * noise
+
+def x0_estimate(x, t, cond, previous=None):
+    """The EMA model's x0 estimate at step t (from its v output); a self-conditioned decoder (6 input
+    channels) also sees its previous estimate, zeros on the first step."""
     ctx, add, attn = cond
-    ts = np.linspace(t0, 0, count + 1).round().astype(int)
-    x0_hat = torch.zeros_like(x)
+    a = acp[t]
     with torch.no_grad():
-        for a_t, b_t in zip(ts[:-1], ts[1:]):
-            a = acp[a_t]
-            # A self-conditioned decoder (6 input channels) also sees its previous x0 estimate.
-            net_in = torch.cat([x, x0_hat], 1) if self_condition else x
-            v = unet(net_in, torch.full((n,), int(a_t)), encoder_hidden_states=ctx, class_labels=add,
-                     attention_mask=attn).sample[:, :3]
-            x0_hat = (a.sqrt() * x - (1 - a).sqrt() * v).clamp(-1, 1)
-            eps = (x - a.sqrt() * x0_hat) / (1 - a).sqrt()
-            b = acp[b_t] if b_t > 0 else torch.tensor(1.0)
-            x = b.sqrt() * x0_hat + (1 - b).sqrt() * eps
+        net_in = torch.cat([x, torch.zeros_like(x) if previous is None else previous], 1) if self_condition else x
+        v = unet(net_in, torch.full((n,), int(t)), encoder_hidden_states=ctx, class_labels=add,
+                 attention_mask=attn).sample[:, :3]
+    return a.sqrt() * x - (1 - a).sqrt() * v
+
+def ddim(x, t0, cond, count=25):
+    ts = np.linspace(t0, 0, count + 1).round().astype(int)
+    x0_hat = None
+    for a_t, b_t in zip(ts[:-1], ts[1:]):
+        a = acp[a_t]
+        x0_hat = x0_estimate(x, a_t, cond, x0_hat).clamp(-1, 1)
+        eps = (x - a.sqrt() * x0_hat) / (1 - a).sqrt()
+        b = acp[b_t] if b_t > 0 else torch.tensor(1.0)
+        x = b.sqrt() * x0_hat + (1 - b).sqrt() * eps
     return x
 
 def pairs(x, idx=range(n)):
@@ -102,22 +111,13 @@ def as_circles(scene):
         img = img * (1 - cov) + cov * np.array(o["rgb"], np.float32)
     return img
 
-def x0_estimate(xt, t, cond):
-    ctx, add, attn = cond
-    with torch.no_grad():
-        net_in = torch.cat([xt, torch.zeros_like(xt)], 1) if self_condition else xt
-        v = unet(net_in, torch.full((n,), t), encoder_hidden_states=ctx, class_labels=add,
-                 attention_mask=attn).sample[:, :3]
-    return acp[t].sqrt() * xt - (1 - acp[t]).sqrt() * v
-
 print(f"{ckpt}: {n} held-out scenes; real images: {count(x0)}")
 scene, another = torch.arange(n), torch.roll(torch.arange(n), 1)
 own, other = condition(scene, scene), condition(another, another)
 torch.manual_seed(0)
 noise = torch.randn_like(x0)
 for t in [] if reshape or sensitivity else steps:
-    a = acp[t]
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    xt = noised(x0, t)
     print(f"t={t}: own conditioning {count(ddim(xt, t, own))} | another scene's {count(ddim(xt, t, other))}",
           flush=True)
     if mixed:
@@ -125,23 +125,21 @@ for t in [] if reshape or sensitivity else steps:
               f"another's z_i, own caption {count(ddim(xt, t, condition(another, scene)))}", flush=True)
 
 if reshape:
-    circles = torch.tensor(np.stack([as_circles(s) for s in scenes])).permute(0, 3, 1, 2) / 127.5 - 1
-    circles = circles.float()
+    circles = (torch.tensor(np.stack([as_circles(s) for s in scenes])).permute(0, 3, 1, 2) / 127.5 - 1).float()
     # Circles are already right; only the other shapes can show what the conditioning adds.
     one = [i for i, s in enumerate(scenes) if len(s["objects"]) == 1 and s["objects"][0]["shape"] != "circle"]
     rest = [i for i in range(n) if i not in one]
     non_circles = sum(o["shape"] != "circle" for i in rest for o in scenes[i]["objects"])
     for t in steps:
-        a = acp[t]
-        out = ddim(a.sqrt() * circles + (1 - a).sqrt() * noise, t, own)
+        out = ddim(noised(circles, t), t, own)
         right = lambda idx: sum(g == s != "circle" for s, g in pairs(out, idx))
         print(f"t={t}: circles turned into their real shape by the own conditioning: one-object scenes "
-              f"{right(one)}/{len(one)}, other scenes {right(rest)}/{non_circles} (a decoder that keeps the circles: 0; shapes at random: 1 in 6)", flush=True)
+              f"{right(one)}/{len(one)}, other scenes {right(rest)}/{non_circles} "
+              "(a decoder that keeps the circles: 0; shapes at random: 1 in 6)", flush=True)
 
 if sensitivity:
     for t in steps:
-        a = acp[t]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt = noised(x0, t)
         base = x0_estimate(xt, t, own)
         moved = lambda cond: (x0_estimate(xt, t, cond) - base).abs().mean().item()
         print(f"t={t}: x0 estimate moves by {moved(condition(another, scene)):.4f} with another scene's z_i, "
