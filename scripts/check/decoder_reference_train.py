@@ -3,6 +3,12 @@
 MSE + the learned-range VLB at λ = 0.001·T, timestep emphasis), guidance dropout (learned null
 z_i, the empty caption), AdamW with warm-up and global-norm clipping, EMA with warm-up, bf16
 autocast when the config says so, self-conditioning when `decoder.model.self_condition` is set.
+Two prototypes the Rust trainer does not have (README, Measured: *With the answer given*):
+`decoder.model.coord_channels: true` (with `unet.in_channels` 2 more) appends x / y coordinate
+channels to the UNet's input (CoordConv), and `--repa CLIP_RUN` adds REPA (Yu et al. 2024): a
+3-layer 1×1-conv projector of the `--repa-layer` output (mid block) is pulled, by cosine
+similarity with weight `--repa-weight` (0.5), towards the frozen CLIP ResNet's `--repa-target`
+(layer2) features of the clean 64-px image.
 Writes the EMA weights under our checkpoint names (RUN/checkpoints/step-N/ema.safetensors,
 RUN/config.yaml), so shape_denoise.py scores it like one of ours (README, Measured).
 
@@ -25,6 +31,11 @@ ap.add_argument("run_dir")
 ap.add_argument("null_emb")
 ap.add_argument("--steps", type=int)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--repa", metavar="CLIP_RUN", help="REPA: align the UNet's mid-block features with the "
+                "frozen CLIP image tower's layer-2 features of the clean image (Yu et al. 2024)")
+ap.add_argument("--repa-weight", type=float, default=0.5)
+ap.add_argument("--repa-layer", default="mid_block", help="UNet module whose output is aligned")
+ap.add_argument("--repa-target", default="layer2", help="CLIP ResNet stage: layer1..layer4")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 cfg = yaml.safe_load(open(a.config))
@@ -52,7 +63,7 @@ def load_npy(tar, name):
     return np.load(io.BytesIO(tar.extractfile(name).read())).astype(np.float32)
 
 
-images, zi, zt, toks, missing = [], [], [], [], 0
+images, images_full, zi, zt, toks, missing = [], [], [], [], [], 0
 for shard in expand(data["train"]):
     emb = os.path.join(data["embedding_dir"], os.path.basename(shard))
     with tarfile.open(shard) as ti, tarfile.open(emb) as te:
@@ -62,8 +73,10 @@ for shard in expand(data["train"]):
             if k + ".txt_tokens.npy" not in names:
                 missing += 1
                 continue
-            img = Image.open(io.BytesIO(ti.extractfile(n).read())).convert("RGB").resize((res, res), Image.BICUBIC)
-            images.append(np.asarray(img))
+            full = Image.open(io.BytesIO(ti.extractfile(n).read())).convert("RGB")
+            images.append(np.asarray(full.resize((res, res), Image.BICUBIC)))
+            if a.repa:
+                images_full.append(np.asarray(full))
             zi.append(load_npy(te, k + ".img_emb.npy"))
             zt.append(load_npy(te, k + ".txt_emb.npy"))
             toks.append(load_npy(te, k + ".txt_tokens.npy"))
@@ -85,6 +98,47 @@ unet, proj = unet.train(), proj.train()
 named = [("decoder." + k, p) for k, p in unet.named_parameters()] + \
         [("text_proj." + k, p) for k, p in proj.named_parameters()]
 params = [p for _, p in named]
+if a.repa:
+    # The frozen CLIP's features of every clean training image, computed once.
+    from open_clip.modified_resnet import ModifiedResNet
+    from safetensors.torch import load_file
+    ccfg = yaml.safe_load(open(os.path.join(a.repa, "config.yaml")))["model"]
+    v = ccfg["vision"]
+    tower = ModifiedResNet(v["resnet_layers"], ccfg["embed_dim"], v["heads"], v["image_size"], v["width"])
+    ck = sorted(os.listdir(os.path.join(a.repa, "checkpoints")))[-1]
+    sd = load_file(os.path.join(a.repa, "checkpoints", ck, "ema.safetensors"))
+    tower.load_state_dict({k[len("visual."):]: t for k, t in sd.items() if k.startswith("visual.")})
+    tower.eval()
+    stages = ["layer1", "layer2", "layer3", "layer4"][: int(a.repa_target[-1])]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    XF = np.stack(images_full)
+    del images_full
+    targets = []
+    with torch.no_grad():
+        for i in range(0, len(XF), 256):
+            x = (torch.tensor(XF[i:i + 256]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+            h = tower.stem(x)
+            for st in stages:
+                h = getattr(tower, st)(h)
+            targets.append(h.to(torch.bfloat16))
+    TGT = torch.cat(targets)
+    del XF, targets
+    feats_out = {}
+    layer = unet.get_submodule(a.repa_layer)
+    layer.register_forward_hook(lambda mod, inp, out: feats_out.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        probe = torch.zeros(1, unet.config.in_channels, res, res)
+        # the hooked module's width, from one forward of a blank input
+        ctx0, add0 = proj(image_embeddings=torch.zeros(1, m["clip_embeddings_dim"]), prompt_embeds=torch.zeros(1, m["clip_embeddings_dim"]),
+                          text_encoder_hidden_states=torch.zeros(1, 1, m["clip_embeddings_dim"]), do_classifier_free_guidance=False)
+        unet(probe, torch.zeros(1, dtype=torch.long), encoder_hidden_states=ctx0, class_labels=add0)
+    cin, cout, hid = feats_out["h"].shape[1], TGT.shape[1], 512
+    projector = torch.nn.Sequential(torch.nn.Conv2d(cin, hid, 1), torch.nn.SiLU(), torch.nn.Conv2d(hid, hid, 1),
+                                    torch.nn.SiLU(), torch.nn.Conv2d(hid, cout, 1))
+    params = params + list(projector.parameters())
+    print(f"REPA: {a.repa_layer} ({cin} channels, {tuple(feats_out['h'].shape[2:])}) -> CLIP {a.repa_target} "
+          f"{tuple(TGT.shape[1:])}, weight {a.repa_weight}", flush=True)
 print(f"{sum(p.numel() for p in params) / 1e6:.2f} M parameters", flush=True)
 lr = tr["lr"]
 opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, tr.get("beta2", 0.999)), eps=tr.get("eps", 1e-8),
@@ -130,7 +184,7 @@ def x0_from(mean_out, x_t, t):
     return (x_t - g("s1a", t) * mean_out) / g("sa", t)
 
 
-def loss_fn(x0, zi, zt, feats, mask):
+def loss_fn(x0, zi, zt, feats, mask, tgt=None):
     b = len(x0)
     t = torch.randint(0, T, (b,))
     noise = torch.randn_like(x0)
@@ -156,6 +210,9 @@ def loss_fn(x0, zi, zt, feats, mask):
                                  attention_mask=attn).sample.float()[:, :3]
                 x0_sc = x0_from(first, x_t, t).clamp(-1, 1)
             net_in = torch.cat([x_t, x0_sc], 1)
+        coords = diffusers_decoder.coordinates(cfg, b)
+        if coords is not None:
+            net_in = torch.cat([net_in, coords], 1)
         out = unet(net_in, t, encoder_hidden_states=ctx, class_labels=add, attention_mask=attn).sample
     out = out.float()
     mean_out, var_out = out[:, :3], out[:, 3:]
@@ -171,7 +228,16 @@ def loss_fn(x0, zi, zt, feats, mask):
     kl = kl.mean(dim=(1, 2, 3)) / math.log(2)
     nll = discretized_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=(1, 2, 3)) / math.log(2)
     vb = torch.where(t == 0, nll, kl)
-    return ((mse + d.get("vlb_weight", 0.001) * T * vb) * weights[t]).mean()
+    total = ((mse + d.get("vlb_weight", 0.001) * T * vb) * weights[t]).mean()
+    running.append(total.item())  # logged without the REPA term
+    if tgt is not None:
+        h = projector(feats_out["h"].float())
+        if h.shape[2:] != tgt.shape[2:]:
+            h = torch.nn.functional.adaptive_avg_pool2d(h, tgt.shape[2:])
+        cos = torch.nn.functional.cosine_similarity(h, tgt.float(), dim=1)
+        repa_running.append(cos.mean().item())
+        total = total - a.repa_weight * cos.mean()
+    return total
 
 
 def save(step):
@@ -183,7 +249,7 @@ def save(step):
 
 os.makedirs(a.run_dir, exist_ok=True)
 yaml.safe_dump(cfg, open(os.path.join(a.run_dir, "config.yaml"), "w"), sort_keys=False)
-order, pos, start, running = torch.randperm(N), 0, time.time(), []
+order, pos, start, running, repa_running = torch.randperm(N), 0, time.time(), [], []
 every = cfg.get("checkpoint", {}).get("every", steps)
 for step in range(1, steps + 1):
     if pos + batch > N:
@@ -192,7 +258,7 @@ for step in range(1, steps + 1):
     pos += batch
     for group in opt.param_groups:
         group["lr"] = lr * min(1.0, step / max(tr.get("warmup_steps", 0), 1))
-    loss = loss_fn(X[idx], ZI[idx], ZT[idx], F[idx], M[idx])
+    loss = loss_fn(X[idx], ZI[idx], ZT[idx], F[idx], M[idx], TGT[idx] if a.repa else None)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, tr.get("grad_clip", 1.0))
@@ -201,11 +267,11 @@ for step in range(1, steps + 1):
     with torch.no_grad():
         for k, p in named:
             ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
-    running.append(loss.item())
     if step % 50 == 0:
-        print(f"step {step}/{steps} loss {np.mean(running):.4f} {step * batch / (time.time() - start):.1f} samples/s",
+        extra = f" repa cos {np.mean(repa_running):.3f}" if repa_running else ""
+        print(f"step {step}/{steps} loss {np.mean(running):.4f}{extra} {step * batch / (time.time() - start):.1f} samples/s",
               flush=True)
-        running = []
+        running, repa_running = [], []
     if step % every == 0 or step == steps:
         save(step)
 print(f"{time.time() - start:.1f} s")

@@ -79,3 +79,15 @@ def padded_tokens(toks, length=None):
     for i, t in enumerate(toks):
         feats[i, : len(t)], mask[i, : len(t)] = torch.as_tensor(t), True
     return feats, mask
+
+
+def coordinates(cfg, batch):
+    """CoordConv input channels (Liu et al. 2018) when `decoder.model.coord_channels` is set: x and y
+    in [-1, 1] at pixel centres, [batch, 2, res, res]; else None."""
+    if not cfg["decoder"]["model"].get("coord_channels"):
+        return None
+    res = cfg["data"]["image"]["resolution"]
+    p = (torch.arange(res, dtype=torch.float32) + 0.5) / res * 2 - 1
+    y, x = torch.meshgrid(p, p, indexing="ij")
+    return torch.stack([x, y])[None].expand(batch, 2, res, res)
+

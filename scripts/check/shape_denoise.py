@@ -21,6 +21,8 @@ Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png E
   caption (z_t and token features) is swapped for another scene's: which signal the decoder uses.
   --null-image: every z_i is the learned null embedding (a caption-only decoder, trained with
   decoder.image_drop_prob near 1).
+  --save: also write CHECKPOINT_DIR/denoise_tT.png, the real images above their denoisings from t with
+  the own conditioning (t = 999: samples from pure noise), 3x.
 Needs a v-prediction config with the cosine schedule over 1000 steps, as configs/shapes/decoder.yaml;
 a self-conditioned one (`decoder.model.self_condition`) gets each step's x0 estimate, as train-decoder's
 sampler gives it.
@@ -32,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import diffusers_decoder, shape_score
 
 torch.set_num_threads(2)
-FLAGS = ("--mixed", "--reshape", "--sensitivity", "--null-image")
-mixed, reshape, sensitivity, null_image = (f in sys.argv for f in FLAGS)
+FLAGS = ("--mixed", "--reshape", "--sensitivity", "--null-image", "--save")
+mixed, reshape, sensitivity, null_image, save = (f in sys.argv for f in FLAGS)
 args = [a for a in sys.argv[1:] if a not in FLAGS]
 ckpt, grid_png, emb_tar, heldout_tar = args[:4]
 steps = [int(a) for a in args[4:]] or [200, 350, 500]
@@ -81,6 +83,9 @@ def x0_estimate(x, t, cond, previous=None):
     a = acp[t]
     with torch.no_grad():
         net_in = torch.cat([x, torch.zeros_like(x) if previous is None else previous], 1) if self_condition else x
+        coords = diffusers_decoder.coordinates(cfg, n)
+        if coords is not None:
+            net_in = torch.cat([net_in, coords], 1)
         v = unet(net_in, torch.full((n,), int(t)), encoder_hidden_states=ctx, class_labels=add,
                  attention_mask=attn).sample[:, :3]
     return a.sqrt() * x - (1 - a).sqrt() * v
@@ -118,8 +123,16 @@ torch.manual_seed(0)
 noise = torch.randn_like(x0)
 for t in [] if reshape or sensitivity else steps:
     xt = noised(x0, t)
-    print(f"t={t}: own conditioning {count(ddim(xt, t, own))} | another scene's {count(ddim(xt, t, other))}",
+    out_own = ddim(xt, t, own)
+    print(f"t={t}: own conditioning {count(out_own)} | another scene's {count(ddim(xt, t, other))}",
           flush=True)
+    if save:
+        # the real images above their denoisings with the own conditioning, 3x
+        rows = torch.cat([x0, out_own.clamp(-1, 1)], 2)
+        tiles = ((rows + 1) * 127.5).round().byte().permute(2, 0, 3, 1).reshape(2 * res, n * res, 3).numpy()
+        path = os.path.join(ckpt, f"denoise_t{t}.png")
+        Image.fromarray(tiles).resize((n * res * 3, 2 * res * 3), Image.NEAREST).save(path)
+        print(f"wrote {path}", flush=True)
     if mixed:
         print(f"t={t}: own z_i, another's caption {count(ddim(xt, t, condition(scene, another)))} | "
               f"another's z_i, own caption {count(ddim(xt, t, condition(another, scene)))}", flush=True)

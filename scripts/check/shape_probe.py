@@ -67,12 +67,13 @@ def probe(x_train, y_train, x_test, y_test, classes):
                 (lin(b).argmax(1) == y_test).float().mean().item())
 
 
-emb_dir, rest = sys.argv[1], sys.argv[2:]
-split = rest.index("--")
-xa, sa, ca = single_objects(emb_dir, rest[:split])
-xb, sb, cb = single_objects(emb_dir, rest[split + 1:])
-print(f"{emb_dir}: single-object scenes, {len(sa)} to fit, {len(sb)} held out")
-for signal in [k for k in xa if k in xb]:
-    for name, ya, yb, n in [("shape", sa, sb, len(SHAPES)), ("colour", ca, cb, len(COLOURS))]:
-        fit, held = probe(xa[signal], ya, xb[signal], yb, n)
-        print(f"  {name:6} from {signal}: fitted {fit:.1%}, held out {held:.1%} (chance {1 / n:.1%})")
+if __name__ == "__main__":
+    emb_dir, rest = sys.argv[1], sys.argv[2:]
+    split = rest.index("--")
+    xa, sa, ca = single_objects(emb_dir, rest[:split])
+    xb, sb, cb = single_objects(emb_dir, rest[split + 1:])
+    print(f"{emb_dir}: single-object scenes, {len(sa)} to fit, {len(sb)} held out")
+    for signal in [k for k in xa if k in xb]:
+        for name, ya, yb, n in [("shape", sa, sb, len(SHAPES)), ("colour", ca, cb, len(COLOURS))]:
+            fit, held = probe(xa[signal], ya, xb[signal], yb, n)
+            print(f"  {name:6} from {signal}: fitted {fit:.1%}, held out {held:.1%} (chance {1 / n:.1%})")
