@@ -199,20 +199,17 @@ def loss_fn(x0, zi, zt, feats, mask, tgt=None):
         ctx, add = proj(image_embeddings=zi, prompt_embeds=zt, text_encoder_hidden_states=feats,
                         do_classifier_free_guidance=False)
         attn = torch.cat([torch.ones(b, m["clip_extra_context_tokens"], dtype=torch.bool), mask], 1)
-        net_in = x_t
+        net_in = diffusers_decoder.network_input(cfg, x_t)
         if m.get("self_condition"):
             # Self-conditioning (Chen et al. 2022): half the time the input carries the model's own
             # x0 estimate from a first, gradient-free pass; otherwise zeros.
             x0_sc = torch.zeros_like(x0)
             if torch.rand(()) < 0.5:
                 with torch.no_grad():
-                    first = unet(torch.cat([x_t, x0_sc], 1), t, encoder_hidden_states=ctx, class_labels=add,
+                    first = unet(diffusers_decoder.network_input(cfg, x_t, x0_sc), t, encoder_hidden_states=ctx, class_labels=add,
                                  attention_mask=attn).sample.float()[:, :3]
                 x0_sc = x0_from(first, x_t, t).clamp(-1, 1)
-            net_in = torch.cat([x_t, x0_sc], 1)
-        coords = diffusers_decoder.coordinates(cfg, b)
-        if coords is not None:
-            net_in = torch.cat([net_in, coords], 1)
+            net_in = diffusers_decoder.network_input(cfg, x_t, x0_sc)
         out = unet(net_in, t, encoder_hidden_states=ctx, class_labels=add, attention_mask=attn).sample
     out = out.float()
     mean_out, var_out = out[:, :3], out[:, 3:]

@@ -81,13 +81,14 @@ def padded_tokens(toks, length=None):
     return feats, mask
 
 
-def coordinates(cfg, batch):
-    """CoordConv input channels (Liu et al. 2018) when `decoder.model.coord_channels` is set: x and y
-    in [-1, 1] at pixel centres, [batch, 2, res, res]; else None."""
-    if not cfg["decoder"]["model"].get("coord_channels"):
-        return None
-    res = cfg["data"]["image"]["resolution"]
-    p = (torch.arange(res, dtype=torch.float32) + 0.5) / res * 2 - 1
-    y, x = torch.meshgrid(p, p, indexing="ij")
-    return torch.stack([x, y])[None].expand(batch, 2, res, res)
+def network_input(cfg, *parts):
+    """The UNet's input: `parts` ([B, C, H, W]: x_t, then a self-conditioned decoder's x0 estimate)
+    on the channel axis, then, when the config sets the prototype `decoder.model.coord_channels`,
+    CoordConv's x and y channels (Liu et al. 2018; in [-1, 1] at pixel centres)."""
+    if cfg["decoder"]["model"].get("coord_channels"):
+        b, _, h, w = parts[0].shape
+        y, x = torch.meshgrid(*[(torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1 for n in (h, w)],
+                              indexing="ij")
+        parts = parts + (torch.stack([x, y])[None].expand(b, 2, h, w).to(parts[0].dtype),)
+    return torch.cat(parts, 1)
 

@@ -82,10 +82,8 @@ def x0_estimate(x, t, cond, previous=None):
     ctx, add, attn = cond
     a = acp[t]
     with torch.no_grad():
-        net_in = torch.cat([x, torch.zeros_like(x) if previous is None else previous], 1) if self_condition else x
-        coords = diffusers_decoder.coordinates(cfg, n)
-        if coords is not None:
-            net_in = torch.cat([net_in, coords], 1)
+        parts = (x, torch.zeros_like(x) if previous is None else previous) if self_condition else (x,)
+        net_in = diffusers_decoder.network_input(cfg, *parts)
         v = unet(net_in, torch.full((n,), int(t)), encoder_hidden_states=ctx, class_labels=add,
                  attention_mask=attn).sample[:, :3]
     return a.sqrt() * x - (1 - a).sqrt() * v
