@@ -100,30 +100,13 @@ named = [("decoder." + k, p) for k, p in unet.named_parameters()] + \
 params = [p for _, p in named]
 if a.repa:
     # The frozen CLIP's features of every clean training image, computed once.
-    from open_clip.modified_resnet import ModifiedResNet
-    from safetensors.torch import load_file
-    ccfg = yaml.safe_load(open(os.path.join(a.repa, "config.yaml")))["model"]
-    v = ccfg["vision"]
-    tower = ModifiedResNet(v["resnet_layers"], ccfg["embed_dim"], v["heads"], v["image_size"], v["width"])
-    ck = sorted(os.listdir(os.path.join(a.repa, "checkpoints")))[-1]
-    sd = load_file(os.path.join(a.repa, "checkpoints", ck, "ema.safetensors"))
-    tower.load_state_dict({k[len("visual."):]: t for k, t in sd.items() if k.startswith("visual.")})
-    tower.eval()
-    stages = ["layer1", "layer2", "layer3", "layer4"][: int(a.repa_target[-1])]
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    import clip_tower
+    tower, stages = clip_tower.load(a.repa), clip_tower.STAGES.index(a.repa_target) + 1
     XF = np.stack(images_full)
     del images_full
-    targets = []
-    with torch.no_grad():
-        for i in range(0, len(XF), 256):
-            x = (torch.tensor(XF[i:i + 256]).permute(0, 3, 1, 2).float() / 255 - mean) / std
-            h = tower.stem(x)
-            for st in stages:
-                h = getattr(tower, st)(h)
-            targets.append(h.to(torch.bfloat16))
-    TGT = torch.cat(targets)
-    del XF, targets
+    TGT = torch.cat([clip_tower.stage_features(tower, XF[i:i + 256], stages)[-1].to(torch.bfloat16)
+                     for i in range(0, len(XF), 256)])
+    del XF
     feats_out = {}
     layer = unet.get_submodule(a.repa_layer)
     layer.register_forward_hook(lambda mod, inp, out: feats_out.__setitem__("h", out[0] if isinstance(out, tuple) else out))

@@ -8,31 +8,37 @@ Usage: .venv/bin/python scripts/check/oracle_tokens.py IMAGE_DIR EMB_DIR OUT_DIR
   (every EMB_DIR/*.tar, with IMAGE_DIR/<same name> for the scenes; then train with
   data.embedding_dir: OUT_DIR and score with shape_denoise.py on OUT_DIR's held-out shard)
 """
-import glob, io, json, os, sys, tarfile
+import functools, json, os, sys, tarfile
 import numpy as np
-SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond"]
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rewrite_shards import npy_bytes, rewrite
+from shape_probe import COLOURS, SHAPES
+
 SIZES = ["small", "medium", "large"]
 img_dir, emb_dir, out_dir = sys.argv[1:4]
 dim = 128  # the shapes CLIP's text width, which the decoder's token projection reads
-os.makedirs(out_dir, exist_ok=True)
-for emb in sorted(glob.glob(os.path.join(emb_dir, "*.tar"))):
-    img = os.path.join(img_dir, os.path.basename(emb))
-    with tarfile.open(img) as ti:
-        scenes = {n[:-5]: json.loads(ti.extractfile(n).read()) for n in ti.getnames() if n.endswith(".json")}
-    with tarfile.open(emb) as te, tarfile.open(os.path.join(out_dir, os.path.basename(emb)), "w") as to:
-        for m in te.getmembers():
-            data = te.extractfile(m).read()
-            if m.name.endswith(".txt_tokens.npy"):
-                s = scenes[m.name[: -len(".txt_tokens.npy")]]
-                tok = np.zeros((len(s["objects"]), dim), np.float32)
-                for i, o in enumerate(s["objects"]):
-                    tok[i, SHAPES.index(o["shape"])] = 3
-                    tok[i, 6 + COLOURS.index(o["colour"])] = 3
-                    tok[i, 14 + SIZES.index(o["size"])] = 3
-                    r = np.radians(o["rotation"])
-                    tok[i, 17:21] = [3 * (o["centre"][0] * 2 - 1), 3 * (o["centre"][1] * 2 - 1), 3 * np.cos(3 * r), 3 * np.sin(3 * r)]
-                b = io.BytesIO(); np.save(b, tok); data = b.getvalue()
-            info = tarfile.TarInfo(m.name); info.size = len(data); info.mtime = m.mtime
-            to.addfile(info, io.BytesIO(data))
-    print(os.path.basename(emb), flush=True)
+
+
+@functools.lru_cache(maxsize=1)
+def scenes(emb_shard):
+    """The KEY.json scenes of the image shard an embedding shard belongs to (same file name)."""
+    with tarfile.open(os.path.join(img_dir, os.path.basename(emb_shard))) as t:
+        return {n[:-5]: json.loads(t.extractfile(n).read()) for n in t.getnames() if n.endswith(".json")}
+
+
+def oracle(shard, name, data):
+    if not name.endswith(".txt_tokens.npy"):
+        return data
+    objects = scenes(shard)[name[: -len(".txt_tokens.npy")]]["objects"]
+    tok = np.zeros((len(objects), dim), np.float32)
+    for i, o in enumerate(objects):
+        tok[i, SHAPES.index(o["shape"])] = 3
+        tok[i, 6 + COLOURS.index(o["colour"])] = 3
+        tok[i, 14 + SIZES.index(o["size"])] = 3
+        r = np.radians(o["rotation"])
+        tok[i, 17:21] = [3 * (o["centre"][0] * 2 - 1), 3 * (o["centre"][1] * 2 - 1), 3 * np.cos(3 * r), 3 * np.sin(3 * r)]
+    return npy_bytes(tok)
+
+
+shards = rewrite(emb_dir, out_dir, oracle)
+print(f"wrote {len(shards)} shards to {out_dir}")

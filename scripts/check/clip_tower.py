@@ -1,0 +1,34 @@
+"""The shapes CLIP's ResNet image tower (open_clip's ModifiedResNet: our weights load into it by
+name) from a `train-clip` run's newest checkpoint, EMA weights, and its per-stage feature maps.
+Shared by the check scripts that look inside the tower."""
+import os
+import torch, yaml
+from open_clip.modified_resnet import ModifiedResNet
+from safetensors.torch import load_file
+
+STAGES = ["layer1", "layer2", "layer3", "layer4"]
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+def load(run):
+    """The tower of the run's config, in evaluation mode (BatchNorm's running statistics)."""
+    model = yaml.safe_load(open(os.path.join(run, "config.yaml")))["model"]
+    v = model["vision"]
+    tower = ModifiedResNet(v["resnet_layers"], model["embed_dim"], v["heads"], v["image_size"], v["width"])
+    ckpt = sorted(os.listdir(os.path.join(run, "checkpoints")))[-1]
+    weights = load_file(os.path.join(run, "checkpoints", ckpt, "ema.safetensors"))
+    tower.load_state_dict({k[len("visual."):]: t for k, t in weights.items() if k.startswith("visual.")})
+    return tower.eval()
+
+
+def stage_features(tower, images, stages=len(STAGES)):
+    """images: uint8 [B, S, S, 3] at the tower's size → the first `stages` stages' outputs, in order."""
+    x = (torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+    out, h = [], None
+    with torch.no_grad():
+        h = tower.stem(x)
+        for name in STAGES[:stages]:
+            h = getattr(tower, name)(h)
+            out.append(h)
+    return out
