@@ -19,9 +19,11 @@ Usage: .venv/bin/python scripts/check/decoder_reference_train.py CONFIG.yaml RUN
   "Training dynamics against diffusers" shows how to make one.
 """
 import argparse, io, math, os, re, sys, tarfile, time
+
 import numpy as np, torch, yaml
 from PIL import Image
 from safetensors.torch import save_file
+from scipy.optimize import linear_sum_assignment
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import diffusers_decoder
 
@@ -36,6 +38,8 @@ ap.add_argument("--repa", metavar="CLIP_RUN", help="REPA: align the UNet's mid-b
 ap.add_argument("--repa-weight", type=float, default=0.5)
 ap.add_argument("--repa-layer", default="mid_block", help="UNet module whose output is aligned")
 ap.add_argument("--repa-target", default="layer2", help="CLIP ResNet stage: layer1..layer4")
+ap.add_argument("--immiscible", action="store_true", help="Immiscible diffusion (Li et al. 2024): pair each batch's "
+                "images with its noise draws by a minimum-L2 assignment instead of at random")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 cfg = yaml.safe_load(open(a.config))
@@ -171,6 +175,9 @@ def loss_fn(x0, zi, zt, feats, mask, tgt=None):
     b = len(x0)
     t = torch.randint(0, T, (b,))
     noise = torch.randn_like(x0)
+    if a.immiscible:
+        cost = torch.cdist(x0.flatten(1).float(), noise.flatten(1).float())
+        noise = noise[torch.as_tensor(linear_sum_assignment(cost.numpy())[1])]
     x_t = g("sa", t) * x0 + g("s1a", t) * noise
     drop_i = torch.rand(b) < dec.get("image_drop_prob", 0.1)
     drop_t = torch.rand(b) < dec.get("text_drop_prob", 0.5)
