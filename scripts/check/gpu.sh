@@ -1,34 +1,51 @@
 #!/usr/bin/env bash
 # The CUDA checks no CPU machine can run, as one script for a lent GPU machine with PyTorch 2.11.0
-# and no Rust. Build here first and carry the binaries (about 60 MB) in gpu-bin/:
-#   cargo build --release -p unclip-cli --bin train-clip && cargo build --release -p unclip-decoder --example bench_decoder
-#   cargo test -p unclip-dist --test nccl --no-run   # prints the test binary's path
-#   mkdir -p gpu-bin && cp target/release/train-clip target/release/examples/bench_decoder gpu-bin/ && cp <nccl test binary> gpu-bin/nccl
+# and no Rust. Build here first and carry the stripped binaries (about 45 MB) in gpu-bin/:
+#   cargo build --release -p unclip-cli --bins && cargo build --release -p unclip-decoder --example bench_decoder
+#   cargo test --release -p unclip-dist --test nccl --no-run   # prints the test binary's path
+#   mkdir -p gpu-bin && cp target/release/{train-clip,train-decoder,embed} target/release/examples/bench_decoder gpu-bin/
+#   cp <nccl test binary> gpu-bin/nccl && strip gpu-bin/*
 # then on the GPU machine, from the repository root: bash scripts/check/gpu.sh [OUT_DIR]
-# Checks: NCCL collectives on the GPU; train-clip on CUDA in fp32, bf16, fp16 (loss scaling) and
-# bf16 + channels-last, loss falling in each; the decoder benchmark in bf16 with MFU (needs diffusers).
+# Checks (CHECKS picks some; default nccl,clip,bench): nccl: NCCL collectives on the GPU; clip:
+# train-clip on CUDA in fp32, bf16, fp16 (loss scaling) and bf16 + channels-last, loss falling in
+# each; bench: the decoder benchmark in bf16 with MFU (needs diffusers); decoder: the shapes chain
+# on CUDA — the shapes CLIP (700 steps), its embeddings, train-decoder in bf16 for DECODER_STEPS
+# (10000) with grids every quarter, then 64 held-out scenes (100 DDPM steps, guidance 1) in
+# OUT/decoder-grid64.png for scripts/check/shape_score.py. Logs and grids go to OUT_DIR, run
+# directories (checkpoints) to RUNS.
 set -uo pipefail
 BIN=${BIN:-gpu-bin}
 # DEVICE=cpu STEPS=100 BATCH=64 BIN=target/release runs the training checks here (VARIANTS=fp16,... picks
 # some), to test this script.
 DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-100} BATCH=${BATCH:-256}
 OUT=${1:-${OUT:-runs/gpu-check}}
-mkdir -p "$OUT"
+RUNS=${RUNS:-runs/gpu-check}
+CHECKS=,${CHECKS:-nccl,clip,bench},
+mkdir -p "$OUT" "$RUNS"
 TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 status=0
 step() { echo; echo "== $*"; }
 check() { if "$@"; then echo "ok: $*"; else echo "FAILED ($?): $*"; status=1; fi; }
+wants() { [[ $CHECKS == *,$1,* ]] && [ -x "$BIN/$2" ]; }
+# the loss of a log's last "step N/M loss L" line must be under half its first one's
+loss_halved() {
+  losses=$(grep -oE '^step [0-9]+/[0-9]+ loss [0-9.]+' "$1" | cut -d' ' -f4)
+  first=$(head -1 <<<"$losses") last=$(tail -1 <<<"$losses")
+  python3 -c "import sys; f, l = float('${first:-nan}'), float('${last:-nan}'); print('loss', f, '->', l); sys.exit(0 if l < 0.5 * f else 1)"
+}
 
-step "GPU"
-nvidia-smi -L || status=1
+if [ "$DEVICE" != cpu ]; then
+  step "GPU"
+  nvidia-smi -L || status=1
+fi
 
-if [ -x "$BIN/nccl" ]; then
+if wants nccl nccl; then
   step "NCCL collectives on one GPU (world size 1)"
   check "$BIN/nccl" --exact nccl_collectives_on_one_gpu --include-ignored --nocapture
 fi
 
-if [ -x "$BIN/train-clip" ]; then
+if wants clip train-clip; then
   IFS=, read -ra variants <<<"${VARIANTS:-fp32,bf16,fp16,bf16 channels_last}"
   for variant in "${variants[@]}"; do
     set -- $variant
@@ -36,18 +53,36 @@ if [ -x "$BIN/train-clip" ]; then
            --set logging.every=25 --set logging.progress=lines --set "train.precision=$1")
     [ $# -gt 1 ] && flags+=(--set train.channels_last=true)
     step "train-clip on $DEVICE: $variant"
-    "$BIN/train-clip" --config configs/shapes/clip.yaml --run-dir "$OUT/clip-${variant// /-}" "${flags[@]}" \
+    "$BIN/train-clip" --config configs/shapes/clip.yaml --run-dir "$RUNS/clip-${variant// /-}" "${flags[@]}" \
       2>&1 | tee "$OUT/clip-${variant// /-}.log"
-    losses=$(grep -oE '^step [0-9]+/[0-9]+ loss [0-9.]+' "$OUT/clip-${variant// /-}.log" | cut -d' ' -f4)
-    first=$(head -1 <<<"$losses") last=$(tail -1 <<<"$losses")
-    check python3 -c "import sys; f, l = float('${first:-nan}'), float('${last:-nan}'); print('loss', f, '->', l); sys.exit(0 if l < 0.5 * f else 1)"
+    check loss_halved "$OUT/clip-${variant// /-}.log"
   done
 fi
 
-if [ -x "$BIN/bench_decoder" ] && python3 -c 'import diffusers' 2>/dev/null; then
+if wants bench bench_decoder && python3 -c 'import diffusers' 2>/dev/null; then
   step "decoder training step, bf16, against diffusers (paper-like widths at 64 px)"
   UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=3 \
     check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 20
+fi
+if wants decoder train-decoder && [ -x "$BIN/train-clip" ] && [ -x "$BIN/embed" ]; then
+  DECODER_STEPS=${DECODER_STEPS:-10000} CLIP_STEPS=${CLIP_STEPS:-700}
+  quarter=$(( DECODER_STEPS >= 4 ? DECODER_STEPS / 4 : 1 )) log_every=$(( DECODER_STEPS >= 20 ? DECODER_STEPS / 20 : 1 ))
+  step "the shapes chain on $DEVICE: CLIP ($CLIP_STEPS steps), embeddings, decoder ($DECODER_STEPS steps, bf16)"
+  "$BIN/train-clip" --config configs/shapes/clip.yaml --run-dir "$RUNS/chain-clip" --set "device=$DEVICE" \
+    --set "train.steps=$CLIP_STEPS" --set logging.progress=lines 2>&1 | tee "$OUT/chain-clip.log"
+  check loss_halved "$OUT/chain-clip.log"
+  for shards in 'clip64-{000000..000019}' 'clipval64-{000000..000001}'; do
+    check "$BIN/embed" --clip "$RUNS/chain-clip" --token-features --device "$DEVICE" \
+      --shards "data/shapes/$shards.tar" --out "$RUNS/chain-emb64"
+  done
+  decoder=(--config configs/shapes/decoder.yaml --run-dir "$RUNS/chain-decoder" --set "device=$DEVICE"
+           --set "clip=$RUNS/chain-clip" --set "data.embedding_dir=$RUNS/chain-emb64")
+  "$BIN/train-decoder" "${decoder[@]}" --set "train.steps=$DECODER_STEPS" --set "logging.images_every=$quarter" \
+    --set "checkpoint.every=$quarter" --set "logging.every=$log_every" --set logging.progress=lines 2>&1 | tee "$OUT/chain-decoder.log"
+  check loss_halved "$OUT/chain-decoder.log"
+  cp "$RUNS"/chain-decoder/samples/*.png "$OUT"/ 2>/dev/null
+  check "$BIN/train-decoder" "${decoder[@]}" --grid "$OUT/decoder-grid64.png" --set samples.count=64 \
+    --set 'samples.guidance_scales=[1.0]' --set 'decoder.sampling={sampler: ddpm, steps: "100", clip: {static: 1.0}}'
 fi
 echo; [ $status -eq 0 ] && echo "gpu checks: all passed" || echo "gpu checks: some FAILED"
 exit $status
