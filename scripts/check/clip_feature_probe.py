@@ -2,7 +2,7 @@
 pool: a linear probe (softmax regression, as shape_probe.py) of the shape of single-object scenes
 from each stage's feature vector at the object's centre cell, and from stage 2's spatial mean.
 Train: clip64-000000..4, test: clipval64-000000..1. VIA32=1 first takes the images to 32 px and
-back (what the 32-px decoder's images hold). (README, Measured: *With the answer given*.)
+back (what the 32-px decoder's images hold). (docs/decoder-shapes.md: *With the answer given*.)
 
 Usage: .venv/bin/python scripts/check/clip_feature_probe.py CLIP_RUN
 """

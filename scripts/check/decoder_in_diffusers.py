@@ -1,7 +1,7 @@
 """Loads a `train-decoder` checkpoint (the UNet from its run's config.yaml) into diffusers' UnCLIP decoder
 modules (strict: the names match) and asks, at several noise levels, how well the model predicts
 the per-image mean (DC) of the noise and of the clean image for the first 8 held-out images.
-What found that the ε-model's colour drift came from an ε with no DC (README, Measured).
+What found that the ε-model's colour drift came from an ε with no DC (docs/decoder-shapes.md).
 
 Usage: .venv/bin/python scripts/check/decoder_in_diffusers.py CHECKPOINT_DIR eps|v GRID.png EMB_DIR
   GRID.png: a grid the run wrote (its top row: the held-out images);

@@ -3,7 +3,7 @@
 cosine-schedule v-loss of `train-decoder`: per training step t, the x_0-space weight EDM gives
 σ(t) = √((1 − ᾱ_t) / ᾱ_t) times |dσ/dt|, times (1 − ᾱ_t) (v-loss → x_0 space), then
 floor + (1 − floor)·w / max w, scaled to mean 1, as `diffusion.timestep_loss_weights` in place
-of `timestep_emphasis` (README, Measured: the decoder's shapes).
+of `timestep_emphasis` (docs/decoder-shapes.md).
 
 Usage: .venv/bin/python scripts/check/edm_weights.py configs/shapes/decoder.yaml > /tmp/edm.yaml
            [--p-mean -1.2] [--p-std 1.2] [--sigma-data 0.5] [--floor 0.15]

@@ -2,7 +2,7 @@
 caption's token features with one token per object that holds its exact shape, colour and size
 (one-hot), centre and rotation (as cos/sin of 3θ: the tilt is ±20°), from the scene's KEY.json. z_i
 and z_t are kept. A decoder trained on them shows what the UNet learns when the conditioning states
-the answer (README, Measured: *With the answer given*).
+the answer (docs/decoder-shapes.md: *With the answer given*).
 
 Usage: .venv/bin/python scripts/check/oracle_tokens.py IMAGE_DIR EMB_DIR OUT_DIR
   (every EMB_DIR/*.tar, with IMAGE_DIR/<same name> for the scenes; then train with

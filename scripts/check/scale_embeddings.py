@@ -1,5 +1,5 @@
 """Copies `embed` shards with z_i and z_t multiplied by a factor (the token features as they are):
-a way to try the decoder on embeddings of another scale without a config option (README, Measured:
+a way to try the decoder on embeddings of another scale without a config option (docs/decoder-shapes.md:
 *What the decoder takes its shapes from*).
 
 Usage: .venv/bin/python scripts/check/scale_embeddings.py SRC_DIR DST_DIR [FACTOR]

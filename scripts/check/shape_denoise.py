@@ -4,7 +4,7 @@ denoise: each image is noised to step t (fixed noise), brought back to t = 0 by 
 match), and scored by shape_score.py. With (a) the scene's own z_i and caption and (b) another
 scene's, so the gap is what the conditioning adds. Unlike sampling from pure noise this is above
 chance early in training, so it compares decoder configs after a few hundred CPU-seconds of
-training rather than at the end (README, Measured).
+training rather than at the end (docs/decoder-shapes.md).
 
 Usage: .venv/bin/python scripts/check/shape_denoise.py CHECKPOINT_DIR GRID.png EMB_SHARD.tar \
            HELDOUT_SHARD.tar [T ...] [--mixed]

@@ -1,7 +1,7 @@
 //! PyTorch's default initialisation of `nn.Linear` and `nn.Conv2d`, which diffusers' modules keep:
 //! weights and biases uniform in ±1/√fan_in (`kaiming_uniform_` with a = √5). tch's defaults
 //! differ — weights √6 times wider (Kaiming with the ReLU gain) and zero conv biases — and the
-//! shapes decoder trained measurably slower from them than diffusers did (README, Measured).
+//! shapes decoder trained measurably slower from them than diffusers did (docs/decoder-shapes.md).
 
 use tch::nn;
 

@@ -2,7 +2,7 @@
 //! conv → norm(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv, plus a skip (1×1
 //! conv when the width changes). Names and initialisation follow diffusers' `ResnetBlock2D`
 //! (PyTorch's defaults; no zero-initialised last conv as in ADM): so initialised, the shapes
-//! decoder trains as fast as diffusers' does from the same recipe (README, Measured).
+//! decoder trains as fast as diffusers' does from the same recipe (docs/decoder-shapes.md).
 
 use super::init;
 use super::resample::{Downsample, Upsample};
