@@ -24,10 +24,17 @@ CHECKS=,${CHECKS:-nccl,clip,bench},
 mkdir -p "$OUT" "$RUNS"
 TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-status=0
+status=0 skipped=
 step() { echo; echo "== $*"; }
 check() { if "$@"; then echo "ok: $*"; else echo "FAILED ($?): $*"; status=1; fi; }
-wants() { [[ $CHECKS == *,$1,* ]] && [ -x "$BIN/$2" ]; }
+# wants CHECK BINARY...: CHECK was asked for and its binaries are in BIN (else says which are not)
+wants() {
+  local check=$1; shift
+  [[ $CHECKS == *,$check,* ]] || return 1
+  for b in "$@"; do
+    [ -x "$BIN/$b" ] || { echo; echo "== $check: skipped, no $BIN/$b"; skipped+=" $check"; return 1; }
+  done
+}
 # the loss of a log's last "step N/M loss L" line must be under half its first one's
 loss_halved() {
   losses=$(grep -oE '^step [0-9]+/[0-9]+ loss [0-9.]+' "$1" | cut -d' ' -f4)
@@ -64,25 +71,27 @@ if wants bench bench_decoder && python3 -c 'import diffusers' 2>/dev/null; then
   UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=3 \
     check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 20
 fi
-if wants decoder train-decoder && [ -x "$BIN/train-clip" ] && [ -x "$BIN/embed" ]; then
+# With --resume auto a rerun (after the lent machine's per-command limit, say) continues the runs;
+# their logs are appended in RUNS, so the loss check sees the whole run.
+if wants decoder train-clip embed train-decoder; then
   DECODER_STEPS=${DECODER_STEPS:-10000} CLIP_STEPS=${CLIP_STEPS:-700}
   quarter=$(( DECODER_STEPS >= 4 ? DECODER_STEPS / 4 : 1 )) log_every=$(( DECODER_STEPS >= 20 ? DECODER_STEPS / 20 : 1 ))
   step "the shapes chain on $DEVICE: CLIP ($CLIP_STEPS steps), embeddings, decoder ($DECODER_STEPS steps, bf16)"
-  "$BIN/train-clip" --config configs/shapes/clip.yaml --run-dir "$RUNS/chain-clip" --set "device=$DEVICE" \
-    --set "train.steps=$CLIP_STEPS" --set logging.progress=lines 2>&1 | tee "$OUT/chain-clip.log"
-  check loss_halved "$OUT/chain-clip.log"
+  "$BIN/train-clip" --config configs/shapes/clip.yaml --run-dir "$RUNS/chain-clip" --resume auto --set "device=$DEVICE" \
+    --set "train.steps=$CLIP_STEPS" --set logging.progress=lines 2>&1 | tee -a "$RUNS/chain-clip.log"
+  check loss_halved "$RUNS/chain-clip.log"
   for shards in 'clip64-{000000..000019}' 'clipval64-{000000..000001}'; do
     check "$BIN/embed" --clip "$RUNS/chain-clip" --token-features --device "$DEVICE" \
       --shards "data/shapes/$shards.tar" --out "$RUNS/chain-emb64"
   done
   decoder=(--config configs/shapes/decoder.yaml --run-dir "$RUNS/chain-decoder" --set "device=$DEVICE"
            --set "clip=$RUNS/chain-clip" --set "data.embedding_dir=$RUNS/chain-emb64")
-  "$BIN/train-decoder" "${decoder[@]}" --set "train.steps=$DECODER_STEPS" --set "logging.images_every=$quarter" \
-    --set "checkpoint.every=$quarter" --set "logging.every=$log_every" --set logging.progress=lines 2>&1 | tee "$OUT/chain-decoder.log"
-  check loss_halved "$OUT/chain-decoder.log"
-  cp "$RUNS"/chain-decoder/samples/*.png "$OUT"/ 2>/dev/null
+  "$BIN/train-decoder" "${decoder[@]}" --resume auto --set "train.steps=$DECODER_STEPS" --set "logging.images_every=$quarter" \
+    --set "checkpoint.every=$quarter" --set "logging.every=$log_every" --set logging.progress=lines 2>&1 | tee -a "$RUNS/chain-decoder.log"
+  check loss_halved "$RUNS/chain-decoder.log"
+  cp "$RUNS"/chain-{clip,decoder}.log "$RUNS"/chain-decoder/samples/*.png "$OUT"/ 2>/dev/null
   check "$BIN/train-decoder" "${decoder[@]}" --grid "$OUT/decoder-grid64.png" --set samples.count=64 \
     --set 'samples.guidance_scales=[1.0]' --set 'decoder.sampling={sampler: ddpm, steps: "100", clip: {static: 1.0}}'
 fi
-echo; [ $status -eq 0 ] && echo "gpu checks: all passed" || echo "gpu checks: some FAILED"
+echo; [ $status -eq 0 ] && echo "gpu checks: all passed${skipped:+ (skipped:$skipped)}" || echo "gpu checks: some FAILED"
 exit $status
