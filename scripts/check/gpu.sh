@@ -60,6 +60,7 @@ if wants clip train-clip; then
            --set logging.every=25 --set logging.progress=lines --set "train.precision=$1")
     [ $# -gt 1 ] && flags+=(--set train.channels_last=true)
     step "train-clip on $DEVICE: $variant"
+    rm -rf "$RUNS/clip-${variant// /-}"   # always a fresh run (a rerun would be refused otherwise)
     "$BIN/train-clip" --config configs/shapes/clip.yaml --run-dir "$RUNS/clip-${variant// /-}" "${flags[@]}" \
       2>&1 | tee "$OUT/clip-${variant// /-}.log"
     check loss_halved "$OUT/clip-${variant// /-}.log"

@@ -202,6 +202,19 @@ pub fn train<T: TrainTask>(
     let dist = distributed::group_from_env(&runtime.distributed, vs.device())?.map(Rc::new);
     let rank = dist.as_ref().map_or(0, |g| g.rank());
     let rank0 = rank == 0;
+    let ckpt_root = checkpoint::checkpoints_dir(run_dir);
+    if resume.is_none() {
+        // A fresh run among another run's checkpoints would have its own pruned as the oldest,
+        // and a later `--resume auto` would continue the other run.
+        if let Some(newest) = checkpoint::latest(&ckpt_root)? {
+            bail!(
+                "run directory {} already holds checkpoints (newest {}): pass --resume auto to \
+                 continue that run, or another --run-dir for a fresh one",
+                run_dir.display(),
+                newest.display()
+            );
+        }
+    }
     if rank0 {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("creating run directory {}", run_dir.display()))?;
@@ -209,7 +222,6 @@ pub fn train<T: TrainTask>(
         std::fs::write(&config_path, serde_yaml::to_string(resolved_config)?)
             .with_context(|| format!("writing {}", config_path.display()))?;
     }
-    let ckpt_root = checkpoint::checkpoints_dir(run_dir);
     if let Some(pg) = &dist {
         distributed::broadcast_variables(pg, vs)?;
         task.set_process_group(pg.clone());

@@ -97,7 +97,7 @@ fn loss_falls_and_crash_then_resume_is_bit_identical() {
 }
 
 #[test]
-fn checkpoints_are_pruned_resume_ignores_partial_ones_and_config_is_recorded() {
+fn checkpoints_are_pruned_resume_ignores_partial_ones_config_is_recorded_and_runs_do_not_mix() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
@@ -122,6 +122,23 @@ fn checkpoints_are_pruned_resume_ignores_partial_ones_and_config_is_recorded() {
     .unwrap();
     assert_eq!((meta.step, meta.ema_updates, meta.seed), (40, 40, 7));
     assert_eq!(meta.config["train"]["lr"].as_f64(), Some(1e-3));
+
+    // A fresh run (no --resume) into a directory that holds checkpoints is refused before it
+    // writes anything: its own would be pruned as the oldest and `--resume auto` would continue
+    // the old run.
+    let other = config(&["train.lr=5e-4"]);
+    let err = run(&other, &dir, None, None).1.unwrap_err().to_string();
+    assert!(
+        err.contains("already holds checkpoints") && err.contains("step-000000040"),
+        "{err}"
+    );
+    let kept: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("config.yaml")).unwrap()).unwrap();
+    assert_eq!(
+        kept["train"]["lr"].as_f64(),
+        Some(1e-3),
+        "config.yaml untouched"
+    );
 
     // A crash mid-write leaves a hidden partial directory, or a step dir without meta.json.
     let root = checkpoints_dir(&dir);
