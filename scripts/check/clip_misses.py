@@ -21,11 +21,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from clip_tower import newest_checkpoint
+
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 run = args[0]
 cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
-ckpts = sorted(d for d in os.listdir(os.path.join(run, "checkpoints")) if d.startswith("step-"))
-ckpt = os.path.join(run, "checkpoints", ckpts[-1])
+ckpt = newest_checkpoint(run)
 weights = load_file(os.path.join(ckpt, "ema.safetensors" if "--ema" in sys.argv else "model.safetensors"))
 m, v, t = cfg["model"], cfg["model"]["vision"], cfg["model"]["text"]
 act = m.get("activation", "quick_gelu")

@@ -11,13 +11,21 @@ MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
+def newest_checkpoint(run):
+    """The run's newest complete checkpoint directory (a `step-*` with meta.json, as the runtime's
+    `--resume auto` takes it)."""
+    root = os.path.join(run, "checkpoints")
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isfile(os.path.join(root, d, "meta.json")))
+    assert steps, f"no complete checkpoint in {root}"
+    return os.path.join(root, steps[-1])
+
+
 def load(run):
     """The tower of the run's config, in evaluation mode (BatchNorm's running statistics)."""
     model = yaml.safe_load(open(os.path.join(run, "config.yaml")))["model"]
     v = model["vision"]
     tower = ModifiedResNet(v["resnet_layers"], model["embed_dim"], v["heads"], v["image_size"], v["width"])
-    ckpt = sorted(os.listdir(os.path.join(run, "checkpoints")))[-1]
-    weights = load_file(os.path.join(run, "checkpoints", ckpt, "ema.safetensors"))
+    weights = load_file(os.path.join(newest_checkpoint(run), "ema.safetensors"))
     tower.load_state_dict({k[len("visual."):]: t for k, t in weights.items() if k.startswith("visual.")})
     return tower.eval()
 
@@ -25,7 +33,7 @@ def load(run):
 def stage_features(tower, images, stages=len(STAGES)):
     """images: uint8 [B, S, S, 3] at the tower's size → the first `stages` stages' outputs, in order."""
     x = (torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
-    out, h = [], None
+    out = []
     with torch.no_grad():
         h = tower.stem(x)
         for name in STAGES[:stages]:

@@ -3,12 +3,13 @@
 MSE + the learned-range VLB at λ = 0.001·T, timestep emphasis), guidance dropout (learned null
 z_i, the empty caption), AdamW with warm-up and global-norm clipping, EMA with warm-up, bf16
 autocast when the config says so, self-conditioning when `decoder.model.self_condition` is set.
-Two prototypes the Rust trainer does not have (docs/decoder-shapes.md: *With the answer given*):
+Three prototypes the Rust trainer does not have (docs/decoder-shapes.md: *With the answer given*):
 `decoder.model.coord_channels: true` (with `unet.in_channels` 2 more) appends x / y coordinate
-channels to the UNet's input (CoordConv), and `--repa CLIP_RUN` adds REPA (Yu et al. 2024): a
+channels to the UNet's input (CoordConv); `--repa CLIP_RUN` adds REPA (Yu et al. 2024): a
 3-layer 1×1-conv projector of the `--repa-layer` output (mid block) is pulled, by cosine
 similarity with weight `--repa-weight` (0.5), towards the frozen CLIP ResNet's `--repa-target`
-(layer2) features of the clean 64-px image.
+(layer2) features of the clean 64-px image; `--immiscible` pairs each batch's images with its noise
+draws by a minimum-L2 assignment (immiscible diffusion, Li et al. 2024).
 Writes the EMA weights under our checkpoint names (RUN/checkpoints/step-N/ema.safetensors,
 RUN/config.yaml), so shape_denoise.py scores it like one of ours (docs/decoder-shapes.md).
 

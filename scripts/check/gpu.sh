@@ -67,10 +67,14 @@ if wants clip train-clip; then
   done
 fi
 
-if wants bench bench_decoder && python3 -c 'import diffusers' 2>/dev/null; then
-  step "decoder training step, bf16, against diffusers (paper-like widths at 64 px)"
-  UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=3 \
-    check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 20
+if wants bench bench_decoder; then
+  if python3 -c 'import diffusers' 2>/dev/null; then
+    step "decoder training step, bf16, against diffusers (paper-like widths at 64 px)"
+    UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=3 \
+      check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 20
+  else
+    echo; echo "== bench: skipped, no diffusers for python3"; skipped+=" bench"
+  fi
 fi
 # With --resume auto a rerun (after the lent machine's per-command limit, say) continues the runs;
 # their logs are appended in RUNS, so the loss check sees the whole run.
