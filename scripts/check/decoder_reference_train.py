@@ -9,7 +9,8 @@ channels to the UNet's input (CoordConv); `--repa CLIP_RUN` adds REPA (Yu et al.
 3-layer 1×1-conv projector of the `--repa-layer` output (mid block) is pulled, by cosine
 similarity with weight `--repa-weight` (0.5), towards the frozen CLIP ResNet's `--repa-target`
 (layer2) features of the clean 64-px image; `--immiscible` pairs each batch's images with its noise
-draws by a minimum-L2 assignment (immiscible diffusion, Li et al. 2024).
+draws by a minimum-L2 assignment (immiscible diffusion, Li et al. 2024); `--edge-weight W` weights the
+MSE of pixels on an object's outline (3x3 colour range of x0 above 0.25) by 1 + W.
 Writes the EMA weights under our checkpoint names (RUN/checkpoints/step-N/ema.safetensors,
 RUN/config.yaml), so shape_denoise.py scores it like one of ours (docs/decoder-shapes.md).
 
@@ -39,6 +40,8 @@ ap.add_argument("--repa", metavar="CLIP_RUN", help="REPA: align the UNet's mid-b
 ap.add_argument("--repa-weight", type=float, default=0.5)
 ap.add_argument("--repa-layer", default="mid_block", help="UNet module whose output is aligned")
 ap.add_argument("--repa-target", default="layer2", help="CLIP ResNet stage: layer1..layer4")
+ap.add_argument("--edge-weight", type=float, default=0.0, help="weight the MSE of pixels on an object's "
+                "outline (3x3 colour range of x0 > 0.25) 1 + this, each image's weights normalised to mean 1")
 ap.add_argument("--immiscible", action="store_true", help="Immiscible diffusion (Li et al. 2024): pair each batch's "
                 "images with its noise draws by a minimum-L2 assignment instead of at random")
 a = ap.parse_args()
@@ -206,7 +209,13 @@ def loss_fn(x0, zi, zt, feats, mask, tgt=None):
     mean_out, var_out = out[:, :3], out[:, 3:]
     target = g("sa", t) * noise - g("s1a", t) * x0 if d.get("predict", "epsilon") == "v" else noise
     pred_x0 = x0_from(mean_out.detach(), x_t, t)
-    mse = (mean_out - target).square().mean(dim=(1, 2, 3))
+    err = (mean_out - target).square()
+    if a.edge_weight:
+        pool = torch.nn.functional.max_pool2d
+        edge = ((pool(x0, 3, 1, 1) + pool(-x0, 3, 1, 1)).amax(1, keepdim=True) > 0.25).float()
+        w = 1 + a.edge_weight * edge
+        err = err * (w / w.mean(dim=(2, 3), keepdim=True))
+    mse = err.mean(dim=(1, 2, 3))
     frac = (var_out + 1) / 2
     model_logvar = frac * g("lb", t) + (1 - frac) * g("plv", t)
     model_mean = g("c1", t) * pred_x0 + g("c2", t) * x_t
