@@ -225,14 +225,14 @@ fn dry_run_counts_the_paper_decoder_without_building_it() {
 }
 
 /// `train-decoder` as 2 Gloo ranks on loopback (as `torchrun --nproc-per-node 2` starts it);
-/// panics with every rank's output unless both succeed. Returns rank 0's.
+/// panics with every rank's output unless both succeed. Returns their outputs.
 fn launch_two_ranks(
     decoder: &str,
     config: &Path,
     run_dir: &Path,
     steps: &str,
     resume: bool,
-) -> String {
+) -> Vec<String> {
     let steps = format!("train.steps={steps}");
     let mut args = vec![
         "--config",
@@ -258,7 +258,7 @@ fn launch_two_ranks(
         outputs.join("\n---- next rank ----\n")
     };
     assert!(ranks.iter().all(|r| r.success), "{}", all());
-    ranks[0].output.clone()
+    ranks.into_iter().map(|r| r.output).collect()
 }
 
 #[test]
@@ -267,8 +267,9 @@ fn train_decoder_runs_data_parallel_and_resumes_exactly() {
     let dir = tmp.path();
     let decoder = env!("CARGO_BIN_EXE_train-decoder");
     let full = dir.join("full");
-    let out = launch_two_ranks(decoder, &config, &full, "40", false);
-    let l = losses(&out);
+    let outputs = launch_two_ranks(decoder, &config, &full, "40", false);
+    let out = &outputs[0];
+    let l = losses(out);
     assert_eq!(l.len(), 4, "{out}");
     assert!(
         l[3] < 0.8 * l[0],
@@ -278,6 +279,19 @@ fn train_decoder_runs_data_parallel_and_resumes_exactly() {
     assert!(out.contains("epoch 0 done on rank 0: 24 samples"), "{out}");
     for name in ["step_000020.png", "step_000040.png", "final_ema.png"] {
         assert!(full.join("samples").join(name).is_file(), "{name}");
+    }
+    // Rank 1 trains but neither samples nor checkpoints.
+    assert!(
+        outputs[1].contains("epoch 0 done on rank 1: 24 samples"),
+        "{}",
+        outputs[1]
+    );
+    for what in ["samples step", "checkpoint "] {
+        assert!(
+            out.contains(what) && !outputs[1].contains(what),
+            "{what}: {}",
+            outputs[1]
+        );
     }
     // Interrupted at step 20 and resumed by both ranks: the same weights, EMA and optimiser state
     // (every rank's data position and generator come back, not only rank 0's).
