@@ -114,6 +114,13 @@ fn resume_matches_the_full_run(
     }
 }
 
+/// The training tests take turns: two ranks waiting on each other slow down badly when another
+/// test's training shares their two cores (136 s against ~20 s alone).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A temporary directory with `dataset` and `decoder_config` (the config's path returned).
 fn tiny_setup() -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
@@ -127,6 +134,7 @@ fn tiny_setup() -> (tempfile::TempDir, std::path::PathBuf) {
 /// `resume_matches_the_full_run`, then exported as a diffusers pipeline directory and loaded
 /// back with the EMA weights. Returns the temporary directory (alive while held) and the export.
 fn train_resume_and_export(sets: &[&str]) -> (tempfile::TempDir, LoadedDecoder) {
+    let _serial = serial();
     let (tmp, config) = tiny_setup();
     let dir = tmp.path();
     let decoder = env!("CARGO_BIN_EXE_train-decoder");
@@ -263,6 +271,7 @@ fn launch_two_ranks(
 
 #[test]
 fn train_decoder_runs_data_parallel_and_resumes_exactly() {
+    let _serial = serial();
     let (tmp, config) = tiny_setup();
     let dir = tmp.path();
     let decoder = env!("CARGO_BIN_EXE_train-decoder");
