@@ -27,12 +27,14 @@ export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 status=0 skipped=
 step() { echo; echo "== $*"; }
 check() { if "$@"; then echo "ok: $*"; else echo "FAILED ($?): $*"; status=1; fi; }
+# skip CHECK WHY: a requested check that cannot run, named in the summary
+skip() { echo; echo "== $1: skipped, $2"; skipped+=" $1"; }
 # wants CHECK BINARY...: CHECK was asked for and its binaries are in BIN (else says which are not)
 wants() {
   local check=$1; shift
   [[ $CHECKS == *,$check,* ]] || return 1
   for b in "$@"; do
-    [ -x "$BIN/$b" ] || { echo; echo "== $check: skipped, no $BIN/$b"; skipped+=" $check"; return 1; }
+    [ -x "$BIN/$b" ] || { skip "$check" "no $BIN/$b"; return 1; }
   done
 }
 # the loss of a log's last "step N/M loss L" line must be under half its first one's
@@ -73,7 +75,7 @@ if wants bench bench_decoder; then
     UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=3 \
       check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 20
   else
-    echo; echo "== bench: skipped, no diffusers for python3"; skipped+=" bench"
+    skip bench "no diffusers for python3"
   fi
 fi
 # With --resume auto a rerun (after the lent machine's per-command limit, say) continues the runs;

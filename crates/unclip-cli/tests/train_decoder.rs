@@ -71,11 +71,15 @@ fn run_with(decoder: &str, config: &Path, run_dir: &Path, sets: &[&str], extra: 
     run(decoder, &args)
 }
 
-/// Trains the config's 40 steps into `run_dir` (with `--set` `sets`): the loss falls, and the EMA
-/// grids (real images, then one row per guidance scale) are written.
+/// Trains the config's 40 steps into `run_dir` (with `--set` `sets`), then `check_run`.
 fn train_and_check_grids(decoder: &str, config: &Path, run_dir: &Path, sets: &[&str]) {
-    let out = run_with(decoder, config, run_dir, sets, &[]);
-    let l = losses(&out);
+    check_run(&run_with(decoder, config, run_dir, sets, &[]), run_dir);
+}
+
+/// A 40-step run's output (rank 0's) and directory: the loss falls, and the EMA grids (real
+/// images, then one row per guidance scale) are written.
+fn check_run(out: &str, run_dir: &Path) {
+    let l = losses(out);
     assert_eq!(l.len(), 4, "{out}");
     assert!(l[3] < 0.8 * l[0], "the hybrid loss falls: {l:?}");
     assert!(
@@ -107,7 +111,12 @@ fn resume_matches_the_full_run(
         &[sets, &[&second]].concat(),
         &["--resume", "auto"],
     );
-    for file in ["model.safetensors", "ema.safetensors"] {
+    same_step_40(full, split, &["model.safetensors", "ema.safetensors"]);
+}
+
+/// Each of `files` is byte-identical in the step-40 checkpoints of `full` and `split`.
+fn same_step_40(full: &Path, split: &Path, files: &[&str]) {
+    for file in files {
         let read =
             |run: &Path| std::fs::read(run.join("checkpoints/step-000000040").join(file)).unwrap();
         assert!(read(full) == read(split), "{file} differs after resume");
@@ -278,17 +287,9 @@ fn train_decoder_runs_data_parallel_and_resumes_exactly() {
     let full = dir.join("full");
     let outputs = launch_two_ranks(decoder, &config, &full, "40", false);
     let out = &outputs[0];
-    let l = losses(out);
-    assert_eq!(l.len(), 4, "{out}");
-    assert!(
-        l[3] < 0.8 * l[0],
-        "the hybrid loss falls over 2 ranks: {l:?}"
-    );
+    check_run(out, &full);
     // Each rank reads its own one of the two shards: an epoch is 24 samples, not 48.
     assert!(out.contains("epoch 0 done on rank 0: 24 samples"), "{out}");
-    for name in ["step_000020.png", "step_000040.png", "final_ema.png"] {
-        assert!(full.join("samples").join(name).is_file(), "{name}");
-    }
     // Rank 1 trains but neither samples nor checkpoints.
     assert!(
         outputs[1].contains("epoch 0 done on rank 1: 24 samples"),
@@ -307,16 +308,13 @@ fn train_decoder_runs_data_parallel_and_resumes_exactly() {
     let split = dir.join("split");
     launch_two_ranks(decoder, &config, &split, "20", false);
     launch_two_ranks(decoder, &config, &split, "40", true);
-    for file in [
-        "model.safetensors",
-        "ema.safetensors",
-        "optimizer.safetensors",
-    ] {
-        let read =
-            |run: &Path| std::fs::read(run.join("checkpoints/step-000000040").join(file)).unwrap();
-        assert!(
-            read(&full) == read(&split),
-            "{file} differs after a 2-rank resume"
-        );
-    }
+    same_step_40(
+        &full,
+        &split,
+        &[
+            "model.safetensors",
+            "ema.safetensors",
+            "optimizer.safetensors",
+        ],
+    );
 }
