@@ -11,7 +11,7 @@ import numpy as np, torch
 import torch.nn.functional as F
 from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import clip_tower, shape_score
+import clip_tower, diffusers_decoder, shape_score
 
 run, heldout, emb = sys.argv[1:4]
 count = int(sys.argv[4]) if len(sys.argv) > 4 else 256
@@ -20,10 +20,7 @@ tower = clip_tower.load(run)
 keys, scenes = shape_score.held_out_scenes(heldout, count)
 with tarfile.open(heldout) as tar:
     real = np.stack([np.asarray(Image.open(io.BytesIO(tar.extractfile(k + ".png").read())).convert("RGB")) for k in keys])
-with tarfile.open(emb) as tar:
-    npy = lambda k: torch.tensor(np.load(io.BytesIO(tar.extractfile(k).read())).astype(np.float32))
-    zi = torch.stack([npy(k + ".img_emb.npy") for k in keys])
-    zt = torch.stack([npy(k + ".txt_emb.npy") for k in keys])
+zi, zt, _ = diffusers_decoder.stored_embeddings(emb, keys)
 rng = np.random.default_rng(0)
 
 

@@ -14,11 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import diffusers_decoder
 ckpt, predict, grid_png, emb_dir = sys.argv[1:5]
 V = predict == 'v'
-cfg = diffusers_decoder.run_config(ckpt)
+cfg, unet, proj = diffusers_decoder.ema_modules(ckpt)
 res = cfg["data"]["image"]["resolution"]
-unet, proj = diffusers_decoder.modules(cfg)
-diffusers_decoder.load_ema(ckpt, unet, proj)
-unet, proj = unet.eval(), proj.eval()
 grid = np.asarray(Image.open(grid_png).convert('RGB')).astype(np.float32)/127.5-1
 x0 = torch.tensor(grid[:res, :8 * res]).reshape(res, 8, res, 3).permute(1, 3, 0, 2).contiguous()  # [8,3,res,res]
 zi = torch.stack([torch.tensor(np.load(os.path.join(emb_dir, f'{i:09d}.img_emb.npy'))).float() for i in range(8)])

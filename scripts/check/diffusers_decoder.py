@@ -3,8 +3,8 @@ pipeline configures them) built from a `train-decoder` config, our checkpoints' 
 into them (strict: the names match), and the core's cosine schedule. Shared by the check scripts
 that run or train our decoder in PyTorch.
 """
-import os
-import torch, yaml
+import io, os, tarfile
+import numpy as np, torch, yaml
 from safetensors.torch import load_file
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor2_0
@@ -63,6 +63,34 @@ def load_ema(ckpt, unet, proj):
     w = load_file(os.path.join(ckpt, "ema.safetensors"))
     unet.load_state_dict({k[8:]: v for k, v in w.items() if k.startswith("decoder.")}, strict=True)
     proj.load_state_dict({k[10:]: v for k, v in w.items() if k.startswith("text_proj.")}, strict=True)
+
+
+def ema_modules(ckpt):
+    """(config, unet, text_proj) of a checkpoint directory, its EMA weights loaded, in eval mode."""
+    cfg = run_config(ckpt)
+    unet, proj = modules(cfg)
+    load_ema(ckpt, unet, proj)
+    return cfg, unet.eval(), proj.eval()
+
+
+def stored_embeddings(emb_tar, keys):
+    """z_i [N, D], z_t [N, D] and the caption token features (a list of [L_i, D]) of the samples
+    `keys`, from an `embed --token-features` shard."""
+    with tarfile.open(emb_tar) as tar:
+        def arrays(suffix):
+            return [torch.tensor(np.load(io.BytesIO(tar.extractfile(k + suffix).read())).astype(np.float32))
+                    for k in keys]
+        return torch.stack(arrays(".img_emb.npy")), torch.stack(arrays(".txt_emb.npy")), arrays(".txt_tokens.npy")
+
+
+def condition(cfg, proj, z_i, z_t, feats, mask):
+    """(context, additive time embedding, attention mask) for the UNet: the text projection of z_i
+    and the caption (z_t, padded token features and their mask), the CLIP tokens always attended."""
+    with torch.no_grad():
+        ctx, add = proj(image_embeddings=z_i, prompt_embeds=z_t, text_encoder_hidden_states=feats,
+                        do_classifier_free_guidance=False)
+    pad = torch.ones(len(z_i), cfg["decoder"]["model"]["clip_extra_context_tokens"], dtype=torch.bool)
+    return ctx, add, torch.cat([pad, mask], 1)
 
 
 def alphas_cumprod(timesteps=1000):

@@ -16,7 +16,7 @@ Usage: .venv/bin/python scripts/check/guided_samples.py CKPT EMB_SHARD.tar HELDO
   decoder_reference_train.py). Needs a v-prediction decoder on the cosine schedule, as shape_denoise.py.
 (docs/decoder-shapes.md: *Sampling-time levers*.)
 """
-import argparse, io, os, sys, tarfile
+import argparse, os, sys, tarfile
 import numpy as np, torch
 import torch.nn.functional as F
 from PIL import Image
@@ -36,56 +36,31 @@ ap.add_argument("--save", help="write the first 16 samples here, 3x")
 a = ap.parse_args()
 torch.set_num_threads(2)
 n = 64
-
-
-def ema_modules(ckpt):
-    cfg = diffusers_decoder.run_config(ckpt)
-    unet, proj = diffusers_decoder.modules(cfg)
-    diffusers_decoder.load_ema(ckpt, unet, proj)
-    return cfg, unet.eval(), proj.eval()
-
-
-cfg, unet, proj = ema_modules(a.ckpt)
-m, res = cfg["decoder"]["model"], cfg["data"]["image"]["resolution"]
+cfg, unet, proj = diffusers_decoder.ema_modules(a.ckpt)
+res = cfg["data"]["image"]["resolution"]
 d = cfg["decoder"]["diffusion"]
 assert (d.get("predict"), d.get("schedule")) == ("v", "cosine"), f"needs a v-prediction cosine decoder, not {d}"
 keys, scenes = shape_score.held_out_scenes(a.heldout, n)
-
-
-def npy(tar, name):
-    return torch.tensor(np.load(io.BytesIO(tar.extractfile(name).read())).astype(np.float32))
-
-
-with tarfile.open(a.emb) as tar:
-    zi = torch.stack([npy(tar, k + ".img_emb.npy") for k in keys])
-    zt = torch.stack([npy(tar, k + ".txt_emb.npy") for k in keys])
-    toks = [npy(tar, k + ".txt_tokens.npy") for k in keys]
+zi, zt, toks = diffusers_decoder.stored_embeddings(a.emb, keys)
 with tarfile.open(a.null_emb) as tar:
-    key = sorted(x for x in tar.getnames() if x.endswith(".txt_emb.npy"))[0][: -len(".txt_emb.npy")]
-    null_zt, null_tok = npy(tar, key + ".txt_emb.npy").expand(n, -1), npy(tar, key + ".txt_tokens.npy")
+    null_key = sorted(x for x in tar.getnames() if x.endswith(".txt_emb.npy"))[0][: -len(".txt_emb.npy")]
+_, null_zt, null_tok = diffusers_decoder.stored_embeddings(a.null_emb, [null_key])
+null_zt, null_tok = null_zt.expand(n, -1), null_tok[0]
 L = max(len(t) for t in toks + [null_tok])
 feats, mask = diffusers_decoder.padded_tokens(toks, L)
 null_feats, null_mask = diffusers_decoder.padded_tokens([null_tok] * n, L)
 
-
-def condition(projection, z_i, z_t, f, mk):
-    with torch.no_grad():
-        ctx, add = projection(image_embeddings=z_i, prompt_embeds=z_t, text_encoder_hidden_states=f,
-                              do_classifier_free_guidance=False)
-    return ctx, add, torch.cat([torch.ones(n, m["clip_extra_context_tokens"], dtype=torch.bool), mk], 1)
-
-
-own = condition(proj, zi, zt, feats, mask)
+own = diffusers_decoder.condition(cfg, proj, zi, zt, feats, mask)
 guide_net, guide_cond, scale = unet, None, 1.0
 if a.cfg:
     null_zi = proj.learned_classifier_free_guidance_embeddings.detach().expand(n, -1)
     mode, scale = a.cfg[0], float(a.cfg[1])
     guide_cond = {"both": (null_zi, null_zt, null_feats, null_mask), "caption": (zi, null_zt, null_feats, null_mask),
                   "image": (null_zi, zt, feats, mask)}[mode]
-    guide_cond = condition(proj, *guide_cond)
+    guide_cond = diffusers_decoder.condition(cfg, proj, *guide_cond)
 elif a.auto:
-    _, guide_net, weak_proj = ema_modules(a.auto[0])
-    guide_cond, scale = condition(weak_proj, zi, zt, feats, mask), float(a.auto[1])
+    _, guide_net, weak_proj = diffusers_decoder.ema_modules(a.auto[0])
+    guide_cond, scale = diffusers_decoder.condition(cfg, weak_proj, zi, zt, feats, mask), float(a.auto[1])
 elif a.clip:
     import clip_tower
     tower, step_size = clip_tower.load(a.clip[0]), float(a.clip[1])

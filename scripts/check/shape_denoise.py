@@ -27,7 +27,7 @@ Needs a v-prediction config with the cosine schedule over 1000 steps, as configs
 a self-conditioned one (`decoder.model.self_condition`) gets each step's x0 estimate, as train-decoder's
 sampler gives it.
 """
-import io, os, sys, tarfile
+import os, sys
 import numpy as np, torch
 from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,25 +39,18 @@ mixed, reshape, sensitivity, null_image, save = (f in sys.argv for f in FLAGS)
 args = [a for a in sys.argv[1:] if a not in FLAGS]
 ckpt, grid_png, emb_tar, heldout_tar = args[:4]
 steps = [int(a) for a in args[4:]] or [200, 350, 500]
-cfg = diffusers_decoder.run_config(ckpt)
-m, res = cfg["decoder"]["model"], cfg["data"]["image"]["resolution"]
+cfg, unet, proj = diffusers_decoder.ema_modules(ckpt)
+res = cfg["data"]["image"]["resolution"]
 d = cfg["decoder"]["diffusion"]
 assert (d.get("predict"), d.get("schedule"), d.get("timesteps")) == ("v", "cosine", 1000), \
     f"needs a v-prediction decoder on the cosine schedule over 1000 steps, not {d}"
-unet, proj = diffusers_decoder.modules(cfg)
 self_condition = bool(cfg["decoder"]["model"].get("self_condition"))
-diffusers_decoder.load_ema(ckpt, unet, proj)
-unet, proj = unet.eval(), proj.eval()
 
 grid = np.asarray(Image.open(grid_png).convert("RGB")).astype(np.float32) / 127.5 - 1
 n = grid.shape[1] // res
 x0 = torch.tensor(grid[:res]).reshape(res, n, res, 3).permute(1, 3, 0, 2).contiguous()
 keys, scenes = shape_score.held_out_scenes(heldout_tar, n)
-def arrays(suffix):
-    with tarfile.open(emb_tar) as tar:
-        return [torch.tensor(np.load(io.BytesIO(tar.extractfile(k + suffix).read())).astype(np.float32))
-                for k in keys]
-zi, zt, toks = torch.stack(arrays(".img_emb.npy")), torch.stack(arrays(".txt_emb.npy")), arrays(".txt_tokens.npy")
+zi, zt, toks = diffusers_decoder.stored_embeddings(emb_tar, keys)
 feats, mask = diffusers_decoder.padded_tokens(toks)
 if null_image:
     zi[:] = proj.learned_classifier_free_guidance_embeddings.detach()
@@ -66,11 +59,8 @@ acp = diffusers_decoder.alphas_cumprod()
 
 def condition(image_idx, caption_idx):
     """z_i of the scenes image_idx with the captions (z_t and token features) of caption_idx."""
-    with torch.no_grad():
-        ctx, add = proj(image_embeddings=zi[image_idx], prompt_embeds=zt[caption_idx],
-                        text_encoder_hidden_states=feats[caption_idx], do_classifier_free_guidance=False)
-    pad = torch.ones(len(image_idx), m["clip_extra_context_tokens"], dtype=torch.bool)
-    return ctx, add, torch.cat([pad, mask[caption_idx]], 1)
+    return diffusers_decoder.condition(cfg, proj, zi[image_idx], zt[caption_idx], feats[caption_idx],
+                                       mask[caption_idx])
 
 def noised(x, t):
     """x at noise step t with the fixed noise."""
