@@ -86,6 +86,19 @@ fn check_run(out: &str, run_dir: &Path) {
         out.contains("held-out samples, EMA weights: cos(CLIP(sample), z_i)"),
         "{out}"
     );
+    // Shapes scenes: each grid's shapes are counted, the real images' too (the scorer's check).
+    let counts: Vec<&str> = out.lines().filter(|l| l.starts_with("shapes: ")).collect();
+    assert_eq!(counts.len(), 2, "current and EMA weights: {out}");
+    for line in counts {
+        assert!(
+            line.contains("guidance 1 shape right") && line.contains("guidance 3 shape right"),
+            "{line}"
+        );
+        let real = line.split("(real images shape right ").nth(1).unwrap();
+        let (right, objects) = real.split_once(' ').unwrap().0.split_once('/').unwrap();
+        let (right, objects): (usize, usize) = (right.parse().unwrap(), objects.parse().unwrap());
+        assert!(objects >= 4 && 10 * right >= 7 * objects, "{line}");
+    }
     // 4 columns of 32 px.
     for name in ["step_000020.png", "step_000040.png", "final_ema.png"] {
         let img = image::open(run_dir.join("samples").join(name)).unwrap();

@@ -10,6 +10,7 @@ pub mod loader;
 pub mod npy;
 mod prefetch;
 pub mod reader;
+pub mod shape_score;
 pub mod shapes;
 pub mod shards;
 pub mod text_clean;

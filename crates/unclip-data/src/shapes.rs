@@ -231,13 +231,47 @@ fn signed_distance(shape: Shape, x: f32, y: f32, r: f32) -> f32 {
     }
 }
 
+/// An object's outline placed in the image: what `render` draws, and what the shape scorer
+/// compares a generated region with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outline {
+    shape: Shape,
+    centre: [f32; 2],
+    radius: f32,
+    sin: f32,
+    cos: f32,
+}
+
+impl Outline {
+    /// `centre` in fractions of the image side (y down), `rotation` in degrees counter-clockwise.
+    pub(crate) fn new(shape: Shape, centre: [f32; 2], radius: f32, rotation: f32) -> Self {
+        let (sin, cos) = (-rotation.to_radians()).sin_cos();
+        Self {
+            shape,
+            centre,
+            radius,
+            sin,
+            cos,
+        }
+    }
+
+    /// The fraction of pixel (px, py) of a `res`-pixel image inside the outline, in [0, 1]: the
+    /// signed distance at the pixel's centre, one pixel wide (anti-aliasing).
+    pub(crate) fn coverage(&self, px: f32, py: f32, res: f32) -> f32 {
+        let x = (px + 0.5) / res - self.centre[0];
+        let y = self.centre[1] - (py + 0.5) / res; // y up
+        let (rx, ry) = (self.cos * x - self.sin * y, self.sin * x + self.cos * y);
+        (0.5 - signed_distance(self.shape, rx, ry, self.radius) * res).clamp(0.0, 1.0)
+    }
+}
+
 /// Renders `scene` at `resolution`² pixels, RGB, anti-aliased by pixel coverage of the distance.
 pub fn render(scene: &Scene, resolution: u32) -> image::RgbImage {
     let res = resolution as f32;
     let mut img =
         image::RgbImage::from_pixel(resolution, resolution, image::Rgb(scene.background_rgb));
     for o in &scene.objects {
-        let (sin, cos) = (-o.rotation.to_radians()).sin_cos();
+        let outline = Outline::new(o.shape, o.centre, o.radius, o.rotation);
         // Only the pixels of the bounding square (plus one for the edge) can change.
         let lo =
             |c: f32| (((c - o.radius) * res).floor() as i64 - 1).clamp(0, resolution as i64) as u32;
@@ -245,11 +279,7 @@ pub fn render(scene: &Scene, resolution: u32) -> image::RgbImage {
             |c: f32| (((c + o.radius) * res).ceil() as i64 + 1).clamp(0, resolution as i64) as u32;
         for py in lo(o.centre[1])..hi(o.centre[1]) {
             for px in lo(o.centre[0])..hi(o.centre[0]) {
-                let x = (px as f32 + 0.5) / res - o.centre[0];
-                let y = o.centre[1] - (py as f32 + 0.5) / res; // y up
-                let (rx, ry) = (cos * x - sin * y, sin * x + cos * y);
-                let coverage =
-                    (0.5 - signed_distance(o.shape, rx, ry, o.radius) * res).clamp(0.0, 1.0);
+                let coverage = outline.coverage(px as f32, py as f32, res);
                 if coverage > 0.0 {
                     let p = img.get_pixel_mut(px, py);
                     for c in 0..3 {

@@ -1,7 +1,8 @@
 //! `train-decoder`: the CLIP-conditioned decoder trained on image shards with their CLIP
 //! embeddings (stored by `embed`, or computed on the fly by the frozen CLIP), hybrid loss with
 //! learned variances, independent guidance dropout of z_i and the caption, and sample grids of
-//! held-out images from their image embeddings.
+//! held-out images from their image embeddings, scored by CLIP and, on shapes scenes, by the
+//! model-free shape count.
 
 use std::path::PathBuf;
 
@@ -12,6 +13,8 @@ use unclip_clip::caption::{image_embeddings, stored_condition, CaptionEncoder, T
 use unclip_data::images::{Crop, ImageTransform, Normalize};
 use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig, Restartable};
 use unclip_data::reader::ReaderConfig;
+use unclip_data::shape_score::{score_scene, ShapeTally};
+use unclip_data::shapes::Scene;
 use unclip_diffusion::embedding::mean_cosine;
 use unclip_diffusion::gaussian::loss_per_quarter;
 use unclip_diffusion::{
@@ -292,6 +295,48 @@ pub struct DecoderBatch {
 pub struct HeldOut {
     pub images: Tensor,
     pub cond: DecoderCondition,
+    /// Each image's scene when the held-out shards are shapes scenes (every sample's `.json`
+    /// reads as one): the grids' shapes are then counted.
+    pub scenes: Option<Vec<Scene>>,
+}
+
+/// How many of the held-out scenes' objects were drawn in the right shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapeReport {
+    /// The real images: the scorer's own ceiling (small objects are a few pixels wide).
+    pub real: ShapeTally,
+    /// Per guidance scale.
+    pub samples: Vec<(f64, ShapeTally)>,
+}
+
+/// [N, 3, H, W] images in [-1, 1] as 8-bit RGB, rounded as the grid PNGs are.
+fn rgb_images(x: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let (n, _, h, w) = x.size4()?;
+    let bytes = ((x.to_kind(Kind::Float).to_device(Device::Cpu) + 1.0) * 0.5)
+        .clamp(0.0, 1.0)
+        .multiply_scalar(255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous();
+    let bytes = Vec::<u8>::try_from(bytes.flatten(0, -1))?;
+    bytes
+        .chunks((h * w * 3) as usize)
+        .take(n as usize)
+        .map(|c| {
+            image::RgbImage::from_raw(w as u32, h as u32, c.to_vec())
+                .ok_or_else(|| anyhow!("image of {w}×{h} pixels"))
+        })
+        .collect()
+}
+
+/// The shapes of `images` ([N, 3, H, W] in [-1, 1]) counted against their scenes.
+fn count_shapes(images: &Tensor, scenes: &[Scene]) -> Result<ShapeTally> {
+    let mut tally = ShapeTally::default();
+    for (img, scene) in rgb_images(images)?.iter().zip(scenes) {
+        tally.add(&score_scene(img, scene));
+    }
+    Ok(tally)
 }
 
 /// What one round of held-out sampling produced.
@@ -303,6 +348,9 @@ pub struct SampleReport {
     pub cos_to_condition: Vec<(f64, f64)>,
     /// Mean cosine(z_i of a held-out image, z_i of another): what an unrelated image scores.
     pub cos_unrelated: f64,
+    /// On shapes scenes: the shapes counted. The CLIP score hardly sees shapes (a scene with
+    /// every object redrawn in another shape scores ~0.95), so this is what tells them.
+    pub shapes: Option<ShapeReport>,
 }
 
 impl SampleReport {
@@ -312,11 +360,43 @@ impl SampleReport {
             .iter()
             .map(|(g, c)| format!("guidance {g} {c:.4}"))
             .collect();
-        format!(
+        let mut line = format!(
             "cos(CLIP(sample), z_i): {} (unrelated images {:.4})",
             rows.join(", "),
             self.cos_unrelated
-        )
+        );
+        if let Some(s) = &self.shapes {
+            let rows: Vec<String> = s
+                .samples
+                .iter()
+                .map(|(g, t)| format!("guidance {g} {t}"))
+                .collect();
+            line += &format!("\nshapes: {} (real images {})", rows.join(", "), s.real);
+        }
+        line
+    }
+
+    /// TensorBoard scalars: the CLIP score and, on shapes scenes, the fraction of shapes right
+    /// and of objects missing, per guidance scale.
+    pub fn scalars(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .cos_to_condition
+            .iter()
+            .map(|(g, c)| (format!("samples/clip_score_guidance_{g}"), *c))
+            .collect();
+        if let Some(s) = &self.shapes {
+            for (g, t) in &s.samples {
+                out.push((
+                    format!("samples/shapes_right_guidance_{g}"),
+                    t.fraction_right(),
+                ));
+                out.push((
+                    format!("samples/objects_missing_guidance_{g}"),
+                    t.missing as f64 / t.objects.max(1) as f64,
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -334,6 +414,8 @@ pub struct DecoderTask {
     samples_dir: Option<PathBuf>,
     position: DataPosition,
     skipped_total: u64,
+    /// Scalars of the last `images` call's samples.
+    sample_scalars: Vec<(String, f64)>,
 }
 
 fn loader_config(
@@ -420,6 +502,7 @@ impl DecoderTask {
             samples_dir: run_dir.filter(|_| rank == 0).map(|d| d.join("samples")),
             position: DataPosition::default(),
             skipped_total: 0,
+            sample_scalars: Vec::new(),
             encoder,
         };
         // Missing token features or mismatched embedding widths fail here (naming the sample),
@@ -438,9 +521,18 @@ impl DecoderTask {
             let batch = task
                 .to_batch(&b)
                 .with_context(|| format!("data.held_out {}", cfg.data.held_out))?;
+            let scenes = b
+                .metadata
+                .iter()
+                .map(|m| {
+                    m.clone()
+                        .and_then(|v| serde_json::from_value::<Scene>(v).ok())
+                })
+                .collect();
             task.held_out = Some(HeldOut {
                 images: batch.images,
                 cond: batch.cond,
+                scenes,
             });
         }
         Ok(task)
@@ -507,12 +599,22 @@ impl DecoderTask {
         let z = &h.cond.image_embeds;
         let mut rows = vec![h.images.shallow_clone()];
         let mut cos = Vec::new();
+        let mut shapes = match &h.scenes {
+            Some(scenes) => Some(ShapeReport {
+                real: count_shapes(&h.images, scenes)?,
+                samples: Vec::new(),
+            }),
+            None => None,
+        };
         for &g in &self.cfg.samples.guidance_scales {
             tch::manual_seed(self.cfg.samples.seed);
             let noise = h.images.randn_like();
             let x = sampler.sample(&h.cond, &self.null, g, noise)?;
             let z_x = self.encoder.clip.embed_images(&x)?;
             cos.push((g, mean_cosine(&z_x, z)?));
+            if let (Some(report), Some(scenes)) = (&mut shapes, &h.scenes) {
+                report.samples.push((g, count_shapes(&x, scenes)?));
+            }
             rows.push(x);
         }
         let cos_unrelated = if z.size()[0] > 1 {
@@ -524,6 +626,7 @@ impl DecoderTask {
             grid: tile_rows(&rows)?,
             cos_to_condition: cos,
             cos_unrelated,
+            shapes,
         }))
     }
 }
@@ -586,6 +689,7 @@ impl TrainTask for DecoderTask {
             return Ok(Vec::new());
         };
         eprintln!("samples step {step}: {}", report.summary());
+        self.sample_scalars = report.scalars();
         if let Some(dir) = &self.samples_dir {
             unclip_train::logging::write_png(
                 &dir.join(format!("step_{step:06}.png")),
@@ -593,6 +697,10 @@ impl TrainTask for DecoderTask {
             )?;
         }
         Ok(vec![("samples/held_out".into(), report.grid)])
+    }
+
+    fn sample_scalars(&mut self) -> Vec<(String, f64)> {
+        std::mem::take(&mut self.sample_scalars)
     }
 
     fn data_state(&self) -> serde_json::Value {

@@ -55,6 +55,8 @@ pub struct ToyTask {
     batch: i64,
     device: tch::Device,
     config: ToyConfig,
+    /// Scores of the last `images` call's samples.
+    sample_scalars: Vec<(String, f64)>,
 }
 
 impl ToyTask {
@@ -74,6 +76,7 @@ impl ToyTask {
             ),
             diffusion: GaussianDiffusion::new(&cfg.diffusion)?.to_device(vs.device()),
             data: RingOfGaussians::default(),
+            sample_scalars: Vec::new(),
             batch: batch as i64,
             device: vs.device(),
             config: cfg.clone(),
@@ -130,9 +133,19 @@ impl TrainTask for ToyTask {
             |x: &Tensor, t: &Tensor| model.forward(x, t),
             None,
         )?;
+        let score = self.data.score(&x);
+        self.sample_scalars = vec![
+            ("samples/mean_distance".into(), score.mean_distance),
+            ("samples/near_fraction".into(), score.near_fraction),
+        ];
         Ok(vec![(
             "samples".to_string(),
             unclip_diffusion::toy::scatter_image(&x, 128)?,
         )])
+    }
+
+    /// How well the last scatter plot's samples match the ring (no learned model).
+    fn sample_scalars(&mut self) -> Vec<(String, f64)> {
+        std::mem::take(&mut self.sample_scalars)
     }
 }

@@ -50,6 +50,11 @@ pub trait TrainTask {
     fn images(&mut self, _step: u64) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())
     }
+    /// Scalars measured on the last `images` call's samples (how well they match what they were
+    /// conditioned on), logged to TensorBoard at the same step.
+    fn sample_scalars(&mut self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
     /// The data-parallel group, given once before the first step of a multi-process run, for
     /// tasks whose loss needs other ranks' activations (CLIP's global-batch contrastive loss).
     fn set_process_group(&mut self, _group: Rc<ProcessGroup>) {}
@@ -452,6 +457,7 @@ pub fn train<T: TrainTask>(
                 ema.swap();
             }
             logger.images(done, &images?)?;
+            logger.scalars(done, &task.sample_scalars());
         }
         if rank0 && (done % runtime.checkpoint.every == 0 || done == cfg.steps) {
             let mut meta = CheckpointMeta::new(done);

@@ -209,6 +209,21 @@ fn tensorboard_reads_the_scalars_back() {
     );
     let frac = scalars[&("perf/data_wait_fraction".to_string(), 40)];
     assert!((0.0..=1.0).contains(&frac));
+    // The task's scores of its samples, at the image steps only.
+    for tag in ["samples/mean_distance", "samples/near_fraction"] {
+        let steps: Vec<u64> = scalars
+            .keys()
+            .filter(|(t, _)| t == tag)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(steps.len(), 2, "{tag}: {text}");
+        assert!(
+            steps.contains(&20) && steps.contains(&40),
+            "{tag}: {steps:?}"
+        );
+    }
+    let near = scalars[&("samples/near_fraction".to_string(), 40)];
+    assert!((0.0..=1.0).contains(&near), "{near}");
     // The task's scatter plots, at steps 20 and 40, decode as 128×128 PNGs.
     let script = r#"
 import io, sys

@@ -66,6 +66,9 @@ impl TrainTask for FaultyToy {
     fn images(&mut self, step: u64) -> Result<Vec<(String, Tensor)>> {
         self.inner.images(step)
     }
+    fn sample_scalars(&mut self) -> Vec<(String, f64)> {
+        self.inner.sample_scalars()
+    }
 }
 
 /// Every scalar in the event files under `dir`, read with TensorBoard's own EventAccumulator
