@@ -99,6 +99,19 @@ fn check_run(out: &str, run_dir: &Path) {
         let (right, objects): (usize, usize) = (right.parse().unwrap(), objects.parse().unwrap());
         assert!(objects >= 4 && 10 * right >= 7 * objects, "{line}");
     }
+    // The grids' scores reach TensorBoard at their steps.
+    let scalars = unclip_testkit::read_scalars(&run_dir.join("tensorboard"));
+    for g in ["1", "3"] {
+        for kind in ["clip_score", "shapes_right", "objects_missing"] {
+            for step in [20, 40] {
+                let v = scalars.get(&(format!("samples/{kind}_guidance_{g}"), step));
+                assert!(
+                    v.is_some_and(|v| (-1.0..=1.0).contains(v)),
+                    "{kind} {g} {step}: {v:?}"
+                );
+            }
+        }
+    }
     // 4 columns of 32 px.
     for name in ["step_000020.png", "step_000040.png", "final_ema.png"] {
         let img = image::open(run_dir.join("samples").join(name)).unwrap();

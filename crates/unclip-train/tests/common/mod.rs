@@ -71,26 +71,4 @@ impl TrainTask for FaultyToy {
     }
 }
 
-/// Every scalar in the event files under `dir`, read with TensorBoard's own EventAccumulator
-/// (Python from the setup's venv): (tag, step) -> value.
-pub fn read_scalars(dir: &std::path::Path) -> std::collections::HashMap<(String, u64), f64> {
-    let script = r#"
-import sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-ea = EventAccumulator(sys.argv[1]); ea.Reload()
-for tag in sorted(ea.Tags()["scalars"]):
-    for e in ea.Scalars(tag):
-        print(tag, e.step, repr(e.value))
-"#;
-    unclip_testkit::python(script, [dir])
-        .lines()
-        .map(|line| {
-            let mut p = line.split_whitespace();
-            let (tag, step, value) = (p.next().unwrap(), p.next().unwrap(), p.next().unwrap());
-            (
-                (tag.to_string(), step.parse().unwrap()),
-                value.parse().unwrap(),
-            )
-        })
-        .collect()
-}
+pub use unclip_testkit::read_scalars;
