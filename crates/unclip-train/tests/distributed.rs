@@ -167,10 +167,10 @@ fn two_gloo_ranks_match_one_process() {
             .count(),
         1
     );
-    let scalars = common::read_scalars(&multi.join("tensorboard"));
+    let scalars = unclip_testkit::read_scalars(&multi.join("tensorboard"));
     assert_eq!(scalars[&("train/rank_id".to_string(), 12)], 0.5);
     let single_loss =
-        common::read_scalars(&single.join("tensorboard"))[&("train/loss".to_string(), 12)];
+        unclip_testkit::read_scalars(&single.join("tensorboard"))[&("train/loss".to_string(), 12)];
     let multi_loss = scalars[&("train/loss".to_string(), 12)];
     assert!(
         (single_loss - multi_loss).abs() < 1e-5,

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use std::collections::HashMap;
 use tch::{nn, Device, Tensor};
+use unclip_testkit::read_scalars;
 use unclip_train::checkpoint::{self, checkpoints_dir, CheckpointMeta, RetentionPolicy};
 use unclip_train::config::parse_config;
 use unclip_train::toy::ToyConfig;

@@ -70,5 +70,3 @@ impl TrainTask for FaultyToy {
         self.inner.sample_scalars()
     }
 }
-
-pub use unclip_testkit::read_scalars;
