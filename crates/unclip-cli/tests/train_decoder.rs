@@ -88,7 +88,8 @@ fn check_run(out: &str, run_dir: &Path) {
     );
     // Shapes scenes: each grid's shapes are counted, the real images' too (the scorer's check).
     let counts: Vec<&str> = out.lines().filter(|l| l.starts_with("shapes: ")).collect();
-    assert_eq!(counts.len(), 2, "current and EMA weights: {out}");
+    // The final current and EMA samples (and each grid's, where stderr is captured too).
+    assert!(counts.len() >= 2, "{out}");
     for line in counts {
         assert!(
             line.contains("guidance 1 shape right") && line.contains("guidance 3 shape right"),

@@ -1,5 +1,5 @@
 //! The model-free shape scorer: the same verdicts as scripts/check/shape_score.py on exact and
-//! badly drawn scenes (fixtures from scripts/fixtures/shape_score.py), and on the generator's own
+//! badly drawn scenes (fixtures from scripts/fixtures/shape_verdicts.py), and on the generator's own
 //! images it finds the shapes that are drawn, whichever they are.
 use std::path::Path;
 

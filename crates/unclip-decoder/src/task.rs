@@ -309,22 +309,13 @@ pub struct ShapeReport {
     pub samples: Vec<(f64, ShapeTally)>,
 }
 
-/// [N, 3, H, W] images in [-1, 1] as 8-bit RGB, rounded as the grid PNGs are.
+/// [N, 3, H, W] images in [-1, 1] as 8-bit RGB, the bytes the grid PNGs get.
 fn rgb_images(x: &Tensor) -> Result<Vec<image::RgbImage>> {
     let (n, _, h, w) = x.size4()?;
-    let bytes = ((x.to_kind(Kind::Float).to_device(Device::Cpu) + 1.0) * 0.5)
-        .clamp(0.0, 1.0)
-        .multiply_scalar(255.0)
-        .round()
-        .to_kind(Kind::Uint8)
-        .permute([0, 2, 3, 1])
-        .contiguous();
-    let bytes = Vec::<u8>::try_from(bytes.flatten(0, -1))?;
-    bytes
-        .chunks((h * w * 3) as usize)
-        .take(n as usize)
-        .map(|c| {
-            image::RgbImage::from_raw(w as u32, h as u32, c.to_vec())
+    (0..n)
+        .map(|i| {
+            let bytes = unclip_train::logging::rgb_bytes(&((x.get(i) + 1.0) * 0.5))?;
+            image::RgbImage::from_raw(w as u32, h as u32, bytes)
                 .ok_or_else(|| anyhow!("image of {w}×{h} pixels"))
         })
         .collect()

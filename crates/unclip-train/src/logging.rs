@@ -128,8 +128,9 @@ impl Logger {
     }
 }
 
-/// A [3, H, W] image (uint8, or float in [0, 1]) as interleaved RGB bytes, row by row.
-fn rgb_bytes(img: &Tensor) -> Result<Vec<u8>> {
+/// A [3, H, W] image (uint8, or float in [0, 1]) as interleaved RGB bytes, row by row: the bytes
+/// `write_png` and TensorBoard get.
+pub fn rgb_bytes(img: &Tensor) -> Result<Vec<u8>> {
     let size = img.size();
     if size.len() != 3 || size[0] != 3 {
         bail!("must be [3, H, W], got {size:?}");
