@@ -298,6 +298,8 @@ pub struct HeldOut {
     /// Each image's scene when the held-out shards are shapes scenes (every sample's `.json`
     /// reads as one): the grids' shapes are then counted.
     pub scenes: Option<Vec<Scene>>,
+    /// The real images' shape count (the scorer's ceiling), made once with `scenes`.
+    pub real_shapes: Option<ShapeTally>,
 }
 
 /// How many of the held-out scenes' objects were drawn in the right shape.
@@ -512,7 +514,7 @@ impl DecoderTask {
             let batch = task
                 .to_batch(&b)
                 .with_context(|| format!("data.held_out {}", cfg.data.held_out))?;
-            let scenes = b
+            let scenes: Option<Vec<Scene>> = b
                 .metadata
                 .iter()
                 .map(|m| {
@@ -520,10 +522,15 @@ impl DecoderTask {
                         .and_then(|v| serde_json::from_value::<Scene>(v).ok())
                 })
                 .collect();
+            let real_shapes = match &scenes {
+                Some(scenes) => Some(count_shapes(&batch.images, scenes)?),
+                None => None,
+            };
             task.held_out = Some(HeldOut {
                 images: batch.images,
                 cond: batch.cond,
                 scenes,
+                real_shapes,
             });
         }
         Ok(task)
@@ -590,13 +597,10 @@ impl DecoderTask {
         let z = &h.cond.image_embeds;
         let mut rows = vec![h.images.shallow_clone()];
         let mut cos = Vec::new();
-        let mut shapes = match &h.scenes {
-            Some(scenes) => Some(ShapeReport {
-                real: count_shapes(&h.images, scenes)?,
-                samples: Vec::new(),
-            }),
-            None => None,
-        };
+        let mut shapes = h.real_shapes.map(|real| ShapeReport {
+            real,
+            samples: Vec::new(),
+        });
         for &g in &self.cfg.samples.guidance_scales {
             tch::manual_seed(self.cfg.samples.seed);
             let noise = h.images.randn_like();
