@@ -116,9 +116,10 @@ def classify(mask, res):
     return best_shape, best
 
 
-def score(cell, scene, res):
+def score(cell, scene, res, offsets=None):
     """[(true shape, sample's shape or None if missing)] for the scene's objects. Each object takes
-    the nearest unclaimed region of its colour, wherever the decoder put it."""
+    the nearest unclaimed region of its colour, wherever the decoder put it; `offsets`, if a list,
+    gets each found object's distance in pixels from the region's centroid to the true centre."""
     found = components(cell, scene)
     out = []
     for obj in largest_first(scene):
@@ -129,6 +130,8 @@ def score(cell, scene, res):
         target = np.array(obj["centre"]) * res - 0.5
         dist = [np.hypot(*(np.array(ndimage.center_of_mass(m))[::-1] - target)) for m in regions]
         mask = regions.pop(int(np.argmin(dist)))
+        if offsets is not None:
+            offsets.append(min(dist))
         out.append((obj["shape"], classify(mask, res)[0]))
     return out
 
@@ -159,16 +162,17 @@ def main():
     ap.add_argument("shard")
     ap.add_argument("--res", type=int, default=32)
     ap.add_argument("--detail", action="store_true",
-                    help="also: right by objects per scene and by size, and the confusion of shapes")
+                    help="also: right by objects per scene and by size, how far from their true "
+                         "centres the objects were drawn, and the confusion of shapes")
     a = ap.parse_args()
     grid = np.asarray(Image.open(a.grid).convert("RGB")).astype(np.float32)
     rows, cols = grid.shape[0] // a.res, grid.shape[1] // a.res
     _, scenes = held_out_scenes(a.shard, cols)
     for row in range(rows):
-        pairs, counts, sizes = [], [], []
+        pairs, counts, sizes, offsets = [], [], [], []
         for col, scene in enumerate(scenes):
             cell = grid[row * a.res:(row + 1) * a.res, col * a.res:(col + 1) * a.res]
-            pairs += score(cell, scene, a.res)
+            pairs += score(cell, scene, a.res, offsets)
             objects = largest_first(scene)
             counts += [len(objects)] * len(objects)
             sizes += [o["size"] for o in objects]
@@ -183,6 +187,10 @@ def main():
                                 for k in order if k in keys)
             print(f"  right by objects in the scene: {split(counts, [1, 2, 3])}; "
                   f"by size: {split(sizes, ['small', 'medium', 'large'])}")
+            # Where the found objects are: the real row's offsets are the scorer's own (~0).
+            off = np.array(offsets)
+            print(f"  found objects' centres off the true ones by {np.median(off):.1f} px (median of "
+                  f"{len(off)}; within 2 px: {np.mean(off <= 2):.0%}, over 8 px: {np.mean(off > 8):.0%})")
             drawn = SHAPES + [None]
             print("  true shape → drawn as " + " ".join(f"{str(g)[:4]:>5}" for g in drawn))
             for t in SHAPES:
