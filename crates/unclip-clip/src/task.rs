@@ -1,5 +1,6 @@
 //! `train-clip`: CLIP trained contrastively on captioned-image shards through the shared runtime
-//! (checkpoints, EMA, SAM, logs, data parallelism), with held-out retrieval accuracy logged.
+//! (checkpoints, EMA, SAM, logs, data parallelism), with held-out retrieval accuracy logged and,
+//! optionally, NegCLIP's hard-negative captions (one word swapped) in the loss and the evaluation.
 
 use std::rc::Rc;
 
@@ -10,12 +11,16 @@ use unclip_data::images::ImageTransform;
 use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig, Restartable};
 use unclip_data::reader::ReaderConfig;
 use unclip_data::tokenizer::ClipTokenizer;
+use unclip_data::word_swap::WordSwap;
 use unclip_dist::ProcessGroup;
 use unclip_train::config::Validate;
 use unclip_train::{StepOutput, TrainTask};
 
 use crate::config::ClipConfig;
-use crate::loss::{contrastive_loss, retrieval_top1};
+use crate::loss::{
+    contrastive_loss, contrastive_loss_with_negatives, hard_negative_accuracy, retrieval_top1,
+    HardNegatives,
+};
 use crate::model::{init_clip_weights, Clip};
 
 /// Synthetic shapes shards written before training when the configured ones are missing, so the
@@ -108,6 +113,19 @@ fn default_eval_every() -> u64 {
     50
 }
 
+/// NegCLIP's hard negatives (Yuksekgonul et al. 2023): each caption's twin with one word swapped
+/// for another of its group, e.g. one shape name for another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardNegativeConfig {
+    /// Groups of interchangeable words (single words; case and punctuation are ignored).
+    pub swap: Vec<Vec<String>>,
+    /// Add each image's negative to its image→text softmax; false: only measure, on the held-out
+    /// pairs, how often the caption beats its twin.
+    #[serde(default = "yes")]
+    pub train: bool,
+}
+
 /// The task's sections of a `train-clip` config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +134,8 @@ pub struct ClipTrainConfig {
     pub data: ClipDataConfig,
     #[serde(default)]
     pub eval: ClipEvalConfig,
+    #[serde(default)]
+    pub hard_negatives: Option<HardNegativeConfig>,
 }
 
 impl Validate for ClipTrainConfig {
@@ -139,6 +159,9 @@ impl Validate for ClipTrainConfig {
             self.data.held_out_groups >= 1,
             "data.held_out_groups must be at least 1"
         );
+        if let Some(h) = &self.hard_negatives {
+            WordSwap::new(&h.swap).map_err(|e| anyhow!("hard_negatives.swap: {e}"))?;
+        }
         for (key, set) in [
             ("data.train", &self.data.train),
             ("data.held_out", &self.data.held_out),
@@ -224,9 +247,16 @@ pub fn retrieval_signature(caption: &str, metadata: Option<&serde_json::Value>) 
         .to_lowercase()
 }
 
+/// Seeds of the held-out pairs' hard negatives (fixed) and, mixed with the run's seed, the training
+/// batches' (a function of seed, step and rank, so a resumed run draws the same ones).
+const HELD_OUT_NEGATIVES: u64 = 0x4E45_4743_4C49_5031;
+const TRAIN_NEGATIVES: u64 = 0x4E45_4743_4C49_5032;
+
 pub struct ClipBatch {
     pub pixels: Tensor,
     pub ids: Tensor,
+    /// Token ids of each caption's hard negative and whether it has one (`hard_negatives`).
+    negatives: Option<(Tensor, Tensor)>,
     position: DataPosition,
 }
 
@@ -236,6 +266,9 @@ pub struct ClipTask {
     loader: ImageLoader,
     loader_cfg: LoaderConfig,
     held_out: Option<ClipBatch>,
+    word_swap: Option<WordSwap>,
+    seed: u64,
+    rank: usize,
     cfg: ClipTrainConfig,
     device: Device,
     group: Option<Rc<ProcessGroup>>,
@@ -278,12 +311,20 @@ impl ClipTask {
         let loader = ImageLoader::start(loader_cfg.clone())
             .with_context(|| format!("data.train.shards {}", cfg.data.train.shards))?;
         let tokenizer = ClipTokenizer::new();
+        let word_swap = cfg
+            .hard_negatives
+            .as_ref()
+            .map(|h| WordSwap::new(&h.swap).map_err(|e| anyhow!("hard_negatives.swap: {e}")))
+            .transpose()?;
         let mut task = Self {
             model,
             tokenizer,
             loader,
             loader_cfg,
             held_out: None,
+            word_swap,
+            seed,
+            rank,
             cfg: cfg.clone(),
             device: vs.device(),
             group: None,
@@ -355,23 +396,72 @@ impl ClipTask {
                 d.held_out_count
             );
         }
-        self.to_batch(&picked)
+        self.to_batch(&picked, Some(HELD_OUT_NEGATIVES))
     }
 
-    fn to_batch(&self, b: &ImageBatch) -> Result<ClipBatch> {
+    /// `negative_seed`: draw each caption's hard negative from this seed (with `hard_negatives`).
+    fn to_batch(&self, b: &ImageBatch, negative_seed: Option<u64>) -> Result<ClipBatch> {
         let r = i64::from(b.resolution);
         let pixels = Tensor::from_slice(&b.images)
             .view([b.len() as i64, 3, r, r])
             .to_device(self.device);
         let ctx = self.cfg.model.text.context_length as usize;
-        let ids = Tensor::from_slice(&self.tokenizer.tokenize_batch(&b.captions, ctx))
-            .view([b.len() as i64, ctx as i64])
-            .to_device(self.device);
+        let tokenize = |captions: &[String]| {
+            Tensor::from_slice(&self.tokenizer.tokenize_batch(captions, ctx))
+                .view([captions.len() as i64, ctx as i64])
+                .to_device(self.device)
+        };
+        let negatives = match (&self.word_swap, negative_seed) {
+            (Some(swap), Some(seed)) => {
+                let drawn = swap.negatives(&b.captions, seed);
+                let valid: Vec<bool> = drawn.iter().map(Option::is_some).collect();
+                // A caption with no word to swap stands in for its own negative, masked out.
+                let texts: Vec<String> = drawn
+                    .into_iter()
+                    .zip(&b.captions)
+                    .map(|(n, c)| n.unwrap_or_else(|| c.clone()))
+                    .collect();
+                Some((
+                    tokenize(&texts),
+                    Tensor::from_slice(&valid).to_device(self.device),
+                ))
+            }
+            _ => None,
+        };
         Ok(ClipBatch {
             pixels,
-            ids,
+            ids: tokenize(&b.captions),
+            negatives,
             position: b.position,
         })
+    }
+
+    /// On the held-out pairs, how often an image's caption is closer to it than the caption's
+    /// one-word twin (`hard_negatives`): whether the embeddings tell what the swapped words name.
+    pub fn held_out_hard_negatives(&self) -> Result<Option<f64>> {
+        let Some((h, (neg_ids, valid))) = self
+            .held_out
+            .as_ref()
+            .and_then(|h| h.negatives.as_ref().map(|n| (h, n)))
+        else {
+            return Ok(None);
+        };
+        let (img, txt) = self.embed_eval(h)?;
+        let neg = {
+            let _g = tch::no_grad_guard();
+            let was = self.model.set_training(false);
+            let out = self.model.encode_text(neg_ids).map(|t| t.embeds);
+            self.model.set_training(was);
+            out?
+        };
+        hard_negative_accuracy(
+            &img,
+            &txt,
+            &HardNegatives {
+                text_embeds: &neg,
+                valid,
+            },
+        )
     }
 
     /// (image→text, text→image) top-1 among `held_out_count` held-out candidates, the mean over
@@ -419,19 +509,54 @@ impl TrainTask for ClipTask {
                 r.epoch, self.loader_cfg.reader.rank, r.samples, r.skipped_read, r.skipped_decode
             );
         }
-        self.to_batch(&b)
+        let train_negatives = self.cfg.hard_negatives.as_ref().is_some_and(|h| h.train);
+        let seed = train_negatives.then(|| {
+            unclip_data::loader::sample_seed(self.seed ^ TRAIN_NEGATIVES, step, self.rank, 0)
+        });
+        self.to_batch(&b, seed)
     }
 
     fn loss(&mut self, batch: &ClipBatch) -> Result<StepOutput> {
         let image = self.model.encode_image(&batch.pixels)?;
-        let text = self.model.encode_text(&batch.ids)?.embeds;
         let scale = self.model.logit_scale();
-        let out = contrastive_loss(&image, &text, &scale, self.group.as_deref())?;
-        self.position = batch.position;
         let mut metrics = vec![
             ("logit_scale".to_string(), scale.double_value(&[])),
             ("data_skipped".to_string(), self.skipped_total as f64),
         ];
+        let (text, out) = match &batch.negatives {
+            None => {
+                let text = self.model.encode_text(&batch.ids)?.embeds;
+                let out = contrastive_loss(&image, &text, &scale, self.group.as_deref())?;
+                (text, out)
+            }
+            Some((neg_ids, valid)) => {
+                // Captions and their twins through the text tower in one pass.
+                let both = self
+                    .model
+                    .encode_text(&Tensor::f_cat(&[&batch.ids, neg_ids], 0)?)?
+                    .embeds;
+                let b = batch.ids.size()[0];
+                let (text, neg) = (both.narrow(0, 0, b), both.narrow(0, b, b));
+                let negatives = HardNegatives {
+                    text_embeds: &neg,
+                    valid,
+                };
+                if let Some(acc) =
+                    tch::no_grad(|| hard_negative_accuracy(&image, &text, &negatives))?
+                {
+                    metrics.push(("batch_hard_negative_accuracy".into(), acc));
+                }
+                let out = contrastive_loss_with_negatives(
+                    &image,
+                    &text,
+                    &negatives,
+                    &scale,
+                    self.group.as_deref(),
+                )?;
+                (text, out)
+            }
+        };
+        self.position = batch.position;
         let (i2t, t2i) = tch::no_grad(|| retrieval_top1(&image, &text))?;
         metrics.push(("batch_i2t_top1".into(), i2t));
         metrics.push(("batch_t2i_top1".into(), t2i));
@@ -441,6 +566,9 @@ impl TrainTask for ClipTask {
             if let Some((i2t, t2i)) = self.held_out_retrieval()? {
                 metrics.push(("heldout_i2t_top1".into(), i2t));
                 metrics.push(("heldout_t2i_top1".into(), t2i));
+            }
+            if let Some(acc) = self.held_out_hard_negatives()? {
+                metrics.push(("heldout_hard_negative_accuracy".into(), acc));
             }
         }
         Ok(StepOutput {

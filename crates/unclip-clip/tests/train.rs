@@ -6,7 +6,7 @@ use std::time::Duration;
 use tch::{nn, Device, Kind, Tensor};
 use unclip_clip::config::{Activation, ClipConfig, TextConfig, VisionConfig};
 use unclip_clip::load::load_clip;
-use unclip_clip::loss::contrastive_loss;
+use unclip_clip::loss::{contrastive_loss, contrastive_loss_with_negatives, HardNegatives};
 use unclip_clip::task::{ensure_shards, ClipTask, ClipTrainConfig};
 use unclip_clip::Clip;
 use unclip_dist::launch::launch_local;
@@ -111,8 +111,9 @@ fn a_tiny_clip_learns_shapes_retrieval() {
     assert_eq!(loaded.image.resolution, 16);
 }
 
-/// CLIP's ResNet tower through the runtime: the loss falls, the BatchNorm running statistics are
-/// checkpointed (a run of 2N steps and one of N + resume + N end bit-identical, running averages
+/// CLIP's ResNet tower through the runtime, with NegCLIP's hard negatives in the loss: the loss
+/// falls, the BatchNorm running statistics are checkpointed and the negatives are a function of
+/// the step (a run of 2N steps and one of N + resume + N end bit-identical, running averages
 /// included), and the run directory embeds in evaluation mode as the trainer evaluated (to float
 /// rounding: the two models run their convolutions separately).
 #[test]
@@ -123,7 +124,7 @@ fn a_tiny_resnet_clip_trains_and_resumes_exactly() {
     let config = |steps: u64| {
         run_config_with(tmp.path(), steps, vision).replace(
             &format!("checkpoint: {{every: {steps}}}"),
-            "checkpoint: {every: 20, keep_last: 5}",
+            "checkpoint: {every: 20, keep_last: 5}\nhard_negatives: {swap: [[circle, square, triangle, star, hexagon, diamond]]}",
         )
     };
     let run = |dir: &Path, steps: u64, resume: Option<&str>| {
@@ -141,6 +142,11 @@ fn a_tiny_resnet_clip_trains_and_resumes_exactly() {
     let first: f64 = summary.losses[..5].iter().map(|l| l.1).sum::<f64>() / 5.0;
     let last: f64 = summary.losses[35..].iter().map(|l| l.1).sum::<f64>() / 5.0;
     assert!(last < first * 0.8, "loss {first:.3} -> {last:.3}");
+    let accuracy = task
+        .held_out_hard_negatives()
+        .unwrap()
+        .expect("held-out twins");
+    assert!((0.0..=1.0).contains(&accuracy), "{accuracy}");
     let split = tmp.path().join("split");
     run(&split, 20, None);
     let (vs2, _, _) = run(&split, 40, Some("auto"));
@@ -217,10 +223,30 @@ fn global_batch_gradients(rank: usize, world: usize) -> HashMap<String, Tensor> 
         pixels.narrow(0, rank as i64 * local, local),
         ids.narrow(0, rank as i64 * local, local),
     );
+    // Each caption's hard negative: other tokens; rows 1 and 6 have none.
+    let neg_ids = ids.roll([3], [1]);
+    let valid = Tensor::from_slice(&[true, false, true, true, true, true, false, true]);
     let img = model.encode_image(&px).unwrap();
     let txt = model.encode_text(&id).unwrap().embeds;
-    let out = contrastive_loss(&img, &txt, &model.logit_scale(), group.as_ref()).unwrap();
-    out.loss.backward();
+    let neg = model
+        .encode_text(&neg_ids.narrow(0, rank as i64 * local, local))
+        .unwrap()
+        .embeds;
+    let negatives = HardNegatives {
+        text_embeds: &neg,
+        valid: &valid.narrow(0, rank as i64 * local, local),
+    };
+    // Both losses, so the gathering of the plain and the NegCLIP loss are checked in one launch.
+    let plain = contrastive_loss(&img, &txt, &model.logit_scale(), group.as_ref()).unwrap();
+    let with_negatives = contrastive_loss_with_negatives(
+        &img,
+        &txt,
+        &negatives,
+        &model.logit_scale(),
+        group.as_ref(),
+    )
+    .unwrap();
+    (plain.loss + with_negatives.loss).backward();
     let mut grads = HashMap::new();
     // The same collective order on every rank.
     let vars: std::collections::BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
@@ -289,6 +315,25 @@ fn global_batch_loss_over_two_ranks_matches_one_process() {
         assert!(d < 1e-6, "{name}: gradient differs by {d}");
     }
     assert!(largest > 1e-3, "gradients are not trivially zero");
+}
+
+#[test]
+fn a_bad_hard_negative_group_is_named_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml =
+        run_config(tmp.path(), 10) + "hard_negatives: {swap: [[red, green], [circle, Red]]}\n";
+    let err = format!(
+        "{:#}",
+        parse_config::<ClipTrainConfig>(&yaml, &[]).unwrap_err()
+    );
+    assert!(
+        err.contains("hard_negatives.swap") && err.contains("\"Red\""),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("train-000000.tar").exists(),
+        "no data written"
+    );
 }
 
 #[test]

@@ -15,3 +15,4 @@ pub mod shapes;
 pub mod shards;
 pub mod text_clean;
 pub mod tokenizer;
+pub mod word_swap;

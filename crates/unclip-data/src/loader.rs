@@ -135,7 +135,8 @@ pub struct ImageLoader {
     batches: Prefetch<ImageBatch>,
 }
 
-fn sample_seed(seed: u64, epoch: u64, rank: usize, index: u64) -> u64 {
+/// A well-mixed seed for one (epoch, rank, index) of a run seeded with `seed`.
+pub fn sample_seed(seed: u64, epoch: u64, rank: usize, index: u64) -> u64 {
     let mut h = seed ^ 0x51_7C_C1_B7_27_22_0A_95;
     for v in [epoch, rank as u64, index] {
         h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);

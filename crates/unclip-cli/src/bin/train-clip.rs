@@ -74,6 +74,13 @@ fn main() -> Result<()> {
                 t2i * 100.0
             );
         }
+        if let Some(acc) = task.held_out_hard_negatives()? {
+            println!(
+                "step {}: held-out hard negatives ({which}): the caption beats its one-word twin for {:.1}% of the images",
+                summary.final_step,
+                acc * 100.0
+            );
+        }
         Ok(())
     })?;
     println!("checkpoint {}", ckpt.display());
