@@ -252,6 +252,15 @@ pub fn retrieval_signature(caption: &str, metadata: Option<&serde_json::Value>) 
 const HELD_OUT_NEGATIVES: u64 = 0x4E45_4743_4C49_5031;
 const TRAIN_NEGATIVES: u64 = 0x4E45_4743_4C49_5032;
 
+/// Held-out metrics: top-1 retrieval both ways and, with `hard_negatives`, how often an image's
+/// caption is closer to it than the caption's one-word twin.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeldOutEval {
+    pub i2t: f64,
+    pub t2i: f64,
+    pub hard_negatives: Option<f64>,
+}
+
 pub struct ClipBatch {
     pub pixels: Tensor,
     pub ids: Tensor,
@@ -436,41 +445,18 @@ impl ClipTask {
         })
     }
 
-    /// On the held-out pairs, how often an image's caption is closer to it than the caption's
-    /// one-word twin (`hard_negatives`): whether the embeddings tell what the swapped words name.
-    pub fn held_out_hard_negatives(&self) -> Result<Option<f64>> {
-        let Some((h, (neg_ids, valid))) = self
-            .held_out
-            .as_ref()
-            .and_then(|h| h.negatives.as_ref().map(|n| (h, n)))
-        else {
-            return Ok(None);
-        };
-        let (img, txt) = self.embed_eval(h)?;
-        let neg = {
-            let _g = tch::no_grad_guard();
-            let was = self.model.set_training(false);
-            let out = self.model.encode_text(neg_ids).map(|t| t.embeds);
-            self.model.set_training(was);
-            out?
-        };
-        hard_negative_accuracy(
-            &img,
-            &txt,
-            &HardNegatives {
-                text_embeds: &neg,
-                valid,
-            },
-        )
-    }
-
     /// (image→text, text→image) top-1 among `held_out_count` held-out candidates, the mean over
     /// the `held_out_groups` groups; without gradients.
     pub fn held_out_retrieval(&self) -> Result<Option<(f64, f64)>> {
+        Ok(self.held_out_eval()?.map(|e| (e.i2t, e.t2i)))
+    }
+
+    /// The held-out metrics from one pass of the towers in evaluation mode.
+    pub fn held_out_eval(&self) -> Result<Option<HeldOutEval>> {
         let Some(h) = &self.held_out else {
             return Ok(None);
         };
-        let (img, txt) = self.embed_eval(h)?;
+        let (img, txt, neg) = self.embed_eval(h)?;
         let n = self.cfg.data.held_out_count as i64;
         let groups = self.cfg.data.held_out_groups;
         let (mut i2t, mut t2i) = (0.0, 0.0);
@@ -479,17 +465,40 @@ impl ClipTask {
             i2t += a;
             t2i += b;
         }
-        Ok(Some((i2t / groups as f64, t2i / groups as f64)))
+        let hard_negatives = match (&neg, &h.negatives) {
+            (Some(neg), Some((_, valid))) => hard_negative_accuracy(
+                &img,
+                &txt,
+                &HardNegatives {
+                    text_embeds: neg,
+                    valid,
+                },
+            )?,
+            _ => None,
+        };
+        Ok(Some(HeldOutEval {
+            i2t: i2t / groups as f64,
+            t2i: t2i / groups as f64,
+            hard_negatives,
+        }))
     }
 
-    /// Image and text embeddings without gradients and in evaluation mode (the ResNet's norms
-    /// on their running statistics), as `embed` will compute them.
-    fn embed_eval(&self, batch: &ClipBatch) -> Result<(Tensor, Tensor)> {
+    /// Image, caption and (with hard negatives) twin embeddings without gradients and in
+    /// evaluation mode (the ResNet's norms on their running statistics), as `embed` will compute
+    /// them; captions and twins in one pass of the text tower.
+    fn embed_eval(&self, batch: &ClipBatch) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let _g = tch::no_grad_guard();
         let was = self.model.set_training(false);
         let out = self.model.encode_image(&batch.pixels).and_then(|img| {
-            let txt = self.model.encode_text(&batch.ids)?.embeds;
-            Ok((img, txt))
+            let Some((neg_ids, _)) = &batch.negatives else {
+                return Ok((img, self.model.encode_text(&batch.ids)?.embeds, None));
+            };
+            let both = self
+                .model
+                .encode_text(&Tensor::f_cat(&[&batch.ids, neg_ids], 0)?)?
+                .embeds;
+            let b = batch.ids.size()[0];
+            Ok((img, both.narrow(0, 0, b), Some(both.narrow(0, b, b))))
         });
         self.model.set_training(was);
         out
@@ -563,12 +572,12 @@ impl TrainTask for ClipTask {
         let every = self.cfg.eval.every;
         if every > 0 && self.step.is_multiple_of(every) && self.last_eval != Some(self.step) {
             self.last_eval = Some(self.step);
-            if let Some((i2t, t2i)) = self.held_out_retrieval()? {
-                metrics.push(("heldout_i2t_top1".into(), i2t));
-                metrics.push(("heldout_t2i_top1".into(), t2i));
-            }
-            if let Some(acc) = self.held_out_hard_negatives()? {
-                metrics.push(("heldout_hard_negative_accuracy".into(), acc));
+            if let Some(e) = self.held_out_eval()? {
+                metrics.push(("heldout_i2t_top1".into(), e.i2t));
+                metrics.push(("heldout_t2i_top1".into(), e.t2i));
+                if let Some(acc) = e.hard_negatives {
+                    metrics.push(("heldout_hard_negative_accuracy".into(), acc));
+                }
             }
         }
         Ok(StepOutput {
@@ -595,7 +604,7 @@ impl TrainTask for ClipTask {
         let Some(h) = &self.held_out else {
             return Ok(Vec::new());
         };
-        let (img, txt) = self.embed_eval(h)?;
+        let (img, txt, _) = self.embed_eval(h)?;
         let n = self.cfg.data.held_out_count as i64; // the first group's matrix
         let img = unclip_diffusion::embedding::l2_normalize(&img.narrow(0, 0, n))?;
         let txt = unclip_diffusion::embedding::l2_normalize(&txt.narrow(0, 0, n))?;

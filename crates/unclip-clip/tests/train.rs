@@ -143,8 +143,9 @@ fn a_tiny_resnet_clip_trains_and_resumes_exactly() {
     let last: f64 = summary.losses[35..].iter().map(|l| l.1).sum::<f64>() / 5.0;
     assert!(last < first * 0.8, "loss {first:.3} -> {last:.3}");
     let accuracy = task
-        .held_out_hard_negatives()
+        .held_out_eval()
         .unwrap()
+        .and_then(|e| e.hard_negatives)
         .expect("held-out twins");
     assert!((0.0..=1.0).contains(&accuracy), "{accuracy}");
     let split = tmp.path().join("split");

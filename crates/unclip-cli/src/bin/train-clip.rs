@@ -60,21 +60,22 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let ckpt = report_current_then_ema(&vs, &summary, |which| {
-        if let Some((i2t, t2i)) = task.held_out_retrieval()? {
-            let d = &cfg.task.data;
-            let groups = match d.held_out_groups {
-                1 => String::new(),
-                n => format!(", mean of {n} disjoint sets"),
-            };
-            println!(
-                "step {}: held-out top-1 among {}{groups} ({which}): image->text {:.1}%, text->image {:.1}%",
-                summary.final_step,
-                d.held_out_count,
-                i2t * 100.0,
-                t2i * 100.0
-            );
-        }
-        if let Some(acc) = task.held_out_hard_negatives()? {
+        let Some(eval) = task.held_out_eval()? else {
+            return Ok(());
+        };
+        let d = &cfg.task.data;
+        let groups = match d.held_out_groups {
+            1 => String::new(),
+            n => format!(", mean of {n} disjoint sets"),
+        };
+        println!(
+            "step {}: held-out top-1 among {}{groups} ({which}): image->text {:.1}%, text->image {:.1}%",
+            summary.final_step,
+            d.held_out_count,
+            eval.i2t * 100.0,
+            eval.t2i * 100.0
+        );
+        if let Some(acc) = eval.hard_negatives {
             println!(
                 "step {}: held-out hard negatives ({which}): the caption beats its one-word twin for {:.1}% of the images",
                 summary.final_step,
