@@ -11,6 +11,8 @@ use std::collections::HashMap;
 /// A swap group that cannot be used, named by its index in the configured list.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum WordSwapError {
+    #[error("no groups: name at least one group of words to swap between")]
+    NoGroups,
     #[error("group {group} ({words:?}) needs at least two words to swap between")]
     TooFew { group: usize, words: Vec<String> },
     #[error("group {group}: {word:?} is not a single word (letters and digits only)")]
@@ -35,6 +37,9 @@ pub struct WordSwap {
 impl WordSwap {
     /// Each group needs two or more distinct words, and no word may be in two groups.
     pub fn new(groups: &[Vec<String>]) -> Result<Self, WordSwapError> {
+        if groups.is_empty() {
+            return Err(WordSwapError::NoGroups);
+        }
         let mut group_of = HashMap::new();
         let mut lowered = Vec::with_capacity(groups.len());
         for (g, words) in groups.iter().enumerate() {
@@ -193,5 +198,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a single word"), "{err}");
+        assert_eq!(WordSwap::new(&[]).unwrap_err(), WordSwapError::NoGroups);
     }
 }
