@@ -79,20 +79,24 @@ fn loss_over(
 ) -> Result<ContrastiveOutput> {
     let img = l2_normalize(image_embeds)?;
     let txt = l2_normalize(text_embeds)?;
-    let mut neg = negatives
+    let neg = negatives
         .map(|n| -> Result<(Tensor, Tensor)> {
             Ok((l2_normalize(n.text_embeds)?, n.valid.to_kind(Kind::Float)))
         })
         .transpose()?;
-    let (all_img, all_txt) = match group {
-        Some(pg) if pg.world_size() > 1 => {
-            if let Some((embeds, valid)) = neg.take() {
-                let all_valid = pg.all_gather(&valid)?.flatten(0, 1);
-                neg = Some((gather_rows(pg, &embeds)?, all_valid));
-            }
-            (gather_rows(pg, &img)?, gather_rows(pg, &txt)?)
-        }
-        _ => (img, txt),
+    let (all_img, all_txt, neg) = match group {
+        Some(pg) if pg.world_size() > 1 => (
+            gather_rows(pg, &img)?,
+            gather_rows(pg, &txt)?,
+            neg.map(|(embeds, valid)| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    gather_rows(pg, &embeds)?,
+                    pg.all_gather(&valid)?.flatten(0, 1),
+                ))
+            })
+            .transpose()?,
+        ),
+        _ => (img, txt, neg),
     };
     // Every rank evaluates the whole global loss (see `gather_rows` for why this is exact).
     let logits_per_image = logit_scale * all_img.matmul(&all_txt.tr());

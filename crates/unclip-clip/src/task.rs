@@ -445,13 +445,9 @@ impl ClipTask {
         })
     }
 
-    /// (image→text, text→image) top-1 among `held_out_count` held-out candidates, the mean over
-    /// the `held_out_groups` groups; without gradients.
-    pub fn held_out_retrieval(&self) -> Result<Option<(f64, f64)>> {
-        Ok(self.held_out_eval()?.map(|e| (e.i2t, e.t2i)))
-    }
-
-    /// The held-out metrics from one pass of the towers in evaluation mode.
+    /// The held-out metrics from one pass of the towers in evaluation mode, without gradients:
+    /// (image→text, text→image) top-1 among `held_out_count` candidates, the mean over the
+    /// `held_out_groups` groups, and the hard-negative accuracy.
     pub fn held_out_eval(&self) -> Result<Option<HeldOutEval>> {
         let Some(h) = &self.held_out else {
             return Ok(None);
@@ -490,18 +486,25 @@ impl ClipTask {
         let _g = tch::no_grad_guard();
         let was = self.model.set_training(false);
         let out = self.model.encode_image(&batch.pixels).and_then(|img| {
-            let Some((neg_ids, _)) = &batch.negatives else {
-                return Ok((img, self.model.encode_text(&batch.ids)?.embeds, None));
-            };
-            let both = self
-                .model
-                .encode_text(&Tensor::f_cat(&[&batch.ids, neg_ids], 0)?)?
-                .embeds;
-            let b = batch.ids.size()[0];
-            Ok((img, both.narrow(0, 0, b), Some(both.narrow(0, b, b))))
+            let (txt, neg) = self.encode_captions(batch)?;
+            Ok((img, txt, neg))
         });
         self.model.set_training(was);
         out
+    }
+
+    /// The batch's caption embeddings and, with hard negatives, their twins', from one pass of
+    /// the text tower.
+    fn encode_captions(&self, batch: &ClipBatch) -> Result<(Tensor, Option<Tensor>)> {
+        let Some((neg_ids, _)) = &batch.negatives else {
+            return Ok((self.model.encode_text(&batch.ids)?.embeds, None));
+        };
+        let both = self
+            .model
+            .encode_text(&Tensor::f_cat(&[&batch.ids, neg_ids], 0)?)?
+            .embeds;
+        let b = batch.ids.size()[0];
+        Ok((both.narrow(0, 0, b), Some(both.narrow(0, b, b))))
     }
 }
 
@@ -532,22 +535,11 @@ impl TrainTask for ClipTask {
             ("logit_scale".to_string(), scale.double_value(&[])),
             ("data_skipped".to_string(), self.skipped_total as f64),
         ];
-        let (text, out) = match &batch.negatives {
-            None => {
-                let text = self.model.encode_text(&batch.ids)?.embeds;
-                let out = contrastive_loss(&image, &text, &scale, self.group.as_deref())?;
-                (text, out)
-            }
-            Some((neg_ids, valid)) => {
-                // Captions and their twins through the text tower in one pass.
-                let both = self
-                    .model
-                    .encode_text(&Tensor::f_cat(&[&batch.ids, neg_ids], 0)?)?
-                    .embeds;
-                let b = batch.ids.size()[0];
-                let (text, neg) = (both.narrow(0, 0, b), both.narrow(0, b, b));
+        let (text, neg) = self.encode_captions(batch)?;
+        let out = match (&neg, &batch.negatives) {
+            (Some(neg), Some((_, valid))) => {
                 let negatives = HardNegatives {
-                    text_embeds: &neg,
+                    text_embeds: neg,
                     valid,
                 };
                 if let Some(acc) =
@@ -555,15 +547,15 @@ impl TrainTask for ClipTask {
                 {
                     metrics.push(("batch_hard_negative_accuracy".into(), acc));
                 }
-                let out = contrastive_loss_with_negatives(
+                contrastive_loss_with_negatives(
                     &image,
                     &text,
                     &negatives,
                     &scale,
                     self.group.as_deref(),
-                )?;
-                (text, out)
+                )?
             }
+            _ => contrastive_loss(&image, &text, &scale, self.group.as_deref())?,
         };
         self.position = batch.position;
         let (i2t, t2i) = tch::no_grad(|| retrieval_top1(&image, &text))?;

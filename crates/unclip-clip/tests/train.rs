@@ -91,14 +91,16 @@ fn a_tiny_clip_learns_shapes_retrieval() {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let mut task = ClipTask::new(&vs, &cfg.task, 0, 64, 0, 1).unwrap();
-    let (i2t0, t2i0) = task.held_out_retrieval().unwrap().unwrap();
+    let before = task.held_out_eval().unwrap().unwrap();
+    let (i2t0, t2i0) = (before.i2t, before.t2i);
     let run = tmp.path().join("run");
     let summary =
         unclip_train::train(&mut task, &vs, &cfg.runtime, &cfg.resolved, &run, None).unwrap();
     let first: f64 = summary.losses[..10].iter().map(|l| l.1).sum::<f64>() / 10.0;
     let last: f64 = summary.losses[110..].iter().map(|l| l.1).sum::<f64>() / 10.0;
     assert!(last < first * 0.8, "loss {first:.3} -> {last:.3}");
-    let (i2t, t2i) = task.held_out_retrieval().unwrap().unwrap();
+    let after = task.held_out_eval().unwrap().unwrap();
+    let (i2t, t2i) = (after.i2t, after.t2i);
     // Chance is 1/32.
     assert!(
         t2i >= 0.2 && i2t >= 0.2 && t2i > t2i0,

@@ -85,9 +85,8 @@ impl WordSwap {
             .enumerate()
             .filter_map(|(i, piece)| {
                 let start = piece.find(char::is_alphanumeric)?;
-                let end = piece
-                    .rfind(char::is_alphanumeric)
-                    .map(|e| e + piece[e..].chars().next().map_or(1, char::len_utf8))?;
+                let (last, c) = piece.char_indices().rfind(|(_, c)| c.is_alphanumeric())?;
+                let end = last + c.len_utf8();
                 let group = *self.group_of.get(&piece[start..end].to_lowercase())?;
                 Some((i, start, end, group))
             })
