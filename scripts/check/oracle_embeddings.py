@@ -7,19 +7,13 @@ carries them all — the route a shape-aware CLIP image embedding would take (do
 
 Usage: .venv/bin/python scripts/check/oracle_embeddings.py IMAGE_DIR EMB_DIR OUT_DIR
 """
-import functools, io, json, os, sys, tarfile
+import io, os, sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rewrite_shards import npy_bytes, rewrite
+from rewrite_shards import npy_bytes, rewrite, scenes
 from shape_probe import COLOURS, SHAPES
 
 img_dir, emb_dir, out_dir = sys.argv[1:4]
-
-
-@functools.lru_cache(maxsize=1)
-def scenes(emb_shard):
-    with tarfile.open(os.path.join(img_dir, os.path.basename(emb_shard))) as t:
-        return {n[:-5]: json.loads(t.extractfile(n).read()) for n in t.getnames() if n.endswith(".json")}
 
 
 def oracle(shard, name, data):
@@ -27,7 +21,7 @@ def oracle(shard, name, data):
         return data
     z = np.load(io.BytesIO(data))
     v = np.zeros_like(z, dtype=np.float32)
-    for o in scenes(shard)[name[: -len(".txt_emb.npy")]]["objects"]:
+    for o in scenes(img_dir, shard)[name[: -len(".txt_emb.npy")]]["objects"]:
         s = SHAPES.index(o["shape"])
         v[COLOURS.index(o["colour"]) * len(SHAPES) + s] += 3
         v[48 + s] += 3

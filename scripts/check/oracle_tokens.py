@@ -8,10 +8,10 @@ Usage: .venv/bin/python scripts/check/oracle_tokens.py IMAGE_DIR EMB_DIR OUT_DIR
   (every EMB_DIR/*.tar, with IMAGE_DIR/<same name> for the scenes; then train with
   data.embedding_dir: OUT_DIR and score with shape_denoise.py on OUT_DIR's held-out shard)
 """
-import functools, json, os, sys, tarfile
+import os, sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rewrite_shards import npy_bytes, rewrite
+from rewrite_shards import npy_bytes, rewrite, scenes
 from shape_probe import COLOURS, SHAPES
 
 SIZES = ["small", "medium", "large"]
@@ -19,17 +19,10 @@ img_dir, emb_dir, out_dir = sys.argv[1:4]
 dim = 128  # the shapes CLIP's text width, which the decoder's token projection reads
 
 
-@functools.lru_cache(maxsize=1)
-def scenes(emb_shard):
-    """The KEY.json scenes of the image shard an embedding shard belongs to (same file name)."""
-    with tarfile.open(os.path.join(img_dir, os.path.basename(emb_shard))) as t:
-        return {n[:-5]: json.loads(t.extractfile(n).read()) for n in t.getnames() if n.endswith(".json")}
-
-
 def oracle(shard, name, data):
     if not name.endswith(".txt_tokens.npy"):
         return data
-    objects = scenes(shard)[name[: -len(".txt_tokens.npy")]]["objects"]
+    objects = scenes(img_dir, shard)[name[: -len(".txt_tokens.npy")]]["objects"]
     tok = np.zeros((len(objects), dim), np.float32)
     for i, o in enumerate(objects):
         tok[i, SHAPES.index(o["shape"])] = 3
