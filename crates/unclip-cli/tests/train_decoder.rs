@@ -39,7 +39,7 @@ data:
   held_out: {dir}/shapes/val-000000.tar
   embedding_dir: {dir}/emb
   image: {{resolution: 32}}
-samples: {{count: 4, guidance_scales: [1.0, 3.0]}}
+samples: {{count: 4, guidance_scales: [1.0, 3.0], denoise_strengths: [0.25, 0.5]}}
 train: {{steps: 40, batch_size: 8, lr: 2.0e-3, ema_decay: 0.9}}
 logging: {{every: 10, images_every: 20, progress: lines}}
 checkpoint: {{every: 20}}
@@ -77,7 +77,7 @@ fn train_and_check_grids(decoder: &str, config: &Path, run_dir: &Path, sets: &[&
 }
 
 /// A 40-step run's output (rank 0's) and directory: the loss falls, and the EMA grids (real
-/// images, then one row per guidance scale) are written.
+/// images, one row per guidance scale, then one per denoising strength and scale) are written.
 fn check_run(out: &str, run_dir: &Path) {
     let l = losses(out);
     assert_eq!(l.len(), 4, "{out}");
@@ -100,10 +100,44 @@ fn check_run(out: &str, run_dir: &Path) {
         let (right, objects): (usize, usize) = (right.parse().unwrap(), objects.parse().unwrap());
         assert!(objects >= 4 && 10 * right >= 7 * objects, "{line}");
     }
+    // SDEdit rows: of the 4 sampling steps, strength 0.25 runs the last (t = 0), where x_t is
+    // the image itself up to 0.6 % noise and any x_0 estimate keeps its shapes; 0.5 the last two.
+    let denoised: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("shapes denoised from t="))
+        .collect();
+    assert!(denoised.len() >= 4, "{out}");
+    for line in denoised {
+        let t: i64 = line["shapes denoised from t=".len()..]
+            .split_once(' ')
+            .unwrap()
+            .0
+            .parse()
+            .unwrap();
+        assert!(line.contains("own conditioning shape right"), "{line}");
+        assert!(line.contains("another scene's shape right"), "{line}");
+        if line.contains("(strength 0.25)") {
+            assert_eq!(t, 0, "{line}");
+            let own = line.split("own conditioning shape right ").nth(1).unwrap();
+            let (right, objects) = own.split_once(' ').unwrap().0.split_once('/').unwrap();
+            let (right, objects): (usize, usize) =
+                (right.parse().unwrap(), objects.parse().unwrap());
+            assert!(objects >= 4 && 10 * right >= 7 * objects, "{line}");
+        } else {
+            assert!(line.contains("(strength 0.5)") && t > 0, "{line}");
+        }
+    }
     // The grids' scores reach TensorBoard at their steps.
     let scalars = unclip_testkit::read_scalars(&run_dir.join("tensorboard"));
     for g in ["1", "3"] {
-        for kind in ["clip_score", "shapes_right", "objects_missing"] {
+        let kinds = [
+            "clip_score".to_string(),
+            "shapes_right".into(),
+            "objects_missing".into(),
+            "shapes_right_denoised_0.5".into(),
+            "shapes_right_denoised_0.25".into(),
+        ];
+        for kind in kinds {
             for step in [20, 40] {
                 let v = scalars.get(&(format!("samples/{kind}_guidance_{g}"), step));
                 assert!(
@@ -116,7 +150,7 @@ fn check_run(out: &str, run_dir: &Path) {
     // 4 columns of 32 px.
     for name in ["step_000020.png", "step_000040.png", "final_ema.png"] {
         let img = image::open(run_dir.join("samples").join(name)).unwrap();
-        assert_eq!((img.width(), img.height()), (4 * 32, 3 * 32), "{name}");
+        assert_eq!((img.width(), img.height()), (4 * 32, 7 * 32), "{name}");
     }
 }
 

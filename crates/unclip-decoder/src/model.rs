@@ -32,6 +32,14 @@ impl DecoderCondition {
         })
     }
 
+    /// The rows `index` [N] (int64) picks, in its order.
+    pub fn index_select(&self, index: &Tensor) -> Result<Self> {
+        Ok(Self {
+            image_embeds: self.image_embeds.f_index_select(0, index)?,
+            text: self.text.index_select(index)?,
+        })
+    }
+
     pub fn len(&self) -> i64 {
         self.image_embeds.size()[0]
     }

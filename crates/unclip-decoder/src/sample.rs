@@ -52,6 +52,47 @@ impl<'a> DecoderSampler<'a> {
         guidance_scale: f64,
         noise: Tensor,
     ) -> Result<Tensor> {
+        let last = self.diffusion.num_timesteps() - 1;
+        self.sample_from(cond, null_text, guidance_scale, noise, last)
+    }
+
+    /// SDEdit (diffusers' img2img): `images` [B, C, H, W] in [-1, 1] noised with `noise` to the
+    /// step `strength` in (0, 1] starts from (see [`DecoderSampler::strength_timestep`]), then
+    /// denoised for `cond` as [`DecoderSampler::sample`] does. Small strengths keep the images'
+    /// layout and outlines and ask the decoder only to finish them.
+    pub fn denoise(
+        &self,
+        cond: &DecoderCondition,
+        null_text: &TextCondition,
+        guidance_scale: f64,
+        images: &Tensor,
+        strength: f64,
+        noise: &Tensor,
+    ) -> Result<Tensor> {
+        let start = self.diffusion.strength_start(strength)?;
+        let t = Tensor::full(
+            [images.size()[0]],
+            start as i64,
+            (Kind::Int64, images.device()),
+        );
+        let x = self.diffusion.q_sample(images, &t, noise)?;
+        self.sample_from(cond, null_text, guidance_scale, x, start)
+    }
+
+    /// The training timestep [`DecoderSampler::denoise`] starts from at `strength`.
+    pub fn strength_timestep(&self, strength: f64) -> Result<i64> {
+        let start = self.diffusion.strength_start(strength)?;
+        Ok(self.diffusion.timestep_map()[start])
+    }
+
+    fn sample_from(
+        &self,
+        cond: &DecoderCondition,
+        null_text: &TextCondition,
+        guidance_scale: f64,
+        noise: Tensor,
+        start: usize,
+    ) -> Result<Tensor> {
         ensure!(
             guidance_scale.is_finite() && guidance_scale >= 0.0,
             "guidance scale must be finite and >= 0, got {guidance_scale}"
@@ -66,7 +107,7 @@ impl<'a> DecoderSampler<'a> {
         let channels = noise.size()[1];
         let d = self.decoder;
         let x = if guidance_scale == 1.0 {
-            self.run(noise, |x: &Tensor, t: &Tensor| {
+            self.run(noise, start, |x: &Tensor, t: &Tensor| {
                 d.forward_t(x, t, cond, false)
             })?
         } else {
@@ -76,26 +117,27 @@ impl<'a> DecoderSampler<'a> {
                 guidance_scale,
                 channels,
             );
-            self.run(noise, |x: &Tensor, t: &Tensor| Ok(guided(x, t)?))?
+            self.run(noise, start, |x: &Tensor, t: &Tensor| Ok(guided(x, t)?))?
         };
         Ok(x.to_kind(Kind::Float).clamp(-1.0, 1.0))
     }
 
-    /// Walks the process from `noise` with `model(network input, t)`; a self-conditioned decoder
-    /// gets the (guided, clipped) x_0 of the step before as its estimate.
-    fn run<M>(&self, noise: Tensor, mut model: M) -> Result<Tensor>
+    /// Walks the process from `x` at step `start` with `model(network input, t)`; a
+    /// self-conditioned decoder gets the (guided, clipped) x_0 of the step before as its estimate.
+    fn run<M>(&self, x: Tensor, start: usize, mut model: M) -> Result<Tensor>
     where
         M: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
     {
+        let (kind, clip) = (self.kind, &self.clip);
         Ok(if self.decoder.self_condition {
             let conditioned = self_conditioned(&self.training, self.clip, |x, x0, t| {
                 model(&self.decoder.input(x, x0)?, t)
             });
             self.diffusion
-                .sample(self.kind, &self.clip, noise, conditioned, None)?
+                .sample_from(kind, clip, x, start, conditioned, None)?
         } else {
             self.diffusion
-                .sample(self.kind, &self.clip, noise, model, None)?
+                .sample_from(kind, clip, x, start, model, None)?
         })
     }
 }

@@ -153,6 +153,10 @@ pub struct SampleGridConfig {
     pub guidance_scales: Vec<f64>,
     /// Seed of the sampling noise, the same for every grid.
     pub seed: i64,
+    /// SDEdit strengths in (0, 1]: the held-out images noised to the step each starts from and
+    /// denoised (one row per strength and guidance scale). How well the decoder finishes a
+    /// half-made image, outlines included, which it learns well before it draws them from noise.
+    pub denoise_strengths: Vec<f64>,
 }
 
 impl Default for SampleGridConfig {
@@ -161,6 +165,7 @@ impl Default for SampleGridConfig {
             count: 8,
             guidance_scales: vec![1.0, 3.0],
             seed: 0,
+            denoise_strengths: Vec::new(),
         }
     }
 }
@@ -258,6 +263,13 @@ impl Validate for DecoderTrainConfig {
                     .all(|s| s.is_finite() && *s >= 0.0),
             "samples.guidance_scales must be a non-empty list of finite scales >= 0"
         );
+        let process = GaussianDiffusion::respaced(&d.diffusion, &d.sampling.steps)
+            .map_err(|e| anyhow!("decoder.sampling.steps: {e}"))?;
+        for &strength in &self.samples.denoise_strengths {
+            process
+                .strength_start(strength)
+                .map_err(|e| anyhow!("samples.denoise_strengths: {e} (decoder.sampling.steps)"))?;
+        }
         Ok(())
     }
 }
@@ -309,6 +321,20 @@ pub struct ShapeReport {
     pub real: ShapeTally,
     /// Per guidance scale.
     pub samples: Vec<(f64, ShapeTally)>,
+    /// Per denoising strength and guidance scale.
+    pub denoised: Vec<DenoisedShapes>,
+}
+
+/// The held-out images noised to `timestep` (SDEdit `strength`) and denoised at `guidance`: the
+/// shapes kept with each scene's own conditioning and, as the control, with another scene's
+/// (what the noised image alone keeps); the difference is what the conditioning adds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenoisedShapes {
+    pub strength: f64,
+    pub timestep: i64,
+    pub guidance: f64,
+    pub own: ShapeTally,
+    pub other: ShapeTally,
 }
 
 /// [N, 3, H, W] images in [-1, 1] as 8-bit RGB, the bytes the grid PNGs get.
@@ -334,7 +360,8 @@ fn count_shapes(images: &Tensor, scenes: &[Scene]) -> Result<ShapeTally> {
 
 /// What one round of held-out sampling produced.
 pub struct SampleReport {
-    /// [3, (1 + scales)·H, count·W] in [0, 1]: the real images, then one row per guidance scale.
+    /// [3, rows·H, count·W] in [0, 1]: the real images, one row per guidance scale, then one
+    /// per denoising strength and guidance scale.
     pub grid: Tensor,
     /// Per guidance scale: mean cosine(CLIP image embedding of the sample, the z_i it was
     /// decoded from).
@@ -365,6 +392,12 @@ impl SampleReport {
                 .map(|(g, t)| format!("guidance {g} {t}"))
                 .collect();
             line += &format!("\nshapes: {} (real images {})", rows.join(", "), s.real);
+            for d in &s.denoised {
+                line += &format!(
+                    "\nshapes denoised from t={} (strength {}), guidance {}: own conditioning {}; another scene's {}",
+                    d.timestep, d.strength, d.guidance, d.own, d.other
+                );
+            }
         }
         line
     }
@@ -386,6 +419,17 @@ impl SampleReport {
                 out.push((
                     format!("samples/objects_missing_guidance_{g}"),
                     t.missing as f64 / t.objects.max(1) as f64,
+                ));
+            }
+            for d in &s.denoised {
+                let key = format!("denoised_{}_guidance_{}", d.strength, d.guidance);
+                out.push((
+                    format!("samples/shapes_right_{key}"),
+                    d.own.fraction_right(),
+                ));
+                out.push((
+                    format!("samples/shapes_right_{key}_other_conditioning"),
+                    d.other.fraction_right(),
                 ));
             }
         }
@@ -600,6 +644,7 @@ impl DecoderTask {
         let mut shapes = h.real_shapes.map(|real| ShapeReport {
             real,
             samples: Vec::new(),
+            denoised: Vec::new(),
         });
         for &g in &self.cfg.samples.guidance_scales {
             tch::manual_seed(self.cfg.samples.seed);
@@ -611,6 +656,31 @@ impl DecoderTask {
                 report.samples.push((g, count_shapes(&x, scenes)?));
             }
             rows.push(x);
+        }
+        // The control: scene i denoised with scene i + 1's conditioning.
+        let n = h.cond.len();
+        let next = (Tensor::arange(n, (Kind::Int64, h.images.device())) + 1).remainder(n);
+        let other_cond = h.cond.index_select(&next)?;
+        for &strength in &self.cfg.samples.denoise_strengths {
+            let timestep = sampler.strength_timestep(strength)?;
+            for &guidance in &self.cfg.samples.guidance_scales {
+                let denoise = |cond: &DecoderCondition| {
+                    tch::manual_seed(self.cfg.samples.seed);
+                    let noise = h.images.randn_like();
+                    sampler.denoise(cond, &self.null, guidance, &h.images, strength, &noise)
+                };
+                let x = denoise(&h.cond)?;
+                if let (Some(report), Some(scenes)) = (&mut shapes, &h.scenes) {
+                    report.denoised.push(DenoisedShapes {
+                        strength,
+                        timestep,
+                        guidance,
+                        own: count_shapes(&x, scenes)?,
+                        other: count_shapes(&denoise(&other_cond)?, scenes)?,
+                    });
+                }
+                rows.push(x);
+            }
         }
         let cos_unrelated = if z.size()[0] > 1 {
             mean_cosine(z, &z.roll([1], [0]))?

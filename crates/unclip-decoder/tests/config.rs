@@ -104,6 +104,14 @@ fn defaults_are_the_papers_and_bad_values_name_their_key() {
     assert!(e.contains("CrossAttnDownBlock2D"), "{e}");
     let e = error(&["decoder.sampling.steps=2000"]);
     assert!(e.contains("decoder.sampling.steps"), "{e}");
+    // SDEdit strengths must leave at least one of the sampling steps.
+    for bad in ["[0.0]", "[1.5]", "[0.5, -0.1]", "[0.001]"] {
+        let e = error(&[&format!("samples.denoise_strengths={bad}")]);
+        assert!(e.contains("samples.denoise_strengths"), "{bad}: {e}");
+    }
+    let sets = ["samples.denoise_strengths=[0.004, 1.0]".to_string()];
+    let cfg = parse_config::<DecoderTrainConfig>(VALID, &sets).unwrap();
+    assert_eq!(cfg.task.samples.denoise_strengths, [0.004, 1.0]);
     // Self-conditioning doubles the UNet's input channels; each without the other is refused.
     let e = error(&["decoder.model.self_condition=true"]);
     assert!(

@@ -220,6 +220,40 @@ impl GaussianDiffusion {
         kind: SamplerKind,
         clip: &ClipDenoised,
         noise: Tensor,
+        model: F,
+        progress: Option<&mut dyn FnMut(Progress)>,
+    ) -> Result<Tensor>
+    where
+        F: FnMut(&Tensor, &Tensor) -> std::result::Result<Tensor, E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let last = self.num_timesteps() - 1;
+        self.sample_from(kind, clip, noise, last, model, progress)
+    }
+
+    /// The step SDEdit / diffusers' img2img start from at `strength` in (0, 1]: of this process's
+    /// n steps the last ⌊n·strength⌋ are run, so the start is step ⌊n·strength⌋ − 1 (strength 1:
+    /// the whole process). Errors when that leaves no step.
+    pub fn strength_start(&self, strength: f64) -> Result<usize> {
+        let n = self.num_timesteps();
+        let steps = (n as f64 * strength).floor();
+        if !(strength > 0.0 && strength <= 1.0) || steps < 1.0 {
+            return Err(DiffusionError::InvalidConfig(format!(
+                "strength {strength} must be in (0, 1] and leave at least one of the {n} steps"
+            )));
+        }
+        Ok(steps as usize - 1)
+    }
+
+    /// Walks the process from `x`, a sample at step `start` of this process (x_T for the whole
+    /// process; for SDEdit, an image noised there with [`GaussianDiffusion::q_sample`]), down to
+    /// x_0: `start + 1` model calls.
+    pub fn sample_from<F, E>(
+        &self,
+        kind: SamplerKind,
+        clip: &ClipDenoised,
+        x: Tensor,
+        start: usize,
         mut model: F,
         mut progress: Option<&mut dyn FnMut(Progress)>,
     ) -> Result<Tensor>
@@ -229,9 +263,15 @@ impl GaussianDiffusion {
     {
         let _guard = tch::no_grad_guard();
         let n = self.num_timesteps();
-        let mut x = noise;
+        if start >= n {
+            return Err(DiffusionError::TimestepOutOfRange {
+                value: start as i64,
+                num_timesteps: n,
+            });
+        }
+        let mut x = x;
         let mut prev_x0: Option<Tensor> = None;
-        for (step, i) in (0..n).rev().enumerate() {
+        for (step, i) in (0..=start).rev().enumerate() {
             let t = step_timesteps(&x, i);
             let out = call_model(&mut model, self, &x, &t)?;
             x = match kind {
@@ -254,7 +294,7 @@ impl GaussianDiffusion {
             if let Some(cb) = progress.as_deref_mut() {
                 cb(Progress {
                     step: step + 1,
-                    total: n,
+                    total: start + 1,
                     t: i,
                 });
             }

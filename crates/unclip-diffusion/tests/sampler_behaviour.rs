@@ -1,6 +1,7 @@
 //! Samplers driven by the exact denoiser of a known 1-D Gaussian mixture: their samples must have
-//! the mixture's moments; DDIM inversion followed by DDIM(η = 0) must give x_0 back; classifier-free
-//! guidance at scale 1 must be the conditional model.
+//! the mixture's moments, from noise and (SDEdit) from data noised part way; DDIM inversion followed
+//! by DDIM(η = 0) must give x_0 back; classifier-free guidance at scale 1 must be the conditional
+//! model.
 mod common;
 
 use common::*;
@@ -136,6 +137,118 @@ fn every_sampler_draws_the_mixture() {
             Some(&(d.num_timesteps(), d.num_timesteps(), 0))
         );
     }
+}
+
+/// Mixture data: the left mode with probability WEIGHTS[0].
+fn mixture_samples(n: i64) -> Tensor {
+    let opts = (Kind::Double, tch::Device::Cpu);
+    let left = Tensor::rand([n, 1], opts).lt(WEIGHTS[0]);
+    let l = Tensor::randn([n, 1], opts) * STDS[0] + MEANS[0];
+    let r = Tensor::randn([n, 1], opts) * STDS[1] + MEANS[1];
+    l.where_self(&left, &r)
+}
+
+/// SDEdit with the exact denoiser: data noised to the step a strength starts from and denoised
+/// from there is still the mixture (a start step off from the noise level would widen or narrow
+/// the modes); a small strength keeps each sample in its mode, strength 1 forgets it.
+#[test]
+fn sdedit_from_data_keeps_the_mixture_and_small_strengths_keep_the_mode() {
+    tch::manual_seed(7);
+    let n = 20_000;
+    let x0 = mixture_samples(n);
+    let cases = [
+        (SamplerKind::Ddpm, "100", MeanType::V, 0.3),
+        (SamplerKind::Ddpm, "250", MeanType::Epsilon, 1.0),
+        (
+            SamplerKind::Ddim { eta: 0.0 },
+            "ddim50",
+            MeanType::Epsilon,
+            0.6,
+        ),
+        (SamplerKind::DpmSolverPp2M, "25", MeanType::X0, 0.5),
+    ];
+    for (kind, steps, predict, strength) in cases {
+        let full = GaussianDiffusion::new(&config(predict)).unwrap();
+        let d = GaussianDiffusion::respaced(&config(predict), &Respacing::from(steps)).unwrap();
+        let start = d.strength_start(strength).unwrap();
+        let runs = (d.num_timesteps() as f64 * strength).floor() as usize;
+        assert_eq!(
+            start + 1,
+            runs,
+            "strength {strength}: the last ⌊n·strength⌋ steps run"
+        );
+        let t = Tensor::full([n], start as i64, (Kind::Int64, tch::Device::Cpu));
+        let x_t = d.q_sample(&x0, &t, &x0.randn_like()).unwrap();
+        let model = exact_model(&full, predict);
+        let first_t = Cell::new(-1i64);
+        let calls = Cell::new(0usize);
+        let counted = |x: &Tensor, t: &Tensor| {
+            if calls.get() == 0 {
+                first_t.set(t.int64_value(&[0]));
+            }
+            calls.set(calls.get() + 1);
+            model(x, t)
+        };
+        let mut seen = Vec::new();
+        let mut progress = |p: Progress| seen.push((p.step, p.total, p.t));
+        let x = d
+            .sample_from(
+                kind,
+                &ClipDenoised::None,
+                x_t,
+                start,
+                counted,
+                Some(&mut progress),
+            )
+            .unwrap();
+        let what = format!("{kind:?} {steps} {predict:?} from strength {strength}");
+        check_mixture_moments(&x, &what);
+        assert_eq!(calls.get(), start + 1, "{what}: one model call per step");
+        assert_eq!(
+            first_t.get(),
+            d.timestep_map()[start],
+            "{what}: first call's timestep"
+        );
+        assert_eq!(seen.first(), Some(&(1, start + 1, start)));
+        assert_eq!(seen.last(), Some(&(start + 1, start + 1, 0)));
+        let same_mode = x0
+            .lt(-0.4)
+            .eq_tensor(&x.lt(-0.4))
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]);
+        // Independent modes agree with probability w0² + w1² = 0.58.
+        let chance = WEIGHTS[0].powi(2) + WEIGHTS[1].powi(2);
+        if strength <= 0.3 {
+            assert!(same_mode > 0.9, "{what}: {same_mode} kept their mode");
+        }
+        if strength == 1.0 {
+            assert!(
+                (same_mode - chance).abs() < 0.03,
+                "{what}: {same_mode} kept their mode (independent: {chance})"
+            );
+        }
+    }
+    let d = GaussianDiffusion::respaced(&config(MeanType::V), &Respacing::from("100")).unwrap();
+    for bad in [0.0, -0.5, 1.5, 0.005, f64::NAN] {
+        assert!(d.strength_start(bad).is_err(), "strength {bad}");
+    }
+    assert_eq!(d.strength_start(1.0).unwrap(), 99);
+    assert_eq!(d.strength_start(0.01).unwrap(), 0);
+    let err = d
+        .sample_from(
+            SamplerKind::Ddpm,
+            &ClipDenoised::None,
+            Tensor::zeros([2, 1], (Kind::Double, tch::Device::Cpu)),
+            100,
+            exact_model(
+                &GaussianDiffusion::new(&config(MeanType::V)).unwrap(),
+                MeanType::V,
+            ),
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("100"), "{err}");
 }
 
 #[test]
