@@ -12,6 +12,7 @@
 # on CUDA — the shapes CLIP (700 steps), its embeddings, train-decoder in bf16 for DECODER_STEPS
 # (10000) with a grid of 64 held-out scenes (100 DDPM steps, guidance 1) every quarter, each
 # printed with its shape count (`shapes: guidance 1 shape right N/119` in chain-decoder.log),
+# with the shapes kept when the held-out images are denoised from t = 343 (SDEdit strength 0.35),
 # then the final EMA grid in OUT/decoder-grid64.png. Logs and grids go to OUT_DIR, run
 # directories (checkpoints) to RUNS.
 set -uo pipefail
@@ -94,7 +95,8 @@ if wants decoder train-clip embed train-decoder; then
   done
   decoder=(--config configs/shapes/decoder.yaml --run-dir "$RUNS/chain-decoder" --set "device=$DEVICE"
            --set "clip=$RUNS/chain-clip" --set "data.embedding_dir=$RUNS/chain-emb64" --set samples.count=64
-           --set 'samples.guidance_scales=[1.0]' --set 'decoder.sampling={sampler: ddpm, steps: "100", clip: {static: 1.0}}')
+           --set 'samples.guidance_scales=[1.0]' --set 'decoder.sampling={sampler: ddpm, steps: "100", clip: {static: 1.0}}'
+           --set 'samples.denoise_strengths=[0.35]')
   "$BIN/train-decoder" "${decoder[@]}" --resume auto --set "train.steps=$DECODER_STEPS" --set "logging.images_every=$quarter" \
     --set "checkpoint.every=$quarter" --set "logging.every=$log_every" --set logging.progress=lines 2>&1 | tee -a "$RUNS/chain-decoder.log"
   check loss_halved "$RUNS/chain-decoder.log"
