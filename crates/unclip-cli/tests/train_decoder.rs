@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 use unclip_dist::launch::launch_local;
 mod common;
-use common::{dry_run_total, embedded_shapes, run};
+use common::{dry_run_total, embedded_shapes, run, run_fails};
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig, EmbeddingSource};
 use unclip_decoder::LoadedDecoder;
 use unclip_train::config::parse_config;
@@ -211,6 +211,42 @@ fn train_resume_and_export(sets: &[&str]) -> (tempfile::TempDir, LoadedDecoder) 
     let full = dir.join("full");
     train_and_check_grids(decoder, &config, &full, sets);
     resume_matches_the_full_run(decoder, &config, &full, &dir.join("split"), sets);
+    // --grid scores the newest checkpoint, or the one --checkpoint names.
+    let png = dir.join("grid.png");
+    for (pick, step) in [
+        (None, "step-000000040"),
+        (Some("step-000000020"), "step-000000020"),
+    ] {
+        let ckpt = pick.map(|p| full.join("checkpoints").join(p));
+        let mut extra = vec!["--grid", png.to_str().unwrap()];
+        if let Some(c) = &ckpt {
+            extra.extend(["--checkpoint", c.to_str().unwrap()]);
+        }
+        let out = run_with(decoder, &config, &full, sets, &extra);
+        assert!(
+            out.contains(&format!("{step} (EMA weights): cos(CLIP(sample), z_i)")),
+            "{out}"
+        );
+        assert!(
+            out.contains("shapes denoised from t=0 (strength 0.25)"),
+            "{out}"
+        );
+        let img = image::open(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (4 * 32, 7 * 32));
+    }
+    let missing = full.join("checkpoints/step-000000030");
+    let out = run_fails(
+        decoder,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--grid",
+            png.to_str().unwrap(),
+            "--checkpoint",
+            missing.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("step-000000030/meta.json"), "{out}");
     let export = dir.join("export");
     let to = ["--export-diffusers", export.to_str().unwrap()];
     run_with(decoder, &config, &full, sets, &to);

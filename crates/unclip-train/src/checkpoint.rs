@@ -184,7 +184,12 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
 pub fn inference_weights(run_dir: &Path) -> Result<(HashMap<String, Tensor>, String)> {
     let dir = latest(&checkpoints_dir(run_dir))?
         .with_context(|| format!("{}: no complete checkpoint", run_dir.display()))?;
-    let ck = load(&dir)?;
+    checkpoint_weights(&dir)
+}
+
+/// [`inference_weights`] of one checkpoint directory (`RUN/checkpoints/step-NNNNNNNNN`).
+pub fn checkpoint_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, String)> {
+    let ck = load(dir)?;
     Ok(match ck.ema {
         Some(ema) => (ema, format!("{} (EMA weights)", dir.display())),
         None => (ck.model, format!("{} (model weights)", dir.display())),

@@ -2,7 +2,9 @@
 //!
 //!     train-decoder --config configs/shapes/decoder.yaml
 
-use anyhow::Result;
+use std::collections::HashMap;
+
+use anyhow::{ensure, Result};
 use clap::Parser;
 use tch::nn;
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig};
@@ -21,14 +23,28 @@ struct Cli {
     #[command(flatten)]
     args: TrainArgs,
     /// Instead of training: decode the held-out image embeddings with the run's newest checkpoint
-    /// (EMA weights) and write the grid (real images, then one row per `samples.guidance_scales`)
-    /// to this PNG file. `--set decoder.sampling...` picks the sampler.
+    /// (EMA weights) and write the grid (real images, one row per `samples.guidance_scales`, then
+    /// per `samples.denoise_strengths` and scale) to this PNG file, printing the CLIP score and on
+    /// shapes scenes the shape counts. `--set decoder.sampling...` picks the sampler.
     #[arg(long, value_name = "FILE.png")]
     grid: Option<std::path::PathBuf>,
     /// Instead of training: write the run's newest checkpoint (EMA weights) as a diffusers UnCLIP
     /// pipeline's `decoder/` and `text_proj/` (config.json + safetensors) into this directory.
     #[arg(long, value_name = "DIR", conflicts_with = "grid")]
     export_diffusers: Option<std::path::PathBuf>,
+    /// With --grid or --export-diffusers: this checkpoint directory (`RUN/checkpoints/step-N`)
+    /// instead of the run's newest.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<std::path::PathBuf>,
+}
+
+/// The weights --grid and --export-diffusers use: --checkpoint's, else the run's newest
+/// checkpoint's (EMA weights when it has them), with a description for messages.
+fn inference_weights(cli: &Cli) -> Result<(HashMap<String, tch::Tensor>, String)> {
+    match &cli.checkpoint {
+        Some(dir) => unclip_train::checkpoint::checkpoint_weights(dir),
+        None => unclip_train::checkpoint::inference_weights(&cli.args.run_dir()),
+    }
 }
 
 fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
@@ -36,7 +52,7 @@ fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
     let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?.task;
     let vs = nn::VarStore::new(tch::Device::Cpu);
     UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
-    let (weights, source) = unclip_train::checkpoint::inference_weights(&args.run_dir())?;
+    let (weights, source) = inference_weights(cli)?;
     unclip_train::trainer::load_into(&vs, &weights, &source)?;
     let size = cfg.data.image.resolution as i64;
     unclip_decoder::save_diffusers_decoder(&vs, &cfg.decoder.model, size, out)?;
@@ -50,7 +66,7 @@ fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
     let device = cfg.runtime.device()?;
     let vs = nn::VarStore::new(device);
     let task = DecoderTask::new(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
-    let (weights, source) = unclip_train::checkpoint::inference_weights(&args.run_dir())?;
+    let (weights, source) = inference_weights(cli)?;
     unclip_train::trainer::load_into(&vs, &weights, &source)?;
     if let Some(report) = task.sample_held_out()? {
         unclip_train::logging::write_png(out, &report.grid)?;
@@ -76,6 +92,10 @@ fn dry_run(cfg: &DecoderTrainConfig, config: &std::path::Path, device: tch::Devi
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    ensure!(
+        cli.checkpoint.is_none() || cli.grid.is_some() || cli.export_diffusers.is_some(),
+        "--checkpoint picks the weights of --grid or --export-diffusers; training resumes with --resume"
+    );
     if let Some(out) = &cli.grid {
         return grid(&cli, out);
     }

@@ -1,4 +1,5 @@
 //! Helpers the binaries' end-to-end tests share.
+#![allow(dead_code)] // each test binary uses some of the helpers
 use std::path::Path;
 use std::process::Command;
 use unclip_clip::load::TINY_CLIP_CONFIG;
@@ -14,6 +15,15 @@ pub fn run(bin: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `bin` with `args`; panics if it succeeds. Returns stdout and stderr together.
+pub fn run_fails(bin: &str, args: &[&str]) -> String {
+    let out = Command::new(bin).args(args).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{bin} {args:?} succeeded:\n{text}");
+    text
 }
 
 /// The `total` parameter count a `--dry-run` printed.
