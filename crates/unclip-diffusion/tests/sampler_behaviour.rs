@@ -77,6 +77,15 @@ fn check_mixture_moments(samples: &Tensor, what: &str) {
     );
 }
 
+/// The tests that seed and draw from libtorch's one global generator take turns: run side by side,
+/// each would see the other's draws, and the seeded figures would change from run to run.
+fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    guard
+}
+
 fn config(predict: MeanType) -> DiffusionConfig {
     DiffusionConfig {
         schedule: BetaSchedule::Cosine,
@@ -88,7 +97,7 @@ fn config(predict: MeanType) -> DiffusionConfig {
 
 #[test]
 fn every_sampler_draws_the_mixture() {
-    tch::manual_seed(42);
+    let _rng = seeded(42);
     let n = 20_000;
     let cases = [
         (SamplerKind::Ddpm, "250", MeanType::Epsilon),
@@ -153,7 +162,7 @@ fn mixture_samples(n: i64) -> Tensor {
 /// the modes); a small strength keeps each sample in its mode, strength 1 forgets it.
 #[test]
 fn sdedit_from_data_keeps_the_mixture_and_small_strengths_keep_the_mode() {
-    tch::manual_seed(7);
+    let _rng = seeded(7);
     let n = 20_000;
     let x0 = mixture_samples(n);
     let cases = [
@@ -297,7 +306,7 @@ fn ddim_inversion_then_ddim_reconstructs_x0() {
 
 #[test]
 fn guidance_at_scale_one_is_the_conditional_output() {
-    tch::manual_seed(3);
+    let _rng = seeded(3);
     let opts = (Kind::Double, tch::Device::Cpu);
     let out = Tensor::randn([4, 6, 2, 2], opts);
     let (cond, uncond) = (out.narrow(0, 0, 2), out.narrow(0, 2, 2));
