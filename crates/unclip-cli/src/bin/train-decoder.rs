@@ -64,9 +64,10 @@ fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
     let args = &cli.args;
     let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?;
     let device = cfg.runtime.device()?;
+    // The weights first: a missing checkpoint fails before the CLIP and held-out set are loaded.
+    let (weights, source) = inference_weights(cli)?;
     let vs = nn::VarStore::new(device);
     let task = DecoderTask::new(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
-    let (weights, source) = inference_weights(cli)?;
     unclip_train::trainer::load_into(&vs, &weights, &source)?;
     if let Some(report) = task.sample_held_out()? {
         unclip_train::logging::write_png(out, &report.grid)?;
