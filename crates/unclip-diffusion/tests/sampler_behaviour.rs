@@ -111,41 +111,57 @@ fn every_sampler_draws_the_mixture() {
     for (kind, steps, predict) in cases {
         let full = GaussianDiffusion::new(&config(predict)).unwrap();
         let d = GaussianDiffusion::respaced(&config(predict), &Respacing::from(steps)).unwrap();
-        let calls = Cell::new(0usize);
-        let model = exact_model(&full, predict);
-        let counted = |x: &Tensor, t: &Tensor| {
-            calls.set(calls.get() + 1);
-            model(x, t)
-        };
-        let mut seen = Vec::new();
-        let mut progress = |p: Progress| seen.push((p.step, p.total, p.t));
         let noise = Tensor::randn([n, 1], (Kind::Double, tch::Device::Cpu));
-        let x = d
-            .sample(
-                kind,
-                &ClipDenoised::None,
-                noise,
-                counted,
-                Some(&mut progress),
-            )
-            .unwrap();
         let what = format!("{kind:?} {steps} {predict:?}");
+        let last = d.num_timesteps() - 1;
+        let x = walk_exact(&full, &d, kind, predict, noise, last, &what);
         check_mixture_moments(&x, &what);
-        assert_eq!(
-            calls.get(),
-            d.num_timesteps(),
-            "{what}: one model call per step"
-        );
-        assert_eq!(seen.len(), d.num_timesteps());
-        assert_eq!(
-            seen.first(),
-            Some(&(1, d.num_timesteps(), d.num_timesteps() - 1))
-        );
-        assert_eq!(
-            seen.last(),
-            Some(&(d.num_timesteps(), d.num_timesteps(), 0))
-        );
     }
+}
+
+/// `d.sample_from(kind, .., x, start, ..)` with the exact denoiser, checking that it calls the
+/// model once per step, first at step `start`'s training timestep, and reports each step.
+fn walk_exact(
+    full: &GaussianDiffusion,
+    d: &GaussianDiffusion,
+    kind: SamplerKind,
+    predict: MeanType,
+    x: Tensor,
+    start: usize,
+    what: &str,
+) -> Tensor {
+    let model = exact_model(full, predict);
+    let first_t = Cell::new(-1i64);
+    let calls = Cell::new(0usize);
+    let counted = |x: &Tensor, t: &Tensor| {
+        if calls.get() == 0 {
+            first_t.set(t.int64_value(&[0]));
+        }
+        calls.set(calls.get() + 1);
+        model(x, t)
+    };
+    let mut seen = Vec::new();
+    let mut progress = |p: Progress| seen.push((p.step, p.total, p.t));
+    let x = d
+        .sample_from(
+            kind,
+            &ClipDenoised::None,
+            x,
+            start,
+            counted,
+            Some(&mut progress),
+        )
+        .unwrap();
+    assert_eq!(calls.get(), start + 1, "{what}: one model call per step");
+    assert_eq!(
+        first_t.get(),
+        d.timestep_map()[start],
+        "{what}: first call's timestep"
+    );
+    assert_eq!(seen.len(), start + 1, "{what}");
+    assert_eq!(seen.first(), Some(&(1, start + 1, start)), "{what}");
+    assert_eq!(seen.last(), Some(&(start + 1, start + 1, 0)), "{what}");
+    x
 }
 
 /// Mixture data: the left mode with probability WEIGHTS[0].
@@ -188,38 +204,9 @@ fn sdedit_from_data_keeps_the_mixture_and_small_strengths_keep_the_mode() {
         );
         let t = Tensor::full([n], start as i64, (Kind::Int64, tch::Device::Cpu));
         let x_t = d.q_sample(&x0, &t, &x0.randn_like()).unwrap();
-        let model = exact_model(&full, predict);
-        let first_t = Cell::new(-1i64);
-        let calls = Cell::new(0usize);
-        let counted = |x: &Tensor, t: &Tensor| {
-            if calls.get() == 0 {
-                first_t.set(t.int64_value(&[0]));
-            }
-            calls.set(calls.get() + 1);
-            model(x, t)
-        };
-        let mut seen = Vec::new();
-        let mut progress = |p: Progress| seen.push((p.step, p.total, p.t));
-        let x = d
-            .sample_from(
-                kind,
-                &ClipDenoised::None,
-                x_t,
-                start,
-                counted,
-                Some(&mut progress),
-            )
-            .unwrap();
         let what = format!("{kind:?} {steps} {predict:?} from strength {strength}");
+        let x = walk_exact(&full, &d, kind, predict, x_t, start, &what);
         check_mixture_moments(&x, &what);
-        assert_eq!(calls.get(), start + 1, "{what}: one model call per step");
-        assert_eq!(
-            first_t.get(),
-            d.timestep_map()[start],
-            "{what}: first call's timestep"
-        );
-        assert_eq!(seen.first(), Some(&(1, start + 1, start)));
-        assert_eq!(seen.last(), Some(&(start + 1, start + 1, 0)));
         let same_mode = x0
             .lt(-0.4)
             .eq_tensor(&x.lt(-0.4))
