@@ -6,7 +6,11 @@ as ours: ε MSE + the VLB term of the learned-range variance (improved DDPM's hy
 convolution FLOPs of one forward + backward, from torch.utils.flop_counter: what model-FLOPs
 utilisation counts) and `device_name <name>`.
 
-Usage: decoder_step.py CHANNELS(comma-separated) LAYERS HEAD_DIM CLIP_DIM TOKENS RESOLUTION BATCH STEPS DEVICE [bf16]
+With `--serve` it prints the FLOPs and device lines, then `ready`, and times turns on request: each
+line `N` on stdin runs N steps and answers `seconds <value>` — so the bench can alternate a few
+steps of ours and of theirs many times, and drifts in a shared machine's speed hit both alike.
+
+Usage: decoder_step.py CHANNELS(comma-separated) LAYERS HEAD_DIM CLIP_DIM TOKENS RESOLUTION BATCH STEPS DEVICE [bf16] [--serve]
 """
 import math
 import sys
@@ -17,10 +21,12 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-channels = [int(c) for c in sys.argv[1].split(",")]
-layers, head_dim, clip_dim, tokens, res, batch, steps = map(int, sys.argv[2:9])
-device = sys.argv[9]
-bf16 = len(sys.argv) > 10 and sys.argv[10] == "bf16"
+serve = "--serve" in sys.argv
+args = [a for a in sys.argv[1:] if a != "--serve"]
+channels = [int(c) for c in args[0].split(",")]
+layers, head_dim, clip_dim, tokens, res, batch, steps = map(int, args[1:8])
+device = args[8]
+bf16 = len(args) > 9 and args[9] == "bf16"
 torch.manual_seed(0)
 n = len(channels)
 unet = UNet2DConditionModel(
@@ -110,17 +116,30 @@ def sync():
         torch.cuda.synchronize()
 
 
-for _ in range(3):
-    step()
-sync()
-start = time.perf_counter()
-for _ in range(steps):
-    step()
-sync()
-print(f"images_per_s {batch * steps / (time.perf_counter() - start):.2f}")
-from torch.utils.flop_counter import FlopCounterMode
+def timed(n):
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return time.perf_counter() - start
 
-with FlopCounterMode(display=False) as counter:
-    step()
-print(f"flops_per_step {counter.get_total_flops()}")
-print("device_name", torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
+
+def report_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    print(f"flops_per_step {counter.get_total_flops()}")
+    print("device_name", torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", flush=True)
+
+
+timed(3)
+if serve:
+    report_flops()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(f"seconds {timed(int(line))}", flush=True)
+else:
+    print(f"images_per_s {batch * steps / timed(steps):.2f}")
+    report_flops()

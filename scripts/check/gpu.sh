@@ -8,7 +8,8 @@
 # then on the GPU machine, from the repository root: bash scripts/check/gpu.sh [OUT_DIR]
 # Checks (CHECKS picks some; default nccl,clip,bench): nccl: NCCL collectives on the GPU; clip:
 # train-clip on CUDA in fp32, bf16, fp16 (loss scaling) and bf16 + channels-last, loss falling in
-# each; bench: the decoder benchmark in bf16 with MFU (needs diffusers); decoder: the shapes chain
+# each; bench: the decoder benchmark in bf16 with MFU (needs diffusers), and whether CUDA too should
+# take the sub-pixel upsampling convolutions; decoder: the shapes chain
 # on CUDA — the shapes CLIP (700 steps), its embeddings, train-decoder in bf16 for DECODER_STEPS
 # (10000) with a grid of 64 held-out scenes (100 DDPM steps, guidance 1) every quarter, each
 # printed with its shape count (`shapes: guidance 1 shape right N/119` in chain-decoder.log),
@@ -74,8 +75,10 @@ fi
 if wants bench bench_decoder; then
   if python3 -c 'import diffusers' 2>/dev/null; then
     step "decoder training step, bf16, against diffusers (paper-like widths at 64 px)"
-    UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=3 \
-      check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 20
+    UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=6 \
+      check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 10
+    step "the upsampling convolutions as sub-pixel convolutions on CUDA (bf16; CPU takes that path, CUDA not yet)"
+    check python3 scripts/bench/decoder_alternatives.py subpixel cuda
   else
     skip bench "no diffusers for python3"
   fi

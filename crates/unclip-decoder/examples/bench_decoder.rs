@@ -1,21 +1,26 @@
 //! Training-step throughput of the decoder here against diffusers' UnCLIP decoder
 //! (`UnCLIPTextProjModel` + `UNet2DConditionModel`) in eager PyTorch
 //! (scripts/bench/decoder_step.py): same architecture, loss (ε MSE + learned-range VLB), batch,
-//! threads and machine, in alternating rounds (`UNCLIP_BENCH_ROUNDS`, 3; medians printed). A
-//! step: timesteps and noise, q_sample, forward, hybrid loss, backward, global-norm clipping,
-//! AdamW. Ours runs with the runtime's malloc settings (`unclip_train::malloc`); diffusers once
-//! with glibc's defaults and once with the same settings. Run from the repository root:
+//! threads and machine. A step: timesteps and noise, q_sample, forward, hybrid loss, backward,
+//! global-norm clipping, AdamW. Ours runs with the runtime's malloc settings
+//! (`unclip_train::malloc`); diffusers once with glibc's defaults and once with the same
+//! settings, each a long-lived `decoder_step.py --serve` process. The sides take turns of STEPS
+//! steps, `UNCLIP_BENCH_ROUNDS` (15) rounds of one turn each, who goes first alternating; the
+//! ratio is the median of the rounds' ratios, so that a shared machine's drifts in speed, which
+//! last longer than a round, hit both sides alike. Run from the repository root:
 //!
 //!     cargo run --release -p unclip-decoder --example bench_decoder [-- CHANNELS LAYERS HEAD_DIM CLIP_DIM TOKENS RES BATCH STEPS]
 //!
 //! Defaults: the shapes decoder (configs/shapes/decoder.yaml: channels 32,64,128, 1 layer per
-//! block, 32-wide heads, 128-wide CLIP, 24 caption tokens, 32 px), batch 32, 10 steps.
+//! block, 32-wide heads, 128-wide CLIP, 24 caption tokens, 32 px), batch 32, 2 steps a turn.
 //!
 //! `UNCLIP_BENCH_PRECISION=bf16` runs both sides' forward and loss under bf16 autocast. On CUDA
 //! it also prints model-FLOPs utilisation: the matmul and convolution FLOPs of a step (counted by
 //! torch.utils.flop_counter on the diffusers side; the architectures are the same) per second,
 //! over the GPU's dense bf16 peak (from its name, or `UNCLIP_BENCH_PEAK_TFLOPS`).
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use tch::{nn, Device, Kind, Tensor};
@@ -34,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let rest: Vec<i64> = ["1", "32", "128", "24", "32", "32", "10"]
+    let rest: Vec<i64> = ["1", "32", "128", "24", "32", "32", "2"]
         .iter()
         .enumerate()
         .map(|(i, d)| arg(i + 1, d).parse())
@@ -121,125 +126,115 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
     let channel_list: Vec<String> = channels.iter().map(i64::to_string).collect();
-    // (images/s, FLOPs per step, device name) from the reference script.
-    type Reference = (f64, f64, String);
-    let diffusers =
-        |glibc_tunables: Option<&str>| -> Result<Reference, Box<dyn std::error::Error>> {
-            let mut cmd = std::process::Command::new(&python);
-            cmd.arg("scripts/bench/decoder_step.py")
-                .arg(channel_list.join(","))
-                .args(rest.iter().map(i64::to_string))
-                .arg(if device.is_cuda() { "cuda" } else { "cpu" })
-                .arg(if precision == Precision::Bf16 {
-                    "bf16"
-                } else {
-                    "fp32"
-                });
-            if let Some(t) = glibc_tunables {
-                cmd.env("GLIBC_TUNABLES", t);
-            }
-            let output = cmd.output()?;
-            if !output.status.success() {
-                return Err(
-                    format!("python failed: {}", String::from_utf8_lossy(&output.stderr)).into(),
-                );
-            }
-            let text_out = String::from_utf8(output.stdout)?;
-            let value = |key: &str| -> Result<String, Box<dyn std::error::Error>> {
-                Ok(text_out
-                    .lines()
-                    .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
-                    .ok_or_else(|| format!("no {key} from python: {text_out}"))?)
-            };
-            Ok((
-                value("images_per_s")?.parse()?,
-                value("flops_per_step")?.parse()?,
-                value("device_name")?,
-            ))
-        };
+    let mut script_args = vec![channel_list.join(",")];
+    script_args.extend(rest.iter().map(i64::to_string));
+    script_args.push(if device.is_cuda() { "cuda" } else { "cpu" }.into());
+    script_args.push(
+        if precision == Precision::Bf16 {
+            "bf16"
+        } else {
+            "fp32"
+        }
+        .into(),
+    );
+    let mut diffusers = Reference::spawn(&python, &script_args, None)?;
     // The same malloc settings, through glibc's environment tunables: how much of the lead is ours.
-    let compare_tuned = tuned && !device.is_cuda();
     let tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647";
+    let mut diffusers_tuned = if tuned && !device.is_cuda() {
+        Some(Reference::spawn(&python, &script_args, Some(tunables))?)
+    } else {
+        None
+    };
 
     for _ in 0..3 {
         step()?;
     }
-    // Rounds alternate ours and theirs so that drifts in the machine's speed hit both; medians.
-    let rounds: usize = std::env::var("UNCLIP_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(3);
-    let (mut ours_runs, mut theirs_runs, mut tuned_runs) = (vec![], vec![], vec![]);
-    let mut reference = None;
-    for _ in 0..rounds.max(1) {
+    let mut ours_turn = || -> Result<f64, Box<dyn std::error::Error>> {
         sync();
         let start = Instant::now();
         for _ in 0..steps {
             step()?;
         }
         sync();
-        ours_runs.push((batch * steps) as f64 / start.elapsed().as_secs_f64());
-        if std::env::var_os("UNCLIP_BENCH_PHASES").is_some() {
-            let n = (3 + steps as usize * ours_runs.len()) as f64;
-            let phases = phases.borrow();
-            eprintln!(
-                "ours, ms per step: forward {:.1}, loss {:.1}, backward {:.1}, optimiser {:.1}",
-                phases[0] / n * 1e3,
-                phases[1] / n * 1e3,
-                phases[2] / n * 1e3,
-                phases[3] / n * 1e3
-            );
-        }
-        let (images_per_s, flops, name) = diffusers(None)?;
-        theirs_runs.push(images_per_s);
-        reference = Some((flops, name));
-        if compare_tuned {
-            tuned_runs.push(diffusers(Some(tunables))?.0);
-        }
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        Ok(start.elapsed().as_secs_f64())
     };
+    let rounds: usize = std::env::var("UNCLIP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(15)
+        .max(1);
+    let images_per_s = |seconds: f64| (batch * steps) as f64 / seconds;
+    // Per round: images/s of ours, diffusers, diffusers with our malloc settings.
+    let mut runs: Vec<[f64; 3]> = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let (ours, theirs) = if round % 2 == 0 {
+            let ours = ours_turn()?;
+            (ours, diffusers.turn(steps)?)
+        } else {
+            let theirs = diffusers.turn(steps)?;
+            (ours_turn()?, theirs)
+        };
+        let tuned = match diffusers_tuned.as_mut() {
+            Some(reference) => images_per_s(reference.turn(steps)?),
+            None => f64::NAN,
+        };
+        runs.push([images_per_s(ours), images_per_s(theirs), tuned]);
+    }
+    if std::env::var_os("UNCLIP_BENCH_PHASES").is_some() {
+        let n = (3 + steps as usize * (rounds + 1)) as f64;
+        let phases = phases.borrow();
+        eprintln!(
+            "ours, ms per step: forward {:.1}, loss {:.1}, backward {:.1}, optimiser {:.1}",
+            phases[0] / n * 1e3,
+            phases[1] / n * 1e3,
+            phases[2] / n * 1e3,
+            phases[3] / n * 1e3
+        );
+    }
+    println!(
+        "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {rounds} rounds of {steps} steps a side, {} threads, {device:?}, {precision:?}",
+        tch::get_num_threads()
+    );
+    let column = |i: usize| runs.iter().map(|r| r[i]).collect::<Vec<_>>();
+    let ratios = |i: usize| runs.iter().map(|r| r[0] / r[i]).collect::<Vec<_>>();
     let show = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.1}"))
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let runs = format!(
-        "ours {} | diffusers {} | diffusers, our malloc {}",
-        show(&ours_runs),
-        show(&theirs_runs),
-        show(&tuned_runs)
-    );
-    let ours = median(&mut ours_runs);
-    let theirs = median(&mut theirs_runs);
-    let theirs_tuned = (!tuned_runs.is_empty()).then(|| median(&mut tuned_runs));
     println!(
-        "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {steps} steps, {} threads, {device:?}, {precision:?}",
-        tch::get_num_threads()
+        "rounds (images/s): ours {} | diffusers {}{}",
+        show(&column(0)),
+        show(&column(1)),
+        if diffusers_tuned.is_some() {
+            format!(" | diffusers, our malloc {}", show(&column(2)))
+        } else {
+            String::new()
+        }
     );
-    println!("rounds (images/s): {runs}");
     println!(
-        "{:<44} {:>9} {:>7}",
-        "median of rounds", "images/s", "ratio"
+        "{:<36} {:>9} {:>7} {:>14}",
+        "median of rounds", "images/s", "ratio", "quartiles"
     );
-    println!("{:<44} {ours:>9.2}", "unclip-decoder");
-    println!(
-        "{:<44} {theirs:>9.2} {:>6.2}x",
-        "diffusers (eager PyTorch)",
-        ours / theirs
-    );
-    if let Some(t) = theirs_tuned {
+    let ours = quartiles(column(0))[1];
+    println!("{:<36} {ours:>9.2}", "unclip-decoder");
+    let mut compared = vec![("diffusers (eager PyTorch)", 1)];
+    if diffusers_tuned.is_some() {
+        compared.push(("diffusers with our malloc settings", 2));
+    }
+    for (name, i) in compared {
+        let [q1, median, q3] = quartiles(ratios(i));
         println!(
-            "{:<44} {t:>9.2} {:>6.2}x",
-            "diffusers with our malloc settings",
-            ours / t
+            "{name:<36} {:>9.2} {median:>6.2}x {:>14}",
+            quartiles(column(i))[1],
+            format!("{q1:.2}–{q3:.2}x")
         );
     }
-    if let (true, Some((flops, name))) = (device.is_cuda(), reference) {
-        let peak = peak_bf16_flops(&name)?;
+    let theirs = quartiles(column(1))[1];
+    if device.is_cuda() {
+        let (flops, name) = (diffusers.flops, &diffusers.name);
+        let peak = peak_bf16_flops(name)?;
         let mfu = |images_per_s: f64| flops * images_per_s / batch as f64 / peak;
         println!(
             "model FLOPs per step {:.3e}; {name}, dense bf16 peak {:.0} TFLOP/s",
@@ -253,6 +248,99 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// Lower quartile, median and upper quartile (nearest rank).
+fn quartiles(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    [at(0.25), at(0.5), at(0.75)]
+}
+
+/// The diffusers side: a `decoder_step.py --serve` process that times turns of steps on request.
+struct Reference {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    log: std::path::PathBuf,
+    flops: f64,
+    name: String,
+}
+
+impl Reference {
+    fn spawn(
+        python: &str,
+        args: &[String],
+        glibc_tunables: Option<&str>,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let log = std::env::temp_dir().join(format!(
+            "bench_decoder-{}-{}.log",
+            std::process::id(),
+            glibc_tunables.is_some()
+        ));
+        let mut cmd = Command::new(python);
+        cmd.arg("scripts/bench/decoder_step.py")
+            .args(args)
+            .arg("--serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?);
+        if let Some(t) = glibc_tunables {
+            cmd.env("GLIBC_TUNABLES", t);
+        }
+        let mut child = cmd.spawn()?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("python's pipes were not set up".into());
+        };
+        let mut reference = Self {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+            log,
+            flops: 0.0,
+            name: String::new(),
+        };
+        loop {
+            let line = reference.line()?;
+            if let Some(v) = line.strip_prefix("flops_per_step ") {
+                reference.flops = v.trim().parse()?;
+            } else if let Some(v) = line.strip_prefix("device_name ") {
+                reference.name = v.trim().into();
+            } else if line.trim() == "ready" {
+                return Ok(reference);
+            }
+        }
+    }
+
+    /// The next line the script prints; its stderr when it has exited instead.
+    fn line(&mut self) -> Result<String, Box<dyn std::error::Error>> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            let _ = self.child.wait();
+            let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
+            return Err(format!("scripts/bench/decoder_step.py exited: {stderr}").into());
+        }
+        Ok(line)
+    }
+
+    /// Seconds for `steps` training steps.
+    fn turn(&mut self, steps: i64) -> Result<f64, Box<dyn std::error::Error>> {
+        writeln!(self.stdin, "{steps}")?;
+        self.stdin.flush()?;
+        let line = self.line()?;
+        let seconds = line
+            .strip_prefix("seconds ")
+            .ok_or_else(|| format!("unexpected line from decoder_step.py: {line}"))?;
+        Ok(seconds.trim().parse()?)
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 /// The dense bf16 tensor-core peak of the GPU called `name` (NVIDIA's data sheets), or

@@ -7,8 +7,8 @@ use common::*;
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
 use unclip_diffusion::nn::{
-    timestep_embedding, AttentionMask, Downsample, MultiHeadAttention, ResBlock, ResBlockConfig,
-    Resample, TransformerBlock, Upsample,
+    timestep_embedding, upsample_conv3x3, upsample_nearest, AttentionMask, Downsample,
+    MultiHeadAttention, ResBlock, ResBlockConfig, Resample, TransformerBlock, Upsample,
 };
 use unclip_diffusion::{l2_normalize, slerp};
 
@@ -87,6 +87,41 @@ fn resblock_matches_diffusers_resnet_block() {
             1e-10,
             &format!("resblock {name}"),
         );
+    }
+}
+
+#[test]
+fn the_sub_pixel_upsampling_convolution_is_the_convolution_of_the_upsampled_map() {
+    // The ResBlocks' and Upsample's fast path against its definition, conv(upsample(x)): values
+    // and the gradients of x, the weight and the bias, in float64 at odd, non-square sizes (the
+    // diffusers fixtures above cover the blocks at one square size, forward only).
+    for (bias, size) in [(true, [2, 5, 3, 4]), (false, [1, 3, 5, 2])] {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let conv = nn::conv2d(
+            vs.root(),
+            size[1],
+            4,
+            3,
+            nn::ConvConfig {
+                padding: 1,
+                bias,
+                ..Default::default()
+            },
+        );
+        vs.double();
+        let x = Tensor::randn(size, (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let want = tch::nn::Module::forward(&conv, &upsample_nearest(&x));
+        let got = upsample_conv3x3(&x, &conv);
+        assert_eq!(got.size(), [size[0], 4, 2 * size[2], 2 * size[3]]);
+        assert_close(&got, &want, 1e-12, 1e-12, "sub-pixel convolution");
+        let g = want.randn_like();
+        let mut inputs = vec![x.shallow_clone(), conv.ws.shallow_clone()];
+        inputs.extend(conv.bs.iter().map(Tensor::shallow_clone));
+        let grads =
+            |y: &Tensor| Tensor::run_backward(&[(y * &g).sum(Kind::Double)], &inputs, false, false);
+        for (i, (a, b)) in grads(&got).iter().zip(grads(&want).iter()).enumerate() {
+            assert_close(a, b, 1e-12, 1e-12, &format!("gradient of input {i}"));
+        }
     }
 }
 

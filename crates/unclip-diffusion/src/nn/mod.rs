@@ -10,7 +10,7 @@ pub mod timestep;
 pub mod transformer;
 
 pub use attention::{AttentionMask, MultiHeadAttention};
-pub use resample::{Downsample, Upsample};
+pub use resample::{upsample_conv3x3, upsample_nearest, Downsample, Upsample};
 pub use resnet::{ResBlock, ResBlockConfig, Resample};
 pub use timestep::{timestep_embedding, TimestepMlp};
 pub use transformer::TransformerBlock;

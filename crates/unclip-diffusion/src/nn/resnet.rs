@@ -5,7 +5,7 @@
 //! decoder trains as fast as diffusers' does from the same recipe (docs/decoder-shapes.md).
 
 use super::init;
-use super::resample::{Downsample, Upsample};
+use super::resample::{upsample_conv3x3, Downsample, Upsample};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
@@ -115,16 +115,15 @@ impl ResBlock {
 
     /// x: [B, C_in, H, W], emb: [B, emb_channels] → [B, C_out, H', W'].
     pub fn forward_t(&self, x: &Tensor, emb: Option<&Tensor>, train: bool) -> Tensor {
-        let mut h = self.norm1.forward(x).silu();
-        let mut skip = x.shallow_clone();
-        if let Some(up) = &self.up {
-            h = up.forward(&h);
-            skip = up.forward(&skip);
+        let h = self.norm1.forward(x).silu();
+        let (h, skip) = if let Some(up) = &self.up {
+            // Upsampling then conv1, as one sub-pixel convolution of the low-resolution map.
+            (upsample_conv3x3(&h, &self.conv1), up.forward(x))
         } else if let Some(down) = &self.down {
-            h = down.forward(&h);
-            skip = down.forward(&skip);
-        }
-        let h = self.conv1.forward(&h);
+            (self.conv1.forward(&down.forward(&h)), down.forward(x))
+        } else {
+            (self.conv1.forward(&h), x.shallow_clone())
+        };
         let h = match (&self.time_emb_proj, emb) {
             (Some(proj), Some(emb)) => self.norm2_scale_shift(&h, &proj.forward(&emb.silu())),
             _ => self.norm2.forward(&h),
