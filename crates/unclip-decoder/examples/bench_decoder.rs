@@ -288,7 +288,9 @@ impl Reference {
         if let Some(t) = glibc_tunables {
             cmd.env("GLIBC_TUNABLES", t);
         }
-        let mut child = cmd.spawn()?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("{python} scripts/bench/decoder_step.py: {e}"))?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err("python's pipes were not set up".into());
         };
