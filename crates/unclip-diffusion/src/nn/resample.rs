@@ -40,7 +40,7 @@ pub fn upsample_nearest(x: &Tensor) -> Tensor {
 /// 2×2 window of x whose taps are sums of the 3×3 taps — phase 0 reads rows (i − 1, i) with taps
 /// (w₀, w₁ + w₂), phase 1 rows (i, i + 1) with (w₀ + w₁, w₂), likewise for columns — so four 2×2
 /// convolutions of x replace the 3×3 one at twice the size: the same function with 2.25× fewer
-/// FLOPs and no upsampled copy (forward + backward ~1.5× faster on CPU at the shapes decoder's
+/// FLOPs and no upsampled copy (forward + backward 1.6–1.8× faster on CPU at the shapes decoder's
 /// widths: scripts/bench/decoder_alternatives.py). On CUDA, where it has not been measured yet,
 /// cuDNN's one convolution of the upsampled map runs instead.
 pub fn upsample_conv3x3(x: &Tensor, conv: &nn::Conv2D) -> Tensor {
