@@ -45,6 +45,31 @@ pub fn compile_libtorch_shim_with(
     build.files(files).compile(lib);
 }
 
+/// Compiles compute kernels (`files`) into the static library `lib`: optimised whatever the
+/// cargo profile (the dev profile's -O1 does not vectorise), with OpenMP so `at::parallel_for`
+/// runs on libtorch's intra-op threads. Links libgomp, whose soname libtorch's own copy shares, so
+/// one OpenMP runtime is loaded.
+pub fn compile_libtorch_kernels(lib: &str, files: &[&str]) {
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let libtorch = libtorch_dir();
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .opt_level(3)
+        .include(libtorch.join("include"))
+        .include(libtorch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-fopenmp")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .files(files)
+        .compile(lib);
+    println!("cargo:rustc-link-lib=dylib=gomp");
+}
+
 /// The include directories for a shim that uses libtorch's CUDA and NCCL headers (c10d's
 /// ProcessGroupNCCL), when this libtorch is a CUDA build whose headers can be found: the PyPI
 /// wheel's `nvidia/*/include` packages beside `torch/`, or `CUDA_HOME` / `NCCL_INCLUDE_DIR`.

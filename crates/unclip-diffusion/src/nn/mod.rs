@@ -4,12 +4,14 @@
 
 pub mod attention;
 pub mod init;
+pub mod norm_act;
 pub mod resample;
 pub mod resnet;
 pub mod timestep;
 pub mod transformer;
 
 pub use attention::{AttentionMask, MultiHeadAttention};
+pub use norm_act::{group_norm_act, group_norm_act_composite};
 pub use resample::{upsample_conv3x3, upsample_nearest, Downsample, Upsample};
 pub use resnet::{ResBlock, ResBlockConfig, Resample};
 pub use timestep::{timestep_embedding, TimestepMlp};

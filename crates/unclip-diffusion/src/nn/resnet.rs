@@ -5,6 +5,7 @@
 //! decoder trains as fast as diffusers' does from the same recipe (docs/decoder-shapes.md).
 
 use super::init;
+use super::norm_act::group_norm_act;
 use super::resample::{upsample_conv3x3, Downsample, Upsample};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
@@ -95,27 +96,39 @@ impl ResBlock {
         }
     }
 
-    /// norm2(h)·(1 + scale) + shift with `scale_shift` [B, 2C]. GroupNorm's affine (γ, β) is
-    /// folded into the per-sample coefficients — normalise, then one fused multiply-add,
-    /// (γ(1 + scale))·ĥ + (β(1 + scale) + shift) — instead of three passes over the feature map.
-    fn norm2_scale_shift(&self, h: &Tensor, scale_shift: &Tensor) -> Tensor {
-        let parts = scale_shift.unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
+    /// SiLU(norm2(h)·(1 + scale) + shift) with `scale_shift` [B, 2C]. GroupNorm's affine (γ, β)
+    /// is folded into per-sample coefficients, (γ(1 + scale))·ĥ + (β(1 + scale) + shift), so the
+    /// chain is one fused normalise-affine-SiLU (`group_norm_act`).
+    fn norm2_scale_shift_silu(&self, h: &Tensor, scale_shift: &Tensor) -> Tensor {
+        let parts = scale_shift.chunk(2, 1);
         let (scale, shift) = (&parts[0] + 1.0, &parts[1]);
-        let c = self.norm2.num_channels;
-        let per_channel = |t: &Option<Tensor>| t.as_ref().map(|t| t.view([1, c, 1, 1]));
-        let gain =
-            per_channel(&self.norm2.ws).map_or_else(|| scale.shallow_clone(), |g| g * &scale);
-        let bias = match per_channel(&self.norm2.bs) {
+        let gain = self
+            .norm2
+            .ws
+            .as_ref()
+            .map_or_else(|| scale.shallow_clone(), |g| g * &scale);
+        let bias = match &self.norm2.bs {
             Some(b) => b * &scale + shift,
             None => shift.shallow_clone(),
         };
-        let normalised = h.group_norm(self.groups, None::<Tensor>, None::<Tensor>, self.eps, true);
-        bias.addcmul(&normalised, &gain)
+        group_norm_act(h, self.groups, self.eps, Some(&gain), Some(&bias), true)
+    }
+
+    /// SiLU(norm(x)) with the norm's own affine, fused.
+    fn norm_silu(&self, norm: &nn::GroupNorm, x: &Tensor) -> Tensor {
+        group_norm_act(
+            x,
+            self.groups,
+            self.eps,
+            norm.ws.as_ref(),
+            norm.bs.as_ref(),
+            true,
+        )
     }
 
     /// x: [B, C_in, H, W], emb: [B, emb_channels] → [B, C_out, H', W'].
     pub fn forward_t(&self, x: &Tensor, emb: Option<&Tensor>, train: bool) -> Tensor {
-        let h = self.norm1.forward(x).silu();
+        let h = self.norm_silu(&self.norm1, x);
         let (h, skip) = if let Some(up) = &self.up {
             // Upsampling then conv1, as one sub-pixel convolution of the low-resolution map.
             (upsample_conv3x3(&h, &self.conv1), up.forward(x))
@@ -125,10 +138,10 @@ impl ResBlock {
             (self.conv1.forward(&h), x.shallow_clone())
         };
         let h = match (&self.time_emb_proj, emb) {
-            (Some(proj), Some(emb)) => self.norm2_scale_shift(&h, &proj.forward(&emb.silu())),
-            _ => self.norm2.forward(&h),
+            (Some(proj), Some(emb)) => self.norm2_scale_shift_silu(&h, &proj.forward(&emb.silu())),
+            _ => self.norm_silu(&self.norm2, &h),
         };
-        let h = self.conv2.forward(&h.silu().dropout(self.dropout, train));
+        let h = self.conv2.forward(&h.dropout(self.dropout, train));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward_t(&skip, train),
             None => skip,
