@@ -14,6 +14,10 @@
 //! Defaults: the shapes decoder (configs/shapes/decoder.yaml: channels 32,64,128, 1 layer per
 //! block, 32-wide heads, 128-wide CLIP, 24 caption tokens, 32 px), batch 32, 2 steps a turn.
 //!
+//! `UNCLIP_BENCH_UNFUSED=1` adds a turn per round of ours with the GroupNorm → scale-shift → SiLU
+//! chains as ATen ops instead of the fused CPU kernel (`unclip_diffusion::nn::norm_act`), so one
+//! run shows what the kernel buys.
+//!
 //! `UNCLIP_BENCH_PRECISION=bf16` runs both sides' forward and loss under bf16 autocast. On CUDA
 //! it also prints model-FLOPs utilisation: the matmul and convolution FLOPs of a step (counted by
 //! torch.utils.flop_counter on the diffusers side; the architectures are the same) per second,
@@ -27,6 +31,7 @@ use tch::{nn, Device, Kind, Tensor};
 use unclip_clip::caption::TextCondition;
 use unclip_decoder::task::default_diffusion;
 use unclip_decoder::{DecoderCondition, UNetConfig, UnclipDecoder};
+use unclip_diffusion::nn::norm_act;
 use unclip_diffusion::GaussianDiffusion;
 use unclip_train::optim::AdamW;
 use unclip_train::precision::{self, Precision};
@@ -149,7 +154,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..3 {
         step()?;
     }
-    let mut ours_turn = || -> Result<f64, Box<dyn std::error::Error>> {
+    let unfused = std::env::var_os("UNCLIP_BENCH_UNFUSED").is_some();
+    let mut ours_turn = |fused: bool| -> Result<f64, Box<dyn std::error::Error>> {
+        norm_act::set_fused_cpu(fused);
         sync();
         let start = Instant::now();
         for _ in 0..steps {
@@ -164,24 +171,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(15)
         .max(1);
     let images_per_s = |seconds: f64| (batch * steps) as f64 / seconds;
-    // Per round: images/s of ours, diffusers, diffusers with our malloc settings.
-    let mut runs: Vec<[f64; 3]> = Vec::with_capacity(rounds);
+    // Per round: images/s of ours, diffusers, diffusers with our malloc settings, ours unfused.
+    let mut runs: Vec<[f64; 4]> = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let (ours, theirs) = if round % 2 == 0 {
-            let ours = ours_turn()?;
+            let ours = ours_turn(true)?;
             (ours, diffusers.turn(steps)?)
         } else {
             let theirs = diffusers.turn(steps)?;
-            (ours_turn()?, theirs)
+            (ours_turn(true)?, theirs)
         };
         let tuned = match diffusers_tuned.as_mut() {
             Some(reference) => images_per_s(reference.turn(steps)?),
             None => f64::NAN,
         };
-        runs.push([images_per_s(ours), images_per_s(theirs), tuned]);
+        let ours_unfused = if unfused {
+            images_per_s(ours_turn(false)?)
+        } else {
+            f64::NAN
+        };
+        runs.push([
+            images_per_s(ours),
+            images_per_s(theirs),
+            tuned,
+            ours_unfused,
+        ]);
     }
+    norm_act::set_fused_cpu(true);
     if std::env::var_os("UNCLIP_BENCH_PHASES").is_some() {
-        let n = (3 + steps as usize * (rounds + 1)) as f64;
+        // Three warm-up steps, then every turn of ours (fused and, with UNFUSED, not).
+        let n = (3 + steps as usize * rounds * (1 + unfused as usize)) as f64;
         let phases = phases.borrow();
         eprintln!(
             "ours, ms per step: forward {:.1}, loss {:.1}, backward {:.1}, optimiser {:.1}",
@@ -230,6 +249,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             quartiles(column(i))[1],
             format!("{q1:.2}–{q3:.2}x")
         );
+    }
+    if unfused {
+        let per_round = |f: &dyn Fn(&[f64; 4]) -> f64| runs.iter().map(f).collect::<Vec<_>>();
+        let [q1, median, q3] = quartiles(per_round(&|r| r[3] / r[1]));
+        println!(
+            "{:<36} {:>9.2} {median:>6.2}x {:>14}",
+            "unclip-decoder, norm chains as ATen",
+            quartiles(column(3))[1],
+            format!("{q1:.2}–{q3:.2}x")
+        );
+        let [q1, median, q3] = quartiles(per_round(&|r| r[0] / r[3]));
+        println!("fused norm kernel: ours {median:.2}x ours with ATen chains (quartiles {q1:.2}–{q3:.2}x)");
     }
     let theirs = quartiles(column(1))[1];
     if device.is_cuda() {

@@ -1,7 +1,8 @@
 //! The fused CPU GroupNorm → per-sample affine → SiLU kernel beside the same chain as ATen ops
 //! (what the ResBlocks ran before, and what PyTorch eager runs in diffusers), forward + backward,
 //! at the shapes decoder's and the paper-like widths. The two alternate in rounds so this
-//! machine's drift hits both; prints the median milliseconds of each and their ratio.
+//! machine's drift hits both; prints the median milliseconds of each, their ratio, and ATen's
+//! GroupNorm alone (the floor).
 //!
 //!     cargo run --release -p unclip-diffusion --example bench_norm_act -- [ROUNDS]
 
@@ -41,40 +42,33 @@ fn main() {
             let bias =
                 Tensor::randn([32, channels], (Kind::Float, Device::Cpu)).set_requires_grad(true);
             let dy = x.randn_like();
-            let step = |fused: bool| {
-                let f = if fused {
-                    group_norm_act
-                } else {
-                    group_norm_act_composite
+            // 0: the fused kernel, 1: the chain as ATen ops, 2: ATen's GroupNorm alone (no affine,
+            // no SiLU), the floor a fused chain could reach.
+            let step = |variant: usize| {
+                let y = match variant {
+                    0 => group_norm_act(&x, 32, 1e-5, Some(&gain), Some(&bias), true),
+                    1 => group_norm_act_composite(&x, 32, 1e-5, Some(&gain), Some(&bias), true),
+                    _ => x.group_norm(32, None::<Tensor>, None::<Tensor>, 1e-5, true),
                 };
-                let y = f(&x, 32, 1e-5, Some(&gain), Some(&bias), true);
                 // The composite promotes a bf16 map to float32 at the affine; the block casts back.
-                // (tch has no backward with a given gradient: Σ y·dy costs both sides the same.)
+                // (tch has no backward with a given gradient: Σ y·dy costs each the same.)
                 (y.to_kind(kind) * &dy).sum(Kind::Float).backward();
             };
-            for fused in [true, false] {
-                step(fused);
+            let mut times = [Vec::new(), Vec::new(), Vec::new()];
+            for variant in 0..3 {
+                step(variant);
             }
-            let (mut ours, mut aten) = (Vec::new(), Vec::new());
             for round in 0..rounds {
-                let order = if round % 2 == 0 {
-                    [true, false]
-                } else {
-                    [false, true]
-                };
-                for fused in order {
-                    let ms = time_ms(&|| step(fused), 10);
-                    if fused {
-                        ours.push(ms)
-                    } else {
-                        aten.push(ms)
-                    }
+                // Who goes first rotates, so drift within a round hits each alike.
+                for k in 0..3 {
+                    let variant = (round + k) % 3;
+                    times[variant].push(time_ms(&|| step(variant), 10));
                 }
             }
-            let (o, a) = (median(&mut ours), median(&mut aten));
+            let [f, c, g] = times.map(|mut t| median(&mut t));
             println!(
-                "{kind:?} {channels:>3} ch {size:>2} px: fused {o:6.2} ms, ATen ops {a:6.2} ms, {:.2}x",
-                a / o
+                "{kind:?} {channels:>3} ch {size:>2} px: fused {f:6.2} ms, ATen ops {c:6.2} ms ({:.2}x), ATen GroupNorm alone {g:6.2} ms",
+                c / f
             );
         }
     }

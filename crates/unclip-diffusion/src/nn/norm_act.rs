@@ -7,6 +7,7 @@
 
 use std::ffi::{c_void, CStr};
 use std::os::raw::c_char;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
 
 extern "C" {
@@ -19,6 +20,18 @@ extern "C" {
         silu: bool,
     ) -> *mut c_void;
     fn unclip_norm_act_last_error() -> *const c_char;
+}
+
+static FUSED_CPU: AtomicBool = AtomicBool::new(true);
+
+/// Whether `group_norm_act` runs its fused kernel on CPU tensors (the default) or the ATen ops,
+/// process-wide, like PyTorch's backend switches: for A/B measurements and numerics checks.
+pub fn set_fused_cpu(enabled: bool) {
+    FUSED_CPU.store(enabled, Ordering::Relaxed);
+}
+
+pub fn fused_cpu_enabled() -> bool {
+    FUSED_CPU.load(Ordering::Relaxed)
 }
 
 /// act(GroupNorm(x) · gain + bias) for x [N, C, …]; `gain` and `bias` are [C] (GroupNorm's own
@@ -37,7 +50,8 @@ pub fn group_norm_act(
         size.len() >= 2 && groups > 0 && size[1] % groups == 0,
         "group_norm_act: input of shape {size:?} cannot be split into {groups} groups of channels"
     );
-    let fused = x.device() == Device::Cpu
+    let fused = fused_cpu_enabled()
+        && x.device() == Device::Cpu
         && matches!(x.kind(), Kind::Float | Kind::BFloat16 | Kind::Double)
         && x.numel() > 0;
     if fused {
