@@ -1,9 +1,9 @@
 //! GroupNorm → affine per sample and channel → optional SiLU, the chain every ADM ResBlock runs
 //! twice (norm1 → SiLU; norm2 → scale-shift from the embedding → SiLU). On the CPU it is one fused
 //! kernel (csrc/norm_act.cpp, forward and backward) in float32, bfloat16 and float64: as separate
-//! ATen ops the chain's forward and backward take 3–10× the GroupNorm's own time there, and the
-//! kernel runs it 1.4–2.4× faster than they do (`cargo run --release -p unclip-diffusion
-//! --example bench_norm_act`). Elsewhere (CUDA) it runs as those ops.
+//! ATen ops the chain's forward and backward take 2–4.5× the GroupNorm's own time there, fused
+//! 1.4–2×, so 1.4–3× faster (`cargo run --release -p unclip-diffusion --example bench_norm_act`).
+//! Elsewhere (CUDA) it runs as those ops.
 
 use std::ffi::{c_void, CStr};
 use std::os::raw::c_char;
