@@ -64,6 +64,9 @@ pub fn compile_libtorch_kernels(lib: &str, files: &[&str]) {
         .include(libtorch.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag("-fopenmp")
+        // Floating-point exception flags are never read; without this GCC keeps compare-selects
+        // (clamps) as branches under AVX2 and leaves those loops scalar.
+        .flag("-fno-trapping-math")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .files(files)
         .compile(lib);

@@ -7,6 +7,7 @@
 // y = act(x̂ · a[n, c] + b[n, c]), x̂ = (x − mean[n, g]) · rstd[n, g], act = SiLU or identity.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
@@ -23,7 +24,6 @@ thread_local std::string last_error;
 // gets its own vectorised copy of the loops.
 #define UNCLIP_INLINE inline __attribute__((always_inline))
 
-constexpr int kLanes = 16;  // independent accumulators, so reductions vectorise without -ffast-math
 constexpr int64_t kChunk = 1024;  // float partial sums over at most this many, then in double
 
 UNCLIP_INLINE float bf16_to_float(uint16_t v) {
@@ -92,29 +92,21 @@ UNCLIP_INLINE A sigmoid(A z) {
   return A(1) / (A(1) + exp_approx(-z));
 }
 
-// Σ (x − shift) and Σ (x − shift)² over n elements.
+// Σ (x − shift) and Σ (x − shift)² over n elements. `omp simd` lets the float reductions
+// vectorise without -ffast-math (the loops are written for it on every instruction set).
 template <typename T, typename A = typename Io<T>::A>
 UNCLIP_INLINE void moments(const T* x, int64_t n, A shift, double& sum, double& sum_sq) {
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t end = std::min(n, start + kChunk);
-    A s[kLanes] = {}, q[kLanes] = {};
-    int64_t i = start;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        A v = Io<T>::load(x, i + j) - shift;
-        s[j] += v;
-        q[j] += v * v;
-      }
-    }
-    for (; i < end; ++i) {
+    A s = 0, q = 0;
+#pragma omp simd reduction(+ : s, q)
+    for (int64_t i = start; i < end; ++i) {
       A v = Io<T>::load(x, i) - shift;
-      s[0] += v;
-      q[0] += v * v;
+      s += v;
+      q += v * v;
     }
-    for (int j = 0; j < kLanes; ++j) {
-      sum += s[j];
-      sum_sq += q[j];
-    }
+    sum += s;
+    sum_sq += q;
   }
 }
 
@@ -142,11 +134,13 @@ UNCLIP_INLINE void forward_group(const T* x, T* y, const typename Io<T>::A* a, c
     const T* xc = x + c * hw;
     T* yc = y + c * hw;
     if (silu) {
+#pragma omp simd
       for (int64_t i = 0; i < hw; ++i) {
         A z = Io<T>::load(xc, i) * scale + shift;
         Io<T>::store(yc, i, z * sigmoid(z));
       }
     } else {
+#pragma omp simd
       for (int64_t i = 0; i < hw; ++i) {
         Io<T>::store(yc, i, Io<T>::load(xc, i) * scale + shift);
       }
@@ -155,12 +149,12 @@ UNCLIP_INLINE void forward_group(const T* x, T* y, const typename Io<T>::A* a, c
 }
 
 // dz at element k (the gradient at the affine's output), and its two sums.
-template <typename T, typename A = typename Io<T>::A>
+template <typename T, bool Silu, typename A = typename Io<T>::A>
 UNCLIP_INLINE void backward_element(const T* x, const T* dy, A* dz, int64_t k, A mean, A rstd, A a,
-                                    A b, bool silu, A& sum_dz, A& sum_dz_xhat) {
+                                    A b, A& sum_dz, A& sum_dz_xhat) {
   A xhat = (Io<T>::load(x, k) - mean) * rstd;
   A g = Io<T>::load(dy, k);
-  if (silu) {
+  if (Silu) {
     A z = xhat * a + b;
     A s = sigmoid(z);
     g = g * (s * (A(1) + z * (A(1) - s)));
@@ -188,20 +182,20 @@ UNCLIP_INLINE void backward_group(const T* x, const T* dy, T* dx, const typename
     double s1 = 0, s2 = 0;
     for (int64_t start = 0; start < hw; start += kChunk) {
       const int64_t end = std::min(hw, start + kChunk);
-      A p1[kLanes] = {}, p2[kLanes] = {};
-      int64_t i = start;
-      for (; i + kLanes <= end; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) {
-          backward_element<T>(xc, dyc, dz, i + j, mean_a, rstd_a, ac, bc, silu, p1[j], p2[j]);
+      A p1 = 0, p2 = 0;
+      if (silu) {
+#pragma omp simd reduction(+ : p1, p2)
+        for (int64_t i = start; i < end; ++i) {
+          backward_element<T, true>(xc, dyc, dz, i, mean_a, rstd_a, ac, bc, p1, p2);
+        }
+      } else {
+#pragma omp simd reduction(+ : p1, p2)
+        for (int64_t i = start; i < end; ++i) {
+          backward_element<T, false>(xc, dyc, dz, i, mean_a, rstd_a, ac, bc, p1, p2);
         }
       }
-      for (; i < end; ++i) {
-        backward_element<T>(xc, dyc, dz, i, mean_a, rstd_a, ac, bc, silu, p1[0], p2[0]);
-      }
-      for (int j = 0; j < kLanes; ++j) {
-        s1 += p1[j];
-        s2 += p2[j];
-      }
+      s1 += p1;
+      s2 += p2;
     }
     db[c] = static_cast<A>(s1);
     da[c] = static_cast<A>(s2);
@@ -216,19 +210,12 @@ UNCLIP_INLINE void backward_group(const T* x, const T* dy, T* dx, const typename
     const T* xc = x + c * hw;
     const A* dz = scratch + c * hw;
     T* dxc = dx + c * hw;
+#pragma omp simd
     for (int64_t i = 0; i < hw; ++i) {
       Io<T>::store(dxc, i, dz[i] * k1 + Io<T>::load(xc, i) * k2a + k3a);
     }
   }
 }
-
-// The per-dtype entry points, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
-// time (the wheel's libtorch runs on all three).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define UNCLIP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define UNCLIP_CLONES
-#endif
 
 template <typename T>
 UNCLIP_INLINE void forward_range(const T* x, T* y, const typename Io<T>::A* a, const typename Io<T>::A* b,
@@ -259,25 +246,78 @@ UNCLIP_INLINE void backward_range(const T* x, const T* dy, T* dx, const typename
   }
 }
 
-#define UNCLIP_INSTANTIATE(T, NAME)                                                           \
-  UNCLIP_CLONES void forward_##NAME(const T* x, T* y, const Io<T>::A* a, const Io<T>::A* b,    \
-                                    double* mean, double* rstd, int64_t begin, int64_t end,    \
-                                    int64_t groups, int64_t channels, int64_t hw, double eps,  \
-                                    bool silu) {                                               \
-    forward_range<T>(x, y, a, b, mean, rstd, begin, end, groups, channels, hw, eps, silu);     \
-  }                                                                                            \
-  UNCLIP_CLONES void backward_##NAME(const T* x, const T* dy, T* dx, const Io<T>::A* a,        \
-                                     const Io<T>::A* b, Io<T>::A* da, Io<T>::A* db,            \
-                                     const double* mean, const double* rstd, int64_t begin,    \
-                                     int64_t end, int64_t groups, int64_t channels, int64_t hw, \
-                                     bool silu) {                                              \
-    backward_range<T>(x, dy, dx, a, b, da, db, mean, rstd, begin, end, groups, channels, hw,   \
-                      silu);                                                                   \
+// The entry points, compiled for AVX-512, AVX2 and baseline x86-64 (the wheel's libtorch runs on
+// all three) and picked as ATen picks its own kernels: at::get_cpu_capability(), which
+// ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides — the tests run each this way.
+#define UNCLIP_KERNELS(NS, ATTR)                                                                \
+  namespace NS {                                                                                \
+  template <typename T>                                                                         \
+  ATTR void forward(const T* x, T* y, const typename Io<T>::A* a, const typename Io<T>::A* b,   \
+                    double* mean, double* rstd, int64_t begin, int64_t end, int64_t groups,     \
+                    int64_t channels, int64_t hw, double eps, bool silu) {                      \
+    forward_range<T>(x, y, a, b, mean, rstd, begin, end, groups, channels, hw, eps, silu);      \
+  }                                                                                             \
+  template <typename T>                                                                         \
+  ATTR void backward(const T* x, const T* dy, T* dx, const typename Io<T>::A* a,                \
+                     const typename Io<T>::A* b, typename Io<T>::A* da, typename Io<T>::A* db,  \
+                     const double* mean, const double* rstd, int64_t begin, int64_t end,        \
+                     int64_t groups, int64_t channels, int64_t hw, bool silu) {                 \
+    backward_range<T>(x, dy, dx, a, b, da, db, mean, rstd, begin, end, groups, channels, hw,    \
+                      silu);                                                                    \
+  }                                                                                             \
   }
 
-UNCLIP_INSTANTIATE(float, f32)
-UNCLIP_INSTANTIATE(uint16_t, bf16)
-UNCLIP_INSTANTIATE(double, f64)
+UNCLIP_KERNELS(isa_default, )
+#if defined(__x86_64__) && defined(__GNUC__)
+#define UNCLIP_X86 1
+UNCLIP_KERNELS(isa_avx2, __attribute__((target("arch=x86-64-v3"))))
+UNCLIP_KERNELS(isa_avx512, __attribute__((target("arch=x86-64-v4"))))
+#endif
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa chosen_isa() {
+  static const Isa isa = [] {
+#ifdef UNCLIP_X86
+    const std::string aten = at::get_cpu_capability();
+    __builtin_cpu_init();
+    if (aten == "AVX512" && __builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+    if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("x86-64-v3")) {
+      return Isa::kAvx2;
+    }
+#endif
+    return Isa::kDefault;
+  }();
+  return isa;
+}
+
+template <typename T, typename... Args>
+void run_forward(Args... args) {
+  switch (chosen_isa()) {
+#ifdef UNCLIP_X86
+    case Isa::kAvx512:
+      return isa_avx512::forward<T>(args...);
+    case Isa::kAvx2:
+      return isa_avx2::forward<T>(args...);
+#endif
+    default:
+      return isa_default::forward<T>(args...);
+  }
+}
+
+template <typename T, typename... Args>
+void run_backward(Args... args) {
+  switch (chosen_isa()) {
+#ifdef UNCLIP_X86
+    case Isa::kAvx512:
+      return isa_avx512::backward<T>(args...);
+    case Isa::kAvx2:
+      return isa_avx2::backward<T>(args...);
+#endif
+    default:
+      return isa_default::backward<T>(args...);
+  }
+}
 
 // The grain: enough (sample, group) pairs per task to amortise the fork.
 int64_t grain(int64_t group_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, group_elems)); }
@@ -302,18 +342,18 @@ struct GroupNormAct : public torch::autograd::Function<GroupNormAct> {
     at::parallel_for(0, batch * groups, grain(per_group * hw), [&](int64_t begin, int64_t end) {
       switch (x.scalar_type()) {
         case at::kFloat:
-          forward_f32(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(),
+          run_forward<float>(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(),
                       b.data_ptr<float>(), mean_p, rstd_p, begin, end, groups, per_group, hw, eps,
                       silu);
           break;
         case at::kBFloat16:
-          forward_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+          run_forward<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
                        reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()),
                        a.data_ptr<float>(), b.data_ptr<float>(), mean_p, rstd_p, begin, end,
                        groups, per_group, hw, eps, silu);
           break;
         default:
-          forward_f64(x.data_ptr<double>(), y.data_ptr<double>(), a.data_ptr<double>(),
+          run_forward<double>(x.data_ptr<double>(), y.data_ptr<double>(), a.data_ptr<double>(),
                       b.data_ptr<double>(), mean_p, rstd_p, begin, end, groups, per_group, hw,
                       eps, silu);
       }
@@ -328,6 +368,9 @@ struct GroupNormAct : public torch::autograd::Function<GroupNormAct> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) {  // the output did not reach the loss
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &a = saved[1], &b = saved[2], &mean = saved[3],
                      &rstd = saved[4];
@@ -345,13 +388,13 @@ struct GroupNormAct : public torch::autograd::Function<GroupNormAct> {
     at::parallel_for(0, batch * groups, grain(per_group * hw), [&](int64_t begin, int64_t end) {
       switch (x.scalar_type()) {
         case at::kFloat:
-          backward_f32(x.data_ptr<float>(), dy.data_ptr<float>(), dx.data_ptr<float>(),
+          run_backward<float>(x.data_ptr<float>(), dy.data_ptr<float>(), dx.data_ptr<float>(),
                        a.data_ptr<float>(), b.data_ptr<float>(), da.data_ptr<float>(),
                        db.data_ptr<float>(), mean_p, rstd_p, begin, end, groups, per_group, hw,
                        silu);
           break;
         case at::kBFloat16:
-          backward_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+          run_backward<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
                         reinterpret_cast<const uint16_t*>(dy.data_ptr<at::BFloat16>()),
                         reinterpret_cast<uint16_t*>(dx.data_ptr<at::BFloat16>()),
                         a.data_ptr<float>(), b.data_ptr<float>(), da.data_ptr<float>(),
@@ -359,7 +402,7 @@ struct GroupNormAct : public torch::autograd::Function<GroupNormAct> {
                         silu);
           break;
         default:
-          backward_f64(x.data_ptr<double>(), dy.data_ptr<double>(), dx.data_ptr<double>(),
+          run_backward<double>(x.data_ptr<double>(), dy.data_ptr<double>(), dx.data_ptr<double>(),
                        a.data_ptr<double>(), b.data_ptr<double>(), da.data_ptr<double>(),
                        db.data_ptr<double>(), mean_p, rstd_p, begin, end, groups, per_group, hw,
                        silu);
@@ -389,5 +432,17 @@ at::Tensor* unclip_group_norm_act(const at::Tensor* x, const at::Tensor* a, cons
 }
 
 const char* unclip_norm_act_last_error() { return last_error.c_str(); }
+
+// The instruction set the kernel runs with: "avx512", "avx2" or "default".
+const char* unclip_norm_act_isa() {
+  switch (chosen_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
 
 }  // extern "C"

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use tch::{Device, Kind, Tensor};
+use unclip_diffusion::nn::norm_act::cpu_kernel_isa;
 use unclip_diffusion::nn::{group_norm_act, group_norm_act_composite};
 
 struct Case {
@@ -108,6 +109,7 @@ fn the_fused_norm_act_kernel_matches_the_aten_chain_in_float64() {
 
 #[test]
 fn the_fused_norm_act_kernel_matches_the_aten_chain_in_float32_and_bfloat16() {
+    println!("norm_act kernel: {}", cpu_kernel_isa());
     tch::manual_seed(1);
     for c in cases() {
         compare(&c, Kind::Float, 2e-5, 1e-5);
@@ -131,4 +133,44 @@ fn the_fused_kernel_takes_strided_inputs_and_defaults_its_affine() {
 fn channels_that_do_not_split_into_groups_are_refused() {
     let x = Tensor::zeros([1, 12, 2, 2], (Kind::Float, Device::Cpu));
     let _ = group_norm_act(&x, 5, 1e-5, None, None, true);
+}
+
+#[test]
+fn every_instruction_set_build_of_the_kernel_matches() {
+    // The kernel is compiled for AVX-512, AVX2 and baseline x86-64 and follows ATen's choice,
+    // which ATEN_CPU_CAPABILITY overrides once per process: rerun the float32 / bfloat16 test in
+    // a child process per capability this CPU has.
+    if std::env::var_os("ATEN_CPU_CAPABILITY").is_some() {
+        return; // a child
+    }
+    let mut wanted = vec!["default"];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("bmi2") && has!("f16c") && has!("lzcnt") {
+            wanted.push("avx2");
+        }
+    }
+    for capability in wanted {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "the_fused_norm_act_kernel_matches_the_aten_chain_in_float32_and_bfloat16",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("ATEN_CPU_CAPABILITY", capability)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{capability}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("norm_act kernel: {capability}")),
+            "ATEN_CPU_CAPABILITY={capability} ran another build: {stdout}"
+        );
+    }
 }

@@ -20,6 +20,7 @@ extern "C" {
         silu: bool,
     ) -> *mut c_void;
     fn unclip_norm_act_last_error() -> *const c_char;
+    fn unclip_norm_act_isa() -> *const c_char;
 }
 
 static FUSED_CPU: AtomicBool = AtomicBool::new(true);
@@ -32,6 +33,15 @@ pub fn set_fused_cpu(enabled: bool) {
 
 pub fn fused_cpu_enabled() -> bool {
     FUSED_CPU.load(Ordering::Relaxed)
+}
+
+/// The instruction set the CPU kernel runs with — `avx512`, `avx2` or `default` — chosen as ATen
+/// chooses its own kernels (so `ATEN_CPU_CAPABILITY` overrides it).
+pub fn cpu_kernel_isa() -> &'static str {
+    // SAFETY: a static C string.
+    unsafe { CStr::from_ptr(unclip_norm_act_isa()) }
+        .to_str()
+        .unwrap_or("unknown")
 }
 
 /// act(GroupNorm(x) · gain + bias) for x [N, C, …]; `gain` and `bias` are [C] (GroupNorm's own
