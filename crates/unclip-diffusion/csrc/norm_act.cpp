@@ -1,7 +1,7 @@
 // GroupNorm → per-sample, per-channel affine → SiLU as one CPU kernel, forward and backward, in
 // float32, bfloat16 (computed in float32) and float64. ADM's ResBlocks run this chain twice each
 // (norm1 → SiLU, norm2 → scale-shift → SiLU); as separate ATen ops its forward and backward take
-// 2–4.5× the time of the GroupNorm alone on CPU (broadcast multiply-adds, their sum-to-size
+// 2.7–4× the time of the GroupNorm alone on CPU (broadcast multiply-adds, their sum-to-size
 // reductions and the SiLU each sweep the map), here a few sweeps over each cache-sized group.
 //
 // y = act(x̂ · a[n, c] + b[n, c]), x̂ = (x − mean[n, g]) · rstd[n, g], act = SiLU or identity.

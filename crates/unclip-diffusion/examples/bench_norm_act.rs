@@ -5,6 +5,8 @@
 //! GroupNorm alone (the floor).
 //!
 //!     cargo run --release -p unclip-diffusion --example bench_norm_act -- [ROUNDS]
+//!
+//! `ATEN_CPU_CAPABILITY=default|avx2|avx512` picks the instruction set of both sides.
 
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -29,8 +31,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(7);
     println!(
-        "threads {}; batch 32, 32 groups, per-sample gain and bias, SiLU; forward + backward of sum(y * dy)",
-        tch::get_num_threads()
+        "threads {}, kernel build {}; batch 32, 32 groups, per-sample gain and bias, SiLU; forward + backward of sum(y * dy)",
+        tch::get_num_threads(),
+        unclip_diffusion::nn::norm_act::cpu_kernel_isa()
     );
     for kind in [Kind::Float, Kind::BFloat16] {
         for (channels, size) in [(32, 32), (64, 16), (128, 8), (64, 32), (128, 16), (256, 8)] {

@@ -1,8 +1,8 @@
 //! GroupNorm → affine per sample and channel → optional SiLU, the chain every ADM ResBlock runs
 //! twice (norm1 → SiLU; norm2 → scale-shift from the embedding → SiLU). On the CPU it is one fused
 //! kernel (csrc/norm_act.cpp, forward and backward) in float32, bfloat16 and float64: as separate
-//! ATen ops the chain's forward and backward take 2–4.5× the GroupNorm's own time there, fused
-//! 1.4–2×, so 1.4–3× faster (`cargo run --release -p unclip-diffusion --example bench_norm_act`).
+//! ATen ops the chain's forward and backward take 2.7–4× the GroupNorm's own time there, fused
+//! 1.1–1.8× (AVX-512 build; `cargo run --release -p unclip-diffusion --example bench_norm_act`).
 //! Elsewhere (CUDA) it runs as those ops.
 
 use std::ffi::{c_void, CStr};
