@@ -123,17 +123,9 @@ impl AddedKvAttention {
                 )
             }
         };
-        // Softmax in f32 under reduced precision (diffusers' upcast_softmax).
-        let kind = q.kind();
-        let (q, k, v) = if kind == Kind::Float {
-            (q, k, v)
-        } else {
-            (
-                q.to_kind(Kind::Float),
-                k.to_kind(Kind::Float),
-                v.to_kind(Kind::Float),
-            )
-        };
+        // Under bf16 / fp16 the inputs stay in that precision: every SDPA backend (CPU and CUDA
+        // flash, memory-efficient, and math unless allow_fp16_bf16_reduction_math_sdp) already
+        // accumulates the scores and their softmax in f32, which is diffusers' upcast_softmax.
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
             &k,
@@ -143,8 +135,7 @@ impl AddedKvAttention {
             false,
             None,
             false,
-        )?
-        .to_kind(kind);
+        )?;
         let out = out
             .f_transpose(1, 2)?
             .f_reshape([b, hw, self.heads * self.head_dim])?;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 use unclip_clip::caption::TextCondition;
 use unclip_decoder::{AddedKvAttention, DecoderCondition, TextProj, UnclipDecoder};
+use unclip_train::precision::Precision;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -43,6 +44,29 @@ fn added_kv_attention_matches_diffusers() {
     let unmasked = attn.forward(&io["x"], &io["context"], None).unwrap();
     assert!(max_diff(&unmasked.get(0), &io["out"].get(0)) > 1e-3);
     assert!(max_diff(&unmasked.get(1), &io["out"].get(1)) <= 1e-4);
+}
+
+#[test]
+fn added_kv_attention_under_bf16_autocast_stays_near_diffusers_fp32() {
+    // Under bf16 the projections and SDPA run in bf16 (SDPA accumulates its softmax in f32):
+    // the output (the residual sum, in the input's fp32) must stay within bf16's rounding of
+    // diffusers' fp32 output, with the mask kept.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let attn = AddedKvAttention::new(vs.root(), 32, 4, 8, 24, 8).unwrap();
+    let io = load(&vs, "added_kv_attention");
+    let _g = tch::no_grad_guard();
+    let mask = io["mask"].to_kind(Kind::Bool);
+    let _autocast = unclip_train::precision::autocast(Device::Cpu, Precision::Bf16);
+    let out = attn.forward(&io["x"], &io["context"], Some(&mask)).unwrap();
+    let out = out.to_kind(Kind::Float);
+    let scale = io["out"].abs().max().double_value(&[]);
+    let d = max_diff(&out, &io["out"]);
+    assert!(
+        d <= 0.01 * scale,
+        "bf16 attention differs by {d} (output scale {scale})"
+    );
+    let unmasked = attn.forward(&io["x"], &io["context"], None).unwrap();
+    assert!(max_diff(&unmasked.get(0).to_kind(Kind::Float), &io["out"].get(0)) > 0.03 * scale);
 }
 
 #[test]
