@@ -20,8 +20,8 @@ namespace {
 
 thread_local std::string last_error;
 
-// Everything below the entry points is force-inlined into them, so each of their per-ISA clones
-// gets its own vectorised copy of the loops.
+// Everything the entry points call is force-inlined into them, so each instruction-set build of
+// them (UNCLIP_KERNELS below) gets its own vectorised copy of the loops.
 #define UNCLIP_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kChunk = 1024;  // float partial sums over at most this many, then in double
