@@ -322,47 +322,52 @@ void run_backward(Args... args) {
 // The grain: enough (sample, group) pairs per task to amortise the fork.
 int64_t grain(int64_t group_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, group_elems)); }
 
-at::ScalarType affine_type(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
+// Calls f with a value of the kernel's storage type for x's dtype (bf16 as its raw uint16_t).
+template <typename F>
+void with_storage_type(at::ScalarType dtype, F f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(uint16_t{});
+    default:
+      return f(double{});
+  }
+}
+
+template <typename T>
+T* data(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
 
 struct GroupNormAct : public torch::autograd::Function<GroupNormAct> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x_in,
                             const at::Tensor& a_in, const at::Tensor& b_in, int64_t groups,
                             double eps, bool silu) {
     const at::Tensor x = x_in.contiguous();
-    const at::Tensor a = a_in.to(affine_type(x.scalar_type())).contiguous();
-    const at::Tensor b = b_in.to(affine_type(x.scalar_type())).contiguous();
+    const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+    const at::ScalarType affine = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(a.scalar_type() == affine && b.scalar_type() == affine,
+                "group_norm_act: gain and bias must be ", affine, " for a ", x.scalar_type(),
+                " input");
     const int64_t batch = x.size(0), channels = x.size(1);
     const int64_t hw = x.numel() / std::max<int64_t>(1, batch * channels);
     const int64_t per_group = channels / groups;
     at::Tensor y = at::empty_like(x);
     at::Tensor mean = at::empty({batch, groups}, x.options().dtype(at::kDouble));
     at::Tensor rstd = at::empty({batch, groups}, x.options().dtype(at::kDouble));
-    double* mean_p = mean.data_ptr<double>();
-    double* rstd_p = rstd.data_ptr<double>();
     at::parallel_for(0, batch * groups, grain(per_group * hw), [&](int64_t begin, int64_t end) {
-      switch (x.scalar_type()) {
-        case at::kFloat:
-          run_forward<float>(x.data_ptr<float>(), y.data_ptr<float>(), a.data_ptr<float>(),
-                      b.data_ptr<float>(), mean_p, rstd_p, begin, end, groups, per_group, hw, eps,
-                      silu);
-          break;
-        case at::kBFloat16:
-          run_forward<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
-                       reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()),
-                       a.data_ptr<float>(), b.data_ptr<float>(), mean_p, rstd_p, begin, end,
-                       groups, per_group, hw, eps, silu);
-          break;
-        default:
-          run_forward<double>(x.data_ptr<double>(), y.data_ptr<double>(), a.data_ptr<double>(),
-                      b.data_ptr<double>(), mean_p, rstd_p, begin, end, groups, per_group, hw,
-                      eps, silu);
-      }
+      with_storage_type(x.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        using A = typename Io<T>::A;
+        run_forward<T>(data<const T>(x), data<T>(y), data<const A>(a), data<const A>(b),
+                       data<double>(mean), data<double>(rstd), begin, end, groups, per_group, hw,
+                       eps, silu);
+      });
     });
     ctx->save_for_backward({x, a, b, mean, rstd});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["silu"] = silu;
-    ctx->saved_data["a_type"] = static_cast<int64_t>(a_in.scalar_type());
-    ctx->saved_data["b_type"] = static_cast<int64_t>(b_in.scalar_type());
     return y;
   }
 
@@ -383,34 +388,16 @@ struct GroupNormAct : public torch::autograd::Function<GroupNormAct> {
     at::Tensor dx = at::empty_like(x);
     at::Tensor da = at::empty_like(a);
     at::Tensor db = at::empty_like(b);
-    const double* mean_p = mean.data_ptr<double>();
-    const double* rstd_p = rstd.data_ptr<double>();
     at::parallel_for(0, batch * groups, grain(per_group * hw), [&](int64_t begin, int64_t end) {
-      switch (x.scalar_type()) {
-        case at::kFloat:
-          run_backward<float>(x.data_ptr<float>(), dy.data_ptr<float>(), dx.data_ptr<float>(),
-                       a.data_ptr<float>(), b.data_ptr<float>(), da.data_ptr<float>(),
-                       db.data_ptr<float>(), mean_p, rstd_p, begin, end, groups, per_group, hw,
-                       silu);
-          break;
-        case at::kBFloat16:
-          run_backward<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
-                        reinterpret_cast<const uint16_t*>(dy.data_ptr<at::BFloat16>()),
-                        reinterpret_cast<uint16_t*>(dx.data_ptr<at::BFloat16>()),
-                        a.data_ptr<float>(), b.data_ptr<float>(), da.data_ptr<float>(),
-                        db.data_ptr<float>(), mean_p, rstd_p, begin, end, groups, per_group, hw,
-                        silu);
-          break;
-        default:
-          run_backward<double>(x.data_ptr<double>(), dy.data_ptr<double>(), dx.data_ptr<double>(),
-                       a.data_ptr<double>(), b.data_ptr<double>(), da.data_ptr<double>(),
-                       db.data_ptr<double>(), mean_p, rstd_p, begin, end, groups, per_group, hw,
-                       silu);
-      }
+      with_storage_type(x.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        using A = typename Io<T>::A;
+        run_backward<T>(data<const T>(x), data<const T>(dy), data<T>(dx), data<const A>(a),
+                        data<const A>(b), data<A>(da), data<A>(db), data<const double>(mean),
+                        data<const double>(rstd), begin, end, groups, per_group, hw, silu);
+      });
     });
-    const auto a_type = static_cast<at::ScalarType>(ctx->saved_data["a_type"].toInt());
-    const auto b_type = static_cast<at::ScalarType>(ctx->saved_data["b_type"].toInt());
-    return {dx, da.to(a_type), db.to(b_type), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, da, db, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -419,7 +406,7 @@ struct GroupNormAct : public torch::autograd::Function<GroupNormAct> {
 extern "C" {
 
 // x: [N, C, *] on the CPU in float32, bfloat16 or float64; a, b: [N, C] (float64 for float64 x,
-// else float32). Returns a new at::Tensor* (tch takes ownership), or null with the message in
+// else float32; the caller casts them, so autograd casts their gradients back). Returns a new at::Tensor* (tch takes ownership), or null with the message in
 // unclip_norm_act_last_error(). The caller checks shapes, device, dtype and C % groups.
 at::Tensor* unclip_group_norm_act(const at::Tensor* x, const at::Tensor* a, const at::Tensor* b,
                                   int64_t groups, double eps, bool silu) {
