@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::Tensor;
 use unclip_diffusion::nn::init;
-use unclip_diffusion::nn::norm_act::group_norm_act;
+use unclip_diffusion::nn::norm_act::group_norm_silu;
 use unclip_diffusion::nn::resnet::{ResBlock, ResBlockConfig, Resample};
 use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
 
@@ -427,15 +427,7 @@ impl UNet {
             "unet: {} skip connections unused",
             skips.len()
         );
-        let out_norm = &self.conv_norm_out;
-        let h = group_norm_act(
-            &h,
-            self.cfg.norm_num_groups,
-            self.cfg.norm_eps,
-            out_norm.ws.as_ref(),
-            out_norm.bs.as_ref(),
-            true,
-        );
+        let h = group_norm_silu(&self.conv_norm_out, self.cfg.norm_eps, &h);
         Ok(self.conv_out.forward(&h))
     }
 }

@@ -8,7 +8,7 @@
 use std::ffi::{c_void, CStr};
 use std::os::raw::c_char;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 extern "C" {
     fn unclip_group_norm_act(
@@ -69,6 +69,18 @@ pub fn group_norm_act(
     } else {
         group_norm_act_composite(x, groups, eps, gain, bias, silu)
     }
+}
+
+/// SiLU(norm(x)) for a GroupNorm module with its own affine (tch keeps its eps private).
+pub fn group_norm_silu(norm: &nn::GroupNorm, eps: f64, x: &Tensor) -> Tensor {
+    group_norm_act(
+        x,
+        norm.num_groups,
+        eps,
+        norm.ws.as_ref(),
+        norm.bs.as_ref(),
+        true,
+    )
 }
 
 /// gain or bias as [N or 1, C, 1, …] to broadcast over x.

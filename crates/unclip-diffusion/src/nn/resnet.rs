@@ -5,7 +5,7 @@
 //! decoder trains as fast as diffusers' does from the same recipe (docs/decoder-shapes.md).
 
 use super::init;
-use super::norm_act::group_norm_act;
+use super::norm_act::{group_norm_act, group_norm_silu};
 use super::resample::{upsample_conv3x3, Downsample, Upsample};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
@@ -56,7 +56,6 @@ pub struct ResBlock {
     up: Option<Upsample>,
     down: Option<Downsample>,
     dropout: f64,
-    groups: i64,
     eps: f64,
 }
 
@@ -91,7 +90,6 @@ impl ResBlock {
             down: (c.resample == Resample::Down)
                 .then(|| Downsample::new(&p / "downsample", c.in_channels, c.in_channels, false)),
             dropout: c.dropout,
-            groups: c.groups,
             eps: c.eps,
         }
     }
@@ -111,24 +109,19 @@ impl ResBlock {
             Some(b) => b * &scale + shift,
             None => shift.shallow_clone(),
         };
-        group_norm_act(h, self.groups, self.eps, Some(&gain), Some(&bias), true)
-    }
-
-    /// SiLU(norm(x)) with the norm's own affine, fused.
-    fn norm_silu(&self, norm: &nn::GroupNorm, x: &Tensor) -> Tensor {
         group_norm_act(
-            x,
-            self.groups,
+            h,
+            self.norm2.num_groups,
             self.eps,
-            norm.ws.as_ref(),
-            norm.bs.as_ref(),
+            Some(&gain),
+            Some(&bias),
             true,
         )
     }
 
     /// x: [B, C_in, H, W], emb: [B, emb_channels] → [B, C_out, H', W'].
     pub fn forward_t(&self, x: &Tensor, emb: Option<&Tensor>, train: bool) -> Tensor {
-        let h = self.norm_silu(&self.norm1, x);
+        let h = group_norm_silu(&self.norm1, self.eps, x);
         let (h, skip) = if let Some(up) = &self.up {
             // Upsampling then conv1, as one sub-pixel convolution of the low-resolution map.
             (upsample_conv3x3(&h, &self.conv1), up.forward(x))
@@ -139,7 +132,7 @@ impl ResBlock {
         };
         let h = match (&self.time_emb_proj, emb) {
             (Some(proj), Some(emb)) => self.norm2_scale_shift_silu(&h, &proj.forward(&emb.silu())),
-            _ => self.norm_silu(&self.norm2, &h),
+            _ => group_norm_silu(&self.norm2, self.eps, &h),
         };
         let h = self.conv2.forward(&h.dropout(self.dropout, train));
         let skip = match &self.conv_shortcut {
