@@ -215,7 +215,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tch::get_num_threads()
     );
     let column = |i: usize| runs.iter().map(|r| r[i]).collect::<Vec<_>>();
-    let ratios = |i: usize| runs.iter().map(|r| r[0] / r[i]).collect::<Vec<_>>();
+    let ratios = |num: usize, den: usize| runs.iter().map(|r| r[num] / r[den]).collect::<Vec<_>>();
     let show = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.1}"))
@@ -242,24 +242,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if diffusers_tuned.is_some() {
         compared.push(("diffusers with our malloc settings", 2));
     }
-    for (name, i) in compared {
-        let [q1, median, q3] = quartiles(ratios(i));
+    // A row: the median images/s of one column and the rounds' ratio num / den.
+    let row = |name: &str, images: usize, num: usize, den: usize| {
+        let [q1, median, q3] = quartiles(ratios(num, den));
         println!(
             "{name:<36} {:>9.2} {median:>6.2}x {:>14}",
-            quartiles(column(i))[1],
+            quartiles(column(images))[1],
             format!("{q1:.2}–{q3:.2}x")
         );
+    };
+    for (name, i) in compared {
+        row(name, i, 0, i);
     }
     if unfused {
-        let per_round = |f: &dyn Fn(&[f64; 4]) -> f64| runs.iter().map(f).collect::<Vec<_>>();
-        let [q1, median, q3] = quartiles(per_round(&|r| r[3] / r[1]));
-        println!(
-            "{:<36} {:>9.2} {median:>6.2}x {:>14}",
-            "unclip-decoder, norm chains as ATen",
-            quartiles(column(3))[1],
-            format!("{q1:.2}–{q3:.2}x")
-        );
-        let [q1, median, q3] = quartiles(per_round(&|r| r[0] / r[3]));
+        row("unclip-decoder, norm chains as ATen", 3, 3, 1);
+        let [q1, median, q3] = quartiles(ratios(0, 3));
         println!("fused norm kernel: ours {median:.2}x ours with ATen chains (quartiles {q1:.2}–{q3:.2}x)");
     }
     let theirs = quartiles(column(1))[1];
