@@ -30,13 +30,24 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-#[test]
-fn added_kv_attention_matches_diffusers() {
+/// The attention block with the fixture's weights, its inputs and outputs, and its bool mask.
+fn added_kv_attention_fixture() -> (
+    nn::VarStore,
+    AddedKvAttention,
+    HashMap<String, Tensor>,
+    Tensor,
+) {
     let vs = nn::VarStore::new(Device::Cpu);
     let attn = AddedKvAttention::new(vs.root(), 32, 4, 8, 24, 8).unwrap();
     let io = load(&vs, "added_kv_attention");
-    let _g = tch::no_grad_guard();
     let mask = io["mask"].to_kind(Kind::Bool);
+    (vs, attn, io, mask)
+}
+
+#[test]
+fn added_kv_attention_matches_diffusers() {
+    let (_vs, attn, io, mask) = added_kv_attention_fixture();
+    let _g = tch::no_grad_guard();
     let out = attn.forward(&io["x"], &io["context"], Some(&mask)).unwrap();
     let d = max_diff(&out, &io["out"]);
     assert!(d <= 1e-4, "attention differs by {d}");
@@ -51,11 +62,8 @@ fn added_kv_attention_under_bf16_autocast_stays_near_diffusers_fp32() {
     // Under bf16 the projections and SDPA run in bf16 (SDPA accumulates its softmax in f32):
     // the output (the residual sum, in the input's fp32) must stay within bf16's rounding of
     // diffusers' fp32 output, with the mask kept.
-    let vs = nn::VarStore::new(Device::Cpu);
-    let attn = AddedKvAttention::new(vs.root(), 32, 4, 8, 24, 8).unwrap();
-    let io = load(&vs, "added_kv_attention");
+    let (_vs, attn, io, mask) = added_kv_attention_fixture();
     let _g = tch::no_grad_guard();
-    let mask = io["mask"].to_kind(Kind::Bool);
     let _autocast = unclip_train::precision::autocast(Device::Cpu, Precision::Bf16);
     let out = attn.forward(&io["x"], &io["context"], Some(&mask)).unwrap();
     let out = out.to_kind(Kind::Float);
