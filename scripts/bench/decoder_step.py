@@ -10,9 +10,13 @@ With `--serve` it prints the FLOPs and device lines, then `ready`, and times tur
 line `N` on stdin runs N steps and answers `seconds <value>` — so the bench can alternate a few
 steps of ours and of theirs many times, and drifts in a shared machine's speed hit both alike.
 
+UNCLIP_BENCH_TORCH_FUSED=1 builds the optimiser as torch.optim.AdamW(fused=True), the fused kernel
+our runtime uses (the default, without it, is the single-tensor loop on CPU and foreach on CUDA).
+
 Usage: decoder_step.py CHANNELS(comma-separated) LAYERS HEAD_DIM CLIP_DIM TOKENS RESOLUTION BATCH STEPS DEVICE [bf16] [--serve]
 """
 import math
+import os
 import sys
 import time
 
@@ -39,7 +43,8 @@ unet = UNet2DConditionModel(
 proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=clip_dim,
                            time_embed_dim=4 * channels[0], cross_attention_dim=clip_dim).to(device).train()
 params = list(unet.parameters()) + list(proj.parameters())
-opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0,
+                        fused=os.environ.get("UNCLIP_BENCH_TORCH_FUSED") == "1" or None)
 
 T = 1000
 s = torch.arange(T + 1, dtype=torch.float64) / T

@@ -18,6 +18,9 @@
 //! chains as ATen ops instead of the fused CPU kernel (`unclip_diffusion::nn::norm_act`), so one
 //! run shows what the kernel buys.
 //!
+//! Ours updates with PyTorch's fused AdamW (`unclip_train::multi_tensor`); diffusers' side with
+//! `torch.optim.AdamW`'s default, or its fused kernel too with `UNCLIP_BENCH_TORCH_FUSED=1`.
+//!
 //! `UNCLIP_BENCH_PRECISION=bf16` runs both sides' forward and loss under bf16 autocast. On CUDA
 //! it also prints model-FLOPs utilisation: the matmul and convolution FLOPs of a step (counted by
 //! torch.utils.flop_counter on the diffusers side; the architectures are the same) per second,
@@ -109,12 +112,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .mean(Kind::Float);
         drop(autocast);
         let t2 = Instant::now();
-        opt.zero_grad();
+        opt.zero_grad()?;
         loss.backward();
         let t3 = Instant::now();
-        let norm = opt.grad_norm();
-        opt.clip_grad_norm(norm, 1.0);
-        opt.step(1e-4);
+        let norm = opt.grad_norm()?;
+        opt.clip_grad_norm(norm, 1.0)?;
+        opt.step(1e-4)?;
         for (p, d) in phases
             .borrow_mut()
             .iter_mut()

@@ -62,11 +62,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .training_losses(&out, &x0, &x_t, &t, &noise)?
             .loss
             .mean(Kind::Float);
-        opt.zero_grad();
+        opt.zero_grad()?;
         loss.backward();
-        let norm = opt.grad_norm();
-        opt.clip_grad_norm(norm, 1.0);
-        opt.step(1e-4);
+        let norm = opt.grad_norm()?;
+        opt.clip_grad_norm(norm, 1.0)?;
+        opt.step(1e-4)?;
         Ok(())
     };
     for _ in 0..3 {

@@ -1,5 +1,6 @@
 //! Exponential moving average of the weights; sampling and export use it.
 
+use crate::multi_tensor;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 use tch::{nn::VarStore, Tensor};
@@ -37,13 +38,14 @@ impl Ema {
         }
     }
 
-    pub fn update(&mut self) {
-        let _guard = tch::no_grad_guard();
+    /// shadow ← d · shadow + (1 − d) · live, as one multi-tensor lerp (torch's foreach EMA).
+    pub fn update(&mut self) -> Result<()> {
         let d = self.current_decay();
-        for (_, var, shadow) in &mut self.params {
-            let _ = shadow.g_mul_scalar_(d).g_add_(&(var.detach() * (1.0 - d)));
-        }
+        let (shadows, live): (Vec<&Tensor>, Vec<&Tensor>) =
+            self.params.iter().map(|(_, v, s)| (s, v)).unzip();
+        multi_tensor::lerp_(&shadows, &live, 1.0 - d)?;
         self.updates += 1;
+        Ok(())
     }
 
     /// Exchanges the live weights and the shadow copy (exactly; calling it twice restores both),
@@ -104,7 +106,7 @@ mod tests {
         tch::no_grad(|| {
             let _ = w.shallow_clone().g_add_scalar_(1.0);
         });
-        ema.update(); // shadow = 0.5·before + 0.5·(before + 1)
+        ema.update().unwrap(); // shadow = 0.5·before + 0.5·(before + 1)
         let live = w.copy();
         let shadow = ema
             .tensors()

@@ -12,6 +12,7 @@ pub mod logging;
 pub mod loss_scale;
 pub mod lr;
 pub mod malloc;
+pub mod multi_tensor;
 pub mod optim;
 pub mod precision;
 pub mod toy;

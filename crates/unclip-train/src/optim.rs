@@ -1,10 +1,12 @@
-//! AdamW (Loshchilov & Hutter 2019, PyTorch's update) whose moments are tensors this struct owns,
-//! so they can be checkpointed; tch's built-in optimisers cannot save their state.
+//! AdamW (Loshchilov & Hutter 2019) whose moments are tensors this struct owns, so they can be
+//! checkpointed (tch's built-in optimisers cannot save their state), updated by PyTorch's fused
+//! AdamW kernel; gradient norm, clipping and zeroing by its multi-tensor ops.
 
 use crate::config::TrainConfig;
+use crate::multi_tensor;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
-use tch::{nn::VarStore, Kind, Tensor};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 
 /// One trainable tensor with its AdamW state.
 #[derive(Debug)]
@@ -16,9 +18,19 @@ struct Param {
     exp_avg_sq: Tensor,
 }
 
+/// Parameters updated by one fused call: same weight decay, device and dtype.
+#[derive(Debug)]
+struct Group {
+    decay: bool,
+    device: Device,
+    kind: Kind,
+    members: Vec<usize>,
+}
+
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<Param>,
+    groups: Vec<Group>,
     step: u64,
     beta1: f64,
     beta2: f64,
@@ -49,7 +61,7 @@ pub fn decays(name: &str, var: &Tensor) -> bool {
 impl AdamW {
     /// Over every trainable variable of `vs`, in name order.
     pub fn new(vs: &VarStore, cfg: &TrainConfig) -> Self {
-        let params = crate::named_variables(vs)
+        let params: Vec<Param> = crate::named_variables(vs)
             .into_iter()
             .filter(|(_, v)| v.requires_grad())
             .map(|(name, var)| Param {
@@ -60,8 +72,25 @@ impl AdamW {
                 var,
             })
             .collect();
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, p) in params.iter().enumerate() {
+            let (device, kind) = (p.var.device(), p.var.kind());
+            match groups
+                .iter_mut()
+                .find(|g| g.decay == p.decay && g.device == device && g.kind == kind)
+            {
+                Some(g) => g.members.push(i),
+                None => groups.push(Group {
+                    decay: p.decay,
+                    device,
+                    kind,
+                    members: vec![i],
+                }),
+            }
+        }
         Self {
             params,
+            groups,
             step: 0,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
@@ -88,83 +117,75 @@ impl AdamW {
         )
     }
 
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            let mut g = p.var.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
+    /// The gradients that exist (parameters that took part in a backward pass).
+    fn gradients(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|p| p.var.grad())
+            .filter(Tensor::defined)
+            .collect()
+    }
+
+    pub fn zero_grad(&mut self) -> Result<()> {
+        let grads = self.gradients();
+        multi_tensor::zero_(&grads.iter().collect::<Vec<_>>())
     }
 
     /// The global L2 norm of all gradients (0 for none): per-tensor norms in the gradients' own
     /// precision, as torch's clip_grad_norm_, and a single read back to the host.
-    pub fn grad_norm(&self) -> f64 {
-        let _guard = tch::no_grad_guard();
-        let norms: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| p.var.grad())
-            .filter(Tensor::defined)
-            .map(|g| g.norm().to_kind(Kind::Double))
-            .collect();
-        if norms.is_empty() {
-            return 0.0;
-        }
-        Tensor::stack(&norms, 0).norm().double_value(&[])
+    pub fn grad_norm(&self) -> Result<f64> {
+        let grads = self.gradients();
+        multi_tensor::global_norm(&grads.iter().collect::<Vec<_>>())
     }
 
     /// Scales gradients so their global norm is at most `max_norm` (as torch's clip_grad_norm_).
-    pub fn clip_grad_norm(&mut self, norm: f64, max_norm: f64) {
+    pub fn clip_grad_norm(&mut self, norm: f64, max_norm: f64) -> Result<()> {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            self.scale_gradients(coef);
+            self.scale_gradients(coef)?;
         }
+        Ok(())
     }
 
     /// Multiplies every gradient by `factor` in place.
-    pub fn scale_gradients(&mut self, factor: f64) {
-        let _guard = tch::no_grad_guard();
-        for p in &mut self.params {
-            let mut g = p.var.grad();
-            if g.defined() {
-                let _ = g.g_mul_scalar_(factor);
-            }
-        }
+    pub fn scale_gradients(&mut self, factor: f64) -> Result<()> {
+        let grads = self.gradients();
+        multi_tensor::mul_(&grads.iter().collect::<Vec<_>>(), factor)
     }
 
-    /// One AdamW update at learning rate `lr`.
-    pub fn step(&mut self, lr: f64) {
-        let _guard = tch::no_grad_guard();
+    /// One AdamW update at learning rate `lr`: torch's fused AdamW, one call per group.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
         self.step += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let bc1 = 1.0 - b1.powi(self.step as i32);
-        let bc2 = 1.0 - b2.powi(self.step as i32);
-        for p in &mut self.params {
-            let g = p.var.grad();
-            if !g.defined() {
-                continue;
+        for group in &self.groups {
+            let (mut vars, mut grads, mut exp_avgs, mut exp_avg_sqs) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for &i in &group.members {
+                let p = &self.params[i];
+                let g = p.var.grad();
+                if g.defined() {
+                    vars.push(&p.var);
+                    grads.push(g);
+                    exp_avgs.push(&p.exp_avg);
+                    exp_avg_sqs.push(&p.exp_avg_sq);
+                }
             }
-            if p.decay && self.weight_decay > 0.0 {
-                let _ = p.var.g_mul_scalar_(1.0 - lr * self.weight_decay);
-            }
-            // torch's single-tensor AdamW, in place: two temporaries per parameter.
-            let _ = p.exp_avg.lerp_(&g, 1.0 - b1);
-            let _ = p
-                .exp_avg_sq
-                .g_mul_scalar_(b2)
-                .addcmul_(&g, &(&g * (1.0 - b2)));
-            if lr == 0.0 {
-                continue;
-            }
-            let mut denom = p.exp_avg_sq.sqrt();
-            let _ = denom
-                .g_div_scalar_(bc2.sqrt())
-                .g_add_scalar_(self.eps)
-                .g_mul_scalar_(-bc1 / lr);
-            // var − (lr / bc1) · exp_avg / denom, as one addcdiv.
-            let _ = p.var.addcdiv_(&p.exp_avg, &denom);
+            let hp = multi_tensor::AdamWStep {
+                step: self.step,
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                weight_decay: if group.decay { self.weight_decay } else { 0.0 },
+                eps: self.eps,
+            };
+            multi_tensor::fused_adamw(
+                &vars,
+                &grads.iter().collect::<Vec<_>>(),
+                &exp_avgs,
+                &exp_avg_sqs,
+                hp,
+            )?;
         }
+        Ok(())
     }
 
     /// SAM's ascent: adds e = ρ·g/‖g‖ to every parameter (‖g‖ the global norm) and returns the

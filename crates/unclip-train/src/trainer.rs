@@ -121,16 +121,20 @@ enum Gradients {
 
 /// Checks the (all-reduced) gradients of a step whose mean loss was `loss`; with a loss scaler,
 /// divides the scale back out of finite gradients, or backs the scale off after an overflow.
-fn check_gradients(opt: &mut AdamW, loss_scale: Option<&mut LossScaler>, loss: f64) -> Gradients {
+fn check_gradients(
+    opt: &mut AdamW,
+    loss_scale: Option<&mut LossScaler>,
+    loss: f64,
+) -> Result<Gradients> {
     if !loss.is_finite() {
-        return Gradients::NonFinite;
+        return Ok(Gradients::NonFinite);
     }
-    let norm = opt.grad_norm();
-    match loss_scale {
+    let norm = opt.grad_norm()?;
+    Ok(match loss_scale {
         None if norm.is_finite() => Gradients::Finite(norm),
         None => Gradients::NonFinite,
         Some(s) if norm.is_finite() => {
-            opt.scale_gradients(1.0 / s.scale());
+            opt.scale_gradients(1.0 / s.scale())?;
             Gradients::Finite(norm / s.scale())
         }
         Some(s) => {
@@ -140,7 +144,7 @@ fn check_gradients(opt: &mut AdamW, loss_scale: Option<&mut LossScaler>, loss: f
                 Gradients::NonFinite
             }
         }
-    }
+    })
 }
 
 /// Copies named tensors into the variables of `vs`; names and shapes must match exactly.
@@ -301,7 +305,7 @@ pub fn train<T: TrainTask>(
     for step in start..cfg.steps {
         let step_start = Instant::now();
         tch::manual_seed(step_seed(runtime.seed, step, rank as u64));
-        opt.zero_grad();
+        opt.zero_grad()?;
         let mut loss_sum = 0.0f64;
         let mut samples = 0usize;
         let mut data_secs = 0.0f64;
@@ -331,11 +335,11 @@ pub fn train<T: TrainTask>(
         if let (Some(pg), true) = (&dist, loss.is_finite()) {
             distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
         }
-        let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss);
+        let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss)?;
         if let (Some(rho), Gradients::Finite(norm)) = (cfg.sam_rho, gradients) {
             // SAM (Foret et al. 2021): the gradient at w + ρ·g/‖g‖, applied at w.
             let perturbation = opt.sam_ascend(rho, norm);
-            opt.zero_grad();
+            opt.zero_grad()?;
             let mut second = 0.0f64;
             for batch in &kept {
                 second += loss_and_backward(task, batch, vs.device(), cfg, scaler.as_ref())?.1;
@@ -345,7 +349,7 @@ pub fn train<T: TrainTask>(
                 distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
             }
             opt.sam_descend(perturbation);
-            gradients = check_gradients(&mut opt, scaler.as_mut(), second);
+            gradients = check_gradients(&mut opt, scaler.as_mut(), second)?;
         }
         // A skipped step still counts as done: its checkpoint and logs are written as usual.
         let lr = learning_rate(cfg, step);
@@ -353,14 +357,14 @@ pub fn train<T: TrainTask>(
             Gradients::Finite(norm) => {
                 consecutive_bad = 0;
                 if let Some(max) = cfg.grad_clip {
-                    opt.clip_grad_norm(norm, max);
+                    opt.clip_grad_norm(norm, max)?;
                 }
-                opt.step(lr);
+                opt.step(lr)?;
                 if let Some(s) = scaler.as_mut() {
                     s.stepped();
                 }
                 if let Some(ema) = ema.as_mut() {
-                    ema.update();
+                    ema.update()?;
                 }
                 losses.push((step, loss));
                 int_loss += loss;
@@ -369,7 +373,7 @@ pub fn train<T: TrainTask>(
             }
             Gradients::Overflow => {
                 // Expected now and then in fp16: not a failure, and not counted as one.
-                opt.zero_grad();
+                opt.zero_grad()?;
                 logger.message(&format!(
                     "step {step}: fp16 gradients overflowed; skipped, loss scale now {}",
                     scaler.as_ref().map_or(0.0, LossScaler::scale)
@@ -378,7 +382,7 @@ pub fn train<T: TrainTask>(
             Gradients::NonFinite => {
                 nonfinite_skipped += 1;
                 consecutive_bad += 1;
-                opt.zero_grad();
+                opt.zero_grad()?;
                 logger.message(&format!(
                     "step {step}: non-finite loss or gradient (loss {loss}); skipped"
                 ));

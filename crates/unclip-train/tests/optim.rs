@@ -41,7 +41,7 @@ fn adamw_with_groups_and_clipping_matches_pytorch() {
     assert_eq!(decay, vec!["layer.weight"]);
     assert_eq!(no_decay, vec!["layer.bias", "norm.weight"]);
     for i in 0..6 {
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         // d/dp Σ p·g = g
         let loss = names
             .iter()
@@ -49,13 +49,13 @@ fn adamw_with_groups_and_clipping_matches_pytorch() {
             .map(|(n, v)| (v * &f[&format!("grad/{i}/{n}")]).sum(Kind::Double))
             .fold(Tensor::from(0.0f64), |a, b| a + b);
         loss.backward();
-        let norm = opt.grad_norm();
+        let norm = opt.grad_norm().unwrap();
         assert!(
             (norm - f[&format!("norm/{i}")].double_value(&[0])).abs() < 1e-12,
             "norm at step {i}"
         );
-        opt.clip_grad_norm(norm, 1.0);
-        opt.step(0.05);
+        opt.clip_grad_norm(norm, 1.0).unwrap();
+        opt.step(0.05).unwrap();
         for (n, v) in names.iter().zip(&vars) {
             let d = max_diff(v, &f[&format!("after/{i}/{n}")]);
             assert!(d < 1e-12, "{n} after step {i}: off by {d}");
@@ -120,4 +120,91 @@ fn learning_rate_warms_up_then_decays() {
         ..cfg
     };
     assert_eq!(learning_rate(&constant, 100), 1.0);
+}
+
+/// A few steps of AdamW with weight decay on fresh 4-D and 1-D parameters, with fixed gradients;
+/// returns the parameters after them.
+fn adamw_steps(channels_last: bool) -> Vec<Tensor> {
+    let vs = nn::VarStore::new(Device::Cpu);
+    tch::manual_seed(3);
+    let w = (vs.root() / "conv").randn("weight", &[8, 4, 3, 3], 0.0, 1.0);
+    let b = (vs.root() / "conv").randn("bias", &[8], 0.0, 1.0);
+    if channels_last {
+        unclip_train::precision::to_channels_last(&vs);
+        assert!(unclip_train::precision::is_channels_last(&w));
+    }
+    let cfg = TrainConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(&vs, &cfg);
+    for i in 0..3 {
+        opt.zero_grad().unwrap();
+        tch::manual_seed(10 + i);
+        let gw = Tensor::randn([8, 4, 3, 3], (Kind::Float, Device::Cpu));
+        let gb = Tensor::randn([8], (Kind::Float, Device::Cpu));
+        ((&w * gw).sum(Kind::Float) + (&b * gb).sum(Kind::Float)).backward();
+        opt.step(0.01).unwrap();
+    }
+    vec![w.contiguous(), b]
+}
+
+#[test]
+fn adamw_updates_channels_last_parameters_as_contiguous_ones() {
+    let (plain, cl) = (adamw_steps(false), adamw_steps(true));
+    for (a, b) in plain.iter().zip(&cl) {
+        assert!(max_diff(a, b) < 1e-6, "off by {}", max_diff(a, b));
+    }
+    // The steps moved the weights (a no-op optimiser would pass the comparison).
+    tch::manual_seed(3);
+    let init = Tensor::randn([8, 4, 3, 3], (Kind::Float, Device::Cpu));
+    assert!(max_diff(&plain[0], &init) > 0.01);
+}
+
+fn refs(ts: &[Tensor]) -> Vec<&Tensor> {
+    ts.iter().collect()
+}
+
+#[test]
+fn multi_tensor_ops_match_per_tensor_ops() {
+    use unclip_train::multi_tensor;
+    let opts = (Kind::Float, Device::Cpu);
+    tch::manual_seed(0);
+    let make = || {
+        vec![
+            Tensor::randn([5, 7], opts),
+            Tensor::randn([3], opts),
+            Tensor::randn([2, 3, 4, 4], opts),
+        ]
+    };
+    let (a, b) = (make(), make());
+    let expected = a
+        .iter()
+        .map(|t| t.norm().double_value(&[]).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm = multi_tensor::global_norm(&refs(&a)).unwrap();
+    assert!((norm - expected).abs() < 1e-5 * expected);
+    assert_eq!(multi_tensor::global_norm(&[]).unwrap(), 0.0);
+
+    let before: Vec<Tensor> = a.iter().map(Tensor::copy).collect();
+    multi_tensor::lerp_(&refs(&a), &refs(&b), 0.25).unwrap();
+    for ((x, x0), y) in a.iter().zip(&before).zip(&b) {
+        let want = x0 * 0.75 + y * 0.25;
+        assert!(max_diff(x, &want) < 1e-6);
+    }
+    multi_tensor::mul_(&refs(&a), -2.0).unwrap();
+    for ((x, x0), y) in a.iter().zip(&before).zip(&b) {
+        let want = (x0 * 0.75 + y * 0.25) * -2.0;
+        assert!(max_diff(x, &want) < 1e-5);
+    }
+    multi_tensor::zero_(&refs(&a)).unwrap();
+    assert!(a.iter().all(|t| t.abs().max().double_value(&[]) == 0.0));
+    // Empty lists are no-ops; mismatched lists are errors that say which op.
+    multi_tensor::zero_(&[]).unwrap();
+    let err = multi_tensor::lerp_(&refs(&a), &refs(&b[..2]), 0.5).unwrap_err();
+    assert!(err.to_string().contains("unequal"), "{err}");
+    let wrong = [Tensor::zeros([4], opts)];
+    let err = multi_tensor::lerp_(&refs(&a[1..2]), &refs(&wrong), 0.5).unwrap_err();
+    assert!(err.to_string().starts_with("EMA update:"), "{err}");
 }
