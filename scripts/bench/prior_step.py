@@ -2,19 +2,30 @@
 of diffusers' PriorTransformer (eager PyTorch, torch.optim.AdamW) on random inputs of the given
 shape. Prints `samples_per_s <value>`.
 
-Usage: prior_step.py HEADS HEAD_DIM LAYERS DIM TOKENS BATCH STEPS
+With `--serve` it prints `ready`, then times turns on request: each line `N` on stdin runs N steps
+and answers `seconds <value>` — so the bench can alternate a few steps of ours and of theirs many
+times, and drifts in a shared machine's speed hit both alike.
+
+UNCLIP_BENCH_TORCH_FUSED=1 builds the optimiser as torch.optim.AdamW(fused=True), the fused kernel
+our runtime uses (the default, without it, is the single-tensor loop on CPU and foreach on CUDA).
+
+Usage: prior_step.py HEADS HEAD_DIM LAYERS DIM TOKENS BATCH STEPS [--serve]
 """
+import os
 import sys
 import time
 
 import torch
 from diffusers import PriorTransformer
 
-heads, head_dim, layers, dim, tokens, batch, steps = map(int, sys.argv[1:8])
+serve = "--serve" in sys.argv
+args = [a for a in sys.argv[1:] if a != "--serve"]
+heads, head_dim, layers, dim, tokens, batch, steps = map(int, args[:7])
 torch.manual_seed(0)
 model = PriorTransformer(num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
                          embedding_dim=dim, num_embeddings=tokens).train()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                        fused=os.environ.get("UNCLIP_BENCH_TORCH_FUSED") == "1" or None)
 x0 = torch.randn(batch, dim)
 z_t = torch.randn(batch, dim)
 feats = torch.randn(batch, tokens, dim)
@@ -34,9 +45,17 @@ def step():
     opt.step()
 
 
-for _ in range(3):
-    step()
-start = time.perf_counter()
-for _ in range(steps):
-    step()
-print(f"samples_per_s {batch * steps / (time.perf_counter() - start):.1f}")
+def timed(n):
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return time.perf_counter() - start
+
+
+timed(3)
+if serve:
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(f"seconds {timed(int(line))}", flush=True)
+else:
+    print(f"samples_per_s {batch * steps / timed(steps):.1f}")

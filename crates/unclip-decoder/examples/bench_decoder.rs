@@ -26,8 +26,6 @@
 //! torch.utils.flop_counter on the diffusers side; the architectures are the same) per second,
 //! over the GPU's dense bf16 peak (from its name, or `UNCLIP_BENCH_PEAK_TFLOPS`).
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use tch::{nn, Device, Kind, Tensor};
@@ -36,6 +34,7 @@ use unclip_decoder::task::default_diffusion;
 use unclip_decoder::{DecoderCondition, UNetConfig, UnclipDecoder};
 use unclip_diffusion::nn::norm_act;
 use unclip_diffusion::GaussianDiffusion;
+use unclip_testkit::bench::{self, quartiles, ratio_row, ServedReference};
 use unclip_train::optim::AdamW;
 use unclip_train::precision::{self, Precision};
 use unclip_train::TrainConfig;
@@ -145,11 +144,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         .into(),
     );
-    let mut diffusers = Reference::spawn(&python, &script_args, None)?;
+    let script = "scripts/bench/decoder_step.py";
+    let mut diffusers = ServedReference::spawn(&python, script, &script_args, &[])?;
     // The same malloc settings, through glibc's environment tunables: how much of the lead is ours.
-    let tunables = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647";
+    let tunables = bench::GLIBC_RETAIN_FREED;
     let mut diffusers_tuned = if tuned && !device.is_cuda() {
-        Some(Reference::spawn(&python, &script_args, Some(tunables))?)
+        Some(ServedReference::spawn(
+            &python,
+            script,
+            &script_args,
+            &[("GLIBC_TUNABLES", tunables)],
+        )?)
     } else {
         None
     };
@@ -168,11 +173,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sync();
         Ok(start.elapsed().as_secs_f64())
     };
-    let rounds: usize = std::env::var("UNCLIP_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(15)
-        .max(1);
+    let rounds = bench::rounds(15);
     let images_per_s = |seconds: f64| (batch * steps) as f64 / seconds;
     // Per round: images/s of ours, diffusers, diffusers with our malloc settings, ours unfused.
     let mut runs: Vec<[f64; 4]> = Vec::with_capacity(rounds);
@@ -219,26 +220,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let column = |i: usize| runs.iter().map(|r| r[i]).collect::<Vec<_>>();
     let ratios = |num: usize, den: usize| runs.iter().map(|r| r[num] / r[den]).collect::<Vec<_>>();
-    let show = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.1}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    println!(
-        "rounds (images/s): ours {} | diffusers {}{}",
-        show(&column(0)),
-        show(&column(1)),
-        if diffusers_tuned.is_some() {
-            format!(" | diffusers, our malloc {}", show(&column(2)))
-        } else {
-            String::new()
-        }
-    );
-    println!(
-        "{:<36} {:>9} {:>7} {:>14}",
-        "median of rounds", "images/s", "ratio", "quartiles"
-    );
+    let (ours_rounds, theirs_rounds, tuned_rounds) = (column(0), column(1), column(2));
+    let mut sides = vec![
+        ("ours", &ours_rounds[..]),
+        ("diffusers", &theirs_rounds[..]),
+    ];
+    if diffusers_tuned.is_some() {
+        sides.push(("diffusers, our malloc", &tuned_rounds[..]));
+    }
+    bench::print_rounds("images/s", 1, &sides);
     let ours = quartiles(column(0))[1];
     println!("{:<36} {ours:>9.2}", "unclip-decoder");
     let mut compared = vec![("diffusers (eager PyTorch)", 1)];
@@ -247,12 +237,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // A row: the median images/s of one column and the rounds' ratio num / den.
     let row = |name: &str, images: usize, num: usize, den: usize| {
-        let [q1, median, q3] = quartiles(ratios(num, den));
-        println!(
-            "{name:<36} {:>9.2} {median:>6.2}x {:>14}",
-            quartiles(column(images))[1],
-            format!("{q1:.2}–{q3:.2}x")
-        );
+        println!("{}", ratio_row(name, column(images), ratios(num, den)));
     };
     for (name, i) in compared {
         row(name, i, 0, i);
@@ -264,7 +249,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let theirs = quartiles(column(1))[1];
     if device.is_cuda() {
-        let (flops, name) = (diffusers.flops, &diffusers.name);
+        let flops: f64 = diffusers
+            .info("flops_per_step")
+            .ok_or("decoder_step.py printed no flops_per_step")?
+            .parse()?;
+        let name = diffusers.info("device_name").unwrap_or("unknown GPU");
         let peak = peak_bf16_flops(name)?;
         let mfu = |images_per_s: f64| flops * images_per_s / batch as f64 / peak;
         println!(
@@ -279,101 +268,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
-}
-
-/// Lower quartile, median and upper quartile (nearest rank).
-fn quartiles(mut v: Vec<f64>) -> [f64; 3] {
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    [at(0.25), at(0.5), at(0.75)]
-}
-
-/// The diffusers side: a `decoder_step.py --serve` process that times turns of steps on request.
-struct Reference {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    log: std::path::PathBuf,
-    flops: f64,
-    name: String,
-}
-
-impl Reference {
-    fn spawn(
-        python: &str,
-        args: &[String],
-        glibc_tunables: Option<&str>,
-    ) -> Result<Self, Box<dyn std::error::Error>> {
-        let log = std::env::temp_dir().join(format!(
-            "bench_decoder-{}-{}.log",
-            std::process::id(),
-            glibc_tunables.is_some()
-        ));
-        let mut cmd = Command::new(python);
-        cmd.arg("scripts/bench/decoder_step.py")
-            .args(args)
-            .arg("--serve")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?);
-        if let Some(t) = glibc_tunables {
-            cmd.env("GLIBC_TUNABLES", t);
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("{python} scripts/bench/decoder_step.py: {e}"))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err("python's pipes were not set up".into());
-        };
-        let mut reference = Self {
-            child,
-            stdin,
-            stdout: BufReader::new(stdout),
-            log,
-            flops: 0.0,
-            name: String::new(),
-        };
-        loop {
-            let line = reference.line()?;
-            if let Some(v) = line.strip_prefix("flops_per_step ") {
-                reference.flops = v.trim().parse()?;
-            } else if let Some(v) = line.strip_prefix("device_name ") {
-                reference.name = v.trim().into();
-            } else if line.trim() == "ready" {
-                return Ok(reference);
-            }
-        }
-    }
-
-    /// The next line the script prints; its stderr when it has exited instead.
-    fn line(&mut self) -> Result<String, Box<dyn std::error::Error>> {
-        let mut line = String::new();
-        if self.stdout.read_line(&mut line)? == 0 {
-            let _ = self.child.wait();
-            let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
-            return Err(format!("scripts/bench/decoder_step.py exited: {stderr}").into());
-        }
-        Ok(line)
-    }
-
-    /// Seconds for `steps` training steps.
-    fn turn(&mut self, steps: i64) -> Result<f64, Box<dyn std::error::Error>> {
-        writeln!(self.stdin, "{steps}")?;
-        self.stdin.flush()?;
-        let line = self.line()?;
-        let seconds = line
-            .strip_prefix("seconds ")
-            .ok_or_else(|| format!("unexpected line from decoder_step.py: {line}"))?;
-        Ok(seconds.trim().parse()?)
-    }
-}
-
-impl Drop for Reference {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
 }
 
 /// The dense bf16 tensor-core peak of the GPU called `name` (NVIDIA's data sheets), or

@@ -1,11 +1,17 @@
 //! Training-step throughput of the prior here against diffusers' `PriorTransformer` in eager
-//! PyTorch (scripts/bench/prior_step.py), same shape, batch, threads and machine, one after the
-//! other. A step: timesteps and noise, q_sample, forward, x0 MSE, backward, global-norm clipping,
-//! AdamW. Run from the repository root:
+//! PyTorch (scripts/bench/prior_step.py), same shape, batch, threads and machine. A step:
+//! timesteps and noise, q_sample, forward, x0 MSE, backward, global-norm clipping, AdamW. The
+//! sides take turns of STEPS steps against a long-lived `prior_step.py --serve` process,
+//! `UNCLIP_BENCH_ROUNDS` (15) rounds, who goes first alternating; the ratio is the median of the
+//! rounds' ratios with its quartiles (as the decoder's bench). Ours runs with the runtime's malloc
+//! settings (`unclip_train::malloc`), as `train-prior` does; diffusers once with glibc's defaults
+//! and, on CPU, once with the same settings. Run from the repository root:
 //!
 //!     cargo run --release -p unclip-prior --example bench_prior [-- HEADS HEAD_DIM LAYERS DIM TOKENS BATCH STEPS]
 //!
-//! Defaults: the shapes prior (2 × 64 heads, 4 layers, 128 wide, 24 tokens), batch 256, 20 steps.
+//! Defaults: the shapes prior (2 × 64 heads, 4 layers, 128 wide, 24 tokens), batch 256, 4 steps
+//! a turn. Ours updates with PyTorch's fused AdamW; diffusers' side with `torch.optim.AdamW`'s
+//! default, or its fused kernel too with `UNCLIP_BENCH_TORCH_FUSED=1`. The reference runs on CPU.
 
 use std::time::Instant;
 
@@ -13,6 +19,7 @@ use tch::{nn, Device, Kind, Tensor};
 use unclip_diffusion::GaussianDiffusion;
 use unclip_prior::task::default_diffusion;
 use unclip_prior::{init_prior_weights, DiffusionPrior, PriorConfig, TextCondition};
+use unclip_testkit::bench::{self, quartiles, ratio_row, ServedReference};
 use unclip_train::optim::AdamW;
 use unclip_train::TrainConfig;
 
@@ -21,13 +28,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip(1)
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
-    let defaults = [2, 64, 4, 128, 24, 256, 20];
+    let defaults = [2, 64, 4, 128, 24, 256, 4];
     let v: Vec<i64> = (0..7)
         .map(|i| *args.get(i).unwrap_or(&defaults[i]))
         .collect();
     let (heads, head_dim, layers, dim, tokens, batch, steps) =
         (v[0], v[1], v[2], v[3], v[4], v[5], v[6]);
     let device = Device::cuda_if_available();
+    // As every trainer runs; diffusers runs with glibc's defaults, and once with the same settings.
+    let tuned = unclip_train::malloc::retain_freed_memory();
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let cfg = PriorConfig {
@@ -69,43 +78,74 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         opt.step(1e-4)?;
         Ok(())
     };
+    let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
+    let script_args: Vec<String> = v.iter().map(i64::to_string).collect();
+    let script = "scripts/bench/prior_step.py";
+    let mut diffusers = ServedReference::spawn(&python, script, &script_args, &[])?;
+    let tunables = [("GLIBC_TUNABLES", bench::GLIBC_RETAIN_FREED)];
+    let mut diffusers_tuned = match tuned && !device.is_cuda() {
+        true => Some(ServedReference::spawn(
+            &python,
+            script,
+            &script_args,
+            &tunables,
+        )?),
+        false => None,
+    };
     for _ in 0..3 {
         step()?;
     }
-    if device.is_cuda() {
-        tch::Cuda::synchronize(0);
+    let mut ours_turn = || -> Result<f64, Box<dyn std::error::Error>> {
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        let start = Instant::now();
+        for _ in 0..steps {
+            step()?;
+        }
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let rounds = bench::rounds(15);
+    let per_s = |seconds: f64| (batch * steps) as f64 / seconds;
+    let (mut ours, mut theirs, mut theirs_tuned) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            ours.push(per_s(ours_turn()?));
+            theirs.push(per_s(diffusers.turn(steps)?));
+        } else {
+            theirs.push(per_s(diffusers.turn(steps)?));
+            ours.push(per_s(ours_turn()?));
+        }
+        if let Some(reference) = diffusers_tuned.as_mut() {
+            theirs_tuned.push(per_s(reference.turn(steps)?));
+        }
     }
-    let start = Instant::now();
-    for _ in 0..steps {
-        step()?;
-    }
-    if device.is_cuda() {
-        tch::Cuda::synchronize(0);
-    }
-    let ours = (batch * steps) as f64 / start.elapsed().as_secs_f64();
-
-    let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
-    let output = std::process::Command::new(python)
-        .arg("scripts/bench/prior_step.py")
-        .args(v.iter().map(|x| x.to_string()))
-        .output()?;
-    if !output.status.success() {
-        return Err(format!("python failed: {}", String::from_utf8_lossy(&output.stderr)).into());
-    }
-    let text_out = String::from_utf8(output.stdout)?;
-    let theirs: f64 = text_out
-        .split_whitespace()
-        .nth(1)
-        .ok_or("no figure from python")?
-        .parse()?;
     println!(
-        "prior training step, {layers} × {} wide, {tokens} tokens, batch {batch}, {steps} steps, {} threads, {device:?}",
+        "prior training step, {layers} × {} wide, {tokens} tokens, batch {batch}, {rounds} rounds of {steps} steps a side, {} threads, {device:?}",
         heads * head_dim,
         tch::get_num_threads()
     );
-    println!("{:<28} {:>12}", "", "samples/s");
-    println!("{:<28} {ours:>12.1}", "unclip-prior");
-    println!("{:<28} {theirs:>12.1}", "diffusers (eager PyTorch)");
-    println!("{:<28} {:>11.2}x", "ratio", ours / theirs);
+    let mut sides = vec![("ours", &ours[..]), ("diffusers", &theirs[..])];
+    if !theirs_tuned.is_empty() {
+        sides.push(("diffusers, our malloc", &theirs_tuned[..]));
+    }
+    bench::print_rounds("samples/s", 0, &sides);
+    println!("{:<36} {:>9.2}", "unclip-prior", quartiles(ours.clone())[1]);
+    let ratios = |reference: &[f64]| ours.iter().zip(reference).map(|(a, b)| a / b).collect();
+    println!(
+        "{}",
+        ratio_row("diffusers (eager PyTorch)", theirs.clone(), ratios(&theirs))
+    );
+    if !theirs_tuned.is_empty() {
+        let row = ratio_row(
+            "diffusers with our malloc settings",
+            theirs_tuned.clone(),
+            ratios(&theirs_tuned),
+        );
+        println!("{row}");
+    }
     Ok(())
 }

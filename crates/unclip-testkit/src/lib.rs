@@ -1,4 +1,6 @@
-//! Test support shared by the crates' test suites.
+//! Test support shared by the crates' test suites and benchmarks.
+
+pub mod bench;
 
 use std::ffi::OsStr;
 
