@@ -83,14 +83,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let script = "scripts/bench/prior_step.py";
     let mut diffusers = ServedReference::spawn(&python, script, &script_args, &[])?;
     let tunables = [("GLIBC_TUNABLES", bench::GLIBC_RETAIN_FREED)];
-    let mut diffusers_tuned = match tuned && !device.is_cuda() {
-        true => Some(ServedReference::spawn(
+    let mut diffusers_tuned = if tuned && !device.is_cuda() {
+        Some(ServedReference::spawn(
             &python,
             script,
             &script_args,
             &tunables,
-        )?),
-        false => None,
+        )?)
+    } else {
+        None
     };
     for _ in 0..3 {
         step()?;

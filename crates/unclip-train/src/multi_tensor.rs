@@ -1,9 +1,10 @@
 //! PyTorch's multi-tensor optimiser ops, which libtch does not bind: fused AdamW (one pass over
 //! each parameter on CPU, one multi-tensor kernel per launch on CUDA) and the `_foreach_` ops of
 //! torch's foreach clipping and EMA — one call per list of tensors instead of a handful of ops
-//! per tensor. Tensors of one call share a device and dtype.
+//! per tensor. Tensors of one call share a device and dtype; lists are of tensors or references.
 
 use anyhow::{bail, Result};
+use std::borrow::Borrow;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use tch::Tensor;
 
@@ -35,11 +36,13 @@ extern "C" {
     ) -> c_int;
 }
 
-fn pointers(ts: &[&Tensor]) -> Vec<TensorPtr> {
-    ts.iter().map(|t| t.as_ptr() as TensorPtr).collect()
+fn pointers(ts: &[impl Borrow<Tensor>]) -> Vec<TensorPtr> {
+    ts.iter()
+        .map(|t| t.borrow().as_ptr() as TensorPtr)
+        .collect()
 }
 
-fn count(ts: &[&Tensor]) -> Result<c_int> {
+fn count<T>(ts: &[T]) -> Result<c_int> {
     c_int::try_from(ts.len()).map_err(|_| anyhow::anyhow!("{} tensors in one call", ts.len()))
 }
 
@@ -69,10 +72,10 @@ pub struct AdamWStep {
 /// `torch._fused_adamw_`: decoupled weight decay, moments and parameter update of every
 /// parameter in place, as `torch.optim.AdamW(fused=True)`.
 pub fn fused_adamw(
-    params: &[&Tensor],
-    grads: &[&Tensor],
-    exp_avgs: &[&Tensor],
-    exp_avg_sqs: &[&Tensor],
+    params: &[impl Borrow<Tensor>],
+    grads: &[impl Borrow<Tensor>],
+    exp_avgs: &[impl Borrow<Tensor>],
+    exp_avg_sqs: &[impl Borrow<Tensor>],
     hp: AdamWStep,
 ) -> Result<()> {
     let n = count(params)?;
@@ -108,7 +111,7 @@ pub fn fused_adamw(
 }
 
 /// The L2 norm of the tensors' L2 norms (each computed in its own dtype), read back once.
-pub fn global_norm(ts: &[&Tensor]) -> Result<f64> {
+pub fn global_norm(ts: &[impl Borrow<Tensor>]) -> Result<f64> {
     let (n, p) = (count(ts)?, pointers(ts));
     let mut out = 0.0f64;
     // SAFETY: n live tensors, only read; `out` is a valid f64.
@@ -120,7 +123,7 @@ pub fn global_norm(ts: &[&Tensor]) -> Result<f64> {
 }
 
 /// Multiplies every tensor by `factor` in place.
-pub fn mul_(ts: &[&Tensor], factor: f64) -> Result<()> {
+pub fn mul_(ts: &[impl Borrow<Tensor>], factor: f64) -> Result<()> {
     let (n, p) = (count(ts)?, pointers(ts));
     // SAFETY: n live tensors, scaled in place.
     checked(
@@ -130,7 +133,7 @@ pub fn mul_(ts: &[&Tensor], factor: f64) -> Result<()> {
 }
 
 /// Sets every tensor to zero in place.
-pub fn zero_(ts: &[&Tensor]) -> Result<()> {
+pub fn zero_(ts: &[impl Borrow<Tensor>]) -> Result<()> {
     let (n, p) = (count(ts)?, pointers(ts));
     // SAFETY: n live tensors, zeroed in place.
     checked(
@@ -140,7 +143,11 @@ pub fn zero_(ts: &[&Tensor]) -> Result<()> {
 }
 
 /// `selfs[i] += weight · (ends[i] − selfs[i])` in place.
-pub fn lerp_(selfs: &[&Tensor], ends: &[&Tensor], weight: f64) -> Result<()> {
+pub fn lerp_(
+    selfs: &[impl Borrow<Tensor>],
+    ends: &[impl Borrow<Tensor>],
+    weight: f64,
+) -> Result<()> {
     let n = count(selfs)?;
     if ends.len() != selfs.len() {
         bail!("lerp: lists of unequal length");
@@ -149,6 +156,6 @@ pub fn lerp_(selfs: &[&Tensor], ends: &[&Tensor], weight: f64) -> Result<()> {
     // SAFETY: n live tensors in each list; `selfs` updated in place, `ends` only read.
     checked(
         unsafe { unclip_foreach_lerp_scalar_(s.as_ptr(), e.as_ptr(), n, weight) },
-        "EMA update",
+        "multi-tensor lerp",
     )
 }

@@ -127,15 +127,13 @@ impl AdamW {
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {
-        let grads = self.gradients();
-        multi_tensor::zero_(&grads.iter().collect::<Vec<_>>())
+        multi_tensor::zero_(&self.gradients())
     }
 
     /// The global L2 norm of all gradients (0 for none): per-tensor norms in the gradients' own
     /// precision, as torch's clip_grad_norm_, and a single read back to the host.
     pub fn grad_norm(&self) -> Result<f64> {
-        let grads = self.gradients();
-        multi_tensor::global_norm(&grads.iter().collect::<Vec<_>>())
+        multi_tensor::global_norm(&self.gradients())
     }
 
     /// Scales gradients so their global norm is at most `max_norm` (as torch's clip_grad_norm_).
@@ -149,8 +147,7 @@ impl AdamW {
 
     /// Multiplies every gradient by `factor` in place.
     pub fn scale_gradients(&mut self, factor: f64) -> Result<()> {
-        let grads = self.gradients();
-        multi_tensor::mul_(&grads.iter().collect::<Vec<_>>(), factor)
+        multi_tensor::mul_(&self.gradients(), factor)
     }
 
     /// One AdamW update at learning rate `lr`: torch's fused AdamW, one call per group.
@@ -177,13 +174,7 @@ impl AdamW {
                 weight_decay: if group.decay { self.weight_decay } else { 0.0 },
                 eps: self.eps,
             };
-            multi_tensor::fused_adamw(
-                &vars,
-                &grads.iter().collect::<Vec<_>>(),
-                &exp_avgs,
-                &exp_avg_sqs,
-                hp,
-            )?;
+            multi_tensor::fused_adamw(&vars, &grads, &exp_avgs, &exp_avg_sqs, hp)?;
         }
         Ok(())
     }

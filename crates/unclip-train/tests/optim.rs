@@ -161,10 +161,6 @@ fn adamw_updates_channels_last_parameters_as_contiguous_ones() {
     assert!(max_diff(&plain[0], &init) > 0.01);
 }
 
-fn refs(ts: &[Tensor]) -> Vec<&Tensor> {
-    ts.iter().collect()
-}
-
 #[test]
 fn multi_tensor_ops_match_per_tensor_ops() {
     use unclip_train::multi_tensor;
@@ -183,28 +179,29 @@ fn multi_tensor_ops_match_per_tensor_ops() {
         .map(|t| t.norm().double_value(&[]).powi(2))
         .sum::<f64>()
         .sqrt();
-    let norm = multi_tensor::global_norm(&refs(&a)).unwrap();
+    let norm = multi_tensor::global_norm(&a).unwrap();
     assert!((norm - expected).abs() < 1e-5 * expected);
-    assert_eq!(multi_tensor::global_norm(&[]).unwrap(), 0.0);
+    let none: [Tensor; 0] = [];
+    assert_eq!(multi_tensor::global_norm(&none).unwrap(), 0.0);
 
     let before: Vec<Tensor> = a.iter().map(Tensor::copy).collect();
-    multi_tensor::lerp_(&refs(&a), &refs(&b), 0.25).unwrap();
+    multi_tensor::lerp_(&a, &b, 0.25).unwrap();
     for ((x, x0), y) in a.iter().zip(&before).zip(&b) {
         let want = x0 * 0.75 + y * 0.25;
         assert!(max_diff(x, &want) < 1e-6);
     }
-    multi_tensor::mul_(&refs(&a), -2.0).unwrap();
+    multi_tensor::mul_(&a, -2.0).unwrap();
     for ((x, x0), y) in a.iter().zip(&before).zip(&b) {
         let want = (x0 * 0.75 + y * 0.25) * -2.0;
         assert!(max_diff(x, &want) < 1e-5);
     }
-    multi_tensor::zero_(&refs(&a)).unwrap();
+    multi_tensor::zero_(&a).unwrap();
     assert!(a.iter().all(|t| t.abs().max().double_value(&[]) == 0.0));
     // Empty lists are no-ops; mismatched lists are errors that say which op.
-    multi_tensor::zero_(&[]).unwrap();
-    let err = multi_tensor::lerp_(&refs(&a), &refs(&b[..2]), 0.5).unwrap_err();
+    multi_tensor::zero_(&none).unwrap();
+    let err = multi_tensor::lerp_(&a, &b[..2], 0.5).unwrap_err();
     assert!(err.to_string().contains("unequal"), "{err}");
     let wrong = [Tensor::zeros([4], opts)];
-    let err = multi_tensor::lerp_(&refs(&a[1..2]), &refs(&wrong), 0.5).unwrap_err();
-    assert!(err.to_string().starts_with("EMA update:"), "{err}");
+    let err = multi_tensor::lerp_(&a[1..2], &wrong, 0.5).unwrap_err();
+    assert!(err.to_string().starts_with("multi-tensor lerp:"), "{err}");
 }
