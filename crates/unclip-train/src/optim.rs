@@ -6,7 +6,7 @@ use crate::config::TrainConfig;
 use crate::multi_tensor;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::{nn::VarStore, Tensor};
 
 /// One trainable tensor with its AdamW state.
 #[derive(Debug)]
@@ -18,12 +18,11 @@ struct Param {
     exp_avg_sq: Tensor,
 }
 
-/// Parameters updated by one fused call: same weight decay, device and dtype.
+/// Parameters updated by one fused call: same weight decay, device and dtype (indices into
+/// `AdamW::params`).
 #[derive(Debug)]
 struct Group {
     decay: bool,
-    device: Device,
-    kind: Kind,
     members: Vec<usize>,
 }
 
@@ -72,18 +71,18 @@ impl AdamW {
                 var,
             })
             .collect();
+        let same_group = |a: &Param, b: &Param| {
+            a.decay == b.decay && a.var.device() == b.var.device() && a.var.kind() == b.var.kind()
+        };
         let mut groups: Vec<Group> = Vec::new();
         for (i, p) in params.iter().enumerate() {
-            let (device, kind) = (p.var.device(), p.var.kind());
             match groups
                 .iter_mut()
-                .find(|g| g.decay == p.decay && g.device == device && g.kind == kind)
+                .find(|g| same_group(&params[g.members[0]], p))
             {
                 Some(g) => g.members.push(i),
                 None => groups.push(Group {
                     decay: p.decay,
-                    device,
-                    kind,
                     members: vec![i],
                 }),
             }
