@@ -145,15 +145,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into(),
     );
     let script = "scripts/bench/decoder_step.py";
-    let mut diffusers = ServedReference::spawn(&python, script, &script_args, &[])?;
+    let mut diffusers = ServedReference::spawn(&python, script, &script_args)?;
     // The same malloc settings, through glibc's environment tunables: how much of the lead is ours.
-    let tunables = bench::GLIBC_RETAIN_FREED;
     let mut diffusers_tuned = if tuned && !device.is_cuda() {
-        Some(ServedReference::spawn(
+        Some(ServedReference::spawn_with_our_malloc(
             &python,
             script,
             &script_args,
-            &[("GLIBC_TUNABLES", tunables)],
         )?)
     } else {
         None

@@ -81,14 +81,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
     let script_args: Vec<String> = v.iter().map(i64::to_string).collect();
     let script = "scripts/bench/prior_step.py";
-    let mut diffusers = ServedReference::spawn(&python, script, &script_args, &[])?;
-    let tunables = [("GLIBC_TUNABLES", bench::GLIBC_RETAIN_FREED)];
+    let mut diffusers = ServedReference::spawn(&python, script, &script_args)?;
     let mut diffusers_tuned = if tuned && !device.is_cuda() {
-        Some(ServedReference::spawn(
+        Some(ServedReference::spawn_with_our_malloc(
             &python,
             script,
             &script_args,
-            &tunables,
         )?)
     } else {
         None

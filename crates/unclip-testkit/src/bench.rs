@@ -8,10 +8,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 pub type BenchError = Box<dyn std::error::Error>;
 
-/// `unclip_train::malloc::retain_freed_memory`'s settings as glibc's environment tunables, for a
-/// reference process run the way our trainers run.
-pub const GLIBC_RETAIN_FREED: &str =
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647";
+/// `unclip_train::malloc::retain_freed_memory`'s settings as glibc's environment tunables.
+const GLIBC_RETAIN_FREED: &str = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647";
 
 /// A `SCRIPT ARGS --serve` process: it prints any `key value` lines, then `ready`, then answers
 /// each stdin line `N` with `seconds S`, the time N steps took.
@@ -26,8 +24,27 @@ pub struct ServedReference {
 }
 
 impl ServedReference {
-    /// Starts `python script args --serve` (with `env` set) and waits for its `ready`.
-    pub fn spawn(
+    /// Starts `python script args --serve` and waits for its `ready`.
+    pub fn spawn(python: &str, script: &str, args: &[String]) -> Result<Self, BenchError> {
+        Self::spawn_with_env(python, script, args, &[])
+    }
+
+    /// [`ServedReference::spawn`] with glibc malloc set as our trainers set it
+    /// (`unclip_train::malloc`), to show how much of a lead is ours beyond those settings.
+    pub fn spawn_with_our_malloc(
+        python: &str,
+        script: &str,
+        args: &[String],
+    ) -> Result<Self, BenchError> {
+        Self::spawn_with_env(
+            python,
+            script,
+            args,
+            &[("GLIBC_TUNABLES", GLIBC_RETAIN_FREED)],
+        )
+    }
+
+    fn spawn_with_env(
         python: &str,
         script: &str,
         args: &[String],
