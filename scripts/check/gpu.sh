@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The CUDA checks no CPU machine can run, as one script for a lent GPU machine with PyTorch 2.11.0
 # and no Rust. Build here first and carry the stripped binaries (about 45 MB) in gpu-bin/:
-#   cargo build --release -p unclip-cli --bins && cargo build --release -p unclip-decoder --example bench_decoder
+#   cargo build --release -p unclip-cli --bins
+#   cargo build --release -p unclip-decoder --example bench_decoder -p unclip-prior --example bench_prior
 #   cargo test --release -p unclip-dist --test nccl --no-run   # prints the test binary's path
-#   mkdir -p gpu-bin && cp target/release/{train-clip,train-decoder,embed} target/release/examples/bench_decoder gpu-bin/
+#   mkdir -p gpu-bin && cp target/release/{train-clip,train-decoder,embed} target/release/examples/bench_{decoder,prior} gpu-bin/
 #   cp <nccl test binary> gpu-bin/nccl && strip gpu-bin/*
 # then on the GPU machine, from the repository root: bash scripts/check/gpu.sh [OUT_DIR]
 # Checks (CHECKS picks some; default nccl,clip,bench): nccl: NCCL collectives on the GPU; clip:
 # train-clip on CUDA in fp32, bf16, fp16 (loss scaling) and bf16 + channels-last, loss falling in
-# each; bench: the decoder benchmark in bf16 with MFU (needs diffusers), and whether CUDA too should
-# take the sub-pixel upsampling convolutions; decoder: the shapes chain
+# each; bench: the decoder benchmark in bf16 with MFU (needs diffusers), whether CUDA too should
+# take the sub-pixel upsampling convolutions, and the prior benchmark (fp32, DALLE2-pytorch's
+# 12 × 768 prior); decoder: the shapes chain
 # on CUDA — the shapes CLIP (700 steps), its embeddings, train-decoder in bf16 for DECODER_STEPS
-# (10000) with a grid of 64 held-out scenes (100 DDPM steps, guidance 1) every quarter, each
+# (10000) at batch DECODER_BATCH (the config's 32; more images per step answer sooner whether
+# this UNet learns the shapes at all) with a grid of 64 held-out scenes (100 DDPM steps, guidance 1) every quarter, each
 # printed with its shape count (`shapes: guidance 1 shape right N/119` in chain-decoder.log),
 # with the shapes kept when the held-out images are denoised from t = 343 (SDEdit strength 0.35),
 # then the final EMA grid in OUT/decoder-grid64.png. Logs and grids go to OUT_DIR, run
@@ -79,6 +82,12 @@ if wants bench bench_decoder; then
       check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 10
     step "the upsampling convolutions as sub-pixel convolutions on CUDA (bf16; CPU takes that path, CUDA not yet)"
     check python3 scripts/bench/decoder_alternatives.py subpixel cuda
+    if [ -x "$BIN/bench_prior" ]; then
+      step "prior training step, fp32, against diffusers' PriorTransformer (12 layers × 768, 77 tokens, batch 256)"
+      UNCLIP_PYTHON=python3 UNCLIP_BENCH_ROUNDS=6 check "$BIN/bench_prior" 12 64 12 768 77 256 4
+    else
+      skip prior-bench "no $BIN/bench_prior"
+    fi
   else
     skip bench "no diffusers for python3"
   fi
@@ -86,9 +95,9 @@ fi
 # With --resume auto a rerun (after the lent machine's per-command limit, say) continues the runs;
 # their logs are appended in RUNS, so the loss check sees the whole run.
 if wants decoder train-clip embed train-decoder; then
-  DECODER_STEPS=${DECODER_STEPS:-10000} CLIP_STEPS=${CLIP_STEPS:-700}
+  DECODER_STEPS=${DECODER_STEPS:-10000} DECODER_BATCH=${DECODER_BATCH:-32} CLIP_STEPS=${CLIP_STEPS:-700}
   quarter=$(( DECODER_STEPS >= 4 ? DECODER_STEPS / 4 : 1 )) log_every=$(( DECODER_STEPS >= 20 ? DECODER_STEPS / 20 : 1 ))
-  step "the shapes chain on $DEVICE: CLIP ($CLIP_STEPS steps), embeddings, decoder ($DECODER_STEPS steps, bf16)"
+  step "the shapes chain on $DEVICE: CLIP ($CLIP_STEPS steps), embeddings, decoder ($DECODER_STEPS steps of $DECODER_BATCH, bf16)"
   "$BIN/train-clip" --config configs/shapes/clip.yaml --run-dir "$RUNS/chain-clip" --resume auto --set "device=$DEVICE" \
     --set "train.steps=$CLIP_STEPS" --set logging.progress=lines 2>&1 | tee -a "$RUNS/chain-clip.log"
   check loss_halved "$RUNS/chain-clip.log"
@@ -100,7 +109,8 @@ if wants decoder train-clip embed train-decoder; then
            --set "clip=$RUNS/chain-clip" --set "data.embedding_dir=$RUNS/chain-emb64" --set samples.count=64
            --set 'samples.guidance_scales=[1.0]' --set 'decoder.sampling={sampler: ddpm, steps: "100", clip: {static: 1.0}}'
            --set 'samples.denoise_strengths=[0.35]')
-  "$BIN/train-decoder" "${decoder[@]}" --resume auto --set "train.steps=$DECODER_STEPS" --set "logging.images_every=$quarter" \
+  "$BIN/train-decoder" "${decoder[@]}" --resume auto --set "train.steps=$DECODER_STEPS" --set "train.batch_size=$DECODER_BATCH" \
+    --set "logging.images_every=$quarter" \
     --set "checkpoint.every=$quarter" --set "logging.every=$log_every" --set logging.progress=lines 2>&1 | tee -a "$RUNS/chain-decoder.log"
   check loss_halved "$RUNS/chain-decoder.log"
   cp "$RUNS"/chain-{clip,decoder}.log "$RUNS"/chain-decoder/samples/*.png "$OUT"/ 2>/dev/null

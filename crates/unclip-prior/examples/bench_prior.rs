@@ -11,7 +11,8 @@
 //!
 //! Defaults: the shapes prior (2 × 64 heads, 4 layers, 128 wide, 24 tokens), batch 256, 4 steps
 //! a turn. Ours updates with PyTorch's fused AdamW; diffusers' side with `torch.optim.AdamW`'s
-//! default, or its fused kernel too with `UNCLIP_BENCH_TORCH_FUSED=1`. The reference runs on CPU.
+//! default, or its fused kernel too with `UNCLIP_BENCH_TORCH_FUSED=1`. Both sides run on the first
+//! GPU where there is one (fp32), else on the CPU.
 
 use std::time::Instant;
 
@@ -79,7 +80,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     };
     let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
-    let script_args: Vec<String> = v.iter().map(i64::to_string).collect();
+    let mut script_args: Vec<String> = v.iter().map(i64::to_string).collect();
+    script_args.push(if device.is_cuda() { "cuda" } else { "cpu" }.into());
     let script = "scripts/bench/prior_step.py";
     let mut diffusers = ServedReference::spawn(&python, script, &script_args)?;
     let mut diffusers_tuned = if tuned && !device.is_cuda() {
