@@ -110,8 +110,7 @@ if wants decoder train-clip embed train-decoder; then
            --set 'samples.guidance_scales=[1.0]' --set 'decoder.sampling={sampler: ddpm, steps: "100", clip: {static: 1.0}}'
            --set 'samples.denoise_strengths=[0.35]')
   "$BIN/train-decoder" "${decoder[@]}" --resume auto --set "train.steps=$DECODER_STEPS" --set "train.batch_size=$DECODER_BATCH" \
-    --set "logging.images_every=$quarter" \
-    --set "checkpoint.every=$quarter" --set "logging.every=$log_every" --set logging.progress=lines 2>&1 | tee -a "$RUNS/chain-decoder.log"
+    --set "logging.images_every=$quarter" --set "checkpoint.every=$quarter" --set "logging.every=$log_every" --set logging.progress=lines 2>&1 | tee -a "$RUNS/chain-decoder.log"
   check loss_halved "$RUNS/chain-decoder.log"
   cp "$RUNS"/chain-{clip,decoder}.log "$RUNS"/chain-decoder/samples/*.png "$OUT"/ 2>/dev/null
   check "$BIN/train-decoder" "${decoder[@]}" --grid "$OUT/decoder-grid64.png"

@@ -126,16 +126,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Ok(())
     };
-    let sync = || {
-        if device.is_cuda() {
-            tch::Cuda::synchronize(0);
-        }
-    };
     let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
     let channel_list: Vec<String> = channels.iter().map(i64::to_string).collect();
     let mut script_args = vec![channel_list.join(",")];
     script_args.extend(rest.iter().map(i64::to_string));
-    script_args.push(if device.is_cuda() { "cuda" } else { "cpu" }.into());
+    script_args.push(bench::script_device(device).into());
     script_args.push(
         if precision == Precision::Bf16 {
             "bf16"
@@ -163,12 +158,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let unfused = std::env::var_os("UNCLIP_BENCH_UNFUSED").is_some();
     let mut ours_turn = |fused: bool| -> Result<f64, Box<dyn std::error::Error>> {
         norm_act::set_fused_cpu(fused);
-        sync();
+        bench::sync(device);
         let start = Instant::now();
         for _ in 0..steps {
             step()?;
         }
-        sync();
+        bench::sync(device);
         Ok(start.elapsed().as_secs_f64())
     };
     let rounds = bench::rounds(15);

@@ -81,7 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let python = std::env::var("UNCLIP_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into());
     let mut script_args: Vec<String> = v.iter().map(i64::to_string).collect();
-    script_args.push(if device.is_cuda() { "cuda" } else { "cpu" }.into());
+    script_args.push(bench::script_device(device).into());
     let script = "scripts/bench/prior_step.py";
     let mut diffusers = ServedReference::spawn(&python, script, &script_args)?;
     let mut diffusers_tuned = if tuned && !device.is_cuda() {
@@ -97,16 +97,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         step()?;
     }
     let mut ours_turn = || -> Result<f64, Box<dyn std::error::Error>> {
-        if device.is_cuda() {
-            tch::Cuda::synchronize(0);
-        }
+        bench::sync(device);
         let start = Instant::now();
         for _ in 0..steps {
             step()?;
         }
-        if device.is_cuda() {
-            tch::Cuda::synchronize(0);
-        }
+        bench::sync(device);
         Ok(start.elapsed().as_secs_f64())
     };
     let rounds = bench::rounds(15);

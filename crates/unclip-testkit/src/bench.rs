@@ -6,7 +6,25 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
+use tch::Device;
+
 pub type BenchError = Box<dyn std::error::Error>;
+
+/// The reference scripts' DEVICE argument for `device`.
+pub fn script_device(device: Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// Waits for the GPU's queued work (nothing on CPU), so that a timer brackets the work itself.
+pub fn sync(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
 
 /// `unclip_train::malloc::retain_freed_memory`'s settings as glibc's environment tunables.
 const GLIBC_RETAIN_FREED: &str = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647";
