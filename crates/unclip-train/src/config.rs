@@ -57,7 +57,8 @@ pub struct TrainConfig {
     pub max_nonfinite_steps: u32,
     /// Sharpness-aware minimisation with this ρ (none: plain steps). Doubles the compute.
     pub sam_rho: Option<f64>,
-    /// `fp32`, or `bf16` / `fp16` autocast for the forward pass with fp32 master weights.
+    /// `fp32`, or `bf16` / `fp16` autocast for the forward pass with fp32 master weights; `auto`
+    /// is bf16 on CUDA and on CPUs with AMX, fp32 elsewhere.
     pub precision: crate::precision::Precision,
     /// Dynamic loss scaling for `precision: fp16`.
     pub loss_scale: crate::loss_scale::LossScaleConfig,

@@ -26,6 +26,107 @@ pub enum Precision {
     /// Autocast to float16 with fp32 master weights and dynamic loss scaling
     /// (`train.loss_scale`), for GPUs without fast bf16.
     Fp16,
+    /// bf16 on CUDA and on CPUs with AMX-BF16, fp32 on other CPUs, where bf16 was slower than
+    /// fp32 (the README's *Mixed precision*).
+    Auto,
+}
+
+/// What a CPU offers bf16 matrix maths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuBf16 {
+    /// AMX tiles with bf16 (Sapphire Rapids and later).
+    Amx,
+    /// AVX512-BF16 dot products, no AMX (AMD Zen 4, or a hypervisor that hides AMX).
+    Avx512,
+    /// Neither: oneDNN converts bf16 to fp32 and back around fp32 kernels.
+    Emulated,
+}
+
+/// The precision a run uses, and what to tell the user about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub precision: Precision,
+    /// What `auto` chose and why, or a warning that an explicit choice will be slow.
+    pub note: Option<String>,
+}
+
+/// Resolves `train.precision` for `device` on this machine.
+pub fn resolve(requested: Precision, device: Device) -> Resolved {
+    resolve_for(requested, device.is_cuda(), cpu_bf16())
+}
+
+/// [`resolve`] for a CUDA device or not, on a CPU with `cpu` bf16 support.
+pub fn resolve_for(requested: Precision, cuda: bool, cpu: CpuBf16) -> Resolved {
+    let (precision, note) =
+        match (requested, cpu) {
+            (Precision::Auto, _) if cuda => {
+                (Precision::Bf16, "train.precision auto: bf16 (CUDA)".into())
+            }
+            (Precision::Auto, CpuBf16::Amx) => (
+                Precision::Bf16,
+                "train.precision auto: bf16 (this CPU has AMX-BF16)".into(),
+            ),
+            (Precision::Auto, _) => (
+                Precision::Fp32,
+                format!(
+                "train.precision auto: fp32 (this CPU has no AMX-BF16, {}: bf16 may be slower; \
+                 set train.precision=bf16 to try it)",
+                if cpu == CpuBf16::Avx512 { "only AVX512-BF16" } else { "nor AVX512-BF16" }
+            ),
+            ),
+            (Precision::Bf16, CpuBf16::Emulated) if !cuda => (
+                Precision::Bf16,
+                "warning: train.precision bf16 on a CPU with neither AMX-BF16 nor AVX512-BF16: \
+             oneDNN emulates bf16 (the shapes decoder trained at 0.07× fp32's images/s on AVX2); \
+             `auto` picks fp32"
+                    .into(),
+            ),
+            (other, _) => {
+                return Resolved {
+                    precision: other,
+                    note: None,
+                }
+            }
+        };
+    Resolved {
+        precision,
+        note: Some(note),
+    }
+}
+
+/// This CPU's bf16 support, from CPUID and what the OS saves (XCR0): AMX needs the tile state
+/// (bits 17–18), AVX-512 the ZMM state (bits 5–7). A hypervisor that hides a feature clears its
+/// CPUID bit.
+pub fn cpu_bf16() -> CpuBf16 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__cpuid_count, _xgetbv};
+        // `__cpuid_count` is safe from Rust 1.87 on, unsafe before.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU.
+        let (max_leaf, leaf1) = unsafe { (__cpuid_count(0, 0).eax, __cpuid_count(1, 0)) };
+        let osxsave = leaf1.ecx & (1 << 27) != 0;
+        if max_leaf < 7 || !osxsave {
+            return CpuBf16::Emulated;
+        }
+        #[allow(unused_unsafe)]
+        // SAFETY: as above; leaf 7 exists (max_leaf ≥ 7).
+        let (leaf7, leaf7_1) = unsafe { (__cpuid_count(7, 0), __cpuid_count(7, 1)) };
+        // SAFETY: OSXSAVE is set, so XGETBV is available.
+        let xcr0 = unsafe { _xgetbv(0) };
+        let saved = |mask: u64| xcr0 & mask == mask;
+        if leaf7.edx & (1 << 22) != 0 && saved(0b11 << 17) {
+            CpuBf16::Amx
+        } else if leaf7_1.eax & (1 << 5) != 0 && saved(0b1110_0110) {
+            CpuBf16::Avx512
+        } else {
+            CpuBf16::Emulated
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        CpuBf16::Emulated
+    }
 }
 
 /// Restores the previous autocast state when dropped (also on panic).
@@ -42,8 +143,9 @@ impl Drop for AutocastGuard {
 }
 
 /// Enters an autocast region for `device` at `precision` (None for fp32: nothing to do).
+/// `Auto` must be [`resolve`]d first: here it counts as fp32.
 pub fn autocast(device: Device, precision: Precision) -> Option<AutocastGuard> {
-    if precision == Precision::Fp32 {
+    if matches!(precision, Precision::Fp32 | Precision::Auto) {
         return None;
     }
     let device = if device.is_cuda() { 1 } else { 0 };

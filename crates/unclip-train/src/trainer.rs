@@ -207,7 +207,12 @@ pub fn train<T: TrainTask>(
     run_dir: &Path,
     resume: Option<&str>,
 ) -> Result<TrainSummary> {
-    let cfg = &runtime.train;
+    let resolved_precision = precision::resolve(runtime.train.precision, vs.device());
+    let train_cfg = crate::config::TrainConfig {
+        precision: resolved_precision.precision,
+        ..runtime.train.clone()
+    };
+    let cfg = &train_cfg;
     let dist = distributed::group_from_env(&runtime.distributed, vs.device())?.map(Rc::new);
     let rank = dist.as_ref().map_or(0, |g| g.rank());
     let rank0 = rank == 0;
@@ -284,6 +289,9 @@ pub fn train<T: TrainTask>(
         }
     };
     let mut logger = Logger::new(run_dir, &log_cfg, cfg.steps, start)?;
+    if let Some(note) = &resolved_precision.note {
+        logger.message(note);
+    }
     if let Some(dir) = &resumed_from {
         logger.message(&format!("resumed from {} at step {start}", dir.display()));
     }

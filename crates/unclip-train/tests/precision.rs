@@ -173,3 +173,102 @@ fn channels_last_weights_train_like_contiguous_ones_and_save_plainly() {
         assert!(ck.model[name].equal(var), "{name}");
     }
 }
+
+#[test]
+fn auto_precision_is_bf16_on_cuda_and_amx_cpus_and_fp32_elsewhere() {
+    use unclip_train::precision::{resolve_for, CpuBf16, Resolved};
+    let auto = |cuda, cpu| resolve_for(Precision::Auto, cuda, cpu);
+    assert_eq!(auto(true, CpuBf16::Emulated).precision, Precision::Bf16);
+    assert_eq!(auto(false, CpuBf16::Amx).precision, Precision::Bf16);
+    for cpu in [CpuBf16::Avx512, CpuBf16::Emulated] {
+        let r = auto(false, cpu);
+        assert_eq!(r.precision, Precision::Fp32);
+        assert!(r.note.unwrap().contains("no AMX-BF16"));
+    }
+    // An explicit bf16 is kept, with a warning only where it is emulated.
+    let slow = resolve_for(Precision::Bf16, false, CpuBf16::Emulated);
+    assert_eq!(slow.precision, Precision::Bf16);
+    assert!(slow.note.unwrap().starts_with("warning:"));
+    for (p, cuda, cpu) in [
+        (Precision::Bf16, false, CpuBf16::Amx),
+        (Precision::Bf16, false, CpuBf16::Avx512),
+        (Precision::Bf16, true, CpuBf16::Emulated),
+        (Precision::Fp32, false, CpuBf16::Emulated),
+        (Precision::Fp16, true, CpuBf16::Emulated),
+    ] {
+        let want = Resolved {
+            precision: p,
+            note: None,
+        };
+        assert_eq!(resolve_for(p, cuda, cpu), want);
+    }
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[test]
+fn cpu_bf16_detection_agrees_with_the_kernel() {
+    use unclip_train::precision::{cpu_bf16, CpuBf16};
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap();
+    let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+    let kernel_says = if has("amx_bf16") {
+        CpuBf16::Amx
+    } else if has("avx512_bf16") {
+        CpuBf16::Avx512
+    } else {
+        CpuBf16::Emulated
+    };
+    assert_eq!(cpu_bf16(), kernel_says, "{flags}");
+}
+
+/// Records the dtype a linear layer computes in under the trainer's autocast.
+struct KindProbe {
+    lin: nn::Linear,
+    kinds: Vec<Kind>,
+}
+
+impl unclip_train::TrainTask for KindProbe {
+    type Batch = Tensor;
+    fn next_batch(&mut self, _: u64, _: usize) -> anyhow::Result<Tensor> {
+        Ok(Tensor::randn([4, 8], (Kind::Float, Device::Cpu)))
+    }
+    fn loss(&mut self, x: &Tensor) -> anyhow::Result<unclip_train::StepOutput> {
+        use tch::nn::Module;
+        let y = self.lin.forward(x);
+        self.kinds.push(y.kind());
+        Ok(unclip_train::StepOutput {
+            loss: y.square().mean(Kind::Float),
+            samples: 4,
+            metrics: vec![],
+        })
+    }
+}
+
+#[test]
+fn the_trainer_computes_in_the_precision_auto_resolves_to() {
+    let _serial = serial();
+    let text = "device: cpu\ntrain: {steps: 2, precision: auto}\n\
+                logging: {progress: off, tensorboard: false}\ncheckpoint: {every: 2}\n\
+                model: {hidden: 8, depth: 1}\n";
+    let cfg = parse_config::<ToyConfig>(text, &[]).unwrap();
+    assert_eq!(cfg.runtime.train.precision, Precision::Auto);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let lin = nn::linear(vs.root() / "lin", 8, 8, Default::default());
+    let mut task = KindProbe { lin, kinds: vec![] };
+    let tmp = tempfile::tempdir().unwrap();
+    train(
+        &mut task,
+        &vs,
+        &cfg.runtime,
+        &cfg.resolved,
+        tmp.path(),
+        None,
+    )
+    .unwrap();
+    let want = if unclip_train::precision::cpu_bf16() == unclip_train::precision::CpuBf16::Amx {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    assert_eq!(task.kinds, vec![want; 2]);
+}
