@@ -336,6 +336,23 @@ fn dry_run_counts_the_paper_decoder_without_building_it() {
     // GLIDE's 64×64 UNet at 512 channels (~2.3 B; the paper's 3.5 B adds its 1.2 B caption
     // transformer, which this layout takes from CLIP).
     assert!((2_200_000_000..2_300_000_000).contains(&total), "{total}");
+    // The paper's bf16 stays bf16; the shapes config's `auto` says what it picks here and why.
+    assert!(out.contains("precision bf16"), "{out}");
+    let shapes = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../configs/shapes/decoder.yaml"
+    );
+    let out = run(
+        env!("CARGO_BIN_EXE_train-decoder"),
+        &["--config", shapes, "--dry-run", "--set", "device=cpu"],
+    );
+    let auto = unclip_train::precision::resolve(
+        unclip_train::precision::Precision::Auto,
+        tch::Device::Cpu,
+    );
+    let line = format!("precision {}", auto.precision.name());
+    assert!(out.contains(&line), "{out}");
+    assert!(out.contains(&auto.note.unwrap()), "{out}");
 }
 
 /// `train-decoder` as 2 Gloo ranks on loopback (as `torchrun --nproc-per-node 2` starts it);

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tch::{nn, Kind, Tensor};
 use unclip_train::checkpoint;
-use unclip_train::cli::{print_parameter_summary, train_with_args};
+use unclip_train::cli::{print_dry_run_header, print_parameter_summary, train_with_args};
 use unclip_train::toy::{ToyConfig, ToyTask};
 use unclip_train::trainer::load_into;
 use unclip_train::{load_config, TrainArgs};
@@ -32,10 +32,7 @@ fn main() -> Result<()> {
     let vs = nn::VarStore::new(device);
     let mut task = ToyTask::new(&vs, &cfg.task, cfg.runtime.train.batch_size)?;
     if args.dry_run {
-        println!(
-            "config {} is valid; device {device:?}",
-            args.config.display()
-        );
+        print_dry_run_header(&args.config, &cfg.runtime, device);
         print_parameter_summary(&vs);
         return Ok(());
     }

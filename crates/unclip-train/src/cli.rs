@@ -34,6 +34,23 @@ impl TrainArgs {
     }
 }
 
+/// `--dry-run`'s first lines: the config is valid, and the device and precision a run would use.
+pub fn print_dry_run_header(
+    config: &std::path::Path,
+    runtime: &crate::config::RuntimeConfig,
+    device: tch::Device,
+) {
+    let precision = crate::precision::resolve(runtime.train.precision, device);
+    println!(
+        "config {} is valid; device {device:?}, precision {}",
+        config.display(),
+        precision.precision.name()
+    );
+    if let Some(note) = &precision.note {
+        println!("  {note}");
+    }
+}
+
 /// Prints parameter counts per top-level module and the total (`--dry-run`).
 pub fn print_parameter_summary(vs: &tch::nn::VarStore) {
     let summary = crate::trainer::parameter_summary(vs);

@@ -31,6 +31,18 @@ pub enum Precision {
     Auto,
 }
 
+impl Precision {
+    /// The config's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+            Precision::Auto => "auto",
+        }
+    }
+}
+
 /// What a CPU offers bf16 matrix maths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuBf16 {

@@ -6,7 +6,9 @@ use anyhow::Result;
 use clap::Parser;
 use tch::nn;
 use unclip_clip::task::{ensure_shards, ClipTask, ClipTrainConfig};
-use unclip_train::cli::{print_parameter_summary, report_current_then_ema, train_with_args};
+use unclip_train::cli::{
+    print_dry_run_header, print_parameter_summary, report_current_then_ema, train_with_args,
+};
 use unclip_train::{load_config, TrainArgs};
 
 #[derive(Parser)]
@@ -26,10 +28,7 @@ fn main() -> Result<()> {
     if args.dry_run {
         let vs = nn::VarStore::new(device);
         let _model = unclip_clip::Clip::new(vs.root(), &cfg.task.model)?;
-        println!(
-            "config {} is valid; device {device:?}",
-            args.config.display()
-        );
+        print_dry_run_header(&args.config, &cfg.runtime, device);
         print_parameter_summary(&vs);
         return Ok(());
     }

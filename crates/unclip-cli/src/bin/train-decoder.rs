@@ -10,8 +10,8 @@ use tch::nn;
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig};
 use unclip_decoder::UnclipDecoder;
 use unclip_train::cli::{
-    print_counted_parameters, print_parameter_summary, report_current_then_ema, train_with_args,
-    DRY_RUN_BUILD_LIMIT,
+    print_counted_parameters, print_dry_run_header, print_parameter_summary,
+    report_current_then_ema, train_with_args, DRY_RUN_BUILD_LIMIT,
 };
 use unclip_train::{load_config, TrainArgs};
 
@@ -77,10 +77,9 @@ fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn dry_run(cfg: &DecoderTrainConfig, config: &std::path::Path, device: tch::Device) -> Result<()> {
+fn dry_run(cfg: &DecoderTrainConfig, device: tch::Device) -> Result<()> {
     let m = &cfg.decoder.model;
     let (text_proj, unet) = (m.text_proj_parameter_count(), m.unet.parameter_count());
-    println!("config {} is valid; device {device:?}", config.display());
     if text_proj + unet <= DRY_RUN_BUILD_LIMIT {
         let vs = nn::VarStore::new(device);
         UnclipDecoder::from_config(vs.root(), m)?;
@@ -107,7 +106,8 @@ fn main() -> Result<()> {
     let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?;
     let device = cfg.runtime.device()?;
     if args.dry_run {
-        return dry_run(&cfg.task, &args.config, device);
+        print_dry_run_header(&args.config, &cfg.runtime, device);
+        return dry_run(&cfg.task, device);
     }
     let env = unclip_dist::DistEnv::from_env()?;
     let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));

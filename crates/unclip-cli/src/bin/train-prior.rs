@@ -14,8 +14,8 @@ use unclip_prior::sample::PriorSampler;
 use unclip_prior::task::{EvalReport, PriorTask, PriorTrainConfig};
 use unclip_prior::DiffusionPrior;
 use unclip_train::cli::{
-    print_counted_parameters, print_parameter_summary, report_current_then_ema, train_with_args,
-    DRY_RUN_BUILD_LIMIT,
+    print_counted_parameters, print_dry_run_header, print_parameter_summary,
+    report_current_then_ema, train_with_args, DRY_RUN_BUILD_LIMIT,
 };
 use unclip_train::{load_config, TrainArgs};
 
@@ -119,10 +119,7 @@ fn main() -> Result<()> {
     let env = unclip_dist::DistEnv::from_env()?;
     let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
     if args.dry_run {
-        println!(
-            "config {} is valid; device {device:?}",
-            args.config.display()
-        );
+        print_dry_run_header(&args.config, &cfg.runtime, device);
         let model = &cfg.task.prior.model;
         if model.parameter_count() > DRY_RUN_BUILD_LIMIT {
             print_counted_parameters(&[("prior", model.parameter_count())]);
