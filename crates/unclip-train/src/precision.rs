@@ -67,42 +67,44 @@ pub fn resolve(requested: Precision, device: Device) -> Resolved {
     resolve_for(requested, device.is_cuda(), cpu_bf16())
 }
 
+/// The warning for an explicit bf16 where oneDNN can only emulate it.
+const EMULATED_BF16: &str = "warning: train.precision bf16 on a CPU with neither AMX-BF16 nor \
+    AVX512-BF16: oneDNN emulates bf16 (the shapes decoder trained at 0.07× fp32's images/s on \
+    AVX2); `auto` picks fp32";
+
 /// [`resolve`] for a CUDA device or not, on a CPU with `cpu` bf16 support.
 pub fn resolve_for(requested: Precision, cuda: bool, cpu: CpuBf16) -> Resolved {
-    let (precision, note) =
-        match (requested, cpu) {
-            (Precision::Auto, _) if cuda => {
-                (Precision::Bf16, "train.precision auto: bf16 (CUDA)".into())
+    let (precision, why) = match (requested, cpu) {
+        (Precision::Auto, _) if cuda => (Precision::Bf16, "CUDA"),
+        (Precision::Auto, CpuBf16::Amx) => (Precision::Bf16, "this CPU has AMX-BF16"),
+        (Precision::Auto, CpuBf16::Avx512) => (
+            Precision::Fp32,
+            "this CPU has no AMX-BF16, only AVX512-BF16: bf16 may be slower; \
+             set train.precision=bf16 to try it",
+        ),
+        (Precision::Auto, CpuBf16::Emulated) => (
+            Precision::Fp32,
+            "this CPU has no AMX-BF16 nor AVX512-BF16: oneDNN would emulate bf16",
+        ),
+        (Precision::Bf16, CpuBf16::Emulated) if !cuda => {
+            return Resolved {
+                precision: Precision::Bf16,
+                note: Some(EMULATED_BF16.into()),
             }
-            (Precision::Auto, CpuBf16::Amx) => (
-                Precision::Bf16,
-                "train.precision auto: bf16 (this CPU has AMX-BF16)".into(),
-            ),
-            (Precision::Auto, _) => (
-                Precision::Fp32,
-                format!(
-                "train.precision auto: fp32 (this CPU has no AMX-BF16, {}: bf16 may be slower; \
-                 set train.precision=bf16 to try it)",
-                if cpu == CpuBf16::Avx512 { "only AVX512-BF16" } else { "nor AVX512-BF16" }
-            ),
-            ),
-            (Precision::Bf16, CpuBf16::Emulated) if !cuda => (
-                Precision::Bf16,
-                "warning: train.precision bf16 on a CPU with neither AMX-BF16 nor AVX512-BF16: \
-             oneDNN emulates bf16 (the shapes decoder trained at 0.07× fp32's images/s on AVX2); \
-             `auto` picks fp32"
-                    .into(),
-            ),
-            (other, _) => {
-                return Resolved {
-                    precision: other,
-                    note: None,
-                }
+        }
+        (other, _) => {
+            return Resolved {
+                precision: other,
+                note: None,
             }
-        };
+        }
+    };
     Resolved {
         precision,
-        note: Some(note),
+        note: Some(format!(
+            "train.precision auto: {} ({why})",
+            precision.name()
+        )),
     }
 }
 
