@@ -26,8 +26,8 @@ pub enum Precision {
     /// Autocast to float16 with fp32 master weights and dynamic loss scaling
     /// (`train.loss_scale`), for GPUs without fast bf16.
     Fp16,
-    /// bf16 on CUDA and on CPUs with AMX-BF16, fp32 on other CPUs, where bf16 was slower than
-    /// fp32 (the README's *Mixed precision*).
+    /// bf16 on CUDA and on CPUs with AMX-BF16, fp32 on other CPUs, where bf16 can be far slower
+    /// than fp32 (the README's *Mixed precision*).
     Auto,
 }
 
