@@ -244,14 +244,16 @@ impl unclip_train::TrainTask for KindProbe {
     }
 }
 
-#[test]
-fn the_trainer_computes_in_the_precision_auto_resolves_to() {
-    let _serial = serial();
-    let text = "device: cpu\ntrain: {steps: 2, precision: auto}\n\
-                logging: {progress: off, tensorboard: false}\ncheckpoint: {every: 2}\n\
-                model: {hidden: 8, depth: 1}\n";
-    let cfg = parse_config::<ToyConfig>(text, &[]).unwrap();
-    assert_eq!(cfg.runtime.train.precision, Precision::Auto);
+/// The dtypes `KindProbe` saw over a 2-step run at `train.precision: precision`.
+fn probe_kinds(precision: Precision) -> Vec<Kind> {
+    let text = format!(
+        "device: cpu\ntrain: {{steps: 2, precision: {}}}\n\
+         logging: {{progress: off, tensorboard: false}}\ncheckpoint: {{every: 2}}\n\
+         model: {{hidden: 8, depth: 1}}\n",
+        precision.name()
+    );
+    let cfg = parse_config::<ToyConfig>(&text, &[]).unwrap();
+    assert_eq!(cfg.runtime.train.precision, precision);
     let vs = nn::VarStore::new(Device::Cpu);
     let lin = nn::linear(vs.root() / "lin", 8, 8, Default::default());
     let mut task = KindProbe { lin, kinds: vec![] };
@@ -265,10 +267,17 @@ fn the_trainer_computes_in_the_precision_auto_resolves_to() {
         None,
     )
     .unwrap();
-    let want = if unclip_train::precision::cpu_bf16() == unclip_train::precision::CpuBf16::Amx {
-        Kind::BFloat16
-    } else {
-        Kind::Float
+    task.kinds
+}
+
+#[test]
+fn the_trainer_computes_in_the_precision_auto_resolves_to() {
+    let _serial = serial();
+    // The probe sees autocast: explicit bf16 computes in bf16 on any CPU.
+    assert_eq!(probe_kinds(Precision::Bf16), vec![Kind::BFloat16; 2]);
+    let want = match unclip_train::precision::resolve(Precision::Auto, Device::Cpu).precision {
+        Precision::Bf16 => Kind::BFloat16,
+        _ => Kind::Float,
     };
-    assert_eq!(task.kinds, vec![want; 2]);
+    assert_eq!(probe_kinds(Precision::Auto), vec![want; 2]);
 }
