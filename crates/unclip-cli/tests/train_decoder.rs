@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 use unclip_dist::launch::launch_local;
 mod common;
-use common::{dry_run_total, embedded_shapes, run, run_fails};
+use common::{decoder_config, dry_run_total, embedded_shapes, run, run_fails};
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig, EmbeddingSource};
 use unclip_decoder::LoadedDecoder;
 use unclip_train::config::parse_config;
@@ -14,38 +14,6 @@ use unclip_train::config::parse_config;
 /// A random CLIP, 48 training and 8 held-out shapes images at 32 px, and their embeddings.
 fn dataset(dir: &Path) {
     embedded_shapes(dir, 48, env!("CARGO_BIN_EXE_embed"));
-}
-
-fn decoder_config(dir: &Path) -> String {
-    format!(
-        "
-seed: 0
-device: cpu
-decoder:
-  model:
-    clip_embeddings_dim: 32
-    unet:
-      block_out_channels: [16, 32]
-      down_block_types: [ResnetDownsampleBlock2D, SimpleCrossAttnDownBlock2D]
-      up_block_types: [SimpleCrossAttnUpBlock2D, ResnetUpsampleBlock2D]
-      layers_per_block: 1
-      cross_attention_dim: 32
-      attention_head_dim: 8
-      norm_num_groups: 8
-  sampling: {{sampler: ddim, steps: '4'}}
-clip: {dir}/clip
-data:
-  train: {dir}/shapes/img-{{000000..000001}}.tar
-  held_out: {dir}/shapes/val-000000.tar
-  embedding_dir: {dir}/emb
-  image: {{resolution: 32}}
-samples: {{count: 4, guidance_scales: [1.0, 3.0], denoise_strengths: [0.25, 0.5]}}
-train: {{steps: 40, batch_size: 8, lr: 2.0e-3, ema_decay: 0.9}}
-logging: {{every: 10, images_every: 20, progress: lines}}
-checkpoint: {{every: 20}}
-",
-        dir = dir.display()
-    )
 }
 
 fn losses(stdout: &str) -> Vec<f64> {

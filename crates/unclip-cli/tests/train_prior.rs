@@ -1,31 +1,9 @@
 //! The prior's stage of the pipeline end to end through the binaries: shapes shards → `embed
 //! --token-features` (a random tiny CLIP) → `train-prior` → `train-prior --sample`; and
 //! `--dry-run` on the paper config.
-use std::path::Path;
 mod common;
-use common::{dry_run_total, embedded_shapes, run};
+use common::{dry_run_total, embedded_shapes, prior_config, run};
 use unclip_data::npy::NpyArray;
-
-fn prior_config(dir: &Path) -> String {
-    format!(
-        "
-seed: 0
-device: cpu
-prior:
-  model: {{num_attention_heads: 2, attention_head_dim: 16, num_layers: 1, embedding_dim: 32, num_embeddings: 16}}
-  sampling: {{sampler: ddim, steps: '8'}}
-clip: {dir}/clip
-data:
-  train: {dir}/emb/img-{{000000..000001}}.tar
-  held_out: {dir}/emb/val-000000.tar
-eval: {{every: 3, count: 8, guidance_scales: [1.0, 2.0]}}
-train: {{steps: 6, batch_size: 8}}
-logging: {{every: 3, progress: off}}
-checkpoint: {{every: 3}}
-",
-        dir = dir.display()
-    )
-}
 
 #[test]
 fn embed_then_train_prior_then_sample() {

@@ -68,3 +68,59 @@ pub fn embedded_shapes(dir: &Path, train: u64, embed_bin: &str) {
         );
     }
 }
+
+/// A tiny prior config on `embedded_shapes(dir, …)`: 6 steps, checkpoints every 3.
+pub fn prior_config(dir: &Path) -> String {
+    format!(
+        "
+seed: 0
+device: cpu
+prior:
+  model: {{num_attention_heads: 2, attention_head_dim: 16, num_layers: 1, embedding_dim: 32, num_embeddings: 16}}
+  sampling: {{sampler: ddim, steps: '8'}}
+clip: {dir}/clip
+data:
+  train: {dir}/emb/img-{{000000..000001}}.tar
+  held_out: {dir}/emb/val-000000.tar
+eval: {{every: 3, count: 8, guidance_scales: [1.0, 2.0]}}
+train: {{steps: 6, batch_size: 8}}
+logging: {{every: 3, progress: off}}
+checkpoint: {{every: 3}}
+",
+        dir = dir.display()
+    )
+}
+
+/// A tiny decoder config on `embedded_shapes(dir, …)` at 32 px: 40 steps, grids and checkpoints
+/// every 20.
+pub fn decoder_config(dir: &Path) -> String {
+    format!(
+        "
+seed: 0
+device: cpu
+decoder:
+  model:
+    clip_embeddings_dim: 32
+    unet:
+      block_out_channels: [16, 32]
+      down_block_types: [ResnetDownsampleBlock2D, SimpleCrossAttnDownBlock2D]
+      up_block_types: [SimpleCrossAttnUpBlock2D, ResnetUpsampleBlock2D]
+      layers_per_block: 1
+      cross_attention_dim: 32
+      attention_head_dim: 8
+      norm_num_groups: 8
+  sampling: {{sampler: ddim, steps: '4'}}
+clip: {dir}/clip
+data:
+  train: {dir}/shapes/img-{{000000..000001}}.tar
+  held_out: {dir}/shapes/val-000000.tar
+  embedding_dir: {dir}/emb
+  image: {{resolution: 32}}
+samples: {{count: 4, guidance_scales: [1.0, 3.0], denoise_strengths: [0.25, 0.5]}}
+train: {{steps: 40, batch_size: 8, lr: 2.0e-3, ema_decay: 0.9}}
+logging: {{every: 10, images_every: 20, progress: lines}}
+checkpoint: {{every: 20}}
+",
+        dir = dir.display()
+    )
+}

@@ -1,0 +1,243 @@
+//! Text to image with a trained prior and decoder (unCLIP's sampling pipeline).
+//!
+//!     sample --prior runs/prior --decoder runs/decoder --caption "a red circle" --out runs/samples
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Parser;
+use tch::{Kind, Tensor};
+use unclip_cli::pipeline::{image_path, Pipeline};
+use unclip_diffusion::device::parse_device;
+use unclip_diffusion::{Respacing, SamplerConfig};
+use unclip_train::precision::{resolve, Precision};
+
+#[derive(Parser)]
+#[command(
+    about = "Sample images for captions: CLIP text encoder → prior → decoder (unCLIP's pipeline)"
+)]
+struct Cli {
+    /// A caption to sample images for. Repeatable.
+    #[arg(
+        long = "caption",
+        value_name = "TEXT",
+        required_unless_present = "captions"
+    )]
+    caption: Vec<String>,
+    /// A text file of captions, one per line (blank lines skipped); after any --caption.
+    #[arg(long, value_name = "FILE")]
+    captions: Option<PathBuf>,
+    /// A train-prior run directory (its newest checkpoint, EMA weights).
+    #[arg(long, value_name = "RUN", required_unless_present = "no_prior")]
+    prior: Option<PathBuf>,
+    /// Decode z_t itself instead of a prior's sample: the paper's zero-shot baseline.
+    #[arg(long, conflicts_with = "prior")]
+    no_prior: bool,
+    /// A train-decoder run directory (its newest checkpoint, EMA weights).
+    #[arg(long, value_name = "RUN")]
+    decoder: PathBuf,
+    /// This checkpoint of the decoder run (`RUN/checkpoints/step-N`) instead of its newest.
+    #[arg(long, value_name = "DIR")]
+    decoder_checkpoint: Option<PathBuf>,
+    /// Images per caption.
+    #[arg(long, default_value_t = 4)]
+    count: usize,
+    /// Output directory: one PNG per image (`NNN_KK.png`: caption NNN, draw KK), `grid.png`
+    /// (a row per caption) and `samples.json`.
+    #[arg(long, default_value = "runs/samples")]
+    out: PathBuf,
+    /// Seed of all sampling noise.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// The prior's guidance scale (default: the prior config's prior.guidance_scale).
+    #[arg(long)]
+    prior_guidance: Option<f64>,
+    /// Prior draws per image, reranked by z_i · z_t (default: the config's prior.candidates).
+    #[arg(long)]
+    candidates: Option<usize>,
+    /// Keys of the prior's sampler to change, as YAML: e.g. '{steps: "32"}' (the rest: the
+    /// config's prior.sampling).
+    #[arg(long, value_name = "YAML")]
+    prior_sampling: Option<String>,
+    /// The decoder's guidance scale (default: the decoder config's decoder.guidance_scale).
+    #[arg(long)]
+    decoder_guidance: Option<f64>,
+    /// Keys of the decoder's sampler to change, as YAML: e.g. '{sampler: ddim, steps: "50"}' (the
+    /// rest: the config's decoder.sampling).
+    #[arg(long, value_name = "YAML")]
+    decoder_sampling: Option<String>,
+    /// Images decoded at once.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// fp32, bf16, fp16 or auto (bf16 on CUDA and AMX CPUs, else fp32).
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+/// `base` with the keys of the YAML mapping `yaml` replaced (e.g. `{steps: "50"}` keeps the sampler
+/// and its clipping).
+fn sampler(option: &str, base: &SamplerConfig, yaml: &str) -> Result<SamplerConfig> {
+    let bad = |e: &dyn std::fmt::Display| anyhow!("{option} {yaml:?}: {e}");
+    let serde_yaml::Value::Mapping(mut merged) = serde_yaml::to_value(base)? else {
+        return Err(bad(&"the sampler did not serialise to a mapping"));
+    };
+    match serde_yaml::from_str::<serde_yaml::Value>(yaml).map_err(|e| bad(&e))? {
+        serde_yaml::Value::Mapping(keys) => merged.extend(keys),
+        _ => {
+            return Err(bad(
+                &"expected a mapping such as '{sampler: ddim, steps: \"50\"}'",
+            ))
+        }
+    }
+    serde_yaml::from_value(serde_yaml::Value::Mapping(merged)).map_err(|e| bad(&e))
+}
+
+fn steps(s: &SamplerConfig) -> String {
+    match &s.steps {
+        Respacing::Spec(spec) => format!("{:?} {spec}", s.sampler),
+        Respacing::Explicit(v) => format!("{:?} {} steps", s.sampler, v.len()),
+    }
+}
+
+fn captions(cli: &Cli) -> Result<Vec<String>> {
+    let mut all = cli.caption.clone();
+    if let Some(file) = &cli.captions {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading captions {}", file.display()))?;
+        all.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+    }
+    anyhow::ensure!(
+        !all.is_empty(),
+        "no captions: give --caption or a non-empty --captions file"
+    );
+    Ok(all)
+}
+
+fn mean(t: &Tensor) -> f64 {
+    t.mean(Kind::Float).double_value(&[])
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let captions = captions(&cli)?;
+    let device = parse_device(&cli.device)?;
+    let precision: Precision = serde_yaml::from_str(&cli.precision).map_err(|_| {
+        anyhow!(
+            "--precision {:?}: expected fp32, bf16, fp16 or auto",
+            cli.precision
+        )
+    })?;
+    let pipeline = Pipeline::load(
+        cli.prior.as_deref(),
+        &cli.decoder,
+        cli.decoder_checkpoint.as_deref(),
+        device,
+    )?;
+    let mut o = pipeline.default_options();
+    o.count = cli.count;
+    o.seed = cli.seed;
+    o.batch_size = cli.batch_size;
+    o.precision = precision;
+    o.prior_guidance = cli.prior_guidance.unwrap_or(o.prior_guidance);
+    o.candidates = cli.candidates.unwrap_or(o.candidates);
+    o.decoder_guidance = cli.decoder_guidance.unwrap_or(o.decoder_guidance);
+    if let Some(yaml) = &cli.prior_sampling {
+        o.prior_sampling = sampler("--prior-sampling", &o.prior_sampling, yaml)?;
+    }
+    if let Some(yaml) = &cli.decoder_sampling {
+        o.decoder_sampling = sampler("--decoder-sampling", &o.decoder_sampling, yaml)?;
+    }
+    pipeline.check(&o)?;
+    let resolved = resolve(o.precision, device);
+    match &pipeline.prior {
+        Some(run) => println!(
+            "prior {}: guidance {}, {} candidates, {}",
+            run.source,
+            o.prior_guidance,
+            o.candidates,
+            steps(&o.prior_sampling)
+        ),
+        None => println!("no prior: the decoder is given z_t as the image embedding"),
+    }
+    println!(
+        "decoder {}: guidance {}, {}; {} images of {} px per caption, device {device:?}, {}",
+        pipeline.decoder.source,
+        o.decoder_guidance,
+        steps(&o.decoder_sampling),
+        o.count,
+        pipeline.decoder.resolution(),
+        resolved.precision.name()
+    );
+    let g = pipeline.generate(&captions, &o)?;
+
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let n = captions.len() as i64;
+    let k = o.count as i64;
+    let mut rows = Vec::new();
+    let mut manifest = Vec::new();
+    for (i, caption) in captions.iter().enumerate() {
+        let row = g.images.narrow(0, i as i64 * k, k);
+        for draw in 0..o.count {
+            let path = image_path(&cli.out, i, draw);
+            let idx = i as i64 * k + draw as i64;
+            let img = (row.get(draw as i64).to_device(tch::Device::Cpu) + 1.0) * 0.5;
+            unclip_train::logging::write_png(&path, &img.clamp(0.0, 1.0))?;
+            manifest.push(serde_json::json!({
+                "caption": caption,
+                "file": path.file_name().map(|f| f.to_string_lossy().into_owned()),
+                "seed": o.seed,
+                "draw": draw,
+                "clip_score": g.clip_text.double_value(&[idx, i as i64]),
+                "clip_image_score": g.clip_image.double_value(&[idx]),
+                "prior_score": g.prior_scores.as_ref().map(|s| s.double_value(&[idx])),
+            }));
+        }
+        rows.push(row);
+        // cos(CLIP(image), z_t) for its own caption against the other captions'.
+        let scores = g.clip_text.narrow(0, i as i64 * k, k);
+        let own = mean(&scores.select(1, i as i64));
+        let others = if n > 1 {
+            let mask = Tensor::ones([n], (Kind::Bool, scores.device()));
+            let _ = mask.get(i as i64).fill_(0);
+            format!(
+                ", other captions {:.4}",
+                mean(&scores.index_select(1, &mask.nonzero().squeeze_dim(1)))
+            )
+        } else {
+            String::new()
+        };
+        let prior = g
+            .prior_scores
+            .as_ref()
+            .map(|s| {
+                format!(
+                    ", prior z_i · z_t {:.4}",
+                    mean(&s.narrow(0, i as i64 * k, k))
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "{caption:?}: cos(CLIP(image), z_t) {own:.4}{others}; cos(CLIP(image), z_i) {:.4}{prior}",
+            mean(&g.clip_image.narrow(0, i as i64 * k, k))
+        );
+    }
+    let grid = unclip_decoder::task::tile_rows(&rows)?;
+    unclip_train::logging::write_png(&cli.out.join("grid.png"), &grid)?;
+    let json = cli.out.join("samples.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!(
+        "wrote {} images, grid.png (a row per caption) and samples.json to {}",
+        n * k,
+        cli.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! unCLIP's text-to-image sampling (SPEC.md, *Text-to-image sampling*): caption → CLIP text
+//! encoder (z_t, token features) → prior (its own guidance scale, candidates reranked by
+//! z_i · z_t) → decoder (its own guidance scale). Without a prior the decoder is given z_t as its
+//! image embedding: the paper's zero-shot baseline.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use tch::{Device, Kind, Tensor};
+use unclip_clip::caption::{CaptionEncoder, TextCondition};
+use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
+use unclip_diffusion::SamplerConfig;
+use unclip_prior::load::{load_prior_run, PriorRun};
+use unclip_prior::sample::PriorSampler;
+use unclip_train::precision::{autocast, Precision};
+
+/// A prior run and a decoder run trained on the same frozen CLIP.
+pub struct Pipeline {
+    pub encoder: CaptionEncoder,
+    pub prior: Option<PriorRun>,
+    pub decoder: DecoderRun,
+    /// The empty caption's condition, guidance's null branch for both stages.
+    null: TextCondition,
+    device: Device,
+}
+
+/// How [`Pipeline::generate`] samples; [`Pipeline::default_options`] takes each stage's from its
+/// run's config.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Images per caption.
+    pub count: usize,
+    pub prior_guidance: f64,
+    /// Prior draws per image, the one with the highest z_i · z_t kept.
+    pub candidates: usize,
+    pub prior_sampling: SamplerConfig,
+    pub decoder_guidance: f64,
+    pub decoder_sampling: SamplerConfig,
+    /// Seed of all sampling noise: the same seed, options and batch size give the same images.
+    pub seed: i64,
+    /// Images decoded at once.
+    pub batch_size: usize,
+    /// `auto`: bf16 autocast on CUDA and AMX CPUs, fp32 elsewhere (the trainers' rule).
+    pub precision: Precision,
+}
+
+/// What [`Pipeline::generate`] made; rows are caption-major (caption i, draw k at i·count + k).
+pub struct Generated {
+    /// [N, 3, H, W] in [-1, 1].
+    pub images: Tensor,
+    /// [N, D]: the image embeddings decoded (the prior's samples, or z_t).
+    pub image_embeds: Tensor,
+    /// [N]: the kept prior candidate's z_i · z_t (None without a prior).
+    pub prior_scores: Option<Tensor>,
+    /// [N, C]: cos(CLIP image embedding of image n, z_t of caption c) for each of the C captions.
+    pub clip_text: Tensor,
+    /// [N]: cos(CLIP image embedding of the image, the z_i it was decoded from).
+    pub clip_image: Tensor,
+}
+
+/// Whether two `clip:` settings name the same CLIP (same directory once resolved).
+fn same_clip(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+impl Pipeline {
+    /// The decoder of `decoder_run` (a `train-decoder` run directory; `decoder_checkpoint`, or its
+    /// newest checkpoint, EMA weights) behind the prior of `prior_run` (a `train-prior` run
+    /// directory, newest checkpoint) or, with none, behind z_t. The CLIP is the decoder config's
+    /// `clip:`, which the prior's must name too.
+    pub fn load(
+        prior_run: Option<&Path>,
+        decoder_run: &Path,
+        decoder_checkpoint: Option<&Path>,
+        device: Device,
+    ) -> Result<Self> {
+        let decoder = DecoderRun::load(decoder_run, decoder_checkpoint, device)
+            .with_context(|| format!("decoder run {}", decoder_run.display()))?;
+        let clip = decoder.cfg.clip.clone();
+        let prior = match prior_run {
+            Some(dir) => {
+                let run = load_prior_run(dir, device)
+                    .with_context(|| format!("prior run {}", dir.display()))?;
+                ensure!(
+                    same_clip(&run.cfg.clip, &clip),
+                    "the prior run {} was trained on the CLIP {} and the decoder run {} on {}: \
+                     the decoder can only read image embeddings of its own CLIP",
+                    dir.display(),
+                    run.cfg.clip.display(),
+                    decoder_run.display(),
+                    clip.display()
+                );
+                Some(run)
+            }
+            None => None,
+        };
+        let name = format!(
+            "{} (the clip: of {})",
+            clip.display(),
+            decoder_run.join("config.yaml").display()
+        );
+        let encoder =
+            CaptionEncoder::load(&clip, device).with_context(|| format!("clip {name}"))?;
+        unclip_decoder::task::check_clip_fits(&encoder, &decoder.cfg.decoder.model, &name)?;
+        if let Some(run) = &prior {
+            unclip_prior::task::check_clip_fits(&encoder, &run.cfg.prior.model, &name)?;
+        }
+        let null = encoder.null_condition()?;
+        Ok(Self {
+            encoder,
+            prior,
+            decoder,
+            null,
+            device,
+        })
+    }
+
+    /// Each stage's guidance scale, candidates and sampler from its run's config; 4 images per
+    /// caption, seed 0, 16 at once, precision `auto`.
+    pub fn default_options(&self) -> PipelineOptions {
+        let d = &self.decoder.cfg.decoder;
+        let (prior_guidance, candidates, prior_sampling) = match &self.prior {
+            Some(run) => {
+                let p = &run.cfg.prior;
+                (p.guidance_scale, p.candidates, p.sampling.clone())
+            }
+            None => (1.0, 1, unclip_prior::task::default_sampling()),
+        };
+        PipelineOptions {
+            count: 4,
+            prior_guidance,
+            candidates,
+            prior_sampling,
+            decoder_guidance: d.guidance_scale,
+            decoder_sampling: d.sampling.clone(),
+            seed: 0,
+            batch_size: 16,
+            precision: Precision::Auto,
+        }
+    }
+
+    /// Checks `o` against the runs; errors name the option.
+    pub fn check(&self, o: &PipelineOptions) -> Result<()> {
+        ensure!(o.count >= 1, "count must be at least 1");
+        ensure!(o.batch_size >= 1, "batch size must be at least 1");
+        ensure!(o.candidates >= 1, "candidates must be at least 1");
+        for (what, g) in [
+            ("prior guidance", o.prior_guidance),
+            ("decoder guidance", o.decoder_guidance),
+        ] {
+            ensure!(
+                g.is_finite() && g >= 0.0,
+                "{what} must be finite and >= 0, got {g}"
+            );
+        }
+        let check = |what: &str, s: &SamplerConfig, timesteps: usize| -> Result<()> {
+            s.validate().map_err(|e| anyhow!("{what} sampling: {e}"))?;
+            s.steps
+                .timesteps(timesteps)
+                .map_err(|e| anyhow!("{what} sampling steps: {e}"))?;
+            Ok(())
+        };
+        check(
+            "decoder",
+            &o.decoder_sampling,
+            self.decoder.cfg.decoder.diffusion.timesteps,
+        )?;
+        if let Some(run) = &self.prior {
+            check(
+                "prior",
+                &o.prior_sampling,
+                run.cfg.prior.diffusion.timesteps,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `o.count` images for each caption.
+    pub fn generate<S: AsRef<str>>(
+        &self,
+        captions: &[S],
+        o: &PipelineOptions,
+    ) -> Result<Generated> {
+        ensure!(!captions.is_empty(), "no captions to sample");
+        self.check(o)?;
+        let rows: Vec<&str> = captions
+            .iter()
+            .flat_map(|c| std::iter::repeat_n(c.as_ref(), o.count))
+            .collect();
+        let n = rows.len() as i64;
+        let _g = tch::no_grad_guard();
+        let precision = unclip_train::precision::resolve(o.precision, self.device).precision;
+        let _autocast = autocast(self.device, precision);
+        let text = self.encoder.encode(&rows)?;
+        tch::manual_seed(o.seed);
+        let (image_embeds, prior_scores) = match &self.prior {
+            Some(run) => {
+                let p = &run.cfg.prior;
+                let sampler = PriorSampler::new(&run.prior.model, &p.diffusion, &o.prior_sampling)?;
+                let s = sampler.sample(&text, &self.null, o.prior_guidance, o.candidates)?;
+                let best = s.scores.max_dim(1, false).0.to_kind(Kind::Float);
+                (s.image_embeds.to_kind(Kind::Float), Some(best))
+            }
+            None => (text.text_embeds.to_kind(Kind::Float), None),
+        };
+        // The decoder's noise from the seed again, so that runs with and without the prior (or
+        // with other prior options) decode from the same noise.
+        tch::manual_seed(o.seed);
+        let r = self.decoder.resolution();
+        let noise = Tensor::randn([n, 3, r, r], (Kind::Float, self.device));
+        let d = &self.decoder.cfg.decoder;
+        let sampler = DecoderSampler::new(&self.decoder.model, &d.diffusion, &o.decoder_sampling)?;
+        let mut images = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = (o.batch_size as i64).min(n - start);
+            let index = Tensor::arange_start(start, start + len, (Kind::Int64, self.device));
+            let cond = DecoderCondition {
+                image_embeds: image_embeds.narrow(0, start, len),
+                text: text.index_select(&index)?,
+            };
+            images.push(sampler.sample(
+                &cond,
+                &self.null,
+                o.decoder_guidance,
+                noise.narrow(0, start, len),
+            )?);
+            start += len;
+        }
+        let images = Tensor::f_cat(&images, 0)?;
+        let z_x = self
+            .encoder
+            .clip
+            .embed_images(&images)?
+            .to_kind(Kind::Float);
+        let z_t = self
+            .encoder
+            .encode(captions)?
+            .text_embeds
+            .to_kind(Kind::Float);
+        Ok(Generated {
+            clip_text: z_x.matmul(&z_t.tr()),
+            clip_image: (&z_x * &image_embeds).sum_dim_intlist(-1, false, Kind::Float),
+            images,
+            image_embeds,
+            prior_scores,
+        })
+    }
+}
+
+/// Where `sample` writes image k of caption i: `dir/NNN_KK.png`.
+pub fn image_path(dir: &Path, caption: usize, draw: usize) -> PathBuf {
+    dir.join(format!("{caption:03}_{draw:02}.png"))
+}

@@ -1,0 +1,304 @@
+//! Text to image through the binaries: shapes shards → `embed --token-features` (a random tiny
+//! CLIP) → `train-prior` and `train-decoder` → `sample`: the files it writes, that the same seed
+//! repeats, that the caption, the prior and the guidance reach the decoder, and the errors for
+//! runs that do not fit together.
+use std::path::{Path, PathBuf};
+mod common;
+use common::{decoder_config, embedded_shapes, prior_config, run, run_fails};
+use unclip_cli::pipeline::Pipeline;
+
+/// A tiny CLIP, its embedded shapes, a prior and a decoder trained a few steps on them.
+struct Runs {
+    tmp: tempfile::TempDir,
+}
+
+impl Runs {
+    fn train() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        embedded_shapes(dir, 32, env!("CARGO_BIN_EXE_embed"));
+        for (bin, name, config) in [
+            (
+                env!("CARGO_BIN_EXE_train-prior"),
+                "prior",
+                prior_config(dir),
+            ),
+            (
+                env!("CARGO_BIN_EXE_train-decoder"),
+                "decoder",
+                decoder_config(dir),
+            ),
+        ] {
+            let file = dir.join(format!("{name}.yaml"));
+            std::fs::write(&file, config).unwrap();
+            let run_dir = dir.join(name);
+            let mut args = vec![
+                "--config".to_string(),
+                file.display().to_string(),
+                "--run-dir".into(),
+                run_dir.display().to_string(),
+            ];
+            // The configs' steps (prior 6, decoder 40: enough for unsaturated samples); no grids.
+            if name == "decoder" {
+                args.extend(["--set".into(), "logging.images_every=1000".into()]);
+            }
+            run(bin, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        Self { tmp }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// `sample --prior RUN --decoder RUN --out OUT --caption …` and `extra`.
+    fn sample(&self, out: &Path, captions: &[&str], extra: &[&str]) -> String {
+        let args = self.args(out, captions, extra);
+        run(
+            env!("CARGO_BIN_EXE_sample"),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    }
+
+    fn args(&self, out: &Path, captions: &[&str], extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--decoder".into(),
+            self.path("decoder").display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+        ];
+        if !extra.contains(&"--no-prior") && !extra.contains(&"--prior") {
+            args.extend(["--prior".into(), self.path("prior").display().to_string()]);
+        }
+        for c in captions {
+            args.extend(["--caption".into(), c.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+}
+
+fn png(path: &Path) -> image::RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+/// One training of the runs for all the checks: they take most of the time.
+#[test]
+fn sample_text_to_image() {
+    let runs = Runs::train();
+    writes_images_grid_and_manifest_and_repeats_with_its_seed(&runs);
+    the_caption_the_prior_and_the_guidance_reach_the_decoder(&runs);
+    runs_that_do_not_fit_together_and_bad_options_are_refused(&runs);
+}
+
+fn writes_images_grid_and_manifest_and_repeats_with_its_seed(runs: &Runs) {
+    let captions = ["a red circle", "two blue squares"];
+    let out = runs.path("out");
+    let stdout = runs.sample(&out, &captions, &["--count", "3", "--seed", "5"]);
+    // Each stage's guidance and sampler come from its run's config (prior defaults 2 and 2
+    // candidates; the decoder's 3 and the test config's DDIM over 4 steps).
+    assert!(
+        stdout.contains("guidance 2, 2 candidates, Ddim 8"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("guidance 3, Ddim 4; 3 images of 32 px"),
+        "{stdout}"
+    );
+    for caption in captions {
+        assert!(
+            stdout.contains(&format!("{caption:?}: cos(CLIP(image), z_t)")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("other captions"), "{stdout}");
+    }
+    let mut draws = Vec::new();
+    for i in 0..2 {
+        for k in 0..3 {
+            let img = png(&out.join(format!("{i:03}_{k:02}.png")));
+            assert_eq!(img.dimensions(), (32, 32));
+            draws.push(img);
+        }
+    }
+    assert_ne!(
+        draws[0], draws[1],
+        "two draws of one caption are the same image"
+    );
+    assert_eq!(png(&out.join("grid.png")).dimensions(), (3 * 32, 2 * 32));
+    let manifest: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("samples.json")).unwrap()).unwrap();
+    assert_eq!(manifest.len(), 6);
+    assert_eq!(manifest[4]["caption"], "two blue squares");
+    assert_eq!(manifest[4]["file"], "001_01.png");
+    for m in &manifest {
+        for key in ["clip_score", "clip_image_score", "prior_score"] {
+            let v = m[key].as_f64().unwrap_or_else(|| panic!("{key} in {m}"));
+            assert!((-1.0..=1.0).contains(&v), "{key} {v}");
+        }
+    }
+    // --decoder-sampling changes the keys it names and keeps the rest of the config's sampler.
+    let stdout = runs.sample(
+        &runs.path("steps"),
+        &["a red circle"],
+        &["--count", "1", "--decoder-sampling", "{steps: \"2\"}"],
+    );
+    assert!(stdout.contains("guidance 3, Ddim 2; 1 images"), "{stdout}");
+    // The same seed makes the same images, a caption file the same as --caption.
+    let file = runs.path("captions.txt");
+    std::fs::write(&file, "a red circle\n\ntwo blue squares\n").unwrap();
+    let again = runs.path("again");
+    runs.sample(
+        &again,
+        &[],
+        &[
+            "--captions",
+            file.to_str().unwrap(),
+            "--count",
+            "3",
+            "--seed",
+            "5",
+        ],
+    );
+    for name in ["000_00.png", "001_02.png", "grid.png"] {
+        assert_eq!(
+            std::fs::read(out.join(name)).unwrap(),
+            std::fs::read(again.join(name)).unwrap(),
+            "{name} differs with the same seed"
+        );
+    }
+}
+
+fn the_caption_the_prior_and_the_guidance_reach_the_decoder(runs: &Runs) {
+    let pipeline = Pipeline::load(
+        Some(&runs.path("prior")),
+        &runs.path("decoder"),
+        None,
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let mut o = pipeline.default_options();
+    o.count = 1;
+    let images = |caption: &str, o: &unclip_cli::pipeline::PipelineOptions| {
+        pipeline.generate(&[caption], o).unwrap()
+    };
+    let base = images("a red circle", &o);
+    assert!(images("a red circle", &o).images.equal(&base.images));
+    // Same seed, so the same noise: what differs comes from the conditioning.
+    let other = images("a green star", &o);
+    assert!(
+        !other.images.equal(&base.images),
+        "the caption did not reach the decoder"
+    );
+    assert!(!other.image_embeds.equal(&base.image_embeds));
+    let mut guided = o.clone();
+    guided.decoder_guidance = 1.0;
+    assert!(!images("a red circle", &guided).images.equal(&base.images));
+    let mut prior_guided = o.clone();
+    prior_guided.prior_guidance = 1.0;
+    let p = images("a red circle", &prior_guided);
+    assert!(!p.image_embeds.equal(&base.image_embeds));
+    // Decoding in chunks keeps each image with its caption (DDIM draws no noise per step).
+    let mut two = o.clone();
+    two.count = 2;
+    let whole = pipeline
+        .generate(&["a red circle", "a green star"], &two)
+        .unwrap();
+    two.batch_size = 3;
+    let chunked = pipeline
+        .generate(&["a red circle", "a green star"], &two)
+        .unwrap();
+    assert!(whole.images.allclose(&chunked.images, 1e-4, 1e-4, false));
+    // The prior's sample is a unit vector.
+    let norm = base.image_embeds.norm().double_value(&[]);
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    // Without a prior the decoder is given z_t.
+    let zero_shot = Pipeline::load(None, &runs.path("decoder"), None, tch::Device::Cpu).unwrap();
+    let z = zero_shot.generate(&["a red circle"], &o).unwrap();
+    let z_t = zero_shot
+        .encoder
+        .encode(&["a red circle"])
+        .unwrap()
+        .text_embeds;
+    assert!(z.image_embeds.allclose(&z_t, 1e-6, 1e-6, false));
+    assert!(z.prior_scores.is_none());
+    // Same caption, same noise, z_t for the prior's sample: the image embedding reaches the decoder.
+    assert!(
+        !z.images.equal(&base.images),
+        "the image embedding did not reach the decoder"
+    );
+}
+
+fn runs_that_do_not_fit_together_and_bad_options_are_refused(runs: &Runs) {
+    let out = runs.path("refused");
+    let sample = env!("CARGO_BIN_EXE_sample");
+    // A prior whose config names another CLIP (a copy elsewhere is another path).
+    let copy = runs.path("clip-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(runs.path("clip")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+    }
+    let other_prior = runs.path("prior-other");
+    std::fs::create_dir_all(&other_prior).unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["-r"])
+        .arg(runs.path("prior").join("checkpoints"))
+        .arg(&other_prior)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let config = std::fs::read_to_string(runs.path("prior").join("config.yaml")).unwrap();
+    let clip = runs.path("clip").display().to_string();
+    assert!(config.contains(&clip), "{config}");
+    std::fs::write(
+        other_prior.join("config.yaml"),
+        config.replace(&clip, &copy.display().to_string()),
+    )
+    .unwrap();
+    let args = runs.args(
+        &out,
+        &["a red circle"],
+        &["--prior", other_prior.to_str().unwrap()],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_fails(sample, &args);
+    assert!(err.contains("was trained on the CLIP"), "{err}");
+    assert!(err.contains("clip-copy"), "{err}");
+
+    for (extra, expect) in [
+        (
+            vec!["--decoder-sampling", "{sampler: ddim, steps: \"5000\"}"],
+            "decoder sampling steps",
+        ),
+        (
+            vec!["--decoder-sampling", "{sampler: euler}"],
+            "--decoder-sampling",
+        ),
+        (vec!["--prior-guidance=-1"], "prior guidance"),
+        (vec!["--precision", "fp8"], "--precision"),
+        (vec!["--count", "0"], "count must be at least 1"),
+    ] {
+        let args = runs.args(&out, &["a red circle"], &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = run_fails(sample, &args);
+        assert!(err.contains(expect), "{extra:?}: {err}");
+    }
+    let err = run_fails(
+        sample,
+        &[
+            "--no-prior",
+            "--decoder",
+            runs.path("shapes").to_str().unwrap(),
+            "--caption",
+            "x",
+        ],
+    );
+    assert!(err.contains("not a train-decoder run directory"), "{err}");
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+}

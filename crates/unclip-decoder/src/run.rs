@@ -1,0 +1,53 @@
+//! A trained decoder from a `train-decoder` run directory, for inference.
+
+use std::path::Path;
+
+use anyhow::{ensure, Result};
+use tch::{nn, Device};
+use unclip_train::trainer::load_into;
+
+use crate::model::UnclipDecoder;
+use crate::task::DecoderTrainConfig;
+
+/// A run's resolved config and the weights of one of its checkpoints, frozen. The CLIP it was
+/// trained with is the config's `clip:`.
+pub struct DecoderRun {
+    pub cfg: DecoderTrainConfig,
+    pub vs: nn::VarStore,
+    pub model: UnclipDecoder,
+    /// The checkpoint and which weights, for messages.
+    pub source: String,
+}
+
+impl DecoderRun {
+    /// `run_dir/config.yaml` and `checkpoint`'s weights, or the newest complete checkpoint's (EMA
+    /// weights when present).
+    pub fn load(run_dir: &Path, checkpoint: Option<&Path>, device: Device) -> Result<Self> {
+        let config = run_dir.join("config.yaml");
+        ensure!(
+            config.is_file(),
+            "{}: not a train-decoder run directory (no config.yaml)",
+            run_dir.display()
+        );
+        let cfg = unclip_train::load_config::<DecoderTrainConfig>(&config, &[])?.task;
+        let (weights, source) = match checkpoint {
+            Some(dir) => unclip_train::checkpoint::checkpoint_weights(dir)?,
+            None => unclip_train::checkpoint::inference_weights(run_dir)?,
+        };
+        let mut vs = nn::VarStore::new(device);
+        let model = UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
+        load_into(&vs, &weights, &source)?;
+        vs.freeze();
+        Ok(Self {
+            cfg,
+            vs,
+            model,
+            source,
+        })
+    }
+
+    /// The side of the images it was trained on (and samples).
+    pub fn resolution(&self) -> i64 {
+        i64::from(self.cfg.data.image.resolution)
+    }
+}
