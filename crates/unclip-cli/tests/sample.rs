@@ -140,6 +140,18 @@ fn writes_images_grid_and_manifest_and_repeats_with_its_seed(runs: &Runs) {
             assert!((-1.0..=1.0).contains(&v), "{key} {v}");
         }
     }
+    // The printed CLIP score of a caption is the mean of its images' in the manifest.
+    let printed: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("\"two blue squares\": cos(CLIP(image), z_t) "))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let mean = manifest[3..]
+        .iter()
+        .map(|m| m["clip_score"].as_f64().unwrap())
+        .sum::<f64>()
+        / 3.0;
+    assert!((printed - mean).abs() < 1e-4, "{printed} against {mean}");
     // --decoder-sampling changes the keys it names and keeps the rest of the config's sampler.
     let stdout = runs.sample(
         &runs.path("steps"),

@@ -205,12 +205,9 @@ fn main() -> Result<()> {
         let scores = g.clip_text.narrow(0, i as i64 * k, k);
         let own = mean(&scores.select(1, i as i64));
         let others = if n > 1 {
-            let mask = Tensor::ones([n], (Kind::Bool, scores.device()));
-            let _ = mask.get(i as i64).fill_(0);
-            format!(
-                ", other captions {:.4}",
-                mean(&scores.index_select(1, &mask.nonzero().squeeze_dim(1)))
-            )
+            // The mean over all n captions' columns, less this caption's, over the other n - 1.
+            let all = mean(&scores) * n as f64;
+            format!(", other captions {:.4}", (all - own) / (n - 1) as f64)
         } else {
             String::new()
         };
