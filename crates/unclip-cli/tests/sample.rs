@@ -38,7 +38,7 @@ impl Runs {
                 "--run-dir".into(),
                 run_dir.display().to_string(),
             ];
-            // The configs' steps (prior 6, decoder 40: enough for unsaturated samples); no grids.
+            // The configs' steps (prior 6, decoder 40); no grids while the decoder trains.
             if name == "decoder" {
                 args.extend(["--set".into(), "logging.images_every=1000".into()]);
             }
