@@ -1,8 +1,9 @@
 //! The trainer's `images` hook sees the EMA weights, and training continues on the live ones.
+mod common;
 use anyhow::Result;
 use tch::{nn, Device, Kind, Tensor};
 use unclip_train::config::{parse_config, Validate};
-use unclip_train::{train, StepOutput, TrainTask};
+use unclip_train::{StepOutput, TrainTask};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 struct NoTaskSections {}
@@ -46,16 +47,7 @@ checkpoint: {every: 2, keep_last: 5}
         w: w.shallow_clone(),
         seen: Vec::new(),
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let summary = train(
-        &mut task,
-        &vs,
-        &cfg.runtime,
-        &cfg.resolved,
-        tmp.path(),
-        None,
-    )
-    .unwrap();
+    let (summary, tmp) = common::train_in_temp_dir(&mut task, &vs, &cfg);
     assert_eq!(task.seen.len(), 2);
     for (i, step) in [2u64, 4].iter().enumerate() {
         let ck =

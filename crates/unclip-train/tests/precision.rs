@@ -62,16 +62,7 @@ fn bf16_training_keeps_fp32_master_weights_and_learns() {
     tch::manual_seed(5);
     let vs = nn::VarStore::new(Device::Cpu);
     let mut task = ToyTask::new(&vs, &cfg.task, 64).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let summary = train(
-        &mut task,
-        &vs,
-        &cfg.runtime,
-        &cfg.resolved,
-        tmp.path(),
-        None,
-    )
-    .unwrap();
+    let (summary, _tmp) = common::train_in_temp_dir(&mut task, &vs, &cfg);
     let mean = |s: &[(u64, f64)]| s.iter().map(|l| l.1).sum::<f64>() / s.len() as f64;
     let (first, last) = (mean(&summary.losses[..10]), mean(&summary.losses[50..]));
     assert!(last < 0.8 * first, "bf16 loss {first:.3} -> {last:.3}");
@@ -257,16 +248,7 @@ fn probe_kinds(precision: Precision) -> Vec<Kind> {
     let vs = nn::VarStore::new(Device::Cpu);
     let lin = nn::linear(vs.root() / "lin", 8, 8, Default::default());
     let mut task = KindProbe { lin, kinds: vec![] };
-    let tmp = tempfile::tempdir().unwrap();
-    train(
-        &mut task,
-        &vs,
-        &cfg.runtime,
-        &cfg.resolved,
-        tmp.path(),
-        None,
-    )
-    .unwrap();
+    let (_, _tmp) = common::train_in_temp_dir(&mut task, &vs, &cfg);
     task.kinds
 }
 

@@ -5,7 +5,7 @@ use anyhow::Result;
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
 use unclip_train::config::{parse_config, Validate};
-use unclip_train::{train, StepOutput, TrainTask};
+use unclip_train::{StepOutput, TrainTask};
 
 #[derive(Debug, Clone, serde::Deserialize)]
 struct NoTaskSections {}
@@ -58,16 +58,7 @@ fn run(f: &HashMap<String, Tensor>, train_yaml: &str) -> (Tensor, Tensor) {
         m: f["M"].shallow_clone(),
         target: f["target"].shallow_clone(),
     };
-    let tmp = tempfile::tempdir().unwrap();
-    train(
-        &mut task,
-        &vs,
-        &cfg.runtime,
-        &cfg.resolved,
-        tmp.path(),
-        None,
-    )
-    .unwrap();
+    let (_, _tmp) = common::train_in_temp_dir(&mut task, &vs, &cfg);
     (w, b)
 }
 

@@ -4,8 +4,9 @@
 use anyhow::Result;
 use std::collections::HashMap;
 use tch::{nn, Tensor};
+use unclip_train::config::RunConfig;
 use unclip_train::toy::{ToyConfig, ToyTask};
-use unclip_train::{StepOutput, TrainTask};
+use unclip_train::{train, StepOutput, TrainSummary, TrainTask};
 
 pub const CONFIG: &str = "
 seed: 7
@@ -69,4 +70,16 @@ impl TrainTask for FaultyToy {
     fn sample_scalars(&mut self) -> Vec<(String, f64)> {
         self.inner.sample_scalars()
     }
+}
+
+/// `train` from the start with `cfg`'s runtime in a fresh temporary run directory, returned with
+/// the summary (it is removed when dropped).
+pub fn train_in_temp_dir<T: TrainTask, C>(
+    task: &mut T,
+    vs: &nn::VarStore,
+    cfg: &RunConfig<C>,
+) -> (TrainSummary, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let summary = train(task, vs, &cfg.runtime, &cfg.resolved, tmp.path(), None).unwrap();
+    (summary, tmp)
 }
