@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 use unclip_dist::launch::launch_local;
 mod common;
-use common::{decoder_config, dry_run_total, embedded_shapes, run, run_fails};
+use common::{decoder_config, dry_run_committed, dry_run_total, embedded_shapes, run, run_fails};
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig, EmbeddingSource};
 use unclip_decoder::LoadedDecoder;
 use unclip_train::config::parse_config;
@@ -291,14 +291,8 @@ fn stored_and_on_the_fly_conditioning_agree() {
 
 #[test]
 fn dry_run_counts_the_paper_decoder_without_building_it() {
-    let config = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../configs/paper/decoder.yaml"
-    );
-    let out = run(
-        env!("CARGO_BIN_EXE_train-decoder"),
-        &["--config", config, "--dry-run", "--set", "device=cpu"],
-    );
+    let decoder = env!("CARGO_BIN_EXE_train-decoder");
+    let out = dry_run_committed(decoder, "configs/paper/decoder.yaml");
     assert!(out.contains("counted from the config"), "{out}");
     let total = dry_run_total(&out);
     // GLIDE's 64×64 UNet at 512 channels (~2.3 B; the paper's 3.5 B adds its 1.2 B caption
@@ -306,14 +300,7 @@ fn dry_run_counts_the_paper_decoder_without_building_it() {
     assert!((2_200_000_000..2_300_000_000).contains(&total), "{total}");
     // The paper's bf16 stays bf16; the shapes config's `auto` says what it picks here and why.
     assert!(out.contains("precision bf16"), "{out}");
-    let shapes = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../configs/shapes/decoder.yaml"
-    );
-    let out = run(
-        env!("CARGO_BIN_EXE_train-decoder"),
-        &["--config", shapes, "--dry-run", "--set", "device=cpu"],
-    );
+    let out = dry_run_committed(decoder, "configs/shapes/decoder.yaml");
     let auto = unclip_train::precision::resolve(
         unclip_train::precision::Precision::Auto,
         tch::Device::Cpu,

@@ -2,7 +2,7 @@
 //! --token-features` (a random tiny CLIP) → `train-prior` → `train-prior --sample`; and
 //! `--dry-run` on the paper config.
 mod common;
-use common::{dry_run_total, embedded_shapes, prior_config, run};
+use common::{dry_run_committed, dry_run_total, embedded_shapes, prior_config, run};
 use unclip_data::npy::NpyArray;
 
 #[test]
@@ -60,13 +60,9 @@ fn embed_then_train_prior_then_sample() {
 
 #[test]
 fn dry_run_prints_the_paper_priors_size() {
-    let config = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../configs/paper/prior.yaml"
-    );
-    let out = run(
+    let out = dry_run_committed(
         env!("CARGO_BIN_EXE_train-prior"),
-        &["--config", config, "--dry-run", "--set", "device=cpu"],
+        "configs/paper/prior.yaml",
     );
     let total = dry_run_total(&out);
     // 24 blocks of 12·2048² (attention + 4× MLP) plus projections and positions: about 1.2 B.

@@ -26,6 +26,24 @@ pub fn run_fails(bin: &str, args: &[&str]) -> String {
     text
 }
 
+/// `bin --config CONFIG --dry-run --set device=cpu` on a committed config (`CONFIG` relative to
+/// the repository root, e.g. `configs/paper/prior.yaml`); panics unless it succeeds. Its stdout.
+pub fn dry_run_committed(bin: &str, config: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(config);
+    run(
+        bin,
+        &[
+            "--config",
+            path.to_str().unwrap(),
+            "--dry-run",
+            "--set",
+            "device=cpu",
+        ],
+    )
+}
+
 /// The `total` parameter count a `--dry-run` printed.
 pub fn dry_run_total(out: &str) -> i64 {
     out.lines()
