@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use tch::{nn, Device};
 use unclip_train::trainer::load_into;
 
@@ -23,17 +23,11 @@ impl DecoderRun {
     /// `run_dir/config.yaml` and `checkpoint`'s weights, or the newest complete checkpoint's (EMA
     /// weights when present).
     pub fn load(run_dir: &Path, checkpoint: Option<&Path>, device: Device) -> Result<Self> {
-        let config = run_dir.join("config.yaml");
-        ensure!(
-            config.is_file(),
-            "{}: not a train-decoder run directory (no config.yaml)",
-            run_dir.display()
-        );
-        let cfg = unclip_train::load_config::<DecoderTrainConfig>(&config, &[])?.task;
-        let (weights, source) = match checkpoint {
-            Some(dir) => unclip_train::checkpoint::checkpoint_weights(dir)?,
-            None => unclip_train::checkpoint::inference_weights(run_dir)?,
-        };
+        let (cfg, weights, source) = unclip_train::checkpoint::load_run::<DecoderTrainConfig>(
+            run_dir,
+            checkpoint,
+            "train-decoder",
+        )?;
         let mut vs = nn::VarStore::new(device);
         let model = UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
         load_into(&vs, &weights, &source)?;

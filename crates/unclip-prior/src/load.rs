@@ -62,14 +62,11 @@ pub struct PriorRun {
 }
 
 pub fn load_prior_run(run_dir: &Path, device: Device) -> Result<PriorRun> {
-    let config = run_dir.join("config.yaml");
-    anyhow::ensure!(
-        config.is_file(),
-        "{}: not a train-prior run directory (no config.yaml)",
-        run_dir.display()
-    );
-    let cfg = unclip_train::load_config::<crate::task::PriorTrainConfig>(&config, &[])?.task;
-    let (weights, source) = unclip_train::checkpoint::inference_weights(run_dir)?;
+    let (cfg, weights, source) = unclip_train::checkpoint::load_run::<crate::task::PriorTrainConfig>(
+        run_dir,
+        None,
+        "train-prior",
+    )?;
     let mut vs = nn::VarStore::new(device);
     let model = DiffusionPrior::new(vs.root(), &cfg.prior.model)?;
     load_into(&vs, &weights, &source)?;

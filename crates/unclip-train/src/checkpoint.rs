@@ -187,6 +187,37 @@ pub fn inference_weights(run_dir: &Path) -> Result<(HashMap<String, Tensor>, Str
     checkpoint_weights(&dir)
 }
 
+/// A trained run for inference: the task sections of its resolved `RUN/config.yaml` and the
+/// weights of `checkpoint` (a `RUN/checkpoints/step-N` directory) or, without one, of its newest
+/// ([`inference_weights`]), with their description. `trainer` names the binary for the error when
+/// `run_dir` is not a run directory.
+pub fn load_run<T: serde::de::DeserializeOwned + crate::config::Validate>(
+    run_dir: &Path,
+    checkpoint: Option<&Path>,
+    trainer: &str,
+) -> Result<(T, HashMap<String, Tensor>, String)> {
+    let config = run_dir.join("config.yaml");
+    anyhow::ensure!(
+        config.is_file(),
+        "{}: not a {trainer} run directory (no config.yaml)",
+        run_dir.display()
+    );
+    let task = crate::config::load_config::<T>(&config, &[])?.task;
+    let (weights, source) = run_weights(run_dir, checkpoint)?;
+    Ok((task, weights, source))
+}
+
+/// The weights of `checkpoint` when given, else [`inference_weights`] of `run_dir`.
+pub fn run_weights(
+    run_dir: &Path,
+    checkpoint: Option<&Path>,
+) -> Result<(HashMap<String, Tensor>, String)> {
+    match checkpoint {
+        Some(dir) => checkpoint_weights(dir),
+        None => inference_weights(run_dir),
+    }
+}
+
 /// [`inference_weights`] of one checkpoint directory (`RUN/checkpoints/step-NNNNNNNNN`).
 pub fn checkpoint_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, String)> {
     let ck = load(dir)?;

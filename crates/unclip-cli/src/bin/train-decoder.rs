@@ -41,10 +41,7 @@ struct Cli {
 /// The weights --grid and --export-diffusers use: --checkpoint's, else the run's newest
 /// checkpoint's (EMA weights when it has them), with a description for messages.
 fn inference_weights(cli: &Cli) -> Result<(HashMap<String, tch::Tensor>, String)> {
-    match &cli.checkpoint {
-        Some(dir) => unclip_train::checkpoint::checkpoint_weights(dir),
-        None => unclip_train::checkpoint::inference_weights(&cli.args.run_dir()),
-    }
+    unclip_train::checkpoint::run_weights(&cli.args.run_dir(), cli.checkpoint.as_deref())
 }
 
 fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
