@@ -79,7 +79,8 @@ fn same_number(a: &Value, b: &Value) -> bool {
     }
 }
 
-fn read_json(path: &Path) -> Result<Map<String, Value>> {
+/// A JSON object from `path`; errors name the file.
+pub fn read_json(path: &Path) -> Result<Map<String, Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     match serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))? {
@@ -155,7 +156,7 @@ impl DecoderModelConfig {
 
 /// The tensors of one pipeline component (`dir`), names prefixed with `prefix.`: a single
 /// `diffusion_pytorch_model.safetensors` or the shards its `.index.json` lists.
-fn component_weights(dir: &Path, prefix: &str) -> Result<HashMap<String, Tensor>> {
+pub fn component_weights(dir: &Path, prefix: &str) -> Result<HashMap<String, Tensor>> {
     let single = dir.join("diffusion_pytorch_model.safetensors");
     let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
     let files: Vec<std::path::PathBuf> = if single.is_file() {

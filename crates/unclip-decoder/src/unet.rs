@@ -67,7 +67,14 @@ impl UNetConfig {
         4 * self.block_out_channels[0]
     }
 
+    /// Checks the decoder's UNet (attention in its mid block).
     pub fn validate(&self) -> Result<()> {
+        self.validate_with(true)
+    }
+
+    /// `mid_attention`: whether the mid block has attention, whose channels then have to split
+    /// into heads like an attention level's.
+    pub fn validate_with(&self, mid_attention: bool) -> Result<()> {
         let n = self.block_out_channels.len();
         ensure!(n >= 1, "unet.block_out_channels must not be empty");
         ensure!(
@@ -86,11 +93,18 @@ impl UNetConfig {
                 "unet.up_block_types: {t:?} is not ResnetUpsampleBlock2D or SimpleCrossAttnUpBlock2D"
             );
         }
-        for &c in &self.block_out_channels {
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
             ensure!(
-                c > 0 && c % self.norm_num_groups == 0 && c % self.attention_head_dim == 0,
-                "unet.block_out_channels: {c} must be a multiple of norm_num_groups ({}) and attention_head_dim ({})",
-                self.norm_num_groups,
+                c > 0 && c % self.norm_num_groups == 0,
+                "unet.block_out_channels: {c} must be a multiple of norm_num_groups ({})",
+                self.norm_num_groups
+            );
+            let attention = self.down_block_types[i] == "SimpleCrossAttnDownBlock2D"
+                || self.up_block_types[n - 1 - i] == "SimpleCrossAttnUpBlock2D"
+                || (mid_attention && i == n - 1);
+            ensure!(
+                !attention || (self.attention_head_dim > 0 && c % self.attention_head_dim == 0),
+                "unet.block_out_channels: {c} (a level with attention) must be a multiple of attention_head_dim ({})",
                 self.attention_head_dim
             );
         }
@@ -161,6 +175,11 @@ impl UNetConfig {
     /// How many parameters [`UNet::new`] creates, computed without allocating them (the paper's
     /// decoder would need 10+ GB just to be counted by building it).
     pub fn parameter_count(&self) -> i64 {
+        self.parameter_count_with(true)
+    }
+
+    /// [`UNetConfig::parameter_count`] with or without the mid block's attention.
+    pub fn parameter_count_with(&self, mid_attention: bool) -> i64 {
         let boc = &self.block_out_channels;
         let temb = self.time_embed_dim();
         let linear = |i: i64, o: i64| i * o + o;
@@ -189,7 +208,7 @@ impl UNetConfig {
             + linear(temb, temb)
             + down.iter().chain(&up).map(level).sum::<i64>()
             + 2 * res(c, c)
-            + attn(c)
+            + if mid_attention { attn(c) } else { 0 }
             + 2 * boc[0]
             + conv(boc[0], self.out_channels, 3)
     }
@@ -210,6 +229,13 @@ struct Cond<'a> {
     mask: Option<&'a Tensor>,
 }
 
+fn attend(attn: &AddedKvAttention, h: &Tensor, cond: Option<&Cond>) -> Result<Tensor> {
+    let Some(cond) = cond else {
+        bail!("unet: an attention block needs a context sequence")
+    };
+    attn.forward(h, cond.context, cond.mask)
+}
+
 #[derive(Debug)]
 struct Level {
     resnets: Vec<ResBlock>,
@@ -222,14 +248,14 @@ impl Level {
         &self,
         mut h: Tensor,
         emb: &Tensor,
-        cond: &Cond,
+        cond: Option<&Cond>,
         skips: &mut Vec<Tensor>,
         train: bool,
     ) -> Result<Tensor> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward_t(&h, Some(emb), train);
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, cond.context, cond.mask)?;
+                h = attend(attn, &h, cond)?;
             }
             skips.push(h.shallow_clone());
         }
@@ -244,7 +270,7 @@ impl Level {
         &self,
         mut h: Tensor,
         emb: &Tensor,
-        cond: &Cond,
+        cond: Option<&Cond>,
         skips: &mut Vec<Tensor>,
         train: bool,
     ) -> Result<Tensor> {
@@ -254,7 +280,7 @@ impl Level {
             };
             h = resnet.forward_t(&Tensor::f_cat(&[&h, &skip], 1)?, Some(emb), train);
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, cond.context, cond.mask)?;
+                h = attend(attn, &h, cond)?;
             }
         }
         if let Some(up) = &self.resampler {
@@ -270,7 +296,8 @@ pub struct UNet {
     time_embedding: TimestepMlp,
     down: Vec<Level>,
     mid_resnets: Vec<ResBlock>,
-    mid_attention: AddedKvAttention,
+    /// None in an attention-free UNet (the upsamplers').
+    mid_attention: Option<AddedKvAttention>,
     up: Vec<Level>,
     conv_norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
@@ -278,8 +305,27 @@ pub struct UNet {
 }
 
 impl UNet {
+    /// The decoder's UNet: attention where `down_block_types` / `up_block_types` say, and in the
+    /// mid block (`UNetMidBlock2DSimpleCrossAttn`).
     pub fn new(p: nn::Path, cfg: &UNetConfig) -> Result<Self> {
-        cfg.validate()?;
+        Self::build(p, cfg, true)
+    }
+
+    /// Only convolutions: `ResnetDownsampleBlock2D` / `ResnetUpsampleBlock2D` levels and a mid
+    /// block without attention — diffusers' `UNet2DModel` as the UnCLIP super-resolution stages
+    /// configure it (`add_attention: false`). `cross_attention_dim` and `attention_head_dim` are
+    /// unused.
+    pub fn attention_free(p: nn::Path, cfg: &UNetConfig) -> Result<Self> {
+        ensure!(
+            cfg.down_block_types.iter().all(|t| t == "ResnetDownsampleBlock2D")
+                && cfg.up_block_types.iter().all(|t| t == "ResnetUpsampleBlock2D"),
+            "an attention-free UNet has only ResnetDownsampleBlock2D / ResnetUpsampleBlock2D levels"
+        );
+        Self::build(p, cfg, false)
+    }
+
+    fn build(p: nn::Path, cfg: &UNetConfig, mid_attention: bool) -> Result<Self> {
+        cfg.validate_with(mid_attention)?;
         let boc = &cfg.block_out_channels;
         let temb = cfg.time_embed_dim();
         let conv3 = nn::ConvConfig {
@@ -350,7 +396,11 @@ impl UNet {
             res(&mid / "resnets" / 0, c, c, Resample::None),
             res(&mid / "resnets" / 1, c, c, Resample::None),
         ];
-        let mid_attention = attn(&mid / "attentions" / 0, c)?;
+        let mid_attention = if mid_attention {
+            Some(attn(&mid / "attentions" / 0, c)?)
+        } else {
+            None
+        };
         let up = up_plan
             .iter()
             .enumerate()
@@ -383,6 +433,10 @@ impl UNet {
         })
     }
 
+    pub fn device(&self) -> tch::Device {
+        self.conv_in.ws.device()
+    }
+
     /// x: [B, in, H, W]; t: [B] training timesteps; class_emb: [B, time_embed_dim] added to the
     /// timestep embedding (the CLIP conditioning); context: [B, S, cross_attention_dim];
     /// context_mask: [B, S] bool (true = real token). Returns [B, out, H, W].
@@ -393,6 +447,26 @@ impl UNet {
         class_emb: &Tensor,
         context: &Tensor,
         context_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let cond = Cond {
+            context,
+            mask: context_mask,
+        };
+        self.run(x, t, Some(class_emb), Some(&cond), train)
+    }
+
+    /// An attention-free UNet's forward pass: x [B, in, H, W], t [B] → [B, out, H, W].
+    pub fn forward_unconditional(&self, x: &Tensor, t: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, t, None, None, train)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        class_emb: Option<&Tensor>,
+        cond: Option<&Cond>,
         train: bool,
     ) -> Result<Tensor> {
         let levels = self.cfg.block_out_channels.len() as i64 - 1;
@@ -406,21 +480,23 @@ impl UNet {
         let temb = timestep_embedding(t, self.cfg.block_out_channels[0], 10_000.0)?
             .to_device(x.device())
             .to_kind(x.kind());
-        let emb = self.time_embedding.forward(&temb) + class_emb;
-        let cond = Cond {
-            context,
-            mask: context_mask,
+        let emb = self.time_embedding.forward(&temb);
+        let emb = match class_emb {
+            Some(c) => emb + c,
+            None => emb,
         };
         let mut h = self.conv_in.forward(x);
         let mut skips = vec![h.shallow_clone()];
         for level in &self.down {
-            h = level.forward_down(h, &emb, &cond, &mut skips, train)?;
+            h = level.forward_down(h, &emb, cond, &mut skips, train)?;
         }
         h = self.mid_resnets[0].forward_t(&h, Some(&emb), train);
-        h = self.mid_attention.forward(&h, context, context_mask)?;
+        if let Some(attn) = &self.mid_attention {
+            h = attend(attn, &h, cond)?;
+        }
         h = self.mid_resnets[1].forward_t(&h, Some(&emb), train);
         for level in &self.up {
-            h = level.forward_up(h, &emb, &cond, &mut skips, train)?;
+            h = level.forward_up(h, &emb, cond, &mut skips, train)?;
         }
         ensure!(
             skips.is_empty(),

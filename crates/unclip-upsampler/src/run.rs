@@ -1,0 +1,58 @@
+//! A trained upsampler from a `train-upsampler` run directory, for inference.
+
+use std::path::Path;
+
+use anyhow::Result;
+use tch::{nn, Device, Tensor};
+use unclip_train::trainer::load_into;
+
+use crate::model::Upsampler;
+use crate::sample::UpsamplerSampler;
+use crate::task::UpsamplerTrainConfig;
+
+/// A run's resolved config and the weights of one of its checkpoints, frozen.
+pub struct UpsamplerRun {
+    pub cfg: UpsamplerTrainConfig,
+    pub vs: nn::VarStore,
+    pub model: Upsampler,
+    /// The checkpoint and which weights, for messages.
+    pub source: String,
+}
+
+impl UpsamplerRun {
+    /// `run_dir/config.yaml` and `checkpoint`'s weights, or the newest complete checkpoint's (EMA
+    /// weights when present).
+    pub fn load(run_dir: &Path, checkpoint: Option<&Path>, device: Device) -> Result<Self> {
+        let (cfg, weights, source) = unclip_train::checkpoint::load_run::<UpsamplerTrainConfig>(
+            run_dir,
+            checkpoint,
+            "train-upsampler",
+        )?;
+        let mut vs = nn::VarStore::new(device);
+        let model = Upsampler::new(vs.root(), &cfg.upsampler.model)?;
+        load_into(&vs, &weights, &source)?;
+        vs.freeze();
+        Ok(Self {
+            cfg,
+            vs,
+            model,
+            source,
+        })
+    }
+
+    /// The side it takes.
+    pub fn low_resolution(&self) -> i64 {
+        i64::from(self.cfg.upsampler.low_res.resolution)
+    }
+
+    /// The side it produces.
+    pub fn resolution(&self) -> i64 {
+        i64::from(self.cfg.resolution())
+    }
+
+    /// Upsamples `low` [B, 3, h, w] in [-1, 1] with the run's sampler from `noise` [B, 3, H, W].
+    pub fn upsample(&self, low: &Tensor, noise: Tensor) -> Result<Tensor> {
+        let u = &self.cfg.upsampler;
+        UpsamplerSampler::new(&self.model, &u.diffusion, &u.sampling)?.upsample(low, noise)
+    }
+}
