@@ -1,7 +1,8 @@
 //! unCLIP's text-to-image sampling (SPEC.md, *Text-to-image sampling*): caption → CLIP text
 //! encoder (z_t, token features) → prior (its own guidance scale, candidates reranked by
-//! z_i · z_t) → decoder (its own guidance scale). Without a prior the decoder is given z_t as its
-//! image embedding: the paper's zero-shot baseline.
+//! z_i · z_t) → decoder (its own guidance scale) → upsamplers (none, one or both of unCLIP's two
+//! stages; no guidance). Without a prior the decoder is given z_t as its image embedding: the
+//! paper's zero-shot baseline.
 
 use std::path::{Path, PathBuf};
 
@@ -13,12 +14,15 @@ use unclip_diffusion::SamplerConfig;
 use unclip_prior::load::{load_prior_run, PriorRun};
 use unclip_prior::sample::PriorSampler;
 use unclip_train::precision::{autocast, Precision};
+use unclip_upsampler::UpsamplerRun;
 
 /// A prior run and a decoder run trained on the same frozen CLIP.
 pub struct Pipeline {
     pub encoder: CaptionEncoder,
     pub prior: Option<PriorRun>,
     pub decoder: DecoderRun,
+    /// Upsampling stages after the decoder, in order (see [`Pipeline::with_upsamplers`]).
+    pub upsamplers: Vec<UpsamplerRun>,
     /// The empty caption's condition, guidance's null branch for both stages.
     null: TextCondition,
     device: Device,
@@ -36,6 +40,8 @@ pub struct PipelineOptions {
     pub prior_sampling: SamplerConfig,
     pub decoder_guidance: f64,
     pub decoder_sampling: SamplerConfig,
+    /// One per upsampler, in order.
+    pub upsampler_sampling: Vec<SamplerConfig>,
     /// Seed of all sampling noise: the same seed, options and batch size give the same images.
     pub seed: i64,
     /// Images decoded at once.
@@ -46,13 +52,13 @@ pub struct PipelineOptions {
 
 /// What [`Pipeline::generate`] made; rows are caption-major (caption i, draw k at i·count + k).
 pub struct Generated {
-    /// [N, 3, H, W] in [-1, 1].
+    /// [N, 3, H, W] in [-1, 1]: the last stage's (the decoder's, or the last upsampler's).
     pub images: Tensor,
     /// [N, D]: the image embeddings decoded (the prior's samples, or z_t).
     pub image_embeds: Tensor,
     /// [N]: the kept prior candidate's z_i · z_t (None without a prior).
     pub prior_scores: Option<Tensor>,
-    /// [N, C]: cos(CLIP image embedding of image n, z_t of caption c) for each of the C captions.
+    /// [N, C]: cos(CLIP image embedding of (final) image n, z_t of caption c) for each of the C captions.
     pub clip_text: Tensor,
     /// [N]: cos(CLIP image embedding of the image, the z_i it was decoded from).
     pub clip_image: Tensor,
@@ -113,9 +119,38 @@ impl Pipeline {
             encoder,
             prior,
             decoder,
+            upsamplers: Vec::new(),
             null,
             device,
         })
+    }
+
+    /// Appends upsampling stages (`train-upsampler` run directories, newest checkpoints, EMA
+    /// weights), in order: each must take the side the stage before produces.
+    pub fn with_upsamplers(mut self, runs: &[PathBuf]) -> Result<Self> {
+        let mut side = self.decoder.resolution();
+        let mut from = "the decoder".to_string();
+        for dir in runs {
+            let run = UpsamplerRun::load(dir, None, self.device)
+                .with_context(|| format!("upsampler run {}", dir.display()))?;
+            ensure!(
+                run.low_resolution() == side,
+                "the upsampler run {} takes {} px images but {from} makes {side} px ones",
+                dir.display(),
+                run.low_resolution()
+            );
+            side = run.resolution();
+            from = format!("the upsampler run {}", dir.display());
+            self.upsamplers.push(run);
+        }
+        Ok(self)
+    }
+
+    /// The side of the images [`Pipeline::generate`] returns.
+    pub fn resolution(&self) -> i64 {
+        self.upsamplers
+            .last()
+            .map_or(self.decoder.resolution(), UpsamplerRun::resolution)
     }
 
     /// Each stage's guidance scale, candidates and sampler from its run's config; 4 images per
@@ -136,6 +171,11 @@ impl Pipeline {
             prior_sampling,
             decoder_guidance: d.guidance_scale,
             decoder_sampling: d.sampling.clone(),
+            upsampler_sampling: self
+                .upsamplers
+                .iter()
+                .map(|u| u.cfg.upsampler.sampling.clone())
+                .collect(),
             seed: 0,
             batch_size: 16,
             precision: Precision::Auto,
@@ -168,6 +208,15 @@ impl Pipeline {
             &o.decoder_sampling,
             self.decoder.cfg.decoder.diffusion.timesteps,
         )?;
+        ensure!(
+            o.upsampler_sampling.len() == self.upsamplers.len(),
+            "{} upsampler samplers for {} upsamplers",
+            o.upsampler_sampling.len(),
+            self.upsamplers.len()
+        );
+        for (run, s) in self.upsamplers.iter().zip(&o.upsampler_sampling) {
+            check("upsampler", s, run.cfg.upsampler.diffusion.timesteps)?;
+        }
         if let Some(run) = &self.prior {
             check(
                 "prior",
@@ -230,7 +279,15 @@ impl Pipeline {
             )?);
             start += len;
         }
-        let images = Tensor::f_cat(&images, 0)?;
+        let mut images = Tensor::f_cat(&images, 0)?;
+        for (k, (run, sampling)) in self
+            .upsamplers
+            .iter()
+            .zip(&o.upsampler_sampling)
+            .enumerate()
+        {
+            images = self.upsample(run, sampling, &images, o, k)?;
+        }
         let z_x = self
             .encoder
             .clip
@@ -248,6 +305,33 @@ impl Pipeline {
             image_embeds,
             prior_scores,
         })
+    }
+}
+
+impl Pipeline {
+    /// Stage `stage`'s upsampling of `low` [N, 3, h, w], `o.batch_size` at a time, its noise drawn
+    /// from the seed (offset by the stage) so that each stage's is fixed whatever came before.
+    fn upsample(
+        &self,
+        run: &UpsamplerRun,
+        sampling: &SamplerConfig,
+        low: &Tensor,
+        o: &PipelineOptions,
+        stage: usize,
+    ) -> Result<Tensor> {
+        let u = &run.cfg.upsampler;
+        let sampler = unclip_upsampler::UpsamplerSampler::new(&run.model, &u.diffusion, sampling)?;
+        tch::manual_seed(o.seed.wrapping_add(1 + stage as i64));
+        let (n, r) = (low.size()[0], run.resolution());
+        let noise = Tensor::randn([n, 3, r, r], (Kind::Float, self.device));
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = (o.batch_size as i64).min(n - start);
+            out.push(sampler.upsample(&low.narrow(0, start, len), noise.narrow(0, start, len))?);
+            start += len;
+        }
+        Ok(Tensor::f_cat(&out, 0)?)
     }
 }
 

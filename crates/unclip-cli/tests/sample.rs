@@ -1,13 +1,15 @@
 //! Text to image through the binaries: shapes shards → `embed --token-features` (a random tiny
-//! CLIP) → `train-prior` and `train-decoder` → `sample`: the files it writes, that the same seed
-//! repeats, that the caption, the prior and the guidance reach the decoder, and the errors for
-//! runs that do not fit together.
+//! CLIP) → `train-prior`, `train-decoder` and `train-upsampler` → `sample`: the files it writes,
+//! that the same seed repeats, that the caption, the prior and the guidance reach the decoder and
+//! the decoder's images the upsampler, and the errors for runs that do not fit together.
 use std::path::{Path, PathBuf};
 mod common;
 use common::{decoder_config, embedded_shapes, prior_config, run, run_fails};
 use unclip_cli::pipeline::Pipeline;
+use unclip_data::shards::{write_shapes_shards, ShapesSpec};
 
-/// A tiny CLIP, its embedded shapes, a prior and a decoder trained a few steps on them.
+/// A tiny CLIP, its embedded shapes, a prior and a decoder trained a few steps on them, and a
+/// 32 → 64 px upsampler trained a few steps on 64-px shapes.
 struct Runs {
     tmp: tempfile::TempDir,
 }
@@ -44,6 +46,44 @@ impl Runs {
             }
             run(bin, &args.iter().map(String::as_str).collect::<Vec<_>>());
         }
+        write_shapes_shards(&ShapesSpec {
+            count: 16,
+            resolution: 64,
+            seed: 5,
+            shard_size: 16,
+            out: dir.join("shapes"),
+            prefix: "hi".into(),
+        })
+        .unwrap();
+        let config = dir.join("upsampler.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "
+device: cpu
+upsampler:
+  model: {{block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 4}}
+  sampling: {{sampler: ddim, steps: ddim3, clip: {{static: 1.0}}}}
+  low_res: {{resolution: 32, blur: {{kernel: 3, sigma: 0.6}}}}
+  crop: 16
+data: {{train: {dir}/shapes/hi-000000.tar, held_out: {dir}/shapes/hi-000000.tar, image: {{resolution: 64}}}}
+samples: {{count: 2}}
+train: {{steps: 6, batch_size: 4}}
+logging: {{every: 3, images_every: 1000}}
+",
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        run(
+            env!("CARGO_BIN_EXE_train-upsampler"),
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--run-dir",
+                dir.join("upsampler").to_str().unwrap(),
+            ],
+        );
         Self { tmp }
     }
 
@@ -92,7 +132,63 @@ fn sample_text_to_image() {
     let runs = Runs::train();
     writes_images_grid_and_manifest_and_repeats_with_its_seed(&runs);
     the_caption_the_prior_and_the_guidance_reach_the_decoder(&runs);
+    the_upsampler_continues_the_decoders_images(&runs);
     runs_that_do_not_fit_together_and_bad_options_are_refused(&runs);
+}
+
+fn the_upsampler_continues_the_decoders_images(runs: &Runs) {
+    let out = runs.path("out-up");
+    let up = runs.path("upsampler");
+    let extra = [
+        "--upsampler",
+        up.to_str().unwrap(),
+        "--count",
+        "2",
+        "--upsampler-sampling",
+        "{steps: ddim2}",
+    ];
+    let printed = runs.sample(&out, &["a red circle"], &extra);
+    assert!(printed.contains("32 → 64 px, Ddim ddim2"), "{printed}");
+    let first = png(&out.join("000_00.png"));
+    assert_eq!(first.dimensions(), (64, 64));
+    assert_eq!(png(&out.join("grid.png")).dimensions(), (2 * 64, 64));
+    // The same seed repeats the upsampled images too.
+    let again = runs.path("out-up-again");
+    runs.sample(&again, &["a red circle"], &extra);
+    assert_eq!(png(&again.join("000_01.png")), png(&out.join("000_01.png")));
+
+    // The upsampler is given the decoder's images: the pipeline's output is the run's own
+    // upsampling of what the pipeline without it decodes, from the stage's seeded noise.
+    let load = || {
+        Pipeline::load(
+            Some(&runs.path("prior")),
+            &runs.path("decoder"),
+            None,
+            tch::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let plain = load();
+    let mut o = plain.default_options();
+    o.count = 2;
+    let decoded = plain.generate(&["a red circle"], &o).unwrap().images;
+    let chained = load().with_upsamplers(std::slice::from_ref(&up)).unwrap();
+    assert_eq!(chained.resolution(), 64);
+    let mut o = chained.default_options();
+    o.count = 2;
+    let upsampled = chained.generate(&["a red circle"], &o).unwrap().images;
+    assert_eq!(upsampled.size(), [2, 3, 64, 64]);
+    tch::manual_seed(o.seed + 1);
+    let noise = tch::Tensor::randn([2, 3, 64, 64], (tch::Kind::Float, tch::Device::Cpu));
+    let expected = chained.upsamplers[0].upsample(&decoded, noise).unwrap();
+    assert!(upsampled.allclose(&expected, 1e-5, 1e-5, false));
+    // Another low-resolution input changes the output.
+    tch::manual_seed(o.seed + 1);
+    let noise = tch::Tensor::randn([2, 3, 64, 64], (tch::Kind::Float, tch::Device::Cpu));
+    let other = chained.upsamplers[0]
+        .upsample(&decoded.flip([2]), noise)
+        .unwrap();
+    assert!(!other.allclose(&expected, 1e-3, 1e-3, false));
 }
 
 fn writes_images_grid_and_manifest_and_repeats_with_its_seed(runs: &Runs) {
@@ -301,6 +397,20 @@ fn runs_that_do_not_fit_together_and_bad_options_are_refused(runs: &Runs) {
         let err = run_fails(sample, &args);
         assert!(err.contains(expect), "{extra:?}: {err}");
     }
+    // A second stage must take what the first makes (64 px, not this run's 32).
+    let up = runs.path("upsampler");
+    let up = up.to_str().unwrap();
+    let args = runs.args(
+        &out,
+        &["a red circle"],
+        &["--upsampler", up, "--upsampler", up],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_fails(sample, &args);
+    assert!(
+        err.contains("takes 32 px images but the upsampler run") && err.contains("makes 64 px"),
+        "{err}"
+    );
     let err = run_fails(
         sample,
         &[

@@ -14,30 +14,41 @@ use unclip_data::bsr::{bsr_degrade, BsrConfig, Planes};
 use unclip_data::degrade::{gaussian_blur, BlurConfig};
 
 /// How the conditioning image is corrupted in training (never at inference).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Corruption {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Corruption<'a> {
     /// The clean low-resolution image.
-    #[default]
     None,
     /// Gaussian blur of the low-resolution image (the 64→256 stage: kernel 3, σ 0.6).
-    Blur(BlurConfig),
-    /// BSRGAN's degradation pipeline from the high-resolution image (the 256→1024 stage); its
-    /// `scale` must be the ratio of the two resolutions.
-    Bsr(BsrConfig),
+    Blur(&'a BlurConfig),
+    /// BSRGAN's degradation pipeline from the high-resolution image (the 256→1024 stage).
+    Bsr(&'a BsrConfig),
 }
 
-/// The `upsampler.low_res:` section.
+/// The `upsampler.low_res:` section. At most one of `blur` and `bsr`; neither: the clean image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LowResConfig {
     /// Side of the conditioning image (64 for the 64→256 stage).
     pub resolution: u32,
-    #[serde(default)]
-    pub corruption: Corruption,
+    /// Gaussian blur of the low-resolution image (`{kernel: 3, sigma: 0.6}`; `sigma_range: [lo,
+    /// hi]` draws σ per image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blur: Option<BlurConfig>,
+    /// BSRGAN's degradations of the high-resolution image down to the low resolution; `scale`
+    /// must be the ratio of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bsr: Option<BsrConfig>,
 }
 
 impl LowResConfig {
+    pub fn corruption(&self) -> Corruption<'_> {
+        match (&self.blur, &self.bsr) {
+            (Some(b), _) => Corruption::Blur(b),
+            (None, Some(b)) => Corruption::Bsr(b),
+            (None, None) => Corruption::None,
+        }
+    }
+
     /// Checks against the high resolution `high`; errors name the keys.
     pub fn validate(&self, high: u32) -> Result<()> {
         let low = self.resolution;
@@ -45,17 +56,18 @@ impl LowResConfig {
             low >= 1 && high > low && high.is_multiple_of(low),
             "upsampler.low_res.resolution ({low}) must divide data.image.resolution ({high}) and be smaller"
         );
-        match &self.corruption {
+        ensure!(
+            self.blur.is_none() || self.bsr.is_none(),
+            "upsampler.low_res: set blur or bsr, not both"
+        );
+        match self.corruption() {
             Corruption::None => {}
-            Corruption::Blur(b) => b
-                .validate()
-                .map_err(|e| anyhow!("upsampler.low_res.corruption.{e}"))?,
+            Corruption::Blur(b) => b.validate().map_err(|e| anyhow!("upsampler.low_res.{e}"))?,
             Corruption::Bsr(b) => {
-                b.validate()
-                    .map_err(|e| anyhow!("upsampler.low_res.corruption.{e}"))?;
+                b.validate().map_err(|e| anyhow!("upsampler.low_res.{e}"))?;
                 ensure!(
                     b.scale as u32 * low == high,
-                    "upsampler.low_res.corruption.bsr.scale ({}) must be data.image.resolution / \
+                    "upsampler.low_res.bsr.scale ({}) must be data.image.resolution / \
                      upsampler.low_res.resolution ({high} / {low})",
                     b.scale
                 );
@@ -69,7 +81,7 @@ impl LowResConfig {
     pub fn corrupted(&self, high: &Tensor, seeds: &[u64]) -> Result<Tensor> {
         let low = i64::from(self.resolution);
         let device = high.device();
-        match &self.corruption {
+        match self.corruption() {
             Corruption::None => Ok(downsample(high, low)),
             Corruption::Blur(cfg) => {
                 let images = to_rgb8(&downsample(high, low))?;

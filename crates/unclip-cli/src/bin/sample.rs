@@ -1,6 +1,7 @@
-//! Text to image with a trained prior and decoder (unCLIP's sampling pipeline).
+//! Text to image with a trained prior, decoder and upsamplers (unCLIP's sampling pipeline).
 //!
-//!     sample --prior runs/prior --decoder runs/decoder --caption "a red circle" --out runs/samples
+//!     sample --prior runs/prior --decoder runs/decoder --upsampler runs/upsampler \
+//!         --caption "a red circle" --out runs/samples
 
 use std::path::PathBuf;
 
@@ -14,7 +15,7 @@ use unclip_train::precision::{resolve, Precision};
 
 #[derive(Parser)]
 #[command(
-    about = "Sample images for captions: CLIP text encoder → prior → decoder (unCLIP's pipeline)"
+    about = "Sample images for captions: CLIP text encoder → prior → decoder → upsamplers (unCLIP's pipeline)"
 )]
 struct Cli {
     /// A caption to sample images for. Repeatable.
@@ -39,6 +40,14 @@ struct Cli {
     /// This checkpoint of the decoder run (`RUN/checkpoints/step-N`) instead of its newest.
     #[arg(long, value_name = "DIR")]
     decoder_checkpoint: Option<PathBuf>,
+    /// A train-upsampler run directory (newest checkpoint, EMA weights) to upsample the decoder's
+    /// images with; repeat for the second stage (64→256, then 256→1024).
+    #[arg(long, value_name = "RUN")]
+    upsampler: Vec<PathBuf>,
+    /// Keys of every upsampler's sampler to change, as YAML: e.g. '{steps: ddim10}' (the rest:
+    /// each config's upsampler.sampling).
+    #[arg(long, value_name = "YAML")]
+    upsampler_sampling: Option<String>,
     /// Images per caption.
     #[arg(long, default_value_t = 4)]
     count: usize,
@@ -140,7 +149,8 @@ fn main() -> Result<()> {
         &cli.decoder,
         cli.decoder_checkpoint.as_deref(),
         device,
-    )?;
+    )?
+    .with_upsamplers(&cli.upsampler)?;
     let mut o = pipeline.default_options();
     o.count = cli.count;
     o.seed = cli.seed;
@@ -154,6 +164,13 @@ fn main() -> Result<()> {
     }
     if let Some(yaml) = &cli.decoder_sampling {
         o.decoder_sampling = sampler("--decoder-sampling", &o.decoder_sampling, yaml)?;
+    }
+    if let Some(yaml) = &cli.upsampler_sampling {
+        o.upsampler_sampling = o
+            .upsampler_sampling
+            .iter()
+            .map(|s| sampler("--upsampler-sampling", s, yaml))
+            .collect::<Result<_>>()?;
     }
     pipeline.check(&o)?;
     let resolved = resolve(o.precision, device);
@@ -176,6 +193,15 @@ fn main() -> Result<()> {
         pipeline.decoder.resolution(),
         resolved.precision.name()
     );
+    for (run, s) in pipeline.upsamplers.iter().zip(&o.upsampler_sampling) {
+        println!(
+            "upsampler {}: {} → {} px, {}",
+            run.source,
+            run.low_resolution(),
+            run.resolution(),
+            steps(s)
+        );
+    }
     let g = pipeline.generate(&captions, &o)?;
 
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;

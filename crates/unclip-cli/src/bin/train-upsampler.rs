@@ -1,0 +1,137 @@
+//! Train one of unCLIP's diffusion upsamplers (64→256 or 256→1024) on image shards.
+//!
+//!     train-upsampler --config configs/shapes/upsampler.yaml
+
+use anyhow::{ensure, Result};
+use clap::Parser;
+use tch::nn;
+use unclip_train::cli::{
+    print_counted_parameters, print_dry_run_header, print_parameter_summary,
+    report_current_then_ema, train_with_args, DRY_RUN_BUILD_LIMIT,
+};
+use unclip_train::{load_config, TrainArgs};
+use unclip_upsampler::diffusers::save_diffusers_upsampler;
+use unclip_upsampler::task::{UpsamplerTask, UpsamplerTrainConfig};
+use unclip_upsampler::Upsampler;
+
+#[derive(Parser)]
+#[command(about = "Train one of unCLIP's diffusion upsamplers (diffusers UNet2DModel layout)")]
+struct Cli {
+    #[command(flatten)]
+    args: TrainArgs,
+    /// Instead of training: upsample the held-out images with the run's newest checkpoint (EMA
+    /// weights) and write the grid (bicubic upsampling, samples, real images) to this PNG file,
+    /// printing the PSNRs. `--set upsampler.sampling...` picks the sampler.
+    #[arg(long, value_name = "FILE.png")]
+    grid: Option<std::path::PathBuf>,
+    /// Instead of training: write the run's newest checkpoint (EMA weights) as a diffusers
+    /// `UNet2DModel` directory (config.json + safetensors), the UnCLIP pipeline's `super_res_*`.
+    #[arg(long, value_name = "DIR", conflicts_with = "grid")]
+    export_diffusers: Option<std::path::PathBuf>,
+    /// With --grid or --export-diffusers: this checkpoint directory (`RUN/checkpoints/step-N`)
+    /// instead of the run's newest.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<std::path::PathBuf>,
+}
+
+fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
+    let args = &cli.args;
+    let cfg = load_config::<UpsamplerTrainConfig>(&args.config, &args.overrides)?.task;
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    Upsampler::new(vs.root(), &cfg.upsampler.model)?;
+    let (weights, source) =
+        unclip_train::checkpoint::run_weights(&args.run_dir(), cli.checkpoint.as_deref())?;
+    unclip_train::trainer::load_into(&vs, &weights, &source)?;
+    save_diffusers_upsampler(&vs, &cfg.upsampler.model, i64::from(cfg.resolution()), out)?;
+    println!("{source} -> {} (UNet2DModel)", out.display());
+    Ok(())
+}
+
+fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
+    let args = &cli.args;
+    let cfg = load_config::<UpsamplerTrainConfig>(&args.config, &args.overrides)?;
+    let device = cfg.runtime.device()?;
+    let (weights, source) =
+        unclip_train::checkpoint::run_weights(&args.run_dir(), cli.checkpoint.as_deref())?;
+    let vs = nn::VarStore::new(device);
+    let task = UpsamplerTask::new(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
+    unclip_train::trainer::load_into(&vs, &weights, &source)?;
+    if let Some(report) = task.sample_held_out()? {
+        unclip_train::logging::write_png(out, &report.grid)?;
+        println!("{source}: {}", report.summary());
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn dry_run(cfg: &UpsamplerTrainConfig, device: tch::Device) -> Result<()> {
+    let m = &cfg.upsampler.model;
+    if m.parameter_count() <= DRY_RUN_BUILD_LIMIT {
+        let vs = nn::VarStore::new(device);
+        Upsampler::new(vs.root(), m)?;
+        print_parameter_summary(&vs);
+    } else {
+        print_counted_parameters(&[("unet", m.parameter_count())]);
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    ensure!(
+        cli.checkpoint.is_none() || cli.grid.is_some() || cli.export_diffusers.is_some(),
+        "--checkpoint picks the weights of --grid or --export-diffusers; training resumes with --resume"
+    );
+    if let Some(out) = &cli.grid {
+        return grid(&cli, out);
+    }
+    if let Some(out) = &cli.export_diffusers {
+        return export_diffusers(&cli, out);
+    }
+    let args = &cli.args;
+    let cfg = load_config::<UpsamplerTrainConfig>(&args.config, &args.overrides)?;
+    let device = cfg.runtime.device()?;
+    if args.dry_run {
+        print_dry_run_header(&args.config, &cfg.runtime, device);
+        return dry_run(&cfg.task, device);
+    }
+    let env = unclip_dist::DistEnv::from_env()?;
+    let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
+    tch::manual_seed(cfg.runtime.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let mut task = UpsamplerTask::new(
+        &vs,
+        &cfg.task,
+        cfg.runtime.seed,
+        cfg.runtime.train.batch_size,
+        rank,
+        world,
+        Some(args.run_dir()),
+    )?;
+    let summary = train_with_args(&mut task, &vs, &cfg, args)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
+    let samples = args.run_dir().join("samples");
+    let ckpt = report_current_then_ema(&vs, &summary, |which| {
+        if let Some(report) = task.sample_held_out()? {
+            let file = samples.join(format!(
+                "final_{}.png",
+                if which.starts_with("EMA") {
+                    "ema"
+                } else {
+                    "current"
+                }
+            ));
+            unclip_train::logging::write_png(&file, &report.grid)?;
+            println!("held-out upsamplings, {which}: {}", report.summary());
+            println!(
+                "  grid (bicubic upsampling, samples, real images): {}",
+                file.display()
+            );
+        }
+        Ok(())
+    })?;
+    println!("checkpoint {}", ckpt.display());
+    Ok(())
+}
