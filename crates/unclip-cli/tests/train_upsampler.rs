@@ -66,6 +66,7 @@ fn train(config: &Path, run_dir: &Path, extra: &[&str]) -> String {
 }
 
 fn psnrs(line: &str) -> (f64, f64) {
+    let line = line.split("; sharpness").next().unwrap();
     let number = |after: &str| -> f64 {
         line.split(after)
             .nth(1)
@@ -104,6 +105,15 @@ fn train_upsampler_learns_writes_grids_resumes_exactly_and_exports() {
     // still noisy, but PSNRs both.
     assert!(bicubic > 20.0 && bicubic < 60.0, "{ema}");
     assert!(sample > 0.0 && sample < bicubic, "{ema}");
+    // Bicubic upsampling blurs the shapes' edges: less contrast than the real images.
+    let bicubic_sharpness: f64 = ema
+        .split("bicubic ")
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(bicubic_sharpness > 0.3 && bicubic_sharpness < 0.95, "{ema}");
     // Rows: bicubic, samples, real; 4 columns of 32 px.
     for name in ["step_000020.png", "step_000040.png", "final_ema.png"] {
         let img = image::open(full.join("samples").join(name)).unwrap();
@@ -111,7 +121,12 @@ fn train_upsampler_learns_writes_grids_resumes_exactly_and_exports() {
     }
     let scalars = unclip_testkit::read_scalars(&full.join("tensorboard"));
     for step in [20, 40] {
-        for key in ["samples/psnr", "samples/psnr_bicubic"] {
+        for key in [
+            "samples/psnr",
+            "samples/psnr_bicubic",
+            "samples/sharpness",
+            "samples/sharpness_bicubic",
+        ] {
             let v = scalars.get(&(key.to_string(), step));
             assert!(v.is_some_and(|v| *v > 0.0), "{key} {step}: {v:?}");
         }

@@ -516,10 +516,7 @@ impl TrainTask for ClipTask {
         let b = self.loader.next_batch()?;
         self.skipped_total = b.skipped_total;
         for r in &b.finished_epochs {
-            eprintln!(
-                "data: epoch {} done on rank {}: {} samples, {} skipped as unreadable, {} undecodable",
-                r.epoch, self.loader_cfg.reader.rank, r.samples, r.skipped_read, r.skipped_decode
-            );
+            eprintln!("{}", r.message(self.loader_cfg.reader.rank));
         }
         let train_negatives = self.cfg.hard_negatives.as_ref().is_some_and(|h| h.train);
         let seed = train_negatives.then(|| {

@@ -87,6 +87,16 @@ pub struct EpochReport {
     pub skipped_decode: u64,
 }
 
+impl EpochReport {
+    /// The line trainers log for it on `rank`.
+    pub fn message(&self, rank: usize) -> String {
+        format!(
+            "data: epoch {} done on rank {rank}: {} samples, {} skipped as unreadable, {} undecodable",
+            self.epoch, self.samples, self.skipped_read, self.skipped_decode
+        )
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ImageBatch {
     pub keys: Vec<String>,

@@ -252,22 +252,28 @@ pub fn save_diffusers_decoder(
         "time_embed_dim": cfg.unet.time_embed_dim(),
     });
     for (component, config) in [("decoder", Value::Object(unet)), ("text_proj", text_proj)] {
-        let out = dir.join(component);
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        let config_path = out.join("config.json");
-        std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
-            .with_context(|| format!("writing {}", config_path.display()))?;
-        let prefix = format!("{component}.");
-        let mut tensors: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|s| (s.to_string(), t)))
-            .collect();
-        ensure!(!tensors.is_empty(), "no `{prefix}*` variables to export");
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let weights = out.join("diffusion_pytorch_model.safetensors");
-        Tensor::write_safetensors(&tensors, &weights)
-            .with_context(|| format!("writing {}", weights.display()))?;
+        write_component(vs, component, &config, &dir.join(component))?;
     }
+    Ok(())
+}
+
+/// Writes one diffusers component into `dir`: `config` as `config.json` and the variables of `vs`
+/// under `prefix.` (the prefix dropped) as `diffusion_pytorch_model.safetensors`.
+pub fn write_component(vs: &nn::VarStore, prefix: &str, config: &Value, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(config)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let prefix = format!("{prefix}.");
+    let mut tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|s| (s.to_string(), t)))
+        .collect();
+    ensure!(!tensors.is_empty(), "no `{prefix}*` variables to export");
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    Tensor::write_safetensors(&tensors, &weights)
+        .with_context(|| format!("writing {}", weights.display()))?;
     Ok(())
 }

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use anyhow::Result;
 use tch::{nn, Device};
-use unclip_train::trainer::load_into;
 
 use crate::model::UnclipDecoder;
 use crate::task::DecoderTrainConfig;
@@ -23,15 +22,13 @@ impl DecoderRun {
     /// `run_dir/config.yaml` and `checkpoint`'s weights, or the newest complete checkpoint's (EMA
     /// weights when present).
     pub fn load(run_dir: &Path, checkpoint: Option<&Path>, device: Device) -> Result<Self> {
-        let (cfg, weights, source) = unclip_train::checkpoint::load_run::<DecoderTrainConfig>(
+        let (cfg, vs, model, source) = unclip_train::checkpoint::load_frozen_run(
             run_dir,
             checkpoint,
             "train-decoder",
+            device,
+            |p, cfg: &DecoderTrainConfig| UnclipDecoder::from_config(p, &cfg.decoder.model),
         )?;
-        let mut vs = nn::VarStore::new(device);
-        let model = UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
-        load_into(&vs, &weights, &source)?;
-        vs.freeze();
         Ok(Self {
             cfg,
             vs,

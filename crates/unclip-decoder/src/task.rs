@@ -703,10 +703,7 @@ impl TrainTask for DecoderTask {
         let b = self.loader.next_batch()?;
         self.skipped_total = b.skipped_total;
         for r in &b.finished_epochs {
-            eprintln!(
-                "data: epoch {} done on rank {}: {} samples, {} skipped as unreadable, {} undecodable",
-                r.epoch, self.loader_cfg.reader.rank, r.samples, r.skipped_read, r.skipped_decode
-            );
+            eprintln!("{}", r.message(self.loader_cfg.reader.rank));
         }
         self.to_batch(&b)
     }

@@ -62,15 +62,13 @@ pub struct PriorRun {
 }
 
 pub fn load_prior_run(run_dir: &Path, device: Device) -> Result<PriorRun> {
-    let (cfg, weights, source) = unclip_train::checkpoint::load_run::<crate::task::PriorTrainConfig>(
+    let (cfg, vs, model, source) = unclip_train::checkpoint::load_frozen_run(
         run_dir,
         None,
         "train-prior",
+        device,
+        |p, cfg: &crate::task::PriorTrainConfig| DiffusionPrior::new(p, &cfg.prior.model),
     )?;
-    let mut vs = nn::VarStore::new(device);
-    let model = DiffusionPrior::new(vs.root(), &cfg.prior.model)?;
-    load_into(&vs, &weights, &source)?;
-    vs.freeze();
     Ok(PriorRun {
         cfg,
         prior: LoadedPrior { vs, model },

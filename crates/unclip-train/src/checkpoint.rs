@@ -207,6 +207,26 @@ pub fn load_run<T: serde::de::DeserializeOwned + crate::config::Validate>(
     Ok((task, weights, source))
 }
 
+/// [`load_run`], then the model `build` makes from the config on a fresh `VarStore` on `device`,
+/// with the weights loaded and frozen: (config, store, model, the weights' description).
+pub fn load_frozen_run<T, M>(
+    run_dir: &Path,
+    checkpoint: Option<&Path>,
+    trainer: &str,
+    device: tch::Device,
+    build: impl FnOnce(tch::nn::Path, &T) -> Result<M>,
+) -> Result<(T, tch::nn::VarStore, M, String)>
+where
+    T: serde::de::DeserializeOwned + crate::config::Validate,
+{
+    let (cfg, weights, source) = load_run::<T>(run_dir, checkpoint, trainer)?;
+    let mut vs = tch::nn::VarStore::new(device);
+    let model = build(vs.root(), &cfg)?;
+    crate::trainer::load_into(&vs, &weights, &source)?;
+    vs.freeze();
+    Ok((cfg, vs, model, source))
+}
+
 /// The weights of `checkpoint` when given, else [`inference_weights`] of `run_dir`.
 pub fn run_weights(
     run_dir: &Path,

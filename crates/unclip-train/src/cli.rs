@@ -106,6 +106,48 @@ pub fn train_with_args<T: crate::TrainTask, C>(
     )
 }
 
+/// What a trainer binary's `main` does once its config is loaded and it is to train: seeds
+/// libtorch, builds the task for this rank on a fresh `VarStore` (`build(vs, rank, world_size)`),
+/// trains into `--run-dir`, then on rank 0 reports the final weights (`report(task, "current
+/// weights" | "EMA weights")`, see [`report_current_then_ema`]) and prints the last checkpoint.
+pub fn train_and_report<T: crate::TrainTask, C>(
+    cfg: &crate::RunConfig<C>,
+    args: &TrainArgs,
+    build: impl FnOnce(&tch::nn::VarStore, usize, usize) -> anyhow::Result<T>,
+    mut report: impl FnMut(&mut T, &str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let device = cfg.runtime.device()?;
+    let env = unclip_dist::DistEnv::from_env()?;
+    let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
+    tch::manual_seed(cfg.runtime.seed as i64);
+    let vs = tch::nn::VarStore::new(device);
+    let mut task = build(&vs, rank, world)?;
+    let summary = train_with_args(&mut task, &vs, cfg, args)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
+    let ckpt = report_current_then_ema(&vs, &summary, |which| report(&mut task, which))?;
+    println!("checkpoint {}", ckpt.display());
+    Ok(())
+}
+
+/// `RUN/samples/final_ema.png` or `final_current.png` for the weights `which` names
+/// ("EMA weights" / "current weights"), written from `grid`; its path.
+pub fn write_final_grid(
+    run_dir: &std::path::Path,
+    which: &str,
+    grid: &tch::Tensor,
+) -> anyhow::Result<std::path::PathBuf> {
+    let name = if which.starts_with("EMA") {
+        "ema"
+    } else {
+        "current"
+    };
+    let file = run_dir.join("samples").join(format!("final_{name}.png"));
+    crate::logging::write_png(&file, grid)?;
+    Ok(file)
+}
+
 /// After training: `report("current weights")`, then, when the run's last checkpoint holds EMA
 /// weights, loads them into `vs` and `report("EMA weights")`. Returns that checkpoint.
 pub fn report_current_then_ema(

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{Map, Value};
-use tch::{nn, Device, Tensor};
-use unclip_decoder::pretrained::{component_weights, read_json};
+use tch::{nn, Device};
+use unclip_decoder::pretrained::{component_weights, read_json, write_component};
 use unclip_train::trainer::load_into;
 
 use crate::config::{UpsamplerModelConfig, IMAGE_CHANNELS};
@@ -170,23 +170,5 @@ pub fn save_diffusers_upsampler(
     sample_size: i64,
     dir: &Path,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let config_path = dir.join("config.json");
-    std::fs::write(
-        &config_path,
-        serde_json::to_string_pretty(&cfg.to_diffusers_json(sample_size)?)?,
-    )
-    .with_context(|| format!("writing {}", config_path.display()))?;
-    let prefix = format!("{UNET_PREFIX}.");
-    let mut tensors: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|s| (s.to_string(), t)))
-        .collect();
-    ensure!(!tensors.is_empty(), "no `{prefix}*` variables to export");
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let weights = dir.join("diffusion_pytorch_model.safetensors");
-    Tensor::write_safetensors(&tensors, &weights)
-        .with_context(|| format!("writing {}", weights.display()))?;
-    Ok(())
+    write_component(vs, UNET_PREFIX, &cfg.to_diffusers_json(sample_size)?, dir)
 }

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use anyhow::Result;
 use tch::{nn, Device, Tensor};
-use unclip_train::trainer::load_into;
 
 use crate::model::Upsampler;
 use crate::sample::UpsamplerSampler;
@@ -23,15 +22,13 @@ impl UpsamplerRun {
     /// `run_dir/config.yaml` and `checkpoint`'s weights, or the newest complete checkpoint's (EMA
     /// weights when present).
     pub fn load(run_dir: &Path, checkpoint: Option<&Path>, device: Device) -> Result<Self> {
-        let (cfg, weights, source) = unclip_train::checkpoint::load_run::<UpsamplerTrainConfig>(
+        let (cfg, vs, model, source) = unclip_train::checkpoint::load_frozen_run(
             run_dir,
             checkpoint,
             "train-upsampler",
+            device,
+            |p, cfg: &UpsamplerTrainConfig| Upsampler::new(p, &cfg.upsampler.model),
         )?;
-        let mut vs = nn::VarStore::new(device);
-        let model = Upsampler::new(vs.root(), &cfg.upsampler.model)?;
-        load_into(&vs, &weights, &source)?;
-        vs.freeze();
         Ok(Self {
             cfg,
             vs,

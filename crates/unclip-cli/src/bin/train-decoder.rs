@@ -10,8 +10,8 @@ use tch::nn;
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig};
 use unclip_decoder::UnclipDecoder;
 use unclip_train::cli::{
-    print_counted_parameters, print_dry_run_header, print_parameter_summary,
-    report_current_then_ema, train_with_args, DRY_RUN_BUILD_LIMIT,
+    print_counted_parameters, print_dry_run_header, print_parameter_summary, train_and_report,
+    write_final_grid, DRY_RUN_BUILD_LIMIT,
 };
 use unclip_train::{load_config, TrainArgs};
 
@@ -106,43 +106,31 @@ fn main() -> Result<()> {
         print_dry_run_header(&args.config, &cfg.runtime, device);
         return dry_run(&cfg.task, device);
     }
-    let env = unclip_dist::DistEnv::from_env()?;
-    let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
-    tch::manual_seed(cfg.runtime.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let mut task = DecoderTask::new(
-        &vs,
-        &cfg.task,
-        cfg.runtime.seed,
-        cfg.runtime.train.batch_size,
-        rank,
-        world,
-        Some(args.run_dir()),
-    )?;
-    let summary = train_with_args(&mut task, &vs, &cfg, args)?;
-    if summary.rank != 0 {
-        return Ok(());
-    }
-    let samples = args.run_dir().join("samples");
-    let ckpt = report_current_then_ema(&vs, &summary, |which| {
-        if let Some(report) = task.sample_held_out()? {
-            let file = samples.join(format!(
-                "final_{}.png",
-                if which.starts_with("EMA") {
-                    "ema"
-                } else {
-                    "current"
-                }
-            ));
-            unclip_train::logging::write_png(&file, &report.grid)?;
-            println!("held-out samples, {which}: {}", report.summary());
-            println!(
-                "  grid (real images, then one row per guidance scale): {}",
-                file.display()
-            );
-        }
-        Ok(())
-    })?;
-    println!("checkpoint {}", ckpt.display());
-    Ok(())
+    let run_dir = args.run_dir();
+    train_and_report(
+        &cfg,
+        args,
+        |vs, rank, world| {
+            DecoderTask::new(
+                vs,
+                &cfg.task,
+                cfg.runtime.seed,
+                cfg.runtime.train.batch_size,
+                rank,
+                world,
+                Some(run_dir.clone()),
+            )
+        },
+        |task, which| {
+            if let Some(report) = task.sample_held_out()? {
+                let file = write_final_grid(&run_dir, which, &report.grid)?;
+                println!("held-out samples, {which}: {}", report.summary());
+                println!(
+                    "  grid (real images, then one row per guidance scale): {}",
+                    file.display()
+                );
+            }
+            Ok(())
+        },
+    )
 }
