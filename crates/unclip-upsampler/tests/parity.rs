@@ -164,3 +164,61 @@ fn built_parameter_count_matches_the_formula() {
     let built: usize = vs.variables().values().map(Tensor::numel).sum();
     assert_eq!(built as i64, cfg.parameter_count());
 }
+
+/// Loads an exported directory with diffusers' own `UNet2DModel.from_pretrained` and runs it as
+/// the UnCLIP pipeline runs `super_res_first`: the low-resolution image upsampled (antialiased
+/// bicubic) and concatenated to the noisy one.
+const DIFFUSERS_FORWARD: &str = r#"
+import sys, torch, torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from diffusers import UNet2DModel
+d = sys.argv[1]
+unet = UNet2DModel.from_pretrained(d + "/unet").eval()
+io = load_file(d + "/in.safetensors")
+with torch.no_grad():
+    side = io["x"].shape[-1]
+    up = F.interpolate(io["low"], size=[side, side], mode="bicubic", align_corners=False, antialias=True)
+    out = unet(torch.cat([io["x"], up], dim=1), io["t"]).sample
+save_file({"out": out.contiguous()}, d + "/out.safetensors")
+"#;
+
+#[test]
+fn an_upsampler_built_here_runs_the_same_in_diffusers() {
+    tch::manual_seed(5);
+    let cfg = UpsamplerModelConfig {
+        out_channels: 6,
+        block_out_channels: vec![8, 16, 16],
+        layers_per_block: 2,
+        norm_num_groups: 4,
+        norm_eps: 1e-5,
+        dropout: 0.0,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Upsampler::new(vs.root(), &cfg).unwrap();
+    // Every weight random, biases and norms included.
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            let r = v.randn_like() * 0.2;
+            v.copy_(&(&v + r));
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    save_diffusers_upsampler(&vs, &cfg, 32, &dir.path().join("unet")).unwrap();
+    let x = Tensor::randn([2, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
+    let low = Tensor::rand([2, 3, 16, 16], (tch::Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let t = Tensor::from_slice(&[17i64, 901]);
+    let ours = tch::no_grad(|| {
+        model
+            .forward_t(&x, &upsample_condition(&low, 32), &t, false)
+            .unwrap()
+    });
+    Tensor::write_safetensors(
+        &[("x", &x), ("low", &low), ("t", &t)],
+        dir.path().join("in.safetensors"),
+    )
+    .unwrap();
+    unclip_testkit::python(DIFFUSERS_FORWARD, [dir.path()]);
+    let theirs = Tensor::read_safetensors(dir.path().join("out.safetensors")).unwrap();
+    let d = max_diff(&theirs[0].1, &ours);
+    assert!(d <= 1e-4, "diffusers' forward of the export differs by {d}");
+}
