@@ -306,9 +306,7 @@ impl Pipeline {
             prior_scores,
         })
     }
-}
 
-impl Pipeline {
     /// Stage `stage`'s upsampling of `low` [N, 3, h, w], `o.batch_size` at a time, its noise drawn
     /// from the seed (offset by the stage) so that each stage's is fixed whatever came before.
     fn upsample(

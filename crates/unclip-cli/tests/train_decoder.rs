@@ -3,10 +3,11 @@
 //! the same weights as an uninterrupted one (in one process and over 2 data-parallel ranks), stored
 //! and on-the-fly CLIP conditioning agree; and `--dry-run` on the paper config.
 use std::path::Path;
-use std::time::Duration;
-use unclip_dist::launch::launch_local;
 mod common;
-use common::{decoder_config, dry_run_committed, dry_run_total, embedded_shapes, run, run_fails};
+use common::{
+    decoder_config, dry_run_committed, dry_run_total, embedded_shapes, launch_two_ranks, run,
+    run_fails,
+};
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig, EmbeddingSource};
 use unclip_decoder::LoadedDecoder;
 use unclip_train::config::parse_config;
@@ -312,41 +313,6 @@ fn dry_run_counts_the_paper_decoder_without_building_it() {
 
 /// `train-decoder` as 2 Gloo ranks on loopback (as `torchrun --nproc-per-node 2` starts it);
 /// panics with every rank's output unless both succeed. Returns their outputs.
-fn launch_two_ranks(
-    decoder: &str,
-    config: &Path,
-    run_dir: &Path,
-    steps: &str,
-    resume: bool,
-) -> Vec<String> {
-    let steps = format!("train.steps={steps}");
-    let mut args = vec![
-        "--config",
-        config.to_str().unwrap(),
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-        "--set",
-        &steps,
-        // Half the single-process batch on each rank.
-        "--set",
-        "train.batch_size=4",
-        "--set",
-        "distributed.timeout_secs=60",
-    ];
-    if resume {
-        args.extend(["--resume", "auto"]);
-    }
-    // No OMP_NUM_THREADS: the runtime shares the cores out between the ranks.
-    let ranks = launch_local(Path::new(decoder), &args, 2, &[], Duration::from_secs(300))
-        .expect("the ranks did not finish within 300 s");
-    let all = || {
-        let outputs: Vec<&str> = ranks.iter().map(|r| r.output.as_str()).collect();
-        outputs.join("\n---- next rank ----\n")
-    };
-    assert!(ranks.iter().all(|r| r.success), "{}", all());
-    ranks.into_iter().map(|r| r.output).collect()
-}
-
 #[test]
 fn train_decoder_runs_data_parallel_and_resumes_exactly() {
     let _serial = serial();

@@ -3,12 +3,10 @@
 //! one (in one process and over 2 data-parallel ranks), `--grid` and `--export-diffusers` read its
 //! checkpoints; `--dry-run` on the committed configs (the paper's counted without building them).
 use std::path::Path;
-use std::time::Duration;
 
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
 mod common;
-use common::{dry_run_committed, dry_run_total, run, run_fails};
-use unclip_dist::launch::launch_local;
+use common::{dry_run_committed, dry_run_total, launch_two_ranks, run, run_fails};
 
 const BIN: &str = env!("CARGO_BIN_EXE_train-upsampler");
 
@@ -215,41 +213,12 @@ fn dry_run_counts_the_committed_upsamplers() {
     assert!(n > 650e6 && n < 750e6, "{n}");
 }
 
-/// `train-upsampler` over 2 local ranks (4 images each) for `steps`; every rank's output.
-fn two_ranks(config: &Path, run_dir: &Path, steps: &str, resume: bool) -> Vec<String> {
-    let steps = format!("train.steps={steps}");
-    let mut args = vec![
-        "--config",
-        config.to_str().unwrap(),
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-        "--set",
-        &steps,
-        "--set",
-        "train.batch_size=4",
-        "--set",
-        "distributed.timeout_secs=60",
-    ];
-    if resume {
-        args.extend(["--resume", "auto"]);
-    }
-    let ranks = launch_local(Path::new(BIN), &args, 2, &[], Duration::from_secs(300))
-        .expect("the ranks did not finish within 300 s");
-    let outputs: Vec<String> = ranks.iter().map(|r| r.output.clone()).collect();
-    assert!(
-        ranks.iter().all(|r| r.success),
-        "{}",
-        outputs.join("\n----\n")
-    );
-    outputs
-}
-
 #[test]
 fn train_upsampler_runs_data_parallel_and_resumes_exactly() {
     let (tmp, config) = setup();
     let dir = tmp.path();
     let full = dir.join("full");
-    let outputs = two_ranks(&config, &full, "20", false);
+    let outputs = launch_two_ranks(BIN, &config, &full, "20", false);
     // Each rank reads its own shard (24 images an epoch); only rank 0 samples and checkpoints.
     for (rank, out) in outputs.iter().enumerate() {
         assert!(
@@ -266,8 +235,8 @@ fn train_upsampler_runs_data_parallel_and_resumes_exactly() {
     // Stopped at 10 and resumed by both ranks: the same weights and EMA (each rank's data
     // position, and the corruption and crops drawn from the step and rank, come back).
     let split = dir.join("split");
-    two_ranks(&config, &split, "10", false);
-    two_ranks(&config, &split, "20", true);
+    launch_two_ranks(BIN, &config, &split, "10", false);
+    launch_two_ranks(BIN, &config, &split, "20", true);
     for file in ["model.safetensors", "ema.safetensors"] {
         let read =
             |run: &Path| std::fs::read(run.join("checkpoints/step-000000020").join(file)).unwrap();

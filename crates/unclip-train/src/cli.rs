@@ -65,6 +65,24 @@ pub fn print_parameter_summary(vs: &tch::nn::VarStore) {
 /// the paper's would allocate gigabytes just to be counted.
 pub const DRY_RUN_BUILD_LIMIT: i64 = 300_000_000;
 
+/// `--dry-run`'s parameter summary: the model `build` puts on a fresh `VarStore` on `device`, or,
+/// when the `counted` rows (component, parameters from the config) total more than
+/// [`DRY_RUN_BUILD_LIMIT`], those rows without building it.
+pub fn print_model_parameters(
+    device: tch::Device,
+    counted: &[(&str, i64)],
+    build: impl FnOnce(tch::nn::Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if counted.iter().map(|(_, n)| n).sum::<i64>() > DRY_RUN_BUILD_LIMIT {
+        print_counted_parameters(counted);
+    } else {
+        let vs = tch::nn::VarStore::new(device);
+        build(vs.root())?;
+        print_parameter_summary(&vs);
+    }
+    Ok(())
+}
+
 /// `--dry-run`'s summary for a model counted from its config: `(component, parameters)` rows and
 /// the total, in [`print_parameter_summary`]'s format.
 pub fn print_counted_parameters(components: &[(&str, i64)]) {

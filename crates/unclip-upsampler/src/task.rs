@@ -279,8 +279,6 @@ pub struct UpsamplerTask {
     held_out: Option<Tensor>,
     cfg: UpsamplerTrainConfig,
     device: Device,
-    seed: u64,
-    rank: usize,
     samples_dir: Option<PathBuf>,
     position: DataPosition,
     skipped_total: u64,
@@ -367,8 +365,6 @@ impl UpsamplerTask {
             held_out,
             cfg: cfg.clone(),
             device,
-            seed,
-            rank,
             samples_dir: run_dir.filter(|_| rank == 0).map(|d| d.join("samples")),
             position: DataPosition::default(),
             skipped_total: 0,
@@ -381,9 +377,10 @@ impl UpsamplerTask {
     /// step, micro-batch and rank), so a resumed run sees the same batches.
     pub fn make_batch(&self, high: &Tensor, stream: u64) -> Result<(Tensor, Tensor)> {
         let (b, _, side, _) = high.size4()?;
-        let seed = sample_seed(self.seed ^ 0x0055_7053_414d_504c, stream, self.rank, 0);
+        let reader = &self.loader_cfg.reader;
+        let seed = sample_seed(reader.seed ^ 0x0055_7053_414d_504c, stream, reader.rank, 0);
         let seeds: Vec<u64> = (0..b as u64)
-            .map(|i| sample_seed(seed, stream, self.rank, i + 1))
+            .map(|i| sample_seed(seed, stream, reader.rank, i + 1))
             .collect();
         let low = self.cfg.upsampler.low_res.corrupted(high, &seeds)?;
         let low = upsample_condition(&low, side).to_device(self.device);

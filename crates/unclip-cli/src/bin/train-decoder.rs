@@ -10,8 +10,7 @@ use tch::nn;
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig};
 use unclip_decoder::UnclipDecoder;
 use unclip_train::cli::{
-    print_counted_parameters, print_dry_run_header, print_parameter_summary, train_and_report,
-    write_final_grid, DRY_RUN_BUILD_LIMIT,
+    print_dry_run_header, print_model_parameters, train_and_report, write_final_grid,
 };
 use unclip_train::{load_config, TrainArgs};
 
@@ -76,15 +75,13 @@ fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
 
 fn dry_run(cfg: &DecoderTrainConfig, device: tch::Device) -> Result<()> {
     let m = &cfg.decoder.model;
-    let (text_proj, unet) = (m.text_proj_parameter_count(), m.unet.parameter_count());
-    if text_proj + unet <= DRY_RUN_BUILD_LIMIT {
-        let vs = nn::VarStore::new(device);
-        UnclipDecoder::from_config(vs.root(), m)?;
-        print_parameter_summary(&vs);
-    } else {
-        print_counted_parameters(&[("decoder", unet), ("text_proj", text_proj)]);
-    }
-    Ok(())
+    let counted = [
+        ("decoder", m.unet.parameter_count()),
+        ("text_proj", m.text_proj_parameter_count()),
+    ];
+    print_model_parameters(device, &counted, |p| {
+        UnclipDecoder::from_config(p, m).map(drop)
+    })
 }
 
 fn main() -> Result<()> {

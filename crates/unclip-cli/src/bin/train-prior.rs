@@ -14,8 +14,7 @@ use unclip_prior::sample::PriorSampler;
 use unclip_prior::task::{EvalReport, PriorTask, PriorTrainConfig};
 use unclip_prior::DiffusionPrior;
 use unclip_train::cli::{
-    print_counted_parameters, print_dry_run_header, print_parameter_summary,
-    report_current_then_ema, train_with_args, DRY_RUN_BUILD_LIMIT,
+    print_dry_run_header, print_model_parameters, report_current_then_ema, train_with_args,
 };
 use unclip_train::{load_config, TrainArgs};
 
@@ -121,14 +120,9 @@ fn main() -> Result<()> {
     if args.dry_run {
         print_dry_run_header(&args.config, &cfg.runtime, device);
         let model = &cfg.task.prior.model;
-        if model.parameter_count() > DRY_RUN_BUILD_LIMIT {
-            print_counted_parameters(&[("prior", model.parameter_count())]);
-        } else {
-            let vs = nn::VarStore::new(device);
-            let _model = DiffusionPrior::new(vs.root(), model)?;
-            print_parameter_summary(&vs);
-        }
-        return Ok(());
+        return print_model_parameters(device, &[("prior", model.parameter_count())], |p| {
+            DiffusionPrior::new(p, model).map(drop)
+        });
     }
     tch::manual_seed(cfg.runtime.seed as i64);
     let vs = nn::VarStore::new(device);

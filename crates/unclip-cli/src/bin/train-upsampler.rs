@@ -6,8 +6,7 @@ use anyhow::{ensure, Result};
 use clap::Parser;
 use tch::nn;
 use unclip_train::cli::{
-    print_counted_parameters, print_dry_run_header, print_parameter_summary, train_and_report,
-    write_final_grid, DRY_RUN_BUILD_LIMIT,
+    print_dry_run_header, print_model_parameters, train_and_report, write_final_grid,
 };
 use unclip_train::{load_config, TrainArgs};
 use unclip_upsampler::diffusers::save_diffusers_upsampler;
@@ -66,14 +65,9 @@ fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
 
 fn dry_run(cfg: &UpsamplerTrainConfig, device: tch::Device) -> Result<()> {
     let m = &cfg.upsampler.model;
-    if m.parameter_count() <= DRY_RUN_BUILD_LIMIT {
-        let vs = nn::VarStore::new(device);
-        Upsampler::new(vs.root(), m)?;
-        print_parameter_summary(&vs);
-    } else {
-        print_counted_parameters(&[("unet", m.parameter_count())]);
-    }
-    Ok(())
+    print_model_parameters(device, &[("unet", m.parameter_count())], |p| {
+        Upsampler::new(p, m).map(drop)
+    })
 }
 
 fn main() -> Result<()> {

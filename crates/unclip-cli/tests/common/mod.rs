@@ -142,3 +142,47 @@ checkpoint: {{every: 20}}
         dir = dir.display()
     )
 }
+
+/// `bin --config CONFIG --run-dir RUN_DIR` over 2 local ranks for `steps` steps, 4 samples per
+/// rank (`--resume auto` when `resume`); panics unless both succeed within 300 s. Every rank's
+/// output.
+pub fn launch_two_ranks(
+    bin: &str,
+    config: &Path,
+    run_dir: &Path,
+    steps: &str,
+    resume: bool,
+) -> Vec<String> {
+    let steps = format!("train.steps={steps}");
+    let mut args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--set",
+        &steps,
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "distributed.timeout_secs=60",
+    ];
+    if resume {
+        args.extend(["--resume", "auto"]);
+    }
+    // No OMP_NUM_THREADS: the runtime shares the cores out between the ranks.
+    let ranks = unclip_dist::launch::launch_local(
+        Path::new(bin),
+        &args,
+        2,
+        &[],
+        std::time::Duration::from_secs(300),
+    )
+    .expect("the ranks did not finish within 300 s");
+    let outputs: Vec<String> = ranks.iter().map(|r| r.output.clone()).collect();
+    assert!(
+        ranks.iter().all(|r| r.success),
+        "{}",
+        outputs.join("\n---- next rank ----\n")
+    );
+    outputs
+}
