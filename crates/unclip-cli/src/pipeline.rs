@@ -12,7 +12,6 @@ use unclip_clip::caption::{CaptionEncoder, TextCondition};
 use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
 use unclip_diffusion::SamplerConfig;
 use unclip_prior::load::{load_prior_run, PriorRun};
-use unclip_prior::sample::PriorSampler;
 use unclip_train::precision::{autocast, Precision};
 use unclip_upsampler::UpsamplerRun;
 
@@ -112,7 +111,7 @@ impl Pipeline {
             CaptionEncoder::load(&clip, device).with_context(|| format!("clip {name}"))?;
         unclip_decoder::task::check_clip_fits(&encoder, &decoder.cfg.decoder.model, &name)?;
         if let Some(run) = &prior {
-            unclip_prior::task::check_clip_fits(&encoder, &run.cfg.prior.model, &name)?;
+            unclip_prior::task::check_clip_fits(&encoder, &run.cfg.prior, &name)?;
         }
         let null = encoder.null_condition()?;
         Ok(Self {
@@ -247,9 +246,14 @@ impl Pipeline {
         tch::manual_seed(o.seed);
         let (image_embeds, prior_scores) = match &self.prior {
             Some(run) => {
-                let p = &run.cfg.prior;
-                let sampler = PriorSampler::new(&run.prior.model, &p.diffusion, &o.prior_sampling)?;
-                let s = sampler.sample(&text, &self.null, o.prior_guidance, o.candidates)?;
+                let s = run.model.sample(
+                    &run.cfg.prior,
+                    &o.prior_sampling,
+                    &text,
+                    &self.null,
+                    o.prior_guidance,
+                    o.candidates,
+                )?;
                 let best = s.scores.max_dim(1, false).0.to_kind(Kind::Float);
                 (s.image_embeds.to_kind(Kind::Float), Some(best))
             }

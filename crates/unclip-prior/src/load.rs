@@ -10,6 +10,7 @@ use unclip_train::trainer::load_into;
 
 use crate::config::PriorConfig;
 use crate::model::DiffusionPrior;
+use crate::prior::Prior;
 
 /// Copies the tensors of a safetensors file into `vs` (converted to each variable's kind); a
 /// missing, unused or mis-shaped tensor is an error naming it and the file.
@@ -56,7 +57,8 @@ pub fn load_diffusers_prior(dir: &Path, device: Device) -> Result<LoadedPrior> {
 /// by the config's `clip:` key.
 pub struct PriorRun {
     pub cfg: crate::task::PriorTrainConfig,
-    pub prior: LoadedPrior,
+    pub vs: nn::VarStore,
+    pub model: Prior,
     /// The checkpoint and which weights, for messages.
     pub source: String,
 }
@@ -67,11 +69,12 @@ pub fn load_prior_run(run_dir: &Path, device: Device) -> Result<PriorRun> {
         None,
         "train-prior",
         device,
-        |p, cfg: &crate::task::PriorTrainConfig| DiffusionPrior::new(p, &cfg.prior.model),
+        |p, cfg: &crate::task::PriorTrainConfig| Prior::new(p, &cfg.prior),
     )?;
     Ok(PriorRun {
         cfg,
-        prior: LoadedPrior { vs, model },
+        vs,
+        model,
         source,
     })
 }

@@ -1,4 +1,4 @@
-//! Sampling image embeddings from the prior (unCLIP §2.2): a respaced process walked by DDIM,
+//! Sampling image embeddings from the diffusion prior (unCLIP §2.2): a respaced process walked by DDIM,
 //! DPM-Solver++ or DDPM from the core, classifier-free guidance against the null caption, and
 //! `candidates` draws per caption of which the one with the highest z_i · z_t is kept.
 
@@ -92,19 +92,27 @@ impl<'a> PriorSampler<'a> {
                 .sample(self.kind, &self.clip, noise, guided, None)?
         };
         let z = l2_normalize(&self.prior.unstandardize(&x0).to_kind(Kind::Float))?;
-        let z_t = l2_normalize(&cond.text_embeds.to_kind(Kind::Float))?;
-        let scores = (&z * z_t)
-            .sum_dim_intlist(-1, false, Kind::Float)
-            .view([b, n]);
-        let candidates = z.view([b, n, d]);
-        let best = scores.argmax(1, false);
-        let image_embeds = candidates
-            .gather(1, &best.view([b, 1, 1]).expand([b, 1, d], false), false)
-            .squeeze_dim(1);
-        Ok(PriorSamples {
-            image_embeds,
-            candidates,
-            scores,
-        })
+        rerank(&z, &cond.text_embeds, b, n)
     }
+}
+
+/// `n` candidates per caption (`z` [B·n, D], caption-major, with their captions' `z_t`) → the
+/// one with the highest z_i · z_t per caption (both normalised).
+pub(crate) fn rerank(z: &Tensor, z_t: &Tensor, b: i64, n: i64) -> Result<PriorSamples> {
+    let d = z.size()[1];
+    let z = l2_normalize(&z.to_kind(Kind::Float))?;
+    let z_t = l2_normalize(&z_t.to_kind(Kind::Float))?;
+    let scores = (&z * z_t)
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .view([b, n]);
+    let candidates = z.view([b, n, d]);
+    let best = scores.argmax(1, false);
+    let image_embeds = candidates
+        .gather(1, &best.view([b, 1, 1]).expand([b, 1, d], false), false)
+        .squeeze_dim(1);
+    Ok(PriorSamples {
+        image_embeds,
+        candidates,
+        scores,
+    })
 }

@@ -1,5 +1,6 @@
-//! `train-prior`: the diffusion prior trained on the embedding shards `embed` writes, through the
-//! shared runtime, with guidance dropout and held-out evaluation of sampled embeddings.
+//! `train-prior`: the diffusion or the autoregressive prior trained on the embedding shards
+//! `embed` writes, through the shared runtime, with guidance dropout and held-out evaluation of
+//! sampled embeddings.
 
 use std::path::PathBuf;
 
@@ -19,17 +20,21 @@ use unclip_diffusion::{
 use unclip_train::config::Validate;
 use unclip_train::{StepOutput, TrainTask};
 
+use crate::autoregressive::ArPriorConfig;
 use crate::config::PriorConfig;
-use crate::model::{init_prior_weights, DiffusionPrior, TextCondition};
-use crate::sample::PriorSampler;
+use crate::model::{init_prior_weights, TextCondition};
+use crate::prior::Prior;
 use unclip_clip::caption::{image_embeddings, stored_condition, text_embeddings, CaptionEncoder};
 
-/// Which prior `train-prior` trains. The autoregressive prior will join as a second kind.
+/// Which prior `train-prior` trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PriorKind {
+    /// `prior.model`: diffusers' `PriorTransformer`, denoising z_i.
     #[default]
     Diffusion,
+    /// `prior.autoregressive`: quantised principal components of z_i, predicted in order.
+    Autoregressive,
 }
 
 /// The `prior:` section.
@@ -38,12 +43,17 @@ pub enum PriorKind {
 pub struct PriorSection {
     #[serde(default)]
     pub kind: PriorKind,
-    /// diffusers `PriorTransformer` config names.
-    pub model: PriorConfig,
-    /// The training process: cosine schedule, 1000 steps, predicting x0, MSE (the paper's).
+    /// The diffusion prior's transformer, in diffusers `PriorTransformer` config names.
+    #[serde(default)]
+    pub model: Option<PriorConfig>,
+    /// The autoregressive prior: its transformer, codec and sampling.
+    #[serde(default)]
+    pub autoregressive: Option<ArPriorConfig>,
+    /// The diffusion prior's training process: cosine schedule, 1000 steps, predicting x0, MSE
+    /// (the paper's).
     #[serde(default = "default_diffusion")]
     pub diffusion: DiffusionConfig,
-    /// How embeddings are sampled (evaluation, `--sample`, the inference pipeline).
+    /// How the diffusion prior samples (evaluation, `--sample`, the inference pipeline).
     #[serde(default = "default_sampling")]
     pub sampling: SamplerConfig,
     #[serde(default = "default_guidance_scale")]
@@ -54,6 +64,52 @@ pub struct PriorSection {
     /// Probability of training a sample with the null caption (z_t and token features of "").
     #[serde(default = "default_text_drop")]
     pub text_drop_prob: f64,
+}
+
+impl PriorSection {
+    /// `prior.model`, which the diffusion kind needs.
+    pub fn diffusion_model(&self) -> Result<&PriorConfig> {
+        self.model.as_ref().ok_or_else(|| {
+            anyhow!("prior.model is missing: the diffusion prior's transformer (kind: diffusion)")
+        })
+    }
+
+    /// `prior.autoregressive`, which the autoregressive kind needs.
+    pub fn autoregressive_model(&self) -> Result<&ArPriorConfig> {
+        self.autoregressive.as_ref().ok_or_else(|| {
+            anyhow!("prior.autoregressive is missing: the autoregressive prior's settings (kind: autoregressive)")
+        })
+    }
+
+    /// The config key of the model's settings, for messages.
+    pub fn model_key(&self) -> &'static str {
+        match self.kind {
+            PriorKind::Diffusion => "prior.model",
+            PriorKind::Autoregressive => "prior.autoregressive",
+        }
+    }
+
+    /// The CLIP embedding width and context length the prior is built for.
+    pub fn clip_shape(&self) -> Result<(i64, i64)> {
+        Ok(match self.kind {
+            PriorKind::Diffusion => {
+                let m = self.diffusion_model()?;
+                (m.embedding_dim, m.num_embeddings)
+            }
+            PriorKind::Autoregressive => {
+                let m = self.autoregressive_model()?;
+                (m.embedding_dim, m.num_embeddings)
+            }
+        })
+    }
+
+    /// Variables of the prior the section builds, without building it.
+    pub fn parameter_count(&self) -> Result<i64> {
+        Ok(match self.kind {
+            PriorKind::Diffusion => self.diffusion_model()?.parameter_count(),
+            PriorKind::Autoregressive => self.autoregressive_model()?.parameter_count(),
+        })
+    }
 }
 
 pub fn default_diffusion() -> DiffusionConfig {
@@ -187,7 +243,29 @@ fn eval_with_defaults<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PriorEva
 impl Validate for PriorTrainConfig {
     fn validate(&self) -> Result<()> {
         let p = &self.prior;
-        p.model.validate()?;
+        match p.kind {
+            PriorKind::Diffusion => {
+                p.diffusion_model()?.validate()?;
+                ensure!(
+                    p.autoregressive.is_none(),
+                    "prior.autoregressive is the autoregressive prior's section; this prior is kind: diffusion"
+                );
+            }
+            PriorKind::Autoregressive => {
+                let ar = p.autoregressive_model()?;
+                ar.validate()?;
+                ensure!(
+                    p.model.is_none(),
+                    "prior.model is the diffusion prior's transformer; this prior is kind: autoregressive (its settings go under prior.autoregressive)"
+                );
+                ensure!(
+                    self.data.stats_samples as i64 > ar.components,
+                    "data.stats_samples ({}) must exceed prior.autoregressive.components ({}) to fit the PCA",
+                    self.data.stats_samples,
+                    ar.components
+                );
+            }
+        }
         p.diffusion
             .validate()
             .map_err(|e| anyhow!("prior.diffusion: {e}"))?;
@@ -252,8 +330,8 @@ fn read_in_order(shards: &str, count: usize) -> Result<Vec<EmbeddingSample>> {
 }
 
 pub struct PriorBatch {
-    /// Standardised clean image embeddings [B, D].
-    pub x_start: Tensor,
+    /// Clean image embeddings [B, D].
+    pub image_embeds: Tensor,
     pub text: TextCondition,
     position: DataPosition,
 }
@@ -278,6 +356,9 @@ pub struct EvalRow {
 pub struct EvalReport {
     /// Mean cosine(z_t, true z_i): what using z_t directly as the image embedding scores.
     pub baseline: f64,
+    /// Autoregressive prior: mean cosine(true z_i, z_i through the codec and back) — the most
+    /// cos(sample, z_i) can reach.
+    pub codec_round_trip: Option<f64>,
     pub rows: Vec<EvalRow>,
 }
 
@@ -294,8 +375,11 @@ impl EvalReport {
                 )
             })
             .collect();
+        let codec = self
+            .codec_round_trip
+            .map_or(String::new(), |c| format!(", codec round trip {c:.4}"));
         format!(
-            "cos(z_t, z_i) baseline {:.4}; cos(sample, z_i)/cos(sample, z_t): {}",
+            "cos(z_t, z_i) baseline {:.4}{codec}; cos(sample, z_i)/cos(sample, z_t): {}",
             self.baseline,
             rows.join(", ")
         )
@@ -303,7 +387,7 @@ impl EvalReport {
 }
 
 pub struct PriorTask {
-    pub model: DiffusionPrior,
+    pub model: Prior,
     pub encoder: CaptionEncoder,
     null: TextCondition,
     diffusion: GaussianDiffusion,
@@ -319,24 +403,23 @@ pub struct PriorTask {
 }
 
 /// Checks that the CLIP fits the prior's shape; errors name the keys.
-pub fn check_clip_fits(encoder: &CaptionEncoder, model: &PriorConfig, clip: &str) -> Result<()> {
+pub fn check_clip_fits(encoder: &CaptionEncoder, prior: &PriorSection, clip: &str) -> Result<()> {
+    let (dim, tokens) = prior.clip_shape()?;
+    let key = prior.model_key();
     ensure!(
-        encoder.embed_dim() == model.embedding_dim,
-        "prior.model.embedding_dim ({}) must equal the CLIP embedding width of {clip} ({})",
-        model.embedding_dim,
+        encoder.embed_dim() == dim,
+        "{key}.embedding_dim ({dim}) must equal the CLIP embedding width of {clip} ({})",
         encoder.embed_dim()
     );
     ensure!(
-        encoder.text_width() == model.embedding_dim,
-        "the CLIP text width of {clip} ({}) must equal prior.model.embedding_dim ({}): diffusers' \
-         PriorTransformer projects token features from embedding_dim",
+        encoder.text_width() == dim,
+        "the CLIP text width of {clip} ({}) must equal {key}.embedding_dim ({dim}): the prior \
+         projects token features from embedding_dim, as diffusers' PriorTransformer",
         encoder.text_width(),
-        model.embedding_dim
     );
     ensure!(
-        encoder.context_length() == model.num_embeddings,
-        "prior.model.num_embeddings ({}) must equal the CLIP context length of {clip} ({})",
-        model.num_embeddings,
+        encoder.context_length() == tokens,
+        "{key}.num_embeddings ({tokens}) must equal the CLIP context length of {clip} ({})",
         encoder.context_length()
     );
     Ok(())
@@ -357,20 +440,36 @@ impl PriorTask {
         let clip_name = cfg.clip.display().to_string();
         let encoder = CaptionEncoder::load(&cfg.clip, device)
             .with_context(|| format!("clip: {clip_name}"))?;
-        check_clip_fits(&encoder, &cfg.prior.model, &clip_name)?;
-        let mut model = DiffusionPrior::new(vs.root(), &cfg.prior.model)?;
+        check_clip_fits(&encoder, &cfg.prior, &clip_name)?;
+        let mut model = Prior::new(vs.root(), &cfg.prior)?;
         init_prior_weights(vs, "");
         // Every rank reads the same first samples, so all agree without communicating.
         let stats = read_in_order(&cfg.data.train, cfg.data.stats_samples)
             .with_context(|| format!("data.train {}", cfg.data.train))?;
+        let (dim, _) = cfg.prior.clip_shape()?;
         let d = stats[0].image_emb.len() as i64;
         ensure!(
-            d == cfg.prior.model.embedding_dim,
-            "data.train {}: embeddings of width {d}, prior.model.embedding_dim is {}",
+            d == dim,
+            "data.train {}: embeddings of width {d}, {}.embedding_dim is {dim}",
             cfg.data.train,
-            cfg.prior.model.embedding_dim
+            cfg.prior.model_key()
         );
-        model.set_clip_stats(&image_embeddings(&stats, device))?;
+        model
+            .fit(
+                &image_embeddings(&stats, device),
+                &text_embeddings(&stats, device),
+            )
+            .with_context(|| format!("data.train {}", cfg.data.train))?;
+        if let Prior::Autoregressive(m) = &model {
+            if rank == 0 {
+                eprintln!(
+                    "codec: {} of {dim} principal components hold {:.2} % of the variance of {} training z_i",
+                    m.cfg.components,
+                    100.0 * m.codec.explained_variance(),
+                    stats.len()
+                );
+            }
+        }
         let loader_cfg = EmbeddingLoaderConfig {
             reader: ReaderConfig {
                 shards: cfg.data.train.clone(),
@@ -419,12 +518,10 @@ impl PriorTask {
     /// The text condition of embedding samples, from stored features or the CLIP text encoder.
     pub fn condition(&self, samples: &[EmbeddingSample]) -> Result<TextCondition> {
         match self.cfg.data.text_features {
-            TextFeatureSource::Stored => stored_condition(
-                samples,
-                self.cfg.prior.model.num_embeddings,
-                self.cfg.prior.model.embedding_dim,
-                self.device,
-            ),
+            TextFeatureSource::Stored => {
+                let (dim, tokens) = self.cfg.prior.clip_shape()?;
+                stored_condition(samples, tokens, dim, self.device)
+            }
             TextFeatureSource::Clip => {
                 let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
                 let mut text = self.encoder.encode(&captions)?;
@@ -450,37 +547,47 @@ impl PriorTask {
             return Ok(None);
         };
         let _g = tch::no_grad_guard();
-        let sampler = PriorSampler::new(
-            &self.model,
-            &self.cfg.prior.diffusion,
-            &self.cfg.prior.sampling,
-        )?;
         let baseline = mean_cosine(&h.text.text_embeds, &h.image_embeds)?;
+        let codec_round_trip = match &self.model {
+            Prior::Autoregressive(m) => {
+                let back = m.codec.decode(&m.codec.encode(&h.image_embeds))?;
+                Some(mean_cosine(&back, &h.image_embeds)?)
+            }
+            Prior::Diffusion(_) => None,
+        };
+        let p = &self.cfg.prior;
         let mut rows = Vec::new();
         for &scale in guidance_scales {
             tch::manual_seed(self.cfg.eval.seed);
-            let s = sampler.sample(&h.text, &self.null, scale, self.cfg.prior.candidates)?;
+            let s = self
+                .model
+                .sample(p, &p.sampling, &h.text, &self.null, scale, p.candidates)?;
             rows.push(EvalRow {
                 guidance_scale: scale,
                 cos_true: mean_cosine(&s.image_embeds, &h.image_embeds)?,
                 cos_text: mean_cosine(&s.image_embeds, &h.text.text_embeds)?,
             });
         }
-        Ok(Some(EvalReport { baseline, rows }))
+        Ok(Some(EvalReport {
+            baseline,
+            codec_round_trip,
+            rows,
+        }))
     }
 
     fn to_batch(&self, b: &EmbeddingBatch) -> Result<PriorBatch> {
         let text = self.condition(&b.samples)?;
         let z = image_embeddings(&b.samples, self.device);
+        let (dim, _) = self.cfg.prior.clip_shape()?;
         ensure!(
-            z.size()[1] == self.cfg.prior.model.embedding_dim,
-            "data.train {}: embeddings of width {}, prior.model.embedding_dim is {}",
+            z.size()[1] == dim,
+            "data.train {}: embeddings of width {}, {}.embedding_dim is {dim}",
             self.cfg.data.train,
             z.size()[1],
-            self.cfg.prior.model.embedding_dim
+            self.cfg.prior.model_key()
         );
         Ok(PriorBatch {
-            x_start: self.model.standardize(&z),
+            image_embeds: z,
             text,
             position: b.position,
         })
@@ -504,21 +611,36 @@ impl TrainTask for PriorTask {
     }
 
     fn loss(&mut self, batch: &PriorBatch) -> Result<StepOutput> {
-        let x0 = &batch.x_start;
-        let b = x0.size()[0];
-        let t = self.diffusion.sample_timesteps(b, self.device);
-        let noise = x0.randn_like();
-        let x_t = self.diffusion.q_sample(x0, &t, &noise)?;
+        let z = &batch.image_embeds;
+        let b = z.size()[0];
         // Classifier-free guidance: some samples see the null caption instead of theirs.
         let drop = Tensor::rand([b], (Kind::Float, self.device)).lt(self.cfg.prior.text_drop_prob);
         let text = batch.text.replace_rows(&drop, &self.null)?;
-        let out = self.model.forward_t(&x_t, &t, &text, true)?;
-        let per_sample = self
-            .diffusion
-            .training_losses(&out, x0, &x_t, &t, &noise)?
-            .loss;
+        let (per_sample, mut metrics) = match &self.model {
+            Prior::Diffusion(model) => {
+                let x0 = model.standardize(z);
+                let t = self.diffusion.sample_timesteps(b, self.device);
+                let noise = x0.randn_like();
+                let x_t = self.diffusion.q_sample(&x0, &t, &noise)?;
+                let out = model.forward_t(&x_t, &t, &text, true)?;
+                let per_sample = self
+                    .diffusion
+                    .training_losses(&out, &x0, &x_t, &t, &noise)?
+                    .loss;
+                let quarters = loss_per_quarter(&per_sample, &t, self.diffusion.num_timesteps())?;
+                (per_sample, quarters)
+            }
+            Prior::Autoregressive(model) => {
+                let codes = model.codec.encode(z);
+                // The dropped samples lose their dot product too: it is a function of z_t.
+                let dot = model
+                    .codec
+                    .dot_token(z, &batch.text.text_embeds)?
+                    .masked_fill(&drop, model.null_dot());
+                (model.loss(&text, &dot, &codes)?, Vec::new())
+            }
+        };
         self.position = batch.position;
-        let mut metrics = loss_per_quarter(&per_sample, &t, self.diffusion.num_timesteps())?;
         metrics.push(("data_skipped".into(), self.skipped_total as f64));
         let every = self.cfg.eval.every;
         // Not at step 0: an untrained prior's samples say nothing and cost as much.

@@ -10,7 +10,6 @@ use tch::{nn, Device, Kind, Tensor};
 use unclip_clip::caption::{stored_condition, CaptionEncoder};
 use unclip_data::embeddings::{write_embedding_shard, EmbeddingSample};
 use unclip_data::npy::{NpyArray, NpyData};
-use unclip_prior::sample::PriorSampler;
 use unclip_prior::task::{PriorTask, PriorTrainConfig};
 use unclip_train::config::parse_config;
 use unclip_train::RunConfig;
@@ -146,14 +145,10 @@ fn prior_learns_caption_dependent_embeddings_and_beats_the_zt_baseline() {
     }
     // Reranking keeps, per caption, the candidate with the highest z_i · z_t.
     let h = task.held_out().unwrap();
-    let sampler = PriorSampler::new(
-        &task.model,
-        &cfg.task.prior.diffusion,
-        &cfg.task.prior.sampling,
-    )
-    .unwrap();
-    let s = sampler
-        .sample(&h.text, task.null_condition(), 2.0, 3)
+    let p = &cfg.task.prior;
+    let s = task
+        .model
+        .sample(p, &p.sampling, &h.text, task.null_condition(), 2.0, 3)
         .unwrap();
     assert_eq!(s.candidates.size(), [64, 3, 32]);
     let best = s.scores.argmax(1, false);
@@ -239,7 +234,7 @@ fn a_clip_that_does_not_fit_the_prior_is_an_error_before_training() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = dataset(tmp.path(), true);
     let mut cfg = config(&dir, 10, "stored");
-    cfg.task.prior.model.num_embeddings = 77;
+    cfg.task.prior.model.as_mut().unwrap().num_embeddings = 77;
     let vs = nn::VarStore::new(Device::Cpu);
     let err = PriorTask::new(&vs, &cfg.task, 0, 8, 0, 1).err().unwrap();
     assert!(err.to_string().contains("num_embeddings"), "{err}");

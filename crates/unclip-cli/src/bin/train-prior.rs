@@ -1,4 +1,5 @@
-//! Train the diffusion prior on embedding shards, or sample image embeddings from a trained one.
+//! Train the diffusion or the autoregressive prior on embedding shards, or sample image
+//! embeddings from a trained one.
 //!
 //!     train-prior --config configs/shapes/prior.yaml
 //!     train-prior --config configs/shapes/prior.yaml --sample "a red circle" --out z.npy
@@ -10,9 +11,8 @@ use tch::nn;
 use unclip_clip::caption::CaptionEncoder;
 use unclip_data::npy::NpyArray;
 use unclip_prior::load::load_prior_run;
-use unclip_prior::sample::PriorSampler;
 use unclip_prior::task::{EvalReport, PriorTask, PriorTrainConfig};
-use unclip_prior::DiffusionPrior;
+use unclip_prior::Prior;
 use unclip_train::cli::{
     print_dry_run_header, print_model_parameters, report_current_then_ema, train_with_args,
 };
@@ -20,7 +20,7 @@ use unclip_train::{load_config, TrainArgs};
 
 #[derive(Parser)]
 #[command(
-    about = "Train unCLIP's diffusion prior (CLIP text → CLIP image embedding), or sample from a trained one"
+    about = "Train one of unCLIP's priors (CLIP text → CLIP image embedding), diffusion or autoregressive, or sample from a trained one"
 )]
 struct Cli {
     #[command(flatten)]
@@ -48,6 +48,9 @@ fn print_report(report: &EvalReport, count: usize, what: &str) {
         "held-out ({count} captions, {what}): cosine(z_t, true z_i) baseline {:.4}",
         report.baseline
     );
+    if let Some(c) = report.codec_round_trip {
+        println!("  cosine(true z_i, z_i through the codec) {c:.4} (the ceiling)");
+    }
     for r in &report.rows {
         println!(
             "  guidance {:>4}: cosine(sampled z_i, true z_i) {:.4}  cosine(sampled z_i, z_t) {:.4}",
@@ -65,26 +68,35 @@ fn sample(cli: &Cli) -> Result<()> {
         .with_context(|| format!("clip: {}", run.cfg.clip.display()))?;
     unclip_prior::task::check_clip_fits(
         &encoder,
-        &run.cfg.prior.model,
+        &run.cfg.prior,
         &run.cfg.clip.display().to_string(),
     )?;
     let text = encoder.encode(&cli.sample)?;
     let null = encoder.null_condition()?;
     let p = &run.cfg.prior;
-    let sampler = PriorSampler::new(&run.prior.model, &p.diffusion, &p.sampling)?;
     let scale = cli.guidance_scale.unwrap_or(p.guidance_scale);
     let candidates = cli.candidates.unwrap_or(p.candidates);
     tch::manual_seed(cli.seed);
-    let s = sampler.sample(&text, &null, scale, candidates)?;
+    let s = run
+        .model
+        .sample(p, &p.sampling, &text, &null, scale, candidates)?;
+    let how = match &run.model {
+        Prior::Diffusion(_) => format!(
+            "{:?} {}",
+            p.sampling.sampler,
+            match &p.sampling.steps {
+                unclip_diffusion::Respacing::Spec(s) => s.clone(),
+                unclip_diffusion::Respacing::Explicit(v) => format!("{} steps", v.len()),
+            }
+        ),
+        Prior::Autoregressive(m) => format!(
+            "autoregressive, temperature {}, dot-product quantile {}",
+            m.cfg.temperature, m.cfg.dot_quantile
+        ),
+    };
     println!(
-        "{} ({} candidates each, guidance {scale}, {:?} {})",
-        run.source,
-        candidates,
-        p.sampling.sampler,
-        match &p.sampling.steps {
-            unclip_diffusion::Respacing::Spec(s) => s.clone(),
-            unclip_diffusion::Respacing::Explicit(v) => format!("{} steps", v.len()),
-        }
+        "{} ({candidates} candidates each, guidance {scale}, {how})",
+        run.source
     );
     let best: Vec<f64> = Vec::try_from(&s.scores.max_dim(1, false).0.to_device(tch::Device::Cpu))?;
     for (caption, score) in cli.sample.iter().zip(best) {
@@ -119,9 +131,9 @@ fn main() -> Result<()> {
     let (rank, world) = env.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
     if args.dry_run {
         print_dry_run_header(&args.config, &cfg.runtime, device);
-        let model = &cfg.task.prior.model;
-        return print_model_parameters(device, &[("prior", model.parameter_count())], |p| {
-            DiffusionPrior::new(p, model).map(drop)
+        let prior = &cfg.task.prior;
+        return print_model_parameters(device, &[("prior", prior.parameter_count()?)], |p| {
+            Prior::new(p, prior).map(drop)
         });
     }
     tch::manual_seed(cfg.runtime.seed as i64);

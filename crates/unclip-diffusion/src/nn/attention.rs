@@ -47,6 +47,31 @@ pub fn split_heads(x: &Tensor, n: i64, heads: i64) -> Result<Vec<Tensor>> {
         .collect()
 }
 
+/// The keys and values (per head) of the tokens a self-attention layer has seen, for decoding one
+/// token at a time without recomputing the prefix.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    /// [B, heads, S, head_dim] each.
+    kv: Option<(Tensor, Tensor)>,
+    /// [B, S] bool: true where the cached key is a real token.
+    key_padding: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens cached so far.
+    pub fn len(&self) -> i64 {
+        self.key_padding.as_ref().map_or(0, |m| m.size()[1])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[derive(Debug)]
 pub struct MultiHeadAttention {
     to_q: nn::Linear,
@@ -140,6 +165,77 @@ impl MultiHeadAttention {
             });
         }
         Ok(out)
+    }
+
+    /// Self-attention of the next tokens `x` [B, L, dim] over the tokens in `cache` and themselves
+    /// (causally among themselves); their keys and values join the cache. `key_padding` [B, L]
+    /// marks which new tokens are real (None: all). Equal to [`Self::forward`] with a causal mask
+    /// over the whole sequence, one chunk at a time.
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        key_padding: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let size = x.size();
+        if size.len() != 3 || size[2] != self.dim {
+            return Err(shape_err(
+                "attention input",
+                format!("expected [B, L, {}], got {size:?}", self.dim),
+            ));
+        }
+        let (b, l, device) = (size[0], size[1], x.device());
+        let new_padding = match key_padding {
+            Some(kp) if kp.size() != [b, l] => {
+                return Err(shape_err(
+                    "attention key padding mask",
+                    format!("expected [{b}, {l}], got {:?}", kp.size()),
+                ))
+            }
+            Some(kp) => kp.f_to_kind(Kind::Bool)?,
+            None => Tensor::ones([b, l], (Kind::Bool, device)),
+        };
+        if let Some(old) = &cache.key_padding {
+            if old.size()[0] != b {
+                return Err(shape_err(
+                    "attention cache",
+                    format!("holds {} rows, the input has {b}", old.size()[0]),
+                ));
+            }
+        }
+        let qkv = fused_linear(x, &[&self.to_q, &self.to_k, &self.to_v])?;
+        let wrong = |_| shape_err("attention", "projection split".to_string());
+        let [q, k, v]: [Tensor; 3] = split_heads(&qkv, 3, self.heads)?
+            .try_into()
+            .map_err(wrong)?;
+        let (k, v) = match cache.kv.take() {
+            Some((ck, cv)) => (Tensor::f_cat(&[&ck, &k], 2)?, Tensor::f_cat(&[&cv, &v], 2)?),
+            None => (k, v),
+        };
+        let padding = match cache.key_padding.take() {
+            Some(old) => Tensor::f_cat(&[&old, &new_padding], 1)?,
+            None => new_padding,
+        };
+        let s = padding.size()[1];
+        // Query i (absolute position s - l + i) sees keys 0..=s - l + i that are real.
+        let attn_mask = Tensor::ones([l, s], (Kind::Bool, device))
+            .f_tril(s - l)?
+            .f_view([1, 1, l, s])?
+            .f_logical_and(&padding.f_view([b, 1, 1, s])?)?;
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(&attn_mask),
+            0.0,
+            false,
+            None,
+            false,
+        )?;
+        cache.kv = Some((k, v));
+        cache.key_padding = Some(padding);
+        let out = out.f_transpose(1, 2)?.f_reshape([b, l, self.dim])?;
+        Ok(self.to_out.forward(&out))
     }
 
     /// x: [B, L, dim]; context: [B, S, context_dim] (None = self-attention). Returns [B, L, dim].

@@ -1,6 +1,6 @@
 //! Pre-LN transformer block (GPT-2 / CLIP / GLIDE layout): x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-use super::attention::{AttentionMask, MultiHeadAttention};
+use super::attention::{AttentionMask, KvCache, MultiHeadAttention};
 use crate::error::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
@@ -43,6 +43,21 @@ impl TransformerBlock {
     /// x: [B, L, dim] → [B, L, dim].
     pub fn forward(&self, x: &Tensor, mask: AttentionMask) -> Result<Tensor> {
         let x = x + self.attn.forward(&self.ln_1.forward(x), None, mask)?;
+        let h = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("none");
+        Ok(&x + self.c_proj.forward(&h))
+    }
+
+    /// [`Self::forward`] of the next tokens with a causal mask, attending to the tokens in
+    /// `cache` too (see [`MultiHeadAttention::forward_cached`]).
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        key_padding: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let x = x + self
+            .attn
+            .forward_cached(&self.ln_1.forward(x), cache, key_padding)?;
         let h = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("none");
         Ok(&x + self.c_proj.forward(&h))
     }
