@@ -2,7 +2,8 @@
 //! its first principal components, each quantised ([`EmbeddingCodec`]) — predicted one at a time
 //! by a causal transformer after a conditioning prefix: the caption's token features (through an
 //! optional caption encoder), z_t, and the quantised z_i · z_t. Sampling conditions the last on a
-//! high quantile of the training dot products, which gives embeddings closer to the caption.
+//! high quantile of the training dot products, which gives embeddings closer to the caption — or,
+//! ours, draws it from the model, which also learns to predict it from the text.
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -41,8 +42,10 @@ pub struct ArPriorConfig {
     pub range: f64,
     /// Buckets of z_i · z_t (equal-mass bands of the training distribution).
     pub dot_buckets: i64,
-    /// Sampling conditions on this quantile of the training z_i · z_t.
-    pub dot_quantile: f64,
+    /// Sampling conditions on this quantile band of the training z_i · z_t (the paper's way to
+    /// embeddings closer to the caption); null: on a band drawn from the model's own prediction
+    /// of it given the text.
+    pub dot_quantile: Option<f64>,
     /// Sampling temperature of each code.
     pub temperature: f64,
 }
@@ -61,7 +64,7 @@ impl Default for ArPriorConfig {
             buckets: 1024,
             range: 4.0,
             dot_buckets: 1024,
-            dot_quantile: 0.9,
+            dot_quantile: Some(0.9),
             temperature: 1.0,
         }
     }
@@ -131,11 +134,12 @@ impl ArPriorConfig {
             "prior.autoregressive.range must be positive, got {}",
             self.range
         );
-        ensure!(
-            (0.0..=1.0).contains(&self.dot_quantile),
-            "prior.autoregressive.dot_quantile must be in [0, 1], got {}",
-            self.dot_quantile
-        );
+        if let Some(q) = self.dot_quantile {
+            ensure!(
+                (0.0..=1.0).contains(&q),
+                "prior.autoregressive.dot_quantile must be in [0, 1] (or null), got {q}"
+            );
+        }
         ensure!(
             self.temperature.is_finite() && self.temperature > 0.0,
             "prior.autoregressive.temperature must be positive, got {}",
@@ -161,6 +165,7 @@ impl ArPriorConfig {
             + self.num_layers * block(w)
             + 2 * w
             + linear(w, self.buckets)
+            + linear(w, self.dot_buckets)
             + EmbeddingCodec::variable_count(d, self.components, self.dot_buckets)
     }
 }
@@ -186,6 +191,8 @@ pub struct AutoregressivePrior {
     blocks: Vec<TransformerBlock>,
     norm_out: nn::LayerNorm,
     to_logits: nn::Linear,
+    /// Predicts the dot band from the output at z_t.
+    dot_head: nn::Linear,
     pub codec: EmbeddingCodec,
     pub cfg: ArPriorConfig,
 }
@@ -243,6 +250,7 @@ impl AutoregressivePrior {
             blocks: blocks(&p / "blocks", cfg.num_layers, w)?,
             norm_out: nn::layer_norm(&p / "norm_out", vec![w], ln),
             to_logits: nn::linear(&p / "to_logits", w, cfg.buckets, lin),
+            dot_head: nn::linear(&p / "dot_head", w, cfg.dot_buckets, lin),
             codec: EmbeddingCodec::new(
                 &p / "codec",
                 d,
@@ -280,14 +288,10 @@ impl AutoregressivePrior {
         Ok(b)
     }
 
-    /// The prefix [B, P, W] (with its positions) and its key padding [B, P].
-    fn prefix(&self, text: &TextCondition, dot: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The text prefix [B, L + 1, W] — the caption, then z_t — with positions, and its key
+    /// padding [B, L + 1].
+    fn text_prefix(&self, text: &TextCondition) -> Result<(Tensor, Tensor)> {
         let b = self.check_text(text)?;
-        ensure!(
-            dot.size() == [b],
-            "autoregressive prior input: dot tokens must be [{b}], got {:?}",
-            dot.size()
-        );
         let mask = text.mask.to_kind(Kind::Bool);
         let mut h = self.caption.text_in.forward(&text.tokens);
         for block in &self.caption.blocks {
@@ -302,40 +306,55 @@ impl AutoregressivePrior {
         if let Some((norm, proj)) = &self.caption.out {
             h = proj.forward(&norm.forward(&h));
         }
-        let p = self.cfg.prefix_length();
+        let n = self.cfg.num_embeddings + 1;
         let prefix = Tensor::f_cat(
             &[
                 h,
                 self.text_embed_proj.forward(&text.text_embeds).unsqueeze(1),
-                self.dot_embedding.index_select(0, dot).unsqueeze(1),
             ],
             1,
-        )? + self.positional_embedding.narrow(0, 0, p);
-        let extra = Tensor::ones([b, 2], (Kind::Bool, mask.device()));
-        Ok((prefix, Tensor::f_cat(&[&mask, &extra], 1)?))
+        )? + self.positional_embedding.narrow(0, 0, n);
+        let z_t = Tensor::ones([b, 1], (Kind::Bool, mask.device()));
+        Ok((prefix, Tensor::f_cat(&[&mask, &z_t], 1)?))
     }
 
-    /// Teacher-forced logits [B, K, buckets] of every code given the codes before it; `dot` [B]
-    /// are dot tokens (or [`Self::null_dot`]), `codes` [B, K] the targets.
-    pub fn forward(&self, text: &TextCondition, dot: &Tensor, codes: &Tensor) -> Result<Tensor> {
-        let (prefix, padding) = self.prefix(text, dot)?;
+    /// Embeddings [B, n, W] of tokens `ids` [B, n] of `table` at positions `start..start + n`.
+    fn embed(&self, table: &Tensor, ids: &Tensor, start: i64) -> Tensor {
+        let (b, n) = (ids.size()[0], ids.size()[1]);
+        table.index_select(0, &ids.reshape([-1])).view([b, n, -1])
+            + self.positional_embedding.narrow(0, start, n)
+    }
+
+    /// Teacher-forced logits: of the dot band given the text ([B, dot_buckets], read at z_t) and
+    /// of every code given the text, the dot token and the codes before it ([B, K, buckets]).
+    /// `dot` [B] are dot tokens (or [`Self::null_dot`]), `codes` [B, K] the targets.
+    pub fn forward(
+        &self,
+        text: &TextCondition,
+        dot: &Tensor,
+        codes: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (prefix, padding) = self.text_prefix(text)?;
         let (b, k, p) = (
             prefix.size()[0],
             self.cfg.components,
             self.cfg.prefix_length(),
         );
         ensure!(
-            codes.size() == [b, k],
-            "autoregressive prior input: codes must be [{b}, {k}], got {:?}",
+            dot.size() == [b] && codes.size() == [b, k],
+            "autoregressive prior input: dot tokens [{b}] and codes [{b}, {k}] expected, got {:?} and {:?}",
+            dot.size(),
             codes.size()
         );
-        let inputs = self
-            .token_embedding
-            .index_select(0, &codes.narrow(1, 0, k - 1).reshape([-1]))
-            .view([b, k - 1, -1])
-            + self.positional_embedding.narrow(0, p, k - 1);
-        let mut h = Tensor::f_cat(&[prefix, inputs], 1)?;
-        let ones = Tensor::ones([b, k - 1], (Kind::Bool, padding.device()));
+        let mut h = Tensor::f_cat(
+            &[
+                prefix,
+                self.embed(&self.dot_embedding, &dot.unsqueeze(1), p - 1),
+                self.embed(&self.token_embedding, &codes.narrow(1, 0, k - 1), p),
+            ],
+            1,
+        )?;
+        let ones = Tensor::ones([b, k], (Kind::Bool, padding.device()));
         let key_padding = Tensor::f_cat(&[&padding, &ones], 1)?;
         for block in &self.blocks {
             h = block.forward(
@@ -346,40 +365,52 @@ impl AutoregressivePrior {
                 },
             )?;
         }
-        Ok(self
-            .to_logits
-            .forward(&self.norm_out.forward(&h.narrow(1, p - 1, k))))
+        let h = self.norm_out.forward(&h.narrow(1, p - 2, k + 1));
+        Ok((
+            self.dot_head.forward(&h.select(1, 0)),
+            self.to_logits.forward(&h.narrow(1, 1, k)),
+        ))
     }
 
-    /// Per-sample cross-entropy [B] in nats per code.
-    pub fn loss(&self, text: &TextCondition, dot: &Tensor, codes: &Tensor) -> Result<Tensor> {
-        let logp = self
-            .forward(text, dot, codes)?
-            .to_kind(Kind::Float)
-            .log_softmax(-1, Kind::Float);
-        Ok(logp
-            .gather(-1, &codes.unsqueeze(-1), false)
-            .squeeze_dim(-1)
-            .mean_dim(1, false, Kind::Float)
-            .neg())
+    /// Per-sample cross-entropies [B] in nats: of the codes (per code) and of the dot band.
+    /// `dot_target` is the band predicted; `dot` the token fed (the null one where the text was
+    /// dropped).
+    pub fn loss(
+        &self,
+        text: &TextCondition,
+        dot_target: &Tensor,
+        dot: &Tensor,
+        codes: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (dot_logits, code_logits) = self.forward(text, dot, codes)?;
+        let nll = |logits: Tensor, target: &Tensor| {
+            logits
+                .to_kind(Kind::Float)
+                .log_softmax(-1, Kind::Float)
+                .gather(-1, &target.unsqueeze(-1), false)
+                .squeeze_dim(-1)
+                .neg()
+        };
+        Ok((
+            nll(code_logits, codes).mean_dim(1, false, Kind::Float),
+            nll(dot_logits, dot_target),
+        ))
     }
 
-    /// Runs `x` (the next tokens, positions added) through the decoder's caches; logits of the last.
+    /// Runs `x` (the next tokens, positions added) through the decoder's caches; the last
+    /// token's normalised output.
     fn step(&self, x: Tensor, caches: &mut [KvCache], padding: Option<&Tensor>) -> Result<Tensor> {
         let mut h = x;
         for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
             h = block.forward_cached(&h, cache, padding)?;
         }
-        Ok(self
-            .to_logits
-            .forward(&self.norm_out.forward(&h.select(1, -1)))
-            .to_kind(Kind::Float))
+        Ok(self.norm_out.forward(&h.select(1, -1)))
     }
 
-    /// Image embeddings for `text` ([B] rows): `candidates` draws of codes per caption,
-    /// conditioned on the `dot_quantile` band of z_i · z_t, decoded and reranked by z_i · z_t.
-    /// `null` is the one-row null condition guidance contrasts with; `guidance_scale` 1 is
-    /// unguided. Uses libtorch's global generator.
+    /// Image embeddings for `text` ([B] rows): `candidates` draws per caption — the dot band as
+    /// `dot_quantile` says (or drawn from the model), then the codes — decoded and reranked by
+    /// z_i · z_t. `null` is the one-row null condition guidance contrasts with; `guidance_scale`
+    /// 1 is unguided. Uses libtorch's global generator.
     pub fn sample(
         &self,
         text: &TextCondition,
@@ -393,26 +424,29 @@ impl AutoregressivePrior {
         let device = text.text_embeds.device();
         let rows = Tensor::arange(b, (Kind::Int64, device)).repeat_interleave_self_int(n, 0, None);
         let cond = text.index_select(&rows)?;
-        let dot = Tensor::full(
-            [b * n],
-            self.codec.dot_token_at_quantile(self.cfg.dot_quantile),
-            (Kind::Int64, device),
-        );
-        let codes = self.sample_codes(&cond, &dot, null, guidance_scale)?;
+        let dot = self.cfg.dot_quantile.map(|q| {
+            Tensor::full(
+                [b * n],
+                self.codec.dot_token_at_quantile(q),
+                (Kind::Int64, device),
+            )
+        });
+        let (_, codes) = self.sample_codes(&cond, dot.as_ref(), null, guidance_scale)?;
         let z = self.codec.decode(&codes)?;
         rerank(&z, &cond.text_embeds, b, n)
     }
 
-    /// Codes [B, K] for `text` [B rows] and dot tokens `dot` [B], one at a time through the KV
-    /// caches. Guidance contrasts with `null` (one row) and the null dot token, mixing
+    /// The dot tokens [B] and codes [B, K] for `text` [B rows], one token at a time through
+    /// the KV caches: the dot tokens are `dot` when given, else drawn from the model's
+    /// prediction. Guidance contrasts with `null` (one row) and the null dot token, mixing
     /// log-probabilities; `temperature` then divides them.
     pub fn sample_codes(
         &self,
         text: &TextCondition,
-        dot: &Tensor,
+        dot: Option<&Tensor>,
         null: &TextCondition,
         guidance_scale: f64,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         ensure!(
             guidance_scale.is_finite() && guidance_scale >= 0.0,
             "guidance scale must be finite and >= 0, got {guidance_scale}"
@@ -420,45 +454,71 @@ impl AutoregressivePrior {
         ensure!(null.len() == 1, "the null condition must have one row");
         let _g = tch::no_grad_guard();
         let m = text.len();
+        if let Some(dot) = dot {
+            ensure!(
+                dot.size() == [m],
+                "dot tokens must be [{m}], got {:?}",
+                dot.size()
+            );
+        }
         let device = text.text_embeds.device();
         let guided = guidance_scale != 1.0;
-        let prefix = if guided {
+        let (prefix, padding) = if guided {
             let zeros = Tensor::zeros([m], (Kind::Int64, device));
-            let null_dot = Tensor::full([m], self.null_dot(), (Kind::Int64, device));
-            let both = text.cat(&null.index_select(&zeros)?)?;
-            self.prefix(&both, &Tensor::cat(&[dot, &null_dot], 0))?
+            self.text_prefix(&text.cat(&null.index_select(&zeros)?)?)?
         } else {
-            self.prefix(text, dot)?
+            self.text_prefix(text)?
         };
-        let (prefix, padding) = prefix;
-        let mut caches: Vec<KvCache> = self.blocks.iter().map(|_| KvCache::new()).collect();
-        let mut logits = self.step(prefix, &mut caches, Some(&padding))?;
-        let (k, p) = (self.cfg.components, self.cfg.prefix_length());
-        let mut codes = Vec::with_capacity(k as usize);
-        for i in 0..k {
-            let logp = logits.log_softmax(-1, Kind::Float);
+        // Guided log-probabilities over the conditional rows, tempered, then one draw each.
+        let draw = |logits: Tensor| -> Tensor {
+            let logp = logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
             let logp = if guided {
                 let (c, u) = (logp.narrow(0, 0, m), logp.narrow(0, m, m));
                 &u + (c - &u) * guidance_scale
             } else {
                 logp
             };
-            let code = (logp / self.cfg.temperature)
+            (logp / self.cfg.temperature)
                 .softmax(-1, Kind::Float)
                 .multinomial(1, true)
-                .squeeze_dim(1);
+                .squeeze_dim(1)
+        };
+        // Both halves are fed the conditional draw, except the dot token: the null one for the
+        // unconditional half, as in training.
+        let feed = |tokens: &Tensor| -> Tensor {
+            if guided {
+                Tensor::cat(&[tokens, tokens], 0)
+            } else {
+                tokens.shallow_clone()
+            }
+        };
+        let mut caches: Vec<KvCache> = self.blocks.iter().map(|_| KvCache::new()).collect();
+        let h = self.step(prefix, &mut caches, Some(&padding))?;
+        let dot = match dot {
+            Some(d) => d.shallow_clone(),
+            None => draw(self.dot_head.forward(&h)),
+        };
+        let fed_dot = if guided {
+            let null_dot = Tensor::full([m], self.null_dot(), (Kind::Int64, device));
+            Tensor::cat(&[&dot, &null_dot], 0)
+        } else {
+            dot.shallow_clone()
+        };
+        let (k, p) = (self.cfg.components, self.cfg.prefix_length());
+        let mut h = self.step(
+            self.embed(&self.dot_embedding, &fed_dot.unsqueeze(1), p - 1),
+            &mut caches,
+            None,
+        )?;
+        let mut codes = Vec::with_capacity(k as usize);
+        for i in 0..k {
+            let code = draw(self.to_logits.forward(&h));
             if i + 1 < k {
-                let fed = if guided {
-                    Tensor::cat(&[&code, &code], 0)
-                } else {
-                    code.shallow_clone()
-                };
-                let x = self.token_embedding.index_select(0, &fed).unsqueeze(1)
-                    + self.positional_embedding.narrow(0, p + i, 1);
-                logits = self.step(x, &mut caches, None)?;
+                let x = self.embed(&self.token_embedding, &feed(&code).unsqueeze(1), p + i);
+                h = self.step(x, &mut caches, None)?;
             }
             codes.push(code);
         }
-        Ok(Tensor::stack(&codes, 1))
+        Ok((dot, Tensor::stack(&codes, 1)))
     }
 }

@@ -44,10 +44,10 @@ pub struct PriorSection {
     #[serde(default)]
     pub kind: PriorKind,
     /// The diffusion prior's transformer, in diffusers `PriorTransformer` config names.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<PriorConfig>,
     /// The autoregressive prior: its transformer, codec and sampling.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoregressive: Option<ArPriorConfig>,
     /// The diffusion prior's training process: cosine schedule, 1000 steps, predicting x0, MSE
     /// (the paper's).
@@ -632,12 +632,23 @@ impl TrainTask for PriorTask {
             }
             Prior::Autoregressive(model) => {
                 let codes = model.codec.encode(z);
-                // The dropped samples lose their dot product too: it is a function of z_t.
-                let dot = model
-                    .codec
-                    .dot_token(z, &batch.text.text_embeds)?
-                    .masked_fill(&drop, model.null_dot());
-                (model.loss(&text, &dot, &codes)?, Vec::new())
+                let dot = model.codec.dot_token(z, &batch.text.text_embeds)?;
+                // The dropped samples are fed the null dot token too: it is a function of z_t.
+                let fed = dot.masked_fill(&drop, model.null_dot());
+                let (code_nll, dot_nll) = model.loss(&text, &dot, &fed, &codes)?;
+                let k = model.cfg.components as f64;
+                let metrics = vec![
+                    (
+                        "loss_codes".to_string(),
+                        code_nll.mean(Kind::Float).double_value(&[]),
+                    ),
+                    (
+                        "loss_dot".to_string(),
+                        dot_nll.mean(Kind::Float).double_value(&[]),
+                    ),
+                ];
+                // Every predicted token weighs the same: K codes and one dot band.
+                ((code_nll * k + dot_nll) / (k + 1.0), metrics)
             }
         };
         self.position = batch.position;

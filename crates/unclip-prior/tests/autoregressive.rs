@@ -38,7 +38,7 @@ fn config(text_layers: i64) -> ArPriorConfig {
         buckets: 16,
         range: 3.0,
         dot_buckets: 4,
-        dot_quantile: 0.9,
+        dot_quantile: Some(0.9),
         temperature: 1.0,
     }
 }
@@ -161,11 +161,13 @@ fn text(f: &HashMap<String, Tensor>, name: &str) -> TextCondition {
 fn check_parity(name: &str, text_layers: i64) {
     let (_vs, model, f) = load_model(name, text_layers);
     let t = text(&f, name);
-    let logits = model
+    let (dot_logits, logits) = model
         .forward(&t, &f[&format!("{name}/dot")], &f[&format!("{name}/codes")])
         .unwrap();
     let d = max_diff(&logits, &f[&format!("{name}/logits")]);
     assert!(d < 1e-9, "{name}: logits differ from PyTorch's by {d}");
+    let d = max_diff(&dot_logits, &f[&format!("{name}/dot_logits")]);
+    assert!(d < 1e-9, "{name}: dot logits differ from PyTorch's by {d}");
     // Features behind the caption mask are ignored.
     let noisy = TextCondition {
         tokens: &t.tokens
@@ -174,7 +176,7 @@ fn check_parity(name: &str, text_layers: i64) {
         ..t.index_select(&Tensor::arange(4, (Kind::Int64, Device::Cpu)))
             .unwrap()
     };
-    let again = model
+    let (_, again) = model
         .forward(
             &noisy,
             &f[&format!("{name}/dot")],
@@ -194,8 +196,9 @@ fn logits_match_pytorch_transformer_layers_with_a_caption_encoder() {
     check_parity("encoded", 1);
 }
 
-/// At a near-zero temperature sampling is greedy, so each code the KV-cached loop picks must be
-/// the argmax of the full teacher-forced forward over the codes picked — guided or not.
+/// At a near-zero temperature sampling is greedy, so each token the KV-cached loop picks — the
+/// dot band when drawn, then every code — must be the argmax of the full teacher-forced forward
+/// over the tokens picked, guided or not.
 #[test]
 fn cached_sampling_picks_what_the_full_forward_predicts() {
     for (name, layers) in [("projected", 0), ("encoded", 1)] {
@@ -203,34 +206,42 @@ fn cached_sampling_picks_what_the_full_forward_predicts() {
         model.cfg.temperature = 1e-6;
         let t = text(&f, name);
         let null = t.index_select(&Tensor::from_slice(&[2i64])).unwrap();
-        let dot = Tensor::from_slice(&[0i64, 3, 1, 2]);
-        for scale in [1.0, 3.0] {
-            let codes = model.sample_codes(&t, &dot, &null, scale).unwrap();
+        let forced = Tensor::from_slice(&[0i64, 3, 1, 2]);
+        for (scale, given) in [(1.0, true), (3.0, true), (1.0, false), (3.0, false)] {
+            let (dot, codes) = model
+                .sample_codes(&t, given.then_some(&forced), &null, scale)
+                .unwrap();
             assert_eq!(codes.size(), [4, 5]);
+            if given {
+                assert!(dot.equal(&forced));
+            }
             let logp = |text: &TextCondition, dot: &Tensor| {
-                model
-                    .forward(text, dot, &codes)
-                    .unwrap()
-                    .log_softmax(-1, Kind::Double)
+                let (d, c) = model.forward(text, dot, &codes).unwrap();
+                (
+                    d.log_softmax(-1, Kind::Double),
+                    c.log_softmax(-1, Kind::Double),
+                )
             };
-            let c = logp(&t, &dot);
-            let guided = if scale == 1.0 {
-                c
+            let (dc, cc) = logp(&t, &dot);
+            let (dot_guided, guided) = if scale == 1.0 {
+                (dc, cc)
             } else {
-                let nulls = null
-                    .index_select(&Tensor::zeros([4], (Kind::Int64, Device::Cpu)))
-                    .unwrap();
-                let u = logp(
-                    &nulls,
-                    &Tensor::full([4], model.null_dot(), (Kind::Int64, Device::Cpu)),
-                );
-                &u + (c - &u) * scale
+                let zeros = Tensor::zeros([4], (Kind::Int64, Device::Cpu));
+                let nulls = null.index_select(&zeros).unwrap();
+                let (du, cu) = logp(&nulls, &(zeros + model.null_dot()));
+                (&du + (dc - &du) * scale, &cu + (cc - &cu) * scale)
             };
             assert!(
                 guided.argmax(-1, false).equal(&codes),
                 "{name}, guidance {scale}: cached {codes} vs full {}",
                 guided.argmax(-1, false)
             );
+            if !given {
+                assert!(
+                    dot_guided.argmax(-1, false).equal(&dot),
+                    "{name}: dot {dot}"
+                );
+            }
         }
     }
 }

@@ -90,8 +90,13 @@ fn sample(cli: &Cli) -> Result<()> {
             }
         ),
         Prior::Autoregressive(m) => format!(
-            "autoregressive, temperature {}, dot-product quantile {}",
-            m.cfg.temperature, m.cfg.dot_quantile
+            "autoregressive, temperature {}, z_i · z_t band {}",
+            m.cfg.temperature,
+            m.cfg
+                .dot_quantile
+                .map_or("drawn from the model".to_string(), |q| format!(
+                    "at quantile {q}"
+                ))
         ),
     };
     println!(
