@@ -4,12 +4,15 @@
 //! the decoder's images the upsampler, and the errors for runs that do not fit together.
 use std::path::{Path, PathBuf};
 mod common;
-use common::{decoder_config, embedded_shapes, prior_config, run, run_fails};
+use common::{
+    decoder_config, embedded_shapes, prior_config, prior_config_with, run, run_fails,
+    AUTOREGRESSIVE_PRIOR,
+};
 use unclip_cli::pipeline::Pipeline;
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
 
-/// A tiny CLIP, its embedded shapes, a prior and a decoder trained a few steps on them, and a
-/// 32 → 64 px upsampler trained a few steps on 64-px shapes.
+/// A tiny CLIP, its embedded shapes, a prior of each kind and a decoder trained a few steps on
+/// them, and a 32 → 64 px upsampler trained a few steps on 64-px shapes.
 struct Runs {
     tmp: tempfile::TempDir,
 }
@@ -24,6 +27,11 @@ impl Runs {
                 env!("CARGO_BIN_EXE_train-prior"),
                 "prior",
                 prior_config(dir),
+            ),
+            (
+                env!("CARGO_BIN_EXE_train-prior"),
+                "prior-ar",
+                prior_config_with(dir, AUTOREGRESSIVE_PRIOR),
             ),
             (
                 env!("CARGO_BIN_EXE_train-decoder"),
@@ -133,7 +141,53 @@ fn sample_text_to_image() {
     writes_images_grid_and_manifest_and_repeats_with_its_seed(&runs);
     the_caption_the_prior_and_the_guidance_reach_the_decoder(&runs);
     the_upsampler_continues_the_decoders_images(&runs);
+    the_autoregressive_prior_drives_the_decoder(&runs);
     runs_that_do_not_fit_together_and_bad_options_are_refused(&runs);
+}
+
+/// `sample --prior` with an autoregressive prior run: its embeddings (unit vectors, repeatable
+/// by seed, caption-dependent) reach the decoder; a diffusion sampler for it is refused.
+fn the_autoregressive_prior_drives_the_decoder(runs: &Runs) {
+    let ar = runs.path("prior-ar");
+    let pipeline =
+        Pipeline::load(Some(&ar), &runs.path("decoder"), None, tch::Device::Cpu).unwrap();
+    let mut o = pipeline.default_options();
+    o.count = 2;
+    let a = pipeline.generate(&["a red circle"], &o).unwrap();
+    assert!(pipeline
+        .generate(&["a red circle"], &o)
+        .unwrap()
+        .image_embeds
+        .equal(&a.image_embeds));
+    let b = pipeline.generate(&["a green star"], &o).unwrap();
+    assert!(!b.image_embeds.equal(&a.image_embeds));
+    let norms = a
+        .image_embeds
+        .norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
+    assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-4);
+    assert!(a.prior_scores.is_some());
+    let out = runs.path("out-ar");
+    let ar_arg = ar.display().to_string();
+    let printed = runs.sample(
+        &out,
+        &["a red circle"],
+        &["--prior", &ar_arg, "--count", "1"],
+    );
+    assert!(printed.contains("autoregressive, temperature"), "{printed}");
+    assert!(out.join("grid.png").is_file(), "{printed}");
+    let args = runs.args(
+        &runs.path("refused-ar"),
+        &["a red circle"],
+        &["--prior", &ar_arg, "--prior-sampling", "{steps: '4'}"],
+    );
+    let err = run_fails(
+        env!("CARGO_BIN_EXE_sample"),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        err.contains("--prior-sampling") && err.contains("autoregressive"),
+        "{err}"
+    );
 }
 
 fn the_upsampler_continues_the_decoders_images(runs: &Runs) {

@@ -1,70 +1,92 @@
 //! The prior's stage of the pipeline end to end through the binaries: shapes shards → `embed
-//! --token-features` (a random tiny CLIP) → `train-prior` → `train-prior --sample`; and
-//! `--dry-run` on the paper config.
+//! --token-features` (a random tiny CLIP) → `train-prior` (either kind) → `train-prior --sample`;
+//! and `--dry-run` on the paper configs.
 mod common;
-use common::{dry_run_committed, dry_run_total, embedded_shapes, prior_config, run};
+use common::{
+    dry_run_committed, dry_run_total, embedded_shapes, prior_config_with, run,
+    AUTOREGRESSIVE_PRIOR, DIFFUSION_PRIOR,
+};
 use unclip_data::npy::NpyArray;
 
 #[test]
-fn embed_then_train_prior_then_sample() {
+fn embed_then_train_either_prior_then_sample() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     embedded_shapes(dir, 32, env!("CARGO_BIN_EXE_embed"));
-    let config = dir.join("prior.yaml");
-    std::fs::write(&config, prior_config(dir)).unwrap();
-    let run_dir = dir.join("run");
-    let prior = env!("CARGO_BIN_EXE_train-prior");
-    let out = run(
-        prior,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-        ],
-    );
-    assert!(out.contains("cosine(z_t, true z_i) baseline"), "{out}");
-    assert!(
-        out.contains("guidance  2.0") || out.contains("guidance    2"),
-        "{out}"
-    );
-    assert!(run_dir
-        .join("checkpoints/step-000000006/meta.json")
-        .is_file());
-    let npy = dir.join("z.npy");
-    let out = run(
-        prior,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-            "--sample",
-            "a red circle",
-            "--sample",
-            "two blue squares",
-            "--candidates",
-            "3",
-            "--out",
-            npy.to_str().unwrap(),
-        ],
-    );
-    assert!(out.contains("\"a red circle\": z_i · z_t"), "{out}");
-    let z = NpyArray::from_bytes(&std::fs::read(&npy).unwrap()).unwrap();
-    assert_eq!(z.shape, vec![2, 32]);
-    for row in z.to_f32().chunks(32) {
-        let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-        assert!((norm - 1.0).abs() < 1e-4, "embedding norm {norm}");
+    for (kind, section) in [
+        ("diffusion", DIFFUSION_PRIOR),
+        ("autoregressive", AUTOREGRESSIVE_PRIOR),
+    ] {
+        let config = dir.join(format!("{kind}.yaml"));
+        std::fs::write(&config, prior_config_with(dir, section)).unwrap();
+        let run_dir = dir.join(kind);
+        let prior = env!("CARGO_BIN_EXE_train-prior");
+        let out = run(
+            prior,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--run-dir",
+                run_dir.to_str().unwrap(),
+            ],
+        );
+        assert!(out.contains("cosine(z_t, true z_i) baseline"), "{out}");
+        assert!(
+            out.contains("guidance  2.0") || out.contains("guidance    2"),
+            "{out}"
+        );
+        // Only the autoregressive prior has a codec whose round trip bounds its samples.
+        assert_eq!(
+            out.contains("through the codec"),
+            kind == "autoregressive",
+            "{out}"
+        );
+        assert!(run_dir
+            .join("checkpoints/step-000000006/meta.json")
+            .is_file());
+        let npy = dir.join(format!("{kind}.npy"));
+        let out = run(
+            prior,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--run-dir",
+                run_dir.to_str().unwrap(),
+                "--sample",
+                "a red circle",
+                "--sample",
+                "two blue squares",
+                "--candidates",
+                "3",
+                "--out",
+                npy.to_str().unwrap(),
+            ],
+        );
+        assert!(out.contains("\"a red circle\": z_i · z_t"), "{out}");
+        assert_eq!(
+            out.contains("autoregressive, temperature 1"),
+            kind == "autoregressive",
+            "{out}"
+        );
+        let z = NpyArray::from_bytes(&std::fs::read(&npy).unwrap()).unwrap();
+        assert_eq!(z.shape, vec![2, 32]);
+        for row in z.to_f32().chunks(32) {
+            let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "{kind}: embedding norm {norm}");
+        }
     }
 }
 
 #[test]
-fn dry_run_prints_the_paper_priors_size() {
-    let out = dry_run_committed(
-        env!("CARGO_BIN_EXE_train-prior"),
-        "configs/paper/prior.yaml",
-    );
-    let total = dry_run_total(&out);
-    // 24 blocks of 12·2048² (attention + 4× MLP) plus projections and positions: about 1.2 B.
-    assert!((1_200_000_000..1_230_000_000).contains(&total), "{total}");
+fn dry_run_prints_the_paper_priors_sizes() {
+    for (config, sizes) in [
+        // 24 blocks of 12·2048² (attention + 4× MLP) plus projections and positions: about 1.2 B.
+        ("configs/paper/prior.yaml", 1_200_000_000..1_230_000_000),
+        // A 24 × 2048 caption encoder (1.21 B) and a 24 × 1664 causal decoder (0.80 B).
+        ("configs/paper/prior-ar.yaml", 2_000_000_000..2_050_000_000),
+    ] {
+        let out = dry_run_committed(env!("CARGO_BIN_EXE_train-prior"), config);
+        let total = dry_run_total(&out);
+        assert!(sizes.contains(&total), "{config}: {total}");
+    }
 }

@@ -119,17 +119,18 @@ impl EmbeddingCodec {
         Ok(())
     }
 
-    /// [N, D] → [N, K]: coordinates along the kept components in standard deviations.
+    /// [N, D] → [N, K] float64: coordinates along the kept components in standard deviations.
+    /// In float64, which autocast leaves alone: a bf16 projection would be coarser than a bucket.
     pub fn project(&self, z: &Tensor) -> Tensor {
-        let z = z.to_kind(self.mean.kind());
-        (z - &self.mean).matmul(&self.components.tr()) / &self.scale
+        let f64 = |t: &Tensor| t.to_kind(Kind::Double);
+        (f64(z) - f64(&self.mean)).matmul(&f64(&self.components).tr()) / f64(&self.scale)
     }
 
-    /// [N, K] coordinates → [N, D] embeddings, L2-normalised (the shards' layout).
+    /// [N, K] coordinates → [N, D] float32 embeddings, L2-normalised (the shards' layout).
     pub fn unproject(&self, coords: &Tensor) -> Result<Tensor> {
-        let z =
-            (coords.to_kind(self.mean.kind()) * &self.scale).matmul(&self.components) + &self.mean;
-        Ok(l2_normalize(&z.to_kind(Kind::Float))?)
+        let f64 = |t: &Tensor| t.to_kind(Kind::Double);
+        let z = (f64(coords) * f64(&self.scale)).matmul(&f64(&self.components)) + f64(&self.mean);
+        Ok(l2_normalize(&z)?.to_kind(Kind::Float))
     }
 
     /// [N, D] → [N, K] int64 tokens in [0, buckets); coordinates beyond ±range clamp to the ends.

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use tch::{nn, Tensor};
-use unclip_diffusion::SamplerConfig;
+use unclip_diffusion::{Respacing, SamplerConfig};
 
 use crate::autoregressive::AutoregressivePrior;
 use crate::model::{DiffusionPrior, TextCondition};
@@ -58,6 +58,26 @@ impl Prior {
                 candidates,
             ),
             Self::Autoregressive(m) => m.sample(text, null, guidance_scale, candidates),
+        }
+    }
+
+    /// How it samples, for messages: the sampler and steps of `sampling`, or the autoregressive
+    /// prior's temperature and z_i · z_t band.
+    pub fn describe_sampling(&self, sampling: &SamplerConfig) -> String {
+        match self {
+            Self::Diffusion(_) => match &sampling.steps {
+                Respacing::Spec(spec) => format!("{:?} {spec}", sampling.sampler),
+                Respacing::Explicit(v) => format!("{:?} {} steps", sampling.sampler, v.len()),
+            },
+            Self::Autoregressive(m) => format!(
+                "autoregressive, temperature {}, z_i · z_t band {}",
+                m.cfg.temperature,
+                m.cfg
+                    .dot_quantile
+                    .map_or("drawn from the model".to_string(), |q| format!(
+                        "at quantile {q}"
+                    ))
+            ),
         }
     }
 }

@@ -103,6 +103,21 @@ fn codec_round_trip_is_within_half_a_bucket_and_fitting_is_order_free() {
     let cos =
         (codec.decode(&codec.encode(&z)).unwrap() * &z).sum_dim_intlist(-1, false, Kind::Double);
     assert!(cos.min().double_value(&[]) > 0.9999);
+    // bf16 autocast (the trainers' and the pipeline's) leaves the codes and the decoding as
+    // they are: the codec computes in float64.
+    let z32 = z.to_kind(Kind::Float);
+    let (codes, decoded) = (
+        codec.encode(&z32),
+        codec.decode(&codec.encode(&z32)).unwrap(),
+    );
+    {
+        let _bf16 = unclip_train::precision::autocast(
+            Device::Cpu,
+            unclip_train::precision::Precision::Bf16,
+        );
+        assert!(codec.encode(&z32).equal(&codes));
+        assert!(codec.decode(&codes).unwrap().equal(&decoded));
+    }
     // Shuffled rows fit the same codec (signs fixed, not left to the eigensolver).
     let (vs2, _) = fit(&Tensor::randperm(500, (Kind::Int64, Device::Cpu)));
     let (a, b) = (vs.variables(), vs2.variables());

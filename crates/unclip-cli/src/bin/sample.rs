@@ -160,6 +160,14 @@ fn main() -> Result<()> {
     o.candidates = cli.candidates.unwrap_or(o.candidates);
     o.decoder_guidance = cli.decoder_guidance.unwrap_or(o.decoder_guidance);
     if let Some(yaml) = &cli.prior_sampling {
+        if let Some(run) = &pipeline.prior {
+            anyhow::ensure!(
+                matches!(run.model, unclip_prior::Prior::Diffusion(_)),
+                "--prior-sampling: the prior of {} is autoregressive; it samples as its config's \
+                 prior.autoregressive says (temperature, dot_quantile)",
+                run.source
+            );
+        }
         o.prior_sampling = sampler("--prior-sampling", &o.prior_sampling, yaml)?;
     }
     if let Some(yaml) = &cli.decoder_sampling {
@@ -180,7 +188,7 @@ fn main() -> Result<()> {
             run.source,
             o.prior_guidance,
             o.candidates,
-            steps(&o.prior_sampling)
+            run.model.describe_sampling(&o.prior_sampling)
         ),
         None => println!("no prior: the decoder is given z_t as the image embedding"),
     }

@@ -80,25 +80,7 @@ fn sample(cli: &Cli) -> Result<()> {
     let s = run
         .model
         .sample(p, &p.sampling, &text, &null, scale, candidates)?;
-    let how = match &run.model {
-        Prior::Diffusion(_) => format!(
-            "{:?} {}",
-            p.sampling.sampler,
-            match &p.sampling.steps {
-                unclip_diffusion::Respacing::Spec(s) => s.clone(),
-                unclip_diffusion::Respacing::Explicit(v) => format!("{} steps", v.len()),
-            }
-        ),
-        Prior::Autoregressive(m) => format!(
-            "autoregressive, temperature {}, z_i · z_t band {}",
-            m.cfg.temperature,
-            m.cfg
-                .dot_quantile
-                .map_or("drawn from the model".to_string(), |q| format!(
-                    "at quantile {q}"
-                ))
-        ),
-    };
+    let how = run.model.describe_sampling(&p.sampling);
     println!(
         "{} ({candidates} candidates each, guidance {scale}, {how})",
         run.source

@@ -89,13 +89,27 @@ pub fn embedded_shapes(dir: &Path, train: u64, embed_bin: &str) {
 
 /// A tiny prior config on `embedded_shapes(dir, …)`: 6 steps, checkpoints every 3.
 pub fn prior_config(dir: &Path) -> String {
+    prior_config_with(dir, DIFFUSION_PRIOR)
+}
+
+/// The tiny diffusion prior's `prior:` section.
+pub const DIFFUSION_PRIOR: &str = "
+  model: {num_attention_heads: 2, attention_head_dim: 16, num_layers: 1, embedding_dim: 32, num_embeddings: 16}
+  sampling: {sampler: ddim, steps: '8'}";
+
+/// A tiny autoregressive prior's `prior:` section: 8 of 32 components, 32 buckets.
+pub const AUTOREGRESSIVE_PRIOR: &str = "
+  kind: autoregressive
+  autoregressive: {num_attention_heads: 2, attention_head_dim: 16, num_layers: 1, text_layers: 1,
+    embedding_dim: 32, num_embeddings: 16, components: 8, buckets: 32, dot_buckets: 4}";
+
+/// [`prior_config`] with `section` as the `prior:` section's body.
+pub fn prior_config_with(dir: &Path, section: &str) -> String {
     format!(
         "
 seed: 0
 device: cpu
-prior:
-  model: {{num_attention_heads: 2, attention_head_dim: 16, num_layers: 1, embedding_dim: 32, num_embeddings: 16}}
-  sampling: {{sampler: ddim, steps: '8'}}
+prior:{section}
 clip: {dir}/clip
 data:
   train: {dir}/emb/img-{{000000..000001}}.tar
