@@ -48,13 +48,15 @@ pub fn split_heads(x: &Tensor, n: i64, heads: i64) -> Result<Vec<Tensor>> {
 }
 
 /// The keys and values (per head) of the tokens a self-attention layer has seen, for decoding one
-/// token at a time without recomputing the prefix.
+/// token at a time without recomputing the prefix. Stored in buffers that grow by doubling, so
+/// appending a token copies only the token (not the whole cache, as concatenating would).
 #[derive(Debug, Default)]
 pub struct KvCache {
-    /// [B, heads, S, head_dim] each.
+    /// [B, heads, capacity, head_dim] each; the first `len` positions are filled.
     kv: Option<(Tensor, Tensor)>,
-    /// [B, S] bool: true where the cached key is a real token.
+    /// [B, capacity] bool: true where the cached key is a real token.
     key_padding: Option<Tensor>,
+    len: i64,
 }
 
 impl KvCache {
@@ -64,11 +66,55 @@ impl KvCache {
 
     /// Tokens cached so far.
     pub fn len(&self) -> i64 {
-        self.key_padding.as_ref().map_or(0, |m| m.size()[1])
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// Appends keys and values [B, heads, L, head_dim] and their padding [B, L]; returns views of
+    /// everything cached.
+    fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        padding: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (l, start) = (k.size()[2], self.len);
+        let needed = start + l;
+        let capacity = self.key_padding.as_ref().map_or(0, |p| p.size()[1]);
+        if needed > capacity {
+            let capacity = needed.max(2 * capacity);
+            let grow = |old: Option<&Tensor>, like: &Tensor, dim: usize| -> Result<Tensor> {
+                let mut size = like.size();
+                size[dim] = capacity;
+                let buf = Tensor::f_zeros(size.as_slice(), (like.kind(), like.device()))?;
+                if let Some(old) = old {
+                    buf.f_narrow(dim as i64, 0, start)?
+                        .f_copy_(&old.f_narrow(dim as i64, 0, start)?)?;
+                }
+                Ok(buf)
+            };
+            let (ok, ov) = match &self.kv {
+                Some((ok, ov)) => (Some(ok), Some(ov)),
+                None => (None, None),
+            };
+            self.kv = Some((grow(ok, k, 2)?, grow(ov, v, 2)?));
+            self.key_padding = Some(grow(self.key_padding.as_ref(), padding, 1)?);
+        }
+        let (Some((ck, cv)), Some(cp)) = (&self.kv, &self.key_padding) else {
+            return Err(shape_err("attention cache", "no buffers".to_string()));
+        };
+        ck.f_narrow(2, start, l)?.f_copy_(k)?;
+        cv.f_narrow(2, start, l)?.f_copy_(v)?;
+        cp.f_narrow(1, start, l)?.f_copy_(padding)?;
+        self.len = needed;
+        Ok((
+            ck.f_narrow(2, 0, needed)?,
+            cv.f_narrow(2, 0, needed)?,
+            cp.f_narrow(1, 0, needed)?,
+        ))
     }
 }
 
@@ -208,15 +254,8 @@ impl MultiHeadAttention {
         let [q, k, v]: [Tensor; 3] = split_heads(&qkv, 3, self.heads)?
             .try_into()
             .map_err(wrong)?;
-        let (k, v) = match cache.kv.take() {
-            Some((ck, cv)) => (Tensor::f_cat(&[&ck, &k], 2)?, Tensor::f_cat(&[&cv, &v], 2)?),
-            None => (k, v),
-        };
-        let padding = match cache.key_padding.take() {
-            Some(old) => Tensor::f_cat(&[&old, &new_padding], 1)?,
-            None => new_padding,
-        };
-        let s = padding.size()[1];
+        let (k, v, padding) = cache.append(&k, &v, &new_padding)?;
+        let s = cache.len();
         // Query i (absolute position s - l + i) sees keys 0..=s - l + i that are real.
         let attn_mask = Tensor::ones([l, s], (Kind::Bool, device))
             .f_tril(s - l)?
@@ -232,8 +271,6 @@ impl MultiHeadAttention {
             None,
             false,
         )?;
-        cache.kv = Some((k, v));
-        cache.key_padding = Some(padding);
         let out = out.f_transpose(1, 2)?.f_reshape([b, l, self.dim])?;
         Ok(self.to_out.forward(&out))
     }
