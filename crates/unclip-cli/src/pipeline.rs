@@ -12,6 +12,7 @@ use unclip_clip::caption::{CaptionEncoder, TextCondition};
 use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
 use unclip_diffusion::SamplerConfig;
 use unclip_prior::load::{load_prior_run, PriorRun};
+use unclip_prior::{Prior, PriorSampling};
 use unclip_train::precision::{autocast, Precision};
 use unclip_upsampler::UpsamplerRun;
 
@@ -36,7 +37,7 @@ pub struct PipelineOptions {
     pub prior_guidance: f64,
     /// Prior draws per image, the one with the highest z_i · z_t kept.
     pub candidates: usize,
-    pub prior_sampling: SamplerConfig,
+    pub prior_sampling: PriorSampling,
     pub decoder_guidance: f64,
     pub decoder_sampling: SamplerConfig,
     /// One per upsampler, in order.
@@ -159,9 +160,13 @@ impl Pipeline {
         let (prior_guidance, candidates, prior_sampling) = match &self.prior {
             Some(run) => {
                 let p = &run.cfg.prior;
-                (p.guidance_scale, p.candidates, p.sampling.clone())
+                (p.guidance_scale, p.candidates, run.model.sampling(p))
             }
-            None => (1.0, 1, unclip_prior::task::default_sampling()),
+            None => (
+                1.0,
+                1,
+                PriorSampling::Diffusion(unclip_prior::task::default_sampling()),
+            ),
         };
         PipelineOptions {
             count: 4,
@@ -216,12 +221,24 @@ impl Pipeline {
         for (run, s) in self.upsamplers.iter().zip(&o.upsampler_sampling) {
             check("upsampler", s, run.cfg.upsampler.diffusion.timesteps)?;
         }
-        if let Some(run) = &self.prior {
-            check(
-                "prior",
-                &o.prior_sampling,
-                run.cfg.prior.diffusion.timesteps,
-            )?;
+        match (&self.prior, &o.prior_sampling) {
+            (Some(run), PriorSampling::Diffusion(s)) => {
+                ensure!(
+                    matches!(run.model, Prior::Diffusion(_)),
+                    "prior sampling: a diffusion sampler for the autoregressive prior of {}",
+                    run.source
+                );
+                check("prior", s, run.cfg.prior.diffusion.timesteps)?;
+            }
+            (Some(run), PriorSampling::Autoregressive(s)) => {
+                ensure!(
+                    matches!(run.model, Prior::Autoregressive(_)),
+                    "prior sampling: autoregressive settings for the diffusion prior of {}",
+                    run.source
+                );
+                s.validate().map_err(|e| anyhow!("prior sampling: {e}"))?;
+            }
+            (None, _) => {}
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use common::{
 };
 use unclip_cli::pipeline::Pipeline;
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
+use unclip_prior::{ArSampling, PriorSampling};
 
 /// A tiny CLIP, its embedded shapes, a prior of each kind and a decoder trained a few steps on
 /// them, and a 32 → 64 px upsampler trained a few steps on 64-px shapes.
@@ -146,7 +147,8 @@ fn sample_text_to_image() {
 }
 
 /// `sample --prior` with an autoregressive prior run: its embeddings (unit vectors, repeatable
-/// by seed, caption-dependent) reach the decoder; a diffusion sampler for it is refused.
+/// by seed, caption-dependent) reach the decoder; `--prior-sampling` takes its own keys and
+/// refuses a diffusion sampler's.
 fn the_autoregressive_prior_drives_the_decoder(runs: &Runs) {
     let ar = runs.path("prior-ar");
     let pipeline =
@@ -166,14 +168,38 @@ fn the_autoregressive_prior_drives_the_decoder(runs: &Runs) {
         .norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
     assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-4);
     assert!(a.prior_scores.is_some());
+    // Its sampling settings reach it: another temperature, other draws from the same seed.
+    let mut cold = o.clone();
+    cold.prior_sampling = PriorSampling::Autoregressive(ArSampling {
+        temperature: 0.05,
+        dot_quantile: None,
+    });
+    let c = pipeline.generate(&["a red circle"], &cold).unwrap();
+    assert!(!c.image_embeds.equal(&a.image_embeds));
+    // A diffusion prior's sampler does not fit it.
+    let mut wrong = o.clone();
+    wrong.prior_sampling = pipeline_with_diffusion_prior(runs)
+        .default_options()
+        .prior_sampling;
+    assert!(pipeline.check(&wrong).is_err());
     let out = runs.path("out-ar");
     let ar_arg = ar.display().to_string();
     let printed = runs.sample(
         &out,
         &["a red circle"],
-        &["--prior", &ar_arg, "--count", "1"],
+        &[
+            "--prior",
+            &ar_arg,
+            "--count",
+            "1",
+            "--prior-sampling",
+            "{temperature: 0.5}",
+        ],
     );
-    assert!(printed.contains("autoregressive, temperature"), "{printed}");
+    assert!(
+        printed.contains("autoregressive, temperature 0.5, z_i · z_t band at quantile 0.9"),
+        "{printed}"
+    );
     assert!(out.join("grid.png").is_file(), "{printed}");
     let args = runs.args(
         &runs.path("refused-ar"),
@@ -185,9 +211,19 @@ fn the_autoregressive_prior_drives_the_decoder(runs: &Runs) {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     assert!(
-        err.contains("--prior-sampling") && err.contains("autoregressive"),
+        err.contains("--prior-sampling") && err.contains("steps"),
         "{err}"
     );
+}
+
+fn pipeline_with_diffusion_prior(runs: &Runs) -> Pipeline {
+    Pipeline::load(
+        Some(&runs.path("prior")),
+        &runs.path("decoder"),
+        None,
+        tch::Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn the_upsampler_continues_the_decoders_images(runs: &Runs) {
@@ -213,15 +249,7 @@ fn the_upsampler_continues_the_decoders_images(runs: &Runs) {
 
     // The upsampler is given the decoder's images: the pipeline's output is the run's own
     // upsampling of what the pipeline without it decodes, from the stage's seeded noise.
-    let load = || {
-        Pipeline::load(
-            Some(&runs.path("prior")),
-            &runs.path("decoder"),
-            None,
-            tch::Device::Cpu,
-        )
-        .unwrap()
-    };
+    let load = || pipeline_with_diffusion_prior(runs);
     let plain = load();
     let mut o = plain.default_options();
     o.count = 2;

@@ -34,7 +34,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         components,
         buckets: 1024,
         dot_buckets: 32,
-        temperature: 1e-6,
         ..ArPriorConfig::default()
     };
     tch::manual_seed(0);
@@ -63,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut cached_s, mut full_s, mut agree) = (Vec::new(), Vec::new(), 1.0f64);
     for _ in 0..rounds {
         let start = Instant::now();
-        let (_, cached) = model.sample_codes(&cond, Some(&dot), &null, scale)?;
+        let (_, cached) = model.sample_codes(&cond, Some(&dot), &null, scale, 1e-6)?;
         cached_s.push(start.elapsed().as_secs_f64());
 
         // Without a cache: the full forward over the codes so far (the rest zeros) per code.

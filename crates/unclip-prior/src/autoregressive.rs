@@ -70,7 +70,42 @@ impl Default for ArPriorConfig {
     }
 }
 
+/// How the autoregressive prior samples: the config's `temperature` and `dot_quantile`, or
+/// other values for one call (`sample --prior-sampling`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArSampling {
+    pub temperature: f64,
+    pub dot_quantile: Option<f64>,
+}
+
+impl ArSampling {
+    /// Errors name the key under `prior.autoregressive`.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(q) = self.dot_quantile {
+            ensure!(
+                (0.0..=1.0).contains(&q),
+                "prior.autoregressive.dot_quantile must be in [0, 1] (or null), got {q}"
+            );
+        }
+        ensure!(
+            self.temperature.is_finite() && self.temperature > 0.0,
+            "prior.autoregressive.temperature must be positive, got {}",
+            self.temperature
+        );
+        Ok(())
+    }
+}
+
 impl ArPriorConfig {
+    /// The sampling settings of the config.
+    pub fn sampling(&self) -> ArSampling {
+        ArSampling {
+            temperature: self.temperature,
+            dot_quantile: self.dot_quantile,
+        }
+    }
+
     /// The decoder's width.
     pub fn inner_dim(&self) -> i64 {
         self.num_attention_heads * self.attention_head_dim
@@ -134,18 +169,7 @@ impl ArPriorConfig {
             "prior.autoregressive.range must be positive, got {}",
             self.range
         );
-        if let Some(q) = self.dot_quantile {
-            ensure!(
-                (0.0..=1.0).contains(&q),
-                "prior.autoregressive.dot_quantile must be in [0, 1] (or null), got {q}"
-            );
-        }
-        ensure!(
-            self.temperature.is_finite() && self.temperature > 0.0,
-            "prior.autoregressive.temperature must be positive, got {}",
-            self.temperature
-        );
-        Ok(())
+        self.sampling().validate()
     }
 
     /// Variables of the model this config builds (the codec's included), without building it.
@@ -408,30 +432,38 @@ impl AutoregressivePrior {
     }
 
     /// Image embeddings for `text` ([B] rows): `candidates` draws per caption — the dot band as
-    /// `dot_quantile` says (or drawn from the model), then the codes — decoded and reranked by
-    /// z_i · z_t. `null` is the one-row null condition guidance contrasts with; `guidance_scale`
-    /// 1 is unguided. Uses libtorch's global generator.
+    /// `sampling.dot_quantile` says (or drawn from the model), then the codes — decoded and
+    /// reranked by z_i · z_t. `null` is the one-row null condition guidance contrasts with;
+    /// `guidance_scale` 1 is unguided. Uses libtorch's global generator.
     pub fn sample(
         &self,
         text: &TextCondition,
         null: &TextCondition,
         guidance_scale: f64,
         candidates: usize,
+        sampling: &ArSampling,
     ) -> Result<PriorSamples> {
         ensure!(candidates >= 1, "candidates must be at least 1");
+        sampling.validate()?;
         let _g = tch::no_grad_guard();
         let (b, n) = (text.len(), candidates as i64);
         let device = text.text_embeds.device();
         let rows = Tensor::arange(b, (Kind::Int64, device)).repeat_interleave_self_int(n, 0, None);
         let cond = text.index_select(&rows)?;
-        let dot = self.cfg.dot_quantile.map(|q| {
+        let dot = sampling.dot_quantile.map(|q| {
             Tensor::full(
                 [b * n],
                 self.codec.dot_token_at_quantile(q),
                 (Kind::Int64, device),
             )
         });
-        let (_, codes) = self.sample_codes(&cond, dot.as_ref(), null, guidance_scale)?;
+        let (_, codes) = self.sample_codes(
+            &cond,
+            dot.as_ref(),
+            null,
+            guidance_scale,
+            sampling.temperature,
+        )?;
         let z = self.codec.decode(&codes)?;
         rerank(&z, &cond.text_embeds, b, n)
     }
@@ -446,6 +478,7 @@ impl AutoregressivePrior {
         dot: Option<&Tensor>,
         null: &TextCondition,
         guidance_scale: f64,
+        temperature: f64,
     ) -> Result<(Tensor, Tensor)> {
         ensure!(
             guidance_scale.is_finite() && guidance_scale >= 0.0,
@@ -478,7 +511,7 @@ impl AutoregressivePrior {
             } else {
                 logp
             };
-            (logp / self.cfg.temperature)
+            (logp / temperature)
                 .softmax(-1, Kind::Float)
                 .multinomial(1, true)
                 .squeeze_dim(1)

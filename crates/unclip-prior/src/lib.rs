@@ -11,8 +11,8 @@ pub mod prior;
 pub mod sample;
 pub mod task;
 
-pub use autoregressive::{ArPriorConfig, AutoregressivePrior};
+pub use autoregressive::{ArPriorConfig, ArSampling, AutoregressivePrior};
 pub use codec::EmbeddingCodec;
 pub use config::PriorConfig;
 pub use model::{init_prior_weights, DiffusionPrior, TextCondition};
-pub use prior::Prior;
+pub use prior::{Prior, PriorSampling};

@@ -1,14 +1,22 @@
 //! Either prior behind one interface: built from the `prior:` section, fitted to training
 //! embeddings, sampled with guidance and reranked candidates.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use tch::{nn, Tensor};
 use unclip_diffusion::{Respacing, SamplerConfig};
 
-use crate::autoregressive::AutoregressivePrior;
+use crate::autoregressive::{ArSampling, AutoregressivePrior};
 use crate::model::{DiffusionPrior, TextCondition};
 use crate::sample::{PriorSampler, PriorSamples};
 use crate::task::{PriorKind, PriorSection};
+
+/// How a prior samples: the diffusion prior's process, or the autoregressive prior's temperature
+/// and z_i · z_t band.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PriorSampling {
+    Diffusion(SamplerConfig),
+    Autoregressive(ArSampling),
+}
 
 #[derive(Debug)]
 pub enum Prior {
@@ -39,45 +47,53 @@ impl Prior {
         }
     }
 
-    /// Image embeddings for `text`; `sampling` is the diffusion prior's process (the
-    /// autoregressive prior samples as `prior.autoregressive` says).
+    /// The sampling settings of its config (`prior.sampling`, or the autoregressive prior's own).
+    pub fn sampling(&self, section: &PriorSection) -> PriorSampling {
+        match self {
+            Self::Diffusion(_) => PriorSampling::Diffusion(section.sampling.clone()),
+            Self::Autoregressive(m) => PriorSampling::Autoregressive(m.cfg.sampling()),
+        }
+    }
+
+    /// Image embeddings for `text`, sampled as `sampling` says (which must be this prior's kind).
     pub fn sample(
         &self,
         section: &PriorSection,
-        sampling: &SamplerConfig,
+        sampling: &PriorSampling,
         text: &TextCondition,
         null: &TextCondition,
         guidance_scale: f64,
         candidates: usize,
     ) -> Result<PriorSamples> {
-        match self {
-            Self::Diffusion(m) => PriorSampler::new(m, &section.diffusion, sampling)?.sample(
-                text,
-                null,
-                guidance_scale,
-                candidates,
-            ),
-            Self::Autoregressive(m) => m.sample(text, null, guidance_scale, candidates),
+        match (self, sampling) {
+            (Self::Diffusion(m), PriorSampling::Diffusion(s)) => PriorSampler::new(
+                m,
+                &section.diffusion,
+                s,
+            )?
+            .sample(text, null, guidance_scale, candidates),
+            (Self::Autoregressive(m), PriorSampling::Autoregressive(s)) => {
+                m.sample(text, null, guidance_scale, candidates, s)
+            }
+            _ => bail!("the sampling settings are for the other kind of prior"),
         }
     }
+}
 
-    /// How it samples, for messages: the sampler and steps of `sampling`, or the autoregressive
-    /// prior's temperature and z_i · z_t band.
-    pub fn describe_sampling(&self, sampling: &SamplerConfig) -> String {
-        match self {
-            Self::Diffusion(_) => match &sampling.steps {
-                Respacing::Spec(spec) => format!("{:?} {spec}", sampling.sampler),
-                Respacing::Explicit(v) => format!("{:?} {} steps", sampling.sampler, v.len()),
-            },
-            Self::Autoregressive(m) => format!(
-                "autoregressive, temperature {}, z_i · z_t band {}",
-                m.cfg.temperature,
-                m.cfg
-                    .dot_quantile
-                    .map_or("drawn from the model".to_string(), |q| format!(
-                        "at quantile {q}"
-                    ))
-            ),
-        }
+/// How a prior samples with `sampling`, for messages.
+pub fn describe_sampling(sampling: &PriorSampling) -> String {
+    match sampling {
+        PriorSampling::Diffusion(s) => match &s.steps {
+            Respacing::Spec(spec) => format!("{:?} {spec}", s.sampler),
+            Respacing::Explicit(v) => format!("{:?} {} steps", s.sampler, v.len()),
+        },
+        PriorSampling::Autoregressive(s) => format!(
+            "autoregressive, temperature {}, z_i · z_t band {}",
+            s.temperature,
+            s.dot_quantile
+                .map_or("drawn from the model".to_string(), |q| format!(
+                    "at quantile {q}"
+                ))
+        ),
     }
 }

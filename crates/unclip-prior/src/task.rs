@@ -556,12 +556,13 @@ impl PriorTask {
             Prior::Diffusion(_) => None,
         };
         let p = &self.cfg.prior;
+        let sampling = self.model.sampling(p);
         let mut rows = Vec::new();
         for &scale in guidance_scales {
             tch::manual_seed(self.cfg.eval.seed);
             let s = self
                 .model
-                .sample(p, &p.sampling, &h.text, &self.null, scale, p.candidates)?;
+                .sample(p, &sampling, &h.text, &self.null, scale, p.candidates)?;
             rows.push(EvalRow {
                 guidance_scale: scale,
                 cos_true: mean_cosine(&s.image_embeds, &h.image_embeds)?,

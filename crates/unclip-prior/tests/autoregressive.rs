@@ -217,14 +217,13 @@ fn logits_match_pytorch_transformer_layers_with_a_caption_encoder() {
 #[test]
 fn cached_sampling_picks_what_the_full_forward_predicts() {
     for (name, layers) in [("projected", 0), ("encoded", 1)] {
-        let (_vs, mut model, f) = load_model(name, layers);
-        model.cfg.temperature = 1e-6;
+        let (_vs, model, f) = load_model(name, layers);
         let t = text(&f, name);
         let null = t.index_select(&Tensor::from_slice(&[2i64])).unwrap();
         let forced = Tensor::from_slice(&[0i64, 3, 1, 2]);
         for (scale, given) in [(1.0, true), (3.0, true), (1.0, false), (3.0, false)] {
             let (dot, codes) = model
-                .sample_codes(&t, given.then_some(&forced), &null, scale)
+                .sample_codes(&t, given.then_some(&forced), &null, scale, 1e-6)
                 .unwrap();
             assert_eq!(codes.size(), [4, 5]);
             if given {

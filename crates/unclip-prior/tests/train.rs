@@ -36,7 +36,14 @@ fn prior_learns_caption_dependent_embeddings_and_beats_the_zt_baseline() {
     let p = &cfg.task.prior;
     let s = task
         .model
-        .sample(p, &p.sampling, &h.text, task.null_condition(), 2.0, 3)
+        .sample(
+            p,
+            &task.model.sampling(p),
+            &h.text,
+            task.null_condition(),
+            2.0,
+            3,
+        )
         .unwrap();
     assert_eq!(s.candidates.size(), [64, 3, 32]);
     let best = s.scores.argmax(1, false);

@@ -11,6 +11,8 @@ use tch::{Kind, Tensor};
 use unclip_cli::pipeline::{image_path, Pipeline};
 use unclip_diffusion::device::parse_device;
 use unclip_diffusion::{Respacing, SamplerConfig};
+use unclip_prior::prior::describe_sampling;
+use unclip_prior::PriorSampling;
 use unclip_train::precision::{resolve, Precision};
 
 #[derive(Parser)]
@@ -64,8 +66,9 @@ struct Cli {
     /// Prior draws per image, reranked by z_i · z_t (default: the config's prior.candidates).
     #[arg(long)]
     candidates: Option<usize>,
-    /// Keys of the prior's sampler to change, as YAML: e.g. '{steps: "32"}' (the rest: the
-    /// config's prior.sampling).
+    /// Keys of the prior's sampling to change, as YAML: a diffusion prior's sampler, e.g.
+    /// '{steps: "32"}' (the rest: the config's prior.sampling); an autoregressive prior's
+    /// '{temperature: 0.8, dot_quantile: null}' (the rest: its prior.autoregressive).
     #[arg(long, value_name = "YAML")]
     prior_sampling: Option<String>,
     /// The decoder's guidance scale (default: the decoder config's decoder.guidance_scale).
@@ -88,18 +91,20 @@ struct Cli {
 
 /// `base` with the keys of the YAML mapping `yaml` replaced (e.g. `{steps: "50"}` keeps the sampler
 /// and its clipping).
-fn sampler(option: &str, base: &SamplerConfig, yaml: &str) -> Result<SamplerConfig> {
+fn with_keys<T: serde::Serialize + serde::de::DeserializeOwned>(
+    option: &str,
+    base: &T,
+    yaml: &str,
+) -> Result<T> {
     let bad = |e: &dyn std::fmt::Display| anyhow!("{option} {yaml:?}: {e}");
     let serde_yaml::Value::Mapping(mut merged) = serde_yaml::to_value(base)? else {
-        return Err(bad(&"the sampler did not serialise to a mapping"));
+        return Err(bad(&"the settings did not serialise to a mapping"));
     };
     match serde_yaml::from_str::<serde_yaml::Value>(yaml).map_err(|e| bad(&e))? {
         serde_yaml::Value::Mapping(keys) => merged.extend(keys),
-        _ => {
-            return Err(bad(
-                &"expected a mapping such as '{sampler: ddim, steps: \"50\"}'",
-            ))
-        }
+        _ => return Err(bad(
+            &"expected a mapping such as '{sampler: ddim, steps: \"50\"}' or '{temperature: 0.8}'",
+        )),
     }
     serde_yaml::from_value(serde_yaml::Value::Mapping(merged)).map_err(|e| bad(&e))
 }
@@ -160,24 +165,23 @@ fn main() -> Result<()> {
     o.candidates = cli.candidates.unwrap_or(o.candidates);
     o.decoder_guidance = cli.decoder_guidance.unwrap_or(o.decoder_guidance);
     if let Some(yaml) = &cli.prior_sampling {
-        if let Some(run) = &pipeline.prior {
-            anyhow::ensure!(
-                matches!(run.model, unclip_prior::Prior::Diffusion(_)),
-                "--prior-sampling: the prior of {} is autoregressive; it samples as its config's \
-                 prior.autoregressive says (temperature, dot_quantile)",
-                run.source
-            );
-        }
-        o.prior_sampling = sampler("--prior-sampling", &o.prior_sampling, yaml)?;
+        o.prior_sampling = match &o.prior_sampling {
+            PriorSampling::Diffusion(s) => {
+                PriorSampling::Diffusion(with_keys("--prior-sampling", s, yaml)?)
+            }
+            PriorSampling::Autoregressive(s) => {
+                PriorSampling::Autoregressive(with_keys("--prior-sampling", s, yaml)?)
+            }
+        };
     }
     if let Some(yaml) = &cli.decoder_sampling {
-        o.decoder_sampling = sampler("--decoder-sampling", &o.decoder_sampling, yaml)?;
+        o.decoder_sampling = with_keys("--decoder-sampling", &o.decoder_sampling, yaml)?;
     }
     if let Some(yaml) = &cli.upsampler_sampling {
         o.upsampler_sampling = o
             .upsampler_sampling
             .iter()
-            .map(|s| sampler("--upsampler-sampling", s, yaml))
+            .map(|s| with_keys("--upsampler-sampling", s, yaml))
             .collect::<Result<_>>()?;
     }
     pipeline.check(&o)?;
@@ -188,7 +192,7 @@ fn main() -> Result<()> {
             run.source,
             o.prior_guidance,
             o.candidates,
-            run.model.describe_sampling(&o.prior_sampling)
+            describe_sampling(&o.prior_sampling)
         ),
         None => println!("no prior: the decoder is given z_t as the image embedding"),
     }

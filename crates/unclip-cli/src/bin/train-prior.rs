@@ -11,6 +11,7 @@ use tch::nn;
 use unclip_clip::caption::CaptionEncoder;
 use unclip_data::npy::NpyArray;
 use unclip_prior::load::load_prior_run;
+use unclip_prior::prior::describe_sampling;
 use unclip_prior::task::{EvalReport, PriorTask, PriorTrainConfig};
 use unclip_prior::Prior;
 use unclip_train::cli::{
@@ -77,10 +78,11 @@ fn sample(cli: &Cli) -> Result<()> {
     let scale = cli.guidance_scale.unwrap_or(p.guidance_scale);
     let candidates = cli.candidates.unwrap_or(p.candidates);
     tch::manual_seed(cli.seed);
+    let sampling = run.model.sampling(p);
     let s = run
         .model
-        .sample(p, &p.sampling, &text, &null, scale, candidates)?;
-    let how = run.model.describe_sampling(&p.sampling);
+        .sample(p, &sampling, &text, &null, scale, candidates)?;
+    let how = describe_sampling(&sampling);
     println!(
         "{} ({candidates} candidates each, guidance {scale}, {how})",
         run.source
