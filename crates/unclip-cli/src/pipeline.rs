@@ -251,15 +251,14 @@ impl Pipeline {
     ) -> Result<Generated> {
         ensure!(!captions.is_empty(), "no captions to sample");
         self.check(o)?;
-        let rows: Vec<&str> = captions
-            .iter()
-            .flat_map(|c| std::iter::repeat_n(c.as_ref(), o.count))
-            .collect();
-        let n = rows.len() as i64;
+        let n = (captions.len() * o.count) as i64;
         let _g = tch::no_grad_guard();
         let precision = unclip_train::precision::resolve(o.precision, self.device).precision;
         let _autocast = autocast(self.device, precision);
-        let text = self.encoder.encode(&rows)?;
+        // Each caption encoded once, then repeated: caption-major rows.
+        let rows = Tensor::arange(captions.len() as i64, (Kind::Int64, self.device))
+            .repeat_interleave_self_int(o.count as i64, 0, None);
+        let text = self.encoder.encode(captions)?.index_select(&rows)?;
         tch::manual_seed(o.seed);
         let (image_embeds, prior_scores) = match &self.prior {
             Some(run) => {

@@ -18,6 +18,18 @@ pub enum PriorSampling {
     Autoregressive(ArSampling),
 }
 
+impl PriorSampling {
+    /// These settings with the keys of the YAML mapping `yaml` replaced (its kind's keys only;
+    /// errors name `option` and the key).
+    pub fn with_keys(&self, option: &str, yaml: &str) -> Result<Self> {
+        use unclip_train::config::with_keys;
+        Ok(match self {
+            Self::Diffusion(s) => Self::Diffusion(with_keys(option, s, yaml)?),
+            Self::Autoregressive(s) => Self::Autoregressive(with_keys(option, s, yaml)?),
+        })
+    }
+}
+
 #[derive(Debug)]
 pub enum Prior {
     Diffusion(DiffusionPrior),

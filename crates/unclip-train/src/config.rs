@@ -348,6 +348,24 @@ fn typed<T: DeserializeOwned>(v: Value) -> Result<T> {
     })
 }
 
+/// `base` with the keys of the YAML mapping `yaml` replaced (e.g. a sampler's `{steps: "50"}`
+/// keeps its other keys); errors name `option`.
+pub fn with_keys<T: serde::Serialize + DeserializeOwned>(
+    option: &str,
+    base: &T,
+    yaml: &str,
+) -> Result<T> {
+    let bad = |e: &dyn std::fmt::Display| anyhow!("{option} {yaml:?}: {e}");
+    let Value::Mapping(mut merged) = serde_yaml::to_value(base)? else {
+        return Err(bad(&"the settings did not serialise to a mapping"));
+    };
+    match serde_yaml::from_str::<Value>(yaml).map_err(|e| bad(&e))? {
+        Value::Mapping(keys) => merged.extend(keys),
+        _ => return Err(bad(&"expected a YAML mapping such as '{steps: \"50\"}'")),
+    }
+    serde_yaml::from_value(Value::Mapping(merged)).map_err(|e| bad(&e))
+}
+
 /// Sets `a.b.c` in `root` to the YAML value after `=`, creating mappings on the way.
 pub fn apply_override(root: &mut Value, spec: &str) -> Result<()> {
     let (key, raw) = spec

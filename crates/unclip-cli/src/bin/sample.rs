@@ -12,7 +12,7 @@ use unclip_cli::pipeline::{image_path, Pipeline};
 use unclip_diffusion::device::parse_device;
 use unclip_diffusion::{Respacing, SamplerConfig};
 use unclip_prior::prior::describe_sampling;
-use unclip_prior::PriorSampling;
+use unclip_train::config::with_keys;
 use unclip_train::precision::{resolve, Precision};
 
 #[derive(Parser)]
@@ -89,26 +89,6 @@ struct Cli {
     device: String,
 }
 
-/// `base` with the keys of the YAML mapping `yaml` replaced (e.g. `{steps: "50"}` keeps the sampler
-/// and its clipping).
-fn with_keys<T: serde::Serialize + serde::de::DeserializeOwned>(
-    option: &str,
-    base: &T,
-    yaml: &str,
-) -> Result<T> {
-    let bad = |e: &dyn std::fmt::Display| anyhow!("{option} {yaml:?}: {e}");
-    let serde_yaml::Value::Mapping(mut merged) = serde_yaml::to_value(base)? else {
-        return Err(bad(&"the settings did not serialise to a mapping"));
-    };
-    match serde_yaml::from_str::<serde_yaml::Value>(yaml).map_err(|e| bad(&e))? {
-        serde_yaml::Value::Mapping(keys) => merged.extend(keys),
-        _ => return Err(bad(
-            &"expected a mapping such as '{sampler: ddim, steps: \"50\"}' or '{temperature: 0.8}'",
-        )),
-    }
-    serde_yaml::from_value(serde_yaml::Value::Mapping(merged)).map_err(|e| bad(&e))
-}
-
 fn steps(s: &SamplerConfig) -> String {
     match &s.steps {
         Respacing::Spec(spec) => format!("{:?} {spec}", s.sampler),
@@ -165,14 +145,7 @@ fn main() -> Result<()> {
     o.candidates = cli.candidates.unwrap_or(o.candidates);
     o.decoder_guidance = cli.decoder_guidance.unwrap_or(o.decoder_guidance);
     if let Some(yaml) = &cli.prior_sampling {
-        o.prior_sampling = match &o.prior_sampling {
-            PriorSampling::Diffusion(s) => {
-                PriorSampling::Diffusion(with_keys("--prior-sampling", s, yaml)?)
-            }
-            PriorSampling::Autoregressive(s) => {
-                PriorSampling::Autoregressive(with_keys("--prior-sampling", s, yaml)?)
-            }
-        };
+        o.prior_sampling = o.prior_sampling.with_keys("--prior-sampling", yaml)?;
     }
     if let Some(yaml) = &cli.decoder_sampling {
         o.decoder_sampling = with_keys("--decoder-sampling", &o.decoder_sampling, yaml)?;

@@ -39,6 +39,10 @@ struct Cli {
     /// With --sample: candidates per caption (default: the config's prior.candidates).
     #[arg(long)]
     candidates: Option<usize>,
+    /// With --sample: sampling keys to change, as YAML — the diffusion prior's sampler (e.g.
+    /// '{steps: "32"}') or the autoregressive prior's '{temperature: 0.8, dot_quantile: null}'.
+    #[arg(long, value_name = "YAML")]
+    sampling: Option<String>,
     /// With --sample: the seed of the sampling noise.
     #[arg(long, default_value_t = 0)]
     seed: i64,
@@ -78,7 +82,10 @@ fn sample(cli: &Cli) -> Result<()> {
     let scale = cli.guidance_scale.unwrap_or(p.guidance_scale);
     let candidates = cli.candidates.unwrap_or(p.candidates);
     tch::manual_seed(cli.seed);
-    let sampling = run.model.sampling(p);
+    let mut sampling = run.model.sampling(p);
+    if let Some(yaml) = &cli.sampling {
+        sampling = sampling.with_keys("--sampling", yaml)?;
+    }
     let s = run
         .model
         .sample(p, &sampling, &text, &null, scale, candidates)?;
