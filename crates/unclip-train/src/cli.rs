@@ -34,6 +34,44 @@ impl TrainArgs {
     }
 }
 
+/// What a trainer of an image model can do with a run instead of training it.
+#[derive(Debug, Clone, Args)]
+pub struct InferenceArgs {
+    /// Instead of training: sample the held-out set with the run's newest checkpoint (EMA
+    /// weights), write the grid a run writes at its end to this PNG file and print its figures.
+    /// `--set <model>.sampling...` picks the sampler.
+    #[arg(long, value_name = "FILE.png")]
+    pub grid: Option<PathBuf>,
+    /// Instead of training: write the run's newest checkpoint (EMA weights) in diffusers' layout
+    /// (config.json + safetensors per component) into this directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "grid")]
+    pub export_diffusers: Option<PathBuf>,
+    /// With --grid or --export-diffusers: this checkpoint directory (`RUN/checkpoints/step-N`)
+    /// instead of the run's newest.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl InferenceArgs {
+    /// `--checkpoint` only picks the weights of `--grid` or `--export-diffusers`.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.checkpoint.is_none() || self.grid.is_some() || self.export_diffusers.is_some(),
+            "--checkpoint picks the weights of --grid or --export-diffusers; training resumes with --resume"
+        );
+        Ok(())
+    }
+
+    /// The weights to use: `--checkpoint`'s, else the newest checkpoint's of the run in `args`
+    /// (EMA weights when it has them), with a description for messages.
+    pub fn weights(
+        &self,
+        args: &TrainArgs,
+    ) -> anyhow::Result<(std::collections::HashMap<String, tch::Tensor>, String)> {
+        crate::checkpoint::run_weights(&args.run_dir(), self.checkpoint.as_deref())
+    }
+}
+
 /// `--dry-run`'s first lines: the config is valid, and the device and precision a run would use.
 pub fn print_dry_run_header(
     config: &std::path::Path,

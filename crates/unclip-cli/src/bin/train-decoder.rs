@@ -2,45 +2,29 @@
 //!
 //!     train-decoder --config configs/shapes/decoder.yaml
 
-use std::collections::HashMap;
-
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use clap::Parser;
 use tch::nn;
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig};
 use unclip_decoder::UnclipDecoder;
 use unclip_train::cli::{
-    print_dry_run_header, print_model_parameters, train_and_report, write_final_grid,
+    print_dry_run_header, print_model_parameters, train_and_report, write_final_grid, InferenceArgs,
 };
 use unclip_train::{load_config, TrainArgs};
 
 #[derive(Parser)]
 #[command(
-    about = "Train unCLIP's CLIP-conditioned 64×64 decoder (diffusers UnCLIP decoder layout)"
+    about = "Train unCLIP's CLIP-conditioned 64×64 decoder (diffusers UnCLIP decoder layout)",
+    long_about = "Train unCLIP's CLIP-conditioned 64×64 decoder (diffusers UnCLIP decoder layout).\n\n\
+        --grid: real held-out images, then a row per samples.guidance_scales and per \
+        samples.denoise_strengths; prints the CLIP score and, on shapes scenes, the shape counts. \
+        --export-diffusers: the UnCLIP pipeline's decoder/ and text_proj/."
 )]
 struct Cli {
     #[command(flatten)]
     args: TrainArgs,
-    /// Instead of training: decode the held-out image embeddings with the run's newest checkpoint
-    /// (EMA weights) and write the grid (real images, one row per `samples.guidance_scales`, then
-    /// per `samples.denoise_strengths` and scale) to this PNG file, printing the CLIP score and on
-    /// shapes scenes the shape counts. `--set decoder.sampling...` picks the sampler.
-    #[arg(long, value_name = "FILE.png")]
-    grid: Option<std::path::PathBuf>,
-    /// Instead of training: write the run's newest checkpoint (EMA weights) as a diffusers UnCLIP
-    /// pipeline's `decoder/` and `text_proj/` (config.json + safetensors) into this directory.
-    #[arg(long, value_name = "DIR", conflicts_with = "grid")]
-    export_diffusers: Option<std::path::PathBuf>,
-    /// With --grid or --export-diffusers: this checkpoint directory (`RUN/checkpoints/step-N`)
-    /// instead of the run's newest.
-    #[arg(long, value_name = "DIR")]
-    checkpoint: Option<std::path::PathBuf>,
-}
-
-/// The weights --grid and --export-diffusers use: --checkpoint's, else the run's newest
-/// checkpoint's (EMA weights when it has them), with a description for messages.
-fn inference_weights(cli: &Cli) -> Result<(HashMap<String, tch::Tensor>, String)> {
-    unclip_train::checkpoint::run_weights(&cli.args.run_dir(), cli.checkpoint.as_deref())
+    #[command(flatten)]
+    inference: InferenceArgs,
 }
 
 fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
@@ -48,7 +32,7 @@ fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
     let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?.task;
     let vs = nn::VarStore::new(tch::Device::Cpu);
     UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
-    let (weights, source) = inference_weights(cli)?;
+    let (weights, source) = cli.inference.weights(args)?;
     unclip_train::trainer::load_into(&vs, &weights, &source)?;
     let size = cfg.data.image.resolution as i64;
     unclip_decoder::save_diffusers_decoder(&vs, &cfg.decoder.model, size, out)?;
@@ -61,7 +45,7 @@ fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
     let cfg = load_config::<DecoderTrainConfig>(&args.config, &args.overrides)?;
     let device = cfg.runtime.device()?;
     // The weights first: a missing checkpoint fails before the CLIP and held-out set are loaded.
-    let (weights, source) = inference_weights(cli)?;
+    let (weights, source) = cli.inference.weights(args)?;
     let vs = nn::VarStore::new(device);
     let task = DecoderTask::new(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
     unclip_train::trainer::load_into(&vs, &weights, &source)?;
@@ -86,14 +70,11 @@ fn dry_run(cfg: &DecoderTrainConfig, device: tch::Device) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    ensure!(
-        cli.checkpoint.is_none() || cli.grid.is_some() || cli.export_diffusers.is_some(),
-        "--checkpoint picks the weights of --grid or --export-diffusers; training resumes with --resume"
-    );
-    if let Some(out) = &cli.grid {
+    cli.inference.check()?;
+    if let Some(out) = &cli.inference.grid {
         return grid(&cli, out);
     }
-    if let Some(out) = &cli.export_diffusers {
+    if let Some(out) = &cli.inference.export_diffusers {
         return export_diffusers(&cli, out);
     }
     let args = &cli.args;
