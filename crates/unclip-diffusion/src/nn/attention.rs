@@ -172,6 +172,7 @@ impl MultiHeadAttention {
     }
 
     /// The boolean mask [B, 1, L, S] for SDPA (true = attend), or None when nothing is masked.
+    /// Causal: the L queries are the last L of the S positions, query i seeing keys 0..=S − L + i.
     fn build_mask(
         &self,
         mask: &AttentionMask,
@@ -182,15 +183,9 @@ impl MultiHeadAttention {
     ) -> Result<Option<Tensor>> {
         let mut out: Option<Tensor> = None;
         if mask.causal {
-            if l != s {
-                return Err(shape_err(
-                    "attention",
-                    format!("a causal mask needs self-attention, got {l} queries and {s} keys"),
-                ));
-            }
             out = Some(
                 Tensor::ones([l, s], (Kind::Bool, device))
-                    .tril(0)
+                    .tril(s - l)
                     .view([1, 1, l, s]),
             );
         }
@@ -213,6 +208,33 @@ impl MultiHeadAttention {
         Ok(out)
     }
 
+    /// [B, L] of an input that must be [B, L, dim].
+    fn check_input(&self, x: &Tensor) -> Result<(i64, i64)> {
+        let size = x.size();
+        if size.len() != 3 || size[2] != self.dim {
+            return Err(shape_err(
+                "attention input",
+                format!("expected [B, L, {}], got {size:?}", self.dim),
+            ));
+        }
+        Ok((size[0], size[1]))
+    }
+
+    /// Scaled dot-product attention of per-head `q` [B, heads, L, head_dim] over `k`, `v`, heads
+    /// merged back and projected out: [B, L, dim].
+    fn attend(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        is_causal: bool,
+    ) -> Result<Tensor> {
+        let (b, l) = (q.size()[0], q.size()[2]);
+        let out =
+            Tensor::f_scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, None, false)?;
+        let out = out.f_transpose(1, 2)?.f_reshape([b, l, self.dim])?;
+        Ok(self.to_out.forward(&out))
+    }
+
     /// Self-attention of the next tokens `x` [B, L, dim] over the tokens in `cache` and themselves
     /// (causally among themselves); their keys and values join the cache. `key_padding` [B, L]
     /// marks which new tokens are real (None: all). Equal to [`Self::forward`] with a causal mask
@@ -223,14 +245,8 @@ impl MultiHeadAttention {
         cache: &mut KvCache,
         key_padding: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let size = x.size();
-        if size.len() != 3 || size[2] != self.dim {
-            return Err(shape_err(
-                "attention input",
-                format!("expected [B, L, {}], got {size:?}", self.dim),
-            ));
-        }
-        let (b, l, device) = (size[0], size[1], x.device());
+        let (b, l) = self.check_input(x)?;
+        let device = x.device();
         let new_padding = match key_padding {
             Some(kp) if kp.size() != [b, l] => {
                 return Err(shape_err(
@@ -255,24 +271,12 @@ impl MultiHeadAttention {
             .try_into()
             .map_err(wrong)?;
         let (k, v, padding) = cache.append(&k, &v, &new_padding)?;
-        let s = cache.len();
-        // Query i (absolute position s - l + i) sees keys 0..=s - l + i that are real.
-        let attn_mask = Tensor::ones([l, s], (Kind::Bool, device))
-            .f_tril(s - l)?
-            .f_view([1, 1, l, s])?
-            .f_logical_and(&padding.f_view([b, 1, 1, s])?)?;
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(&attn_mask),
-            0.0,
-            false,
-            None,
-            false,
-        )?;
-        let out = out.f_transpose(1, 2)?.f_reshape([b, l, self.dim])?;
-        Ok(self.to_out.forward(&out))
+        let mask = AttentionMask {
+            causal: true,
+            key_padding: Some(&padding),
+        };
+        let attn_mask = self.build_mask(&mask, b, l, cache.len(), device)?;
+        self.attend((&q, &k, &v), attn_mask.as_ref(), false)
     }
 
     /// x: [B, L, dim]; context: [B, S, context_dim] (None = self-attention). Returns [B, L, dim].
@@ -282,21 +286,21 @@ impl MultiHeadAttention {
         context: Option<&Tensor>,
         mask: AttentionMask,
     ) -> Result<Tensor> {
-        let size = x.size();
-        if size.len() != 3 || size[2] != self.dim {
-            return Err(shape_err(
-                "attention input",
-                format!("expected [B, L, {}], got {size:?}", self.dim),
-            ));
-        }
+        let (b, l) = self.check_input(x)?;
         let ctx = context.unwrap_or(x);
-        if ctx.dim() != 3 || ctx.size()[0] != size[0] {
+        if ctx.dim() != 3 || ctx.size()[0] != b {
             return Err(shape_err(
                 "attention context",
-                format!("expected [{}, S, C], got {:?}", size[0], ctx.size()),
+                format!("expected [{b}, S, C], got {:?}", ctx.size()),
             ));
         }
-        let (b, l, s) = (size[0], size[1], ctx.size()[1]);
+        let s = ctx.size()[1];
+        if mask.causal && l != s {
+            return Err(shape_err(
+                "attention",
+                format!("a causal mask needs self-attention, got {l} queries and {s} keys"),
+            ));
+        }
         let parts = |t: Tensor, n: i64| -> Result<Vec<Tensor>> { split_heads(&t, n, self.heads) };
         let wrong = |_| shape_err("attention", "projection split".to_string());
         let (q, k, v) = if context.is_none() {
@@ -316,17 +320,6 @@ impl MultiHeadAttention {
         } else {
             self.build_mask(&mask, b, l, s, x.device())?
         };
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            attn_mask.as_ref(),
-            0.0,
-            causal_only,
-            None,
-            false,
-        )?;
-        let out = out.f_transpose(1, 2)?.f_reshape([b, l, self.dim])?;
-        Ok(self.to_out.forward(&out))
+        self.attend((&q, &k, &v), attn_mask.as_ref(), causal_only)
     }
 }

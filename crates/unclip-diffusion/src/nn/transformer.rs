@@ -43,8 +43,13 @@ impl TransformerBlock {
     /// x: [B, L, dim] → [B, L, dim].
     pub fn forward(&self, x: &Tensor, mask: AttentionMask) -> Result<Tensor> {
         let x = x + self.attn.forward(&self.ln_1.forward(x), None, mask)?;
-        let h = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("none");
-        Ok(&x + self.c_proj.forward(&h))
+        Ok(self.mlp_residual(&x))
+    }
+
+    /// x + mlp(ln_2(x)).
+    fn mlp_residual(&self, x: &Tensor) -> Tensor {
+        let h = self.c_fc.forward(&self.ln_2.forward(x)).gelu("none");
+        x + self.c_proj.forward(&h)
     }
 
     /// [`Self::forward`] of the next tokens with a causal mask, attending to the tokens in
@@ -58,7 +63,6 @@ impl TransformerBlock {
         let x = x + self
             .attn
             .forward_cached(&self.ln_1.forward(x), cache, key_padding)?;
-        let h = self.c_fc.forward(&self.ln_2.forward(&x)).gelu("none");
-        Ok(&x + self.c_proj.forward(&h))
+        Ok(self.mlp_residual(&x))
     }
 }
