@@ -27,15 +27,13 @@ fn embed_then_train_either_prior_then_sample() {
         std::fs::write(&config, prior_config_with(dir, section)).unwrap();
         let run_dir = dir.join(kind);
         let prior = env!("CARGO_BIN_EXE_train-prior");
-        let out = run(
-            prior,
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "--run-dir",
-                run_dir.to_str().unwrap(),
-            ],
-        );
+        let run_args = [
+            "--config",
+            config.to_str().unwrap(),
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+        ];
+        let out = run(prior, &run_args);
         assert!(out.contains("cosine(z_t, true z_i) baseline"), "{out}");
         assert!(
             out.contains("guidance  2.0") || out.contains("guidance    2"),
@@ -51,25 +49,19 @@ fn embed_then_train_either_prior_then_sample() {
             .join("checkpoints/step-000000006/meta.json")
             .is_file());
         let npy = dir.join(format!("{kind}.npy"));
-        let out = run(
-            prior,
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "--run-dir",
-                run_dir.to_str().unwrap(),
-                "--sample",
-                "a red circle",
-                "--sample",
-                "two blue squares",
-                "--candidates",
-                "3",
-                "--sampling",
-                sampling,
-                "--out",
-                npy.to_str().unwrap(),
-            ],
-        );
+        let sample_args = [
+            "--sample",
+            "a red circle",
+            "--sample",
+            "two blue squares",
+            "--candidates",
+            "3",
+            "--sampling",
+            sampling,
+            "--out",
+            npy.to_str().unwrap(),
+        ];
+        let out = run(prior, &[&run_args[..], &sample_args[..]].concat());
         assert!(out.contains("\"a red circle\": z_i · z_t"), "{out}");
         assert!(out.contains(shown), "{out}");
         let z = NpyArray::from_bytes(&std::fs::read(&npy).unwrap()).unwrap();

@@ -51,6 +51,14 @@ pub struct SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// The sampler and its steps, for messages: `Ddim 64`, `Ddpm 3 steps`.
+    pub fn describe(&self) -> String {
+        match &self.steps {
+            Respacing::Spec(spec) => format!("{:?} {spec}", self.sampler),
+            Respacing::Explicit(v) => format!("{:?} {} steps", self.sampler, v.len()),
+        }
+    }
+
     /// Checks the section; errors name the key.
     pub fn validate(&self) -> Result<()> {
         self.kind()?;

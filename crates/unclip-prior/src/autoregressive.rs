@@ -13,7 +13,7 @@ use unclip_diffusion::nn::{AttentionMask, KvCache, TransformerBlock};
 
 use crate::codec::EmbeddingCodec;
 use crate::model::TextCondition;
-use crate::sample::{rerank, PriorSamples};
+use crate::sample::{check_guidance, repeat_candidates, rerank, with_null_rows, PriorSamples};
 
 /// The `prior.autoregressive` section: the transformer, the codec and how it samples.
 /// Defaults are the paper's (SPEC.md: 319 of 1024 components, 1024 buckets, a 24 × 2048 caption
@@ -443,13 +443,11 @@ impl AutoregressivePrior {
         candidates: usize,
         sampling: &ArSampling,
     ) -> Result<PriorSamples> {
-        ensure!(candidates >= 1, "candidates must be at least 1");
         sampling.validate()?;
         let _g = tch::no_grad_guard();
         let (b, n) = (text.len(), candidates as i64);
         let device = text.text_embeds.device();
-        let rows = Tensor::arange(b, (Kind::Int64, device)).repeat_interleave_self_int(n, 0, None);
-        let cond = text.index_select(&rows)?;
+        let cond = repeat_candidates(text, candidates)?;
         let dot = sampling.dot_quantile.map(|q| {
             Tensor::full(
                 [b * n],
@@ -480,11 +478,7 @@ impl AutoregressivePrior {
         guidance_scale: f64,
         temperature: f64,
     ) -> Result<(Tensor, Tensor)> {
-        ensure!(
-            guidance_scale.is_finite() && guidance_scale >= 0.0,
-            "guidance scale must be finite and >= 0, got {guidance_scale}"
-        );
-        ensure!(null.len() == 1, "the null condition must have one row");
+        check_guidance(guidance_scale, null)?;
         let _g = tch::no_grad_guard();
         let m = text.len();
         if let Some(dot) = dot {
@@ -497,8 +491,7 @@ impl AutoregressivePrior {
         let device = text.text_embeds.device();
         let guided = guidance_scale != 1.0;
         let (prefix, padding) = if guided {
-            let zeros = Tensor::zeros([m], (Kind::Int64, device));
-            self.text_prefix(&text.cat(&null.index_select(&zeros)?)?)?
+            self.text_prefix(&with_null_rows(text, null)?)?
         } else {
             self.text_prefix(text)?
         };

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use tch::{nn, Tensor};
-use unclip_diffusion::{Respacing, SamplerConfig};
+use unclip_diffusion::SamplerConfig;
 
 use crate::autoregressive::{ArSampling, AutoregressivePrior};
 use crate::model::{DiffusionPrior, TextCondition};
@@ -95,10 +95,7 @@ impl Prior {
 /// How a prior samples with `sampling`, for messages.
 pub fn describe_sampling(sampling: &PriorSampling) -> String {
     match sampling {
-        PriorSampling::Diffusion(s) => match &s.steps {
-            Respacing::Spec(spec) => format!("{:?} {spec}", s.sampler),
-            Respacing::Explicit(v) => format!("{:?} {} steps", s.sampler, v.len()),
-        },
+        PriorSampling::Diffusion(s) => s.describe(),
         PriorSampling::Autoregressive(s) => format!(
             "autoregressive, temperature {}, z_i · z_t band {}",
             s.temperature,

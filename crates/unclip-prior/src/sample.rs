@@ -57,19 +57,12 @@ impl<'a> PriorSampler<'a> {
         guidance_scale: f64,
         candidates: usize,
     ) -> Result<PriorSamples> {
-        ensure!(candidates >= 1, "candidates must be at least 1");
-        ensure!(
-            guidance_scale.is_finite() && guidance_scale >= 0.0,
-            "guidance scale must be finite and >= 0, got {guidance_scale}"
-        );
-        ensure!(null.len() == 1, "the null condition must have one row");
+        check_guidance(guidance_scale, null)?;
         let _g = tch::no_grad_guard();
-        let b = text.len();
-        let n = candidates as i64;
-        let device = text.text_embeds.device();
-        let rows = Tensor::arange(b, (Kind::Int64, device)).repeat_interleave_self_int(n, 0, None);
-        let cond = text.index_select(&rows)?;
+        let (b, n) = (text.len(), candidates as i64);
+        let cond = repeat_candidates(text, candidates)?;
         let m = b * n;
+        let device = text.text_embeds.device();
         let d = self.prior.cfg.embedding_dim;
         let noise = Tensor::randn([m, d], (Kind::Float, device));
         let x0 = if guidance_scale == 1.0 {
@@ -81,8 +74,7 @@ impl<'a> PriorSampler<'a> {
                 None,
             )?
         } else {
-            let zeros = Tensor::zeros([m], (Kind::Int64, device));
-            let both = cond.cat(&null.index_select(&zeros)?)?;
+            let both = with_null_rows(&cond, null)?;
             let guided = classifier_free_guidance(
                 |x: &Tensor, t: &Tensor| self.prior.forward_t(x, t, &both, false),
                 guidance_scale,
@@ -94,6 +86,34 @@ impl<'a> PriorSampler<'a> {
         let z = l2_normalize(&self.prior.unstandardize(&x0).to_kind(Kind::Float))?;
         rerank(&z, &cond.text_embeds, b, n)
     }
+}
+
+/// What every guided prior sampler takes: a finite scale >= 0 and a one-row null condition.
+pub(crate) fn check_guidance(guidance_scale: f64, null: &TextCondition) -> Result<()> {
+    ensure!(
+        guidance_scale.is_finite() && guidance_scale >= 0.0,
+        "guidance scale must be finite and >= 0, got {guidance_scale}"
+    );
+    ensure!(null.len() == 1, "the null condition must have one row");
+    Ok(())
+}
+
+/// Each caption's row `candidates` times, caption-major: the rows [`rerank`] takes.
+pub(crate) fn repeat_candidates(text: &TextCondition, candidates: usize) -> Result<TextCondition> {
+    ensure!(candidates >= 1, "candidates must be at least 1");
+    let device = text.text_embeds.device();
+    let rows = Tensor::arange(text.len(), (Kind::Int64, device)).repeat_interleave_self_int(
+        candidates as i64,
+        0,
+        None,
+    );
+    text.index_select(&rows)
+}
+
+/// `cond` followed by as many rows of the one-row `null`: one batch for guidance.
+pub(crate) fn with_null_rows(cond: &TextCondition, null: &TextCondition) -> Result<TextCondition> {
+    let zeros = Tensor::zeros([cond.len()], (Kind::Int64, cond.text_embeds.device()));
+    cond.cat(&null.index_select(&zeros)?)
 }
 
 /// `n` candidates per caption (`z` [B·n, D], caption-major, with their captions' `z_t`) → the

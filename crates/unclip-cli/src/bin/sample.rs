@@ -10,7 +10,6 @@ use clap::Parser;
 use tch::{Kind, Tensor};
 use unclip_cli::pipeline::{image_path, Pipeline};
 use unclip_diffusion::device::parse_device;
-use unclip_diffusion::{Respacing, SamplerConfig};
 use unclip_prior::prior::describe_sampling;
 use unclip_train::config::with_keys;
 use unclip_train::precision::{resolve, Precision};
@@ -87,13 +86,6 @@ struct Cli {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-}
-
-fn steps(s: &SamplerConfig) -> String {
-    match &s.steps {
-        Respacing::Spec(spec) => format!("{:?} {spec}", s.sampler),
-        Respacing::Explicit(v) => format!("{:?} {} steps", s.sampler, v.len()),
-    }
 }
 
 fn captions(cli: &Cli) -> Result<Vec<String>> {
@@ -173,7 +165,7 @@ fn main() -> Result<()> {
         "decoder {}: guidance {}, {}; {} images of {} px per caption, device {device:?}, {}",
         pipeline.decoder.source,
         o.decoder_guidance,
-        steps(&o.decoder_sampling),
+        o.decoder_sampling.describe(),
         o.count,
         pipeline.decoder.resolution(),
         resolved.precision.name()
@@ -184,7 +176,7 @@ fn main() -> Result<()> {
             run.source,
             run.low_resolution(),
             run.resolution(),
-            steps(s)
+            s.describe()
         );
     }
     let g = pipeline.generate(&captions, &o)?;
