@@ -62,6 +62,8 @@ pub struct Generated {
     pub clip_text: Tensor,
     /// [N]: cos(CLIP image embedding of the image, the z_i it was decoded from).
     pub clip_image: Tensor,
+    /// [N, D]: the CLIP image embeddings of the (final) images.
+    pub image_clip_embeds: Tensor,
 }
 
 /// Whether two `clip:` settings name the same CLIP (same directory once resolved).
@@ -321,6 +323,7 @@ impl Pipeline {
         Ok(Generated {
             clip_text: z_x.matmul(&z_t.tr()),
             clip_image: (&z_x * &image_embeds).sum_dim_intlist(-1, false, Kind::Float),
+            image_clip_embeds: z_x,
             images,
             image_embeds,
             prior_scores,

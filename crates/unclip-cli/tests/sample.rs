@@ -1,7 +1,8 @@
 //! Text to image through the binaries: shapes shards → `embed --token-features` (a random tiny
 //! CLIP) → `train-prior`, `train-decoder` and `train-upsampler` → `sample`: the files it writes,
 //! that the same seed repeats, that the caption, the prior and the guidance reach the decoder and
-//! the decoder's images the upsampler, and the errors for runs that do not fit together.
+//! the decoder's images the upsampler, and the errors for runs that do not fit together; and
+//! `evaluate` on the same runs: its figures recomputed from the shards and the images it saves.
 use std::path::{Path, PathBuf};
 mod common;
 use common::{
@@ -144,6 +145,9 @@ fn sample_text_to_image() {
     the_upsampler_continues_the_decoders_images(&runs);
     the_autoregressive_prior_drives_the_decoder(&runs);
     runs_that_do_not_fit_together_and_bad_options_are_refused(&runs);
+    evaluate_scores_the_prior_alone(&runs);
+    evaluate_scores_the_pipelines_images(&runs);
+    evaluate_refuses_bad_options(&runs);
 }
 
 /// `sample --prior` with an autoregressive prior run: its embeddings (unit vectors, repeatable
@@ -505,4 +509,249 @@ fn runs_that_do_not_fit_together_and_bad_options_are_refused(runs: &Runs) {
     );
     assert!(err.contains("not a train-decoder run directory"), "{err}");
     assert!(!out.exists(), "a refused run wrote {}", out.display());
+}
+
+/// `evaluate ARGS --data VAL --out OUT --device cpu`: its report.
+fn evaluate(runs: &Runs, out: &str, args: &[&str]) -> serde_json::Value {
+    let data = runs.path("shapes").join("val-000000.tar");
+    let out = runs.path(out);
+    let mut all = vec![
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    all.extend(args);
+    run(env!("CARGO_BIN_EXE_evaluate"), &all);
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The held-out embeddings `embed` wrote for val-000000.tar.
+fn stored_val_embeddings(runs: &Runs) -> Vec<unclip_data::embeddings::EmbeddingSample> {
+    let shards = runs.path("emb").join("val-000000.tar");
+    let reader = unclip_data::reader::ShardReader::with_parser(
+        &unclip_data::reader::ReaderConfig::in_order(shards.display().to_string()),
+        0,
+        unclip_data::embeddings::parse_embedding_sample,
+    )
+    .unwrap();
+    reader.iter().collect()
+}
+
+/// `evaluate --prior`: the real images and captions embedded as `embed` embeds them (the z_t
+/// baseline equals the stored pairs'), one row per guidance scale, the same report from the same
+/// seed, another from another sampler, and the codec's round trip for the autoregressive prior.
+fn evaluate_scores_the_prior_alone(runs: &Runs) {
+    let prior = runs.path("prior");
+    let args = [
+        "--prior",
+        prior.to_str().unwrap(),
+        "--prior-guidance",
+        "1,2",
+    ];
+    let report = evaluate(runs, "eval-prior", &args);
+    let stored = stored_val_embeddings(runs);
+    assert_eq!(report["samples"], stored.len());
+    let baseline = stored
+        .iter()
+        .map(|s| {
+            s.image_emb
+                .iter()
+                .zip(&s.text_emb)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / stored.len() as f64;
+    let eval = &report["prior_eval"];
+    assert!(
+        (f(&eval["baseline_cos_zt_zi"]) - baseline).abs() < 2e-3,
+        "{eval} vs the stored pairs' {baseline}"
+    );
+    assert!(eval["codec_round_trip"].is_null(), "{eval}");
+    let rows = eval["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (f(&rows[0]["guidance"]), f(&rows[1]["guidance"])),
+        (1.0, 2.0)
+    );
+    for row in rows {
+        for key in ["cos_sample_zi", "cos_sample_zt"] {
+            assert!(f(&row[key]).abs() <= 1.0 + 1e-6, "{row}");
+        }
+    }
+    assert_ne!(rows[0]["cos_sample_zi"], rows[1]["cos_sample_zi"]);
+    assert_eq!(report["prior"]["sampling"], "Ddim 8");
+    assert_eq!(
+        evaluate(runs, "eval-prior-again", &args)["prior_eval"],
+        *eval
+    );
+    let other = evaluate(
+        runs,
+        "eval-prior-steps",
+        &[&args[..], &["--prior-sampling", "{steps: '3'}"]].concat(),
+    );
+    assert_eq!(other["prior"]["sampling"], "Ddim 3");
+    assert_ne!(other["prior_eval"]["rows"], eval["rows"]);
+
+    let ar = runs.path("prior-ar");
+    let report = evaluate(runs, "eval-prior-ar", &["--prior", ar.to_str().unwrap()]);
+    let eval = &report["prior_eval"];
+    let round_trip = f(&eval["codec_round_trip"]);
+    assert!(round_trip > 0.5 && round_trip <= 1.0 + 1e-6, "{eval}");
+    assert_eq!(eval["rows"].as_array().unwrap().len(), 1);
+}
+
+/// `evaluate --decoder`: one row per guidance pair; the shapes it counts are those of the images
+/// it saves (each draw scored against its own sample's scene), its CLIP score theirs against
+/// their own captions; the real images' count is the shards' own; without a prior no prior row.
+fn evaluate_scores_the_pipelines_images(runs: &Runs) {
+    let (prior, decoder) = (runs.path("prior"), runs.path("decoder"));
+    let report = evaluate(
+        runs,
+        "eval-images",
+        &[
+            "--prior",
+            prior.to_str().unwrap(),
+            "--decoder",
+            decoder.to_str().unwrap(),
+            "--decoder-guidance",
+            "1,3",
+            "--count",
+            "2",
+            "--batch-size",
+            "6",
+            "--save-images",
+        ],
+    );
+    assert_eq!(report["samples"], 8);
+    assert_eq!(report["count"], 2);
+    // The shards' own images and scenes, scored independently of `evaluate`.
+    let data = runs.path("shapes").join("val-000000.tar");
+    let reader = unclip_data::reader::ShardReader::new(
+        &unclip_data::reader::ReaderConfig::in_order(data.display().to_string()),
+        0,
+    )
+    .unwrap();
+    let samples: Vec<_> = reader.iter().collect();
+    let scenes: Vec<unclip_data::shapes::Scene> = samples
+        .iter()
+        .map(|s| serde_json::from_value(s.metadata.clone().unwrap()).unwrap())
+        .collect();
+    let mut real = unclip_data::shape_score::ShapeTally::default();
+    for (s, scene) in samples.iter().zip(&scenes) {
+        let img = image::load_from_memory(&s.image).unwrap().to_rgb8();
+        real.add(&unclip_data::shape_score::score_scene(&img, scene));
+    }
+    assert_eq!(
+        report["real"]["shapes"],
+        serde_json::to_value(real).unwrap()
+    );
+    let rows = report["images"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let encoder =
+        unclip_clip::caption::CaptionEncoder::load(&runs.path("clip"), tch::Device::Cpu).unwrap();
+    let captions: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).collect();
+    let z_t = encoder.encode(&captions).unwrap().text_embeds;
+    for (row, dg) in rows.iter().zip([1.0, 3.0]) {
+        assert_eq!(f(&row["decoder_guidance"]), dg);
+        assert_eq!(f(&row["prior_guidance"]), 2.0);
+        let dir = runs
+            .path("eval-images")
+            .join(format!("images/prior-g2_decoder-g{dg}"));
+        let mut tally = unclip_data::shape_score::ShapeTally::default();
+        let (mut pixels, mut own) = (Vec::new(), Vec::new());
+        for (i, scene) in scenes.iter().enumerate() {
+            for k in 0..2 {
+                let img = png(&dir.join(format!("{i:03}_{k:02}.png")));
+                tally.add(&unclip_data::shape_score::score_scene(&img, scene));
+                pixels.extend(
+                    img.pixels()
+                        .flat_map(|p| p.0)
+                        .map(|v| v as f32 / 127.5 - 1.0),
+                );
+                own.push(i as i64);
+            }
+        }
+        assert_eq!(row["shapes"], serde_json::to_value(tally).unwrap());
+        let images = tch::Tensor::from_slice(&pixels)
+            .view([16, 32, 32, 3])
+            .permute([0, 3, 1, 2]);
+        let z_x = encoder.clip.embed_images(&images).unwrap();
+        let cos = (z_x * z_t.index_select(0, &tch::Tensor::from_slice(&own)))
+            .sum_dim_intlist(-1, false, tch::Kind::Float)
+            .mean(tch::Kind::Double)
+            .double_value(&[]);
+        assert!((f(&row["clip_score"]) - cos).abs() < 5e-3, "{row} vs {cos}");
+        let top1 = f(&row["clip_top1"]);
+        assert!((0.0..=1.0).contains(&top1), "{row}");
+        assert!(f(&row["fd_clip"]) > 0.0, "{row}");
+    }
+    assert_ne!(rows[0]["clip_score"], rows[1]["clip_score"]);
+    assert!(report["prior_eval"]["rows"].as_array().unwrap().len() == 1);
+
+    let report = evaluate(
+        runs,
+        "eval-no-prior",
+        &["--no-prior", "--decoder", decoder.to_str().unwrap()],
+    );
+    assert!(report.get("prior").is_none() && report.get("prior_eval").is_none());
+    let rows = report["images"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0]["prior_guidance"].is_null());
+    assert_eq!(f(&rows[0]["decoder_guidance"]), 3.0);
+}
+
+fn evaluate_refuses_bad_options(runs: &Runs) {
+    let bin = env!("CARGO_BIN_EXE_evaluate");
+    let (prior, decoder) = (runs.path("prior"), runs.path("decoder"));
+    let (prior, decoder) = (prior.to_str().unwrap(), decoder.to_str().unwrap());
+    let data = runs.path("shapes").join("val-000000.tar");
+    let data = data.to_str().unwrap();
+    let out = runs.path("eval-refused");
+    let out = out.to_str().unwrap();
+    let missing = runs.path("shapes").join("none-{000000..000001}.tar");
+    for (args, expect) in [
+        (vec!["--decoder", decoder], "--no-prior"),
+        (vec!["--no-prior", "--prior", prior], "cannot be used with"),
+        (vec!["--prior", prior, "--count", "2"], "--decoder"),
+        (
+            vec!["--prior", prior, "--prior-guidance=-1"],
+            "--prior-guidance",
+        ),
+        (
+            vec!["--no-prior", "--decoder", decoder, "--prior-guidance", "2"],
+            "--prior-guidance without a prior",
+        ),
+        (
+            vec![
+                "--prior",
+                prior,
+                "--decoder",
+                decoder,
+                "--decoder-sampling",
+                "{steps: '5000'}",
+            ],
+            "decoder sampling steps",
+        ),
+        (
+            vec!["--prior", prior, "--data", missing.to_str().unwrap()],
+            "none-",
+        ),
+    ] {
+        let mut all = vec!["--out", out, "--device", "cpu"];
+        if !args.contains(&"--data") {
+            all.extend(["--data", data]);
+        }
+        all.extend(&args);
+        let err = run_fails(bin, &all);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    assert!(!runs.path("eval-refused").join("report.json").exists());
 }

@@ -207,7 +207,7 @@ pub fn score_scene(img: &RgbImage, scene: &Scene) -> Vec<Verdict> {
 }
 
 /// Verdicts counted: how many shapes are right and how many objects are missing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ShapeTally {
     pub right: usize,
     pub missing: usize,
@@ -221,6 +221,13 @@ impl ShapeTally {
             self.right += usize::from(v.drawn == Some(v.truth));
             self.missing += usize::from(v.drawn.is_none());
         }
+    }
+
+    /// Adds another tally's counts.
+    pub fn merge(&mut self, other: &ShapeTally) {
+        self.right += other.right;
+        self.missing += other.missing;
+        self.objects += other.objects;
     }
 
     /// Right shapes as a fraction of all objects (0 when there are none).

@@ -350,7 +350,7 @@ fn rgb_images(x: &Tensor) -> Result<Vec<image::RgbImage>> {
 }
 
 /// The shapes of `images` ([N, 3, H, W] in [-1, 1]) counted against their scenes.
-fn count_shapes(images: &Tensor, scenes: &[Scene]) -> Result<ShapeTally> {
+pub fn count_shapes(images: &Tensor, scenes: &[Scene]) -> Result<ShapeTally> {
     let mut tally = ShapeTally::default();
     for (img, scene) in rgb_images(images)?.iter().zip(scenes) {
         tally.add(&score_scene(img, scene));

@@ -3,12 +3,13 @@
 
 use anyhow::{bail, Result};
 use tch::{nn, Tensor};
+use unclip_diffusion::embedding::mean_cosine;
 use unclip_diffusion::SamplerConfig;
 
 use crate::autoregressive::{ArSampling, AutoregressivePrior};
 use crate::model::{DiffusionPrior, TextCondition};
 use crate::sample::{PriorSampler, PriorSamples};
-use crate::task::{PriorKind, PriorSection};
+use crate::task::{EvalReport, EvalRow, EvalSettings, HeldOut, PriorKind, PriorSection};
 
 /// How a prior samples: the diffusion prior's process, or the autoregressive prior's temperature
 /// and z_i · z_t band.
@@ -89,6 +90,49 @@ impl Prior {
             }
             _ => bail!("the sampling settings are for the other kind of prior"),
         }
+    }
+
+    /// Samples embeddings for `held_out`'s captions at each of `settings`' guidance scales and
+    /// compares them with the true image embeddings and with z_t (SPEC.md's prior evaluation).
+    pub fn evaluate(
+        &self,
+        section: &PriorSection,
+        settings: &EvalSettings,
+        held_out: &HeldOut,
+        null: &TextCondition,
+    ) -> Result<EvalReport> {
+        let _g = tch::no_grad_guard();
+        let h = held_out;
+        let baseline = mean_cosine(&h.text.text_embeds, &h.image_embeds)?;
+        let codec_round_trip = match self {
+            Self::Autoregressive(m) => {
+                let back = m.codec.decode(&m.codec.encode(&h.image_embeds))?;
+                Some(mean_cosine(&back, &h.image_embeds)?)
+            }
+            Self::Diffusion(_) => None,
+        };
+        let mut rows = Vec::new();
+        for &scale in &settings.guidance_scales {
+            tch::manual_seed(settings.seed);
+            let s = self.sample(
+                section,
+                &settings.sampling,
+                &h.text,
+                null,
+                scale,
+                settings.candidates,
+            )?;
+            rows.push(EvalRow {
+                guidance_scale: scale,
+                cos_true: mean_cosine(&s.image_embeds, &h.image_embeds)?,
+                cos_text: mean_cosine(&s.image_embeds, &h.text.text_embeds)?,
+            });
+        }
+        Ok(EvalReport {
+            baseline,
+            codec_round_trip,
+            rows,
+        })
     }
 }
 

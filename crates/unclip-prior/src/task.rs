@@ -11,7 +11,6 @@ use unclip_data::embedding_loader::{EmbeddingBatch, EmbeddingLoader, EmbeddingLo
 use unclip_data::embeddings::{parse_embedding_sample, EmbeddingSample};
 use unclip_data::loader::{DataPosition, Restartable};
 use unclip_data::reader::{ReaderConfig, ShardReader};
-use unclip_diffusion::embedding::mean_cosine;
 use unclip_diffusion::gaussian::loss_per_quarter;
 use unclip_diffusion::{
     ClipDenoised, DiffusionConfig, GaussianDiffusion, MeanType, Respacing, SamplerConfig,
@@ -386,6 +385,15 @@ impl EvalReport {
     }
 }
 
+/// How [`Prior::evaluate`] samples: each guidance scale from the same seeded noise.
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    pub sampling: crate::prior::PriorSampling,
+    pub guidance_scales: Vec<f64>,
+    pub candidates: usize,
+    pub seed: i64,
+}
+
 pub struct PriorTask {
     pub model: Prior,
     pub encoder: CaptionEncoder,
@@ -546,34 +554,14 @@ impl PriorTask {
         let Some(h) = &self.held_out else {
             return Ok(None);
         };
-        let _g = tch::no_grad_guard();
-        let baseline = mean_cosine(&h.text.text_embeds, &h.image_embeds)?;
-        let codec_round_trip = match &self.model {
-            Prior::Autoregressive(m) => {
-                let back = m.codec.decode(&m.codec.encode(&h.image_embeds))?;
-                Some(mean_cosine(&back, &h.image_embeds)?)
-            }
-            Prior::Diffusion(_) => None,
-        };
         let p = &self.cfg.prior;
-        let sampling = self.model.sampling(p);
-        let mut rows = Vec::new();
-        for &scale in guidance_scales {
-            tch::manual_seed(self.cfg.eval.seed);
-            let s = self
-                .model
-                .sample(p, &sampling, &h.text, &self.null, scale, p.candidates)?;
-            rows.push(EvalRow {
-                guidance_scale: scale,
-                cos_true: mean_cosine(&s.image_embeds, &h.image_embeds)?,
-                cos_text: mean_cosine(&s.image_embeds, &h.text.text_embeds)?,
-            });
-        }
-        Ok(Some(EvalReport {
-            baseline,
-            codec_round_trip,
-            rows,
-        }))
+        let settings = EvalSettings {
+            sampling: self.model.sampling(p),
+            guidance_scales: guidance_scales.to_vec(),
+            candidates: p.candidates,
+            seed: self.cfg.eval.seed,
+        };
+        self.model.evaluate(p, &settings, h, &self.null).map(Some)
     }
 
     fn to_batch(&self, b: &EmbeddingBatch) -> Result<PriorBatch> {

@@ -9,9 +9,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
+use unclip_cli::evaluate::decode_images;
 use unclip_clip::load::load_clip;
 use unclip_data::embeddings::{embedding_shard_for, write_embedding_shard, EmbeddingSample};
 use unclip_data::npy::{NpyArray, NpyData};
@@ -67,22 +66,22 @@ fn main() -> Result<()> {
         skipped += reader.skipped();
         let mut result = Vec::with_capacity(raw.len());
         for chunk in raw.chunks(cli.batch_size) {
-            let numel = clip.image.numel();
-            let decoded: Vec<Option<Vec<f32>>> = chunk
-                .par_iter()
-                .map(|s| {
-                    let mut px = vec![0.0; numel];
-                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-                    clip.image
-                        .apply(&s.image, &mut rng, &mut px)
-                        .ok()
-                        .map(|()| px)
-                })
-                .collect();
+            let encoded: Vec<&[u8]> = chunk.iter().map(|s| s.image.as_slice()).collect();
+            let decoded = decode_images(&clip.image, &encoded);
             let good: Vec<(usize, Vec<f32>)> = decoded
                 .into_iter()
                 .enumerate()
-                .filter_map(|(i, px)| px.map(|p| (i, p)))
+                .filter_map(|(i, px)| match px {
+                    Ok(p) => Some((i, p)),
+                    Err(e) => {
+                        bar.println(format!(
+                            "{}: sample {} skipped: {e}",
+                            shard.display(),
+                            chunk[i].key
+                        ));
+                        None
+                    }
+                })
                 .collect();
             skipped += (chunk.len() - good.len()) as u64;
             if good.is_empty() {
