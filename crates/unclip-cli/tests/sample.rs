@@ -2,7 +2,8 @@
 //! CLIP) → `train-prior`, `train-decoder` and `train-upsampler` → `sample`: the files it writes,
 //! that the same seed repeats, that the caption, the prior and the guidance reach the decoder and
 //! the decoder's images the upsampler, and the errors for runs that do not fit together; and
-//! `evaluate` on the same runs: its figures recomputed from the shards and the images it saves.
+//! `evaluate` on the same runs: its figures recomputed from the shards and the images it saves;
+//! `export` of them: each diffusers component read back equal, the refusals.
 use std::path::{Path, PathBuf};
 mod common;
 use common::{
@@ -148,6 +149,7 @@ fn sample_text_to_image() {
     evaluate_scores_the_prior_alone(&runs);
     evaluate_scores_the_pipelines_images(&runs);
     evaluate_refuses_bad_options(&runs);
+    export_writes_a_diffusers_unclip_pipeline(&runs);
 }
 
 /// `sample --prior` with an autoregressive prior run: its embeddings (unit vectors, repeatable
@@ -754,4 +756,183 @@ fn evaluate_refuses_bad_options(runs: &Runs) {
         assert!(err.contains(expect), "{args:?}: {err}");
     }
     assert!(!runs.path("eval-refused").join("report.json").exists());
+}
+
+/// Every variable of `a` equal to `b`'s of the same name, and no other names.
+fn assert_same_variables(a: &tch::nn::VarStore, b: &tch::nn::VarStore, what: &str) {
+    let (a, b) = (a.variables(), b.variables());
+    let mut names: Vec<&String> = a.keys().collect();
+    names.sort();
+    let mut other: Vec<&String> = b.keys().collect();
+    other.sort();
+    assert_eq!(names, other, "{what}");
+    for name in names {
+        assert!(a[name].equal(&b[name]), "{what}: {name} differs");
+    }
+}
+
+/// `export`: the prior, decoder (with text_proj), upsampler (twice) and text encoder read back
+/// with the same configs and weights; the tokenizer's files give our ids; the schedulers follow
+/// each run's process; the refusals name the key, and leave nothing behind.
+fn export_writes_a_diffusers_unclip_pipeline(runs: &Runs) {
+    use tch::Device::Cpu;
+    let bin = env!("CARGO_BIN_EXE_export");
+    let out = runs.path("exported");
+    let (prior, decoder, up) = (
+        runs.path("prior"),
+        runs.path("decoder"),
+        runs.path("upsampler"),
+    );
+    let args = [
+        "--prior",
+        prior.to_str().unwrap(),
+        "--decoder",
+        decoder.to_str().unwrap(),
+        "--upsampler",
+        up.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let printed = run(bin, &args);
+    assert!(printed.contains("UnCLIPPipeline"), "{printed}");
+    let json = |path: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join(path)).unwrap())
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let index = json("model_index.json");
+    assert_eq!(index["_class_name"], "UnCLIPPipeline");
+    for (component, class) in [
+        ("prior", "PriorTransformer"),
+        ("decoder", "UNet2DConditionModel"),
+        ("text_proj", "UnCLIPTextProjModel"),
+        ("super_res_first", "UNet2DModel"),
+        ("super_res_last", "UNet2DModel"),
+        ("text_encoder", "CLIPTextModelWithProjection"),
+        ("tokenizer", "CLIPTokenizer"),
+        ("prior_scheduler", "UnCLIPScheduler"),
+        ("decoder_scheduler", "UnCLIPScheduler"),
+        ("super_res_scheduler", "UnCLIPScheduler"),
+    ] {
+        assert_eq!(index[component][1], class, "{index}");
+        assert!(out.join(component).is_dir(), "{component}");
+    }
+
+    let pipeline = Pipeline::load(Some(&prior), &decoder, None, Cpu)
+        .unwrap()
+        .with_upsamplers(std::slice::from_ref(&up))
+        .unwrap();
+    let loaded = unclip_prior::load::load_diffusers_prior(&out.join("prior"), Cpu).unwrap();
+    assert_same_variables(&loaded.vs, &pipeline.prior.as_ref().unwrap().vs, "prior");
+    let loaded = unclip_decoder::load_diffusers_decoder(&out, Cpu).unwrap();
+    assert_eq!(loaded.config, pipeline.decoder.cfg.decoder.model);
+    assert_same_variables(&loaded.vs, &pipeline.decoder.vs, "decoder");
+    for name in ["super_res_first", "super_res_last"] {
+        let loaded =
+            unclip_upsampler::diffusers::load_diffusers_upsampler(&out.join(name), Cpu).unwrap();
+        assert_eq!(loaded.config, pipeline.upsamplers[0].cfg.upsampler.model);
+        assert_same_variables(&loaded.vs, &pipeline.upsamplers[0].vs, name);
+    }
+
+    // The text encoder: transformers' config of the CLIP's text tower, its weights by name.
+    let clip = &pipeline.encoder.clip;
+    let config = json("text_encoder/config.json");
+    let t = &clip.model.cfg.text;
+    assert_eq!(config["hidden_size"], t.width);
+    assert_eq!(config["num_hidden_layers"], t.layers);
+    assert_eq!(config["max_position_embeddings"], t.context_length);
+    assert_eq!(config["projection_dim"], clip.model.cfg.embed_dim);
+    let weights =
+        tch::Tensor::read_safetensors(out.join("text_encoder/model.safetensors")).unwrap();
+    let ours = clip.vs.variables();
+    let text_vars = ours
+        .keys()
+        .filter(|n| n.starts_with("text_model.") || *n == "text_projection.weight")
+        .count();
+    assert_eq!(weights.len(), text_vars);
+    for (name, w) in &weights {
+        assert!(w.equal(&ours[name]), "text_encoder {name}");
+    }
+
+    // The tokenizer: vocab.json gives a caption's ids; merges.txt holds every merge after a
+    // version line; padding is the end token (masked).
+    let vocab = json("tokenizer/vocab.json");
+    assert_eq!(vocab.as_object().unwrap().len(), 49_408);
+    let tokenizer = unclip_data::tokenizer::ClipTokenizer::new();
+    for id in tokenizer.encode("a large purple hexagon, beige background") {
+        let symbol = tokenizer.symbol(id).unwrap();
+        assert_eq!(vocab[symbol], id, "{symbol}");
+    }
+    assert_eq!(vocab["<|startoftext|>"], tokenizer.sot_id());
+    assert_eq!(vocab["<|endoftext|>"], tokenizer.eot_id());
+    let merges = std::fs::read_to_string(out.join("tokenizer/merges.txt")).unwrap();
+    let lines: Vec<&str> = merges.lines().collect();
+    assert_eq!(lines.len(), 1 + 48_894);
+    assert!(lines[0].starts_with("#version"));
+    assert_eq!(
+        json("tokenizer/tokenizer_config.json")["model_max_length"],
+        t.context_length
+    );
+
+    // The schedulers follow each run's process.
+    let prior_scheduler = json("prior_scheduler/scheduler_config.json");
+    assert_eq!(prior_scheduler["prediction_type"], "sample");
+    let decoder_scheduler = json("decoder_scheduler/scheduler_config.json");
+    assert_eq!(decoder_scheduler["variance_type"], "learned_range");
+    assert_eq!(decoder_scheduler["prediction_type"], "epsilon");
+
+    // Refused: an existing directory; the autoregressive prior; a v-predicting decoder (a copy of
+    // the run whose config says so). Nothing is left behind.
+    let err = run_fails(bin, &args);
+    assert!(err.contains("exists"), "{err}");
+    let ar = runs.path("prior-ar");
+    let other = runs.path("exported-ar");
+    let err = run_fails(
+        bin,
+        &[
+            "--prior",
+            ar.to_str().unwrap(),
+            "--decoder",
+            decoder.to_str().unwrap(),
+            "--out",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("autoregressive (prior.kind)"), "{err}");
+    let v_decoder = runs.path("decoder-v");
+    copy_run(&decoder, &v_decoder, |config| {
+        config.replacen(
+            "decoder:\n",
+            "decoder:\n  diffusion: {predict: v, variance: learned_range, loss: hybrid}\n",
+            1,
+        )
+    });
+    let err = run_fails(
+        bin,
+        &[
+            "--prior",
+            prior.to_str().unwrap(),
+            "--decoder",
+            v_decoder.to_str().unwrap(),
+            "--out",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("decoder.diffusion.predict is v"), "{err}");
+    assert!(!other.exists());
+    assert!(!runs.path("exported-ar.partial").exists());
+}
+
+/// A copy of run directory `from` at `to` with its config.yaml rewritten by `edit`.
+fn copy_run(from: &Path, to: &Path, edit: impl Fn(&str) -> String) {
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let config = std::fs::read_to_string(from.join("config.yaml")).unwrap();
+    let edited = edit(&config);
+    assert_ne!(edited, config);
+    std::fs::write(to.join("config.yaml"), edited).unwrap();
 }

@@ -281,9 +281,49 @@ impl ClipTokenizer {
         String::from_utf8_lossy(&bytes).replace("</w>", " ")
     }
 
+    /// The vocabulary symbol of an id.
+    pub fn symbol(&self, id: u32) -> Option<&str> {
+        self.decoder.get(id as usize).map(String::as_str)
+    }
+
     /// Id of a vocabulary symbol.
     pub fn token_id(&self, symbol: &str) -> Option<u32> {
         self.encoder.get(symbol).copied()
+    }
+
+    /// The vocabulary as transformers' `CLIPTokenizer` reads it (`vocab.json`): symbol → id, the
+    /// start and end tokens under transformers' names `<|startoftext|>` / `<|endoftext|>`.
+    pub fn hf_vocab(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.encoder
+            .iter()
+            .map(|(symbol, &id)| {
+                let name = match symbol.as_str() {
+                    "<start_of_text>" => "<|startoftext|>",
+                    "<end_of_text>" => "<|endoftext|>",
+                    other => other,
+                };
+                (name.to_string(), id.into())
+            })
+            .collect()
+    }
+
+    /// The merges as transformers' `merges.txt`: a version line, then one merge per line in rank
+    /// order.
+    pub fn hf_merges(&self) -> String {
+        let mut ranked: Vec<(u32, u32, u32)> = self
+            .merges
+            .iter()
+            .map(|(&(a, b), &(rank, _))| (rank, a, b))
+            .collect();
+        ranked.sort_unstable();
+        let mut text = String::from("#version: 0.2\n");
+        for (_, a, b) in ranked {
+            text.push_str(&self.decoder[a as usize]);
+            text.push(' ');
+            text.push_str(&self.decoder[b as usize]);
+            text.push('\n');
+        }
+        text
     }
 }
 

@@ -258,13 +258,18 @@ pub fn save_diffusers_decoder(
 }
 
 /// Writes one diffusers component into `dir`: `config` as `config.json` and the variables of `vs`
-/// under `prefix.` (the prefix dropped) as `diffusion_pytorch_model.safetensors`.
+/// under `prefix.` (the prefix dropped; all of them for an empty prefix) as
+/// `diffusion_pytorch_model.safetensors`.
 pub fn write_component(vs: &nn::VarStore, prefix: &str, config: &Value, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(config)?)
         .with_context(|| format!("writing {}", config_path.display()))?;
-    let prefix = format!("{prefix}.");
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}.")
+    };
     let mut tensors: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
