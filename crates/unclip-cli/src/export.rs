@@ -245,7 +245,9 @@ pub fn export_unclip_pipeline(pipeline: &Pipeline, out: &Path) -> Result<Vec<Str
         "_diffusers_version": DIFFUSERS_VERSION,
         "prior": ["diffusers", "PriorTransformer"],
         "decoder": ["diffusers", "UNet2DConditionModel"],
-        "text_proj": ["unclip", "UnCLIPTextProjModel"],
+        // Where diffusers 0.42 keeps the class (UnCLIP is a deprecated pipeline there); its
+        // loader finds it once UnCLIPPipeline is imported. Karlo's "unclip" no longer resolves.
+        "text_proj": ["diffusers.pipelines.deprecated.unclip.text_proj", "UnCLIPTextProjModel"],
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "super_res_first": [null, null],
