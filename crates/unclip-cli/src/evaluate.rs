@@ -241,10 +241,23 @@ fn caption_embeds(encoder: &CaptionEncoder, captions: &[String]) -> Result<Tenso
     Ok(Tensor::f_cat(&parts, 0)?)
 }
 
+/// What the decoder decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Conditioning {
+    /// The prior's samples for the caption.
+    Prior,
+    /// The caption's z_t (the zero-shot baseline).
+    TextEmbedding,
+    /// The real image's z_i: the decoder's ceiling.
+    TrueImageEmbedding,
+}
+
 /// One setting of the pipeline scored over the held-out captions.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageRow {
-    /// None without a prior (z_t decoded).
+    pub conditioning: Conditioning,
+    /// None without a prior.
     pub prior_guidance: Option<f64>,
     pub decoder_guidance: f64,
     /// Mean cos(CLIP(image), z_t of its caption).
@@ -260,15 +273,22 @@ pub struct ImageRow {
 }
 
 /// `o.count` images for each held-out caption at `o`'s guidance scales, `captions_at_once`
-/// captions per [`Pipeline::generate`] call (chunk k seeded `o.seed + k`), scored. With
-/// `save`, image k of sample i is written to `save/NNN_KK.png`.
+/// captions per [`Pipeline::generate_from`] call (chunk k seeded `o.seed + k`), scored. With
+/// `true_image_embeddings` the decoder is given the real images' z_i instead of the prior's
+/// samples or z_t. With `save`, image k of sample i is written to `save/NNN_KK.png`.
 pub fn score_pipeline(
     pipeline: &Pipeline,
     held: &HeldOutImages,
     o: &PipelineOptions,
+    true_image_embeddings: bool,
     captions_at_once: usize,
     save: Option<&Path>,
 ) -> Result<ImageRow> {
+    let conditioning = match (true_image_embeddings, &pipeline.prior) {
+        (true, _) => Conditioning::TrueImageEmbedding,
+        (false, Some(_)) => Conditioning::Prior,
+        (false, None) => Conditioning::TextEmbedding,
+    };
     let (distinct, own) = held.distinct_captions();
     let z_t = caption_embeds(&pipeline.encoder, &distinct)?;
     let k = o.count as i64;
@@ -282,7 +302,11 @@ pub fn score_pipeline(
             seed: o.seed.wrapping_add(c as i64),
             ..o.clone()
         };
-        let g = pipeline.generate(captions, &chunk_options)?;
+        let given = true_image_embeddings.then(|| {
+            held.image_embeds
+                .narrow(0, first as i64, captions.len() as i64)
+        });
+        let g = pipeline.generate_from(captions, given.as_ref(), &chunk_options)?;
         if let (Some(tally), Some(scenes)) = (&mut shapes, &held.scenes) {
             let repeated: Vec<Scene> = scenes[first..first + captions.len()]
                 .iter()
@@ -310,7 +334,8 @@ pub fn score_pipeline(
     let own = Tensor::from_slice(&own).repeat_interleave_self_int(k, 0, None);
     let z_t = z_t.to_device(Device::Cpu);
     Ok(ImageRow {
-        prior_guidance: pipeline.prior.as_ref().map(|_| o.prior_guidance),
+        conditioning,
+        prior_guidance: (conditioning == Conditioning::Prior).then_some(o.prior_guidance),
         decoder_guidance: o.decoder_guidance,
         clip_score: own_cosine(&z_x, &z_t, &own)?,
         clip_top1: caption_top1(&z_x, &z_t, &own)?,

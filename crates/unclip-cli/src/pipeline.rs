@@ -54,7 +54,7 @@ pub struct PipelineOptions {
 pub struct Generated {
     /// [N, 3, H, W] in [-1, 1]: the last stage's (the decoder's, or the last upsampler's).
     pub images: Tensor,
-    /// [N, D]: the image embeddings decoded (the prior's samples, or z_t).
+    /// [N, D]: the image embeddings decoded (the prior's samples, z_t, or those given).
     pub image_embeds: Tensor,
     /// [N]: the kept prior candidate's z_i · z_t (None without a prior).
     pub prior_scores: Option<Tensor>,
@@ -251,7 +251,28 @@ impl Pipeline {
         captions: &[S],
         o: &PipelineOptions,
     ) -> Result<Generated> {
+        self.generate_from(captions, None, o)
+    }
+
+    /// As [`Pipeline::generate`], but with `image_embeds` ([captions, D], one per caption) the
+    /// decoder decodes those instead of the prior's samples or z_t: given the real images'
+    /// embeddings, the decoder's ceiling (how well it inverts CLIP).
+    pub fn generate_from<S: AsRef<str>>(
+        &self,
+        captions: &[S],
+        image_embeds: Option<&Tensor>,
+        o: &PipelineOptions,
+    ) -> Result<Generated> {
         ensure!(!captions.is_empty(), "no captions to sample");
+        if let Some(z) = image_embeds {
+            ensure!(
+                z.size() == [captions.len() as i64, self.encoder.embed_dim()],
+                "{:?} image embeddings for {} captions of a {}-wide CLIP",
+                z.size(),
+                captions.len(),
+                self.encoder.embed_dim()
+            );
+        }
         self.check(o)?;
         let n = (captions.len() * o.count) as i64;
         let _g = tch::no_grad_guard();
@@ -262,8 +283,14 @@ impl Pipeline {
             .repeat_interleave_self_int(o.count as i64, 0, None);
         let text = self.encoder.encode(captions)?.index_select(&rows)?;
         tch::manual_seed(o.seed);
-        let (image_embeds, prior_scores) = match &self.prior {
-            Some(run) => {
+        let (image_embeds, prior_scores) = match (image_embeds, &self.prior) {
+            (Some(z), _) => (
+                z.to_device(self.device)
+                    .to_kind(Kind::Float)
+                    .index_select(0, &rows),
+                None,
+            ),
+            (None, Some(run)) => {
                 let s = run.model.sample(
                     &run.cfg.prior,
                     &o.prior_sampling,
@@ -275,7 +302,7 @@ impl Pipeline {
                 let best = s.scores.max_dim(1, false).0.to_kind(Kind::Float);
                 (s.image_embeds.to_kind(Kind::Float), Some(best))
             }
-            None => (text.text_embeds.to_kind(Kind::Float), None),
+            (None, None) => (text.text_embeds.to_kind(Kind::Float), None),
         };
         // The decoder's noise from the seed again, so that runs with and without the prior (or
         // with other prior options) decode from the same noise.

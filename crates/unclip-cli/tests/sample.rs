@@ -707,7 +707,51 @@ fn evaluate_scores_the_pipelines_images(runs: &Runs) {
     let rows = report["images"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
     assert!(rows[0]["prior_guidance"].is_null());
+    assert_eq!(rows[0]["conditioning"], "text_embedding");
     assert_eq!(f(&rows[0]["decoder_guidance"]), 3.0);
+    let report = evaluate(
+        runs,
+        "eval-true-zi",
+        &[
+            "--true-image-embeddings",
+            "--decoder",
+            decoder.to_str().unwrap(),
+        ],
+    );
+    let rows = report["images"].as_array().unwrap();
+    assert_eq!(rows[0]["conditioning"], "true_image_embedding");
+    assert!(rows[0]["prior_guidance"].is_null());
+    assert_ne!(
+        rows[0]["clip_image_score"],
+        report_no_prior_clip_image(runs)
+    );
+
+    // Given embeddings are what the decoder decodes: given z_t, the no-prior images exactly.
+    let pipeline = Pipeline::load(None, &decoder, None, tch::Device::Cpu).unwrap();
+    let mut o = pipeline.default_options();
+    o.count = 2;
+    let captions = ["a red circle", "two blue squares"];
+    let z_t = pipeline.encoder.encode(&captions).unwrap().text_embeds;
+    let given = pipeline.generate_from(&captions, Some(&z_t), &o).unwrap();
+    let plain = pipeline.generate(&captions, &o).unwrap();
+    assert!(given.images.equal(&plain.images));
+    let rows = tch::Tensor::from_slice(&[0i64, 0, 1, 1]);
+    assert!(given.image_embeds.equal(&z_t.index_select(0, &rows)));
+    let other = z_t.flip([0]);
+    let swapped = pipeline.generate_from(&captions, Some(&other), &o).unwrap();
+    assert!(!swapped.images.equal(&plain.images));
+    assert!(pipeline
+        .generate_from(&captions, Some(&z_t.narrow(0, 0, 1)), &o)
+        .is_err());
+}
+
+/// The no-prior report's `clip_image_score` (written by the test before).
+fn report_no_prior_clip_image(runs: &Runs) -> serde_json::Value {
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(runs.path("eval-no-prior").join("report.json")).unwrap(),
+    )
+    .unwrap();
+    report["images"][0]["clip_image_score"].clone()
 }
 
 fn evaluate_refuses_bad_options(runs: &Runs) {
@@ -721,6 +765,16 @@ fn evaluate_refuses_bad_options(runs: &Runs) {
     let missing = runs.path("shapes").join("none-{000000..000001}.tar");
     for (args, expect) in [
         (vec!["--decoder", decoder], "--no-prior"),
+        (
+            vec![
+                "--true-image-embeddings",
+                "--prior",
+                prior,
+                "--decoder",
+                decoder,
+            ],
+            "cannot be used with",
+        ),
         (vec!["--no-prior", "--prior", prior], "cannot be used with"),
         (vec!["--prior", prior, "--count", "2"], "--decoder"),
         (

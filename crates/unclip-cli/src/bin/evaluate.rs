@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
-use unclip_cli::evaluate::{real_scores, score_pipeline, HeldOutImages, ImageRow};
+use unclip_cli::evaluate::{real_scores, score_pipeline, Conditioning, HeldOutImages, ImageRow};
 use unclip_cli::pipeline::{Pipeline, PipelineOptions};
 use unclip_clip::caption::CaptionEncoder;
 use unclip_diffusion::device::parse_device;
@@ -28,7 +28,8 @@ use unclip_train::precision::{autocast, resolve, Precision};
         images (WebDataset shards of image + caption, as make-shapes or img2dataset write them).\n\n\
         With --prior alone: the prior's samples for the held-out captions against the real images' \
         CLIP embeddings (cos(sample, z_i), cos(sample, z_t), the z_t baseline), per prior guidance \
-        scale.\n\nWith --decoder (and --prior, or --no-prior for z_t decoded): --count images per \
+        scale.\n\nWith --decoder (and --prior; --no-prior for z_t decoded; --true-image-embeddings \
+        for the real images' z_i decoded, the decoder's ceiling): --count images per \
         caption for every pair of prior and decoder guidance scales, scored by CLIP score \
         (cos(CLIP(image), z_t)), CLIP's top-1 caption retrieval among the held-out captions, \
         cos(CLIP(image), the z_i decoded), FD_CLIP (Fréchet distance of the images' CLIP \
@@ -48,6 +49,10 @@ struct Cli {
     /// Decode z_t itself instead of a prior's sample: the paper's zero-shot baseline.
     #[arg(long, conflicts_with = "prior", requires = "decoder")]
     no_prior: bool,
+    /// Decode the real images' CLIP embeddings z_i instead of a prior's sample: the decoder's
+    /// ceiling (how well it inverts CLIP), beside which the prior's rows show what it loses.
+    #[arg(long, conflicts_with_all = ["prior", "no_prior"], requires = "decoder")]
+    true_image_embeddings: bool,
     /// A train-decoder run directory (newest checkpoint, EMA weights): score images, not only
     /// the prior's embeddings.
     #[arg(long, value_name = "RUN")]
@@ -153,9 +158,11 @@ fn evaluate_prior(
 }
 
 fn image_row_line(r: &ImageRow) -> String {
-    let prior = r
-        .prior_guidance
-        .map_or("no prior".to_string(), |g| format!("prior guidance {g}"));
+    let prior = match (r.conditioning, r.prior_guidance) {
+        (_, Some(g)) => format!("prior guidance {g}"),
+        (Conditioning::TrueImageEmbedding, None) => "true z_i".to_string(),
+        _ => "z_t, no prior".to_string(),
+    };
     let shapes = r.shapes.map_or(String::new(), |s| format!("; {s}"));
     format!(
         "{prior}, decoder guidance {}: CLIP score {:.4}, caption top-1 {:.1} %, cos(CLIP(image), z_i) {:.4}, FD_CLIP {:.4}{shapes}",
@@ -172,8 +179,9 @@ fn main() -> Result<()> {
     ensure!(cli.limit >= 1, "--limit must be at least 1");
     ensure!(cli.batch_size >= 1, "--batch-size must be at least 1");
     ensure!(
-        cli.decoder.is_none() || cli.prior.is_some() || cli.no_prior,
-        "--decoder needs --prior RUN, or --no-prior to decode z_t"
+        cli.decoder.is_none() || cli.prior.is_some() || cli.no_prior || cli.true_image_embeddings,
+        "--decoder needs --prior RUN, --no-prior to decode z_t or --true-image-embeddings to \
+         decode the real images' z_i"
     );
     let device = parse_device(&cli.device)?;
     let precision: Precision = serde_yaml::from_str(&cli.precision).map_err(|_| {
@@ -264,7 +272,7 @@ fn main() -> Result<()> {
         None => {
             ensure!(
                 cli.prior_guidance.is_empty(),
-                "--prior-guidance without a prior (--no-prior)"
+                "--prior-guidance without a prior"
             );
             vec![o.prior_guidance]
         }
@@ -357,6 +365,7 @@ fn main() -> Result<()> {
             let save = cli.save_images.then(|| {
                 let name = match &pipeline.prior {
                     Some(_) => format!("prior-g{pg}_decoder-g{dg}"),
+                    None if cli.true_image_embeddings => format!("true-z_i_decoder-g{dg}"),
                     None => format!("no-prior_decoder-g{dg}"),
                 };
                 cli.out.join("images").join(name)
@@ -365,6 +374,7 @@ fn main() -> Result<()> {
                 &pipeline,
                 &held,
                 &setting,
+                cli.true_image_embeddings,
                 captions_at_once,
                 save.as_deref(),
             )?;
