@@ -13,6 +13,7 @@ use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
 use unclip_diffusion::SamplerConfig;
 use unclip_prior::load::{load_prior_run, PriorRun};
 use unclip_prior::{Prior, PriorSampling};
+use unclip_train::config::with_keys;
 use unclip_train::precision::{autocast, Precision};
 use unclip_upsampler::UpsamplerRun;
 
@@ -48,6 +49,39 @@ pub struct PipelineOptions {
     pub batch_size: usize,
     /// `auto`: bf16 autocast on CUDA and AMX CPUs, fp32 elsewhere (the trainers' rule).
     pub precision: Precision,
+}
+
+impl PipelineOptions {
+    /// Changes the keys each YAML mapping names in the prior's sampling, the decoder's sampler
+    /// and every upsampler's sampler (`sample` and `evaluate`'s `--prior-sampling`,
+    /// `--decoder-sampling`, `--upsampler-sampling`); errors name the flag.
+    pub fn override_sampling(
+        &mut self,
+        prior: Option<&str>,
+        decoder: Option<&str>,
+        upsampler: Option<&str>,
+    ) -> Result<()> {
+        if let Some(yaml) = prior {
+            self.prior_sampling = self.prior_sampling.with_keys("--prior-sampling", yaml)?;
+        }
+        if let Some(yaml) = decoder {
+            self.decoder_sampling = with_keys("--decoder-sampling", &self.decoder_sampling, yaml)?;
+        }
+        if let Some(yaml) = upsampler {
+            self.upsampler_sampling = self
+                .upsampler_sampling
+                .iter()
+                .map(|s| with_keys("--upsampler-sampling", s, yaml))
+                .collect::<Result<_>>()?;
+        }
+        Ok(())
+    }
+}
+
+/// `--precision`: fp32, bf16, fp16 or auto.
+pub fn parse_precision(text: &str) -> Result<Precision> {
+    serde_yaml::from_str(text)
+        .map_err(|_| anyhow!("--precision {text:?}: expected fp32, bf16, fp16 or auto"))
 }
 
 /// What [`Pipeline::generate`] made; rows are caption-major (caption i, draw k at i·count + k).

@@ -7,18 +7,17 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
 use unclip_cli::evaluate::{real_scores, score_pipeline, Conditioning, HeldOutImages, ImageRow};
-use unclip_cli::pipeline::{Pipeline, PipelineOptions};
+use unclip_cli::pipeline::{parse_precision, Pipeline, PipelineOptions};
 use unclip_clip::caption::CaptionEncoder;
 use unclip_diffusion::device::parse_device;
 use unclip_prior::load::{load_prior_run, PriorRun};
 use unclip_prior::prior::describe_sampling;
 use unclip_prior::task::{EvalReport, EvalSettings, HeldOut};
 use unclip_prior::PriorSampling;
-use unclip_train::config::with_keys;
 use unclip_train::precision::{autocast, resolve, Precision};
 
 #[derive(Parser)]
@@ -184,12 +183,7 @@ fn main() -> Result<()> {
          decode the real images' z_i"
     );
     let device = parse_device(&cli.device)?;
-    let precision: Precision = serde_yaml::from_str(&cli.precision).map_err(|_| {
-        anyhow!(
-            "--precision {:?}: expected fp32, bf16, fp16 or auto",
-            cli.precision
-        )
-    })?;
+    let precision = parse_precision(&cli.precision)?;
     let mut report = serde_json::Map::new();
     report.insert("data".into(), json!(cli.data));
     report.insert("seed".into(), json!(cli.seed));
@@ -254,19 +248,11 @@ fn main() -> Result<()> {
     o.batch_size = cli.batch_size;
     o.precision = precision;
     o.candidates = cli.candidates.unwrap_or(o.candidates);
-    if let Some(yaml) = &cli.prior_sampling {
-        o.prior_sampling = o.prior_sampling.with_keys("--prior-sampling", yaml)?;
-    }
-    if let Some(yaml) = &cli.decoder_sampling {
-        o.decoder_sampling = with_keys("--decoder-sampling", &o.decoder_sampling, yaml)?;
-    }
-    if let Some(yaml) = &cli.upsampler_sampling {
-        o.upsampler_sampling = o
-            .upsampler_sampling
-            .iter()
-            .map(|s| with_keys("--upsampler-sampling", s, yaml))
-            .collect::<Result<_>>()?;
-    }
+    o.override_sampling(
+        cli.prior_sampling.as_deref(),
+        cli.decoder_sampling.as_deref(),
+        cli.upsampler_sampling.as_deref(),
+    )?;
     let prior_scales = match &pipeline.prior {
         Some(_) => guidance_or(&cli.prior_guidance, o.prior_guidance, "--prior-guidance")?,
         None => {

@@ -5,14 +5,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use tch::{Kind, Tensor};
-use unclip_cli::pipeline::{image_path, Pipeline};
+use unclip_cli::pipeline::{image_path, parse_precision, Pipeline};
 use unclip_diffusion::device::parse_device;
 use unclip_prior::prior::describe_sampling;
-use unclip_train::config::with_keys;
-use unclip_train::precision::{resolve, Precision};
+use unclip_train::precision::resolve;
 
 #[derive(Parser)]
 #[command(
@@ -115,12 +114,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let captions = captions(&cli)?;
     let device = parse_device(&cli.device)?;
-    let precision: Precision = serde_yaml::from_str(&cli.precision).map_err(|_| {
-        anyhow!(
-            "--precision {:?}: expected fp32, bf16, fp16 or auto",
-            cli.precision
-        )
-    })?;
+    let precision = parse_precision(&cli.precision)?;
     let pipeline = Pipeline::load(
         cli.prior.as_deref(),
         &cli.decoder,
@@ -136,19 +130,11 @@ fn main() -> Result<()> {
     o.prior_guidance = cli.prior_guidance.unwrap_or(o.prior_guidance);
     o.candidates = cli.candidates.unwrap_or(o.candidates);
     o.decoder_guidance = cli.decoder_guidance.unwrap_or(o.decoder_guidance);
-    if let Some(yaml) = &cli.prior_sampling {
-        o.prior_sampling = o.prior_sampling.with_keys("--prior-sampling", yaml)?;
-    }
-    if let Some(yaml) = &cli.decoder_sampling {
-        o.decoder_sampling = with_keys("--decoder-sampling", &o.decoder_sampling, yaml)?;
-    }
-    if let Some(yaml) = &cli.upsampler_sampling {
-        o.upsampler_sampling = o
-            .upsampler_sampling
-            .iter()
-            .map(|s| with_keys("--upsampler-sampling", s, yaml))
-            .collect::<Result<_>>()?;
-    }
+    o.override_sampling(
+        cli.prior_sampling.as_deref(),
+        cli.decoder_sampling.as_deref(),
+        cli.upsampler_sampling.as_deref(),
+    )?;
     pipeline.check(&o)?;
     let resolved = resolve(o.precision, device);
     match &pipeline.prior {
