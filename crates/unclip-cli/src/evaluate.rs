@@ -6,35 +6,16 @@
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use rand::SeedableRng;
-use rayon::prelude::*;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use unclip_clip::caption::CaptionEncoder;
 use unclip_clip::load::LoadedClip;
-use unclip_data::images::ImageTransform;
 use unclip_data::reader::{ReaderConfig, ShardReader};
 use unclip_data::shape_score::{score_scene, ShapeTally};
 use unclip_data::shapes::Scene;
 use unclip_diffusion::embedding::l2_normalize;
 
 use crate::pipeline::{image_path, Pipeline, PipelineOptions};
-
-/// Each encoded image decoded and preprocessed by `transform` (deterministic when it has no
-/// random flip), in parallel; an image that cannot be decoded is its error message.
-pub fn decode_images(
-    transform: &ImageTransform,
-    encoded: &[&[u8]],
-) -> Vec<Result<Vec<f32>, String>> {
-    encoded
-        .par_iter()
-        .map(|bytes| {
-            let mut px = vec![0.0; transform.numel()];
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-            transform.apply(bytes, &mut rng, &mut px).map(|()| px)
-        })
-        .collect()
-}
 
 /// The held-out captioned images, embedded by the CLIP as `embed` embeds them.
 pub struct HeldOutImages {
@@ -59,7 +40,7 @@ impl HeldOutImages {
         let raw: Vec<_> = reader.iter().take(limit).collect();
         let mut skipped = reader.skipped();
         let encoded: Vec<&[u8]> = raw.iter().map(|s| s.image.as_slice()).collect();
-        let decoded = decode_images(&clip.image, &encoded);
+        let decoded = clip.image.apply_all(&encoded);
         let (mut keys, mut captions, mut pixels, mut kept) = (vec![], vec![], vec![], vec![]);
         for (sample, px) in raw.iter().zip(decoded) {
             match px {

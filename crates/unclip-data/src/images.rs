@@ -75,6 +75,22 @@ impl ImageTransform {
         3 * (self.resolution as usize).pow(2)
     }
 
+    /// Each encoded image decoded and transformed, in parallel, with a fixed seed (deterministic
+    /// without a random flip: what inference-time preprocessing wants); an image that cannot be
+    /// decoded is its error message.
+    pub fn apply_all(&self, encoded: &[&[u8]]) -> Vec<Result<Vec<f32>, String>> {
+        use rand::SeedableRng;
+        use rayon::prelude::*;
+        encoded
+            .par_iter()
+            .map(|bytes| {
+                let mut px = vec![0.0; self.numel()];
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+                self.apply(bytes, &mut rng, &mut px).map(|()| px)
+            })
+            .collect()
+    }
+
     /// Decode and transform one image into `out` (CHW, `numel()` floats).
     pub fn apply(&self, encoded: &[u8], rng: &mut impl Rng, out: &mut [f32]) -> Result<(), String> {
         let rgb = image::load_from_memory(encoded)

@@ -10,7 +10,6 @@ use clap::Parser;
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
-use unclip_cli::evaluate::decode_images;
 use unclip_clip::load::load_clip;
 use unclip_data::embeddings::{embedding_shard_for, write_embedding_shard, EmbeddingSample};
 use unclip_data::npy::{NpyArray, NpyData};
@@ -67,7 +66,7 @@ fn main() -> Result<()> {
         let mut result = Vec::with_capacity(raw.len());
         for chunk in raw.chunks(cli.batch_size) {
             let encoded: Vec<&[u8]> = chunk.iter().map(|s| s.image.as_slice()).collect();
-            let decoded = decode_images(&clip.image, &encoded);
+            let decoded = clip.image.apply_all(&encoded);
             let good: Vec<(usize, Vec<f32>)> = decoded
                 .into_iter()
                 .enumerate()

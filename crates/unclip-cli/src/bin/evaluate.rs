@@ -280,6 +280,13 @@ fn main() -> Result<()> {
         })?;
     }
     let held = HeldOutImages::read(&cli.data, cli.limit, &pipeline.encoder.clip, cli.batch_size)?;
+    ensure!(
+        held.len() >= 2,
+        "--data {}: FD_CLIP needs at least 2 held-out samples, {} read (--limit {})",
+        cli.data,
+        held.len(),
+        cli.limit
+    );
     println!(
         "{} held-out samples of {} ({} skipped), {} images each at {} px; decoder {}: {}",
         held.len(),
