@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use unclip_clip::caption::CaptionEncoder;
+use unclip_clip::caption::{CaptionEncoder, TextCondition};
 use unclip_clip::load::LoadedClip;
 use unclip_data::reader::{ReaderConfig, ShardReader};
 use unclip_data::shape_score::{score_scene, ShapeTally};
@@ -212,14 +212,22 @@ pub fn real_scores(held: &HeldOutImages, encoder: &CaptionEncoder) -> Result<Rea
     })
 }
 
-/// z_t of `captions`, 256 at a time.
-fn caption_embeds(encoder: &CaptionEncoder, captions: &[String]) -> Result<Tensor> {
+/// The text condition of `captions` (at least one), encoded 256 at a time.
+pub fn encode_captions(encoder: &CaptionEncoder, captions: &[String]) -> Result<TextCondition> {
     let _g = tch::no_grad_guard();
-    let parts = captions
-        .chunks(256)
-        .map(|c| Ok(encoder.encode(c)?.text_embeds.to_kind(Kind::Float)))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::f_cat(&parts, 0)?)
+    let mut parts = captions.chunks(256).map(|c| encoder.encode(c));
+    let mut text = parts.next().context("no captions to encode")??;
+    for p in parts {
+        text = text.cat(&p?)?;
+    }
+    Ok(text)
+}
+
+/// z_t of `captions`.
+fn caption_embeds(encoder: &CaptionEncoder, captions: &[String]) -> Result<Tensor> {
+    Ok(encode_captions(encoder, captions)?
+        .text_embeds
+        .to_kind(Kind::Float))
 }
 
 /// What the decoder decodes.

@@ -198,12 +198,6 @@ fn schedulers(pipeline: &Pipeline) -> Result<Vec<(&'static str, Value)>> {
     Ok(out)
 }
 
-/// Checks that `pipeline` can be exported (a diffusion prior, at most one upsampler, processes
-/// UnCLIPScheduler can step); the errors name the config key.
-pub fn check_exportable(pipeline: &Pipeline) -> Result<()> {
-    schedulers(pipeline).map(|_| ())
-}
-
 /// Writes `pipeline` (its prior, decoder, upsampler if any, and their CLIP's text encoder) as a
 /// diffusers `UnCLIPPipeline` directory `out`, which must not exist: everything is written into
 /// `out.partial` and renamed at the end, so `out` is complete or absent. Returns the components

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
-use unclip_cli::evaluate::{real_scores, score_pipeline, Conditioning, HeldOutImages, ImageRow};
+use unclip_cli::evaluate::{
+    encode_captions, real_scores, score_pipeline, Conditioning, HeldOutImages, ImageRow,
+};
 use unclip_cli::pipeline::{parse_precision, Pipeline, PipelineOptions};
 use unclip_clip::caption::CaptionEncoder;
 use unclip_diffusion::device::parse_device;
@@ -139,13 +141,8 @@ fn evaluate_prior(
     let _g = tch::no_grad_guard();
     let device = held.image_embeds.device();
     let _autocast = autocast(device, resolve(precision, device).precision);
-    let mut parts = held.captions.chunks(256).map(|c| encoder.encode(c));
-    let mut text = parts.next().context("no held-out captions")??;
-    for p in parts {
-        text = text.cat(&p?)?;
-    }
     let held_out = HeldOut {
-        text,
+        text: encode_captions(encoder, &held.captions)?,
         image_embeds: held.image_embeds.shallow_clone(),
     };
     run.model.evaluate(
