@@ -441,22 +441,10 @@ fn runs_that_do_not_fit_together_and_bad_options_are_refused(runs: &Runs) {
         }
     }
     let other_prior = runs.path("prior-other");
-    std::fs::create_dir_all(&other_prior).unwrap();
-    let status = std::process::Command::new("cp")
-        .args(["-r"])
-        .arg(runs.path("prior").join("checkpoints"))
-        .arg(&other_prior)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let config = std::fs::read_to_string(runs.path("prior").join("config.yaml")).unwrap();
     let clip = runs.path("clip").display().to_string();
-    assert!(config.contains(&clip), "{config}");
-    std::fs::write(
-        other_prior.join("config.yaml"),
-        config.replace(&clip, &copy.display().to_string()),
-    )
-    .unwrap();
+    copy_run(&runs.path("prior"), &other_prior, |config| {
+        config.replace(&clip, &copy.display().to_string())
+    });
     let args = runs.args(
         &out,
         &["a red circle"],
@@ -938,19 +926,21 @@ fn export_writes_a_diffusers_unclip_pipeline(runs: &Runs) {
     // the run whose config says so). Nothing is left behind.
     let err = run_fails(bin, &args);
     assert!(err.contains("exists"), "{err}");
-    let ar = runs.path("prior-ar");
     let other = runs.path("exported-ar");
-    let err = run_fails(
-        bin,
-        &[
-            "--prior",
-            ar.to_str().unwrap(),
-            "--decoder",
-            decoder.to_str().unwrap(),
-            "--out",
-            other.to_str().unwrap(),
-        ],
-    );
+    let refused = |prior: &Path, decoder: &Path| {
+        run_fails(
+            bin,
+            &[
+                "--prior",
+                prior.to_str().unwrap(),
+                "--decoder",
+                decoder.to_str().unwrap(),
+                "--out",
+                other.to_str().unwrap(),
+            ],
+        )
+    };
+    let err = refused(&runs.path("prior-ar"), &decoder);
     assert!(err.contains("autoregressive (prior.kind)"), "{err}");
     let v_decoder = runs.path("decoder-v");
     copy_run(&decoder, &v_decoder, |config| {
@@ -960,17 +950,7 @@ fn export_writes_a_diffusers_unclip_pipeline(runs: &Runs) {
             1,
         )
     });
-    let err = run_fails(
-        bin,
-        &[
-            "--prior",
-            prior.to_str().unwrap(),
-            "--decoder",
-            v_decoder.to_str().unwrap(),
-            "--out",
-            other.to_str().unwrap(),
-        ],
-    );
+    let err = refused(&prior, &v_decoder);
     assert!(err.contains("decoder.diffusion.predict is v"), "{err}");
     assert!(!other.exists());
     assert!(!runs.path("exported-ar.partial").exists());
