@@ -13,7 +13,6 @@ use unclip_clip::load::LoadedClip;
 use unclip_data::reader::{ReaderConfig, ShardReader};
 use unclip_data::shape_score::{score_scene, ShapeTally};
 use unclip_data::shapes::Scene;
-use unclip_diffusion::embedding::l2_normalize;
 
 use crate::pipeline::{image_path, Pipeline, PipelineOptions};
 
@@ -60,17 +59,6 @@ impl HeldOutImages {
             !kept.is_empty(),
             "--data {pattern}: no readable captioned images ({skipped} skipped)"
         );
-        let device = clip.vs.device();
-        let r = i64::from(clip.image.resolution);
-        let mut embeds = Vec::new();
-        for chunk in pixels.chunks(batch_size.max(1)) {
-            let flat: Vec<f32> = chunk.iter().flatten().copied().collect();
-            let x = Tensor::from_slice(&flat)
-                .view([chunk.len() as i64, 3, r, r])
-                .to_device(device);
-            let z = tch::no_grad(|| clip.model.encode_image(&x))?;
-            embeds.push(l2_normalize(&z)?.to_kind(Kind::Float));
-        }
         let scenes: Option<Vec<Scene>> = kept
             .iter()
             .map(|s| {
@@ -94,7 +82,7 @@ impl HeldOutImages {
         Ok(Self {
             keys,
             captions,
-            image_embeds: Tensor::f_cat(&embeds, 0)?,
+            image_embeds: clip.embed_transformed(&pixels, batch_size)?,
             scenes,
             real_shapes,
             skipped,

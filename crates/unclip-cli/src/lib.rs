@@ -1,6 +1,8 @@
-//! What the binaries share beyond the model crates: the text-to-image pipeline `sample` runs and
-//! the held-out scores `evaluate` reports and the diffusers directory `export` writes.
+//! What the binaries share beyond the model crates: the text-to-image pipeline and the image
+//! manipulations `sample` runs, the held-out scores `evaluate` reports and the diffusers directory
+//! `export` writes.
 
 pub mod evaluate;
 pub mod export;
+pub mod manipulate;
 pub mod pipeline;

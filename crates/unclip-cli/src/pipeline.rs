@@ -25,7 +25,7 @@ pub struct Pipeline {
     /// Upsampling stages after the decoder, in order (see [`Pipeline::with_upsamplers`]).
     pub upsamplers: Vec<UpsamplerRun>,
     /// The empty caption's condition, guidance's null branch for both stages.
-    null: TextCondition,
+    pub(crate) null: TextCondition,
     device: Device,
 }
 
@@ -76,6 +76,15 @@ impl PipelineOptions {
         }
         Ok(())
     }
+}
+
+/// Checks a sampler and its steps against a process of `timesteps`; errors name the `what` stage.
+pub(crate) fn check_sampler(what: &str, s: &SamplerConfig, timesteps: usize) -> Result<()> {
+    s.validate().map_err(|e| anyhow!("{what} sampling: {e}"))?;
+    s.steps
+        .timesteps(timesteps)
+        .map_err(|e| anyhow!("{what} sampling steps: {e}"))?;
+    Ok(())
 }
 
 /// `--precision`: fp32, bf16, fp16 or auto.
@@ -182,6 +191,11 @@ impl Pipeline {
         Ok(self)
     }
 
+    /// Where the models live.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// The side of the images [`Pipeline::generate`] returns.
     pub fn resolution(&self) -> i64 {
         self.upsamplers
@@ -211,15 +225,33 @@ impl Pipeline {
             prior_sampling,
             decoder_guidance: d.guidance_scale,
             decoder_sampling: d.sampling.clone(),
-            upsampler_sampling: self
-                .upsamplers
-                .iter()
-                .map(|u| u.cfg.upsampler.sampling.clone())
-                .collect(),
+            upsampler_sampling: self.upsampler_samplings(),
             seed: 0,
             batch_size: 16,
             precision: Precision::Auto,
         }
+    }
+
+    /// Each upsampler's sampler from its run's config, in order.
+    pub fn upsampler_samplings(&self) -> Vec<SamplerConfig> {
+        self.upsamplers
+            .iter()
+            .map(|u| u.cfg.upsampler.sampling.clone())
+            .collect()
+    }
+
+    /// Checks one sampler per upsampler, each against its process.
+    pub(crate) fn check_upsampler_samplings(&self, samplings: &[SamplerConfig]) -> Result<()> {
+        ensure!(
+            samplings.len() == self.upsamplers.len(),
+            "{} upsampler samplers for {} upsamplers",
+            samplings.len(),
+            self.upsamplers.len()
+        );
+        for (run, s) in self.upsamplers.iter().zip(samplings) {
+            check_sampler("upsampler", s, run.cfg.upsampler.diffusion.timesteps)?;
+        }
+        Ok(())
     }
 
     /// Checks `o` against the runs; errors name the option.
@@ -236,27 +268,12 @@ impl Pipeline {
                 "{what} must be finite and >= 0, got {g}"
             );
         }
-        let check = |what: &str, s: &SamplerConfig, timesteps: usize| -> Result<()> {
-            s.validate().map_err(|e| anyhow!("{what} sampling: {e}"))?;
-            s.steps
-                .timesteps(timesteps)
-                .map_err(|e| anyhow!("{what} sampling steps: {e}"))?;
-            Ok(())
-        };
-        check(
+        check_sampler(
             "decoder",
             &o.decoder_sampling,
             self.decoder.cfg.decoder.diffusion.timesteps,
         )?;
-        ensure!(
-            o.upsampler_sampling.len() == self.upsamplers.len(),
-            "{} upsampler samplers for {} upsamplers",
-            o.upsampler_sampling.len(),
-            self.upsamplers.len()
-        );
-        for (run, s) in self.upsamplers.iter().zip(&o.upsampler_sampling) {
-            check("upsampler", s, run.cfg.upsampler.diffusion.timesteps)?;
-        }
+        self.check_upsampler_samplings(&o.upsampler_sampling)?;
         match (&self.prior, &o.prior_sampling) {
             (Some(run), PriorSampling::Diffusion(s)) => {
                 ensure!(
@@ -264,7 +281,7 @@ impl Pipeline {
                     "prior sampling: a diffusion sampler for the autoregressive prior of {}",
                     run.source
                 );
-                check("prior", s, run.cfg.prior.diffusion.timesteps)?;
+                check_sampler("prior", s, run.cfg.prior.diffusion.timesteps)?;
             }
             (Some(run), PriorSampling::Autoregressive(s)) => {
                 ensure!(
@@ -345,32 +362,20 @@ impl Pipeline {
         let noise = Tensor::randn([n, 3, r, r], (Kind::Float, self.device));
         let d = &self.decoder.cfg.decoder;
         let sampler = DecoderSampler::new(&self.decoder.model, &d.diffusion, &o.decoder_sampling)?;
-        let mut images = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let len = (o.batch_size as i64).min(n - start);
+        let images = in_chunks(n, o.batch_size, |start, len| {
             let index = Tensor::arange_start(start, start + len, (Kind::Int64, self.device));
             let cond = DecoderCondition {
                 image_embeds: image_embeds.narrow(0, start, len),
                 text: text.index_select(&index)?,
             };
-            images.push(sampler.sample(
+            sampler.sample(
                 &cond,
                 &self.null,
                 o.decoder_guidance,
                 noise.narrow(0, start, len),
-            )?);
-            start += len;
-        }
-        let mut images = Tensor::f_cat(&images, 0)?;
-        for (k, (run, sampling)) in self
-            .upsamplers
-            .iter()
-            .zip(&o.upsampler_sampling)
-            .enumerate()
-        {
-            images = self.upsample(run, sampling, &images, o, k)?;
-        }
+            )
+        })?;
+        let images = self.upsample_all(images, &o.upsampler_sampling, o.seed, o.batch_size)?;
         let z_x = self
             .encoder
             .clip
@@ -391,30 +396,59 @@ impl Pipeline {
         })
     }
 
-    /// Stage `stage`'s upsampling of `low` [N, 3, h, w], `o.batch_size` at a time, its noise drawn
-    /// from the seed (offset by the stage) so that each stage's is fixed whatever came before.
+    /// Stage `stage`'s upsampling of `low` [N, 3, h, w], `batch_size` at a time, its noise drawn
+    /// from `seed` (offset by the stage) so that each stage's is fixed whatever came before.
     fn upsample(
         &self,
         run: &UpsamplerRun,
         sampling: &SamplerConfig,
         low: &Tensor,
-        o: &PipelineOptions,
+        seed: i64,
+        batch_size: usize,
         stage: usize,
     ) -> Result<Tensor> {
         let u = &run.cfg.upsampler;
         let sampler = unclip_upsampler::UpsamplerSampler::new(&run.model, &u.diffusion, sampling)?;
-        tch::manual_seed(o.seed.wrapping_add(1 + stage as i64));
+        tch::manual_seed(seed.wrapping_add(1 + stage as i64));
         let (n, r) = (low.size()[0], run.resolution());
         let noise = Tensor::randn([n, 3, r, r], (Kind::Float, self.device));
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let len = (o.batch_size as i64).min(n - start);
-            out.push(sampler.upsample(&low.narrow(0, start, len), noise.narrow(0, start, len))?);
-            start += len;
-        }
-        Ok(Tensor::f_cat(&out, 0)?)
+        in_chunks(n, batch_size, |start, len| {
+            sampler.upsample(&low.narrow(0, start, len), noise.narrow(0, start, len))
+        })
     }
+
+    /// `images` through every upsampler in order, stage k sampled with `samplings[k]` (no
+    /// upsamplers: unchanged).
+    pub(crate) fn upsample_all(
+        &self,
+        images: Tensor,
+        samplings: &[SamplerConfig],
+        seed: i64,
+        batch_size: usize,
+    ) -> Result<Tensor> {
+        let mut images = images;
+        for (k, (run, sampling)) in self.upsamplers.iter().zip(samplings).enumerate() {
+            images = self.upsample(run, sampling, &images, seed, batch_size, k)?;
+        }
+        Ok(images)
+    }
+}
+
+/// `f(start, len)` over `n` rows `batch` at a time (no gradients), the results concatenated.
+pub(crate) fn in_chunks(
+    n: i64,
+    batch: usize,
+    mut f: impl FnMut(i64, i64) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let _g = tch::no_grad_guard();
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = (batch as i64).min(n - start);
+        out.push(f(start, len)?);
+        start += len;
+    }
+    Ok(Tensor::f_cat(&out, 0)?)
 }
 
 /// Where `sample` writes image k of caption i: `dir/NNN_KK.png`.

@@ -3,9 +3,12 @@
 //! that the same seed repeats, that the caption, the prior and the guidance reach the decoder and
 //! the decoder's images the upsampler, and the errors for runs that do not fit together; and
 //! `evaluate` on the same runs: its figures recomputed from the shards and the images it saves;
-//! `export` of them: each diffusers component read back equal, the refusals.
+//! `export` of them: each diffusers component read back equal, the refusals; and the image
+//! manipulations with the decoder (`manipulations`).
 use std::path::{Path, PathBuf};
 mod common;
+#[path = "sample/manipulations.rs"]
+mod manipulations;
 use common::{
     decoder_config, embedded_shapes, prior_config, prior_config_with, run, run_fails,
     AUTOREGRESSIVE_PRIOR,
@@ -150,6 +153,7 @@ fn sample_text_to_image() {
     evaluate_scores_the_pipelines_images(&runs);
     evaluate_refuses_bad_options(&runs);
     export_writes_a_diffusers_unclip_pipeline(&runs);
+    manipulations::manipulations_invert_and_decode(&runs);
 }
 
 /// `sample --prior` with an autoregressive prior run: its embeddings (unit vectors, repeatable

@@ -27,6 +27,24 @@ pub struct LoadedClip {
 }
 
 impl LoadedClip {
+    /// L2-normalised image embeddings z_i [N, D] (float) of images already transformed by
+    /// [`LoadedClip::image`] (CHW floats each, as `ImageTransform::apply_all` makes them),
+    /// `batch_size` at a time: exactly what `embed` stores for the same images.
+    pub fn embed_transformed(&self, pixels: &[Vec<f32>], batch_size: usize) -> Result<Tensor> {
+        let device = self.vs.device();
+        let r = i64::from(self.image.resolution);
+        let _g = tch::no_grad_guard();
+        let mut embeds = Vec::new();
+        for chunk in pixels.chunks(batch_size.max(1)) {
+            let flat: Vec<f32> = chunk.iter().flatten().copied().collect();
+            let x = Tensor::from_slice(&flat)
+                .view([chunk.len() as i64, 3, r, r])
+                .to_device(device);
+            embeds.push(l2_normalize(&self.model.encode_image(&x)?)?.to_kind(Kind::Float));
+        }
+        Ok(Tensor::f_cat(&embeds, 0)?)
+    }
+
     /// L2-normalised image embeddings z_i of images in [-1, 1] ([B, 3, H, W], any size): resized
     /// (bilinear, antialiased) to the CLIP's resolution when they differ and renormalised as the
     /// CLIP was trained. At the CLIP's own resolution and crop this is what `embed` stores.

@@ -7,8 +7,8 @@ use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 use unclip_clip::caption::TextCondition;
 use unclip_diffusion::{
-    classifier_free_guidance, self_conditioned, ClipDenoised, DiffusionConfig, GaussianDiffusion,
-    SamplerConfig, SamplerKind,
+    classifier_free_guidance, self_conditioned, ClipDenoised, DiffusionConfig, FixedPoint,
+    GaussianDiffusion, SamplerConfig, SamplerKind,
 };
 
 use crate::model::{DecoderCondition, UnclipDecoder};
@@ -77,6 +77,61 @@ impl<'a> DecoderSampler<'a> {
         );
         let x = self.diffusion.q_sample(images, &t, noise)?;
         self.sample_from(cond, null_text, guidance_scale, x, start)
+    }
+
+    /// DDIM inversion of `images` [B, C, H, W] in [-1, 1] for `cond` (unCLIP's bipartite latent,
+    /// SPEC.md *Image manipulations*): the x_T from which this sampler's steps walked by DDIM
+    /// with η = 0 and the same guidance decode back to `images` (exactly as the fixed-point
+    /// iterations converge; none is the classic inversion). Costs (1 + iterations) model calls
+    /// per step.
+    pub fn invert(
+        &self,
+        cond: &DecoderCondition,
+        null_text: &TextCondition,
+        guidance_scale: f64,
+        images: &Tensor,
+        fixed_point: FixedPoint,
+    ) -> Result<Tensor> {
+        ensure!(
+            !self.decoder.self_condition,
+            "DDIM inversion needs a decoder whose output depends on (x_t, t) alone; this one is \
+             self-conditioned (decoder.model.self_condition) on the estimate of the step before"
+        );
+        ensure!(
+            guidance_scale.is_finite() && guidance_scale >= 0.0,
+            "guidance scale must be finite and >= 0, got {guidance_scale}"
+        );
+        let b = images.size()[0];
+        ensure!(
+            cond.len() == b,
+            "decoder inversion: {} conditioning rows for {b} images",
+            cond.len()
+        );
+        let _g = tch::no_grad_guard();
+        let d = self.decoder;
+        let x = images.to_kind(Kind::Float);
+        let latents = if guidance_scale == 1.0 {
+            self.diffusion.ddim_invert(
+                x,
+                fixed_point,
+                |x: &Tensor, t: &Tensor| d.forward_t(x, t, cond, false),
+                None,
+            )?
+        } else {
+            let both = cond.cat(&d.null_condition(null_text, b)?)?;
+            let mut guided = classifier_free_guidance(
+                |x: &Tensor, t: &Tensor| d.forward_t(x, t, &both, false),
+                guidance_scale,
+                images.size()[1],
+            );
+            self.diffusion.ddim_invert(
+                x,
+                fixed_point,
+                |x: &Tensor, t: &Tensor| -> Result<Tensor> { Ok(guided(x, t)?) },
+                None,
+            )?
+        };
+        Ok(latents.to_kind(Kind::Float))
     }
 
     /// The training timestep [`DecoderSampler::denoise`] starts from at `strength`.

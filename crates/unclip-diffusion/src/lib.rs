@@ -22,6 +22,6 @@ pub use gaussian::{
     TimestepEmphasis, TrainingLosses, VarianceType,
 };
 pub use guidance::{classifier_free_guidance, guide_output, replace_rows};
-pub use sampling::{Progress, SamplerConfig, SamplerKind, SamplerName};
+pub use sampling::{FixedPoint, Progress, SamplerConfig, SamplerKind, SamplerName};
 pub use schedule::{space_timesteps, BetaSchedule, Respacing};
 pub use self_condition::{self_conditioned, training_estimate};

@@ -92,6 +92,25 @@ impl SamplerConfig {
     }
 }
 
+/// How [`GaussianDiffusion::ddim_invert`] refines each step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FixedPoint {
+    /// At most this many extra model calls per step (0: the classic inversion).
+    pub max_iters: usize,
+    /// A step's iterations stop once no element moves by more than this (0: once x is unchanged).
+    pub tolerance: f64,
+}
+
+impl FixedPoint {
+    /// `n` iterations per step, fewer only where x stops changing altogether.
+    pub fn iters(n: usize) -> Self {
+        Self {
+            max_iters: n,
+            tolerance: 0.0,
+        }
+    }
+}
+
 /// Where a sampling loop is: `step` of `total` (1-based), at process step `t`.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
@@ -313,14 +332,18 @@ impl GaussianDiffusion {
     /// Deterministic DDIM inversion x_0 → x_T: the latent that [`SamplerKind::Ddim`] with η = 0
     /// decodes back to `x_start` (unCLIP's bipartite latent). Each step runs the DDIM update
     /// backwards from noise level ᾱ_{j-1} to ᾱ_j (ᾱ_{-1} = 1 for the clean sample). The classic
-    /// inversion (`fixed_point_iters = 0`, as guided-diffusion) uses ε at the level it leaves,
+    /// inversion (no fixed-point iterations, as guided-diffusion) uses ε at the level it leaves,
     /// which makes the round trip only approximate; each fixed-point iteration re-evaluates ε at
-    /// the level it reaches, which is what the decoder will see, so the round trip becomes exact
-    /// as iterations converge. Costs n·(1 + iters) model calls for n steps; no clipping.
+    /// the level it reaches, which is what the sampler will see, so the round trip becomes exact
+    /// as iterations converge. Costs n·(1 + iterations) model calls for n steps; no clipping.
+    ///
+    /// An ε-predicting model's round trip is ill-conditioned where ᾱ is tiny (the cosine
+    /// schedule's last steps: ᾱ_999 ≈ 2e-9): the sampler divides its ε's error by √ᾱ there. Walk
+    /// steps that stop short of them (`ddimN` spacing) for such models.
     pub fn ddim_invert<F, E>(
         &self,
         x_start: Tensor,
-        fixed_point_iters: usize,
+        fixed_point: FixedPoint,
         mut model: F,
         mut progress: Option<&mut dyn FnMut(Progress)>,
     ) -> Result<Tensor>
@@ -347,8 +370,13 @@ impl GaussianDiffusion {
                 x0 * ab.sqrt() + e * (1.0 - ab).sqrt()
             };
             let mut next = ddim_up(&x, &eps);
-            for _ in 0..fixed_point_iters {
-                next = ddim_up(&x, &eps_at(&next, j)?);
+            for _ in 0..fixed_point.max_iters {
+                let refined = ddim_up(&x, &eps_at(&next, j)?);
+                let moved = (&refined - &next).abs().max().double_value(&[]);
+                next = refined;
+                if moved <= fixed_point.tolerance {
+                    break;
+                }
             }
             x = next;
             prev_ab = ab;

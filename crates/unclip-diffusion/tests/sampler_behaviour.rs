@@ -9,7 +9,7 @@ use std::cell::Cell;
 use tch::{Kind, Tensor};
 use unclip_diffusion::{
     classifier_free_guidance, guide_output, BetaSchedule, ClipDenoised, DiffusionConfig,
-    GaussianDiffusion, MeanType, Progress, Respacing, SamplerKind,
+    FixedPoint, GaussianDiffusion, MeanType, Progress, Respacing, SamplerKind,
 };
 
 const WEIGHTS: [f64; 2] = [0.3, 0.7];
@@ -256,7 +256,12 @@ fn ddim_inversion_then_ddim_reconstructs_x0() {
         let x0 = Tensor::linspace(-2.0, 2.0, n, (Kind::Double, tch::Device::Cpu)).view([n, 1]);
         let round_trip = |iters: usize| {
             let xt = d
-                .ddim_invert(x0.shallow_clone(), iters, exact_model(&full, predict), None)
+                .ddim_invert(
+                    x0.shallow_clone(),
+                    FixedPoint::iters(iters),
+                    exact_model(&full, predict),
+                    None,
+                )
                 .unwrap();
             // The latent is Gaussian-like, not x_0 itself.
             assert!((&xt - &x0).abs().max().double_value(&[]) > 0.1);
@@ -289,6 +294,60 @@ fn ddim_inversion_then_ddim_reconstructs_x0() {
             "{predict:?}: 40-iteration inversion error {forty}"
         );
     }
+}
+
+/// With a tolerance the iterations of each step stop once x settles: far fewer model calls than
+/// the maximum, and a round trip as exact as the tolerance allows.
+#[test]
+fn ddim_inversion_stops_iterating_at_its_tolerance() {
+    let n = 64;
+    let predict = MeanType::Epsilon;
+    let full = GaussianDiffusion::new(&config(predict)).unwrap();
+    let d = GaussianDiffusion::respaced(&config(predict), &Respacing::from("ddim50")).unwrap();
+    let x0 = Tensor::linspace(-2.0, 2.0, n, (Kind::Double, tch::Device::Cpu)).view([n, 1]);
+    let invert = |fixed_point: FixedPoint| {
+        let calls = Cell::new(0usize);
+        let model = exact_model(&full, predict);
+        let xt = d
+            .ddim_invert(
+                x0.shallow_clone(),
+                fixed_point,
+                |x: &Tensor, t: &Tensor| {
+                    calls.set(calls.get() + 1);
+                    model(x, t)
+                },
+                None,
+            )
+            .unwrap();
+        let back = d
+            .sample(
+                SamplerKind::Ddim { eta: 0.0 },
+                &ClipDenoised::None,
+                xt,
+                exact_model(&full, predict),
+                None,
+            )
+            .unwrap();
+        ((&back - &x0).abs().max().double_value(&[]), calls.get())
+    };
+    let (all_error, all_calls) = invert(FixedPoint::iters(40));
+    assert!(
+        all_calls > 50 * 30 && all_calls <= 50 * 41,
+        "{all_calls} model calls"
+    );
+    let (error, calls) = invert(FixedPoint {
+        max_iters: 40,
+        tolerance: 1e-6,
+    });
+    assert!(
+        calls < all_calls / 2,
+        "{calls} model calls of at most {all_calls}"
+    );
+    assert!(calls > 50, "no step iterated: {calls} calls");
+    assert!(
+        error < 1e-3,
+        "round trip error {error} (all iterations: {all_error})"
+    );
 }
 
 #[test]

@@ -1,35 +1,45 @@
-//! Text to image with a trained prior, decoder and upsamplers (unCLIP's sampling pipeline).
+//! Text to image with a trained prior, decoder and upsamplers (unCLIP's sampling pipeline), and
+//! unCLIP's image manipulations with the decoder (variations, interpolations, text diffs).
 //!
 //!     sample --prior runs/prior --decoder runs/decoder --upsampler runs/upsampler \
 //!         --caption "a red circle" --out runs/samples
+//!     sample --decoder runs/decoder --variations photo.png --out runs/variations
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{ArgGroup, Parser, ValueEnum};
 use tch::{Kind, Tensor};
+use unclip_cli::manipulate::{LatentPath, Manipulation};
 use unclip_cli::pipeline::{image_path, parse_precision, Pipeline};
 use unclip_diffusion::device::parse_device;
+use unclip_diffusion::FixedPoint;
 use unclip_prior::prior::describe_sampling;
+use unclip_train::config::with_keys;
 use unclip_train::precision::resolve;
 
 #[derive(Parser)]
 #[command(
-    about = "Sample images for captions: CLIP text encoder → prior → decoder → upsamplers (unCLIP's pipeline)"
+    about = "Sample images for captions: CLIP text encoder → prior → decoder → upsamplers (unCLIP's \
+             pipeline); or manipulate images with the decoder: variations, interpolations, text diffs",
+    group(ArgGroup::new("manipulation")
+        .args(["variations", "interpolate", "text_diff"])
+        .conflicts_with_all(["caption", "captions", "prior", "no_prior", "prior_guidance",
+                             "candidates", "prior_sampling"]))
 )]
 struct Cli {
     /// A caption to sample images for. Repeatable.
     #[arg(
         long = "caption",
         value_name = "TEXT",
-        required_unless_present = "captions"
+        required_unless_present_any = ["captions", "manipulation"]
     )]
     caption: Vec<String>,
     /// A text file of captions, one per line (blank lines skipped); after any --caption.
     #[arg(long, value_name = "FILE")]
     captions: Option<PathBuf>,
     /// A train-prior run directory (its newest checkpoint, EMA weights).
-    #[arg(long, value_name = "RUN", required_unless_present = "no_prior")]
+    #[arg(long, value_name = "RUN", required_unless_present_any = ["no_prior", "manipulation"])]
     prior: Option<PathBuf>,
     /// Decode z_t itself instead of a prior's sample: the paper's zero-shot baseline.
     #[arg(long, conflicts_with = "prior")]
@@ -48,9 +58,49 @@ struct Cli {
     /// each config's upsampler.sampling).
     #[arg(long, value_name = "YAML")]
     upsampler_sampling: Option<String>,
-    /// Images per caption.
+    /// Images per caption (with --variations: variations per image).
     #[arg(long, default_value_t = 4)]
     count: usize,
+    /// Variations of an image file: its CLIP embedding z_i and DDIM-inverted latent x_T decoded
+    /// with DDIM η = --eta. A row per image: the image, its reconstruction (η = 0), --count
+    /// variations. Repeatable.
+    #[arg(long, value_name = "IMAGE")]
+    variations: Vec<PathBuf>,
+    /// Interpolate between two image files: z_i slerped from A's to B's (x_T as --latent says).
+    /// A row per pair: A, --frames decodings at θ = 0 … 1, B. Repeatable.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    interpolate: Vec<PathBuf>,
+    /// With --interpolate: slerp x_T between the two images' inverted latents (the ends
+    /// reconstruct them), or hold one random x_T (fixed).
+    #[arg(long, value_enum, default_value = "slerp")]
+    latent: Latent,
+    /// A text diff of an image file: z_i slerped towards norm(z_t(--to) − z_t(--from)), x_T held.
+    /// A row per image: the image, --frames decodings at θ = 0 … --max-theta. Repeatable, with
+    /// one --from and one --to per image.
+    #[arg(long, value_name = "IMAGE", requires_all = ["from", "to"])]
+    text_diff: Vec<PathBuf>,
+    /// With --text-diff: the image's own caption.
+    #[arg(long = "from", value_name = "TEXT", requires = "text_diff")]
+    from: Vec<String>,
+    /// With --text-diff: the caption to move towards.
+    #[arg(long = "to", value_name = "TEXT", requires = "text_diff")]
+    to: Vec<String>,
+    /// Frames of an interpolation or a text diff.
+    #[arg(long, default_value_t = 8)]
+    frames: usize,
+    /// With --text-diff: the last frame's θ (the paper: 0.25 to 0.5).
+    #[arg(long, default_value_t = 0.5)]
+    max_theta: f64,
+    /// With --variations: DDIM's η (0 reconstructs; larger changes more).
+    #[arg(long, default_value_t = 1.0)]
+    eta: f64,
+    /// Manipulations: at most this many fixed-point iterations per DDIM inversion step (0: the
+    /// classic inversion).
+    #[arg(long, default_value_t = 10)]
+    inversion_iters: usize,
+    /// Manipulations: a step's fixed-point iterations stop once no pixel of x moves by more.
+    #[arg(long, default_value_t = 1e-4)]
+    inversion_tolerance: f64,
     /// Output directory: one PNG per image (`NNN_KK.png`: caption NNN, draw KK), `grid.png`
     /// (a row per caption) and `samples.json`.
     #[arg(long, default_value = "runs/samples")]
@@ -69,11 +119,13 @@ struct Cli {
     /// '{temperature: 0.8, dot_quantile: null}' (the rest: its prior.autoregressive).
     #[arg(long, value_name = "YAML")]
     prior_sampling: Option<String>,
-    /// The decoder's guidance scale (default: the decoder config's decoder.guidance_scale).
+    /// The decoder's guidance scale (default: the decoder config's decoder.guidance_scale; for
+    /// manipulations 1, unguided).
     #[arg(long)]
     decoder_guidance: Option<f64>,
     /// Keys of the decoder's sampler to change, as YAML: e.g. '{sampler: ddim, steps: "50"}' (the
-    /// rest: the config's decoder.sampling).
+    /// rest: the config's decoder.sampling; for manipulations '{sampler: ddim, steps: ddim50,
+    /// clip: none}').
     #[arg(long, value_name = "YAML")]
     decoder_sampling: Option<String>,
     /// Images decoded at once.
@@ -85,6 +137,12 @@ struct Cli {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Latent {
+    Slerp,
+    Fixed,
 }
 
 fn captions(cli: &Cli) -> Result<Vec<String>> {
@@ -110,10 +168,154 @@ fn mean(t: &Tensor) -> f64 {
     t.mean(Kind::Float).double_value(&[])
 }
 
+/// The manipulation the flags ask for, if any.
+fn manipulation(cli: &Cli) -> Option<Manipulation> {
+    if !cli.variations.is_empty() {
+        Some(Manipulation::Variations {
+            images: cli.variations.clone(),
+            count: cli.count,
+            eta: cli.eta,
+        })
+    } else if !cli.interpolate.is_empty() {
+        Some(Manipulation::Interpolations {
+            pairs: cli
+                .interpolate
+                .chunks(2)
+                .map(|p| (p[0].clone(), p[1].clone()))
+                .collect(),
+            frames: cli.frames,
+            latent: match cli.latent {
+                Latent::Slerp => LatentPath::Slerp,
+                Latent::Fixed => LatentPath::Fixed,
+            },
+        })
+    } else if !cli.text_diff.is_empty() {
+        Some(Manipulation::TextDiffs {
+            images: cli.text_diff.clone(),
+            from: cli.from.clone(),
+            to: cli.to.clone(),
+            frames: cli.frames,
+            max_theta: cli.max_theta,
+        })
+    } else {
+        None
+    }
+}
+
+/// Runs a manipulation and writes its images, grid and `manipulations.json`.
+fn manipulate(cli: &Cli, m: &Manipulation, pipeline: &Pipeline) -> Result<()> {
+    let mut o = pipeline.manipulation_options();
+    o.seed = cli.seed;
+    o.batch_size = cli.batch_size;
+    o.precision = parse_precision(&cli.precision)?;
+    o.guidance = cli.decoder_guidance.unwrap_or(o.guidance);
+    o.inversion = FixedPoint {
+        max_iters: cli.inversion_iters,
+        tolerance: cli.inversion_tolerance,
+    };
+    if let Some(yaml) = &cli.decoder_sampling {
+        o.sampling = with_keys("--decoder-sampling", &o.sampling, yaml)?;
+    }
+    if let Some(yaml) = &cli.upsampler_sampling {
+        o.upsampler_sampling = o
+            .upsampler_sampling
+            .iter()
+            .map(|s| with_keys("--upsampler-sampling", s, yaml))
+            .collect::<Result<_>>()?;
+    }
+    pipeline.check_manipulation(m, &o)?;
+    println!(
+        "decoder {}: {}, guidance {}, inversion with up to {} fixed-point iterations per step \
+         (tolerance {}); {} px, device {:?}",
+        pipeline.decoder.source,
+        o.sampling.describe(),
+        o.guidance,
+        o.inversion.max_iters,
+        o.inversion.tolerance,
+        pipeline.resolution(),
+        pipeline.device()
+    );
+    let rows = pipeline.manipulate(m, &o)?;
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let mut report = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let mut columns = Vec::new();
+        for (k, column) in row.columns.iter().enumerate() {
+            let path = image_path(&cli.out, i, k);
+            let img = (row.images.get(k as i64).to_device(tch::Device::Cpu) + 1.0) * 0.5;
+            unclip_train::logging::write_png(&path, &img.clamp(0.0, 1.0))?;
+            let mut json = serde_json::to_value(column)?;
+            json["file"] = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .into();
+            columns.push(json);
+        }
+        let inputs: Vec<String> = row
+            .columns
+            .iter()
+            .filter_map(|c| c.source.as_ref().map(|p| p.display().to_string()))
+            .collect();
+        let decoded: Vec<String> = row
+            .columns
+            .iter()
+            .filter(|c| c.kind != "input")
+            .map(|c| format!("{:.3}", c.clip_target.or(c.clip_image).unwrap_or(f64::NAN)))
+            .collect();
+        let rmse: Vec<String> = row
+            .reconstruction_rmse
+            .iter()
+            .map(|r| format!("{r:.4}"))
+            .collect();
+        println!(
+            "{}: reconstruction RMSE {}; cos(CLIP(image), {}) per decoded image: {}",
+            inputs.join(" → "),
+            if rmse.is_empty() {
+                "-".into()
+            } else {
+                rmse.join(", ")
+            },
+            if row.captions.is_some() {
+                "target z_t"
+            } else {
+                "its z"
+            },
+            decoded.join(" ")
+        );
+        report.push(serde_json::json!({
+            "captions": row.captions.as_ref().map(|(from, to)| serde_json::json!({"from": from, "to": to})),
+            "reconstruction_rmse": row.reconstruction_rmse,
+            "columns": columns,
+        }));
+    }
+    let images: Vec<Tensor> = rows.iter().map(|r| r.images.shallow_clone()).collect();
+    let grid = unclip_decoder::task::tile_rows(&images)?;
+    unclip_train::logging::write_png(&cli.out.join("grid.png"), &grid)?;
+    let json = cli.out.join("manipulations.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!(
+        "wrote {} rows, grid.png and manipulations.json to {}",
+        rows.len(),
+        cli.out.display()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let captions = captions(&cli)?;
     let device = parse_device(&cli.device)?;
+    if let Some(m) = manipulation(&cli) {
+        let pipeline = Pipeline::load(
+            None,
+            &cli.decoder,
+            cli.decoder_checkpoint.as_deref(),
+            device,
+        )?
+        .with_upsamplers(&cli.upsampler)?;
+        return manipulate(&cli, &m, &pipeline);
+    }
+    let captions = captions(&cli)?;
     let precision = parse_precision(&cli.precision)?;
     let pipeline = Pipeline::load(
         cli.prior.as_deref(),
