@@ -6,7 +6,9 @@
 //! - interpolations: z_i slerped from one image's to another's, x_T slerped with it (the ends
 //!   reconstruct both images) or held at one random draw;
 //! - text diffs: z_i slerped towards z_d = norm(z_t − z_t0), a target caption's text embedding
-//!   less the image's own caption's, with x_T held.
+//!   less the image's own caption's, with x_T held;
+//! - the PCA probe: z_i rebuilt from its first k principal components (fitted to stored
+//!   embeddings), k growing, each decoded from the same random x_T.
 //!
 //! The decoder gets the empty caption throughout: a manipulation starts from an image, and the
 //! decoder, trained with captions dropped half the time, decodes z_i alone.
@@ -21,6 +23,10 @@ use unclip_decoder::{DecoderCondition, DecoderSampler};
 use unclip_diffusion::embedding::{l2_normalize, slerp};
 use unclip_diffusion::{ClipDenoised, FixedPoint, Respacing, SamplerConfig, SamplerName};
 use unclip_train::precision::{autocast, AutocastGuard, Precision};
+
+use unclip_clip::caption::image_embeddings;
+use unclip_prior::codec::PrincipalComponents;
+use unclip_prior::task::read_in_order;
 
 use crate::pipeline::{check_sampler, in_chunks, Pipeline};
 
@@ -81,12 +87,21 @@ pub enum Manipulation {
         frames: usize,
         max_theta: f64,
     },
+    /// Per image: the image, then decodings of z_i rebuilt from its first k principal components
+    /// for each k of `components` (and of z_i itself), all from one random x_T. The components are
+    /// fitted to the first `samples` image embeddings of the embedding shards `embeddings`.
+    PcaProbe {
+        images: Vec<PathBuf>,
+        embeddings: String,
+        samples: usize,
+        components: Vec<usize>,
+    },
 }
 
 /// One image of a [`ManipulatedRow`], described.
 #[derive(Debug, Clone, Serialize)]
 pub struct Column {
-    /// `input`, `reconstruction`, `variation`, `frame`.
+    /// `input`, `reconstruction`, `variation`, `frame`, `components`.
     pub kind: &'static str,
     /// The input file (`input` columns).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -97,6 +112,12 @@ pub struct Column {
     /// DDIM's η for a decoded image.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta: Option<f64>,
+    /// The PCA probe: the principal components z_i was rebuilt from, and the fraction of the
+    /// embeddings' variance they hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub components: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explained_variance: Option<f64>,
     /// cos(CLIP image embedding of the (final) image, the z_i it was decoded from).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_image: Option<f64>,
@@ -268,6 +289,30 @@ impl Pipeline {
                 );
                 images.iter().collect()
             }
+            Manipulation::PcaProbe {
+                images,
+                samples,
+                components,
+                ..
+            } => {
+                ensure!(
+                    !components.is_empty(),
+                    "the PCA probe: give the numbers of components to keep"
+                );
+                let dim = self.encoder.embed_dim() as usize;
+                for &k in components {
+                    ensure!(
+                        (1..=dim).contains(&k),
+                        "the PCA probe: {k} components of a {dim}-wide embedding"
+                    );
+                }
+                ensure!(
+                    *samples >= 2,
+                    "the PCA probe: fitting principal components needs at least 2 embeddings, \
+                     got {samples}"
+                );
+                images.iter().collect()
+            }
         };
         ensure!(!files.is_empty(), "no images to manipulate");
         for f in files {
@@ -396,7 +441,96 @@ impl Pipeline {
                 frames,
                 max_theta,
             } => self.text_diffs(images, from, to, *frames, *max_theta, o),
+            Manipulation::PcaProbe {
+                images,
+                embeddings,
+                samples,
+                components,
+            } => self.pca_probe(images, embeddings, *samples, components, o),
         }
+    }
+
+    fn pca_probe(
+        &self,
+        files: &[PathBuf],
+        embeddings: &str,
+        samples: usize,
+        components: &[usize],
+        o: &ManipulationOptions,
+    ) -> Result<Vec<ManipulatedRow>> {
+        let stored = read_in_order(embeddings, samples)
+            .with_context(|| format!("the PCA probe's embeddings {embeddings}"))?;
+        let stored = image_embeddings(&stored, self.device());
+        let dim = self.encoder.embed_dim();
+        ensure!(
+            stored.size()[1] == dim,
+            "the PCA probe's embeddings {embeddings} are {}-wide, the decoder's CLIP {dim}-wide",
+            stored.size()[1]
+        );
+        // Fewer embeddings than dimensions still give a whole basis; the components past their
+        // rank hold no variance, which the explained fractions show.
+        ensure!(
+            stored.size()[0] >= 2,
+            "the PCA probe's embeddings {embeddings}: one readable sample, at least 2 needed"
+        );
+        let pca = PrincipalComponents::fit(&stored)?;
+        let inputs = self.read_images(files, o.batch_size)?;
+        let z = &inputs.image_embeds;
+        let (n, f) = (files.len() as i64, components.len() as i64 + 1);
+        // Per image: z_i from k components for each k, then z_i itself.
+        let mut per_k: Vec<Tensor> = components
+            .iter()
+            .map(|&k| Ok(l2_normalize(&pca.reconstruct(z, k as i64))?.to_kind(Kind::Float)))
+            .collect::<Result<_>>()?;
+        per_k.push(z.shallow_clone());
+        let z_frames = Tensor::stack(&per_k, 1).flatten(0, 1);
+        tch::manual_seed(o.seed);
+        let r = self.decoder.resolution();
+        let held = Tensor::randn([n, 3, r, r], (Kind::Float, self.device()));
+        let rows =
+            Tensor::arange(n, (Kind::Int64, self.device())).repeat_interleave_self_int(f, 0, None);
+        let decoded = self.decode_latents(&z_frames, &held.index_select(0, &rows), 0.0, o)?;
+        let decoded = self.upsample_images(decoded, o)?;
+        let (zd, zx) = (
+            self.clip_embeds(&decoded)?,
+            self.clip_embeds(&inputs.display)?,
+        );
+        let cos_frames = row_cosines(&zd, &z_frames)?;
+        let cos_input = row_cosines(&zd, &z.index_select(0, &rows))?;
+        let cos_x = row_cosines(&zx, z)?;
+        let mut out = Vec::new();
+        for (i, file) in files.iter().enumerate() {
+            let ii = i as i64;
+            let mut columns = vec![Column::input(file, cos_x[i])];
+            for (j, k) in components
+                .iter()
+                .map(|&k| Some(k))
+                .chain([None])
+                .enumerate()
+            {
+                let row = i * f as usize + j;
+                columns.push(Column {
+                    components: Some(k.unwrap_or(dim as usize)),
+                    explained_variance: Some(k.map_or(1.0, |k| pca.explained(k as i64))),
+                    clip_inputs: vec![cos_input[row]],
+                    ..Column::decoded("components", None, Some(0.0), cos_frames[row])
+                });
+            }
+            out.push(ManipulatedRow {
+                images: Tensor::f_cat(
+                    &[
+                        inputs.display.narrow(0, ii, 1),
+                        decoded.narrow(0, ii * f, f),
+                    ],
+                    0,
+                )?,
+                columns,
+                decoded_embeds: z_frames.narrow(0, ii * f, f),
+                reconstruction_rmse: Vec::new(),
+                captions: None,
+            });
+        }
+        Ok(out)
     }
 
     fn variations(
@@ -641,6 +775,8 @@ impl Column {
             source: Some(file.to_path_buf()),
             theta: None,
             eta: None,
+            components: None,
+            explained_variance: None,
             clip_image: Some(clip_image),
             clip_inputs: vec![clip_image],
             clip_target: None,
@@ -653,6 +789,8 @@ impl Column {
             source: None,
             theta,
             eta,
+            components: None,
+            explained_variance: None,
             clip_image: Some(clip_image),
             clip_inputs: Vec::new(),
             clip_target: None,

@@ -11,6 +11,72 @@ use anyhow::{ensure, Result};
 use tch::{nn, Kind, Tensor};
 use unclip_diffusion::embedding::l2_normalize;
 
+/// The principal components of a set of embeddings, in float64.
+#[derive(Debug)]
+pub struct PrincipalComponents {
+    /// [D]: the mean embedding.
+    pub mean: Tensor,
+    /// [D]: each component's variance (eigenvalue), largest first.
+    pub variances: Tensor,
+    /// [D, D]: the components as rows, largest variance first; each one's sign fixed (its largest
+    /// coordinate positive), so equal data give equal components.
+    pub directions: Tensor,
+}
+
+impl PrincipalComponents {
+    /// Fits the rows of `z` [N, D], N ≥ 2 (unbiased covariance).
+    pub fn fit(z: &Tensor) -> Result<Self> {
+        ensure!(
+            z.dim() == 2 && z.size()[0] >= 2,
+            "principal components: need [N >= 2, D] embeddings, got {:?}",
+            z.size()
+        );
+        let x = z.to_kind(Kind::Double);
+        let n = x.size()[0];
+        let mean = x.mean_dim(0, false, Kind::Double);
+        let centred = &x - &mean;
+        let cov = centred.tr().matmul(&centred) / (n - 1) as f64;
+        let (values, vectors) = cov.f_linalg_eigh("L")?;
+        // eigh sorts ascending: largest first.
+        let variances = values.flip([0]).clamp_min(0.0);
+        let vectors = vectors.flip([1]).tr();
+        let largest = vectors.abs().argmax(1, true);
+        let sign = vectors
+            .gather(1, &largest, false)
+            .ge(0.0)
+            .to_kind(Kind::Double)
+            * 2.0
+            - 1.0;
+        Ok(Self {
+            mean,
+            variances,
+            directions: vectors * sign,
+        })
+    }
+
+    /// `z` [N, D] reconstructed from its first `k` components: mean + its projection on them
+    /// (float64).
+    pub fn reconstruct(&self, z: &Tensor, k: i64) -> Tensor {
+        let v = self.directions.narrow(0, 0, k);
+        let centred = z.to_kind(Kind::Double) - &self.mean;
+        centred.matmul(&v.tr()).matmul(&v) + &self.mean
+    }
+
+    /// The fraction of the variance the first `k` components hold.
+    pub fn explained(&self, k: i64) -> f64 {
+        let total = self
+            .variances
+            .sum(Kind::Double)
+            .double_value(&[])
+            .max(1e-30);
+        self.variances
+            .narrow(0, 0, k)
+            .sum(Kind::Double)
+            .double_value(&[])
+            / total
+    }
+}
+
 #[derive(Debug)]
 pub struct EmbeddingCodec {
     /// [D]: the mean of the training z_i.
@@ -87,22 +153,9 @@ impl EmbeddingCodec {
             "codec fit: {n} training embeddings cannot fit {k} principal components (data.stats_samples must exceed the components)"
         );
         let device = self.mean.device();
-        let x = z_i.to_kind(Kind::Double).to_device(device);
-        let mean = x.mean_dim(0, false, Kind::Double);
-        let centred = &x - &mean;
-        let cov = centred.tr().matmul(&centred) / (n - 1) as f64;
-        let (values, vectors) = cov.f_linalg_eigh("L")?;
-        // eigh sorts ascending: largest first, then keep the first k.
-        let values = values.flip([0]).clamp_min(0.0);
-        let vectors = vectors.flip([1]).narrow(1, 0, k).tr();
-        let largest = vectors.abs().argmax(1, true);
-        let sign = vectors
-            .gather(1, &largest, false)
-            .ge(0.0)
-            .to_kind(Kind::Double)
-            * 2.0
-            - 1.0;
-        let vectors = vectors * sign;
+        let pca = PrincipalComponents::fit(&z_i.to_device(device))?;
+        let (mean, values) = (pca.mean, pca.variances);
+        let vectors = pca.directions.narrow(0, 0, k);
         let kept = values.narrow(0, 0, k);
         let explained = kept.sum(Kind::Double) / values.sum(Kind::Double).clamp_min(1e-30);
         let dots = cosine(z_i, z_t)?.to_device(device);

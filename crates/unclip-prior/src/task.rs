@@ -312,8 +312,8 @@ impl Validate for PriorTrainConfig {
     }
 }
 
-/// The first `count` samples of `shards` in file order.
-fn read_in_order(shards: &str, count: usize) -> Result<Vec<EmbeddingSample>> {
+/// The first `count` samples of the embedding shards `shards` (brace-expanded) in file order.
+pub fn read_in_order(shards: &str, count: usize) -> Result<Vec<EmbeddingSample>> {
     let reader = ShardReader::with_parser(
         &ReaderConfig::in_order(shards.to_string()),
         0,

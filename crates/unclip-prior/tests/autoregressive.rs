@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
+use unclip_prior::codec::PrincipalComponents;
 use unclip_prior::{ArPriorConfig, AutoregressivePrior, EmbeddingCodec, TextCondition};
 
 fn fixtures() -> HashMap<String, Tensor> {
@@ -41,6 +42,42 @@ fn config(text_layers: i64) -> ArPriorConfig {
         dot_quantile: Some(0.9),
         temperature: 1.0,
     }
+}
+
+/// The PCA probe's reconstruction from the first k components (the codec's PCA, above, matches
+/// numpy): all D components give z back, the residual of k is orthogonal to those k and shrinks
+/// as k grows, and the explained variance is the codec's at its 5 components and 1 at D.
+#[test]
+fn principal_components_reconstruct_from_the_first_k() {
+    let f = fixtures();
+    let z = f["codec/z_i"].to_kind(Kind::Double);
+    let pca = PrincipalComponents::fit(&z).unwrap();
+    let dirs = &pca.directions;
+    assert!(
+        max_diff(
+            &dirs.matmul(&dirs.tr()),
+            &Tensor::eye(D, (Kind::Double, Device::Cpu))
+        ) < 1e-10
+    );
+    assert!(max_diff(&pca.reconstruct(&z, D), &z) < 1e-10);
+    let mut previous = f64::INFINITY;
+    for k in 1..D {
+        let residual = &z - pca.reconstruct(&z, k);
+        let along_kept = residual.matmul(&dirs.narrow(0, 0, k).tr());
+        assert!(along_kept.abs().max().double_value(&[]) < 1e-10, "k = {k}");
+        let size = residual.square().sum(Kind::Double).double_value(&[]);
+        assert!(
+            size <= previous + 1e-12,
+            "k = {k}: residual {size} grew from {previous}"
+        );
+        previous = size;
+    }
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut codec = EmbeddingCodec::new(vs.root() / "codec", D, 5, 16, 3.0, 4);
+    codec.fit(&f["codec/z_i"], &f["codec/z_t"]).unwrap();
+    // (The codec keeps it as a float32 variable.)
+    assert!((pca.explained(5) - codec.explained_variance()).abs() < 1e-6);
+    assert!((pca.explained(D) - 1.0).abs() < 1e-12);
 }
 
 #[test]

@@ -23,7 +23,7 @@ use unclip_train::precision::resolve;
     about = "Sample images for captions: CLIP text encoder → prior → decoder → upsamplers (unCLIP's \
              pipeline); or manipulate images with the decoder: variations, interpolations, text diffs",
     group(ArgGroup::new("manipulation")
-        .args(["variations", "interpolate", "text_diff"])
+        .args(["variations", "interpolate", "text_diff", "pca_probe"])
         .conflicts_with_all(["caption", "captions", "prior", "no_prior", "prior_guidance",
                              "candidates", "prior_sampling"]))
 )]
@@ -85,6 +85,22 @@ struct Cli {
     /// With --text-diff: the caption to move towards.
     #[arg(long = "to", value_name = "TEXT", requires = "text_diff")]
     to: Vec<String>,
+    /// The PCA probe of an image file: z_i rebuilt from its first k principal components (k from
+    /// --components), each decoded from the same random x_T. A row per image: the image, a
+    /// decoding per k, the decoding of z_i itself. Repeatable; needs --pca-embeddings.
+    #[arg(long, value_name = "IMAGE", requires = "pca_embeddings")]
+    pca_probe: Vec<PathBuf>,
+    /// With --pca-probe: the embedding shards (`embed`'s output, brace-expanded) whose image
+    /// embeddings the principal components are fitted to.
+    #[arg(long, value_name = "SHARDS", requires = "pca_probe")]
+    pca_embeddings: Option<String>,
+    /// With --pca-probe: fit the components to at most this many embeddings (in file order).
+    #[arg(long, default_value_t = 10000)]
+    pca_samples: usize,
+    /// With --pca-probe: the numbers of components, e.g. 1,4,16 (default: 1, 2, 4, … below the
+    /// embedding's width).
+    #[arg(long, value_delimiter = ',')]
+    components: Vec<usize>,
     /// Frames of an interpolation or a text diff.
     #[arg(long, default_value_t = 8)]
     frames: usize,
@@ -168,8 +184,8 @@ fn mean(t: &Tensor) -> f64 {
     t.mean(Kind::Float).double_value(&[])
 }
 
-/// The manipulation the flags ask for, if any.
-fn manipulation(cli: &Cli) -> Option<Manipulation> {
+/// The manipulation the flags ask for, if any; `dim` is the CLIP embedding's width.
+fn manipulation(cli: &Cli, dim: usize) -> Option<Manipulation> {
     if !cli.variations.is_empty() {
         Some(Manipulation::Variations {
             images: cli.variations.clone(),
@@ -196,6 +212,20 @@ fn manipulation(cli: &Cli) -> Option<Manipulation> {
             to: cli.to.clone(),
             frames: cli.frames,
             max_theta: cli.max_theta,
+        })
+    } else if !cli.pca_probe.is_empty() {
+        let powers_of_two = std::iter::successors(Some(1usize), |k| Some(k * 2))
+            .take_while(|&k| k < dim)
+            .collect();
+        Some(Manipulation::PcaProbe {
+            images: cli.pca_probe.clone(),
+            embeddings: cli.pca_embeddings.clone().unwrap_or_default(),
+            samples: cli.pca_samples,
+            components: if cli.components.is_empty() {
+                powers_of_two
+            } else {
+                cli.components.clone()
+            },
         })
     } else {
         None
@@ -305,7 +335,11 @@ fn manipulate(cli: &Cli, m: &Manipulation, pipeline: &Pipeline) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let device = parse_device(&cli.device)?;
-    if let Some(m) = manipulation(&cli) {
+    let manipulating = !(cli.variations.is_empty()
+        && cli.interpolate.is_empty()
+        && cli.text_diff.is_empty()
+        && cli.pca_probe.is_empty());
+    if manipulating {
         let pipeline = Pipeline::load(
             None,
             &cli.decoder,
@@ -313,7 +347,10 @@ fn main() -> Result<()> {
             device,
         )?
         .with_upsamplers(&cli.upsampler)?;
-        return manipulate(&cli, &m, &pipeline);
+        let dim = pipeline.encoder.embed_dim() as usize;
+        if let Some(m) = manipulation(&cli, dim) {
+            return manipulate(&cli, &m, &pipeline);
+        }
     }
     let captions = captions(&cli)?;
     let precision = parse_precision(&cli.precision)?;

@@ -1,7 +1,8 @@
 //! `sample --variations / --interpolate / --text-diff` on the tiny trained decoder: the round trip
 //! through (z_i, x_T) reconstructs the image, η reaches the decoder, the interpolation and
 //! text-diff embeddings are the paper's slerps, the ends of a slerped interpolation are the two
-//! reconstructions, and bad options are refused before any work.
+//! reconstructions, the PCA probe's full set of components rebuilds z_i, and bad options are
+//! refused before any work.
 
 use std::path::{Path, PathBuf};
 
@@ -327,6 +328,59 @@ pub fn manipulations_invert_and_decode(runs: &Runs) {
         );
     }
 
+    // The PCA probe: all the components rebuild z_i, so that column decodes as z_i's does (the
+    // same held x_T); fewer components give another embedding.
+    let emb = runs.path("emb").join("img-{000000..000001}.tar");
+    let report = manipulate(
+        runs,
+        "pca",
+        &[
+            "--pca-probe",
+            a,
+            "--pca-embeddings",
+            emb.to_str().unwrap(),
+            "--components",
+            "1,4,32",
+        ],
+    );
+    let columns = report[0]["columns"].as_array().unwrap();
+    let ks: Vec<u64> = columns[1..]
+        .iter()
+        .map(|c| c["components"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ks, [1, 4, 32, 32]);
+    let explained: Vec<f64> = columns[1..]
+        .iter()
+        .map(|c| c["explained_variance"].as_f64().unwrap())
+        .collect();
+    assert!(
+        explained.windows(2).all(|w| w[0] <= w[1] + 1e-12),
+        "{explained:?}"
+    );
+    assert!(
+        explained[0] > 0.0 && (explained[2] - 1.0).abs() < 1e-9,
+        "{explained:?}"
+    );
+    // (Equal only if both columns start from the same x_T.)
+    assert!(png_rmse(&column(runs, "pca", 0, 3), &column(runs, "pca", 0, 4)) < 0.004);
+    let rows = pipeline
+        .manipulate(
+            &Manipulation::PcaProbe {
+                images: vec![images[0].clone()],
+                embeddings: emb.display().to_string(),
+                samples: 1000,
+                components: vec![2, 32],
+            },
+            &o,
+        )
+        .unwrap();
+    let frames = rows[0].decoded_embeds.to_kind(Kind::Double);
+    assert!((frames.get(1) - z.get(0)).abs().max().double_value(&[]) < 1e-5);
+    assert!((frames.get(2) - z.get(0)).abs().max().double_value(&[]) < 1e-6);
+    let norms = frames.norm_scalaropt_dim(2.0, [-1i64].as_slice(), false);
+    assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-5);
+    assert!(angles(&frames.narrow(0, 0, 1), &z.narrow(0, 0, 1))[0] > 0.01);
+
     manipulations_refuse_bad_options(runs, a, b);
 }
 
@@ -342,6 +396,12 @@ fn manipulations_refuse_bad_options(runs: &Runs, a: &str, b: &str) {
         "cpu",
     ];
     let missing = runs.path("no-such.png");
+    let emb = runs
+        .path("emb")
+        .join("img-000000.tar")
+        .display()
+        .to_string();
+    let no_shards = runs.path("no-such-emb-000000.tar").display().to_string();
     for (extra, expect) in [
         (
             vec!["--variations", a, "--caption", "a red circle"],
@@ -392,6 +452,33 @@ fn manipulations_refuse_bad_options(runs: &Runs, a: &str, b: &str) {
             "manipulations walk DDIM",
         ),
         (vec!["--variations", a, "--eta=-1"], "eta must be"),
+        (vec!["--pca-probe", a], "--pca-embeddings"),
+        (
+            vec![
+                "--pca-probe",
+                a,
+                "--pca-embeddings",
+                &emb,
+                "--components",
+                "0,4",
+            ],
+            "0 components of a 32-wide embedding",
+        ),
+        (
+            vec![
+                "--pca-probe",
+                a,
+                "--pca-embeddings",
+                &emb,
+                "--pca-samples",
+                "1",
+            ],
+            "at least 2 embeddings",
+        ),
+        (
+            vec!["--pca-probe", a, "--pca-embeddings", &no_shards],
+            "no-such-emb",
+        ),
     ] {
         let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
         let err = run_fails(env!("CARGO_BIN_EXE_sample"), &args);
