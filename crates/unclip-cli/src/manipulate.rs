@@ -517,13 +517,7 @@ impl Pipeline {
                 });
             }
             out.push(ManipulatedRow {
-                images: Tensor::f_cat(
-                    &[
-                        inputs.display.narrow(0, ii, 1),
-                        decoded.narrow(0, ii * f, f),
-                    ],
-                    0,
-                )?,
+                images: input_then(&inputs.display, ii, &decoded.narrow(0, ii * f, f))?,
                 columns,
                 decoded_embeds: z_frames.narrow(0, ii * f, f),
                 reconstruction_rmse: Vec::new(),
@@ -751,13 +745,7 @@ impl Pipeline {
                 });
             }
             out.push(ManipulatedRow {
-                images: Tensor::f_cat(
-                    &[
-                        inputs.display.narrow(0, ii, 1),
-                        decoded.narrow(0, ii * f, f),
-                    ],
-                    0,
-                )?,
+                images: input_then(&inputs.display, ii, &decoded.narrow(0, ii * f, f))?,
                 columns,
                 decoded_embeds: z_frames.narrow(0, ii * f, f),
                 reconstruction_rmse: vec![rmse[i]],
@@ -796,6 +784,11 @@ impl Column {
             clip_target: None,
         }
     }
+}
+
+/// Input image `i` of `display`, then the images `decoded`.
+fn input_then(display: &Tensor, i: i64, decoded: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::f_cat(&[&display.narrow(0, i, 1), decoded], 0)?)
 }
 
 /// Per row, the RMSE between two image batches in [-1, 1], measured on the [0, 1] pixel scale.
