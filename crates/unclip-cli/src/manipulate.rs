@@ -49,6 +49,8 @@ pub struct ManipulationOptions {
     pub seed: i64,
     /// Images inverted or decoded at once.
     pub batch_size: usize,
+    /// `auto` is fp32 here: the inversion's fixed point and the round trip need its precision
+    /// (bf16 and fp16 are taken as asked).
     pub precision: Precision,
 }
 
@@ -197,7 +199,7 @@ impl Pipeline {
     /// last steps where an ε-model's inversion is ill-conditioned; the decoder config's steps when
     /// its process has no such spacing), no clipping, unguided, up to 10 fixed-point iterations
     /// per inversion step until x moves by at most 1e-4, each upsampler's config sampler; seed 0,
-    /// 16 at once, precision `auto`.
+    /// 16 at once, precision `auto` (fp32).
     pub fn manipulation_options(&self) -> ManipulationOptions {
         let d = &self.decoder.cfg.decoder;
         let ddim50 = Respacing::Spec("ddim50".into());
@@ -409,7 +411,6 @@ impl Pipeline {
     }
 
     fn autocast(&self, precision: Precision) -> Option<AutocastGuard> {
-        let precision = unclip_train::precision::resolve(precision, self.device()).precision;
         autocast(self.device(), precision)
     }
 

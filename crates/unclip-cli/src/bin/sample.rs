@@ -147,7 +147,7 @@ struct Cli {
     /// Images decoded at once.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    /// fp32, bf16, fp16 or auto (bf16 on CUDA and AMX CPUs, else fp32).
+    /// fp32, bf16, fp16 or auto (bf16 on CUDA and AMX CPUs, else fp32; for manipulations fp32).
     #[arg(long, default_value = "auto")]
     precision: String,
     /// auto, cpu, cuda or cuda:N.
