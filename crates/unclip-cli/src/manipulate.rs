@@ -123,7 +123,8 @@ pub struct Column {
     /// cos(CLIP image embedding of the (final) image, the z_i it was decoded from).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_image: Option<f64>,
-    /// cos(CLIP image embedding of the image, each input's z_i), in the row's input order.
+    /// cos(CLIP image embedding of the image, each input's z_i), in the row's input order (one
+    /// input but for interpolations).
     pub clip_inputs: Vec<f64>,
     /// Text diffs: cos(CLIP image embedding of the image, the target caption's z_t).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -560,17 +561,17 @@ impl Pipeline {
         let mut out = Vec::new();
         for (i, file) in files.iter().enumerate() {
             let ii = i as i64;
+            // Every decoded column decodes the input's own z_i.
+            let own = |kind, eta, cos: f64| Column {
+                clip_inputs: vec![cos],
+                ..Column::decoded(kind, None, Some(eta), cos)
+            };
             let mut columns = vec![
                 Column::input(file, cos_x[i]),
-                Column::decoded("reconstruction", None, Some(0.0), cos_r[i]),
+                own("reconstruction", 0.0, cos_r[i]),
             ];
             for j in 0..count {
-                columns.push(Column::decoded(
-                    "variation",
-                    None,
-                    Some(eta),
-                    cos_v[i * count + j],
-                ));
+                columns.push(own("variation", eta, cos_v[i * count + j]));
             }
             out.push(ManipulatedRow {
                 images: Tensor::f_cat(

@@ -1,5 +1,6 @@
 //! Text to image with a trained prior, decoder and upsamplers (unCLIP's sampling pipeline), and
-//! unCLIP's image manipulations with the decoder (variations, interpolations, text diffs).
+//! unCLIP's image manipulations with the decoder (variations, interpolations, text diffs, the
+//! PCA probe).
 //!
 //!     sample --prior runs/prior --decoder runs/decoder --upsampler runs/upsampler \
 //!         --caption "a red circle" --out runs/samples
@@ -18,10 +19,14 @@ use unclip_prior::prior::describe_sampling;
 use unclip_train::config::with_keys;
 use unclip_train::precision::resolve;
 
+/// Text-to-image's arguments, which a manipulation's options conflict with.
+const CAPTIONS: [&str; 2] = ["caption", "captions"];
+
 #[derive(Parser)]
 #[command(
     about = "Sample images for captions: CLIP text encoder → prior → decoder → upsamplers (unCLIP's \
-             pipeline); or manipulate images with the decoder: variations, interpolations, text diffs",
+             pipeline); or manipulate images with the decoder: variations, interpolations, text diffs, \
+             the PCA probe",
     group(ArgGroup::new("manipulation")
         .args(["variations", "interpolate", "text_diff", "pca_probe"])
         .conflicts_with_all(["caption", "captions", "prior", "no_prior", "prior_guidance",
@@ -70,20 +75,20 @@ struct Cli {
     /// A row per pair: A, --frames decodings at θ = 0 … 1, B. Repeatable.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     interpolate: Vec<PathBuf>,
-    /// With --interpolate: slerp x_T between the two images' inverted latents (the ends
-    /// reconstruct them), or hold one random x_T (fixed).
-    #[arg(long, value_enum, default_value = "slerp")]
-    latent: Latent,
+    /// With --interpolate: slerp x_T between the two images' inverted latents (the default: the
+    /// ends reconstruct them), or hold one random x_T (fixed).
+    #[arg(long, value_enum, conflicts_with_all = CAPTIONS)]
+    latent: Option<Latent>,
     /// A text diff of an image file: z_i slerped towards norm(z_t(--to) − z_t(--from)), x_T held.
     /// A row per image: the image, --frames decodings at θ = 0 … --max-theta. Repeatable, with
     /// one --from and one --to per image.
     #[arg(long, value_name = "IMAGE", requires_all = ["from", "to"])]
     text_diff: Vec<PathBuf>,
     /// With --text-diff: the image's own caption.
-    #[arg(long = "from", value_name = "TEXT", requires = "text_diff")]
+    #[arg(long = "from", value_name = "TEXT", conflicts_with_all = CAPTIONS)]
     from: Vec<String>,
     /// With --text-diff: the caption to move towards.
-    #[arg(long = "to", value_name = "TEXT", requires = "text_diff")]
+    #[arg(long = "to", value_name = "TEXT", conflicts_with_all = CAPTIONS)]
     to: Vec<String>,
     /// The PCA probe of an image file: z_i rebuilt from its first k principal components (k from
     /// --components), each decoded from the same random x_T. A row per image: the image, a
@@ -92,30 +97,31 @@ struct Cli {
     pca_probe: Vec<PathBuf>,
     /// With --pca-probe: the embedding shards (`embed`'s output, brace-expanded) whose image
     /// embeddings the principal components are fitted to.
-    #[arg(long, value_name = "SHARDS", requires = "pca_probe")]
+    #[arg(long, value_name = "SHARDS", conflicts_with_all = CAPTIONS)]
     pca_embeddings: Option<String>,
-    /// With --pca-probe: fit the components to at most this many embeddings (in file order).
-    #[arg(long, default_value_t = 10000)]
-    pca_samples: usize,
+    /// With --pca-probe: fit the components to at most this many embeddings (in file order;
+    /// default 10000).
+    #[arg(long, conflicts_with_all = CAPTIONS)]
+    pca_samples: Option<usize>,
     /// With --pca-probe: the numbers of components, e.g. 1,4,16 (default: 1, 2, 4, … below the
     /// embedding's width).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = CAPTIONS)]
     components: Vec<usize>,
-    /// Frames of an interpolation or a text diff.
-    #[arg(long, default_value_t = 8)]
-    frames: usize,
-    /// With --text-diff: the last frame's θ (the paper: 0.25 to 0.5).
-    #[arg(long, default_value_t = 0.5)]
-    max_theta: f64,
-    /// With --variations: DDIM's η (0 reconstructs; larger changes more).
-    #[arg(long, default_value_t = 1.0)]
-    eta: f64,
+    /// Frames of an interpolation or a text diff (default 8).
+    #[arg(long, conflicts_with_all = CAPTIONS)]
+    frames: Option<usize>,
+    /// With --text-diff: the last frame's θ (default 0.5; the paper: 0.25 to 0.5).
+    #[arg(long, conflicts_with_all = CAPTIONS)]
+    max_theta: Option<f64>,
+    /// With --variations: DDIM's η (default 1; 0 reconstructs, larger changes more).
+    #[arg(long, conflicts_with_all = CAPTIONS)]
+    eta: Option<f64>,
     /// Manipulations: at most this many fixed-point iterations per DDIM inversion step (0: the
     /// classic inversion).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, requires = "manipulation", conflicts_with_all = CAPTIONS)]
     inversion_iters: usize,
     /// Manipulations: a step's fixed-point iterations stop once no pixel of x moves by more.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, requires = "manipulation", conflicts_with_all = CAPTIONS)]
     inversion_tolerance: f64,
     /// Output directory: one PNG per image (`NNN_KK.png`: caption NNN, draw KK), `grid.png`
     /// (a row per caption) and `samples.json`.
@@ -184,52 +190,83 @@ fn mean(t: &Tensor) -> f64 {
     t.mean(Kind::Float).double_value(&[])
 }
 
-/// The manipulation the flags ask for, if any; `dim` is the CLIP embedding's width.
-fn manipulation(cli: &Cli, dim: usize) -> Option<Manipulation> {
-    if !cli.variations.is_empty() {
-        Some(Manipulation::Variations {
+/// The manipulation the flags ask for, if any; `dim` is the CLIP embedding's width. A
+/// manipulation's option given with another manipulation is an error naming both.
+fn manipulation(cli: &Cli, dim: usize) -> Result<Option<Manipulation>> {
+    let kind = [
+        ("--variations", cli.variations.is_empty()),
+        ("--interpolate", cli.interpolate.is_empty()),
+        ("--text-diff", cli.text_diff.is_empty()),
+        ("--pca-probe", cli.pca_probe.is_empty()),
+    ]
+    .into_iter()
+    .find_map(|(flag, none)| (!none).then_some(flag));
+    let Some(kind) = kind else {
+        return Ok(None);
+    };
+    for (flag, given, owners) in [
+        ("--eta", cli.eta.is_some(), "--variations"),
+        ("--latent", cli.latent.is_some(), "--interpolate"),
+        (
+            "--frames",
+            cli.frames.is_some(),
+            "--interpolate or --text-diff",
+        ),
+        ("--from", !cli.from.is_empty(), "--text-diff"),
+        ("--to", !cli.to.is_empty(), "--text-diff"),
+        ("--max-theta", cli.max_theta.is_some(), "--text-diff"),
+        (
+            "--pca-embeddings",
+            cli.pca_embeddings.is_some(),
+            "--pca-probe",
+        ),
+        ("--pca-samples", cli.pca_samples.is_some(), "--pca-probe"),
+        ("--components", !cli.components.is_empty(), "--pca-probe"),
+    ] {
+        anyhow::ensure!(
+            !given || owners.contains(kind),
+            "{flag} applies to {owners}, not {kind}"
+        );
+    }
+    let frames = cli.frames.unwrap_or(8);
+    Ok(Some(match kind {
+        "--variations" => Manipulation::Variations {
             images: cli.variations.clone(),
             count: cli.count,
-            eta: cli.eta,
-        })
-    } else if !cli.interpolate.is_empty() {
-        Some(Manipulation::Interpolations {
+            eta: cli.eta.unwrap_or(1.0),
+        },
+        "--interpolate" => Manipulation::Interpolations {
             pairs: cli
                 .interpolate
                 .chunks(2)
                 .map(|p| (p[0].clone(), p[1].clone()))
                 .collect(),
-            frames: cli.frames,
+            frames,
             latent: match cli.latent {
-                Latent::Slerp => LatentPath::Slerp,
-                Latent::Fixed => LatentPath::Fixed,
+                Some(Latent::Fixed) => LatentPath::Fixed,
+                Some(Latent::Slerp) | None => LatentPath::Slerp,
             },
-        })
-    } else if !cli.text_diff.is_empty() {
-        Some(Manipulation::TextDiffs {
+        },
+        "--text-diff" => Manipulation::TextDiffs {
             images: cli.text_diff.clone(),
             from: cli.from.clone(),
             to: cli.to.clone(),
-            frames: cli.frames,
-            max_theta: cli.max_theta,
-        })
-    } else if !cli.pca_probe.is_empty() {
-        let powers_of_two = std::iter::successors(Some(1usize), |k| Some(k * 2))
-            .take_while(|&k| k < dim)
-            .collect();
-        Some(Manipulation::PcaProbe {
+            frames,
+            max_theta: cli.max_theta.unwrap_or(0.5),
+        },
+        _ => Manipulation::PcaProbe {
             images: cli.pca_probe.clone(),
             embeddings: cli.pca_embeddings.clone().unwrap_or_default(),
-            samples: cli.pca_samples,
+            samples: cli.pca_samples.unwrap_or(10_000),
             components: if cli.components.is_empty() {
-                powers_of_two
+                std::iter::successors(Some(1usize), |k| Some(k * 2))
+                    .take_while(|&k| k < dim)
+                    .collect()
             } else {
                 cli.components.clone()
             },
-        })
-    } else {
-        None
-    }
+        },
+    }))
 }
 
 /// Runs a manipulation and writes its images, grid and `manipulations.json`.
@@ -348,7 +385,7 @@ fn main() -> Result<()> {
         )?
         .with_upsamplers(&cli.upsampler)?;
         let dim = pipeline.encoder.embed_dim() as usize;
-        if let Some(m) = manipulation(&cli, dim) {
+        if let Some(m) = manipulation(&cli, dim)? {
             return manipulate(&cli, &m, &pipeline);
         }
     }

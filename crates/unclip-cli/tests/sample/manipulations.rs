@@ -452,6 +452,18 @@ fn manipulations_refuse_bad_options(runs: &Runs, a: &str, b: &str) {
             "manipulations walk DDIM",
         ),
         (vec!["--variations", a, "--eta=-1"], "eta must be"),
+        (
+            vec!["--caption", "a red circle", "--eta", "0.5"],
+            "cannot be used with",
+        ),
+        (
+            vec!["--interpolate", a, b, "--eta", "0.5"],
+            "--eta applies to --variations, not --interpolate",
+        ),
+        (
+            vec!["--variations", a, "--pca-embeddings", &emb],
+            "--pca-embeddings applies to --pca-probe",
+        ),
         (vec!["--pca-probe", a], "--pca-embeddings"),
         (
             vec![
