@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, ensure, Context, Result};
 use serde::Serialize;
 use tch::{Kind, Tensor};
-use unclip_data::images::ImageTransform;
+use unclip_data::images::{Crop, ImageTransform};
 use unclip_decoder::{DecoderCondition, DecoderSampler};
 use unclip_diffusion::embedding::{l2_normalize, slerp};
 use unclip_diffusion::{ClipDenoised, FixedPoint, Respacing, SamplerConfig, SamplerName};
@@ -185,7 +185,7 @@ fn slerp_rows(a: &Tensor, b: &Tensor, thetas: &[f64]) -> Result<Tensor> {
         .view(out_shape.as_slice()))
 }
 
-/// Mean cosine of matching rows as f64 values.
+/// The cosine of each pair of matching rows.
 fn row_cosines(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
     let c = (l2_normalize(a)? * l2_normalize(b)?).sum_dim_intlist(-1, false, Kind::Double);
     Ok(Vec::<f64>::try_from(&c.to_device(tch::Device::Cpu))?)
@@ -344,8 +344,10 @@ impl Pipeline {
                 .view([paths.len() as i64, 3, r, r])
                 .to_device(device))
         };
+        // As the decoder's training images, but deterministic: centred, unflipped.
         let mut decoder_image = self.decoder.cfg.data.image.clone();
         decoder_image.random_flip = false;
+        decoder_image.crop = Crop::Center;
         let mut display = decoder_image.clone();
         display.resolution = self.resolution() as u32;
         let clip = &self.encoder.clip;
@@ -415,7 +417,7 @@ impl Pipeline {
         autocast(self.device(), precision)
     }
 
-    /// cos(CLIP image embedding of each image, row r of `embeds`) and the images' embeddings.
+    /// The CLIP image embeddings of images in [-1, 1] (any size).
     fn clip_embeds(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.encoder.clip.embed_images(images)?.to_kind(Kind::Float))
     }
