@@ -147,6 +147,26 @@ pub fn manipulations_invert_and_decode(runs: &Runs) {
     );
     // (A batch of one image stops its fixed-point iterations at other points than one of two.)
     assert!((rmse(&eta0, 0)[0] - rmse(&report, 0)[0]).abs() < 1e-3);
+    // With an upsampler every column is at its size; the round trip is measured before it.
+    let upsampler = runs.path("upsampler");
+    let up = manipulate(
+        runs,
+        "var-up",
+        &[
+            "--variations",
+            a,
+            "--count",
+            "1",
+            "--eta",
+            "0",
+            "--upsampler",
+            upsampler.to_str().unwrap(),
+        ],
+    );
+    for k in 0..3 {
+        assert_eq!(png(&column(runs, "var-up", 0, k)).dimensions(), (64, 64));
+    }
+    assert_eq!(rmse(&up, 0), rmse(&eta0, 0));
     let classic = manipulate(
         runs,
         "var-classic",
