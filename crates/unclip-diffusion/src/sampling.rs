@@ -97,7 +97,8 @@ impl SamplerConfig {
 pub struct FixedPoint {
     /// At most this many extra model calls per step (0: the classic inversion).
     pub max_iters: usize,
-    /// A step's iterations stop once no element moves by more than this (0: once x is unchanged).
+    /// A step's iterations stop once no element of the batch moves by more than this (0: once x
+    /// is unchanged), so a batch's latents depend slightly on what else is in it.
     pub tolerance: f64,
 }
 
