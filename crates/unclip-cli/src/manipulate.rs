@@ -120,7 +120,8 @@ pub struct Column {
     pub components: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explained_variance: Option<f64>,
-    /// cos(CLIP image embedding of the (final) image, the z_i it was decoded from).
+    /// cos(CLIP image embedding of the (final) image, the embedding it was decoded from; an
+    /// input's own z_i for an input).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_image: Option<f64>,
     /// cos(CLIP image embedding of the image, each input's z_i), in the row's input order (one
