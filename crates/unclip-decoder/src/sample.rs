@@ -13,6 +13,9 @@ use unclip_diffusion::{
 
 use crate::model::{DecoderCondition, UnclipDecoder};
 
+/// A network-output closure: (x_t, model timesteps) → output.
+type Model<'b> = Box<dyn FnMut(&Tensor, &Tensor) -> Result<Tensor> + 'b>;
+
 pub struct DecoderSampler<'a> {
     decoder: &'a UnclipDecoder,
     diffusion: GaussianDiffusion,
@@ -97,40 +100,11 @@ impl<'a> DecoderSampler<'a> {
             "DDIM inversion needs a decoder whose output depends on (x_t, t) alone; this one is \
              self-conditioned (decoder.model.self_condition) on the estimate of the step before"
         );
-        ensure!(
-            guidance_scale.is_finite() && guidance_scale >= 0.0,
-            "guidance scale must be finite and >= 0, got {guidance_scale}"
-        );
-        let b = images.size()[0];
-        ensure!(
-            cond.len() == b,
-            "decoder inversion: {} conditioning rows for {b} images",
-            cond.len()
-        );
         let _g = tch::no_grad_guard();
-        let d = self.decoder;
-        let x = images.to_kind(Kind::Float);
-        let latents = if guidance_scale == 1.0 {
-            self.diffusion.ddim_invert(
-                x,
-                fixed_point,
-                |x: &Tensor, t: &Tensor| d.forward_t(x, t, cond, false),
-                None,
-            )?
-        } else {
-            let both = cond.cat(&d.null_condition(null_text, b)?)?;
-            let mut guided = classifier_free_guidance(
-                |x: &Tensor, t: &Tensor| d.forward_t(x, t, &both, false),
-                guidance_scale,
-                images.size()[1],
-            );
-            self.diffusion.ddim_invert(
-                x,
-                fixed_point,
-                |x: &Tensor, t: &Tensor| -> Result<Tensor> { Ok(guided(x, t)?) },
-                None,
-            )?
-        };
+        let model = self.model(cond, null_text, guidance_scale, images, "decoder inversion")?;
+        let latents =
+            self.diffusion
+                .ddim_invert(images.to_kind(Kind::Float), fixed_point, model, None)?;
         Ok(latents.to_kind(Kind::Float))
     }
 
@@ -148,33 +122,46 @@ impl<'a> DecoderSampler<'a> {
         noise: Tensor,
         start: usize,
     ) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let model = self.model(cond, null_text, guidance_scale, &noise, "decoder sampling")?;
+        let x = self.run(noise, start, model)?;
+        Ok(x.to_kind(Kind::Float).clamp(-1.0, 1.0))
+    }
+
+    /// The network output the samplers (and the inversion) walk with, for `cond` (one row per
+    /// image of `x`): the decoder's at guidance scale 1, else guided against the fully
+    /// unconditional row. `what` names the caller in errors.
+    fn model<'b>(
+        &'b self,
+        cond: &'b DecoderCondition,
+        null_text: &TextCondition,
+        guidance_scale: f64,
+        x: &Tensor,
+        what: &str,
+    ) -> Result<Model<'b>> {
         ensure!(
             guidance_scale.is_finite() && guidance_scale >= 0.0,
             "guidance scale must be finite and >= 0, got {guidance_scale}"
         );
-        let b = noise.size()[0];
+        let (b, channels) = (x.size()[0], x.size()[1]);
         ensure!(
             cond.len() == b,
-            "decoder sampling: {} conditioning rows for {b} noise images",
+            "{what}: {} conditioning rows for {b} images",
             cond.len()
         );
-        let _g = tch::no_grad_guard();
-        let channels = noise.size()[1];
         let d = self.decoder;
-        let x = if guidance_scale == 1.0 {
-            self.run(noise, start, |x: &Tensor, t: &Tensor| {
+        if guidance_scale == 1.0 {
+            return Ok(Box::new(move |x: &Tensor, t: &Tensor| {
                 d.forward_t(x, t, cond, false)
-            })?
-        } else {
-            let both = cond.cat(&d.null_condition(null_text, b)?)?;
-            let mut guided = classifier_free_guidance(
-                |x: &Tensor, t: &Tensor| d.forward_t(x, t, &both, false),
-                guidance_scale,
-                channels,
-            );
-            self.run(noise, start, |x: &Tensor, t: &Tensor| Ok(guided(x, t)?))?
-        };
-        Ok(x.to_kind(Kind::Float).clamp(-1.0, 1.0))
+            }));
+        }
+        let both = cond.cat(&d.null_condition(null_text, b)?)?;
+        let mut guided = classifier_free_guidance(
+            move |x: &Tensor, t: &Tensor| d.forward_t(x, t, &both, false),
+            guidance_scale,
+            channels,
+        );
+        Ok(Box::new(move |x: &Tensor, t: &Tensor| Ok(guided(x, t)?)))
     }
 
     /// Walks the process from `x` at step `start` with `model(network input, t)`; a
