@@ -87,25 +87,15 @@ fn main() -> Result<()> {
                 continue;
             }
             let n = good.len() as i64;
-            let r = i64::from(clip.image.resolution);
-            let pixels: Vec<f32> = good.iter().flat_map(|(_, p)| p.iter().copied()).collect();
-            let captions: Vec<&str> = good
-                .iter()
-                .map(|(i, _)| chunk[*i].caption.as_str())
-                .collect();
+            let (rows, pixels): (Vec<usize>, Vec<Vec<f32>>) = good.into_iter().unzip();
+            let captions: Vec<&str> = rows.iter().map(|&i| chunk[i].caption.as_str()).collect();
             let ids = Tensor::from_slice(&tokenizer.tokenize_batch(&captions, ctx))
                 .view([n, ctx as i64])
                 .to_device(device);
-            let (img, txt, tokens) = tch::no_grad(|| -> Result<_> {
-                let img = l2_normalize(
-                    &clip.model.encode_image(
-                        &Tensor::from_slice(&pixels)
-                            .view([n, 3, r, r])
-                            .to_device(device),
-                    )?,
-                )?;
+            let img = clip.embed_transformed(&pixels, pixels.len())?;
+            let (txt, tokens) = tch::no_grad(|| -> Result<_> {
                 let text = clip.model.encode_text(&ids)?;
-                Ok((img, l2_normalize(&text.embeds)?, text.tokens))
+                Ok((l2_normalize(&text.embeds)?, text.tokens))
             })?;
             let to_vecs = |t: &Tensor| -> Result<Vec<Vec<f32>>> {
                 let t = t.to_kind(Kind::Float).to_device(Device::Cpu);
@@ -113,7 +103,7 @@ fn main() -> Result<()> {
             };
             let (img, txt) = (to_vecs(&img)?, to_vecs(&txt)?);
             let ends: Vec<i64> = Vec::try_from(&ids.argmax(-1, false).to_device(Device::Cpu))?;
-            for (row, (i, _)) in good.iter().enumerate() {
+            for (row, i) in rows.iter().enumerate() {
                 let text_tokens = if cli.token_features {
                     let len = ends[row] + 1;
                     let t = tokens
