@@ -332,7 +332,8 @@ impl Pipeline {
         // Each caption encoded once, then repeated: caption-major rows.
         let rows = Tensor::arange(captions.len() as i64, (Kind::Int64, self.device))
             .repeat_interleave_self_int(o.count as i64, 0, None);
-        let text = self.encoder.encode(captions)?.index_select(&rows)?;
+        let encoded = self.encoder.encode(captions)?;
+        let text = encoded.index_select(&rows)?;
         tch::manual_seed(o.seed);
         let (image_embeds, prior_scores) = match (image_embeds, &self.prior) {
             (Some(z), _) => (
@@ -381,11 +382,7 @@ impl Pipeline {
             .clip
             .embed_images(&images)?
             .to_kind(Kind::Float);
-        let z_t = self
-            .encoder
-            .encode(captions)?
-            .text_embeds
-            .to_kind(Kind::Float);
+        let z_t = encoded.text_embeds.to_kind(Kind::Float);
         Ok(Generated {
             clip_text: z_x.matmul(&z_t.tr()),
             clip_image: (&z_x * &image_embeds).sum_dim_intlist(-1, false, Kind::Float),
