@@ -90,8 +90,9 @@ pub enum Manipulation {
         max_theta: f64,
     },
     /// Per image: the image, then decodings of z_i rebuilt from its first k principal components
-    /// for each k of `components` (and of z_i itself), all from one random x_T. The components are
-    /// fitted to the first `samples` image embeddings of the embedding shards `embeddings`.
+    /// for each k of `components` (none given: 1, 2, 4, … below the embedding's width), then of
+    /// z_i itself, all from one random x_T. The components are fitted to the first `samples`
+    /// image embeddings of the embedding shards `embeddings`.
     PcaProbe {
         images: Vec<PathBuf>,
         embeddings: String,
@@ -299,10 +300,6 @@ impl Pipeline {
                 components,
                 ..
             } => {
-                ensure!(
-                    !components.is_empty(),
-                    "the PCA probe: give the numbers of components to keep"
-                );
                 let dim = self.encoder.embed_dim() as usize;
                 for &k in components {
                     ensure!(
@@ -349,12 +346,19 @@ impl Pipeline {
         let mut decoder_image = self.decoder.cfg.data.image.clone();
         decoder_image.random_flip = false;
         decoder_image.crop = Crop::Center;
-        let mut display = decoder_image.clone();
-        display.resolution = self.resolution() as u32;
+        let pixels = stack(&decoder_image)?;
+        // Without upsamplers the grid shows the decoder's own input.
+        let display = if self.upsamplers.is_empty() {
+            pixels.shallow_clone()
+        } else {
+            let mut display = decoder_image.clone();
+            display.resolution = self.resolution() as u32;
+            stack(&display)?
+        };
         let clip = &self.encoder.clip;
         Ok(InputImages {
-            pixels: stack(&decoder_image)?,
-            display: stack(&display)?,
+            pixels,
+            display,
             image_embeds: clip.embed_transformed(&transform(&clip.image)?, batch_size)?,
         })
     }
@@ -451,7 +455,17 @@ impl Pipeline {
                 embeddings,
                 samples,
                 components,
-            } => self.pca_probe(images, embeddings, *samples, components, o),
+            } => {
+                let components = if components.is_empty() {
+                    let dim = self.encoder.embed_dim() as usize;
+                    std::iter::successors(Some(1usize), |k| Some(k * 2))
+                        .take_while(|&k| k < dim)
+                        .collect()
+                } else {
+                    components.clone()
+                };
+                self.pca_probe(images, embeddings, *samples, &components, o)
+            }
         }
     }
 

@@ -190,9 +190,9 @@ fn mean(t: &Tensor) -> f64 {
     t.mean(Kind::Float).double_value(&[])
 }
 
-/// The manipulation the flags ask for, if any; `dim` is the CLIP embedding's width. A
-/// manipulation's option given with another manipulation is an error naming both.
-fn manipulation(cli: &Cli, dim: usize) -> Result<Option<Manipulation>> {
+/// The manipulation the flags ask for, if any. A manipulation's option given with another
+/// manipulation is an error naming both.
+fn manipulation(cli: &Cli) -> Result<Option<Manipulation>> {
     let kind = [
         ("--variations", cli.variations.is_empty()),
         ("--interpolate", cli.interpolate.is_empty()),
@@ -258,13 +258,7 @@ fn manipulation(cli: &Cli, dim: usize) -> Result<Option<Manipulation>> {
             images: cli.pca_probe.clone(),
             embeddings: cli.pca_embeddings.clone().unwrap_or_default(),
             samples: cli.pca_samples.unwrap_or(10_000),
-            components: if cli.components.is_empty() {
-                std::iter::successors(Some(1usize), |k| Some(k * 2))
-                    .take_while(|&k| k < dim)
-                    .collect()
-            } else {
-                cli.components.clone()
-            },
+            components: cli.components.clone(),
         },
     }))
 }
@@ -372,11 +366,7 @@ fn manipulate(cli: &Cli, m: &Manipulation, pipeline: &Pipeline) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let device = parse_device(&cli.device)?;
-    let manipulating = !(cli.variations.is_empty()
-        && cli.interpolate.is_empty()
-        && cli.text_diff.is_empty()
-        && cli.pca_probe.is_empty());
-    if manipulating {
+    if let Some(m) = manipulation(&cli)? {
         let pipeline = Pipeline::load(
             None,
             &cli.decoder,
@@ -384,10 +374,7 @@ fn main() -> Result<()> {
             device,
         )?
         .with_upsamplers(&cli.upsampler)?;
-        let dim = pipeline.encoder.embed_dim() as usize;
-        if let Some(m) = manipulation(&cli, dim)? {
-            return manipulate(&cli, &m, &pipeline);
-        }
+        return manipulate(&cli, &m, &pipeline);
     }
     let captions = captions(&cli)?;
     let precision = parse_precision(&cli.precision)?;
