@@ -225,3 +225,103 @@ pub fn report_current_then_ema(
     }
     Ok(ckpt)
 }
+
+/// A trainer binary of an image model (the decoder, the upsamplers): it trains, or instead writes
+/// a held-out grid (`--grid`) or a diffusers export (`--export-diffusers`) of a run's weights.
+/// [`image_trainer_main`] is such a binary's `main`.
+pub trait ImageTrainer {
+    /// The config's task sections.
+    type Config: serde::de::DeserializeOwned + crate::config::Validate;
+    type Task: crate::TrainTask;
+    /// What the final grids are called in messages ("held-out samples").
+    const GRID_NAME: &'static str;
+    /// What the final grid's rows are ("real images, then one row per guidance scale").
+    const GRID_ROWS: &'static str;
+
+    /// The task on `vs` for `rank` of `world_size` (`run_dir`: where rank 0 writes grids).
+    fn task(
+        vs: &tch::nn::VarStore,
+        cfg: &Self::Config,
+        seed: u64,
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+        run_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Self::Task>;
+    /// The held-out grid of the task's current weights and its summary line (None on ranks
+    /// without the held-out set).
+    fn held_out_grid(task: &Self::Task) -> anyhow::Result<Option<(tch::Tensor, String)>>;
+    /// Builds the model under `p`.
+    fn build(p: tch::nn::Path, cfg: &Self::Config) -> anyhow::Result<()>;
+    /// `(component, parameters)` counted from the config, for `--dry-run` of huge models.
+    fn counted(cfg: &Self::Config) -> Vec<(&'static str, i64)>;
+    /// Writes the weights in `vs` in diffusers' layout into `out`; what was written, for the
+    /// message.
+    fn export(
+        vs: &tch::nn::VarStore,
+        cfg: &Self::Config,
+        out: &std::path::Path,
+    ) -> anyhow::Result<String>;
+}
+
+/// `train-decoder` / `train-upsampler`: `--grid`, `--export-diffusers`, `--dry-run`, or training
+/// (data-parallel under torchrun) with the final grids of the current and EMA weights.
+pub fn image_trainer_main<M: ImageTrainer>(
+    args: &TrainArgs,
+    inference: &InferenceArgs,
+) -> anyhow::Result<()> {
+    inference.check()?;
+    let cfg = crate::load_config::<M::Config>(&args.config, &args.overrides)?;
+    if let Some(out) = &inference.grid {
+        let device = cfg.runtime.device()?;
+        // The weights first: a missing checkpoint fails before the task loads its data.
+        let (weights, source) = inference.weights(args)?;
+        let vs = tch::nn::VarStore::new(device);
+        let task = M::task(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
+        crate::trainer::load_into(&vs, &weights, &source)?;
+        if let Some((grid, summary)) = M::held_out_grid(&task)? {
+            crate::logging::write_png(out, &grid)?;
+            println!("{source}: {summary}");
+            println!("wrote {}", out.display());
+        }
+        return Ok(());
+    }
+    if let Some(out) = &inference.export_diffusers {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        M::build(vs.root(), &cfg.task)?;
+        let (weights, source) = inference.weights(args)?;
+        crate::trainer::load_into(&vs, &weights, &source)?;
+        let what = M::export(&vs, &cfg.task, out)?;
+        println!("{source} -> {} ({what})", out.display());
+        return Ok(());
+    }
+    let device = cfg.runtime.device()?;
+    if args.dry_run {
+        print_dry_run_header(&args.config, &cfg.runtime, device);
+        return print_model_parameters(device, &M::counted(&cfg.task), |p| M::build(p, &cfg.task));
+    }
+    let run_dir = args.run_dir();
+    train_and_report(
+        &cfg,
+        args,
+        |vs, rank, world| {
+            M::task(
+                vs,
+                &cfg.task,
+                cfg.runtime.seed,
+                cfg.runtime.train.batch_size,
+                rank,
+                world,
+                Some(run_dir.clone()),
+            )
+        },
+        |task, which| {
+            if let Some((grid, summary)) = M::held_out_grid(task)? {
+                let file = write_final_grid(&run_dir, which, &grid)?;
+                println!("{}, {which}: {summary}", M::GRID_NAME);
+                println!("  grid ({}): {}", M::GRID_ROWS, file.display());
+            }
+            Ok(())
+        },
+    )
+}

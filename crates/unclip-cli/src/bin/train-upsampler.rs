@@ -2,13 +2,13 @@
 //!
 //!     train-upsampler --config configs/shapes/upsampler.yaml
 
+use std::path::{Path, PathBuf};
+
 use anyhow::Result;
 use clap::Parser;
-use tch::nn;
-use unclip_train::cli::{
-    print_dry_run_header, print_model_parameters, train_and_report, write_final_grid, InferenceArgs,
-};
-use unclip_train::{load_config, TrainArgs};
+use tch::{nn, Tensor};
+use unclip_train::cli::{image_trainer_main, ImageTrainer, InferenceArgs};
+use unclip_train::TrainArgs;
 use unclip_upsampler::diffusers::save_diffusers_upsampler;
 use unclip_upsampler::task::{UpsamplerTask, UpsamplerTrainConfig};
 use unclip_upsampler::Upsampler;
@@ -28,82 +28,48 @@ struct Cli {
     inference: InferenceArgs,
 }
 
-fn export_diffusers(cli: &Cli, out: &std::path::Path) -> Result<()> {
-    let args = &cli.args;
-    let cfg = load_config::<UpsamplerTrainConfig>(&args.config, &args.overrides)?.task;
-    let vs = nn::VarStore::new(tch::Device::Cpu);
-    Upsampler::new(vs.root(), &cfg.upsampler.model)?;
-    let (weights, source) = cli.inference.weights(args)?;
-    unclip_train::trainer::load_into(&vs, &weights, &source)?;
-    save_diffusers_upsampler(&vs, &cfg.upsampler.model, i64::from(cfg.resolution()), out)?;
-    println!("{source} -> {} (UNet2DModel)", out.display());
-    Ok(())
-}
+struct Upsampling;
 
-fn grid(cli: &Cli, out: &std::path::Path) -> Result<()> {
-    let args = &cli.args;
-    let cfg = load_config::<UpsamplerTrainConfig>(&args.config, &args.overrides)?;
-    let device = cfg.runtime.device()?;
-    let (weights, source) = cli.inference.weights(args)?;
-    let vs = nn::VarStore::new(device);
-    let task = UpsamplerTask::new(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
-    unclip_train::trainer::load_into(&vs, &weights, &source)?;
-    if let Some(report) = task.sample_held_out()? {
-        unclip_train::logging::write_png(out, &report.grid)?;
-        println!("{source}: {}", report.summary());
-        println!("wrote {}", out.display());
+impl ImageTrainer for Upsampling {
+    type Config = UpsamplerTrainConfig;
+    type Task = UpsamplerTask;
+    const GRID_NAME: &'static str = "held-out upsamplings";
+    const GRID_ROWS: &'static str = "bicubic upsampling, samples, real images";
+
+    fn task(
+        vs: &nn::VarStore,
+        cfg: &UpsamplerTrainConfig,
+        seed: u64,
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+        run_dir: Option<PathBuf>,
+    ) -> Result<UpsamplerTask> {
+        UpsamplerTask::new(vs, cfg, seed, batch_size, rank, world_size, run_dir)
     }
-    Ok(())
-}
 
-fn dry_run(cfg: &UpsamplerTrainConfig, device: tch::Device) -> Result<()> {
-    let m = &cfg.upsampler.model;
-    print_model_parameters(device, &[("unet", m.parameter_count())], |p| {
-        Upsampler::new(p, m).map(drop)
-    })
+    fn held_out_grid(task: &UpsamplerTask) -> Result<Option<(Tensor, String)>> {
+        Ok(task
+            .sample_held_out()?
+            .map(|r| (r.grid.shallow_clone(), r.summary())))
+    }
+
+    fn build(p: nn::Path, cfg: &UpsamplerTrainConfig) -> Result<()> {
+        Upsampler::new(p, &cfg.upsampler.model).map(drop)
+    }
+
+    fn counted(cfg: &UpsamplerTrainConfig) -> Vec<(&'static str, i64)> {
+        vec![("unet", cfg.upsampler.model.parameter_count())]
+    }
+
+    fn export(vs: &nn::VarStore, cfg: &UpsamplerTrainConfig, out: &Path) -> Result<String> {
+        let size = i64::from(cfg.resolution());
+        save_diffusers_upsampler(vs, &cfg.upsampler.model, size, out)?;
+        Ok("UNet2DModel".into())
+    }
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    cli.inference.check()?;
-    if let Some(out) = &cli.inference.grid {
-        return grid(&cli, out);
-    }
-    if let Some(out) = &cli.inference.export_diffusers {
-        return export_diffusers(&cli, out);
-    }
-    let args = &cli.args;
-    let cfg = load_config::<UpsamplerTrainConfig>(&args.config, &args.overrides)?;
-    let device = cfg.runtime.device()?;
-    if args.dry_run {
-        print_dry_run_header(&args.config, &cfg.runtime, device);
-        return dry_run(&cfg.task, device);
-    }
-    let run_dir = args.run_dir();
-    train_and_report(
-        &cfg,
-        args,
-        |vs, rank, world| {
-            UpsamplerTask::new(
-                vs,
-                &cfg.task,
-                cfg.runtime.seed,
-                cfg.runtime.train.batch_size,
-                rank,
-                world,
-                Some(run_dir.clone()),
-            )
-        },
-        |task, which| {
-            if let Some(report) = task.sample_held_out()? {
-                let file = write_final_grid(&run_dir, which, &report.grid)?;
-                println!("held-out upsamplings, {which}: {}", report.summary());
-                println!(
-                    "  grid (bicubic upsampling, samples, real images): {}",
-                    file.display()
-                );
-            }
-            Ok(())
-        },
-    )
+    image_trainer_main::<Upsampling>(&cli.args, &cli.inference)
 }
