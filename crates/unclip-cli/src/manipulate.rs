@@ -232,6 +232,7 @@ impl Pipeline {
 
     /// Checks `o` and `m` against the runs before any work; errors name the option.
     pub fn check_manipulation(&self, m: &Manipulation, o: &ManipulationOptions) -> Result<()> {
+        self.expects_image_embeddings("image manipulations (of the images' z_i)")?;
         ensure!(
             o.sampling.sampler == SamplerName::Ddim,
             "decoder sampling: manipulations walk DDIM (what the inversion inverts), not {:?}",

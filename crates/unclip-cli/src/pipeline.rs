@@ -2,13 +2,15 @@
 //! encoder (z_t, token features) → prior (its own guidance scale, candidates reranked by
 //! z_i · z_t) → decoder (its own guidance scale) → upsamplers (none, one or both of unCLIP's two
 //! stages; no guidance). Without a prior the decoder is given z_t as its image embedding: the
-//! paper's zero-shot baseline.
+//! paper's zero-shot baseline, or, for a decoder trained on z_t (`decoder.embedding: text`),
+//! its text-embedding decoder baseline.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 use unclip_clip::caption::{CaptionEncoder, TextCondition};
+use unclip_decoder::task::ConditioningEmbedding;
 use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
 use unclip_diffusion::SamplerConfig;
 use unclip_prior::load::{load_prior_run, PriorRun};
@@ -133,6 +135,12 @@ impl Pipeline {
         let clip = decoder.cfg.clip.clone();
         let prior = match prior_run {
             Some(dir) => {
+                ensure!(
+                    decoder.cfg.decoder.embedding == ConditioningEmbedding::Image,
+                    "the decoder run {} was trained on text embeddings (decoder.embedding: text in \
+                     its config.yaml): it decodes a caption's z_t, so it cannot follow a prior",
+                    decoder_run.display()
+                );
                 let run = load_prior_run(dir, device)
                     .with_context(|| format!("prior run {}", dir.display()))?;
                 ensure!(
@@ -189,6 +197,18 @@ impl Pipeline {
             self.upsamplers.push(run);
         }
         Ok(self)
+    }
+
+    /// Refuses `what` when the decoder was trained on text embeddings (`decoder.embedding:
+    /// text`), which it must be given in place of z_i.
+    pub fn expects_image_embeddings(&self, what: &str) -> Result<()> {
+        ensure!(
+            self.decoder.cfg.decoder.embedding == ConditioningEmbedding::Image,
+            "{what} needs a decoder conditioned on image embeddings; {} was trained on text \
+             embeddings (decoder.embedding: text)",
+            self.decoder.source
+        );
+        Ok(())
     }
 
     /// Where the models live.
@@ -316,6 +336,7 @@ impl Pipeline {
     ) -> Result<Generated> {
         ensure!(!captions.is_empty(), "no captions to sample");
         if let Some(z) = image_embeds {
+            self.expects_image_embeddings("decoding given image embeddings")?;
             ensure!(
                 z.size() == [captions.len() as i64, self.encoder.embed_dim()],
                 "{:?} image embeddings for {} captions of a {}-wide CLIP",

@@ -154,6 +154,56 @@ fn sample_text_to_image() {
     evaluate_refuses_bad_options(&runs);
     export_writes_a_diffusers_unclip_pipeline(&runs);
     manipulations::manipulations_invert_and_decode(&runs);
+    a_text_embedding_decoder_decodes_z_t_and_follows_no_prior(&runs);
+}
+
+/// `decoder.embedding: text` (the paper's text-embedding decoder baseline): the same weights
+/// under that key decode exactly what the image-embedding decoder decodes from z_t, and whatever
+/// would give it an image embedding (a prior, the real images' z_i, a manipulation, an export
+/// behind a prior) is refused, naming the key, before anything is written.
+fn a_text_embedding_decoder_decodes_z_t_and_follows_no_prior(runs: &Runs) {
+    let text_decoder = runs.path("decoder-text");
+    copy_run(&runs.path("decoder"), &text_decoder, |config| {
+        config.replacen("decoder:\n", "decoder:\n  embedding: text\n", 1)
+    });
+    let text_decoder = text_decoder.to_str().unwrap();
+    let captions = ["a red circle", "a small blue square"];
+    runs.sample(&runs.path("zt-image"), &captions, &["--no-prior"]);
+    runs.sample(
+        &runs.path("zt-text"),
+        &captions,
+        &["--no-prior", "--decoder", text_decoder],
+    );
+    for name in ["000_00.png", "001_00.png"] {
+        assert_eq!(
+            png(&runs.path("zt-image").join(name)),
+            png(&runs.path("zt-text").join(name)),
+            "{name}"
+        );
+    }
+    let out = runs.path("text-refused");
+    let input = manipulations::input_images(runs, 1).remove(0);
+    let prior = runs.path("prior");
+    let prior = prior.to_str().unwrap();
+    let data = runs.path("shapes").join("val-000000.tar");
+    let data = data.to_str().unwrap();
+    let (sample, evaluate) = (env!("CARGO_BIN_EXE_sample"), env!("CARGO_BIN_EXE_evaluate"));
+    let cpu = ["--device", "cpu"];
+    for (bin, args) in [
+        (sample, vec!["--prior", prior, "--caption", "a red circle"]),
+        (sample, vec!["--variations", input.to_str().unwrap()]),
+        (evaluate, vec!["--true-image-embeddings", "--data", data]),
+        (env!("CARGO_BIN_EXE_export"), vec!["--prior", prior]),
+    ] {
+        let mut all = vec!["--decoder", text_decoder, "--out", out.to_str().unwrap()];
+        all.extend(&args);
+        if bin != env!("CARGO_BIN_EXE_export") {
+            all.extend(cpu);
+        }
+        let err = run_fails(bin, &all);
+        assert!(err.contains("decoder.embedding: text"), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
 }
 
 /// `sample --prior` with an autoregressive prior run: its embeddings (unit vectors, repeatable

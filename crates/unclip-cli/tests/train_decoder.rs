@@ -1,14 +1,17 @@
 //! The decoder's stage through the binaries: shapes shards → `embed --token-features` (a random
 //! tiny CLIP) → `train-decoder`: the loss falls, EMA grids are written, a resumed run ends with
 //! the same weights as an uninterrupted one (in one process and over 2 data-parallel ranks), stored
-//! and on-the-fly CLIP conditioning agree; and `--dry-run` on the paper config.
+//! and on-the-fly CLIP conditioning agree (z_t in z_i's place with `decoder.embedding: text`); and
+//! `--dry-run` on the paper config.
 use std::path::Path;
 mod common;
 use common::{
     decoder_config, dry_run_committed, dry_run_total, embedded_shapes, launch_two_ranks, run,
     run_fails,
 };
-use unclip_decoder::task::{DecoderTask, DecoderTrainConfig, EmbeddingSource};
+use unclip_decoder::task::{
+    ConditioningEmbedding, DecoderTask, DecoderTrainConfig, EmbeddingSource,
+};
 use unclip_decoder::LoadedDecoder;
 use unclip_train::config::parse_config;
 
@@ -284,6 +287,23 @@ fn stored_and_on_the_fly_conditioning_agree() {
             &masked(&b.text.tokens, &b.text.mask)
         ) < 1e-2
     );
+    // decoder.embedding: text puts each caption's z_t where z_i was, from either source; the
+    // grids' CLIP score still compares with the real images' z_i.
+    for source in [EmbeddingSource::Stored, EmbeddingSource::Clip] {
+        let mut c = cfg.task.clone();
+        c.data.embeddings = source;
+        c.decoder.embedding = ConditioningEmbedding::Text;
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let text = DecoderTask::new(&vs, &c, 0, 8, 0, 1, None).unwrap();
+        let h = text.held_out().unwrap();
+        assert!(h.cond.image_embeds.equal(&h.cond.text.text_embeds));
+        assert!(diff(&h.cond.image_embeds, &a.text.text_embeds) < 1e-5);
+        assert!(diff(&h.image_embeds, &a.image_embeds) < 1e-5);
+        assert!(
+            diff(&h.cond.image_embeds, &h.image_embeds) > 0.1,
+            "{source:?}"
+        );
+    }
     // Without the embedding shards the error names the key and the missing file.
     std::fs::remove_dir_all(dir.join("emb")).unwrap();
     let err = format!("{:#}", task(EmbeddingSource::Stored).err().unwrap());

@@ -33,6 +33,12 @@ use crate::sample::DecoderSampler;
 #[serde(deny_unknown_fields)]
 pub struct DecoderSection {
     pub model: DecoderModelConfig,
+    /// Which CLIP embedding the decoder is conditioned on (projected into the timestep embedding
+    /// and the extra context tokens): `image` (unCLIP's z_i; a prior supplies it at sampling) or
+    /// `text` (z_t in its place: the paper's text-embedding decoder baseline, sampled without a
+    /// prior).
+    #[serde(default)]
+    pub embedding: ConditioningEmbedding,
     /// Start from a diffusers UnCLIP pipeline directory's decoder (`decoder/` + `text_proj/`, e.g.
     /// Karlo's) instead of a random initialisation; `model` must describe the same network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,6 +87,18 @@ fn default_image_drop() -> f64 {
 }
 fn default_text_drop() -> f64 {
     0.5
+}
+
+/// `decoder.embedding`: what fills the decoder's CLIP-embedding input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditioningEmbedding {
+    /// The image's CLIP embedding z_i (unCLIP).
+    #[default]
+    Image,
+    /// The caption's CLIP embedding z_t (SPEC.md: "a decoder trained on text embeddings is
+    /// another baseline"; MS-COCO FID 9.1 against unCLIP's 7.99).
+    Text,
 }
 
 /// Where the CLIP conditioning comes from.
@@ -306,6 +324,9 @@ pub struct DecoderBatch {
 /// Held-out images with their conditioning, for the grids.
 pub struct HeldOut {
     pub images: Tensor,
+    /// [N, D]: the images' z_i, what the samples' CLIP score compares with (also with
+    /// `decoder.embedding: text`, whose `cond` holds z_t instead).
+    pub image_embeds: Tensor,
     pub cond: DecoderCondition,
     /// Each image's scene when the held-out shards are shapes scenes (every sample's `.json`
     /// reads as one): the grids' shapes are then counted.
@@ -363,8 +384,8 @@ pub struct SampleReport {
     /// [3, rows·H, count·W] in [0, 1]: the real images, one row per guidance scale, then one
     /// per denoising strength and guidance scale.
     pub grid: Tensor,
-    /// Per guidance scale: mean cosine(CLIP image embedding of the sample, the z_i it was
-    /// decoded from).
+    /// Per guidance scale: mean cosine(CLIP image embedding of the sample, the held-out image's
+    /// z_i, which it was decoded from unless `decoder.embedding: text`).
     pub cos_to_condition: Vec<(f64, f64)>,
     /// Mean cosine(z_i of a held-out image, z_i of another): what an unrelated image scores.
     pub cos_unrelated: f64,
@@ -570,8 +591,13 @@ impl DecoderTask {
                 Some(scenes) => Some(count_shapes(&batch.images, scenes)?),
                 None => None,
             };
+            let image_embeds = match cfg.decoder.embedding {
+                ConditioningEmbedding::Image => batch.cond.image_embeds.shallow_clone(),
+                ConditioningEmbedding::Text => task.image_embeds(&b, &batch.images)?,
+            };
             task.held_out = Some(HeldOut {
                 images: batch.images,
+                image_embeds,
                 cond: batch.cond,
                 scenes,
                 real_shapes,
@@ -588,8 +614,27 @@ impl DecoderTask {
         self.held_out.as_ref()
     }
 
-    /// The CLIP conditioning of a loader batch, from the embedding shards or the frozen CLIP.
+    /// The CLIP conditioning of a loader batch, from the embedding shards or the frozen CLIP:
+    /// the caption's, and z_i or z_t in the embedding slot as `decoder.embedding` says.
     pub fn condition(&self, b: &ImageBatch, images: &Tensor) -> Result<DecoderCondition> {
+        let text = match self.cfg.data.embeddings {
+            EmbeddingSource::Stored => stored_condition(
+                &b.embeddings,
+                self.encoder.context_length(),
+                self.encoder.text_width(),
+                self.device,
+            )?,
+            EmbeddingSource::Clip => self.encoder.encode(&b.captions)?,
+        };
+        let image_embeds = match self.cfg.decoder.embedding {
+            ConditioningEmbedding::Image => self.image_embeds(b, images)?,
+            ConditioningEmbedding::Text => text.text_embeds.shallow_clone(),
+        };
+        Ok(DecoderCondition { image_embeds, text })
+    }
+
+    /// The CLIP image embeddings z_i of a loader batch's images, stored or computed.
+    fn image_embeds(&self, b: &ImageBatch, images: &Tensor) -> Result<Tensor> {
         match self.cfg.data.embeddings {
             EmbeddingSource::Stored => {
                 let d = self.cfg.decoder.model.clip_embeddings_dim;
@@ -599,20 +644,9 @@ impl DecoderTask {
                     "embedding shards hold embeddings of shape {:?}, decoder.model.clip_embeddings_dim is {d}",
                     image_embeds.size()
                 );
-                Ok(DecoderCondition {
-                    image_embeds,
-                    text: stored_condition(
-                        &b.embeddings,
-                        self.encoder.context_length(),
-                        self.encoder.text_width(),
-                        self.device,
-                    )?,
-                })
+                Ok(image_embeds)
             }
-            EmbeddingSource::Clip => Ok(DecoderCondition {
-                image_embeds: self.encoder.clip.embed_images(images)?,
-                text: self.encoder.encode(&b.captions)?,
-            }),
+            EmbeddingSource::Clip => self.encoder.clip.embed_images(images),
         }
     }
 
@@ -628,9 +662,10 @@ impl DecoderTask {
         })
     }
 
-    /// Decodes the held-out image embeddings (with their captions) at each of `samples`' guidance
-    /// scales from the same seeded noise, and scores each sample by how close CLIP puts it to
-    /// the embedding it was decoded from. None on ranks without the held-out set.
+    /// Decodes the held-out images' conditioning (z_i, or z_t with `decoder.embedding: text`,
+    /// and their captions) at each of `samples`' guidance scales from the same seeded noise, and
+    /// scores each sample by how close CLIP puts it to its real image's z_i. None on ranks
+    /// without the held-out set.
     pub fn sample_held_out(&self) -> Result<Option<SampleReport>> {
         let Some(h) = &self.held_out else {
             return Ok(None);
@@ -638,7 +673,7 @@ impl DecoderTask {
         let _g = tch::no_grad_guard();
         let d = &self.cfg.decoder;
         let sampler = DecoderSampler::new(&self.model, &d.diffusion, &d.sampling)?;
-        let z = &h.cond.image_embeds;
+        let z = &h.image_embeds;
         let mut rows = vec![h.images.shallow_clone()];
         let mut cos = Vec::new();
         let mut shapes = h.real_shapes.map(|real| ShapeReport {

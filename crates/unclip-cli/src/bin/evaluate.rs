@@ -266,6 +266,9 @@ fn main() -> Result<()> {
         "--decoder-guidance",
     )?;
     // Every setting is checked before any work.
+    if cli.true_image_embeddings {
+        pipeline.expects_image_embeddings("--true-image-embeddings")?;
+    }
     for (&pg, &dg) in prior_scales
         .iter()
         .flat_map(|p| decoder_scales.iter().map(move |d| (p, d)))
@@ -310,6 +313,7 @@ fn main() -> Result<()> {
         json!({
             "run": decoder_dir.display().to_string(),
             "weights": pipeline.decoder.source,
+            "embedding": pipeline.decoder.cfg.decoder.embedding,
             "sampling": o.decoder_sampling.describe(),
         }),
     );

@@ -15,7 +15,7 @@ use super::{png, Runs};
 use crate::common::{run, run_fails};
 
 /// The first `n` held-out shapes images as PNG files.
-fn input_images(runs: &Runs, n: usize) -> Vec<PathBuf> {
+pub(super) fn input_images(runs: &Runs, n: usize) -> Vec<PathBuf> {
     let shard = runs.path("shapes").join("val-000000.tar");
     let reader = ShardReader::new(&ReaderConfig::in_order(shard.display().to_string()), 0).unwrap();
     let dir = runs.path("inputs");
