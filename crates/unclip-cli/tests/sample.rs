@@ -169,10 +169,11 @@ fn a_text_embedding_decoder_decodes_z_t_and_follows_no_prior(runs: &Runs) {
     let text_decoder = text_decoder.to_str().unwrap();
     let captions = ["a red circle", "a small blue square"];
     runs.sample(&runs.path("zt-image"), &captions, &["--no-prior"]);
-    runs.sample(
-        &runs.path("zt-text"),
-        &captions,
-        &["--no-prior", "--decoder", text_decoder],
+    let mut args = runs.args(&runs.path("zt-text"), &captions, &["--no-prior"]);
+    args[1] = text_decoder.to_string();
+    run(
+        env!("CARGO_BIN_EXE_sample"),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     for name in ["000_00.png", "001_00.png"] {
         assert_eq!(
