@@ -226,6 +226,10 @@ pub fn report_current_then_ema(
     Ok(ckpt)
 }
 
+/// A task constructor: `(vs, cfg, seed, batch_size, rank, world_size, run_dir)`.
+pub type NewTask<C, T> =
+    fn(&tch::nn::VarStore, &C, u64, usize, usize, usize, Option<PathBuf>) -> anyhow::Result<T>;
+
 /// A trainer binary of an image model (the decoder, the upsamplers): it trains, or instead writes
 /// a held-out grid (`--grid`) or a diffusers export (`--export-diffusers`) of a run's weights.
 /// [`image_trainer_main`] is such a binary's `main`.
@@ -238,16 +242,9 @@ pub trait ImageTrainer {
     /// What the final grid's rows are ("real images, then one row per guidance scale").
     const GRID_ROWS: &'static str;
 
-    /// The task on `vs` for `rank` of `world_size` (`run_dir`: where rank 0 writes grids).
-    fn task(
-        vs: &tch::nn::VarStore,
-        cfg: &Self::Config,
-        seed: u64,
-        batch_size: usize,
-        rank: usize,
-        world_size: usize,
-        run_dir: Option<PathBuf>,
-    ) -> anyhow::Result<Self::Task>;
+    /// The task's constructor: `(vs, cfg, seed, batch_size, rank, world_size, run_dir)` builds
+    /// the task on `vs` for `rank` of `world_size` (`run_dir`: where rank 0 writes grids).
+    const NEW_TASK: NewTask<Self::Config, Self::Task>;
     /// The held-out grid of the task's current weights and its summary line (None on ranks
     /// without the held-out set).
     fn held_out_grid(task: &Self::Task) -> anyhow::Result<Option<(tch::Tensor, String)>>;
@@ -277,7 +274,7 @@ pub fn image_trainer_main<M: ImageTrainer>(
         // The weights first: a missing checkpoint fails before the task loads its data.
         let (weights, source) = inference.weights(args)?;
         let vs = tch::nn::VarStore::new(device);
-        let task = M::task(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
+        let task = (M::NEW_TASK)(&vs, &cfg.task, cfg.runtime.seed, 1, 0, 1, None)?;
         crate::trainer::load_into(&vs, &weights, &source)?;
         if let Some((grid, summary)) = M::held_out_grid(&task)? {
             crate::logging::write_png(out, &grid)?;
@@ -305,7 +302,7 @@ pub fn image_trainer_main<M: ImageTrainer>(
         &cfg,
         args,
         |vs, rank, world| {
-            M::task(
+            (M::NEW_TASK)(
                 vs,
                 &cfg.task,
                 cfg.runtime.seed,

@@ -2,14 +2,14 @@
 //!
 //!     train-decoder --config configs/shapes/decoder.yaml
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use clap::Parser;
 use tch::{nn, Tensor};
 use unclip_decoder::task::{DecoderTask, DecoderTrainConfig};
 use unclip_decoder::UnclipDecoder;
-use unclip_train::cli::{image_trainer_main, ImageTrainer, InferenceArgs};
+use unclip_train::cli::{image_trainer_main, ImageTrainer, InferenceArgs, NewTask};
 use unclip_train::TrainArgs;
 
 #[derive(Parser)]
@@ -34,18 +34,7 @@ impl ImageTrainer for Decoder {
     type Task = DecoderTask;
     const GRID_NAME: &'static str = "held-out samples";
     const GRID_ROWS: &'static str = "real images, then one row per guidance scale";
-
-    fn task(
-        vs: &nn::VarStore,
-        cfg: &DecoderTrainConfig,
-        seed: u64,
-        batch_size: usize,
-        rank: usize,
-        world_size: usize,
-        run_dir: Option<PathBuf>,
-    ) -> Result<DecoderTask> {
-        DecoderTask::new(vs, cfg, seed, batch_size, rank, world_size, run_dir)
-    }
+    const NEW_TASK: NewTask<Self::Config, Self::Task> = DecoderTask::new;
 
     fn held_out_grid(task: &DecoderTask) -> Result<Option<(Tensor, String)>> {
         Ok(task

@@ -2,12 +2,12 @@
 //!
 //!     train-upsampler --config configs/shapes/upsampler.yaml
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use clap::Parser;
 use tch::{nn, Tensor};
-use unclip_train::cli::{image_trainer_main, ImageTrainer, InferenceArgs};
+use unclip_train::cli::{image_trainer_main, ImageTrainer, InferenceArgs, NewTask};
 use unclip_train::TrainArgs;
 use unclip_upsampler::diffusers::save_diffusers_upsampler;
 use unclip_upsampler::task::{UpsamplerTask, UpsamplerTrainConfig};
@@ -35,18 +35,7 @@ impl ImageTrainer for Upsampling {
     type Task = UpsamplerTask;
     const GRID_NAME: &'static str = "held-out upsamplings";
     const GRID_ROWS: &'static str = "bicubic upsampling, samples, real images";
-
-    fn task(
-        vs: &nn::VarStore,
-        cfg: &UpsamplerTrainConfig,
-        seed: u64,
-        batch_size: usize,
-        rank: usize,
-        world_size: usize,
-        run_dir: Option<PathBuf>,
-    ) -> Result<UpsamplerTask> {
-        UpsamplerTask::new(vs, cfg, seed, batch_size, rank, world_size, run_dir)
-    }
+    const NEW_TASK: NewTask<Self::Config, Self::Task> = UpsamplerTask::new;
 
     fn held_out_grid(task: &UpsamplerTask) -> Result<Option<(Tensor, String)>> {
         Ok(task
