@@ -111,6 +111,17 @@ pub struct Generated {
     pub image_clip_embeds: Tensor,
 }
 
+/// Refuses `what` for a decoder trained on text embeddings (`decoder.embedding: text`).
+fn expects_image_embeddings(decoder: &DecoderRun, what: &str) -> Result<()> {
+    ensure!(
+        decoder.cfg.decoder.embedding == ConditioningEmbedding::Image,
+        "{what} needs a decoder conditioned on image embeddings; {} was trained on text \
+         embeddings (decoder.embedding: text)",
+        decoder.source
+    );
+    Ok(())
+}
+
 /// Whether two `clip:` settings name the same CLIP (same directory once resolved).
 fn same_clip(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
@@ -135,12 +146,7 @@ impl Pipeline {
         let clip = decoder.cfg.clip.clone();
         let prior = match prior_run {
             Some(dir) => {
-                ensure!(
-                    decoder.cfg.decoder.embedding == ConditioningEmbedding::Image,
-                    "the decoder run {} was trained on text embeddings (decoder.embedding: text in \
-                     its config.yaml): it decodes a caption's z_t, so it cannot follow a prior",
-                    decoder_run.display()
-                );
+                expects_image_embeddings(&decoder, "a prior (it decodes a caption's z_t)")?;
                 let run = load_prior_run(dir, device)
                     .with_context(|| format!("prior run {}", dir.display()))?;
                 ensure!(
@@ -202,13 +208,7 @@ impl Pipeline {
     /// Refuses `what` when the decoder was trained on text embeddings (`decoder.embedding:
     /// text`), which it must be given in place of z_i.
     pub fn expects_image_embeddings(&self, what: &str) -> Result<()> {
-        ensure!(
-            self.decoder.cfg.decoder.embedding == ConditioningEmbedding::Image,
-            "{what} needs a decoder conditioned on image embeddings; {} was trained on text \
-             embeddings (decoder.embedding: text)",
-            self.decoder.source
-        );
-        Ok(())
+        expects_image_embeddings(&self.decoder, what)
     }
 
     /// Where the models live.
