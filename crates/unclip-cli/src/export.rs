@@ -13,7 +13,6 @@ use tch::Tensor;
 use unclip_clip::config::Activation;
 use unclip_clip::load::LoadedClip;
 use unclip_data::tokenizer::ClipTokenizer;
-use unclip_decoder::pretrained::write_component;
 use unclip_diffusion::{ClipDenoised, DiffusionConfig, MeanType, VarianceType};
 use unclip_prior::Prior;
 
@@ -216,10 +215,11 @@ pub fn export_unclip_pipeline(pipeline: &Pipeline, out: &Path) -> Result<Vec<Str
             .with_context(|| format!("removing the unfinished {}", partial.display()))?;
     }
     let prior = pipeline.prior.as_ref().context("export needs a prior")?;
-    let mut prior_config = serde_json::to_value(prior.cfg.prior.diffusion_model()?)?;
-    prior_config["_class_name"] = json!("PriorTransformer");
-    prior_config["_diffusers_version"] = json!(DIFFUSERS_VERSION);
-    write_component(&prior.vs, "", &prior_config, &partial.join("prior"))?;
+    unclip_prior::load::save_diffusers_prior(
+        &prior.vs,
+        prior.cfg.prior.diffusion_model()?,
+        &partial.join("prior"),
+    )?;
     unclip_decoder::save_diffusers_decoder(
         &pipeline.decoder.vs,
         &pipeline.decoder.cfg.decoder.model,

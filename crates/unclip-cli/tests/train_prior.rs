@@ -3,7 +3,8 @@
 //! and `--dry-run` on the paper configs.
 mod common;
 use common::{
-    dry_run_committed, dry_run_total, embedded_shapes, launch_two_ranks, prior_config_with, run,
+    assert_same_tensors, dry_run_committed, dry_run_total, embedded_shapes, launch_two_ranks,
+    one_step_weights, pipeline_holding, prior_config_with, read_tensors, run, run_fails,
     AUTOREGRESSIVE_PRIOR, DIFFUSION_PRIOR,
 };
 use unclip_data::npy::NpyArray;
@@ -71,6 +72,95 @@ fn embed_then_train_either_prior_then_sample() {
             assert!((norm - 1.0).abs() < 1e-4, "{kind}: embedding norm {norm}");
         }
     }
+    diffusers_export_and_init_from(dir);
+}
+
+/// `--export-diffusers` writes the diffusion prior's EMA weights as a `PriorTransformer`
+/// directory; `prior.init_from` starts a run from one (or from a pipeline directory's `prior/`):
+/// its weights and its `clip_mean` / `clip_std`, kept although the run's own stats samples would
+/// fit others. An lr of 1e-30 leaves the weights as they are, so the step-1 checkpoint holds them.
+fn diffusers_export_and_init_from(dir: &std::path::Path) {
+    let prior = env!("CARGO_BIN_EXE_train-prior");
+    let config = dir.join("diffusion.yaml");
+    let config_arg = config.to_str().unwrap();
+    let export = dir.join("prior-diffusers");
+    let run_dir = dir.join("diffusion");
+    let out = run(
+        prior,
+        &[
+            "--config",
+            config_arg,
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--export-diffusers",
+            export.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.contains("step-000000006") && out.contains("PriorTransformer"),
+        "{out}"
+    );
+    let exported = read_tensors(&export.join("diffusion_pytorch_model.safetensors"));
+    let ema = read_tensors(&dir.join("diffusion/checkpoints/step-000000006/ema.safetensors"));
+    assert_same_tensors(&exported, &ema, "the export");
+    let loaded = unclip_prior::load::load_diffusers_prior(&export, tch::Device::Cpu).unwrap();
+    assert_eq!(loaded.vs.variables().len(), ema.len());
+    let pipeline = dir.join("pipeline");
+    pipeline_holding(&export, &pipeline, "prior");
+    for (name, from) in [("init-prior", &export), ("init-pipeline", &pipeline)] {
+        let init = format!("prior.init_from={}", from.display());
+        let sets = [init.as_str(), "data.stats_samples=5"];
+        let model = one_step_weights(prior, &config, &dir.join(name), &sets);
+        assert_same_tensors(&model, &exported, name);
+    }
+    // Refused before any work: another model (the error prints the one that fits), the
+    // autoregressive prior's export and init_from.
+    let init = format!("prior.init_from={}", export.display());
+    let bad_dir = dir.join("bad");
+    let bad = run_fails(
+        prior,
+        &[
+            "--config",
+            config_arg,
+            "--run-dir",
+            bad_dir.to_str().unwrap(),
+            "--set",
+            &init,
+            "--set",
+            "prior.model.num_layers=2",
+        ],
+    );
+    assert!(
+        bad.contains("prior.init_from") && bad.contains("\"num_layers\":1"),
+        "{bad}"
+    );
+    assert!(!bad_dir.exists());
+    let ar_config = dir.join("autoregressive.yaml");
+    let bad = run_fails(
+        prior,
+        &[
+            "--config",
+            ar_config.to_str().unwrap(),
+            "--run-dir",
+            dir.join("autoregressive").to_str().unwrap(),
+            "--export-diffusers",
+            dir.join("ar-diffusers").to_str().unwrap(),
+        ],
+    );
+    assert!(bad.contains("autoregressive"), "{bad}");
+    assert!(!dir.join("ar-diffusers").exists());
+    let bad = run_fails(
+        prior,
+        &[
+            "--config",
+            ar_config.to_str().unwrap(),
+            "--run-dir",
+            bad_dir.to_str().unwrap(),
+            "--set",
+            &init,
+        ],
+    );
+    assert!(bad.contains("prior.init_from"), "{bad}");
 }
 
 #[test]

@@ -6,7 +6,10 @@ use std::path::Path;
 
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
 mod common;
-use common::{dry_run_committed, dry_run_total, launch_two_ranks, run, run_fails};
+use common::{
+    assert_same_tensors, dry_run_committed, dry_run_total, launch_two_ranks, one_step_weights,
+    pipeline_holding, run, run_fails,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_train-upsampler");
 
@@ -186,6 +189,35 @@ fn train_upsampler_learns_writes_grids_resumes_exactly_and_exports() {
             "{name} differs from the EMA checkpoint"
         );
     }
+    // upsampler.init_from: a run starts from the export's weights, given the UNet2DModel
+    // directory or a pipeline directory holding it as super_res_first/.
+    let pipeline = dir.join("pipeline");
+    pipeline_holding(&export, &pipeline, "super_res_first");
+    for (name, from) in [("init-unet", &export), ("init-pipeline", &pipeline)] {
+        let init = format!("upsampler.init_from={}", from.display());
+        let model = one_step_weights(BIN, &config, &dir.join(name), &[&init]);
+        assert_same_tensors(&model, &ema, name);
+    }
+    // A model other than the export's is refused before any work, printing the one that fits.
+    let init = format!("upsampler.init_from={}", export.display());
+    let bad = run_fails(
+        BIN,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--run-dir",
+            dir.join("bad").to_str().unwrap(),
+            "--set",
+            &init,
+            "--set",
+            "upsampler.model.layers_per_block=2",
+        ],
+    );
+    assert!(
+        bad.contains("upsampler.init_from") && bad.contains("\"layers_per_block\":1"),
+        "{bad}"
+    );
+    assert!(!dir.join("bad").exists());
     // A bad config fails before any work, naming the key.
     let bad = run_fails(
         BIN,

@@ -2,11 +2,11 @@
 //! (`config.json` + `diffusion_pytorch_model.safetensors`, e.g. Karlo's `prior/`) or a file.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use tch::{nn, Device, Tensor};
-use unclip_train::trainer::load_into;
+use unclip_train::trainer::{diffusers_component_dir, load_into};
 
 use crate::config::PriorConfig;
 use crate::model::DiffusionPrior;
@@ -39,17 +39,45 @@ pub struct LoadedPrior {
     pub model: DiffusionPrior,
 }
 
-/// A diffusers `PriorTransformer` directory, frozen, on `device`.
-pub fn load_diffusers_prior(dir: &Path, device: Device) -> Result<LoadedPrior> {
+/// The `PriorTransformer` directory `dir` names: itself, or a UnCLIP pipeline directory's `prior/`.
+pub fn prior_dir(dir: &Path) -> Result<PathBuf> {
+    diffusers_component_dir(dir, "prior", "PriorTransformer")
+}
+
+/// The prior a `PriorTransformer` directory's `config.json` describes.
+pub fn read_diffusers_prior_config(dir: &Path) -> Result<PriorConfig> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
-    let cfg = PriorConfig::from_diffusers_json(&text, &config_path.display().to_string())?;
+    PriorConfig::from_diffusers_json(&text, &config_path.display().to_string())
+}
+
+/// A diffusers `PriorTransformer` directory, frozen, on `device`.
+pub fn load_diffusers_prior(dir: &Path, device: Device) -> Result<LoadedPrior> {
+    let cfg = read_diffusers_prior_config(dir)?;
     let mut vs = nn::VarStore::new(device);
     let model = DiffusionPrior::new(vs.root(), &cfg)?;
     load_prior_weights(&vs, &dir.join("diffusion_pytorch_model.safetensors"))?;
     vs.freeze();
     Ok(LoadedPrior { vs, model })
+}
+
+/// Writes the diffusion prior in `vs` (built from `cfg`, at the root: diffusers' names, with its
+/// `clip_mean` / `clip_std`) as a diffusers `PriorTransformer` directory — `config.json` and
+/// `diffusion_pytorch_model.safetensors` — that `PriorTransformer.from_pretrained` (and
+/// [`load_diffusers_prior`], `prior.init_from`) read.
+pub fn save_diffusers_prior(vs: &nn::VarStore, cfg: &PriorConfig, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut config = serde_json::to_value(cfg)?;
+    config["_class_name"] = "PriorTransformer".into();
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let mut tensors = vs.variables().into_iter().collect::<Vec<_>>();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    Tensor::write_safetensors(&tensors, &weights)
+        .with_context(|| format!("writing {}", weights.display()))
 }
 
 /// A trained prior from a `train-prior` run directory: its resolved `config.yaml` and the newest

@@ -45,6 +45,12 @@ pub struct PriorSection {
     /// The diffusion prior's transformer, in diffusers `PriorTransformer` config names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<PriorConfig>,
+    /// Start the diffusion prior from a diffusers `PriorTransformer` directory, or a UnCLIP
+    /// pipeline directory's `prior/` (e.g. Karlo's), instead of a random initialisation: its
+    /// weights and its `clip_mean` / `clip_std` (kept, not refitted). `model` must describe the
+    /// same network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     /// The autoregressive prior: its transformer, codec and sampling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoregressive: Option<ArPriorConfig>,
@@ -244,7 +250,19 @@ impl Validate for PriorTrainConfig {
         let p = &self.prior;
         match p.kind {
             PriorKind::Diffusion => {
-                p.diffusion_model()?.validate()?;
+                let model = p.diffusion_model()?;
+                model.validate()?;
+                if let Some(dir) = &p.init_from {
+                    let theirs = crate::load::prior_dir(dir)
+                        .and_then(|d| crate::load::read_diffusers_prior_config(&d))
+                        .with_context(|| format!("prior.init_from {}", dir.display()))?;
+                    ensure!(
+                        &theirs == model,
+                        "prior.init_from {}: its prior differs from prior.model, which would be (YAML): {}",
+                        dir.display(),
+                        serde_json::to_string(&theirs).unwrap_or_default()
+                    );
+                }
                 ensure!(
                     p.autoregressive.is_none(),
                     "prior.autoregressive is the autoregressive prior's section; this prior is kind: diffusion"
@@ -253,6 +271,10 @@ impl Validate for PriorTrainConfig {
             PriorKind::Autoregressive => {
                 let ar = p.autoregressive_model()?;
                 ar.validate()?;
+                ensure!(
+                    p.init_from.is_none(),
+                    "prior.init_from loads a diffusers PriorTransformer: the diffusion prior's (kind: diffusion)"
+                );
                 ensure!(
                     p.model.is_none(),
                     "prior.model is the diffusion prior's transformer; this prior is kind: autoregressive (its settings go under prior.autoregressive)"
@@ -462,12 +484,23 @@ impl PriorTask {
             cfg.data.train,
             cfg.prior.model_key()
         );
-        model
-            .fit(
-                &image_embeddings(&stats, device),
-                &text_embeddings(&stats, device),
-            )
-            .with_context(|| format!("data.train {}", cfg.data.train))?;
+        match &cfg.prior.init_from {
+            // The pretrained transformer works in its own standardised space: keep its stats.
+            Some(dir) => crate::load::prior_dir(dir)
+                .and_then(|d| {
+                    crate::load::load_prior_weights(
+                        vs,
+                        &d.join("diffusion_pytorch_model.safetensors"),
+                    )
+                })
+                .with_context(|| format!("prior.init_from {}", dir.display()))?,
+            None => model
+                .fit(
+                    &image_embeddings(&stats, device),
+                    &text_embeddings(&stats, device),
+                )
+                .with_context(|| format!("data.train {}", cfg.data.train))?,
+        }
         if let Prior::Autoregressive(m) = &model {
             if rank == 0 {
                 eprintln!(

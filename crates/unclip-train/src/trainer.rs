@@ -147,6 +147,23 @@ fn check_gradients(
     })
 }
 
+/// The diffusers model directory `dir` names: itself when it holds a `config.json`, its
+/// `subfolder` when it is a pipeline directory (`model_index.json`, e.g. Karlo's); `class` (e.g.
+/// `PriorTransformer`) names the model in the error.
+pub fn diffusers_component_dir(dir: &Path, subfolder: &str, class: &str) -> Result<PathBuf> {
+    if dir.join("config.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    if dir.join("model_index.json").is_file() {
+        return Ok(dir.join(subfolder));
+    }
+    bail!(
+        "{}: neither a {class} directory (config.json) nor a diffusers pipeline directory \
+         (model_index.json)",
+        dir.display()
+    )
+}
+
 /// Copies named tensors into the variables of `vs`; names and shapes must match exactly.
 pub fn load_into(vs: &VarStore, tensors: &HashMap<String, Tensor>, what: &str) -> Result<()> {
     let vars = vs.variables();

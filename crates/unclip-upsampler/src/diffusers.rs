@@ -3,13 +3,13 @@
 //! `super_res_last` (e.g. Karlo's): written from a run, read back or from diffusers. The module
 //! paths are the same, so the weights need no renaming.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{Map, Value};
 use tch::{nn, Device};
 use unclip_decoder::pretrained::{component_weights, read_json, write_component};
-use unclip_train::trainer::load_into;
+use unclip_train::trainer::{diffusers_component_dir, load_into};
 
 use crate::config::{UpsamplerModelConfig, IMAGE_CHANNELS};
 use crate::model::{Upsampler, UNET_PREFIX};
@@ -152,13 +152,36 @@ pub struct LoadedUpsampler {
 /// The upsampler of a diffusers `UNet2DModel` directory (`dir/config.json` and its
 /// safetensors), on `device`, trainable.
 pub fn load_diffusers_upsampler(dir: &Path, device: Device) -> Result<LoadedUpsampler> {
-    let source = dir.display().to_string();
-    let config =
-        UpsamplerModelConfig::from_diffusers_json(&read_json(&dir.join("config.json"))?, &source)?;
+    let config = read_diffusers_upsampler_config(dir)?;
     let vs = nn::VarStore::new(device);
     let model = Upsampler::new(vs.root(), &config)?;
-    load_into(&vs, &component_weights(dir, UNET_PREFIX)?, &source)?;
+    load_diffusers_upsampler_weights(&vs, dir)?;
     Ok(LoadedUpsampler { vs, model, config })
+}
+
+/// The `UNet2DModel` directory `dir` names: itself, or a UnCLIP pipeline directory's
+/// `super_res_first/` (Karlo's 64 → 256 stage, which `super_res_last` only finishes).
+pub fn upsampler_dir(dir: &Path) -> Result<PathBuf> {
+    diffusers_component_dir(dir, "super_res_first", "UNet2DModel")
+}
+
+/// The upsampler a `UNet2DModel` directory's `config.json` describes.
+pub fn read_diffusers_upsampler_config(dir: &Path) -> Result<UpsamplerModelConfig> {
+    UpsamplerModelConfig::from_diffusers_json(
+        &read_json(&dir.join("config.json"))?,
+        &dir.display().to_string(),
+    )
+}
+
+/// Copies a `UNet2DModel` directory's weights into `vs` (built from
+/// [`read_diffusers_upsampler_config`]'s config), converted to its kinds; a missing, extra or
+/// mis-shaped tensor is an error naming it.
+pub fn load_diffusers_upsampler_weights(vs: &nn::VarStore, dir: &Path) -> Result<()> {
+    load_into(
+        vs,
+        &component_weights(dir, UNET_PREFIX)?,
+        &dir.display().to_string(),
+    )
 }
 
 /// Writes the upsampler in `vs` (built from `cfg`) as a diffusers `UNet2DModel` directory that

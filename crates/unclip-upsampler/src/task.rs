@@ -35,6 +35,11 @@ use crate::sample::UpsamplerSampler;
 #[serde(deny_unknown_fields)]
 pub struct UpsamplerSection {
     pub model: UpsamplerModelConfig,
+    /// Start from a diffusers `UNet2DModel` directory, or a UnCLIP pipeline directory's
+    /// `super_res_first/` (e.g. Karlo's), instead of a random initialisation; `model` must
+    /// describe the same network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     /// Default: cosine schedule (the 64→256 stage; the 256→1024 one is linear), 1000 steps, ε
     /// with learned-range variances, hybrid loss.
     #[serde(default = "default_diffusion")]
@@ -151,6 +156,17 @@ impl Validate for UpsamplerTrainConfig {
     fn validate(&self) -> Result<()> {
         let u = &self.upsampler;
         u.model.validate()?;
+        if let Some(dir) = &u.init_from {
+            let theirs = crate::diffusers::upsampler_dir(dir)
+                .and_then(|d| crate::diffusers::read_diffusers_upsampler_config(&d))
+                .with_context(|| format!("upsampler.init_from {}", dir.display()))?;
+            ensure!(
+                theirs == u.model,
+                "upsampler.init_from {}: its upsampler differs from upsampler.model, which would be (YAML): {}",
+                dir.display(),
+                serde_json::to_string(&theirs).unwrap_or_default()
+            );
+        }
         u.diffusion
             .validate()
             .map_err(|e| anyhow!("upsampler.diffusion: {e}"))?;
@@ -322,6 +338,11 @@ impl UpsamplerTask {
     ) -> Result<Self> {
         let device = vs.device();
         let model = Upsampler::new(vs.root(), &cfg.upsampler.model)?;
+        if let Some(dir) = &cfg.upsampler.init_from {
+            crate::diffusers::upsampler_dir(dir)
+                .and_then(|d| crate::diffusers::load_diffusers_upsampler_weights(vs, &d))
+                .with_context(|| format!("upsampler.init_from {}", dir.display()))?;
+        }
         let loader_cfg = loader_config(
             cfg,
             ReaderConfig {

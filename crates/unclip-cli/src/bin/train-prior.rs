@@ -3,6 +3,7 @@
 //!
 //!     train-prior --config configs/shapes/prior.yaml
 //!     train-prior --config configs/shapes/prior.yaml --sample "a red circle" --out z.npy
+//!     train-prior --config configs/shapes/prior.yaml --export-diffusers runs/prior-diffusers
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -46,6 +47,10 @@ struct Cli {
     /// With --sample: the seed of the sampling noise.
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// Instead of training: write the run's newest checkpoint (EMA weights) as a diffusers
+    /// `PriorTransformer` directory (the diffusion prior; what `prior.init_from` reads).
+    #[arg(long, value_name = "DIR", conflicts_with = "sample")]
+    export_diffusers: Option<PathBuf>,
 }
 
 fn print_report(report: &EvalReport, count: usize, what: &str) {
@@ -115,10 +120,27 @@ fn sample(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+fn export(cli: &Cli, out: &std::path::Path) -> Result<()> {
+    let device = tch::Device::Cpu;
+    let run = load_prior_run(&cli.args.run_dir(), device)?;
+    let Prior::Diffusion(_) = &run.model else {
+        anyhow::bail!(
+            "{}: the autoregressive prior (prior.kind) has no diffusers form",
+            run.source
+        );
+    };
+    unclip_prior::load::save_diffusers_prior(&run.vs, run.cfg.prior.diffusion_model()?, out)?;
+    println!("{} -> {} (PriorTransformer)", run.source, out.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if !cli.sample.is_empty() {
         return sample(&cli);
+    }
+    if let Some(out) = &cli.export_diffusers {
+        return export(&cli, out);
     }
     let args = &cli.args;
     let cfg = load_config::<PriorTrainConfig>(&args.config, &args.overrides)?;

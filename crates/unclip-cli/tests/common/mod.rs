@@ -1,7 +1,9 @@
 //! Helpers the binaries' end-to-end tests share.
 #![allow(dead_code)] // each test binary uses some of the helpers
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
+use tch::Tensor;
 use unclip_clip::load::TINY_CLIP_CONFIG;
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
 
@@ -199,4 +201,62 @@ pub fn launch_two_ranks(
         outputs.join("\n---- next rank ----\n")
     );
     outputs
+}
+
+/// The tensors of a safetensors file, by name.
+pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// Panics unless `got` holds exactly `want`'s tensors, bit for bit; `what` names `got`.
+pub fn assert_same_tensors(
+    got: &HashMap<String, Tensor>,
+    want: &HashMap<String, Tensor>,
+    what: &str,
+) {
+    assert_eq!(got.len(), want.len(), "{what}: tensor count");
+    for (name, t) in got {
+        let w = want
+            .get(name)
+            .unwrap_or_else(|| panic!("{what}: {name} is not expected"));
+        assert!(t.equal(w), "{what}: {name} differs");
+    }
+}
+
+/// Makes `pipeline` a diffusers pipeline directory (`model_index.json`) holding the model
+/// directory `component` as `subfolder/`.
+pub fn pipeline_holding(component: &Path, pipeline: &Path, subfolder: &str) {
+    std::fs::create_dir_all(pipeline.join(subfolder)).unwrap();
+    std::fs::write(pipeline.join("model_index.json"), "{}").unwrap();
+    for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(component.join(file), pipeline.join(subfolder).join(file)).unwrap();
+    }
+}
+
+/// Trains `bin --config config --run-dir run_dir --set …` for one step at an lr of 1e-30, which
+/// leaves the weights as they started (what an `init_from` check needs); the step-1 checkpoint's
+/// model weights.
+pub fn one_step_weights(
+    bin: &str,
+    config: &Path,
+    run_dir: &Path,
+    sets: &[&str],
+) -> HashMap<String, Tensor> {
+    let mut args = vec![
+        "--config",
+        config.to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ];
+    for set in ["train.steps=1", "train.lr=1e-30", "checkpoint.every=1"]
+        .iter()
+        .chain(sets)
+    {
+        args.extend(["--set", set]);
+    }
+    run(bin, &args);
+    read_tensors(&run_dir.join("checkpoints/step-000000001/model.safetensors"))
 }
