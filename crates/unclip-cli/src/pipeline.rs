@@ -147,7 +147,7 @@ impl Pipeline {
         let prior = match prior_run {
             Some(dir) => {
                 expects_image_embeddings(&decoder, "a prior (it decodes a caption's z_t)")?;
-                let run = load_prior_run(dir, device)
+                let run = load_prior_run(dir, None, device)
                     .with_context(|| format!("prior run {}", dir.display()))?;
                 ensure!(
                     same_clip(&run.cfg.clip, &clip),

@@ -105,6 +105,28 @@ fn diffusers_export_and_init_from(dir: &std::path::Path) {
     assert_same_tensors(&exported, &ema, "the export");
     let loaded = unclip_prior::load::load_diffusers_prior(&export, tch::Device::Cpu).unwrap();
     assert_eq!(loaded.vs.variables().len(), ema.len());
+    // --checkpoint picks an earlier one.
+    let step3 = dir.join("diffusion/checkpoints/step-000000003");
+    let export3 = dir.join("prior-diffusers-3");
+    let out = run(
+        prior,
+        &[
+            "--config",
+            config_arg,
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--export-diffusers",
+            export3.to_str().unwrap(),
+            "--checkpoint",
+            step3.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("step-000000003"), "{out}");
+    assert_same_tensors(
+        &read_tensors(&export3.join("diffusion_pytorch_model.safetensors")),
+        &read_tensors(&step3.join("ema.safetensors")),
+        "the step-3 export",
+    );
     let pipeline = dir.join("pipeline");
     pipeline_holding(&export, &pipeline, "prior");
     for (name, from) in [("init-prior", &export), ("init-pipeline", &pipeline)] {

@@ -80,8 +80,8 @@ pub fn save_diffusers_prior(vs: &nn::VarStore, cfg: &PriorConfig, dir: &Path) ->
         .with_context(|| format!("writing {}", weights.display()))
 }
 
-/// A trained prior from a `train-prior` run directory: its resolved `config.yaml` and the newest
-/// complete checkpoint (EMA weights when present), frozen. The CLIP it was trained with is named
+/// A trained prior from a `train-prior` run directory: its resolved `config.yaml` and a
+/// checkpoint's weights (EMA weights when present), frozen. The CLIP it was trained with is named
 /// by the config's `clip:` key.
 pub struct PriorRun {
     pub cfg: crate::task::PriorTrainConfig,
@@ -91,10 +91,15 @@ pub struct PriorRun {
     pub source: String,
 }
 
-pub fn load_prior_run(run_dir: &Path, device: Device) -> Result<PriorRun> {
+/// `run_dir`'s prior with `checkpoint`'s weights, or the newest complete checkpoint's.
+pub fn load_prior_run(
+    run_dir: &Path,
+    checkpoint: Option<&Path>,
+    device: Device,
+) -> Result<PriorRun> {
     let (cfg, vs, model, source) = unclip_train::checkpoint::load_frozen_run(
         run_dir,
-        None,
+        checkpoint,
         "train-prior",
         device,
         |p, cfg: &crate::task::PriorTrainConfig| Prior::new(p, &cfg.prior),

@@ -188,8 +188,8 @@ fn main() -> Result<()> {
     let Some(decoder_dir) = &cli.decoder else {
         // The prior alone.
         let dir = cli.prior.as_ref().context("--prior RUN or --decoder RUN")?;
-        let run =
-            load_prior_run(dir, device).with_context(|| format!("prior run {}", dir.display()))?;
+        let run = load_prior_run(dir, None, device)
+            .with_context(|| format!("prior run {}", dir.display()))?;
         let clip = &run.cfg.clip;
         let name = format!("{} (the clip: of {})", clip.display(), dir.display());
         let encoder = CaptionEncoder::load(clip, device).with_context(|| format!("clip {name}"))?;

@@ -51,6 +51,10 @@ struct Cli {
     /// `PriorTransformer` directory (the diffusion prior; what `prior.init_from` reads).
     #[arg(long, value_name = "DIR", conflicts_with = "sample")]
     export_diffusers: Option<PathBuf>,
+    /// With --sample or --export-diffusers: this checkpoint directory (`RUN/checkpoints/step-N`)
+    /// instead of the newest (its EMA weights when it has them).
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
 }
 
 fn print_report(report: &EvalReport, count: usize, what: &str) {
@@ -73,7 +77,7 @@ fn sample(cli: &Cli) -> Result<()> {
     let run_dir = cli.args.run_dir();
     let cfg = load_config::<PriorTrainConfig>(&cli.args.config, &cli.args.overrides)?;
     let device = cfg.runtime.device()?;
-    let run = load_prior_run(&run_dir, device)?;
+    let run = load_prior_run(&run_dir, cli.checkpoint.as_deref(), device)?;
     let encoder = CaptionEncoder::load(&run.cfg.clip, device)
         .with_context(|| format!("clip: {}", run.cfg.clip.display()))?;
     unclip_prior::task::check_clip_fits(
@@ -122,7 +126,7 @@ fn sample(cli: &Cli) -> Result<()> {
 
 fn export(cli: &Cli, out: &std::path::Path) -> Result<()> {
     let device = tch::Device::Cpu;
-    let run = load_prior_run(&cli.args.run_dir(), device)?;
+    let run = load_prior_run(&cli.args.run_dir(), cli.checkpoint.as_deref(), device)?;
     let Prior::Diffusion(_) = &run.model else {
         anyhow::bail!(
             "{}: the autoregressive prior (prior.kind) has no diffusers form",
@@ -136,6 +140,10 @@ fn export(cli: &Cli, out: &std::path::Path) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    anyhow::ensure!(
+        cli.checkpoint.is_none() || !cli.sample.is_empty() || cli.export_diffusers.is_some(),
+        "--checkpoint picks the weights of --sample or --export-diffusers; training resumes with --resume"
+    );
     if !cli.sample.is_empty() {
         return sample(&cli);
     }
