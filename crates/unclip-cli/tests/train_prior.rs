@@ -135,6 +135,51 @@ fn diffusers_export_and_init_from(dir: &std::path::Path) {
         let model = one_step_weights(prior, &config, &dir.join(name), &sets);
         assert_same_tensors(&model, &exported, name);
     }
+    // A pretrained prior whose standardisation describes embeddings of another scale (Karlo's:
+    // unnormalised) is warned about; the export of this data's run is not.
+    let scaled = dir.join("prior-scaled");
+    std::fs::create_dir_all(&scaled).unwrap();
+    std::fs::copy(export.join("config.json"), scaled.join("config.json")).unwrap();
+    let tensors: Vec<(String, tch::Tensor)> = exported
+        .iter()
+        .map(|(n, t)| {
+            let t = if n == "clip_mean" || n == "clip_std" {
+                t * 10.0
+            } else {
+                t.shallow_clone()
+            };
+            (n.clone(), t)
+        })
+        .collect();
+    tch::Tensor::write_safetensors(&tensors, scaled.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+    for (name, from, warned) in [
+        ("warn-scaled", &scaled, true),
+        ("warn-none", &export, false),
+    ] {
+        let init = format!("prior.init_from={}", from.display());
+        let run_dir = dir.join(name);
+        let out = std::process::Command::new(prior)
+            .args([
+                "--config",
+                config_arg,
+                "--run-dir",
+                run_dir.to_str().unwrap(),
+            ])
+            .args([
+                "--set",
+                &init,
+                "--set",
+                "train.steps=1",
+                "--set",
+                "eval.every=0",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert_eq!(stderr.contains("RMS norm"), warned, "{name}: {stderr}");
+    }
     // Refused before any work: another model (the error prints the one that fits), the
     // autoregressive prior's export and init_from.
     let init = format!("prior.init_from={}", export.display());

@@ -455,6 +455,34 @@ pub fn check_clip_fits(encoder: &CaptionEncoder, prior: &PriorSection, clip: &st
     Ok(())
 }
 
+/// Whether a diffusion prior's standardisation describes embeddings of another scale than `z_i`
+/// [N, D] (RMS norms, E‖z‖² = ‖μ‖² + Σσ², more than 10 % apart): what it says, if so. Karlo's
+/// prior, for one, takes CLIP embeddings unnormalised, where `embed` stores unit vectors.
+pub fn scale_mismatch(model: &Prior, z_i: &Tensor) -> Option<String> {
+    let Prior::Diffusion(m) = model else {
+        return None;
+    };
+    let (mean, std) = m.clip_stats();
+    let implied = (mean.square().sum(Kind::Double) + std.square().sum(Kind::Double))
+        .sqrt()
+        .double_value(&[]);
+    let data = z_i
+        .to_kind(Kind::Double)
+        .square()
+        .sum_dim_intlist(-1, false, Kind::Double)
+        .mean(Kind::Double)
+        .sqrt()
+        .double_value(&[]);
+    ((implied / data - 1.0).abs() > 0.1).then(|| {
+        format!(
+            "its clip_mean / clip_std describe image embeddings of RMS norm {implied:.3}, the \
+             training embeddings' (data.train) is {data:.3}: the pretrained prior is fed inputs of \
+             another scale than it was trained on (Karlo's takes CLIP embeddings unnormalised; \
+             `embed` stores unit vectors)"
+        )
+    })
+}
+
 impl PriorTask {
     /// Loads the frozen CLIP, builds the prior at the root of `vs` (diffusers' names), sets its
     /// standardisation from the training embeddings and starts the data stream for `rank`.
@@ -486,14 +514,22 @@ impl PriorTask {
         );
         match &cfg.prior.init_from {
             // The pretrained transformer works in its own standardised space: keep its stats.
-            Some(dir) => crate::load::prior_dir(dir)
-                .and_then(|d| {
-                    crate::load::load_prior_weights(
-                        vs,
-                        &d.join("diffusion_pytorch_model.safetensors"),
-                    )
-                })
-                .with_context(|| format!("prior.init_from {}", dir.display()))?,
+            Some(dir) => {
+                crate::load::prior_dir(dir)
+                    .and_then(|d| {
+                        crate::load::load_prior_weights(
+                            vs,
+                            &d.join("diffusion_pytorch_model.safetensors"),
+                        )
+                    })
+                    .with_context(|| format!("prior.init_from {}", dir.display()))?;
+                if let (0, Some(warning)) = (
+                    rank,
+                    scale_mismatch(&model, &image_embeddings(&stats, device)),
+                ) {
+                    eprintln!("warning: prior.init_from {}: {warning}", dir.display());
+                }
+            }
             None => model
                 .fit(
                     &image_embeddings(&stats, device),
