@@ -195,43 +195,34 @@ fn train_upsampler_learns_writes_grids_resumes_exactly_and_exports() {
     pipeline_holding(&export, &pipeline, "super_res_first");
     for (name, from) in [("init-unet", &export), ("init-pipeline", &pipeline)] {
         let init = format!("upsampler.init_from={}", from.display());
-        let model = one_step_weights(BIN, &config, &dir.join(name), &[&init]);
+        let (model, _) = one_step_weights(BIN, &config, &dir.join(name), &[&init]);
         assert_same_tensors(&model, &ema, name);
     }
-    // A model other than the export's is refused before any work, printing the one that fits.
-    let init = format!("upsampler.init_from={}", export.display());
-    let bad = run_fails(
-        BIN,
-        &[
+    // Bad configs fail before any work, naming the key: a model other than the export's (the
+    // error prints the one that fits), a crop that does not fit.
+    let refused = |set: &[&str]| -> String {
+        let bad_dir = dir.join("bad");
+        let mut args = vec![
             "--config",
             config.to_str().unwrap(),
             "--run-dir",
-            dir.join("bad").to_str().unwrap(),
-            "--set",
-            &init,
-            "--set",
-            "upsampler.model.layers_per_block=2",
-        ],
-    );
+            bad_dir.to_str().unwrap(),
+        ];
+        for s in set {
+            args.extend(["--set", s]);
+        }
+        let out = run_fails(BIN, &args);
+        assert!(!bad_dir.exists(), "{out}");
+        out
+    };
+    let init = format!("upsampler.init_from={}", export.display());
+    let bad = refused(&[&init, "upsampler.model.layers_per_block=2"]);
     assert!(
         bad.contains("upsampler.init_from") && bad.contains("\"layers_per_block\":1"),
         "{bad}"
     );
-    assert!(!dir.join("bad").exists());
-    // A bad config fails before any work, naming the key.
-    let bad = run_fails(
-        BIN,
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--run-dir",
-            dir.join("bad").to_str().unwrap(),
-            "--set",
-            "upsampler.crop=17",
-        ],
-    );
+    let bad = refused(&["upsampler.crop=17"]);
     assert!(bad.contains("upsampler.crop (17)"), "{bad}");
-    assert!(!dir.join("bad").exists());
 }
 
 #[test]

@@ -21,7 +21,7 @@ use unclip_diffusion::{
     training_estimate, ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType,
     Respacing, SamplerConfig, SamplerName, VarianceType,
 };
-use unclip_train::config::Validate;
+use unclip_train::config::{check_init_from, Validate};
 use unclip_train::{StepOutput, TrainTask};
 
 use crate::config::DecoderModelConfig;
@@ -205,14 +205,12 @@ impl Validate for DecoderTrainConfig {
         let d = &self.decoder;
         d.model.validate()?;
         if let Some(dir) = &d.init_from {
-            let theirs = crate::pretrained::read_diffusers_decoder_config(dir)
-                .with_context(|| format!("decoder.init_from {}", dir.display()))?;
-            ensure!(
-                theirs == d.model,
-                "decoder.init_from {}: its decoder differs from decoder.model, which would be (YAML): {}",
-                dir.display(),
-                serde_json::to_string(&theirs).unwrap_or_default()
-            );
+            check_init_from(
+                "decoder",
+                dir,
+                crate::pretrained::read_diffusers_decoder_config,
+                &d.model,
+            )?;
         }
         d.diffusion
             .validate()

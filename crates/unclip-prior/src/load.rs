@@ -52,12 +52,18 @@ pub fn read_diffusers_prior_config(dir: &Path) -> Result<PriorConfig> {
     PriorConfig::from_diffusers_json(&text, &config_path.display().to_string())
 }
 
+/// Copies a `PriorTransformer` directory's weights (`clip_mean` / `clip_std` included) into `vs`
+/// (built from [`read_diffusers_prior_config`]'s config).
+pub fn load_diffusers_prior_weights(vs: &nn::VarStore, dir: &Path) -> Result<()> {
+    load_prior_weights(vs, &dir.join("diffusion_pytorch_model.safetensors"))
+}
+
 /// A diffusers `PriorTransformer` directory, frozen, on `device`.
 pub fn load_diffusers_prior(dir: &Path, device: Device) -> Result<LoadedPrior> {
     let cfg = read_diffusers_prior_config(dir)?;
     let mut vs = nn::VarStore::new(device);
     let model = DiffusionPrior::new(vs.root(), &cfg)?;
-    load_prior_weights(&vs, &dir.join("diffusion_pytorch_model.safetensors"))?;
+    load_diffusers_prior_weights(&vs, dir)?;
     vs.freeze();
     Ok(LoadedPrior { vs, model })
 }

@@ -16,7 +16,7 @@ use unclip_diffusion::{
     ClipDenoised, DiffusionConfig, GaussianDiffusion, MeanType, Respacing, SamplerConfig,
     SamplerName, VarianceType,
 };
-use unclip_train::config::Validate;
+use unclip_train::config::{check_init_from, Validate};
 use unclip_train::{StepOutput, TrainTask};
 
 use crate::autoregressive::ArPriorConfig;
@@ -253,15 +253,12 @@ impl Validate for PriorTrainConfig {
                 let model = p.diffusion_model()?;
                 model.validate()?;
                 if let Some(dir) = &p.init_from {
-                    let theirs = crate::load::prior_dir(dir)
-                        .and_then(|d| crate::load::read_diffusers_prior_config(&d))
-                        .with_context(|| format!("prior.init_from {}", dir.display()))?;
-                    ensure!(
-                        &theirs == model,
-                        "prior.init_from {}: its prior differs from prior.model, which would be (YAML): {}",
-                        dir.display(),
-                        serde_json::to_string(&theirs).unwrap_or_default()
-                    );
+                    check_init_from(
+                        "prior",
+                        dir,
+                        |d| crate::load::read_diffusers_prior_config(&crate::load::prior_dir(d)?),
+                        model,
+                    )?;
                 }
                 ensure!(
                     p.autoregressive.is_none(),
@@ -516,12 +513,7 @@ impl PriorTask {
             // The pretrained transformer works in its own standardised space: keep its stats.
             Some(dir) => {
                 crate::load::prior_dir(dir)
-                    .and_then(|d| {
-                        crate::load::load_prior_weights(
-                            vs,
-                            &d.join("diffusion_pytorch_model.safetensors"),
-                        )
-                    })
+                    .and_then(|d| crate::load::load_diffusers_prior_weights(vs, &d))
                     .with_context(|| format!("prior.init_from {}", dir.display()))?;
                 if let (0, Some(warning)) = (
                     rank,

@@ -275,6 +275,25 @@ pub trait Validate {
     }
 }
 
+/// `{section}.init_from`'s check: the model `read` finds in `dir` must be the config's
+/// `{section}.model`, else the error prints the one that would fit (as JSON, which is YAML).
+pub fn check_init_from<T: PartialEq + Serialize>(
+    section: &str,
+    dir: &Path,
+    read: impl FnOnce(&Path) -> Result<T>,
+    model: &T,
+) -> Result<()> {
+    let theirs = read(dir).with_context(|| format!("{section}.init_from {}", dir.display()))?;
+    if &theirs != model {
+        bail!(
+            "{section}.init_from {}: its {section} differs from {section}.model, which would be (YAML): {}",
+            dir.display(),
+            serde_json::to_string(&theirs).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 /// A whole run config: the runtime's sections and the task's.
 #[derive(Debug, Clone)]
 pub struct RunConfig<T> {

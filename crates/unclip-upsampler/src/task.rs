@@ -22,7 +22,7 @@ use unclip_diffusion::{
     ClipDenoised, DiffusionConfig, GaussianDiffusion, LossType, MeanType, Respacing, SamplerConfig,
     SamplerName, VarianceType,
 };
-use unclip_train::config::Validate;
+use unclip_train::config::{check_init_from, Validate};
 use unclip_train::{StepOutput, TrainTask};
 
 use crate::config::UpsamplerModelConfig;
@@ -157,15 +157,16 @@ impl Validate for UpsamplerTrainConfig {
         let u = &self.upsampler;
         u.model.validate()?;
         if let Some(dir) = &u.init_from {
-            let theirs = crate::diffusers::upsampler_dir(dir)
-                .and_then(|d| crate::diffusers::read_diffusers_upsampler_config(&d))
-                .with_context(|| format!("upsampler.init_from {}", dir.display()))?;
-            ensure!(
-                theirs == u.model,
-                "upsampler.init_from {}: its upsampler differs from upsampler.model, which would be (YAML): {}",
-                dir.display(),
-                serde_json::to_string(&theirs).unwrap_or_default()
-            );
+            check_init_from(
+                "upsampler",
+                dir,
+                |d| {
+                    crate::diffusers::read_diffusers_upsampler_config(
+                        &crate::diffusers::upsampler_dir(d)?,
+                    )
+                },
+                &u.model,
+            )?;
         }
         u.diffusion
             .validate()

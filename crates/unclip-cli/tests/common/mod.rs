@@ -9,14 +9,19 @@ use unclip_data::shards::{write_shapes_shards, ShapesSpec};
 
 /// Runs `bin` with `args`; panics with its output unless it succeeds. Returns stdout.
 pub fn run(bin: &str, args: &[&str]) -> String {
+    run_with_stderr(bin, args).0
+}
+
+/// [`run`], returning stdout and stderr.
+pub fn run_with_stderr(bin: &str, args: &[&str]) -> (String, String) {
     let out = Command::new(bin).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
-        "{bin} {args:?}\n{}\n{}",
+        "{bin} {args:?}\n{}\n{stderr}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap()
+    (String::from_utf8(out.stdout).unwrap(), stderr)
 }
 
 /// Runs `bin` with `args`; panics if it succeeds. Returns stdout and stderr together.
@@ -238,13 +243,13 @@ pub fn pipeline_holding(component: &Path, pipeline: &Path, subfolder: &str) {
 
 /// Trains `bin --config config --run-dir run_dir --set …` for one step at an lr of 1e-30, which
 /// leaves the weights as they started (what an `init_from` check needs); the step-1 checkpoint's
-/// model weights.
+/// model weights, and what the run printed on stderr.
 pub fn one_step_weights(
     bin: &str,
     config: &Path,
     run_dir: &Path,
     sets: &[&str],
-) -> HashMap<String, Tensor> {
+) -> (HashMap<String, Tensor>, String) {
     let mut args = vec![
         "--config",
         config.to_str().unwrap(),
@@ -257,6 +262,7 @@ pub fn one_step_weights(
     {
         args.extend(["--set", set]);
     }
-    run(bin, &args);
-    read_tensors(&run_dir.join("checkpoints/step-000000001/model.safetensors"))
+    let (_, stderr) = run_with_stderr(bin, &args);
+    let weights = read_tensors(&run_dir.join("checkpoints/step-000000001/model.safetensors"));
+    (weights, stderr)
 }
