@@ -15,7 +15,8 @@
 //! linear / cubic / area interpolations become fast_image_resize's bilinear / Catmull-Rom / box
 //! convolutions (the same kernels, antialiased when shrinking).
 
-use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use fast_image_resize::images::{TypedImage, TypedImageRef};
+use fast_image_resize::{pixels::F32, FilterType, ResizeAlg, ResizeOptions, Resizer};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -154,17 +155,14 @@ fn resize(img: &Planes, width: usize, height: usize, interp: Interp) -> Planes {
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter));
     let mut resizer = Resizer::new();
     let data = [0, 1, 2].map(|c| {
-        let bytes: Vec<u8> = img.data[c].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let src = Image::from_vec_u8(img.width as u32, img.height as u32, bytes, PixelType::F32)
+        let pixels: Vec<F32> = img.data[c].iter().map(|&v| F32::new(v)).collect();
+        let src = TypedImageRef::new(img.width as u32, img.height as u32, &pixels)
             .expect("buffer matches the image size");
-        let mut dst = Image::new(width as u32, height as u32, PixelType::F32);
+        let mut dst = TypedImage::<F32>::new(width as u32, height as u32);
         resizer
-            .resize(&src, &mut dst, &options)
-            .expect("same pixel type");
-        dst.buffer()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
+            .resize_typed(&src, &mut dst, &options)
+            .expect("sizes are positive");
+        dst.pixels().iter().map(|p| p.0).collect()
     });
     Planes {
         width,

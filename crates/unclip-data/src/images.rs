@@ -4,7 +4,10 @@
 //! The crop is taken before the resize (same region as "resize the shorter side, then crop", far
 //! less work), and the resize is a SIMD convolution (fast_image_resize).
 
-use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+// resize_typed with the one pixel type used: the untyped `resize` instantiates every pixel type's
+// SIMD kernels in this crate (minutes of build time).
+use fast_image_resize::images::{TypedImage, TypedImageRef};
+use fast_image_resize::{pixels::U8x3, FilterType, ResizeAlg, ResizeOptions, Resizer};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -126,9 +129,11 @@ impl ImageTransform {
         let pixels: &[u8] = if side == res && width == res && height == res {
             rgb
         } else {
-            let src = fast_image_resize::images::ImageRef::new(width, height, rgb, PixelType::U8x3)
+            let src = TypedImageRef::<U8x3>::from_buffer(width, height, rgb)
                 .map_err(|e| format!("bad image buffer: {e}"))?;
-            let mut dst = Image::new(res, res, PixelType::U8x3);
+            let mut out_rgb = vec![0u8; res as usize * res as usize * 3];
+            let mut dst = TypedImage::<U8x3>::from_buffer(res, res, &mut out_rgb)
+                .map_err(|e| format!("bad image buffer: {e}"))?;
             let filter = match self.resample {
                 Resample::Bilinear => FilterType::Bilinear,
                 Resample::Bicubic => FilterType::CatmullRom,
@@ -143,9 +148,9 @@ impl ImageTransform {
                     f64::from(side),
                 );
             Resizer::new()
-                .resize(&src, &mut dst, &options)
+                .resize_typed(&src, &mut dst, &options)
                 .map_err(|e| format!("resize failed: {e}"))?;
-            resized = dst.into_vec();
+            resized = out_rgb;
             &resized
         };
         write_chw(pixels, res as usize, flip, self.normalize, out);
