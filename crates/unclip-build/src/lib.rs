@@ -1,6 +1,7 @@
 //! Build-script helper: compiles a C++ shim against the same libtorch headers tch links
 //! (`LIBTORCH`, written into `.cargo/config.toml` by scripts/setup.sh).
 
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 /// The libtorch directory tch links. Panics (the build-script way of failing) with a hint when
@@ -42,7 +43,8 @@ pub fn compile_libtorch_shim_with(
     for d in defines {
         build.define(d, None);
     }
-    build.files(files).compile(lib);
+    build.files(files);
+    compile_cached(&build, lib, files, &libtorch);
 }
 
 /// Compiles compute kernels (`files`) into the static library `lib`: optimised whatever the
@@ -55,7 +57,8 @@ pub fn compile_libtorch_kernels(lib: &str, files: &[&str]) {
     }
     let libtorch = libtorch_dir();
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -68,9 +71,49 @@ pub fn compile_libtorch_kernels(lib: &str, files: &[&str]) {
         // (clamps) as branches under AVX2 and leaves those loops scalar.
         .flag("-fno-trapping-math")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .files(files)
-        .compile(lib);
+        .files(files);
+    compile_cached(&build, lib, files, &libtorch);
     println!("cargo:rustc-link-lib=dylib=gomp");
+}
+
+/// `build.compile(lib)` through a cache in the target directory, keyed by the compiler's command
+/// line, the sources and libtorch's version. `cargo clippy` builds workspace build scripts apart
+/// from `cargo build` / `cargo test` (clippy-driver wraps them), so without it every shim, ~15 s of
+/// libtorch headers a file, compiles again after each clippy run, in CI and at a desk.
+fn compile_cached(build: &cc::Build, lib: &str, files: &[&str], libtorch: &Path) {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // OUT_DIR is <target>/<profile>/build/<crate>-<hash>/out.
+    let Some(cache_dir) = out_dir
+        .ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n == "build"))
+        .and_then(Path::parent)
+        .map(|p| p.join("unclip-shim-cache"))
+    else {
+        build.compile(lib);
+        return;
+    };
+    let compiler = build.get_compiler();
+    let mut key = std::collections::hash_map::DefaultHasher::new();
+    (lib, compiler.path(), compiler.args()).hash(&mut key);
+    let version = libtorch.join("include/torch/csrc/api/include/torch/version.h");
+    for f in files.iter().map(Path::new).chain([version.as_path()]) {
+        std::fs::read(f).unwrap_or_default().hash(&mut key);
+    }
+    let cached = cache_dir.join(format!("lib{lib}-{:016x}.a", key.finish()));
+    let archive = out_dir.join(format!("lib{lib}.a"));
+    if std::fs::copy(&cached, &archive).is_ok() {
+        cc::emit_link_directives(build, &archive);
+        return;
+    }
+    let objects = build.compile_intermediates();
+    let archive = build.create_archive(lib, &objects);
+    cc::emit_link_directives(build, &archive);
+    // Best effort: a failed store only costs the next build a compile. The rename makes a
+    // half-written archive impossible to read.
+    let partial = cached.with_extension(format!("{}.partial", std::process::id()));
+    if std::fs::create_dir_all(&cache_dir).is_ok() && std::fs::copy(&archive, &partial).is_ok() {
+        let _ = std::fs::rename(&partial, &cached);
+    }
 }
 
 /// The include directories for a shim that uses libtorch's CUDA and NCCL headers (c10d's
