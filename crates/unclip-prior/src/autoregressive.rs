@@ -28,7 +28,8 @@ pub struct ArPriorConfig {
     /// Blocks of the caption encoder (bidirectional, over the CLIP token features) before the
     /// decoder; 0: the token features are only projected.
     pub text_layers: i64,
-    /// The caption encoder's width (default: the decoder's); its heads are `attention_head_dim` wide.
+    /// The caption encoder's width (left out: the paper's 2048; null: the decoder's); its heads are
+    /// `attention_head_dim` wide.
     pub text_width: Option<i64>,
     /// CLIP embedding width: z_i, z_t and the caption token features.
     pub embedding_dim: i64,

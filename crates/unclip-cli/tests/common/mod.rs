@@ -104,11 +104,12 @@ pub const DIFFUSION_PRIOR: &str = "
   model: {num_attention_heads: 2, attention_head_dim: 16, num_layers: 1, embedding_dim: 32, num_embeddings: 16}
   sampling: {sampler: ddim, steps: '8'}";
 
-/// A tiny autoregressive prior's `prior:` section: 8 of 32 components, 32 buckets.
+/// A tiny autoregressive prior's `prior:` section: 8 of 32 components, 32 buckets. (`text_width`
+/// left out would be the paper's 2048: a 50M-parameter caption encoder.)
 pub const AUTOREGRESSIVE_PRIOR: &str = "
   kind: autoregressive
   autoregressive: {num_attention_heads: 2, attention_head_dim: 16, num_layers: 1, text_layers: 1,
-    embedding_dim: 32, num_embeddings: 16, components: 8, buckets: 32, dot_buckets: 4}";
+    text_width: 32, embedding_dim: 32, num_embeddings: 16, components: 8, buckets: 32, dot_buckets: 4}";
 
 /// [`prior_config`] with `section` as the `prior:` section's body.
 pub fn prior_config_with(dir: &Path, section: &str) -> String {
