@@ -219,9 +219,18 @@ fn train_resume_and_export(sets: &[&str]) -> (tempfile::TempDir, LoadedDecoder) 
         ],
     );
     assert!(out.contains("step-000000030/meta.json"), "{out}");
+    // Into a pipeline directory: its decoder/ replaced whole, its other files left alone.
     let export = dir.join("export");
+    std::fs::create_dir_all(export.join("decoder")).unwrap();
+    std::fs::write(export.join("decoder/stale.safetensors"), "old").unwrap();
+    std::fs::write(export.join("model_index.json"), "{}").unwrap();
     let to = ["--export-diffusers", export.to_str().unwrap()];
     run_with(decoder, &config, &full, sets, &to);
+    assert!(!export.join("decoder/stale.safetensors").exists());
+    assert_eq!(
+        std::fs::read_to_string(export.join("model_index.json")).unwrap(),
+        "{}"
+    );
     // It loads back with the EMA weights.
     let loaded = unclip_decoder::load_diffusers_decoder(&export, tch::Device::Cpu).unwrap();
     let ema: std::collections::HashMap<String, tch::Tensor> =

@@ -84,17 +84,16 @@ fn diffusers_export_and_init_from(dir: &std::path::Path) {
     let config = dir.join("diffusion.yaml");
     let config_arg = config.to_str().unwrap();
     let run_dir = dir.join("diffusion");
-    // The newest checkpoint, or the one --checkpoint picks: its EMA weights, bit for bit.
+    // The one --checkpoint picks, then the newest over it: its EMA weights, bit for bit; the
+    // directory's other files are left alone and nothing is left beside it.
     let export = dir.join("prior-diffusers");
+    std::fs::create_dir(&export).unwrap();
+    std::fs::write(export.join("notes.txt"), "mine").unwrap();
     let step3 = run_dir.join("checkpoints/step-000000003");
     let step3_arg = step3.to_str().unwrap();
     for (out_dir, picked, step) in [
+        (&export, Some(step3_arg), "step-000000003"),
         (&export, None, "step-000000006"),
-        (
-            &dir.join("prior-diffusers-3"),
-            Some(step3_arg),
-            "step-000000003",
-        ),
     ] {
         let mut args = vec![
             "--config",
@@ -121,6 +120,16 @@ fn diffusers_export_and_init_from(dir: &std::path::Path) {
             step,
         );
     }
+    assert_eq!(
+        std::fs::read_to_string(export.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let beside: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(beside.is_empty(), "{beside:?}");
     let exported = read_tensors(&export.join("diffusion_pytorch_model.safetensors"));
     let loaded = unclip_prior::load::load_diffusers_prior(&export, tch::Device::Cpu).unwrap();
     assert_eq!(loaded.vs.variables().len(), exported.len());

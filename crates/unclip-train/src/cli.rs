@@ -288,7 +288,7 @@ pub fn image_trainer_main<M: ImageTrainer>(
         M::build(vs.root(), &cfg.task)?;
         let (weights, source) = inference.weights(args)?;
         crate::trainer::load_into(&vs, &weights, &source)?;
-        let what = M::export(&vs, &cfg.task, out)?;
+        let what = crate::publish::write_into_dir(out, |dir| M::export(&vs, &cfg.task, dir))?;
         println!("{source} -> {} ({what})", out.display());
         return Ok(());
     }

@@ -15,6 +15,7 @@ pub mod malloc;
 pub mod multi_tensor;
 pub mod optim;
 pub mod precision;
+pub mod publish;
 pub mod toy;
 pub mod trainer;
 

@@ -133,7 +133,10 @@ fn export(cli: &Cli, out: &std::path::Path) -> Result<()> {
             run.source
         );
     };
-    unclip_prior::load::save_diffusers_prior(&run.vs, run.cfg.prior.diffusion_model()?, out)?;
+    let model = run.cfg.prior.diffusion_model()?;
+    unclip_train::publish::write_into_dir(out, |dir| {
+        unclip_prior::load::save_diffusers_prior(&run.vs, model, dir)
+    })?;
     println!("{} -> {} (PriorTransformer)", run.source, out.display());
     Ok(())
 }

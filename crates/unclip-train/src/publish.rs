@@ -1,0 +1,143 @@
+//! Writing exports into a directory so that a crash never leaves a half-written file there: the
+//! entries are written into a staging directory beside it, synced, then renamed into place.
+
+use anyhow::{Context, Result};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+/// Calls `write(staging)` to write entries (files or directories) into a fresh staging directory
+/// beside `out`, then moves each into `out` (created if missing), replacing an entry of the same
+/// name whole and leaving `out`'s other entries alone (a pipeline directory's other components).
+/// A crash leaves every entry either as it was or as written, never partly written; when `write`
+/// fails, `out` is untouched.
+pub fn write_into_dir<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let staging = staging_dir(out)?;
+    if staging.exists() {
+        fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing the unfinished {}", staging.display()))?;
+    }
+    fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let written = match write(&staging).and_then(|t| sync_tree(&staging).map(|()| t)) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut entries = fs::read_dir(&staging)
+        .with_context(|| format!("reading {}", staging.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    entries.sort();
+    for name in entries {
+        let (from, to) = (staging.join(&name), out.join(&name));
+        // rename replaces a file atomically but not a non-empty directory: move the old one aside.
+        let old = to.is_dir().then(|| {
+            let mut aside = name.clone();
+            aside.push(format!(".old-{}", std::process::id()));
+            out.join(aside)
+        });
+        if let Some(old) = &old {
+            fs::rename(&to, old)
+                .with_context(|| format!("moving {} aside to replace it", to.display()))?;
+        }
+        fs::rename(&from, &to)
+            .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        if let Some(old) = &old {
+            fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
+    fs::remove_dir(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    File::open(out)?.sync_all()?;
+    Ok(written)
+}
+
+/// `DIR/.NAME.partial-PID` for `DIR/NAME`: on `out`'s filesystem, so the renames stay renames.
+fn staging_dir(out: &Path) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} does not name a directory", out.display()))?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let mut staging = std::ffi::OsString::from(".");
+    staging.push(name);
+    staging.push(format!(".partial-{}", std::process::id()));
+    Ok(parent.join(staging))
+}
+
+/// fsyncs every file and directory under `dir`.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            File::open(&path)?.sync_all()?;
+        }
+    }
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(p: &Path) -> String {
+        fs::read_to_string(p).unwrap()
+    }
+
+    #[test]
+    fn replaces_written_entries_whole_and_keeps_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pipeline");
+        fs::create_dir_all(out.join("decoder")).unwrap();
+        fs::write(out.join("decoder/stale.bin"), "old").unwrap();
+        fs::write(out.join("config.json"), "old").unwrap();
+        fs::write(out.join("model_index.json"), "other component").unwrap();
+        let n = write_into_dir(&out, |dir| {
+            fs::create_dir(dir.join("decoder"))?;
+            fs::write(dir.join("decoder/weights.bin"), "new")?;
+            fs::write(dir.join("config.json"), "new")?;
+            Ok(7)
+        })
+        .unwrap();
+        assert_eq!(n, 7);
+        assert_eq!(read(&out.join("decoder/weights.bin")), "new");
+        assert!(!out.join("decoder/stale.bin").exists());
+        assert_eq!(read(&out.join("config.json")), "new");
+        assert_eq!(read(&out.join("model_index.json")), "other component");
+        let mut left: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.extend(fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()));
+        left.sort();
+        assert_eq!(
+            left,
+            ["config.json", "decoder", "model_index.json", "pipeline"]
+        );
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_directory_as_it_was() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("prior");
+        fs::create_dir(&out).unwrap();
+        fs::write(out.join("config.json"), "old").unwrap();
+        let err = write_into_dir(&out, |dir| -> Result<()> {
+            fs::write(dir.join("config.json"), "half")?;
+            anyhow::bail!("disk full")
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "disk full");
+        assert_eq!(read(&out.join("config.json")), "old");
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+        // A new directory is not created either.
+        let fresh = tmp.path().join("fresh");
+        assert!(write_into_dir(&fresh, |_| -> Result<()> { anyhow::bail!("no") }).is_err());
+        assert!(!fresh.exists());
+    }
+}
