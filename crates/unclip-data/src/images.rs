@@ -5,7 +5,7 @@
 //! less work), and the resize is a SIMD convolution (fast_image_resize).
 
 // resize_typed with the one pixel type used: the untyped `resize` instantiates every pixel type's
-// SIMD kernels in this crate (minutes of build time).
+// SIMD kernels in this crate (it doubled the crate's build time).
 use fast_image_resize::images::{TypedImage, TypedImageRef};
 use fast_image_resize::{pixels::U8x3, FilterType, ResizeAlg, ResizeOptions, Resizer};
 use rand::Rng;

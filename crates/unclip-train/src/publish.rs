@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 /// Calls `write(staging)` to write entries (files or directories) into a fresh staging directory
 /// beside `out`, then moves each into `out` (created if missing), replacing an entry of the same
 /// name whole and leaving `out`'s other entries alone (a pipeline directory's other components).
-/// A crash leaves every entry either as it was or as written, never partly written; when `write`
-/// fails, `out` is untouched.
+/// A crash leaves no partly written file in `out`: an entry is the old one or the new one (a
+/// folder, between its two renames, is the old one moved aside to `NAME.old`); the next call
+/// clears what a crash left. When `write` fails, `out` is untouched.
 pub fn write_into_dir<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let staging = staging_dir(out)?;
     if staging.exists() {
@@ -35,10 +36,13 @@ pub fn write_into_dir<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> 
         // rename replaces a file atomically but not a non-empty directory: move the old one aside.
         let old = to.is_dir().then(|| {
             let mut aside = name.clone();
-            aside.push(format!(".old-{}", std::process::id()));
+            aside.push(".old");
             out.join(aside)
         });
         if let Some(old) = &old {
+            if old.exists() {
+                fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+            }
             fs::rename(&to, old)
                 .with_context(|| format!("moving {} aside to replace it", to.display()))?;
         }
@@ -53,7 +57,7 @@ pub fn write_into_dir<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> 
     Ok(written)
 }
 
-/// `DIR/.NAME.partial-PID` for `DIR/NAME`: on `out`'s filesystem, so the renames stay renames.
+/// `DIR/.NAME.partial` for `DIR/NAME`: on `out`'s filesystem, so the renames stay renames.
 fn staging_dir(out: &Path) -> Result<PathBuf> {
     let name = out
         .file_name()
@@ -63,7 +67,7 @@ fn staging_dir(out: &Path) -> Result<PathBuf> {
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let mut staging = std::ffi::OsString::from(".");
     staging.push(name);
-    staging.push(format!(".partial-{}", std::process::id()));
+    staging.push(".partial");
     Ok(parent.join(staging))
 }
 
@@ -97,6 +101,9 @@ mod tests {
         fs::write(out.join("decoder/stale.bin"), "old").unwrap();
         fs::write(out.join("config.json"), "old").unwrap();
         fs::write(out.join("model_index.json"), "other component").unwrap();
+        // What a crash mid-export left: the staging folder and a folder moved aside.
+        fs::create_dir_all(tmp.path().join(".pipeline.partial/decoder")).unwrap();
+        fs::create_dir_all(out.join("decoder.old")).unwrap();
         let n = write_into_dir(&out, |dir| {
             fs::create_dir(dir.join("decoder"))?;
             fs::write(dir.join("decoder/weights.bin"), "new")?;
