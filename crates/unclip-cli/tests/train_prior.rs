@@ -91,9 +91,9 @@ fn diffusers_export_and_init_from(dir: &std::path::Path) {
     std::fs::write(export.join("notes.txt"), "mine").unwrap();
     let step3 = run_dir.join("checkpoints/step-000000003");
     let step3_arg = step3.to_str().unwrap();
-    for (out_dir, picked, step) in [
-        (&export, Some(step3_arg), "step-000000003"),
-        (&export, None, "step-000000006"),
+    for (picked, step) in [
+        (Some(step3_arg), "step-000000003"),
+        (None, "step-000000006"),
     ] {
         let mut args = vec![
             "--config",
@@ -101,7 +101,7 @@ fn diffusers_export_and_init_from(dir: &std::path::Path) {
             "--run-dir",
             run_dir.to_str().unwrap(),
             "--export-diffusers",
-            out_dir.to_str().unwrap(),
+            export.to_str().unwrap(),
         ];
         args.extend(picked.map(|c| ["--checkpoint", c]).into_iter().flatten());
         let out = run(prior, &args);
@@ -110,7 +110,7 @@ fn diffusers_export_and_init_from(dir: &std::path::Path) {
             "{out}"
         );
         assert_same_tensors(
-            &read_tensors(&out_dir.join("diffusion_pytorch_model.safetensors")),
+            &read_tensors(&export.join("diffusion_pytorch_model.safetensors")),
             &read_tensors(
                 &run_dir
                     .join("checkpoints")

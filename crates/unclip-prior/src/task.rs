@@ -515,11 +515,12 @@ impl PriorTask {
                 crate::load::prior_dir(dir)
                     .and_then(|d| crate::load::load_diffusers_prior_weights(vs, &d))
                     .with_context(|| format!("prior.init_from {}", dir.display()))?;
-                if let (0, Some(warning)) = (
-                    rank,
-                    scale_mismatch(&model, &image_embeddings(&stats, device)),
-                ) {
-                    eprintln!("warning: prior.init_from {}: {warning}", dir.display());
+                // Rank 0 alone prints it, so the others need not compute it.
+                if rank == 0 {
+                    let z_i = image_embeddings(&stats, device);
+                    if let Some(warning) = scale_mismatch(&model, &z_i) {
+                        eprintln!("warning: prior.init_from {}: {warning}", dir.display());
+                    }
                 }
             }
             None => model
