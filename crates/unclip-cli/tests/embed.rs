@@ -143,3 +143,101 @@ fn embeds_shards_resumably_with_the_models_embeddings() {
         "{again}"
     );
 }
+
+fn strs(a: &[String]) -> Vec<&str> {
+    a.iter().map(String::as_str).collect()
+}
+
+fn run_embed_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_embed"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "embed {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn raw_embeddings_are_the_projections_and_never_mix_with_normalised_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    run_dir(&run);
+    let data = tmp.path().join("data");
+    write_shapes_shards(&ShapesSpec {
+        count: 6,
+        resolution: 32,
+        seed: 7,
+        shard_size: 6,
+        out: data.clone(),
+        prefix: "img".into(),
+    })
+    .unwrap();
+    let shards = format!("{}/img-000000.tar", data.display());
+    let args = |out: &Path, raw: bool| {
+        let mut a = vec![
+            "--clip".to_string(),
+            run.display().to_string(),
+            "--shards".into(),
+            shards.clone(),
+            "--out".into(),
+            out.display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+        ];
+        if raw {
+            a.push("--raw".into());
+        }
+        a
+    };
+    let (normalised, raw) = (tmp.path().join("emb"), tmp.path().join("emb-raw"));
+    embed(&strs(&args(&normalised, false)));
+    embed(&strs(&args(&raw, true)));
+    let read = |dir: &Path| -> Vec<_> {
+        let cfg = ReaderConfig::in_order(dir.join("img-000000.tar").display().to_string());
+        ShardReader::with_parser(&cfg, 0, parse_embedding_sample)
+            .unwrap()
+            .iter()
+            .collect()
+    };
+    let (unit, as_is) = (read(&normalised), read(&raw));
+    assert_eq!(unit.len(), 6);
+    let clip = load_clip(&run, Device::Cpu).unwrap();
+    let images: Vec<_> = ShardReader::new(&ReaderConfig::in_order(shards.clone()), 0)
+        .unwrap()
+        .iter()
+        .collect();
+    let tok = ClipTokenizer::new();
+    let row = |v: &[f32]| Tensor::from_slice(v).view([1, 16]);
+    let max_diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    for ((u, r), img) in unit.iter().zip(&as_is).zip(&images) {
+        assert_eq!((&u.key, &r.key), (&img.key, &img.key));
+        // The raw z_i is the image projection itself, and normalising it gives the stored one.
+        let mut px = vec![0f32; clip.image.numel()];
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        clip.image.apply(&img.image, &mut rng, &mut px).unwrap();
+        let ids =
+            Tensor::from_slice(&tok.tokenize_batch(&[img.caption.as_str()], 24)).view([1, 24]);
+        let (z_i, z_t) = tch::no_grad(|| {
+            let z_i = clip
+                .model
+                .encode_image(&Tensor::from_slice(&px).view([1, 3, 32, 32]))
+                .unwrap();
+            (z_i, clip.model.encode_text(&ids).unwrap().embeds)
+        });
+        assert!(max_diff(&row(&r.image_emb), &z_i) < 1e-5);
+        assert!(max_diff(&row(&r.text_emb), &z_t) < 1e-5);
+        for (raw_v, unit_v) in [(&r.image_emb, &u.image_emb), (&r.text_emb, &u.text_emb)] {
+            let raw_v = row(raw_v);
+            assert!((raw_v.norm().double_value(&[]) - 1.0).abs() > 1e-2);
+            assert!(max_diff(&(&raw_v / raw_v.norm()), &row(unit_v)) < 1e-5);
+        }
+    }
+    // Resuming into a directory of the other convention is refused before anything is written.
+    let err = run_embed_fails(&strs(&args(&normalised, true)));
+    assert!(
+        err.contains("img-000000.tar") && err.contains("holds L2-normalised embeddings"),
+        "{err}"
+    );
+    let err = run_embed_fails(&strs(&args(&raw, false)));
+    assert!(err.contains("holds raw embeddings"), "{err}");
+}

@@ -6,9 +6,8 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
-use unclip_data::embeddings::EmbeddingSample;
+use unclip_data::embeddings::{ClipEmbeddings, EmbeddingSample};
 use unclip_data::tokenizer::ClipTokenizer;
-use unclip_diffusion::embedding::l2_normalize;
 use unclip_diffusion::guidance::replace_rows;
 
 use crate::load::{load_clip, LoadedClip};
@@ -89,7 +88,15 @@ impl CaptionEncoder {
         self.clip.model.cfg.embed_dim
     }
 
-    /// z_t (L2-normalised, as in the embedding shards), the token features and their mask.
+    /// The encoder of the CLIP at `path` handing out z_t and z_i as `embeddings` says.
+    pub fn load_with(path: &Path, device: Device, embeddings: ClipEmbeddings) -> Result<Self> {
+        let mut encoder = Self::load(path, device)?;
+        encoder.clip.embeddings = embeddings;
+        Ok(encoder)
+    }
+
+    /// z_t (L2-normalised or raw, as the CLIP's [`LoadedClip::embeddings`] says), the token
+    /// features and their mask.
     pub fn encode<S: AsRef<str>>(&self, captions: &[S]) -> Result<TextCondition> {
         let ctx = self.context_length();
         let device = self.clip.vs.device();
@@ -104,7 +111,7 @@ impl CaptionEncoder {
             .unsqueeze(0)
             .le_tensor(&end);
         Ok(TextCondition {
-            text_embeds: l2_normalize(&text.embeds)?,
+            text_embeds: self.clip.convention(&text.embeds)?,
             tokens: text.tokens,
             mask,
         })

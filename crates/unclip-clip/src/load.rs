@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
+use unclip_data::embeddings::ClipEmbeddings;
 use unclip_data::images::{Crop, ImageTransform, Normalize, Resample, CLIP_MEAN, CLIP_STD};
 use unclip_diffusion::embedding::l2_normalize;
 use unclip_train::checkpoint;
@@ -24,10 +25,29 @@ pub struct LoadedClip {
     pub image: ImageTransform,
     /// What was loaded, for messages.
     pub source: String,
+    /// How its embeddings are handed out (z_i here, z_t by [`crate::caption::CaptionEncoder`]):
+    /// L2-normalised unless set otherwise ([`LoadedClip::with_embeddings`]).
+    pub embeddings: ClipEmbeddings,
 }
 
 impl LoadedClip {
-    /// L2-normalised image embeddings z_i [N, D] (float) of images already transformed by
+    /// This CLIP handing out its embeddings as `embeddings` says (the consuming model's
+    /// `clip_embeddings`).
+    pub fn with_embeddings(mut self, embeddings: ClipEmbeddings) -> Self {
+        self.embeddings = embeddings;
+        self
+    }
+
+    /// A projection's output `z` [N, D] in this CLIP's convention.
+    pub fn convention(&self, z: &Tensor) -> Result<Tensor> {
+        Ok(match self.embeddings {
+            ClipEmbeddings::Normalized => l2_normalize(z)?,
+            ClipEmbeddings::Raw => z.shallow_clone(),
+        })
+    }
+
+    /// Image embeddings z_i [N, D] (float; L2-normalised or raw as [`LoadedClip::embeddings`]
+    /// says) of images already transformed by
     /// [`LoadedClip::image`] (CHW floats each, as `ImageTransform::apply_all` makes them),
     /// `batch_size` at a time: exactly what `embed` stores for the same images.
     pub fn embed_transformed(&self, pixels: &[Vec<f32>], batch_size: usize) -> Result<Tensor> {
@@ -40,12 +60,15 @@ impl LoadedClip {
             let x = Tensor::from_slice(&flat)
                 .view([chunk.len() as i64, 3, r, r])
                 .to_device(device);
-            embeds.push(l2_normalize(&self.model.encode_image(&x)?)?.to_kind(Kind::Float));
+            embeds.push(
+                self.convention(&self.model.encode_image(&x)?)?
+                    .to_kind(Kind::Float),
+            );
         }
         Ok(Tensor::f_cat(&embeds, 0)?)
     }
 
-    /// L2-normalised image embeddings z_i of images in [-1, 1] ([B, 3, H, W], any size): resized
+    /// Image embeddings z_i (in the CLIP's convention) of images in [-1, 1] ([B, 3, H, W], any size): resized
     /// (bilinear, antialiased) to the CLIP's resolution when they differ and renormalised as the
     /// CLIP was trained. At the CLIP's own resolution and crop this is what `embed` stores.
     pub fn embed_images(&self, images: &Tensor) -> Result<Tensor> {
@@ -60,7 +83,7 @@ impl LoadedClip {
             let stats = |v: [f32; 3]| Tensor::from_slice(&v).view([1, 3, 1, 1]).to_device(device);
             x = ((x + 1.0) * 0.5 - stats(CLIP_MEAN)) / stats(CLIP_STD);
         }
-        Ok(l2_normalize(&self.model.encode_image(&x)?)?)
+        self.convention(&self.model.encode_image(&x)?)
     }
 }
 
@@ -152,6 +175,7 @@ pub fn load_clip(path: &Path, device: Device) -> Result<LoadedClip> {
                 ..cfg.task.data.image
             },
             source,
+            embeddings: ClipEmbeddings::Normalized,
         });
     }
     let config_json = path.join("config.json");
@@ -180,6 +204,7 @@ pub fn load_clip(path: &Path, device: Device) -> Result<LoadedClip> {
             },
             model,
             source,
+            embeddings: ClipEmbeddings::Normalized,
         });
     }
     bail!(

@@ -1,8 +1,9 @@
 //! Precomputed CLIP embeddings, stored as WebDataset shards beside the image shards: `embed` writes
 //! one embedding shard per image shard, with the **same file name and the same keys**. A sample:
 //!
-//! - `KEY.img_emb.npy`: float32 `[embed_dim]`, L2-normalised image embedding z_i;
-//! - `KEY.txt_emb.npy`: float32 `[embed_dim]`, L2-normalised text embedding z_t;
+//! - `KEY.img_emb.npy`: float32 `[embed_dim]`, the image embedding z_i;
+//! - `KEY.txt_emb.npy`: float32 `[embed_dim]`, the text embedding z_t — both L2-normalised, or
+//!   both as the CLIP's projections give them (`embed --raw`; see [`ClipEmbeddings`]);
 //! - `KEY.txt`: the caption;
 //! - `KEY.txt_tokens.npy` (optional): float16 `[n, text_width]`, the text encoder's final features
 //!   for the caption's tokens up to and including the end token (the priors' "encoded text").
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use webdataset::{Sample, TarWriter, Value};
 
 use crate::npy::NpyArray;
@@ -22,6 +24,66 @@ use crate::reader::{
     bytes_of, rank_shards, shard_list, CaptionedImage, ReaderConfig, ShardReader, SkipCounter,
 };
 use crate::shards::ShardError;
+
+/// How z_i and z_t are scaled, in the shards and wherever a prior or decoder consumes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipEmbeddings {
+    /// L2-normalised (DALLE2-pytorch's convention; this framework's default).
+    #[default]
+    Normalized,
+    /// As the CLIP's projections give them (diffusers' UnCLIP pipeline and Karlo's).
+    Raw,
+}
+
+/// How far from 1 a normalised embedding's norm may be (float32 rounding, fp16 CLIPs).
+const UNIT_NORM_TOLERANCE: f64 = 2e-3;
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+impl ClipEmbeddings {
+    /// Checks that `samples`' stored z_i and z_t follow this convention; the error names the
+    /// sample, its norm and `key`, the config key that chose the convention. Normalised: every
+    /// norm is 1. Raw: not all of them are (one raw embedding may happen to be near 1).
+    pub fn check(self, samples: &[EmbeddingSample], key: &str) -> Result<(), String> {
+        let unit = |v: &[f32]| (norm(v) - 1.0).abs() <= UNIT_NORM_TOLERANCE;
+        match self {
+            Self::Normalized => {
+                for s in samples {
+                    for (what, v) in [("image", &s.image_emb), ("text", &s.text_emb)] {
+                        if !unit(v) {
+                            return Err(format!(
+                                "sample {}: its {what} embedding has norm {:.4}, not 1: these                                  embeddings are not L2-normalised (written by `embed --raw`?);                                  set {key}: raw to train on them as they are",
+                                s.key,
+                                norm(v)
+                            ));
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Self::Raw => {
+                if !samples.is_empty()
+                    && samples
+                        .iter()
+                        .all(|s| unit(&s.image_emb) && unit(&s.text_emb))
+                {
+                    return Err(format!(
+                        "every embedding of {} samples (from {}) has norm 1: these are                          L2-normalised embeddings, and {key} is raw; write raw ones with                          `embed --raw` or set {key}: normalized",
+                        samples.len(),
+                        samples[0].key
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbeddingSample {

@@ -1,7 +1,8 @@
-//! Embedding shards: .npy round trips (and NumPy reads them), atomic shard writes, key alignment.
+//! Embedding shards: .npy round trips (and NumPy reads them), atomic shard writes, key alignment,
+//! the normalised / raw convention check.
 use std::path::Path;
 use unclip_data::embeddings::{
-    align_by_key, parse_embedding_sample, write_embedding_shard, EmbeddingSample,
+    align_by_key, parse_embedding_sample, write_embedding_shard, ClipEmbeddings, EmbeddingSample,
 };
 use unclip_data::npy::{NpyArray, NpyData};
 use unclip_data::reader::{ReaderConfig, ShardReader};
@@ -262,4 +263,46 @@ mod paired {
             "{err}"
         );
     }
+}
+
+/// `v` scaled to norm `n`.
+fn with_norm(v: &[f32], n: f64) -> Vec<f32> {
+    let len = v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    v.iter().map(|&x| (f64::from(x) * n / len) as f32).collect()
+}
+
+#[test]
+fn the_convention_check_tells_normalised_from_raw_embeddings() {
+    let raw: Vec<EmbeddingSample> = (0..4).map(|i| sample(i, false)).collect();
+    let unit: Vec<EmbeddingSample> = raw
+        .iter()
+        .map(|s| EmbeddingSample {
+            image_emb: with_norm(&s.image_emb, 1.0),
+            text_emb: with_norm(&s.text_emb, 1.0),
+            ..s.clone()
+        })
+        .collect();
+    let key = "prior.clip_embeddings";
+    ClipEmbeddings::Normalized.check(&unit, key).unwrap();
+    ClipEmbeddings::Raw.check(&raw, key).unwrap();
+    // One raw text embedding that happens to have norm 1 is still raw data.
+    let mut near = raw.clone();
+    near[0].text_emb = with_norm(&near[0].text_emb, 1.0);
+    ClipEmbeddings::Raw.check(&near, key).unwrap();
+    let err = ClipEmbeddings::Raw.check(&unit, key).unwrap_err();
+    assert!(err.contains("L2-normalised") && err.contains(key), "{err}");
+    // A single stray sample among normalised ones is named, with its norm.
+    let mut mixed = unit.clone();
+    mixed[2].image_emb = with_norm(&mixed[2].image_emb, 7.5);
+    let err = ClipEmbeddings::Normalized.check(&mixed, key).unwrap_err();
+    assert!(
+        err.contains("sample 000002") && err.contains("image embedding has norm 7.5000"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{key}: raw")), "{err}");
+    assert_eq!(
+        serde_json::from_str::<ClipEmbeddings>("\"raw\"").unwrap(),
+        ClipEmbeddings::Raw
+    );
+    assert_eq!(ClipEmbeddings::default(), ClipEmbeddings::Normalized);
 }

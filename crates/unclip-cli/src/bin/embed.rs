@@ -5,18 +5,20 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 use unclip_clip::load::load_clip;
-use unclip_data::embeddings::{embedding_shard_for, write_embedding_shard, EmbeddingSample};
+use unclip_data::embeddings::{
+    embedding_shard_for, parse_embedding_sample, write_embedding_shard, ClipEmbeddings,
+    EmbeddingSample,
+};
 use unclip_data::npy::{NpyArray, NpyData};
 use unclip_data::reader::{shard_list, ReaderConfig, ShardReader};
 use unclip_data::tokenizer::ClipTokenizer;
 use unclip_diffusion::device::parse_device;
-use unclip_diffusion::embedding::l2_normalize;
 
 #[derive(Parser)]
 #[command(about = "Write CLIP image and text embeddings of captioned-image shards")]
@@ -35,6 +37,10 @@ struct Cli {
     /// Also store the text encoder's per-token features (float16), for the priors.
     #[arg(long)]
     token_features: bool,
+    /// Store z_i and z_t as the CLIP's projections give them instead of L2-normalised: what
+    /// diffusers' UnCLIP pipeline feeds Karlo's prior and decoder (their `clip_embeddings: raw`).
+    #[arg(long)]
+    raw: bool,
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -43,7 +49,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let device = parse_device(&cli.device)?;
     let shards = shard_list(&cli.shards)?;
-    let clip = load_clip(&cli.clip, device)?;
+    let convention = if cli.raw {
+        ClipEmbeddings::Raw
+    } else {
+        ClipEmbeddings::Normalized
+    };
+    let clip = load_clip(&cli.clip, device)?.with_embeddings(convention);
     let tokenizer = ClipTokenizer::new();
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
     eprintln!("embedding {} shards with {}", shards.len(), clip.source);
@@ -53,6 +64,7 @@ fn main() -> Result<()> {
     );
     let (mut written, mut resumed, mut samples, mut skipped) = (0, 0, 0u64, 0u64);
     let ctx = clip.model.cfg.text.context_length as usize;
+    check_resumed_convention(&shards, &cli.out, convention)?;
     for shard in &shards {
         let out = embedding_shard_for(shard, &cli.out)?;
         if out.exists() {
@@ -95,7 +107,7 @@ fn main() -> Result<()> {
             let img = clip.embed_transformed(&pixels, pixels.len())?;
             let (txt, tokens) = tch::no_grad(|| -> Result<_> {
                 let text = clip.model.encode_text(&ids)?;
-                Ok((l2_normalize(&text.embeds)?, text.tokens))
+                Ok((clip.convention(&text.embeds)?, text.tokens))
             })?;
             let to_vecs = |t: &Tensor| -> Result<Vec<Vec<f32>>> {
                 let t = t.to_kind(Kind::Float).to_device(Device::Cpu);
@@ -141,5 +153,35 @@ fn main() -> Result<()> {
         "wrote {written} embedding shards to {} ({resumed} already there): {samples} samples embedded, {skipped} skipped (unreadable or undecodable)",
         cli.out.display()
     );
+    Ok(())
+}
+
+/// A rerun resumes into `out`: the shards already there must hold the convention this run writes,
+/// or one directory would mix normalised and raw embeddings.
+fn check_resumed_convention(
+    shards: &[PathBuf],
+    out: &std::path::Path,
+    convention: ClipEmbeddings,
+) -> Result<()> {
+    for shard in shards {
+        let done = embedding_shard_for(shard, out)?;
+        if !done.exists() {
+            continue;
+        }
+        let cfg = ReaderConfig::in_order(done.display().to_string());
+        let reader = ShardReader::with_parser(&cfg, 0, parse_embedding_sample)?;
+        let samples: Vec<EmbeddingSample> = reader.iter().take(64).collect();
+        let (held, written) = match convention {
+            ClipEmbeddings::Raw => ("L2-normalised", "raw ones (--raw)"),
+            ClipEmbeddings::Normalized => ("raw", "L2-normalised ones (no --raw)"),
+        };
+        ensure!(
+            convention.check(&samples, "clip_embeddings").is_ok(),
+            "{} (written earlier) holds {held} embeddings and this run writes {written}: one \
+             directory would mix the two; embed into another --out",
+            done.display()
+        );
+        return Ok(());
+    }
     Ok(())
 }
