@@ -480,6 +480,12 @@ impl Pipeline {
     ) -> Result<Vec<ManipulatedRow>> {
         let stored = read_in_order(embeddings, samples)
             .with_context(|| format!("the PCA probe's embeddings {embeddings}"))?;
+        self.decoder
+            .cfg
+            .decoder
+            .clip_embeddings
+            .check(&stored, "decoder.clip_embeddings")
+            .map_err(|e| anyhow!("the PCA probe's embeddings {embeddings}: {e}"))?;
         let stored = image_embeddings(&stored, self.device());
         let dim = self.encoder.embed_dim();
         ensure!(
@@ -497,10 +503,14 @@ impl Pipeline {
         let inputs = self.read_images(files, o.batch_size)?;
         let z = &inputs.image_embeds;
         let (n, f) = (files.len() as i64, components.len() as i64 + 1);
-        // Per image: z_i from k components for each k, then z_i itself.
+        // Per image: z_i from k components for each k (at z_i's norm: 1, or a raw embedding's),
+        // then z_i itself.
+        let norm = z.norm_scalaropt_dim(2, [-1], true);
         let mut per_k: Vec<Tensor> = components
             .iter()
-            .map(|&k| Ok(l2_normalize(&pca.reconstruct(z, k as i64))?.to_kind(Kind::Float)))
+            .map(|&k| {
+                Ok((l2_normalize(&pca.reconstruct(z, k as i64))? * &norm).to_kind(Kind::Float))
+            })
             .collect::<Result<_>>()?;
         per_k.push(z.shallow_clone());
         let z_frames = Tensor::stack(&per_k, 1).flatten(0, 1);
@@ -730,7 +740,8 @@ impl Pipeline {
         let z = &inputs.image_embeds;
         let z_t0 = self.encoder.encode(from)?.text_embeds.to_kind(Kind::Float);
         let z_t = self.encoder.encode(to)?.text_embeds.to_kind(Kind::Float);
-        let z_d = text_diff_direction(&z_t0, &z_t)?;
+        // At z_i's norm, so the slerp keeps it (1 for normalised embeddings; raw ones their own).
+        let z_d = text_diff_direction(&z_t0, &z_t)? * z.norm_scalaropt_dim(2, [-1], true);
         let theta = thetas(frames, max_theta);
         let (n, f) = (files.len() as i64, frames as i64);
         let z_frames = slerp_rows(z, &z_d, &theta)?;

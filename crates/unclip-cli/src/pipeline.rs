@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 use unclip_clip::caption::{CaptionEncoder, TextCondition};
+use unclip_data::embeddings::ClipEmbeddings;
 use unclip_decoder::task::ConditioningEmbedding;
 use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
 use unclip_diffusion::SamplerConfig;
@@ -122,6 +123,14 @@ fn expects_image_embeddings(decoder: &DecoderRun, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A `clip_embeddings` value as configs spell it.
+pub(crate) fn scale_name(e: ClipEmbeddings) -> &'static str {
+    match e {
+        ClipEmbeddings::Normalized => "normalized",
+        ClipEmbeddings::Raw => "raw",
+    }
+}
+
 /// Whether two `clip:` settings name the same CLIP (same directory once resolved).
 fn same_clip(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
@@ -158,6 +167,20 @@ impl Pipeline {
                     decoder_run.display(),
                     clip.display()
                 );
+                let (prior_scale, decoder_scale) = (
+                    run.cfg.prior.clip_embeddings,
+                    decoder.cfg.decoder.clip_embeddings,
+                );
+                ensure!(
+                    prior_scale == decoder_scale,
+                    "the prior run {} samples {} embeddings (prior.clip_embeddings) and the \
+                     decoder run {} was trained on {} ones (decoder.clip_embeddings): train both \
+                     on the same",
+                    dir.display(),
+                    scale_name(prior_scale),
+                    decoder_run.display(),
+                    scale_name(decoder_scale)
+                );
                 Some(run)
             }
             None => None,
@@ -167,8 +190,8 @@ impl Pipeline {
             clip.display(),
             decoder_run.join("config.yaml").display()
         );
-        let encoder =
-            CaptionEncoder::load(&clip, device).with_context(|| format!("clip {name}"))?;
+        let encoder = CaptionEncoder::load_with(&clip, device, decoder.cfg.decoder.clip_embeddings)
+            .with_context(|| format!("clip {name}"))?;
         unclip_decoder::task::check_clip_fits(&encoder, &decoder.cfg.decoder.model, &name)?;
         if let Some(run) = &prior {
             unclip_prior::task::check_clip_fits(&encoder, &run.cfg.prior, &name)?;

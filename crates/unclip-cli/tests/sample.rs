@@ -892,6 +892,11 @@ fn export_writes_a_diffusers_unclip_pipeline(runs: &Runs) {
     ];
     let printed = run(bin, &args);
     assert!(printed.contains("UnCLIPPipeline"), "{printed}");
+    // Normalised runs: the reminder to wrap the text encoder (raw ones: tests/raw_embeddings.rs).
+    assert!(
+        printed.contains("note: these models were trained on L2-normalised z_t"),
+        "{printed}"
+    );
     let json = |path: &str| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(out.join(path)).unwrap())
             .unwrap_or_else(|e| panic!("{path}: {e}"))

@@ -58,7 +58,9 @@ impl ClipEmbeddings {
                     for (what, v) in [("image", &s.image_emb), ("text", &s.text_emb)] {
                         if !unit(v) {
                             return Err(format!(
-                                "sample {}: its {what} embedding has norm {:.4}, not 1: these                                  embeddings are not L2-normalised (written by `embed --raw`?);                                  set {key}: raw to train on them as they are",
+                                "sample {}: its {what} embedding has norm {:.4}, not 1: these embeddings are \
+                                 not L2-normalised (written by `embed --raw`?); set {key}: raw \
+                                 to train on them as they are",
                                 s.key,
                                 norm(v)
                             ));
@@ -74,7 +76,9 @@ impl ClipEmbeddings {
                         .all(|s| unit(&s.image_emb) && unit(&s.text_emb))
                 {
                     return Err(format!(
-                        "every embedding of {} samples (from {}) has norm 1: these are                          L2-normalised embeddings, and {key} is raw; write raw ones with                          `embed --raw` or set {key}: normalized",
+                        "every embedding of {} samples (from {}) has norm 1: these are L2-normalised \
+                         embeddings, and {key} is raw; write raw ones with `embed --raw` or set \
+                         {key}: normalized",
                         samples.len(),
                         samples[0].key
                     ));

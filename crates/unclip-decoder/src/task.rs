@@ -4,12 +4,13 @@
 //! held-out images from their image embeddings, scored by CLIP and, on shapes scenes, by the
 //! model-free shape count.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 use unclip_clip::caption::{image_embeddings, stored_condition, CaptionEncoder, TextCondition};
+use unclip_data::embeddings::ClipEmbeddings;
 use unclip_data::images::{Crop, ImageTransform, Normalize};
 use unclip_data::loader::{DataPosition, ImageBatch, ImageLoader, LoaderConfig, Restartable};
 use unclip_data::reader::ReaderConfig;
@@ -57,6 +58,12 @@ pub struct DecoderSection {
     /// Probability that a training sample's caption is replaced by the empty caption.
     #[serde(default = "default_text_drop")]
     pub text_drop_prob: f64,
+    /// The z_i and z_t it is conditioned on: `normalized` (L2, DALLE2-pytorch's) or `raw` (as the
+    /// CLIP's projections give them: diffusers' UnCLIP pipeline and Karlo's decoder). Stored
+    /// embeddings must follow it (`embed --raw` writes raw ones); a prior in front of it must
+    /// sample the same.
+    #[serde(default)]
+    pub clip_embeddings: ClipEmbeddings,
 }
 
 pub fn default_diffusion() -> DiffusionConfig {
@@ -523,7 +530,7 @@ impl DecoderTask {
     ) -> Result<Self> {
         let device = vs.device();
         let clip_name = cfg.clip.display().to_string();
-        let encoder = CaptionEncoder::load(&cfg.clip, device)
+        let encoder = CaptionEncoder::load_with(&cfg.clip, device, cfg.decoder.clip_embeddings)
             .with_context(|| format!("clip: {clip_name}"))?;
         check_clip_fits(&encoder, &cfg.decoder.model, &clip_name)?;
         let model = UnclipDecoder::from_config(vs.root(), &cfg.decoder.model)?;
@@ -615,6 +622,21 @@ impl DecoderTask {
     /// The CLIP conditioning of a loader batch, from the embedding shards or the frozen CLIP:
     /// the caption's, and z_i or z_t in the embedding slot as `decoder.embedding` says.
     pub fn condition(&self, b: &ImageBatch, images: &Tensor) -> Result<DecoderCondition> {
+        if self.cfg.data.embeddings == EmbeddingSource::Stored {
+            self.cfg
+                .decoder
+                .clip_embeddings
+                .check(&b.embeddings, "decoder.clip_embeddings")
+                .map_err(|e| {
+                    let dir = self
+                        .cfg
+                        .data
+                        .embedding_dir
+                        .as_deref()
+                        .unwrap_or(Path::new(""));
+                    anyhow!("data.embedding_dir {}: {e}", dir.display())
+                })?;
+        }
         let text = match self.cfg.data.embeddings {
             EmbeddingSource::Stored => stored_condition(
                 &b.embeddings,

@@ -79,12 +79,11 @@ impl Prior {
         candidates: usize,
     ) -> Result<PriorSamples> {
         match (self, sampling) {
-            (Self::Diffusion(m), PriorSampling::Diffusion(s)) => PriorSampler::new(
-                m,
-                &section.diffusion,
-                s,
-            )?
-            .sample(text, null, guidance_scale, candidates),
+            (Self::Diffusion(m), PriorSampling::Diffusion(s)) => {
+                PriorSampler::new(m, &section.diffusion, s)?
+                    .with_embeddings(section.clip_embeddings)
+                    .sample(text, null, guidance_scale, candidates)
+            }
             (Self::Autoregressive(m), PriorSampling::Autoregressive(s)) => {
                 m.sample(text, null, guidance_scale, candidates, s)
             }

@@ -4,6 +4,7 @@
 
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
+use unclip_data::embeddings::ClipEmbeddings;
 use unclip_diffusion::embedding::l2_normalize;
 use unclip_diffusion::{
     classifier_free_guidance, ClipDenoised, DiffusionConfig, GaussianDiffusion, SamplerConfig,
@@ -15,9 +16,10 @@ use crate::model::{DiffusionPrior, TextCondition};
 /// What a sampling call returns.
 #[derive(Debug)]
 pub struct PriorSamples {
-    /// [B, D]: the kept candidate per caption, L2-normalised (the embedding layout of the shards).
+    /// [B, D]: the kept candidate per caption, L2-normalised or raw as the prior's
+    /// `clip_embeddings` says (the layout of its training embeddings).
     pub image_embeds: Tensor,
-    /// [B, n, D]: every candidate, L2-normalised.
+    /// [B, n, D]: every candidate, as `image_embeds`.
     pub candidates: Tensor,
     /// [B, n]: each candidate's z_i · z_t (both normalised).
     pub scores: Tensor,
@@ -29,6 +31,7 @@ pub struct PriorSampler<'a> {
     diffusion: GaussianDiffusion,
     kind: SamplerKind,
     clip: ClipDenoised,
+    embeddings: ClipEmbeddings,
 }
 
 impl<'a> PriorSampler<'a> {
@@ -44,7 +47,15 @@ impl<'a> PriorSampler<'a> {
             diffusion: process.to_device(prior.clip_stats().0.device()),
             kind,
             clip: sampling.clip,
+            embeddings: ClipEmbeddings::Normalized,
         })
+    }
+
+    /// Samples in `embeddings`' convention (the prior's `clip_embeddings`): raw ones are left
+    /// unnormalised. L2-normalised by default.
+    pub fn with_embeddings(mut self, embeddings: ClipEmbeddings) -> Self {
+        self.embeddings = embeddings;
+        self
     }
 
     /// Image embeddings for `text` ([B] rows). `null` is the one-row null condition (the empty
@@ -83,7 +94,11 @@ impl<'a> PriorSampler<'a> {
             self.diffusion
                 .sample(self.kind, &self.clip, noise, guided, None)?
         };
-        let z = l2_normalize(&self.prior.unstandardize(&x0).to_kind(Kind::Float))?;
+        let z = self.prior.unstandardize(&x0).to_kind(Kind::Float);
+        let z = match self.embeddings {
+            ClipEmbeddings::Normalized => l2_normalize(&z)?,
+            ClipEmbeddings::Raw => z,
+        };
         rerank(&z, &cond.text_embeds, b, n)
     }
 }
@@ -117,12 +132,12 @@ pub(crate) fn with_null_rows(cond: &TextCondition, null: &TextCondition) -> Resu
 }
 
 /// `n` candidates per caption (`z` [B·n, D], caption-major, with their captions' `z_t`) → the
-/// one with the highest z_i · z_t per caption (both normalised).
+/// one with the highest cosine of z_i and z_t per caption (the candidates kept as they are).
 pub(crate) fn rerank(z: &Tensor, z_t: &Tensor, b: i64, n: i64) -> Result<PriorSamples> {
     let d = z.size()[1];
-    let z = l2_normalize(&z.to_kind(Kind::Float))?;
+    let z = z.to_kind(Kind::Float);
     let z_t = l2_normalize(&z_t.to_kind(Kind::Float))?;
-    let scores = (&z * z_t)
+    let scores = (l2_normalize(&z)? * z_t)
         .sum_dim_intlist(-1, false, Kind::Float)
         .view([b, n]);
     let candidates = z.view([b, n, d]);

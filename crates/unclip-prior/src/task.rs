@@ -8,7 +8,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 use unclip_data::embedding_loader::{EmbeddingBatch, EmbeddingLoader, EmbeddingLoaderConfig};
-use unclip_data::embeddings::{parse_embedding_sample, EmbeddingSample};
+use unclip_data::embeddings::{parse_embedding_sample, ClipEmbeddings, EmbeddingSample};
 use unclip_data::loader::{DataPosition, Restartable};
 use unclip_data::reader::{ReaderConfig, ShardReader};
 use unclip_diffusion::gaussian::loss_per_quarter;
@@ -69,6 +69,11 @@ pub struct PriorSection {
     /// Probability of training a sample with the null caption (z_t and token features of "").
     #[serde(default = "default_text_drop")]
     pub text_drop_prob: f64,
+    /// The z_t it reads and the z_i it samples: `normalized` (L2, DALLE2-pytorch's) or `raw` (as
+    /// the CLIP's projections give them: diffusers' UnCLIP pipeline and Karlo's prior). The
+    /// training embeddings must follow it (`embed --raw` writes raw ones). Diffusion prior only.
+    #[serde(default)]
+    pub clip_embeddings: ClipEmbeddings,
 }
 
 impl PriorSection {
@@ -268,6 +273,11 @@ impl Validate for PriorTrainConfig {
             PriorKind::Autoregressive => {
                 let ar = p.autoregressive_model()?;
                 ar.validate()?;
+                ensure!(
+                    p.clip_embeddings == ClipEmbeddings::Normalized,
+                    "prior.clip_embeddings: raw is for the diffusion prior; the autoregressive \
+                     prior's codec quantises L2-normalised embeddings and its z_i · z_t band a cosine"
+                );
                 ensure!(
                     p.init_from.is_none(),
                     "prior.init_from loads a diffusers PriorTransformer: the diffusion prior's (kind: diffusion)"
@@ -474,10 +484,23 @@ pub fn scale_mismatch(model: &Prior, z_i: &Tensor) -> Option<String> {
         format!(
             "its clip_mean / clip_std describe image embeddings of RMS norm {implied:.3}, the \
              training embeddings' (data.train) is {data:.3}: the pretrained prior is fed inputs of \
-             another scale than it was trained on (Karlo's takes CLIP embeddings unnormalised; \
-             `embed` stores unit vectors)"
+             another scale than it was trained on (Karlo's takes CLIP embeddings unnormalised: \
+             embed them with `embed --raw` and set prior.clip_embeddings: raw)"
         )
     })
+}
+
+/// Embedding samples from `key` (`shards`) must follow `prior.clip_embeddings`.
+fn check_convention(
+    prior: &PriorSection,
+    samples: &[EmbeddingSample],
+    key: &str,
+    shards: &str,
+) -> Result<()> {
+    prior
+        .clip_embeddings
+        .check(samples, "prior.clip_embeddings")
+        .map_err(|e| anyhow!("{key} {shards}: {e}"))
 }
 
 impl PriorTask {
@@ -493,7 +516,7 @@ impl PriorTask {
     ) -> Result<Self> {
         let device = vs.device();
         let clip_name = cfg.clip.display().to_string();
-        let encoder = CaptionEncoder::load(&cfg.clip, device)
+        let encoder = CaptionEncoder::load_with(&cfg.clip, device, cfg.prior.clip_embeddings)
             .with_context(|| format!("clip: {clip_name}"))?;
         check_clip_fits(&encoder, &cfg.prior, &clip_name)?;
         let mut model = Prior::new(vs.root(), &cfg.prior)?;
@@ -501,6 +524,7 @@ impl PriorTask {
         // Every rank reads the same first samples, so all agree without communicating.
         let stats = read_in_order(&cfg.data.train, cfg.data.stats_samples)
             .with_context(|| format!("data.train {}", cfg.data.train))?;
+        check_convention(&cfg.prior, &stats, "data.train", &cfg.data.train)?;
         let (dim, _) = cfg.prior.clip_shape()?;
         let d = stats[0].image_emb.len() as i64;
         ensure!(
@@ -577,6 +601,7 @@ impl PriorTask {
         if rank == 0 {
             let samples = read_in_order(&cfg.data.held_out, cfg.eval.count)
                 .with_context(|| format!("data.held_out {}", cfg.data.held_out))?;
+            check_convention(&cfg.prior, &samples, "data.held_out", &cfg.data.held_out)?;
             task.held_out = Some(HeldOut {
                 text: task.condition(&samples)?,
                 image_embeds: image_embeddings(&samples, device),
@@ -627,6 +652,12 @@ impl PriorTask {
     }
 
     fn to_batch(&self, b: &EmbeddingBatch) -> Result<PriorBatch> {
+        check_convention(
+            &self.cfg.prior,
+            &b.samples,
+            "data.train",
+            &self.cfg.data.train,
+        )?;
         let text = self.condition(&b.samples)?;
         let z = image_embeddings(&b.samples, self.device);
         let (dim, _) = self.cfg.prior.clip_shape()?;

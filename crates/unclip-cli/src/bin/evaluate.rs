@@ -192,7 +192,8 @@ fn main() -> Result<()> {
             .with_context(|| format!("prior run {}", dir.display()))?;
         let clip = &run.cfg.clip;
         let name = format!("{} (the clip: of {})", clip.display(), dir.display());
-        let encoder = CaptionEncoder::load(clip, device).with_context(|| format!("clip {name}"))?;
+        let encoder = CaptionEncoder::load_with(clip, device, run.cfg.prior.clip_embeddings)
+            .with_context(|| format!("clip {name}"))?;
         unclip_prior::task::check_clip_fits(&encoder, &run.cfg.prior, &name)?;
         let p = &run.cfg.prior;
         let mut sampling = run.model.sampling(p);

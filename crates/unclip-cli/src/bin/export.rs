@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 use unclip_cli::export::export_unclip_pipeline;
 use unclip_cli::pipeline::Pipeline;
+use unclip_data::embeddings::ClipEmbeddings;
 
 #[derive(Parser)]
 #[command(
@@ -64,5 +65,12 @@ fn main() -> Result<()> {
         cli.out.display(),
         written.join(", ")
     );
+    if pipeline.decoder.cfg.decoder.clip_embeddings == ClipEmbeddings::Normalized {
+        println!(
+            "note: these models were trained on L2-normalised z_t and UnCLIPPipeline passes the \
+             text encoder's text_embeds unnormalised: wrap the text encoder as the README's \
+             'Export to diffusers' shows (runs trained with clip_embeddings: raw need nothing)"
+        );
+    }
     Ok(())
 }

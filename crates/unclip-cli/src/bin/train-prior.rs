@@ -10,6 +10,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use tch::nn;
 use unclip_clip::caption::CaptionEncoder;
+use unclip_data::embeddings::ClipEmbeddings;
 use unclip_data::npy::NpyArray;
 use unclip_prior::load::load_prior_run;
 use unclip_prior::prior::describe_sampling;
@@ -78,7 +79,7 @@ fn sample(cli: &Cli) -> Result<()> {
     let cfg = load_config::<PriorTrainConfig>(&cli.args.config, &cli.args.overrides)?;
     let device = cfg.runtime.device()?;
     let run = load_prior_run(&run_dir, cli.checkpoint.as_deref(), device)?;
-    let encoder = CaptionEncoder::load(&run.cfg.clip, device)
+    let encoder = CaptionEncoder::load_with(&run.cfg.clip, device, run.cfg.prior.clip_embeddings)
         .with_context(|| format!("clip: {}", run.cfg.clip.display()))?;
     unclip_prior::task::check_clip_fits(
         &encoder,
@@ -116,10 +117,11 @@ fn sample(cli: &Cli) -> Result<()> {
         let values: Vec<f32> = Vec::try_from(&z.flatten(0, -1))?;
         std::fs::write(out, NpyArray::f32(vec![n, d], values).to_bytes())
             .with_context(|| format!("writing {}", out.display()))?;
-        println!(
-            "wrote {} ([{n}, {d}] float32, L2-normalised)",
-            out.display()
-        );
+        let scale = match p.clip_embeddings {
+            ClipEmbeddings::Normalized => "L2-normalised",
+            ClipEmbeddings::Raw => "raw",
+        };
+        println!("wrote {} ([{n}, {d}] float32, {scale})", out.display());
     }
     Ok(())
 }
