@@ -9,6 +9,7 @@ use common::{
     decoder_config, dry_run_committed, dry_run_total, embedded_shapes, launch_two_ranks, run,
     run_fails,
 };
+use unclip_data::embeddings::ClipEmbeddings;
 use unclip_decoder::task::{
     ConditioningEmbedding, DecoderTask, DecoderTrainConfig, EmbeddingSource,
 };
@@ -312,6 +313,54 @@ fn stored_and_on_the_fly_conditioning_agree() {
             diff(&h.cond.image_embeds, &h.image_embeds) > 0.1,
             "{source:?}"
         );
+    }
+    // decoder.clip_embeddings: raw — stored (`embed --raw`) and on-the-fly agree, and are the
+    // normalised ones before normalising.
+    for shards in ["img-{000000..000001}.tar", "val-000000.tar"] {
+        run(
+            env!("CARGO_BIN_EXE_embed"),
+            &[
+                "--clip",
+                dir.join("clip").to_str().unwrap(),
+                "--shards",
+                dir.join("shapes").join(shards).to_str().unwrap(),
+                "--out",
+                dir.join("emb-raw").to_str().unwrap(),
+                "--token-features",
+                "--raw",
+                "--device",
+                "cpu",
+            ],
+        );
+    }
+    let raw_task = |source: EmbeddingSource| {
+        let mut c = cfg.task.clone();
+        c.data.embeddings = source;
+        c.data.embedding_dir = Some(dir.join("emb-raw"));
+        c.decoder.clip_embeddings = ClipEmbeddings::Raw;
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        DecoderTask::new(&vs, &c, 0, 8, 0, 1, None).unwrap()
+    };
+    let (raw_stored, raw_clip) = (
+        raw_task(EmbeddingSource::Stored),
+        raw_task(EmbeddingSource::Clip),
+    );
+    let (r, q) = (
+        &raw_stored.held_out().unwrap().cond,
+        &raw_clip.held_out().unwrap().cond,
+    );
+    let unit = |x: &tch::Tensor| x / x.norm_scalaropt_dim(2, [-1], true);
+    for (raw, normalised, clip) in [
+        (&r.image_embeds, &a.image_embeds, &q.image_embeds),
+        (
+            &r.text.text_embeds,
+            &a.text.text_embeds,
+            &q.text.text_embeds,
+        ),
+    ] {
+        assert!(diff(raw, clip) < 1e-4);
+        assert!(diff(&unit(raw), normalised) < 1e-5);
+        assert!(diff(raw, normalised) > 0.1);
     }
     // Without the embedding shards the error names the key and the missing file.
     std::fs::remove_dir_all(dir.join("emb")).unwrap();
