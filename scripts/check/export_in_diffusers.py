@@ -4,30 +4,35 @@ stored for the same captions; the prior, decoder (with text_proj) and upsampler 
 outputs `cargo run --release -p unclip-cli --example export_reference` computed on the same inputs
 (REFERENCE); then samples the whole pipeline for two captions.
 
-Usage: .venv/bin/python scripts/check/export_in_diffusers.py EXPORT_DIR EMBEDDING_SHARD REFERENCE OUT.png
+Usage: .venv/bin/python scripts/check/export_in_diffusers.py EXPORT_DIR EMBEDDING_SHARD REFERENCE OUT.png [--raw]
   EMBEDDING_SHARD: an `embed --token-features` shard made with the same CLIP
   (e.g. data/shapes/emb64/clipval64-000000.tar);
   REFERENCE: what export_reference wrote for the runs that were exported.
+  --raw: the runs were trained with clip_embeddings: raw (on `embed --raw` shards).
 
-The framework's z_t is L2-normalised; diffusers' pipeline uses CLIPTextModelWithProjection's
-text_embeds as they come, so the text encoder is wrapped to normalise them (as the README shows).
+The framework's z_t is L2-normalised by default; diffusers' pipeline uses
+CLIPTextModelWithProjection's text_embeds as they come, so the text encoder is wrapped to normalise
+them (as the README shows). Runs trained on raw embeddings take them as they come: with --raw the
+pipeline runs unwrapped, as diffusers ships it.
 """
 import io, sys, tarfile
 import numpy as np, torch, torch.nn.functional as F
 from diffusers import UnCLIPPipeline
 
-export_dir, shard, reference, out_png = sys.argv[1:5]
+raw = "--raw" in sys.argv[1:]
+export_dir, shard, reference, out_png = [a for a in sys.argv[1:] if a != "--raw"][:4]
 pipe = UnCLIPPipeline.from_pretrained(export_dir, torch_dtype=torch.float32)
 for name in ["prior", "decoder", "text_proj", "super_res_first", "super_res_last", "text_encoder",
              "tokenizer", "prior_scheduler", "decoder_scheduler", "super_res_scheduler"]:
     print(f"{name}: {type(getattr(pipe, name)).__name__}")
 
-encode = pipe.text_encoder.forward
-def normalised(*args, **kwargs):
-    out = encode(*args, **kwargs)
-    out.text_embeds = F.normalize(out.text_embeds, dim=-1)
-    return out
-pipe.text_encoder.forward = normalised
+if not raw:
+    encode = pipe.text_encoder.forward
+    def normalised(*args, **kwargs):
+        out = encode(*args, **kwargs)
+        out.text_embeds = F.normalize(out.text_embeds, dim=-1)
+        return out
+    pipe.text_encoder.forward = normalised
 
 # The stored embeddings of the shard's first 64 captions.
 samples = {}
@@ -45,8 +50,11 @@ ctx = pipe.tokenizer.model_max_length
 ids = pipe.tokenizer(captions, padding="max_length", max_length=ctx, truncation=True, return_tensors="pt")
 with torch.no_grad():
     out = pipe.text_encoder(ids.input_ids)
-cos = (out.text_embeds * z_t).sum(-1)
+cos = (F.normalize(out.text_embeds, dim=-1) * F.normalize(z_t, dim=-1)).sum(-1)
 print(f"z_t: cos(diffusers' text encoder, embed's) over {len(keys)} captions: min {cos.min():.6f}, mean {cos.mean():.6f}")
+ratio = out.text_embeds.norm(dim=-1) / z_t.norm(dim=-1)
+print(f"z_t: norm(diffusers') / norm(embed's): {ratio.min():.6f} … {ratio.max():.6f} "
+      f"(embed's mean norm {z_t.norm(dim=-1).mean():.4f}{', raw' if raw else ''})")
 real = ids.attention_mask.sum(-1)
 lengths_equal = all(int(r) == t.shape[0] for r, t in zip(real, tokens))
 worst = max((out.last_hidden_state[i, : t.shape[0]] - t).abs().max().item() for i, t in enumerate(tokens))

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 use unclip_clip::caption::{CaptionEncoder, TextCondition};
-use unclip_data::embeddings::ClipEmbeddings;
 use unclip_decoder::task::ConditioningEmbedding;
 use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
 use unclip_diffusion::SamplerConfig;
@@ -123,14 +122,6 @@ fn expects_image_embeddings(decoder: &DecoderRun, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// A `clip_embeddings` value as configs spell it.
-pub(crate) fn scale_name(e: ClipEmbeddings) -> &'static str {
-    match e {
-        ClipEmbeddings::Normalized => "normalized",
-        ClipEmbeddings::Raw => "raw",
-    }
-}
-
 /// Whether two `clip:` settings name the same CLIP (same directory once resolved).
 fn same_clip(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
@@ -177,9 +168,9 @@ impl Pipeline {
                      decoder run {} was trained on {} ones (decoder.clip_embeddings): train both \
                      on the same",
                     dir.display(),
-                    scale_name(prior_scale),
+                    prior_scale.name(),
                     decoder_run.display(),
-                    scale_name(decoder_scale)
+                    decoder_scale.name()
                 );
                 Some(run)
             }

@@ -152,7 +152,7 @@ fn raw_embeddings_train_and_sample_unnormalised_and_never_mix() {
             out.to_str().unwrap(),
         ],
     );
-    assert!(printed.contains("float32, raw"), "{printed}");
+    assert!(printed.contains("float32, raw embeddings"), "{printed}");
     let z = NpyArray::from_bytes(&std::fs::read(&out).unwrap()).unwrap();
     let z = Tensor::from_slice(&z.to_f32()).view([2, 32]);
     let stored: Vec<f32> = {

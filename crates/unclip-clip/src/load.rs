@@ -68,9 +68,9 @@ impl LoadedClip {
         Ok(Tensor::f_cat(&embeds, 0)?)
     }
 
-    /// Image embeddings z_i (in the CLIP's convention) of images in [-1, 1] ([B, 3, H, W], any size): resized
-    /// (bilinear, antialiased) to the CLIP's resolution when they differ and renormalised as the
-    /// CLIP was trained. At the CLIP's own resolution and crop this is what `embed` stores.
+    /// Image embeddings z_i (in the CLIP's convention) of images in [-1, 1] ([B, 3, H, W], any
+    /// size): resized (bilinear, antialiased) to the CLIP's resolution when they differ and
+    /// renormalised as the CLIP was trained. At the CLIP's own resolution and crop this is what `embed` stores.
     pub fn embed_images(&self, images: &Tensor) -> Result<Tensor> {
         let r = i64::from(self.image.resolution);
         let _g = tch::no_grad_guard();

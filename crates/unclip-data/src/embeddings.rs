@@ -47,6 +47,14 @@ fn norm(v: &[f32]) -> f64 {
 }
 
 impl ClipEmbeddings {
+    /// The value as configs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Normalized => "normalized",
+            Self::Raw => "raw",
+        }
+    }
+
     /// Checks that `samples`' stored z_i and z_t follow this convention; the error names the
     /// sample, its norm and `key`, the config key that chose the convention. Normalised: every
     /// norm is 1. Raw: not all of them are (one raw embedding may happen to be near 1).

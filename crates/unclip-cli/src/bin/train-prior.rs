@@ -10,7 +10,6 @@ use clap::Parser;
 use std::path::PathBuf;
 use tch::nn;
 use unclip_clip::caption::CaptionEncoder;
-use unclip_data::embeddings::ClipEmbeddings;
 use unclip_data::npy::NpyArray;
 use unclip_prior::load::load_prior_run;
 use unclip_prior::prior::describe_sampling;
@@ -117,11 +116,11 @@ fn sample(cli: &Cli) -> Result<()> {
         let values: Vec<f32> = Vec::try_from(&z.flatten(0, -1))?;
         std::fs::write(out, NpyArray::f32(vec![n, d], values).to_bytes())
             .with_context(|| format!("writing {}", out.display()))?;
-        let scale = match p.clip_embeddings {
-            ClipEmbeddings::Normalized => "L2-normalised",
-            ClipEmbeddings::Raw => "raw",
-        };
-        println!("wrote {} ([{n}, {d}] float32, {scale})", out.display());
+        println!(
+            "wrote {} ([{n}, {d}] float32, {} embeddings)",
+            out.display(),
+            p.clip_embeddings.name()
+        );
     }
     Ok(())
 }
