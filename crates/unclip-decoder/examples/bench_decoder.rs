@@ -81,6 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         norm_num_groups: 32,
         norm_eps: 1e-5,
         dropout: 0.0,
+        time_scale_shift: Default::default(),
     };
     let vs = nn::VarStore::new(device);
     let model = UnclipDecoder::new(vs.root(), &unet, clip_dim, 4)?;

@@ -10,7 +10,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 use unclip_diffusion::nn::init;
 use unclip_diffusion::nn::norm_act::group_norm_silu;
-use unclip_diffusion::nn::resnet::{ResBlock, ResBlockConfig, Resample};
+use unclip_diffusion::nn::resnet::{ResBlock, ResBlockConfig, Resample, TimeScaleShift};
 use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
 
 use crate::added_kv_attention::AddedKvAttention;
@@ -43,6 +43,10 @@ pub struct UNetConfig {
     pub norm_eps: f64,
     #[serde(default)]
     pub dropout: f64,
+    /// How the ResBlocks take the timestep embedding: scale-shift, the decoder's always; the
+    /// upsamplers' config sets it (not a decoder config key).
+    #[serde(skip)]
+    pub time_scale_shift: TimeScaleShift,
 }
 
 fn three() -> i64 {
@@ -184,10 +188,14 @@ impl UNetConfig {
         let temb = self.time_embed_dim();
         let linear = |i: i64, o: i64| i * o + o;
         let conv = |i: i64, o: i64, k: i64| i * o * k * k + o;
+        let emb_width = match self.time_scale_shift {
+            TimeScaleShift::ScaleShift => 2,
+            TimeScaleShift::Default => 1,
+        };
         let res = |i: i64, o: i64| {
             2 * i
                 + conv(i, o, 3)
-                + linear(temb, 2 * o)
+                + linear(temb, emb_width * o)
                 + 2 * o
                 + conv(o, o, 3)
                 + if i != o { conv(i, o, 1) } else { 0 }
@@ -340,6 +348,7 @@ impl UNet {
                     eps: cfg.norm_eps,
                     dropout: cfg.dropout,
                     resample,
+                    time_scale_shift: cfg.time_scale_shift,
                     ..ResBlockConfig::new(i, o, temb)
                 },
             )

@@ -111,6 +111,7 @@ fn tiny_unet() -> unclip_decoder::UNetConfig {
         norm_num_groups: 4,
         norm_eps: 1e-5,
         dropout: 0.0,
+        time_scale_shift: Default::default(),
     }
 }
 

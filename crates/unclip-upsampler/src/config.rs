@@ -1,11 +1,11 @@
 //! The `upsampler.model:` section: diffusers' `UNet2DModel` as the UnCLIP pipeline's
-//! super-resolution stages configure it (same key names; the rest fixed: scale-shift ResBlocks
-//! that resample inside the block, no attention anywhere, 3 noisy + 3 low-resolution input
-//! channels).
+//! super-resolution stages configure it (same key names; the rest fixed: ResBlocks that resample
+//! inside the block, no attention anywhere, 3 noisy + 3 low-resolution input channels).
 
 use anyhow::{anyhow, ensure, Result};
 use serde::{Deserialize, Serialize};
 use unclip_decoder::UNetConfig;
+use unclip_diffusion::nn::resnet::TimeScaleShift;
 
 /// RGB.
 pub const IMAGE_CHANNELS: i64 = 3;
@@ -28,6 +28,10 @@ pub struct UpsamplerModelConfig {
     pub norm_eps: f64,
     #[serde(default)]
     pub dropout: f64,
+    /// How the ResBlocks take the timestep embedding: `scale_shift` (ADM's, the default here) or
+    /// `default` (added after the first conv: diffusers' default, Karlo's super-resolution UNets).
+    #[serde(default)]
+    pub resnet_time_scale_shift: TimeScaleShift,
 }
 
 fn six() -> i64 {
@@ -65,6 +69,7 @@ impl UpsamplerModelConfig {
             norm_num_groups: self.norm_num_groups,
             norm_eps: self.norm_eps,
             dropout: self.dropout,
+            time_scale_shift: self.resnet_time_scale_shift,
         }
     }
 

@@ -25,7 +25,6 @@ const FIXED: &[(&str, &str)] = &[
     ("flip_sin_to_cos", "true"),
     ("freq_shift", "0"),
     ("mid_block_scale_factor", "1"),
-    ("resnet_time_scale_shift", r#""scale_shift""#),
     ("time_embedding_type", r#""positional""#),
     ("mid_block_type", r#""UNetMidBlock2D""#),
 ];
@@ -96,10 +95,21 @@ impl UpsamplerModelConfig {
                 .map(|v| (k.to_string(), v.clone()))
         })
         .collect();
-        // diffusers' default out_channels is 3, ours 6: take theirs when unstated.
+        // diffusers' default out_channels is 3, ours 6, and its default resnet_time_scale_shift
+        // `default`, ours `scale_shift`: take theirs when unstated.
         picked
             .entry("out_channels")
             .or_insert(Value::from(IMAGE_CHANNELS));
+        let shift = json
+            .get("resnet_time_scale_shift")
+            .filter(|v| !v.is_null())
+            .cloned()
+            .unwrap_or(Value::from("default"));
+        ensure!(
+            matches!(shift.as_str(), Some("scale_shift" | "default")),
+            "{source}: `resnet_time_scale_shift` is {shift}; this upsampler implements \"scale_shift\" and \"default\""
+        );
+        picked.insert("resnet_time_scale_shift".into(), shift);
         let cfg: Self = serde_json::from_value(Value::Object(picked))
             .with_context(|| format!("{source}: config.json"))?;
         ensure!(
@@ -135,6 +145,10 @@ impl UpsamplerModelConfig {
         map.insert("norm_num_groups".into(), self.norm_num_groups.into());
         map.insert("norm_eps".into(), self.norm_eps.into());
         map.insert("dropout".into(), self.dropout.into());
+        map.insert(
+            "resnet_time_scale_shift".into(),
+            serde_json::to_value(self.resnet_time_scale_shift)?,
+        );
         for (key, value) in FIXED {
             map.insert(key.to_string(), serde_json::from_str(value)?);
         }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Tensor};
+use unclip_diffusion::nn::resnet::TimeScaleShift;
 use unclip_upsampler::diffusers::{load_diffusers_upsampler, save_diffusers_upsampler};
 use unclip_upsampler::low_res::{downsample, upsample_condition};
 use unclip_upsampler::{Upsampler, UpsamplerModelConfig};
@@ -125,7 +126,7 @@ fn diffusers_configs_it_cannot_run_are_refused() {
         ("add_attention", serde_json::json!(true), "add_attention"),
         (
             "resnet_time_scale_shift",
-            serde_json::json!("default"),
+            serde_json::json!("spatial"),
             "resnet_time_scale_shift",
         ),
         ("in_channels", serde_json::json!(3), "in_channels"),
@@ -147,22 +148,35 @@ fn diffusers_configs_it_cannot_run_are_refused() {
             .to_string();
         assert!(err.contains(expect) && err.contains("DIR"), "{key}: {err}");
     }
+    // Unstated, resnet_time_scale_shift is diffusers' default: `default`.
+    let read = |json: &serde_json::Map<String, serde_json::Value>| {
+        UpsamplerModelConfig::from_diffusers_json(json, "DIR")
+            .unwrap()
+            .resnet_time_scale_shift
+    };
+    assert_eq!(read(&theirs), TimeScaleShift::ScaleShift);
+    let mut unstated = theirs.clone();
+    unstated.remove("resnet_time_scale_shift");
+    assert_eq!(read(&unstated), TimeScaleShift::Default);
 }
 
 #[test]
 fn built_parameter_count_matches_the_formula() {
-    let cfg = UpsamplerModelConfig {
-        out_channels: 3,
-        block_out_channels: vec![16, 32, 32],
-        layers_per_block: 1,
-        norm_num_groups: 8,
-        norm_eps: 1e-5,
-        dropout: 0.0,
-    };
-    let vs = nn::VarStore::new(Device::Cpu);
-    Upsampler::new(vs.root(), &cfg).unwrap();
-    let built: usize = vs.variables().values().map(Tensor::numel).sum();
-    assert_eq!(built as i64, cfg.parameter_count());
+    for shift in [TimeScaleShift::ScaleShift, TimeScaleShift::Default] {
+        let cfg = UpsamplerModelConfig {
+            out_channels: 3,
+            block_out_channels: vec![16, 32, 32],
+            layers_per_block: 1,
+            norm_num_groups: 8,
+            norm_eps: 1e-5,
+            dropout: 0.0,
+            resnet_time_scale_shift: shift,
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        Upsampler::new(vs.root(), &cfg).unwrap();
+        let built: usize = vs.variables().values().map(Tensor::numel).sum();
+        assert_eq!(built as i64, cfg.parameter_count(), "{shift:?}");
+    }
 }
 
 /// Loads an exported directory with diffusers' own `UNet2DModel.from_pretrained` and runs it as
@@ -182,8 +196,15 @@ with torch.no_grad():
 save_file({"out": out.contiguous()}, d + "/out.safetensors")
 "#;
 
+/// Both ways of taking the timestep embedding: scale-shift and diffusers' `default` (Karlo's).
 #[test]
 fn an_upsampler_built_here_runs_the_same_in_diffusers() {
+    for shift in [TimeScaleShift::ScaleShift, TimeScaleShift::Default] {
+        runs_the_same_in_diffusers(shift);
+    }
+}
+
+fn runs_the_same_in_diffusers(shift: TimeScaleShift) {
     tch::manual_seed(5);
     let cfg = UpsamplerModelConfig {
         out_channels: 6,
@@ -192,6 +213,7 @@ fn an_upsampler_built_here_runs_the_same_in_diffusers() {
         norm_num_groups: 4,
         norm_eps: 1e-5,
         dropout: 0.0,
+        resnet_time_scale_shift: shift,
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Upsampler::new(vs.root(), &cfg).unwrap();
@@ -220,5 +242,15 @@ fn an_upsampler_built_here_runs_the_same_in_diffusers() {
     unclip_testkit::python(DIFFUSERS_FORWARD, [dir.path()]);
     let theirs = Tensor::read_safetensors(dir.path().join("out.safetensors")).unwrap();
     let d = max_diff(&theirs[0].1, &ours);
-    assert!(d <= 1e-4, "diffusers' forward of the export differs by {d}");
+    assert!(
+        d <= 1e-4,
+        "{shift:?}: diffusers' forward of the export differs by {d}"
+    );
+    // The timestep is read: another one changes the output.
+    let other = tch::no_grad(|| {
+        model
+            .forward_t(&x, &upsample_condition(&low, 32), &t.flip([0]), false)
+            .unwrap()
+    });
+    assert!(max_diff(&other, &ours) > 1e-3, "{shift:?}");
 }

@@ -1,6 +1,7 @@
 //! ADM residual block (Dhariwal & Nichol 2021) with scale-shift conditioning: GroupNorm → SiLU →
 //! conv → norm(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv, plus a skip (1×1
-//! conv when the width changes). Names and initialisation follow diffusers' `ResnetBlock2D`
+//! conv when the width changes); or, as diffusers' `resnet_time_scale_shift: default` (Karlo's
+//! upsamplers), the projected embedding added after the first conv instead. Names and initialisation follow diffusers' `ResnetBlock2D`
 //! (PyTorch's defaults; no zero-initialised last conv as in ADM): so initialised, the shapes
 //! decoder trains as fast as diffusers' does from the same recipe (docs/decoder-shapes.md).
 
@@ -19,6 +20,17 @@ pub enum Resample {
     Down,
 }
 
+/// How the conditioning embedding enters a block (diffusers' `resnet_time_scale_shift`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeScaleShift {
+    /// norm2(h)·(1 + scale) + shift (ADM's, the UnCLIP decoder's).
+    #[default]
+    ScaleShift,
+    /// h + proj(emb) after the first conv (diffusers' `default`).
+    Default,
+}
+
 #[derive(Debug, Clone)]
 pub struct ResBlockConfig {
     pub in_channels: i64,
@@ -29,6 +41,7 @@ pub struct ResBlockConfig {
     pub eps: f64,
     pub dropout: f64,
     pub resample: Resample,
+    pub time_scale_shift: TimeScaleShift,
 }
 
 impl ResBlockConfig {
@@ -41,6 +54,7 @@ impl ResBlockConfig {
             eps: 1e-5,
             dropout: 0.0,
             resample: Resample::None,
+            time_scale_shift: TimeScaleShift::ScaleShift,
         }
     }
 }
@@ -57,6 +71,7 @@ pub struct ResBlock {
     down: Option<Downsample>,
     dropout: f64,
     eps: f64,
+    time_scale_shift: TimeScaleShift,
 }
 
 impl ResBlock {
@@ -72,8 +87,13 @@ impl ResBlock {
         Self {
             norm1: nn::group_norm(&p / "norm1", c.groups, c.in_channels, gn),
             conv1: init::conv2d(&p / "conv1", c.in_channels, c.out_channels, 3, conv3),
-            time_emb_proj: (c.emb_channels > 0)
-                .then(|| init::linear(&p / "time_emb_proj", c.emb_channels, 2 * c.out_channels)),
+            time_emb_proj: (c.emb_channels > 0).then(|| {
+                let width = match c.time_scale_shift {
+                    TimeScaleShift::ScaleShift => 2 * c.out_channels,
+                    TimeScaleShift::Default => c.out_channels,
+                };
+                init::linear(&p / "time_emb_proj", c.emb_channels, width)
+            }),
             norm2: nn::group_norm(&p / "norm2", c.groups, c.out_channels, gn),
             conv2: init::conv2d(&p / "conv2", c.out_channels, c.out_channels, 3, conv3),
             conv_shortcut: (c.in_channels != c.out_channels).then(|| {
@@ -91,6 +111,7 @@ impl ResBlock {
                 .then(|| Downsample::new(&p / "downsample", c.in_channels, c.in_channels, false)),
             dropout: c.dropout,
             eps: c.eps,
+            time_scale_shift: c.time_scale_shift,
         }
     }
 
@@ -130,8 +151,14 @@ impl ResBlock {
         } else {
             (self.conv1.forward(&h), x.shallow_clone())
         };
-        let h = match (&self.time_emb_proj, emb) {
-            (Some(proj), Some(emb)) => self.norm2_scale_shift_silu(&h, &proj.forward(&emb.silu())),
+        let h = match (&self.time_emb_proj, emb, self.time_scale_shift) {
+            (Some(proj), Some(emb), TimeScaleShift::ScaleShift) => {
+                self.norm2_scale_shift_silu(&h, &proj.forward(&emb.silu()))
+            }
+            (Some(proj), Some(emb), TimeScaleShift::Default) => {
+                let add = proj.forward(&emb.silu()).unsqueeze(-1).unsqueeze(-1);
+                group_norm_silu(&self.norm2, self.eps, &(h + add))
+            }
             _ => group_norm_silu(&self.norm2, self.eps, &h),
         };
         let h = self.conv2.forward(&h.dropout(self.dropout, train));
