@@ -1,9 +1,10 @@
 //! ADM residual block (Dhariwal & Nichol 2021) with scale-shift conditioning: GroupNorm → SiLU →
 //! conv → norm(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv, plus a skip (1×1
 //! conv when the width changes); or, as diffusers' `resnet_time_scale_shift: default` (Karlo's
-//! upsamplers), the projected embedding added after the first conv instead. Names and initialisation follow diffusers' `ResnetBlock2D`
-//! (PyTorch's defaults; no zero-initialised last conv as in ADM): so initialised, the shapes
-//! decoder trains as fast as diffusers' does from the same recipe (docs/decoder-shapes.md).
+//! upsamplers), the projected embedding added after the first conv instead. Names and
+//! initialisation follow diffusers' `ResnetBlock2D` (PyTorch's defaults; no zero-initialised last
+//! conv as in ADM): so initialised, the shapes decoder trains as fast as diffusers' does from the
+//! same recipe (docs/decoder-shapes.md).
 
 use super::init;
 use super::norm_act::{group_norm_act, group_norm_silu};
