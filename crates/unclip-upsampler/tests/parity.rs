@@ -226,6 +226,16 @@ fn runs_the_same_in_diffusers(shift: TimeScaleShift) {
     });
     let dir = tempfile::tempdir().unwrap();
     save_diffusers_upsampler(&vs, &cfg, 32, &dir.path().join("unet")).unwrap();
+    // Read back: the same config (the mode included) and every tensor.
+    let back = load_diffusers_upsampler(&dir.path().join("unet"), Device::Cpu).unwrap();
+    assert_eq!(back.config, cfg);
+    let ours = vs.variables();
+    for (name, t) in back.vs.variables() {
+        assert!(
+            t.equal(&ours[&name]),
+            "{shift:?}: {name} changed in the round trip"
+        );
+    }
     let x = Tensor::randn([2, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
     let low = Tensor::rand([2, 3, 16, 16], (tch::Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     let t = Tensor::from_slice(&[17i64, 901]);
