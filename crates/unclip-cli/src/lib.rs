@@ -2,6 +2,7 @@
 //! manipulations `sample` runs, the held-out scores `evaluate` reports and the diffusers directory
 //! `export` writes.
 
+pub mod diffusers_pipeline;
 pub mod evaluate;
 pub mod export;
 pub mod manipulate;

@@ -183,16 +183,29 @@ impl Pipeline {
         );
         let encoder = CaptionEncoder::load_with(&clip, device, decoder.cfg.decoder.clip_embeddings)
             .with_context(|| format!("clip {name}"))?;
-        unclip_decoder::task::check_clip_fits(&encoder, &decoder.cfg.decoder.model, &name)?;
+        Self::assemble(encoder, &name, prior, decoder, Vec::new(), device)
+    }
+
+    /// Loaded stages behind `encoder` (`name`: the CLIP, for errors): checks that the CLIP fits
+    /// the prior and the decoder and encodes guidance's null caption.
+    pub(crate) fn assemble(
+        encoder: CaptionEncoder,
+        name: &str,
+        prior: Option<PriorRun>,
+        decoder: DecoderRun,
+        upsamplers: Vec<UpsamplerRun>,
+        device: Device,
+    ) -> Result<Self> {
+        unclip_decoder::task::check_clip_fits(&encoder, &decoder.cfg.decoder.model, name)?;
         if let Some(run) = &prior {
-            unclip_prior::task::check_clip_fits(&encoder, &run.cfg.prior, &name)?;
+            unclip_prior::task::check_clip_fits(&encoder, &run.cfg.prior, name)?;
         }
         let null = encoder.null_condition()?;
         Ok(Self {
             encoder,
             prior,
             decoder,
-            upsamplers: Vec::new(),
+            upsamplers,
             null,
             device,
         })

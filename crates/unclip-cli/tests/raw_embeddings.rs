@@ -1,7 +1,8 @@
 //! `clip_embeddings: raw` end to end — the convention of diffusers' UnCLIP pipeline and Karlo:
 //! `embed --raw` shards → a diffusion prior and a decoder trained on them → `sample`, with the
 //! prior's samples and the caption's z_t left unnormalised; and the refusals: training on shards
-//! of the other convention (named before any step) and a pipeline whose stages disagree.
+//! of the other convention (named before any step) and a pipeline whose stages disagree; and
+//! `sample --diffusers` on the runs' export drawing their images.
 use std::path::Path;
 mod common;
 use common::{decoder_config, embedded_shapes, prior_config, run, run_fails};
@@ -260,6 +261,79 @@ fn raw_embeddings_train_and_sample_unnormalised_and_never_mix() {
     assert!(
         printed.contains("UnCLIPPipeline") && !printed.contains("note:"),
         "{printed}"
+    );
+
+    // `sample --diffusers` on that export draws the runs' images, pixel for pixel, with the same
+    // sampling settings (its defaults are diffusers' pipeline's; these are set on both sides).
+    let same = [
+        "--caption",
+        "a red circle",
+        "--caption",
+        "two blue squares",
+        "--count",
+        "2",
+        "--prior-sampling",
+        "{sampler: ddpm, steps: '8'}",
+        "--decoder-sampling",
+        "{sampler: ddpm, steps: '4'}",
+        "--prior-guidance",
+        "2",
+        "--decoder-guidance",
+        "3",
+        "--candidates",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    let (from_runs, from_export) = (dir.join("from-runs"), dir.join("from-export"));
+    let mut args = vec![
+        "--prior",
+        prior.to_str().unwrap(),
+        "--decoder",
+        decoder.to_str().unwrap(),
+        "--out",
+        from_runs.to_str().unwrap(),
+    ];
+    args.extend(same);
+    run(env!("CARGO_BIN_EXE_sample"), &args);
+    let pipeline_dir = dir.join("pipeline");
+    let clip = dir.join("clip");
+    let mut args = vec![
+        "--diffusers",
+        pipeline_dir.to_str().unwrap(),
+        "--clip",
+        clip.to_str().unwrap(),
+        "--out",
+        from_export.to_str().unwrap(),
+    ];
+    args.extend(same);
+    run(env!("CARGO_BIN_EXE_sample"), &args);
+    for name in ["000_00.png", "000_01.png", "001_00.png", "001_01.png"] {
+        let (a, b) = (
+            std::fs::read(from_runs.join(name)).unwrap(),
+            std::fs::read(from_export.join(name)).unwrap(),
+        );
+        assert!(a == b, "{name} differs between the runs and their export");
+    }
+    // A CLIP whose text tower is not the pipeline's text encoder is refused, naming a tensor.
+    let other = dir.join("other-clip");
+    unclip_clip::load::write_random_run(&other, unclip_clip::load::TINY_CLIP_CONFIG, 9).unwrap();
+    let err = run_fails(
+        env!("CARGO_BIN_EXE_sample"),
+        &[
+            "--diffusers",
+            pipeline_dir.to_str().unwrap(),
+            "--clip",
+            other.to_str().unwrap(),
+            "--caption",
+            "a red circle",
+            "--out",
+            dir.join("never2").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("is not the pipeline's text encoder") && err.contains("text_model."),
+        "{err}"
     );
     // A raw prior in front of a decoder trained on normalised embeddings is refused, naming both.
     let err = run_fails(

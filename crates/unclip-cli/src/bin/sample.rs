@@ -5,6 +5,7 @@
 //!     sample --prior runs/prior --decoder runs/decoder --upsampler runs/upsampler \
 //!         --caption "a red circle" --out runs/samples
 //!     sample --decoder runs/decoder --variations photo.png --out runs/variations
+//!     sample --diffusers karlo-v1-alpha --clip clip-vit-large-patch14 --caption "a red circle"
 
 use std::path::PathBuf;
 
@@ -44,14 +45,31 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     captions: Option<PathBuf>,
     /// A train-prior run directory (its newest checkpoint, EMA weights).
-    #[arg(long, value_name = "RUN", required_unless_present_any = ["no_prior", "manipulation"])]
+    #[arg(
+        long,
+        value_name = "RUN",
+        required_unless_present_any = ["no_prior", "manipulation", "diffusers"]
+    )]
     prior: Option<PathBuf>,
     /// Decode z_t itself instead of a prior's sample: the paper's zero-shot baseline.
     #[arg(long, conflicts_with = "prior")]
     no_prior: bool,
     /// A train-decoder run directory (its newest checkpoint, EMA weights).
-    #[arg(long, value_name = "RUN")]
-    decoder: PathBuf,
+    #[arg(long, value_name = "RUN", required_unless_present = "diffusers")]
+    decoder: Option<PathBuf>,
+    /// Instead of runs: a diffusers UnCLIPPipeline directory (Karlo's, or one `export` wrote) —
+    /// its prior, decoder and super_res_first, sampled as diffusers' pipeline samples; needs --clip.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "clip",
+        conflicts_with_all = ["prior", "no_prior", "decoder", "decoder_checkpoint", "upsampler", "manipulation"]
+    )]
+    diffusers: Option<PathBuf>,
+    /// With --diffusers: the CLIP (a Hugging Face or train-clip directory) whose text tower is the
+    /// pipeline's text_encoder; it encodes the captions and scores the images.
+    #[arg(long, value_name = "DIR", requires = "diffusers")]
+    clip: Option<PathBuf>,
     /// This checkpoint of the decoder run (`RUN/checkpoints/step-N`) instead of its newest.
     #[arg(long, value_name = "DIR")]
     decoder_checkpoint: Option<PathBuf>,
@@ -366,25 +384,28 @@ fn manipulate(cli: &Cli, m: &Manipulation, pipeline: &Pipeline) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let device = parse_device(&cli.device)?;
+    let decoder = || {
+        cli.decoder
+            .as_deref()
+            .context("--decoder RUN or --diffusers DIR")
+    };
     if let Some(m) = manipulation(&cli)? {
-        let pipeline = Pipeline::load(
-            None,
-            &cli.decoder,
-            cli.decoder_checkpoint.as_deref(),
-            device,
-        )?
-        .with_upsamplers(&cli.upsampler)?;
+        let pipeline = Pipeline::load(None, decoder()?, cli.decoder_checkpoint.as_deref(), device)?
+            .with_upsamplers(&cli.upsampler)?;
         return manipulate(&cli, &m, &pipeline);
     }
     let captions = captions(&cli)?;
     let precision = parse_precision(&cli.precision)?;
-    let pipeline = Pipeline::load(
-        cli.prior.as_deref(),
-        &cli.decoder,
-        cli.decoder_checkpoint.as_deref(),
-        device,
-    )?
-    .with_upsamplers(&cli.upsampler)?;
+    let pipeline = match (&cli.diffusers, &cli.clip) {
+        (Some(dir), Some(clip)) => Pipeline::from_diffusers(dir, clip, device)?,
+        _ => Pipeline::load(
+            cli.prior.as_deref(),
+            decoder()?,
+            cli.decoder_checkpoint.as_deref(),
+            device,
+        )?
+        .with_upsamplers(&cli.upsampler)?,
+    };
     let mut o = pipeline.default_options();
     o.count = cli.count;
     o.seed = cli.seed;

@@ -1,0 +1,245 @@
+//! A diffusers `UnCLIPPipeline` directory (Karlo's, or one `export` wrote) as a [`Pipeline`]:
+//! its prior, decoder with text projection and `super_res_first` read by the diffusers loaders,
+//! each stage's process from its `UnCLIPScheduler` config, sampled as diffusers' pipeline samples
+//! by default (ancestral steps 25 / 25 / 7, guidance 4 / 8, one prior draw) on CLIP embeddings as
+//! they come (`clip_embeddings: raw`, what the pipeline feeds them). The caption encoder is a full
+//! CLIP directory whose text tower must be the pipeline's `text_encoder/` (the images are scored
+//! with its image tower, which a pipeline directory lacks).
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use tch::{Device, Tensor};
+use unclip_clip::caption::CaptionEncoder;
+use unclip_data::embeddings::ClipEmbeddings;
+use unclip_decoder::task::DecoderTrainConfig;
+use unclip_decoder::DecoderRun;
+use unclip_prior::load::PriorRun;
+use unclip_prior::task::PriorTrainConfig;
+use unclip_prior::Prior;
+use unclip_train::config::Validate;
+use unclip_upsampler::task::UpsamplerTrainConfig;
+use unclip_upsampler::UpsamplerRun;
+
+use crate::pipeline::Pipeline;
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// A stage's `diffusion:` and sampler `clip:` from its `UnCLIPScheduler` config (`name`: the
+/// pipeline entry, for errors).
+fn process(dir: &Path, name: &str) -> Result<(Value, Value)> {
+    let path = dir.join(name).join("scheduler_config.json");
+    let s = read_json(&path)?;
+    let class = s["_class_name"].as_str().unwrap_or("");
+    ensure!(
+        class == "UnCLIPScheduler",
+        "{}: a {class} — this reads UnCLIPScheduler configs only",
+        path.display()
+    );
+    let schedule = s["beta_schedule"].as_str().unwrap_or("squaredcos_cap_v2");
+    ensure!(
+        schedule == "squaredcos_cap_v2",
+        "{}: beta_schedule {schedule}: UnCLIPScheduler's is squaredcos_cap_v2 (cosine)",
+        path.display()
+    );
+    let predict = match s["prediction_type"].as_str().unwrap_or("epsilon") {
+        "epsilon" => "epsilon",
+        "sample" => "x0",
+        other => bail!("{}: prediction_type {other}", path.display()),
+    };
+    let (variance, loss) = match s["variance_type"].as_str().unwrap_or("fixed_small_log") {
+        "fixed_small_log" => ("fixed_small", "mse"),
+        "learned_range" => ("learned_range", "hybrid"),
+        other => bail!("{}: variance_type {other}", path.display()),
+    };
+    let timesteps = s["num_train_timesteps"].as_u64().unwrap_or(1000);
+    let clip = if s["clip_sample"].as_bool().unwrap_or(true) {
+        json!({"static": s["clip_sample_range"].as_f64().unwrap_or(1.0)})
+    } else {
+        json!("none")
+    };
+    Ok((
+        json!({"schedule": "cosine", "timesteps": timesteps, "predict": predict,
+               "variance": variance, "loss": loss}),
+        clip,
+    ))
+}
+
+/// The sampler diffusers' pipeline runs for `steps`: UnCLIPScheduler's ancestral steps are
+/// evenly spaced from the last timestep to 0, which is this framework's respacing of `steps`.
+fn sampler(steps: u32, clip: Value) -> Value {
+    json!({"sampler": "ddpm", "steps": steps.to_string(), "clip": clip})
+}
+
+fn task_config<T: serde::de::DeserializeOwned + Validate>(value: Value, what: &str) -> Result<T> {
+    let cfg: T = serde_json::from_value(value).with_context(|| format!("the {what}'s config"))?;
+    cfg.validate()
+        .with_context(|| format!("the {what}'s config"))?;
+    Ok(cfg)
+}
+
+/// Errors unless every weight of `dir/text_encoder` equals the CLIP's tensor of that name.
+fn check_text_encoder(dir: &Path, encoder: &CaptionEncoder, clip: &Path) -> Result<()> {
+    let path = dir.join("text_encoder").join("model.safetensors");
+    let theirs =
+        Tensor::read_safetensors(&path).with_context(|| format!("reading {}", path.display()))?;
+    let ours = encoder.clip.vs.variables();
+    for (name, t) in &theirs {
+        let same = ours.get(name).is_some_and(|o| {
+            o.size() == t.size()
+                && (o.to_device(Device::Cpu) - t.to_kind(o.kind()))
+                    .abs()
+                    .max()
+                    .double_value(&[])
+                    <= 1e-6
+        });
+        ensure!(
+            same,
+            "--clip {}: its text tower is not the pipeline's text encoder ({} differs or is \
+             missing); give the CLIP the pipeline was trained with",
+            clip.display(),
+            name
+        );
+    }
+    Ok(())
+}
+
+/// Whether two files hold the same bytes (read in blocks: super-resolution weights are gigabytes).
+fn files_equal(a: &Path, b: &Path) -> Result<bool> {
+    use std::io::Read;
+    let open =
+        |p: &Path| std::fs::File::open(p).with_context(|| format!("reading {}", p.display()));
+    let (fa, fb) = (open(a)?, open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ra, mut rb) = (std::io::BufReader::new(fa), std::io::BufReader::new(fb));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = ra.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        rb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+impl Pipeline {
+    /// The pipeline directory `dir` with the CLIP at `clip` (a Hugging Face or `train-clip`
+    /// directory) as its caption encoder, on `device`.
+    pub fn from_diffusers(dir: &Path, clip: &Path, device: Device) -> Result<Self> {
+        ensure!(
+            dir.join("model_index.json").is_file(),
+            "{}: not a diffusers pipeline directory (no model_index.json)",
+            dir.display()
+        );
+        let encoder = CaptionEncoder::load_with(clip, device, ClipEmbeddings::Raw)
+            .with_context(|| format!("--clip {}", clip.display()))?;
+        check_text_encoder(dir, &encoder, clip)?;
+        let source = |part: &str| format!("{} ({part})", dir.display());
+        let unused = "(a diffusers pipeline directory)";
+
+        let prior_dir = dir.join("prior");
+        let (diffusion, clip_x0) = process(dir, "prior_scheduler")?;
+        let prior_cfg: PriorTrainConfig = task_config(
+            json!({
+                "prior": {
+                    "model": unclip_prior::load::read_diffusers_prior_config(&prior_dir)?,
+                    "diffusion": diffusion,
+                    "sampling": sampler(25, clip_x0),
+                    "guidance_scale": 4.0,
+                    "candidates": 1,
+                    "clip_embeddings": "raw",
+                },
+                "clip": clip,
+                "data": {"train": unused, "held_out": unused},
+            }),
+            "prior",
+        )?;
+        let loaded = unclip_prior::load::load_diffusers_prior(&prior_dir, device)
+            .with_context(|| prior_dir.display().to_string())?;
+        let prior = PriorRun {
+            cfg: prior_cfg,
+            vs: loaded.vs,
+            model: Prior::Diffusion(loaded.model),
+            source: source("prior"),
+        };
+
+        let decoder_json = read_json(&dir.join("decoder").join("config.json"))?;
+        let side = decoder_json["sample_size"].as_u64().unwrap_or(64);
+        let (diffusion, clip_x0) = process(dir, "decoder_scheduler")?;
+        let decoder_cfg: DecoderTrainConfig = task_config(
+            json!({
+                "decoder": {
+                    "model": unclip_decoder::pretrained::read_diffusers_decoder_config(dir)?,
+                    "diffusion": diffusion,
+                    "sampling": sampler(25, clip_x0),
+                    "guidance_scale": 8.0,
+                    "clip_embeddings": "raw",
+                },
+                "clip": clip,
+                "data": {"train": unused, "held_out": unused, "embeddings": "clip",
+                         "image": {"resolution": side}},
+            }),
+            "decoder",
+        )?;
+        let mut loaded = unclip_decoder::pretrained::load_diffusers_decoder(dir, device)?;
+        loaded.vs.freeze();
+        let decoder = DecoderRun {
+            cfg: decoder_cfg,
+            vs: loaded.vs,
+            model: loaded.model,
+            source: source("decoder, text_proj"),
+        };
+
+        let mut upsamplers = Vec::new();
+        let first = dir.join("super_res_first");
+        if first.join("config.json").is_file() {
+            let high = read_json(&first.join("config.json"))?["sample_size"]
+                .as_u64()
+                .context("super_res_first/config.json: no sample_size")?;
+            let (diffusion, clip_x0) = process(dir, "super_res_scheduler")?;
+            let cfg: UpsamplerTrainConfig = task_config(
+                json!({
+                    "upsampler": {
+                        "model": unclip_upsampler::diffusers::read_diffusers_upsampler_config(&first)?,
+                        "diffusion": diffusion,
+                        "sampling": sampler(7, clip_x0),
+                        "low_res": {"resolution": side},
+                    },
+                    "data": {"train": unused, "held_out": unused, "image": {"resolution": high}},
+                }),
+                "upsampler",
+            )?;
+            let mut loaded = unclip_upsampler::diffusers::load_diffusers_upsampler(&first, device)?;
+            loaded.vs.freeze();
+            upsamplers.push(UpsamplerRun {
+                cfg,
+                vs: loaded.vs,
+                model: loaded.model,
+                source: source("super_res_first"),
+            });
+        }
+        let last = dir
+            .join("super_res_last")
+            .join("diffusion_pytorch_model.safetensors");
+        let first_weights = first.join("diffusion_pytorch_model.safetensors");
+        if last.is_file() && !files_equal(&first_weights, &last)? {
+            eprintln!(
+                "note: {} differs from super_res_first and is not used: every upsampling step \
+                 runs super_res_first (diffusers' pipeline runs super_res_last for the last one)",
+                last.display()
+            );
+        }
+        let name = format!("--clip {}", clip.display());
+        Self::assemble(encoder, &name, Some(prior), decoder, upsamplers, device)
+    }
+}
