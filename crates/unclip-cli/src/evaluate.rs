@@ -13,6 +13,7 @@ use unclip_clip::load::LoadedClip;
 use unclip_data::reader::{ReaderConfig, ShardReader};
 use unclip_data::shape_score::{score_scene, ShapeTally};
 use unclip_data::shapes::Scene;
+use unclip_diffusion::embedding::l2_normalize;
 
 use crate::pipeline::{image_path, Pipeline, PipelineOptions};
 
@@ -160,9 +161,7 @@ pub fn frechet_distance_of(
 /// The fraction of rows of `image_embeds` [N, D] whose most similar row of `caption_embeds`
 /// [C, D] is their own (`own` [N], int64): CLIP's top-1 caption retrieval.
 pub fn caption_top1(image_embeds: &Tensor, caption_embeds: &Tensor, own: &Tensor) -> Result<f64> {
-    let sim = image_embeds
-        .to_kind(Kind::Float)
-        .f_matmul(&caption_embeds.to_kind(Kind::Float).tr())?;
+    let sim = unit(image_embeds)?.f_matmul(&unit(caption_embeds)?.tr())?;
     let hit = sim.argmax(1, false).eq_tensor(&own.to_device(sim.device()));
     Ok(hit
         .to_kind(Kind::Double)
@@ -170,11 +169,16 @@ pub fn caption_top1(image_embeds: &Tensor, caption_embeds: &Tensor, own: &Tensor
         .double_value(&[]))
 }
 
-/// Mean cos(image i, caption own[i]) of unit rows.
+/// Rows scaled to norm 1 (the embeddings may be raw: `clip_embeddings: raw`), in float32.
+fn unit(x: &Tensor) -> Result<Tensor> {
+    Ok(l2_normalize(&x.to_kind(Kind::Float))?)
+}
+
+/// Mean cos(image i, caption own[i]).
 fn own_cosine(image_embeds: &Tensor, caption_embeds: &Tensor, own: &Tensor) -> Result<f64> {
     let own = own.to_device(caption_embeds.device());
-    let z_t = caption_embeds.index_select(0, &own).to_kind(Kind::Float);
-    let cos = (image_embeds.to_kind(Kind::Float) * z_t).sum_dim_intlist(-1, false, Kind::Float);
+    let z_t = unit(&caption_embeds.index_select(0, &own))?;
+    let cos = (unit(image_embeds)? * z_t).sum_dim_intlist(-1, false, Kind::Float);
     Ok(cos.mean(Kind::Double).double_value(&[]))
 }
 
@@ -319,7 +323,8 @@ pub fn score_pipeline(
         clip_image_score: Tensor::f_cat(&clip_image, 0)?
             .mean(Kind::Double)
             .double_value(&[]),
-        fd_clip: frechet_distance(&z_x, &held.image_embeds)?,
+        // Between normalised embeddings, whichever scale the decoder takes.
+        fd_clip: frechet_distance(&z_x, &unit(&held.image_embeds)?)?,
         shapes,
     })
 }

@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use unclip_clip::caption::{CaptionEncoder, TextCondition};
 use unclip_decoder::task::ConditioningEmbedding;
 use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
+use unclip_diffusion::embedding::l2_normalize;
 use unclip_diffusion::SamplerConfig;
 use unclip_prior::load::{load_prior_run, PriorRun};
 use unclip_prior::{Prior, PriorSampling};
@@ -107,7 +108,7 @@ pub struct Generated {
     pub clip_text: Tensor,
     /// [N]: cos(CLIP image embedding of the image, the z_i it was decoded from).
     pub clip_image: Tensor,
-    /// [N, D]: the CLIP image embeddings of the (final) images.
+    /// [N, D]: the CLIP image embeddings of the (final) images, L2-normalised.
     pub image_clip_embeds: Tensor,
 }
 
@@ -425,15 +426,13 @@ impl Pipeline {
             )
         })?;
         let images = self.upsample_all(images, &o.upsampler_sampling, o.seed, o.batch_size)?;
-        let z_x = self
-            .encoder
-            .clip
-            .embed_images(&images)?
-            .to_kind(Kind::Float);
-        let z_t = encoded.text_embeds.to_kind(Kind::Float);
+        // Cosines, whichever scale the stages take their embeddings at.
+        let unit = |t: &Tensor| l2_normalize(&t.to_kind(Kind::Float));
+        let z_x = unit(&self.encoder.clip.embed_images(&images)?)?;
+        let z_t = unit(&encoded.text_embeds)?;
         Ok(Generated {
             clip_text: z_x.matmul(&z_t.tr()),
-            clip_image: (&z_x * &image_embeds).sum_dim_intlist(-1, false, Kind::Float),
+            clip_image: (&z_x * unit(&image_embeds)?).sum_dim_intlist(-1, false, Kind::Float),
             image_clip_embeds: z_x,
             images,
             image_embeds,

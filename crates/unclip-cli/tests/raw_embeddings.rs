@@ -315,6 +315,15 @@ fn raw_embeddings_train_and_sample_unnormalised_and_never_mix() {
         );
         assert!(a == b, "{name} differs between the runs and their export");
     }
+    // The scores are cosines, whatever the embeddings' scale.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(from_export.join("samples.json")).unwrap()).unwrap();
+    for row in manifest.as_array().unwrap() {
+        for key in ["clip_score", "clip_image_score"] {
+            let v = row[key].as_f64().unwrap();
+            assert!((-1.0..=1.0).contains(&v), "{key} {v} in {row}");
+        }
+    }
     // A CLIP whose text tower is not the pipeline's text encoder is refused, naming a tensor.
     let other = dir.join("other-clip");
     unclip_clip::load::write_random_run(&other, unclip_clip::load::TINY_CLIP_CONFIG, 9).unwrap();
