@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use tch::{Device, Tensor};
 use unclip_clip::caption::CaptionEncoder;
 use unclip_data::embeddings::ClipEmbeddings;
+use unclip_decoder::pretrained::read_json;
 use unclip_decoder::task::DecoderTrainConfig;
 use unclip_decoder::DecoderRun;
 use unclip_prior::load::PriorRun;
@@ -24,17 +25,12 @@ use unclip_upsampler::UpsamplerRun;
 
 use crate::pipeline::Pipeline;
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
 /// A stage's `diffusion:` and sampler `clip:` from its `UnCLIPScheduler` config (`name`: the
 /// pipeline entry, for errors).
 fn process(dir: &Path, name: &str) -> Result<(Value, Value)> {
     let path = dir.join(name).join("scheduler_config.json");
-    let s = read_json(&path)?;
+    // As a Value: an absent key reads as null (diffusers' default), not a panic.
+    let s = Value::Object(read_json(&path)?);
     let class = s["_class_name"].as_str().unwrap_or("");
     ensure!(
         class == "UnCLIPScheduler",
@@ -173,7 +169,7 @@ impl Pipeline {
             source: source("prior"),
         };
 
-        let decoder_json = read_json(&dir.join("decoder").join("config.json"))?;
+        let decoder_json = Value::Object(read_json(&dir.join("decoder").join("config.json"))?);
         let side = decoder_json["sample_size"].as_u64().unwrap_or(64);
         let (diffusion, clip_x0) = process(dir, "decoder_scheduler")?;
         let decoder_cfg: DecoderTrainConfig = task_config(
@@ -203,8 +199,9 @@ impl Pipeline {
         let mut upsamplers = Vec::new();
         let first = dir.join("super_res_first");
         if first.join("config.json").is_file() {
-            let high = read_json(&first.join("config.json"))?["sample_size"]
-                .as_u64()
+            let high = read_json(&first.join("config.json"))?
+                .get("sample_size")
+                .and_then(Value::as_u64)
                 .context("super_res_first/config.json: no sample_size")?;
             let (diffusion, clip_x0) = process(dir, "super_res_scheduler")?;
             let cfg: UpsamplerTrainConfig = task_config(

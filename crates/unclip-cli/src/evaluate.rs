@@ -170,7 +170,7 @@ pub fn caption_top1(image_embeds: &Tensor, caption_embeds: &Tensor, own: &Tensor
 }
 
 /// Rows scaled to norm 1 (the embeddings may be raw: `clip_embeddings: raw`), in float32.
-fn unit(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn unit(x: &Tensor) -> Result<Tensor> {
     Ok(l2_normalize(&x.to_kind(Kind::Float))?)
 }
 

@@ -12,13 +12,14 @@ use tch::{Device, Kind, Tensor};
 use unclip_clip::caption::{CaptionEncoder, TextCondition};
 use unclip_decoder::task::ConditioningEmbedding;
 use unclip_decoder::{DecoderCondition, DecoderRun, DecoderSampler};
-use unclip_diffusion::embedding::l2_normalize;
 use unclip_diffusion::SamplerConfig;
 use unclip_prior::load::{load_prior_run, PriorRun};
 use unclip_prior::{Prior, PriorSampling};
 use unclip_train::config::with_keys;
 use unclip_train::precision::{autocast, Precision};
 use unclip_upsampler::UpsamplerRun;
+
+use crate::evaluate::unit;
 
 /// A prior run and a decoder run trained on the same frozen CLIP.
 pub struct Pipeline {
@@ -427,7 +428,6 @@ impl Pipeline {
         })?;
         let images = self.upsample_all(images, &o.upsampler_sampling, o.seed, o.batch_size)?;
         // Cosines, whichever scale the stages take their embeddings at.
-        let unit = |t: &Tensor| l2_normalize(&t.to_kind(Kind::Float));
         let z_x = unit(&self.encoder.clip.embed_images(&images)?)?;
         let z_t = unit(&encoded.text_embeds)?;
         Ok(Generated {

@@ -5,7 +5,7 @@
 //! `sample --diffusers` on the runs' export drawing their images.
 use std::path::Path;
 mod common;
-use common::{decoder_config, embedded_shapes, prior_config, run, run_fails};
+use common::{decoder_config, embed_shapes, embedded_shapes, prior_config, run, run_fails};
 use tch::{Device, Kind, Tensor};
 use unclip_cli::pipeline::Pipeline;
 use unclip_data::npy::NpyArray;
@@ -46,23 +46,7 @@ fn raw_embeddings_train_and_sample_unnormalised_and_never_mix() {
     let dir = tmp.path();
     embedded_shapes(dir, 16, env!("CARGO_BIN_EXE_embed"));
     let raw = dir.join("emb-raw");
-    for shards in ["img-{000000..000001}.tar", "val-000000.tar"] {
-        run(
-            env!("CARGO_BIN_EXE_embed"),
-            &[
-                "--clip",
-                dir.join("clip").to_str().unwrap(),
-                "--shards",
-                dir.join("shapes").join(shards).to_str().unwrap(),
-                "--out",
-                raw.to_str().unwrap(),
-                "--token-features",
-                "--raw",
-                "--device",
-                "cpu",
-            ],
-        );
-    }
+    embed_shapes(dir, "emb-raw", env!("CARGO_BIN_EXE_embed"), &["--raw"]);
     let (prior_bin, decoder_bin) = (
         env!("CARGO_BIN_EXE_train-prior"),
         env!("CARGO_BIN_EXE_train-decoder"),

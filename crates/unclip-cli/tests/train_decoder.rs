@@ -6,8 +6,8 @@
 use std::path::Path;
 mod common;
 use common::{
-    decoder_config, dry_run_committed, dry_run_total, embedded_shapes, launch_two_ranks, run,
-    run_fails,
+    decoder_config, dry_run_committed, dry_run_total, embed_shapes, embedded_shapes,
+    launch_two_ranks, run, run_fails,
 };
 use unclip_data::embeddings::ClipEmbeddings;
 use unclip_decoder::task::{
@@ -316,23 +316,7 @@ fn stored_and_on_the_fly_conditioning_agree() {
     }
     // decoder.clip_embeddings: raw — stored (`embed --raw`) and on-the-fly agree, and are the
     // normalised ones before normalising.
-    for shards in ["img-{000000..000001}.tar", "val-000000.tar"] {
-        run(
-            env!("CARGO_BIN_EXE_embed"),
-            &[
-                "--clip",
-                dir.join("clip").to_str().unwrap(),
-                "--shards",
-                dir.join("shapes").join(shards).to_str().unwrap(),
-                "--out",
-                dir.join("emb-raw").to_str().unwrap(),
-                "--token-features",
-                "--raw",
-                "--device",
-                "cpu",
-            ],
-        );
-    }
+    embed_shapes(dir, "emb-raw", env!("CARGO_BIN_EXE_embed"), &["--raw"]);
     let raw_task = |source: EmbeddingSource| {
         let mut c = cfg.task.clone();
         c.data.embeddings = source;

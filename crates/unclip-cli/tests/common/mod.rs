@@ -76,21 +76,31 @@ pub fn embedded_shapes(dir: &Path, train: u64, embed_bin: &str) {
         })
         .unwrap();
     }
+    embed_shapes(dir, "emb", embed_bin, &[]);
+}
+
+/// `embed` (the binary `embed_bin`, with `extra` flags such as `--raw`) of [`embedded_shapes`]'
+/// training and held-out shards with `dir/clip` into `dir/OUT`, token features included.
+pub fn embed_shapes(dir: &Path, out: &str, embed_bin: &str, extra: &[&str]) {
     for shards in ["img-{000000..000001}.tar", "val-000000.tar"] {
-        run(
-            embed_bin,
-            &[
-                "--clip",
-                dir.join("clip").to_str().unwrap(),
-                "--shards",
-                dir.join("shapes").join(shards).to_str().unwrap(),
-                "--out",
-                dir.join("emb").to_str().unwrap(),
-                "--token-features",
-                "--device",
-                "cpu",
-            ],
+        let (clip, shards, out) = (
+            dir.join("clip"),
+            dir.join("shapes").join(shards),
+            dir.join(out),
         );
+        let mut args = vec![
+            "--clip",
+            clip.to_str().unwrap(),
+            "--shards",
+            shards.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--token-features",
+            "--device",
+            "cpu",
+        ];
+        args.extend(extra);
+        run(embed_bin, &args);
     }
 }
 
