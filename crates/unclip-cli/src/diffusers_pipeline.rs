@@ -1,5 +1,6 @@
 //! A diffusers `UnCLIPPipeline` directory (Karlo's, or one `export` wrote) as a [`Pipeline`]:
-//! its prior, decoder with text projection and `super_res_first` read by the diffusers loaders,
+//! its prior, decoder with text projection, `super_res_first` and `super_res_last` (the last
+//! super-resolution step's model, as diffusers runs it) read by the diffusers loaders,
 //! each stage's process from its `UnCLIPScheduler` config, sampled as diffusers' pipeline samples
 //! by default (ancestral steps 25 / 25 / 7, guidance 4 / 8, one prior draw) on CLIP embeddings as
 //! they come (`clip_embeddings: raw`, what the pipeline feeds them). The caption encoder is a full
@@ -20,8 +21,9 @@ use unclip_prior::load::PriorRun;
 use unclip_prior::task::PriorTrainConfig;
 use unclip_prior::Prior;
 use unclip_train::config::Validate;
+use unclip_upsampler::run::LastStepModel;
 use unclip_upsampler::task::UpsamplerTrainConfig;
-use unclip_upsampler::UpsamplerRun;
+use unclip_upsampler::{UpsamplerModelConfig, UpsamplerRun};
 
 use crate::pipeline::Pipeline;
 
@@ -128,6 +130,36 @@ fn files_equal(a: &Path, b: &Path) -> Result<bool> {
     }
 }
 
+/// `dir/super_res_last`, which diffusers' pipeline runs for the last super-resolution step, when
+/// its weights differ from `super_res_first`'s (Karlo's do; `export` writes the same weights
+/// twice, which need not be loaded twice). Its architecture must be `first`'s.
+fn super_res_last(
+    dir: &Path,
+    first: &UpsamplerModelConfig,
+    device: Device,
+) -> Result<Option<LastStepModel>> {
+    let last = dir.join("super_res_last");
+    let weights = |d: &Path| d.join("diffusion_pytorch_model.safetensors");
+    if !last.join("config.json").is_file()
+        || files_equal(&weights(&dir.join("super_res_first")), &weights(&last))?
+    {
+        return Ok(None);
+    }
+    let mut loaded = unclip_upsampler::diffusers::load_diffusers_upsampler(&last, device)?;
+    ensure!(
+        &loaded.config == first,
+        "{}: its config.json describes another UNet than super_res_first's; diffusers' pipeline \
+         runs the two on the same inputs",
+        last.display()
+    );
+    loaded.vs.freeze();
+    Ok(Some(LastStepModel {
+        vs: loaded.vs,
+        model: loaded.model,
+        source: format!("{} (super_res_last)", dir.display()),
+    }))
+}
+
 impl Pipeline {
     /// The pipeline directory `dir` with the CLIP at `clip` (a Hugging Face or `train-clip`
     /// directory) as its caption encoder, on `device`.
@@ -218,23 +250,14 @@ impl Pipeline {
             )?;
             let mut loaded = unclip_upsampler::diffusers::load_diffusers_upsampler(&first, device)?;
             loaded.vs.freeze();
+            let last_step = super_res_last(dir, &loaded.config, device)?;
             upsamplers.push(UpsamplerRun {
                 cfg,
                 vs: loaded.vs,
                 model: loaded.model,
                 source: source("super_res_first"),
+                last_step,
             });
-        }
-        let last = dir
-            .join("super_res_last")
-            .join("diffusion_pytorch_model.safetensors");
-        let first_weights = first.join("diffusion_pytorch_model.safetensors");
-        if last.is_file() && !files_equal(&first_weights, &last)? {
-            eprintln!(
-                "note: {} differs from super_res_first and is not used: every upsampling step \
-                 runs super_res_first (diffusers' pipeline runs super_res_last for the last one)",
-                last.display()
-            );
         }
         let name = format!("--clip {}", clip.display());
         Self::assemble(encoder, &name, Some(prior), decoder, upsamplers, device)

@@ -416,7 +416,7 @@ impl Pipeline {
     /// `images` through every upsampler, in order (none: unchanged).
     fn upsample_images(&self, images: Tensor, o: &ManipulationOptions) -> Result<Tensor> {
         let _precision = self.autocast(o.precision);
-        self.upsample_all(images, &o.upsampler_sampling, o.seed, o.batch_size)
+        self.upsample_all(images, &o.upsampler_sampling, Some(o.seed), o.batch_size)
     }
 
     fn autocast(&self, precision: Precision) -> Option<AutocastGuard> {

@@ -49,10 +49,38 @@ pub struct PipelineOptions {
     pub upsampler_sampling: Vec<SamplerConfig>,
     /// Seed of all sampling noise: the same seed, options and batch size give the same images.
     pub seed: i64,
+    /// How the noise is drawn from `seed`.
+    pub noise: NoiseOrder,
     /// Images decoded at once.
     pub batch_size: usize,
     /// `auto`: bf16 autocast on CUDA and AMX CPUs, fp32 elsewhere (the trainers' rule).
     pub precision: Precision,
+}
+
+/// How [`Pipeline::generate`] draws its noise from the seed (`sample --noise`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseOrder {
+    /// Each stage from the seed afresh (upsampler k from seed + 1 + k), so that a stage's noise
+    /// is the same whatever came before it: runs with and without the prior, or with other prior
+    /// options, decode from the same noise.
+    #[default]
+    Stages,
+    /// One generator seeded once and drawn in diffusers' UnCLIPPipeline's order — each stage's
+    /// x_T, then one draw per step but the last — so that a pipeline directory gives, on the CPU
+    /// in fp32, the images diffusers gives for `generator=torch.Generator().manual_seed(seed)`.
+    /// All images in one batch, one prior candidate (as diffusers).
+    Diffusers,
+}
+
+impl std::str::FromStr for NoiseOrder {
+    type Err = anyhow::Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "stages" => Ok(Self::Stages),
+            "diffusers" => Ok(Self::Diffusers),
+            other => Err(anyhow!("--noise {other:?}: expected stages or diffusers")),
+        }
+    }
 }
 
 impl PipelineOptions {
@@ -276,6 +304,7 @@ impl Pipeline {
             decoder_sampling: d.sampling.clone(),
             upsampler_sampling: self.upsampler_samplings(),
             seed: 0,
+            noise: NoiseOrder::Stages,
             batch_size: 16,
             precision: Precision::Auto,
         }
@@ -376,6 +405,16 @@ impl Pipeline {
         }
         self.check(o)?;
         let n = (captions.len() * o.count) as i64;
+        if o.noise == NoiseOrder::Diffusers {
+            // diffusers draws each step's noise for the whole batch and one prior candidate.
+            ensure!(
+                o.batch_size as i64 >= n && o.candidates == 1,
+                "--noise diffusers draws as diffusers' pipeline does: all {n} images in one \
+                 batch (--batch-size {n} or more, not {}) and one prior candidate (not {})",
+                o.batch_size,
+                o.candidates
+            );
+        }
         let _g = tch::no_grad_guard();
         let precision = unclip_train::precision::resolve(o.precision, self.device).precision;
         let _autocast = autocast(self.device, precision);
@@ -408,7 +447,9 @@ impl Pipeline {
         };
         // The decoder's noise from the seed again, so that runs with and without the prior (or
         // with other prior options) decode from the same noise.
-        tch::manual_seed(o.seed);
+        if o.noise == NoiseOrder::Stages {
+            tch::manual_seed(o.seed);
+        }
         let r = self.decoder.resolution();
         let noise = Tensor::randn([n, 3, r, r], (Kind::Float, self.device));
         let d = &self.decoder.cfg.decoder;
@@ -426,7 +467,8 @@ impl Pipeline {
                 noise.narrow(0, start, len),
             )
         })?;
-        let images = self.upsample_all(images, &o.upsampler_sampling, o.seed, o.batch_size)?;
+        let seed = (o.noise == NoiseOrder::Stages).then_some(o.seed);
+        let images = self.upsample_all(images, &o.upsampler_sampling, seed, o.batch_size)?;
         // Cosines, whichever scale the stages take their embeddings at.
         let z_x = unit(&self.encoder.clip.embed_images(&images)?)?;
         let z_t = unit(&encoded.text_embeds)?;
@@ -441,19 +483,21 @@ impl Pipeline {
     }
 
     /// Stage `stage`'s upsampling of `low` [N, 3, h, w], `batch_size` at a time, its noise drawn
-    /// from `seed` (offset by the stage) so that each stage's is fixed whatever came before.
+    /// from `seed` (offset by the stage) so that each stage's is fixed whatever came before, or
+    /// with no seed from the generator as it stands ([`NoiseOrder::Diffusers`]).
     fn upsample(
         &self,
         run: &UpsamplerRun,
         sampling: &SamplerConfig,
         low: &Tensor,
-        seed: i64,
+        seed: Option<i64>,
         batch_size: usize,
         stage: usize,
     ) -> Result<Tensor> {
-        let u = &run.cfg.upsampler;
-        let sampler = unclip_upsampler::UpsamplerSampler::new(&run.model, &u.diffusion, sampling)?;
-        tch::manual_seed(seed.wrapping_add(1 + stage as i64));
+        let sampler = run.sampler(sampling)?;
+        if let Some(seed) = seed {
+            tch::manual_seed(seed.wrapping_add(1 + stage as i64));
+        }
         let (n, r) = (low.size()[0], run.resolution());
         let noise = Tensor::randn([n, 3, r, r], (Kind::Float, self.device));
         in_chunks(n, batch_size, |start, len| {
@@ -462,12 +506,12 @@ impl Pipeline {
     }
 
     /// `images` through every upsampler in order, stage k sampled with `samplings[k]` (no
-    /// upsamplers: unchanged).
+    /// upsamplers: unchanged); `seed` as [`Pipeline::upsample`] takes it.
     pub(crate) fn upsample_all(
         &self,
         images: Tensor,
         samplings: &[SamplerConfig],
-        seed: i64,
+        seed: Option<i64>,
         batch_size: usize,
     ) -> Result<Tensor> {
         let mut images = images;

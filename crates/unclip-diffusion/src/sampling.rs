@@ -302,15 +302,19 @@ impl GaussianDiffusion {
         for (step, i) in (0..=start).rev().enumerate() {
             let t = step_timesteps(&x, i);
             let out = call_model(&mut model, self, &x, &t)?;
+            // The last step adds no noise, so none is drawn: the generator then stands where
+            // diffusers' schedulers leave it (they draw only for t > 0).
+            let noise = |stochastic: bool| {
+                if stochastic && i > 0 {
+                    x.randn_like()
+                } else {
+                    x.zeros_like()
+                }
+            };
             x = match kind {
-                SamplerKind::Ddpm => self.ddpm_step(&out, &x, &t, clip, &x.randn_like())?,
+                SamplerKind::Ddpm => self.ddpm_step(&out, &x, &t, clip, &noise(true))?,
                 SamplerKind::Ddim { eta } => {
-                    let z = if eta > 0.0 {
-                        x.randn_like()
-                    } else {
-                        x.zeros_like()
-                    };
-                    self.ddim_step(&out, &x, &t, eta, clip, &z)?
+                    self.ddim_step(&out, &x, &t, eta, clip, &noise(eta > 0.0))?
                 }
                 SamplerKind::DpmSolverPp2M => {
                     let x0 = self.predict_xstart(&out, &x, &t, clip)?;

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use tch::{nn, Device, Tensor};
+use unclip_diffusion::SamplerConfig;
 
 use crate::model::Upsampler;
 use crate::sample::UpsamplerSampler;
@@ -15,6 +16,15 @@ pub struct UpsamplerRun {
     pub vs: nn::VarStore,
     pub model: Upsampler,
     /// The checkpoint and which weights, for messages.
+    pub source: String,
+    /// Another model for the last sampling step (a diffusers pipeline's `super_res_last`).
+    pub last_step: Option<LastStepModel>,
+}
+
+/// The weights [`UpsamplerRun::last_step`] runs, frozen.
+pub struct LastStepModel {
+    pub vs: nn::VarStore,
+    pub model: Upsampler,
     pub source: String,
 }
 
@@ -34,6 +44,7 @@ impl UpsamplerRun {
             vs,
             model,
             source,
+            last_step: None,
         })
     }
 
@@ -49,7 +60,13 @@ impl UpsamplerRun {
 
     /// Upsamples `low` [B, 3, h, w] in [-1, 1] with the run's sampler from `noise` [B, 3, H, W].
     pub fn upsample(&self, low: &Tensor, noise: Tensor) -> Result<Tensor> {
-        let u = &self.cfg.upsampler;
-        UpsamplerSampler::new(&self.model, &u.diffusion, &u.sampling)?.upsample(low, noise)
+        self.sampler(&self.cfg.upsampler.sampling)?
+            .upsample(low, noise)
+    }
+
+    /// The run's sampler with `sampling`, its last step on [`UpsamplerRun::last_step`] if any.
+    pub fn sampler(&self, sampling: &SamplerConfig) -> Result<UpsamplerSampler<'_>> {
+        let sampler = UpsamplerSampler::new(&self.model, &self.cfg.upsampler.diffusion, sampling)?;
+        Ok(sampler.with_last_step(self.last_step.as_ref().map(|l| &l.model)))
     }
 }

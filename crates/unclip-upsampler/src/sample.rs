@@ -13,6 +13,8 @@ use crate::model::Upsampler;
 
 pub struct UpsamplerSampler<'a> {
     model: &'a Upsampler,
+    /// The model of the last step, where it is another (Karlo's `super_res_last`).
+    last_step: Option<&'a Upsampler>,
     diffusion: GaussianDiffusion,
     kind: SamplerKind,
     clip: ClipDenoised,
@@ -30,10 +32,18 @@ impl<'a> UpsamplerSampler<'a> {
         let device = model.unet.device();
         Ok(Self {
             model,
+            last_step: None,
             diffusion: process.to_device(device),
             kind,
             clip: sampling.clip,
         })
+    }
+
+    /// Runs `model` for the last step instead of the sampler's, as diffusers' UnCLIPPipeline runs
+    /// `super_res_last` (None: every step runs the sampler's model).
+    pub fn with_last_step(mut self, model: Option<&'a Upsampler>) -> Self {
+        self.last_step = model;
+        self
     }
 
     /// Images [B, 3, H, W] in [-1, 1] from the low-resolution images `low` [B, 3, h, w] in
@@ -48,14 +58,22 @@ impl<'a> UpsamplerSampler<'a> {
         );
         let _g = tch::no_grad_guard();
         let cond = upsample_condition(&low.to_device(noise.device()), h).to_kind(noise.kind());
-        let m = self.model;
         let last = self.diffusion.num_timesteps() - 1;
+        // Every sampler calls the model once per step, so call `last` is the last step's.
+        let mut calls = 0;
         let x = self.diffusion.sample_from(
             self.kind,
             &self.clip,
             noise,
             last,
-            |x: &Tensor, t: &Tensor| m.forward_t(x, &cond, t, false),
+            |x: &Tensor, t: &Tensor| {
+                let m = match self.last_step {
+                    Some(m) if calls == last => m,
+                    _ => self.model,
+                };
+                calls += 1;
+                m.forward_t(x, &cond, t, false)
+            },
             None,
         )?;
         Ok(x.to_kind(Kind::Float).clamp(-1.0, 1.0))

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::{ArgGroup, Parser, ValueEnum};
 use tch::{Kind, Tensor};
 use unclip_cli::manipulate::{LatentPath, Manipulation};
-use unclip_cli::pipeline::{image_path, parse_precision, Pipeline};
+use unclip_cli::pipeline::{image_path, parse_precision, NoiseOrder, Pipeline};
 use unclip_diffusion::device::parse_device;
 use unclip_diffusion::FixedPoint;
 use unclip_prior::prior::describe_sampling;
@@ -58,7 +58,8 @@ struct Cli {
     #[arg(long, value_name = "RUN", required_unless_present = "diffusers")]
     decoder: Option<PathBuf>,
     /// Instead of runs: a diffusers UnCLIPPipeline directory (Karlo's, or one `export` wrote) —
-    /// its prior, decoder and super_res_first, sampled as diffusers' pipeline samples; needs --clip.
+    /// its prior, decoder, super_res_first and super_res_last, sampled as diffusers' pipeline
+    /// samples; needs --clip.
     #[arg(
         long,
         value_name = "DIR",
@@ -148,6 +149,17 @@ struct Cli {
     /// Seed of all sampling noise.
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// How the noise is drawn from --seed: `stages` (each stage from the seed afresh, so runs
+    /// with and without the prior decode from the same noise) or `diffusers` (one generator in
+    /// diffusers' UnCLIPPipeline's order: with --diffusers, on the CPU in fp32, the images
+    /// diffusers gives for generator=torch.Generator().manual_seed(SEED); all images in one batch).
+    #[arg(
+        long,
+        default_value = "stages",
+        value_name = "ORDER",
+        conflicts_with = "manipulation"
+    )]
+    noise: NoiseOrder,
     /// The prior's guidance scale (default: the prior config's prior.guidance_scale).
     #[arg(long)]
     prior_guidance: Option<f64>,
@@ -409,6 +421,7 @@ fn main() -> Result<()> {
     let mut o = pipeline.default_options();
     o.count = cli.count;
     o.seed = cli.seed;
+    o.noise = cli.noise;
     o.batch_size = cli.batch_size;
     o.precision = precision;
     o.prior_guidance = cli.prior_guidance.unwrap_or(o.prior_guidance);
@@ -441,8 +454,13 @@ fn main() -> Result<()> {
         resolved.precision.name()
     );
     for (run, s) in pipeline.upsamplers.iter().zip(&o.upsampler_sampling) {
+        let last = run
+            .last_step
+            .as_ref()
+            .map(|l| format!(", the last step on {}", l.source))
+            .unwrap_or_default();
         println!(
-            "upsampler {}: {} → {} px, {}",
+            "upsampler {}: {} → {} px, {}{last}",
             run.source,
             run.low_resolution(),
             run.resolution(),
@@ -467,6 +485,7 @@ fn main() -> Result<()> {
                 "caption": caption,
                 "file": path.file_name().map(|f| f.to_string_lossy().into_owned()),
                 "seed": o.seed,
+                "noise": format!("{:?}", o.noise).to_lowercase(),
                 "draw": draw,
                 "clip_score": g.clip_text.double_value(&[idx, i as i64]),
                 "clip_image_score": g.clip_image.double_value(&[idx]),

@@ -1,0 +1,231 @@
+//! `sample --diffusers` against diffusers' own UnCLIPPipeline: a tiny random pipeline directory
+//! (Karlo's layout, with a super_res_last that differs from super_res_first) and what diffusers
+//! generated with it, from `scripts/fixtures/unclip_pipeline.py`. With `--noise diffusers` the
+//! same captions and seed must give the same prior samples, decoder images and final images.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{read_tensors, run_fails};
+use tch::{Device, Kind, Tensor};
+use unclip_cli::pipeline::{NoiseOrder, Pipeline, PipelineOptions};
+use unclip_train::precision::Precision;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unclip_pipeline")
+}
+
+/// How diffusers ran.
+struct Run {
+    captions: Vec<String>,
+    seed: i64,
+    prior_guidance: f64,
+    decoder_guidance: f64,
+}
+
+fn run_json() -> Run {
+    let text = std::fs::read_to_string(fixture().join("run.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    Run {
+        captions: v["captions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect(),
+        seed: v["seed"].as_i64().unwrap(),
+        prior_guidance: v["prior_guidance"].as_f64().unwrap(),
+        decoder_guidance: v["decoder_guidance"].as_f64().unwrap(),
+    }
+}
+
+/// The fixture's pipeline directory copied into `dir`, with the `text_encoder/` the fixture
+/// leaves out (its weights are the CLIP's text tower: the CLIP's tensors of those names).
+fn pipeline_dir(dir: &Path) -> PathBuf {
+    let out = dir.join("pipeline");
+    let src = fixture().join("pipeline");
+    for entry in walk(&src) {
+        let target = out.join(entry.strip_prefix(&src).unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &target).unwrap();
+    }
+    let clip = read_tensors(&fixture().join("clip/model.safetensors"));
+    let text: Vec<(String, Tensor)> = clip
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("text_model.") || name == "text_projection.weight")
+        .collect();
+    std::fs::create_dir_all(out.join("text_encoder")).unwrap();
+    Tensor::write_safetensors(&text, out.join("text_encoder/model.safetensors")).unwrap();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+fn options(pipeline: &Pipeline, run: &Run) -> PipelineOptions {
+    let mut o = pipeline.default_options();
+    o.count = 1;
+    o.seed = run.seed;
+    o.prior_guidance = run.prior_guidance;
+    o.decoder_guidance = run.decoder_guidance;
+    o.noise = NoiseOrder::Diffusers;
+    o.precision = Precision::Fp32;
+    o
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+#[test]
+fn generates_what_diffusers_pipeline_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pipeline_dir(tmp.path());
+    let run = run_json();
+    let captions = &run.captions;
+    let want = read_tensors(&fixture().join("expected.safetensors"));
+    let mut pipeline =
+        Pipeline::from_diffusers(&dir, &fixture().join("clip"), Device::Cpu).unwrap();
+    assert!(
+        pipeline.upsamplers[0].last_step.is_some(),
+        "the fixture's super_res_last differs from super_res_first"
+    );
+    let o = options(&pipeline, &run);
+
+    let g = pipeline.generate(captions, &o).unwrap();
+    let embeds = max_diff(&g.image_embeds, &want["image_embeds"]);
+    let images = max_diff(&g.images, &want["images"]);
+    assert!(
+        embeds < 1e-5,
+        "prior samples differ from diffusers' by {embeds}"
+    );
+    assert!(images < 5e-4, "images differ from diffusers' by {images}");
+    // The images vary, so agreement is not two constant outputs agreeing.
+    assert!(want["images"].std(false).double_value(&[]) > 0.1);
+
+    // Each stage alone, and what the noise order and super_res_last change.
+    let last = pipeline.upsamplers[0].last_step.take();
+    let without_last = pipeline.generate(captions, &o).unwrap();
+    let gap = max_diff(&without_last.images, &want["images"]);
+    assert!(
+        gap > 1e-2,
+        "super_res_last left the images unchanged ({gap})"
+    );
+    pipeline.upsamplers[0].last_step = last;
+    let stages = pipeline
+        .generate(
+            captions,
+            &PipelineOptions {
+                noise: NoiseOrder::Stages,
+                ..o.clone()
+            },
+        )
+        .unwrap();
+    assert!(max_diff(&stages.images, &want["images"]) > 1e-2);
+    let upsamplers = std::mem::take(&mut pipeline.upsamplers);
+    let decoder_only = PipelineOptions {
+        upsampler_sampling: Vec::new(),
+        ..o.clone()
+    };
+    let decoded = pipeline.generate(captions, &decoder_only).unwrap();
+    let decoder = max_diff(&decoded.images, &want["decoder"]);
+    assert!(
+        decoder < 2e-4,
+        "decoder images differ from diffusers' by {decoder}"
+    );
+    pipeline.upsamplers = upsamplers;
+
+    // Not diffusers' draws: images in two batches, or several prior candidates.
+    for o in [
+        PipelineOptions {
+            batch_size: 1,
+            ..o.clone()
+        },
+        PipelineOptions {
+            candidates: 2,
+            ..o.clone()
+        },
+    ] {
+        let err = format!("{:#}", pipeline.generate(captions, &o).err().unwrap());
+        assert!(err.contains("--noise diffusers"), "{err}");
+    }
+}
+
+#[test]
+fn sample_binary_writes_diffusers_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pipeline_dir(tmp.path());
+    let run = run_json();
+    let captions = &run.captions;
+    let out = tmp.path().join("out");
+    let clip = fixture().join("clip");
+    let seed = run.seed.to_string();
+    let (prior_guidance, decoder_guidance) = (
+        run.prior_guidance.to_string(),
+        run.decoder_guidance.to_string(),
+    );
+    let mut args = vec![
+        "--diffusers",
+        dir.to_str().unwrap(),
+        "--clip",
+        clip.to_str().unwrap(),
+        "--count",
+        "1",
+        "--seed",
+        &seed,
+        "--noise",
+        "diffusers",
+        "--prior-guidance",
+        &prior_guidance,
+        "--decoder-guidance",
+        &decoder_guidance,
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    for c in captions {
+        args.extend(["--caption", c]);
+    }
+    let stdout = common::run(env!("CARGO_BIN_EXE_sample"), &args);
+    assert!(stdout.contains("super_res_last"), "{stdout}");
+    let want = read_tensors(&fixture().join("expected.safetensors"))["images"].shallow_clone();
+    for i in 0..captions.len() {
+        let png = image::open(out.join(format!("{i:03}_00.png")))
+            .unwrap()
+            .to_rgb8();
+        let got = Tensor::from_slice(png.as_raw())
+            .view([32, 32, 3])
+            .permute([2, 0, 1])
+            .to_kind(Kind::Float);
+        let expected = ((want.get(i as i64) + 1.0) * 127.5).clamp(0.0, 255.0);
+        // 8-bit rounding (or truncation) of the same image.
+        let diff = max_diff(&got, &expected);
+        assert!(
+            diff <= 1.0 + 1e-3,
+            "caption {i}: {diff} levels from diffusers'"
+        );
+    }
+    let err = run_fails(
+        env!("CARGO_BIN_EXE_sample"),
+        &[&args[..], &["--batch-size", "1"]].concat(),
+    );
+    assert!(err.contains("--batch-size"), "{err}");
+}
