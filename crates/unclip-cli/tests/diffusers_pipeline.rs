@@ -2,6 +2,7 @@
 //! (Karlo's layout, with a super_res_last that differs from super_res_first) and what diffusers
 //! generated with it, from `scripts/fixtures/unclip_pipeline.py`. With `--noise diffusers` the
 //! same captions and seed must give the same prior samples, decoder images and final images.
+//! Manipulations take the directory too.
 
 mod common;
 
@@ -228,4 +229,73 @@ fn sample_binary_writes_diffusers_images() {
         &[&args[..], &["--batch-size", "1"]].concat(),
     );
     assert!(err.contains("--batch-size"), "{err}");
+}
+
+#[test]
+fn manipulates_images_with_a_pipeline_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pipeline_dir(tmp.path());
+    let clip = fixture().join("clip");
+    // A 16-px input: a red disc on grey.
+    let input = tmp.path().join("disc.png");
+    image::RgbImage::from_fn(16, 16, |x, y| {
+        let (dx, dy) = (x as f32 - 7.5, y as f32 - 7.5);
+        if dx * dx + dy * dy < 25.0 {
+            image::Rgb([220, 30, 30])
+        } else {
+            image::Rgb([128, 128, 128])
+        }
+    })
+    .save(&input)
+    .unwrap();
+    let out = tmp.path().join("variations");
+    let stdout = common::run(
+        env!("CARGO_BIN_EXE_sample"),
+        &[
+            "--diffusers",
+            dir.to_str().unwrap(),
+            "--clip",
+            clip.to_str().unwrap(),
+            "--variations",
+            input.to_str().unwrap(),
+            "--count",
+            "2",
+            "--decoder-sampling",
+            "{steps: ddim10}",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manipulations.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.as_array().unwrap().len(), 1, "{stdout}");
+    assert!(report[0]["reconstruction_rmse"][0]
+        .as_f64()
+        .unwrap()
+        .is_finite());
+    // Input, reconstruction, two variations: decoded at 16 px, then through the pipeline's
+    // super-resolution to 32.
+    let kinds: Vec<&str> = report[0]["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["input", "reconstruction", "variation", "variation"]);
+    let draws: Vec<image::RgbImage> = (1..4)
+        .map(|k| {
+            let png = image::open(out.join(format!("000_{k:02}.png"))).unwrap();
+            png.to_rgb8()
+        })
+        .collect();
+    for d in &draws {
+        assert_eq!(d.dimensions(), (32, 32));
+    }
+    assert_ne!(
+        draws[1], draws[2],
+        "two variations (η = 1) came out the same"
+    );
 }

@@ -59,12 +59,12 @@ struct Cli {
     decoder: Option<PathBuf>,
     /// Instead of runs: a diffusers UnCLIPPipeline directory (Karlo's, or one `export` wrote) —
     /// its prior, decoder, super_res_first and super_res_last, sampled as diffusers' pipeline
-    /// samples; needs --clip.
+    /// samples (manipulations: its decoder and super-resolution); needs --clip.
     #[arg(
         long,
         value_name = "DIR",
         requires = "clip",
-        conflicts_with_all = ["prior", "no_prior", "decoder", "decoder_checkpoint", "upsampler", "manipulation"]
+        conflicts_with_all = ["prior", "no_prior", "decoder", "decoder_checkpoint", "upsampler"]
     )]
     diffusers: Option<PathBuf>,
     /// With --diffusers: the CLIP (a Hugging Face or train-clip directory) whose text tower is the
@@ -401,15 +401,15 @@ fn main() -> Result<()> {
             .as_deref()
             .context("--decoder RUN or --diffusers DIR")
     };
-    if let Some(m) = manipulation(&cli)? {
-        let pipeline = Pipeline::load(None, decoder()?, cli.decoder_checkpoint.as_deref(), device)?
-            .with_upsamplers(&cli.upsampler)?;
-        return manipulate(&cli, &m, &pipeline);
-    }
-    let captions = captions(&cli)?;
-    let precision = parse_precision(&cli.precision)?;
+    let manipulation = manipulation(&cli)?;
     let pipeline = match (&cli.diffusers, &cli.clip) {
-        (Some(dir), Some(clip)) => Pipeline::from_diffusers(dir, clip, device)?,
+        (Some(dir), Some(clip)) => {
+            let mut pipeline = Pipeline::from_diffusers(dir, clip, device)?;
+            if manipulation.is_some() {
+                pipeline.prior = None; // manipulations decode image embeddings
+            }
+            pipeline
+        }
         _ => Pipeline::load(
             cli.prior.as_deref(),
             decoder()?,
@@ -418,6 +418,11 @@ fn main() -> Result<()> {
         )?
         .with_upsamplers(&cli.upsampler)?,
     };
+    if let Some(m) = manipulation {
+        return manipulate(&cli, &m, &pipeline);
+    }
+    let captions = captions(&cli)?;
+    let precision = parse_precision(&cli.precision)?;
     let mut o = pipeline.default_options();
     o.count = cli.count;
     o.seed = cli.seed;
