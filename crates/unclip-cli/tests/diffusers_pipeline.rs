@@ -2,7 +2,7 @@
 //! (Karlo's layout, with a super_res_last that differs from super_res_first) and what diffusers
 //! generated with it, from `scripts/fixtures/unclip_pipeline.py`. With `--noise diffusers` the
 //! same captions and seed must give the same prior samples, decoder images and final images.
-//! Manipulations take the directory too.
+//! Manipulations and `evaluate` take the directory too.
 
 mod common;
 
@@ -297,5 +297,67 @@ fn manipulates_images_with_a_pipeline_directory() {
     assert_ne!(
         draws[1], draws[2],
         "two variations (η = 1) came out the same"
+    );
+}
+
+#[test]
+fn evaluates_a_pipeline_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pipeline_dir(tmp.path());
+    let clip = fixture().join("clip");
+    let shards = unclip_data::shards::write_shapes_shards(&unclip_data::shards::ShapesSpec {
+        count: 4,
+        resolution: 32,
+        seed: 3,
+        shard_size: 4,
+        out: tmp.path().join("shapes"),
+        prefix: "val".into(),
+    })
+    .unwrap();
+    let evaluate = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut args = vec![
+            "--diffusers",
+            dir.to_str().unwrap(),
+            "--clip",
+            clip.to_str().unwrap(),
+            "--data",
+            shards[0].to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let stdout = common::run(env!("CARGO_BIN_EXE_evaluate"), &args);
+        let text = std::fs::read_to_string(out.join("report.json")).unwrap();
+        (
+            stdout,
+            serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        )
+    };
+    let (stdout, report) = evaluate("eval", &["--prior-guidance", "1,4"]);
+    assert_eq!(report["samples"], 4, "{stdout}");
+    assert_eq!(report["resolution"], 32, "{stdout}");
+    let rows = report["images"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for (row, guidance) in rows.iter().zip([1.0, 4.0]) {
+        assert_eq!(row["conditioning"], "prior");
+        assert_eq!(row["prior_guidance"], guidance);
+        for key in ["clip_score", "clip_image_score", "fd_clip"] {
+            assert!(row[key].as_f64().unwrap().is_finite(), "{key}: {row}");
+        }
+    }
+    // The pipeline's own prior, scored on its embeddings too, and its super-resolution stage.
+    assert_eq!(report["prior_eval"]["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(report["prior"]["run"], dir.display().to_string());
+    assert_eq!(report["upsamplers"].as_array().unwrap().len(), 1);
+    // Decoding z_t instead: no prior rows.
+    let (stdout, report) = evaluate("eval-zt", &["--no-prior"]);
+    assert!(report.get("prior_eval").is_none(), "{stdout}");
+    assert_eq!(report["images"][0]["conditioning"], "text_embedding");
+    assert_eq!(
+        report["images"][0]["prior_guidance"],
+        serde_json::Value::Null
     );
 }

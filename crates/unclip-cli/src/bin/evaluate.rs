@@ -4,11 +4,12 @@
 //!     evaluate --prior runs/prior --data 'data/shapes/clipval64-{000000..000001}.tar'
 //!     evaluate --prior runs/prior --decoder runs/decoder --data 'data/shapes/clipval64-000000.tar' \
 //!         --limit 64 --decoder-guidance 1,3
+//!     evaluate --diffusers karlo-v1-alpha --clip clip-vit-large-patch14 --data 'val-{000000..000003}.tar'
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 use serde_json::{json, Value};
 use unclip_cli::evaluate::{
     encode_captions, real_scores, score_pipeline, Conditioning, HeldOutImages, ImageRow,
@@ -35,8 +36,11 @@ use unclip_train::precision::{autocast, resolve, Precision};
         (cos(CLIP(image), z_t)), CLIP's top-1 caption retrieval among the held-out captions, \
         cos(CLIP(image), the z_i decoded), FD_CLIP (Fréchet distance of the images' CLIP \
         embeddings to the real images') and, on shapes scenes, the shapes drawn right; the real \
-        images' scores beside them. Writes OUT/report.json."
+        images' scores beside them. --diffusers DIR --clip CLIP instead of runs: a diffusers \
+        UnCLIPPipeline directory (Karlo's) as sample --diffusers samples it. Writes \
+        OUT/report.json."
 )]
+#[command(group(ArgGroup::new("images").args(["decoder", "diffusers"])))]
 struct Cli {
     /// Held-out shards of captioned images, e.g. 'data/shapes/clipval64-{000000..000001}.tar'.
     #[arg(long, value_name = "SHARDS")]
@@ -45,14 +49,14 @@ struct Cli {
     #[arg(long, default_value_t = 256)]
     limit: usize,
     /// A train-prior run directory (newest checkpoint, EMA weights).
-    #[arg(long, value_name = "RUN", required_unless_present_any = ["decoder"])]
+    #[arg(long, value_name = "RUN", required_unless_present_any = ["decoder", "diffusers"])]
     prior: Option<PathBuf>,
     /// Decode z_t itself instead of a prior's sample: the paper's zero-shot baseline.
-    #[arg(long, conflicts_with = "prior", requires = "decoder")]
+    #[arg(long, conflicts_with = "prior", requires = "images")]
     no_prior: bool,
     /// Decode the real images' CLIP embeddings z_i instead of a prior's sample: the decoder's
     /// ceiling (how well it inverts CLIP), beside which the prior's rows show what it loses.
-    #[arg(long, conflicts_with_all = ["prior", "no_prior"], requires = "decoder")]
+    #[arg(long, conflicts_with_all = ["prior", "no_prior"], requires = "images")]
     true_image_embeddings: bool,
     /// A train-decoder run directory (newest checkpoint, EMA weights): score images, not only
     /// the prior's embeddings.
@@ -64,13 +68,27 @@ struct Cli {
     /// A train-upsampler run directory after the decoder; repeat for the second stage.
     #[arg(long, value_name = "RUN", requires = "decoder")]
     upsampler: Vec<PathBuf>,
+    /// Instead of runs: a diffusers UnCLIPPipeline directory (Karlo's, or one `export` wrote) —
+    /// its prior (none with --no-prior or --true-image-embeddings), decoder and super-resolution,
+    /// sampled as `sample --diffusers` samples it; needs --clip.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "clip",
+        conflicts_with_all = ["prior", "decoder", "decoder_checkpoint", "upsampler"]
+    )]
+    diffusers: Option<PathBuf>,
+    /// With --diffusers: the CLIP whose text tower is the pipeline's text_encoder; it encodes the
+    /// captions and embeds the held-out and generated images.
+    #[arg(long, value_name = "DIR", requires = "diffusers")]
+    clip: Option<PathBuf>,
     /// Prior guidance scales to score, comma-separated (default: the config's
     /// prior.guidance_scale).
     #[arg(long, value_delimiter = ',', value_name = "G,…")]
     prior_guidance: Vec<f64>,
     /// Decoder guidance scales to score, comma-separated (default: the config's
     /// decoder.guidance_scale).
-    #[arg(long, value_delimiter = ',', value_name = "G,…", requires = "decoder")]
+    #[arg(long, value_delimiter = ',', value_name = "G,…", requires = "images")]
     decoder_guidance: Vec<f64>,
     /// Prior draws per image, reranked by z_i · z_t (default: the config's prior.candidates).
     #[arg(long)]
@@ -79,13 +97,13 @@ struct Cli {
     #[arg(long, value_name = "YAML")]
     prior_sampling: Option<String>,
     /// Keys of the decoder's sampler to change, as YAML (as `sample --decoder-sampling`).
-    #[arg(long, value_name = "YAML", requires = "decoder")]
+    #[arg(long, value_name = "YAML", requires = "images")]
     decoder_sampling: Option<String>,
     /// Keys of every upsampler's sampler to change, as YAML.
-    #[arg(long, value_name = "YAML", requires = "decoder")]
+    #[arg(long, value_name = "YAML", requires = "images")]
     upsampler_sampling: Option<String>,
     /// Images per caption.
-    #[arg(long, default_value_t = 1, requires = "decoder")]
+    #[arg(long, default_value_t = 1, requires = "images")]
     count: usize,
     /// Seed of all sampling noise; every guidance setting starts from the same noise.
     #[arg(long, default_value_t = 0)]
@@ -103,7 +121,7 @@ struct Cli {
     #[arg(long, default_value = "runs/eval")]
     out: PathBuf,
     /// Also write every image: OUT/images/<setting>/NNN_KK.png (held-out sample NNN, draw KK).
-    #[arg(long, requires = "decoder")]
+    #[arg(long, requires = "images")]
     save_images: bool,
 }
 
@@ -185,6 +203,13 @@ fn main() -> Result<()> {
     report.insert("data".into(), json!(cli.data));
     report.insert("seed".into(), json!(cli.seed));
 
+    if let (Some(dir), Some(clip)) = (&cli.diffusers, &cli.clip) {
+        let mut pipeline = Pipeline::from_diffusers(dir, clip, device)?;
+        if cli.no_prior || cli.true_image_embeddings {
+            pipeline.prior = None;
+        }
+        return evaluate_images(&cli, &pipeline, dir, &[], precision, report);
+    }
     let Some(decoder_dir) = &cli.decoder else {
         // The prior alone.
         let dir = cli.prior.as_ref().context("--prior RUN or --decoder RUN")?;
@@ -240,6 +265,29 @@ fn main() -> Result<()> {
         device,
     )?
     .with_upsamplers(&cli.upsampler)?;
+    let prior_dir = cli.prior.as_deref().unwrap_or(decoder_dir);
+    evaluate_images(
+        &cli,
+        &pipeline,
+        prior_dir,
+        &cli.upsampler,
+        precision,
+        report,
+    )
+}
+
+/// The pipeline's images for the held-out captions, scored for every pair of guidance scales.
+/// `source`: where its decoder and prior come from, `upsamplers` where its upsamplers do (both
+/// for the report).
+fn evaluate_images(
+    cli: &Cli,
+    pipeline: &Pipeline,
+    source: &Path,
+    upsamplers: &[PathBuf],
+    precision: Precision,
+    mut report: serde_json::Map<String, Value>,
+) -> Result<()> {
+    let decoder_dir = cli.decoder.as_deref().unwrap_or(source);
     let mut o = pipeline.default_options();
     o.count = cli.count;
     o.seed = cli.seed;
@@ -323,17 +371,18 @@ fn main() -> Result<()> {
         json!(pipeline
             .upsamplers
             .iter()
-            .zip(&cli.upsampler)
             .zip(&o.upsampler_sampling)
-            .map(|((u, dir), s)| json!({
-                "run": dir.display().to_string(),
+            .enumerate()
+            .map(|(k, (u, s))| json!({
+                "run": upsamplers.get(k).map_or(source, |p| p.as_path()).display().to_string(),
                 "weights": u.source,
                 "sampling": s.describe(),
             }))
             .collect::<Vec<_>>()),
     );
     report.insert("real".into(), serde_json::to_value(&real)?);
-    if let (Some(run), Some(dir)) = (&pipeline.prior, &cli.prior) {
+    if let Some(run) = &pipeline.prior {
+        let dir = cli.prior.as_deref().unwrap_or(source);
         let settings = EvalSettings {
             sampling: o.prior_sampling.clone(),
             guidance_scales: prior_scales.clone(),
@@ -366,7 +415,7 @@ fn main() -> Result<()> {
                 cli.out.join("images").join(name)
             });
             let row = score_pipeline(
-                &pipeline,
+                pipeline,
                 &held,
                 &setting,
                 cli.true_image_embeddings,
