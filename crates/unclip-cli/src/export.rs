@@ -5,7 +5,7 @@
 //! and the three `UnCLIPScheduler`s. What diffusers' pipeline cannot run the same way is refused,
 //! naming the config key.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -198,10 +198,10 @@ fn schedulers(pipeline: &Pipeline) -> Result<Vec<(&'static str, Value)>> {
 }
 
 /// Writes `pipeline` (its prior, decoder, upsampler if any, and their CLIP's text encoder) as a
-/// diffusers `UnCLIPPipeline` directory `out`, which must not exist: everything is written into
-/// `out.partial` and renamed at the end, so `out` is complete or absent. Returns the components
-/// written. Without an upsampler the `super_res_*` entries are null: the components load one by
-/// one, but `UnCLIPPipeline.__call__` needs them.
+/// diffusers `UnCLIPPipeline` directory `out`, which must not exist: everything is written into a
+/// staging directory, synced and renamed at the end, so `out` is complete or absent. Returns the
+/// components written. Without an upsampler the `super_res_*` entries are null: the components
+/// load one by one, but `UnCLIPPipeline.__call__` needs them.
 pub fn export_unclip_pipeline(pipeline: &Pipeline, out: &Path) -> Result<Vec<String>> {
     let schedulers = schedulers(pipeline)?;
     ensure!(
@@ -209,67 +209,63 @@ pub fn export_unclip_pipeline(pipeline: &Pipeline, out: &Path) -> Result<Vec<Str
         "{} exists: export writes a new directory",
         out.display()
     );
-    let partial = PathBuf::from(format!("{}.partial", out.display()));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)
-            .with_context(|| format!("removing the unfinished {}", partial.display()))?;
-    }
     let prior = pipeline.prior.as_ref().context("export needs a prior")?;
-    unclip_prior::load::save_diffusers_prior(
-        &prior.vs,
-        prior.cfg.prior.diffusion_model()?,
-        &partial.join("prior"),
-    )?;
-    unclip_decoder::save_diffusers_decoder(
-        &pipeline.decoder.vs,
-        &pipeline.decoder.cfg.decoder.model,
-        pipeline.decoder.resolution(),
-        &partial,
-    )?;
-    let tokenizer = ClipTokenizer::new();
-    let clip = &pipeline.encoder.clip;
-    write_text_encoder(clip, &tokenizer, &partial.join("text_encoder"))?;
-    write_tokenizer(
-        &tokenizer,
-        clip.model.cfg.text.context_length,
-        &partial.join("tokenizer"),
-    )?;
-    let mut index = json!({
-        "_class_name": "UnCLIPPipeline",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "prior": ["diffusers", "PriorTransformer"],
-        "decoder": ["diffusers", "UNet2DConditionModel"],
-        // Where diffusers 0.42 keeps the class (UnCLIP is a deprecated pipeline there); its
-        // loader finds it once UnCLIPPipeline is imported. Karlo's "unclip" no longer resolves.
-        "text_proj": ["diffusers.pipelines.deprecated.unclip.text_proj", "UnCLIPTextProjModel"],
-        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "super_res_first": [null, null],
-        "super_res_last": [null, null],
-        "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
-        "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
-        "super_res_scheduler": [null, null],
-    });
-    if let Some(u) = pipeline.upsamplers.first() {
-        for name in ["super_res_first", "super_res_last"] {
-            unclip_upsampler::diffusers::save_diffusers_upsampler(
-                &u.vs,
-                &u.cfg.upsampler.model,
-                u.resolution(),
-                &partial.join(name),
-            )?;
-            index[name] = json!(["diffusers", "UNet2DModel"]);
+    let index = unclip_train::publish::write_dir(out, |partial| {
+        unclip_prior::load::save_diffusers_prior(
+            &prior.vs,
+            prior.cfg.prior.diffusion_model()?,
+            &partial.join("prior"),
+        )?;
+        unclip_decoder::save_diffusers_decoder(
+            &pipeline.decoder.vs,
+            &pipeline.decoder.cfg.decoder.model,
+            pipeline.decoder.resolution(),
+            partial,
+        )?;
+        let tokenizer = ClipTokenizer::new();
+        let clip = &pipeline.encoder.clip;
+        write_text_encoder(clip, &tokenizer, &partial.join("text_encoder"))?;
+        write_tokenizer(
+            &tokenizer,
+            clip.model.cfg.text.context_length,
+            &partial.join("tokenizer"),
+        )?;
+        let mut index = json!({
+            "_class_name": "UnCLIPPipeline",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "prior": ["diffusers", "PriorTransformer"],
+            "decoder": ["diffusers", "UNet2DConditionModel"],
+            // Where diffusers 0.42 keeps the class (UnCLIP is a deprecated pipeline there); its
+            // loader finds it once UnCLIPPipeline is imported. Karlo's "unclip" no longer resolves.
+            "text_proj": ["diffusers.pipelines.deprecated.unclip.text_proj", "UnCLIPTextProjModel"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "super_res_first": [null, null],
+            "super_res_last": [null, null],
+            "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
+            "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
+            "super_res_scheduler": [null, null],
+        });
+        if let Some(u) = pipeline.upsamplers.first() {
+            for name in ["super_res_first", "super_res_last"] {
+                unclip_upsampler::diffusers::save_diffusers_upsampler(
+                    &u.vs,
+                    &u.cfg.upsampler.model,
+                    u.resolution(),
+                    &partial.join(name),
+                )?;
+                index[name] = json!(["diffusers", "UNet2DModel"]);
+            }
+            index["super_res_scheduler"] = json!(["diffusers", "UnCLIPScheduler"]);
         }
-        index["super_res_scheduler"] = json!(["diffusers", "UnCLIPScheduler"]);
-    }
-    for (name, config) in &schedulers {
-        let dir = partial.join(name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        write_json(&dir.join("scheduler_config.json"), config)?;
-    }
-    write_json(&partial.join("model_index.json"), &index)?;
-    std::fs::rename(&partial, out)
-        .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+        for (name, config) in &schedulers {
+            let dir = partial.join(name);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            write_json(&dir.join("scheduler_config.json"), config)?;
+        }
+        write_json(&partial.join("model_index.json"), &index)?;
+        Ok(index)
+    })?;
     let mut written: Vec<String> = index
         .as_object()
         .map(|m| {

@@ -1013,7 +1013,7 @@ fn export_writes_a_diffusers_unclip_pipeline(runs: &Runs) {
     let err = refused(&prior, &v_decoder);
     assert!(err.contains("decoder.diffusion.predict is v"), "{err}");
     assert!(!other.exists());
-    assert!(!runs.path("exported-ar.partial").exists());
+    assert!(!runs.path(".exported-ar.partial").exists());
 }
 
 /// A copy of run directory `from` at `to` with its config.yaml rewritten by `edit`.

@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
@@ -78,10 +78,8 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         .iter()
         .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous()))
         .collect();
-    Tensor::write_safetensors(&cpu, path).with_context(|| format!("writing {}", path.display()))?;
-    File::open(path)?
-        .sync_all()
-        .with_context(|| format!("syncing {}", path.display()))
+    // Synced with the rest of the checkpoint by `publish::write_dir`.
+    Tensor::write_safetensors(&cpu, path).with_context(|| format!("writing {}", path.display()))
 }
 
 fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
@@ -100,29 +98,17 @@ pub fn save(
     optimizer: &[(String, Tensor)],
 ) -> Result<PathBuf> {
     fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let name = step_dir_name(meta.step);
-    let tmp = root.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_tensors(&tmp.join("model.safetensors"), model)?;
-    if let Some(ema) = ema {
-        write_tensors(&tmp.join("ema.safetensors"), ema)?;
-    }
-    write_tensors(&tmp.join("optimizer.safetensors"), optimizer)?;
-    let meta_path = tmp.join("meta.json");
-    fs::write(&meta_path, serde_json::to_vec_pretty(meta)?)
-        .with_context(|| format!("writing {}", meta_path.display()))?;
-    File::open(&meta_path)?.sync_all()?;
-    File::open(&tmp)?.sync_all()?;
-    let dst = root.join(&name);
-    if dst.exists() {
-        fs::remove_dir_all(&dst).with_context(|| format!("replacing {}", dst.display()))?;
-    }
-    fs::rename(&tmp, &dst)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
-    File::open(root)?.sync_all()?;
+    let dst = root.join(step_dir_name(meta.step));
+    crate::publish::write_dir(&dst, |tmp| {
+        write_tensors(&tmp.join("model.safetensors"), model)?;
+        if let Some(ema) = ema {
+            write_tensors(&tmp.join("ema.safetensors"), ema)?;
+        }
+        write_tensors(&tmp.join("optimizer.safetensors"), optimizer)?;
+        let meta_path = tmp.join("meta.json");
+        fs::write(&meta_path, serde_json::to_vec_pretty(meta)?)
+            .with_context(|| format!("writing {}", meta_path.display()))
+    })?;
     Ok(dst)
 }
 

@@ -1,5 +1,5 @@
-//! Writing exports into a directory so that a crash never leaves a half-written file there: the
-//! entries are written into a staging directory beside it, synced, then renamed into place.
+//! Writing checkpoints and exports so that a crash never leaves a half-written file: the entries
+//! are written into a staging directory beside their place, synced, then renamed into place.
 
 use anyhow::{Context, Result};
 use std::fs::{self, File};
@@ -12,19 +12,7 @@ use std::path::{Path, PathBuf};
 /// folder, between its two renames, is the old one moved aside to `NAME.old`); the next call
 /// clears what a crash left. When `write` fails, `out` is untouched.
 pub fn write_into_dir<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    let staging = staging_dir(out)?;
-    if staging.exists() {
-        fs::remove_dir_all(&staging)
-            .with_context(|| format!("removing the unfinished {}", staging.display()))?;
-    }
-    fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    let written = match write(&staging).and_then(|t| sync_tree(&staging).map(|()| t)) {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&staging);
-            return Err(e);
-        }
-    };
+    let (staging, written) = stage(out, write)?;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut entries = fs::read_dir(&staging)
         .with_context(|| format!("reading {}", staging.display()))?
@@ -55,6 +43,40 @@ pub fn write_into_dir<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> 
     fs::remove_dir(&staging).with_context(|| format!("removing {}", staging.display()))?;
     File::open(out)?.sync_all()?;
     Ok(written)
+}
+
+/// Writes the directory `out` whole: `write(staging)` fills a fresh staging directory beside it,
+/// which is synced and renamed to `out`, replacing an `out` that exists. A crash leaves `out` as
+/// it was (or, between removing the old one and the rename, absent), never half written; the next
+/// call clears what a crash left. When `write` fails, `out` is untouched.
+pub fn write_dir<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let (staging, written) = stage(out, write)?;
+    if out.exists() {
+        fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
+    }
+    fs::rename(&staging, out)
+        .with_context(|| format!("renaming {} to {}", staging.display(), out.display()))?;
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    File::open(parent.unwrap_or(Path::new(".")))?.sync_all()?;
+    Ok(written)
+}
+
+/// `write(staging)` into a fresh staging directory for `out` (what a crash left there cleared
+/// first), then synced; on failure the staging directory is removed.
+fn stage<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<(PathBuf, T)> {
+    let staging = staging_dir(out)?;
+    if staging.exists() {
+        fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing the unfinished {}", staging.display()))?;
+    }
+    fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    match write(&staging).and_then(|t| sync_tree(&staging).map(|()| t)) {
+        Ok(t) => Ok((staging, t)),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
 }
 
 /// `DIR/.NAME.partial` for `DIR/NAME`: on `out`'s filesystem, so the renames stay renames.
@@ -126,6 +148,27 @@ mod tests {
             left,
             ["config.json", "decoder", "model_index.json", "pipeline"]
         );
+    }
+
+    #[test]
+    fn write_dir_replaces_the_directory_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("step-2");
+        fs::create_dir(&out).unwrap();
+        fs::write(out.join("stale.bin"), "old").unwrap();
+        fs::create_dir_all(tmp.path().join(".step-2.partial")).unwrap(); // a crash's leftover
+        write_dir(&out, |dir| Ok(fs::write(dir.join("model.bin"), "new")?)).unwrap();
+        assert_eq!(read(&out.join("model.bin")), "new");
+        assert!(!out.join("stale.bin").exists());
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+        let err = write_dir(&out, |dir| -> Result<()> {
+            fs::write(dir.join("model.bin"), "half")?;
+            anyhow::bail!("disk full")
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "disk full");
+        assert_eq!(read(&out.join("model.bin")), "new");
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -143,7 +143,7 @@ fn checkpoints_are_pruned_resume_ignores_partial_ones_config_is_recorded_and_run
 
     // A crash mid-write leaves a hidden partial directory, or a step dir without meta.json.
     let root = checkpoints_dir(&dir);
-    std::fs::create_dir_all(root.join(".step-000000050.partial-999")).unwrap();
+    std::fs::create_dir_all(root.join(".step-000000050.partial")).unwrap();
     std::fs::create_dir_all(root.join("step-000000060")).unwrap();
     std::fs::write(root.join("step-000000060/model.safetensors"), b"truncated").unwrap();
     assert_eq!(
