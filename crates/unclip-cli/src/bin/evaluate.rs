@@ -125,9 +125,9 @@ struct Cli {
     save_images: bool,
 }
 
-fn prior_json(run: &PriorRun, dir: &Path, sampling: &PriorSampling, candidates: usize) -> Value {
+fn prior_json(run: &PriorRun, dir: &str, sampling: &PriorSampling, candidates: usize) -> Value {
     json!({
-        "run": dir.display().to_string(),
+        "run": dir,
         "weights": run.source,
         "kind": run.cfg.prior.model_key(),
         "sampling": describe_sampling(sampling),
@@ -208,7 +208,7 @@ fn main() -> Result<()> {
         if cli.no_prior || cli.true_image_embeddings {
             pipeline.prior = None;
         }
-        return evaluate_images(&cli, &pipeline, dir, &[], precision, report);
+        return evaluate_images(&cli, &pipeline, precision, report);
     }
     let Some(decoder_dir) = &cli.decoder else {
         // The prior alone.
@@ -252,7 +252,12 @@ fn main() -> Result<()> {
         report.insert("skipped".into(), json!(held.skipped));
         report.insert(
             "prior".into(),
-            prior_json(&run, dir, &settings.sampling, settings.candidates),
+            prior_json(
+                &run,
+                &dir.display().to_string(),
+                &settings.sampling,
+                settings.candidates,
+            ),
         );
         report.insert("prior_eval".into(), prior_eval_json(&r));
         return write_report(&cli.out, report);
@@ -265,29 +270,22 @@ fn main() -> Result<()> {
         device,
     )?
     .with_upsamplers(&cli.upsampler)?;
-    let prior_dir = cli.prior.as_deref().unwrap_or(decoder_dir);
-    evaluate_images(
-        &cli,
-        &pipeline,
-        prior_dir,
-        &cli.upsampler,
-        precision,
-        report,
-    )
+    evaluate_images(&cli, &pipeline, precision, report)
 }
 
 /// The pipeline's images for the held-out captions, scored for every pair of guidance scales.
-/// `source`: where its decoder and prior come from, `upsamplers` where its upsamplers do (both
-/// for the report).
 fn evaluate_images(
     cli: &Cli,
     pipeline: &Pipeline,
-    source: &Path,
-    upsamplers: &[PathBuf],
     precision: Precision,
     mut report: serde_json::Map<String, Value>,
 ) -> Result<()> {
-    let decoder_dir = cli.decoder.as_deref().unwrap_or(source);
+    // Where each stage comes from, for the report: its run, or the pipeline directory.
+    let source = |run: Option<&Path>| {
+        run.or(cli.diffusers.as_deref())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
     let mut o = pipeline.default_options();
     o.count = cli.count;
     o.seed = cli.seed;
@@ -360,7 +358,7 @@ fn evaluate_images(
     report.insert(
         "decoder".into(),
         json!({
-            "run": decoder_dir.display().to_string(),
+            "run": source(cli.decoder.as_deref()),
             "weights": pipeline.decoder.source,
             "embedding": pipeline.decoder.cfg.decoder.embedding,
             "sampling": o.decoder_sampling.describe(),
@@ -374,7 +372,7 @@ fn evaluate_images(
             .zip(&o.upsampler_sampling)
             .enumerate()
             .map(|(k, (u, s))| json!({
-                "run": upsamplers.get(k).map_or(source, |p| p.as_path()).display().to_string(),
+                "run": source(cli.upsampler.get(k).map(PathBuf::as_path)),
                 "weights": u.source,
                 "sampling": s.describe(),
             }))
@@ -382,7 +380,7 @@ fn evaluate_images(
     );
     report.insert("real".into(), serde_json::to_value(&real)?);
     if let Some(run) = &pipeline.prior {
-        let dir = cli.prior.as_deref().unwrap_or(source);
+        let dir = source(cli.prior.as_deref());
         let settings = EvalSettings {
             sampling: o.prior_sampling.clone(),
             guidance_scales: prior_scales.clone(),
@@ -393,7 +391,7 @@ fn evaluate_images(
         println!("prior {}: {}", run.source, r.summary());
         report.insert(
             "prior".into(),
-            prior_json(run, dir, &o.prior_sampling, o.candidates),
+            prior_json(run, &dir, &o.prior_sampling, o.candidates),
         );
         report.insert("prior_eval".into(), prior_eval_json(&r));
     }
