@@ -5,7 +5,9 @@
 //! by default (ancestral steps 25 / 25 / 7, guidance 4 / 8, one prior draw) on CLIP embeddings as
 //! they come (`clip_embeddings: raw`, what the pipeline feeds them). The caption encoder is a full
 //! CLIP directory whose text tower must be the pipeline's `text_encoder/` (the images are scored
-//! with its image tower, which a pipeline directory lacks).
+//! with its image tower, which a pipeline directory lacks, and which must be the `image_encoder/`
+//! of an image-variation pipeline — Karlo's `karlo-v1-alpha-image-variations`, no prior — where
+//! there is one).
 
 use std::path::Path;
 
@@ -26,6 +28,9 @@ use unclip_upsampler::task::UpsamplerTrainConfig;
 use unclip_upsampler::{UpsamplerModelConfig, UpsamplerRun};
 
 use crate::pipeline::Pipeline;
+
+/// The training data a stage's config names: none, the weights come from the directory.
+const UNUSED: &str = "(a diffusers pipeline directory)";
 
 /// A stage's `diffusion:` and sampler `clip:` from its `UnCLIPScheduler` config (`name`: the
 /// pipeline entry, for errors).
@@ -81,9 +86,14 @@ fn task_config<T: serde::de::DeserializeOwned + Validate>(value: Value, what: &s
     Ok(cfg)
 }
 
-/// Errors unless every weight of `dir/text_encoder` equals the CLIP's tensor of that name.
-fn check_text_encoder(dir: &Path, encoder: &CaptionEncoder, clip: &Path) -> Result<()> {
-    let path = dir.join("text_encoder").join("model.safetensors");
+/// Errors unless every weight of the tower `dir/part` (`text_encoder`, or an image-variation
+/// pipeline's `image_encoder`) equals the CLIP's tensor of that name; a part the directory lacks
+/// is skipped.
+fn check_tower(dir: &Path, part: &str, encoder: &CaptionEncoder, clip: &Path) -> Result<()> {
+    let path = dir.join(part).join("model.safetensors");
+    if part != "text_encoder" && !path.is_file() {
+        return Ok(());
+    }
     let theirs =
         Tensor::read_safetensors(&path).with_context(|| format!("reading {}", path.display()))?;
     let ours = encoder.clip.vs.variables();
@@ -98,9 +108,14 @@ fn check_text_encoder(dir: &Path, encoder: &CaptionEncoder, clip: &Path) -> Resu
         });
         ensure!(
             same,
-            "--clip {}: its text tower is not the pipeline's text encoder ({} differs or is \
-             missing); give the CLIP the pipeline was trained with",
+            "--clip {}: its {} is not the pipeline's {part} ({} differs or is missing); give the \
+             CLIP the pipeline was trained with",
             clip.display(),
+            if part == "text_encoder" {
+                "text tower"
+            } else {
+                "image tower"
+            },
             name
         );
     }
@@ -160,6 +175,35 @@ fn super_res_last(
     }))
 }
 
+/// The pipeline's `prior/` with its scheduler, sampled as diffusers' pipeline samples it.
+fn prior(dir: &Path, clip: &Path, device: Device) -> Result<PriorRun> {
+    let prior_dir = dir.join("prior");
+    let (diffusion, clip_x0) = process(dir, "prior_scheduler")?;
+    let prior_cfg: PriorTrainConfig = task_config(
+        json!({
+            "prior": {
+                "model": unclip_prior::load::read_diffusers_prior_config(&prior_dir)?,
+                "diffusion": diffusion,
+                "sampling": sampler(25, clip_x0),
+                "guidance_scale": 4.0,
+                "candidates": 1,
+                "clip_embeddings": "raw",
+            },
+            "clip": clip,
+            "data": {"train": UNUSED, "held_out": UNUSED},
+        }),
+        "prior",
+    )?;
+    let loaded = unclip_prior::load::load_diffusers_prior(&prior_dir, device)
+        .with_context(|| prior_dir.display().to_string())?;
+    Ok(PriorRun {
+        cfg: prior_cfg,
+        vs: loaded.vs,
+        model: Prior::Diffusion(loaded.model),
+        source: format!("{} (prior)", dir.display()),
+    })
+}
+
 impl Pipeline {
     /// The pipeline directory `dir` with the CLIP at `clip` (a Hugging Face or `train-clip`
     /// directory) as its caption encoder, on `device`.
@@ -171,34 +215,14 @@ impl Pipeline {
         );
         let encoder = CaptionEncoder::load_with(clip, device, ClipEmbeddings::Raw)
             .with_context(|| format!("--clip {}", clip.display()))?;
-        check_text_encoder(dir, &encoder, clip)?;
+        for tower in ["text_encoder", "image_encoder"] {
+            check_tower(dir, tower, &encoder, clip)?;
+        }
         let source = |part: &str| format!("{} ({part})", dir.display());
-        let unused = "(a diffusers pipeline directory)";
-
-        let prior_dir = dir.join("prior");
-        let (diffusion, clip_x0) = process(dir, "prior_scheduler")?;
-        let prior_cfg: PriorTrainConfig = task_config(
-            json!({
-                "prior": {
-                    "model": unclip_prior::load::read_diffusers_prior_config(&prior_dir)?,
-                    "diffusion": diffusion,
-                    "sampling": sampler(25, clip_x0),
-                    "guidance_scale": 4.0,
-                    "candidates": 1,
-                    "clip_embeddings": "raw",
-                },
-                "clip": clip,
-                "data": {"train": unused, "held_out": unused},
-            }),
-            "prior",
-        )?;
-        let loaded = unclip_prior::load::load_diffusers_prior(&prior_dir, device)
-            .with_context(|| prior_dir.display().to_string())?;
-        let prior = PriorRun {
-            cfg: prior_cfg,
-            vs: loaded.vs,
-            model: Prior::Diffusion(loaded.model),
-            source: source("prior"),
+        let prior = if dir.join("prior").join("config.json").is_file() {
+            Some(prior(dir, clip, device)?)
+        } else {
+            None // an image-variation pipeline's
         };
 
         let decoder_json = Value::Object(read_json(&dir.join("decoder").join("config.json"))?);
@@ -214,7 +238,7 @@ impl Pipeline {
                     "clip_embeddings": "raw",
                 },
                 "clip": clip,
-                "data": {"train": unused, "held_out": unused, "embeddings": "clip",
+                "data": {"train": UNUSED, "held_out": UNUSED, "embeddings": "clip",
                          "image": {"resolution": side}},
             }),
             "decoder",
@@ -244,7 +268,7 @@ impl Pipeline {
                         "sampling": sampler(7, clip_x0),
                         "low_res": {"resolution": side},
                     },
-                    "data": {"train": unused, "held_out": unused, "image": {"resolution": high}},
+                    "data": {"train": UNUSED, "held_out": UNUSED, "image": {"resolution": high}},
                 }),
                 "upsampler",
             )?;
@@ -260,6 +284,6 @@ impl Pipeline {
             });
         }
         let name = format!("--clip {}", clip.display());
-        Self::assemble(encoder, &name, Some(prior), decoder, upsamplers, device)
+        Self::assemble(encoder, &name, prior, decoder, upsamplers, device)
     }
 }

@@ -51,14 +51,22 @@ fn pipeline_dir(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
         std::fs::copy(&entry, &target).unwrap();
     }
-    let clip = read_tensors(&fixture().join("clip/model.safetensors"));
-    let text: Vec<(String, Tensor)> = clip
-        .into_iter()
-        .filter(|(name, _)| name.starts_with("text_model.") || name == "text_projection.weight")
-        .collect();
-    std::fs::create_dir_all(out.join("text_encoder")).unwrap();
-    Tensor::write_safetensors(&text, out.join("text_encoder/model.safetensors")).unwrap();
+    write_tower(
+        &out.join("text_encoder"),
+        &["text_model.", "text_projection."],
+    );
     out
+}
+
+/// The CLIP's tensors whose names start with one of `prefixes`, as `dir/model.safetensors`.
+fn write_tower(dir: &Path, prefixes: &[&str]) {
+    let clip = read_tensors(&fixture().join("clip/model.safetensors"));
+    let tower: Vec<(String, Tensor)> = clip
+        .into_iter()
+        .filter(|(name, _)| prefixes.iter().any(|p| name.starts_with(p)))
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    Tensor::write_safetensors(&tower, dir.join("model.safetensors")).unwrap();
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -359,5 +367,72 @@ fn evaluates_a_pipeline_directory() {
     assert_eq!(
         report["images"][0]["prior_guidance"],
         serde_json::Value::Null
+    );
+}
+
+#[test]
+fn takes_an_image_variation_pipeline_directory() {
+    // Karlo's image-variation layout: no prior, the CLIP's image tower as `image_encoder/`.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pipeline_dir(tmp.path());
+    for part in ["prior", "prior_scheduler"] {
+        std::fs::remove_dir_all(dir.join(part)).unwrap();
+    }
+    write_tower(
+        &dir.join("image_encoder"),
+        &["vision_model.", "visual_projection."],
+    );
+    let clip = fixture().join("clip");
+    let input = tmp.path().join("input.png");
+    image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 16) as u8, (y * 16) as u8, 90])
+    })
+    .save(&input)
+    .unwrap();
+    let sample = |out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut args = vec![
+            "--diffusers",
+            dir.to_str().unwrap(),
+            "--clip",
+            clip.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<String>>()
+    };
+    let args = sample(
+        "variations",
+        &["--variations", input.to_str().unwrap(), "--count", "1"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::run(env!("CARGO_BIN_EXE_sample"), &args);
+    assert!(tmp.path().join("variations/000_02.png").is_file());
+    // Captions without a prior: the decoder is given z_t.
+    let args = sample("captions", &["--caption", "a red circle", "--count", "1"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stdout = common::run(env!("CARGO_BIN_EXE_sample"), &args);
+    assert!(stdout.contains("no prior"), "{stdout}");
+    // Another image tower is refused, naming the part.
+    let path = dir.join("image_encoder/model.safetensors");
+    let tensors: Vec<(String, Tensor)> = read_tensors(&path)
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if name == "visual_projection.weight" {
+                t + 1.0
+            } else {
+                t
+            };
+            (name, t)
+        })
+        .collect();
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    let err = run_fails(env!("CARGO_BIN_EXE_sample"), &args);
+    assert!(
+        err.contains("image_encoder") && err.contains("visual_projection.weight"),
+        "{err}"
     );
 }

@@ -325,7 +325,7 @@ fn raw_embeddings_train_and_sample_unnormalised_and_never_mix() {
         ],
     );
     assert!(
-        err.contains("is not the pipeline's text encoder") && err.contains("text_model."),
+        err.contains("is not the pipeline's text_encoder") && err.contains("text_model."),
         "{err}"
     );
     // A raw prior in front of a decoder trained on normalised embeddings is refused, naming both.
