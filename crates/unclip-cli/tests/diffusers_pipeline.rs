@@ -127,6 +127,23 @@ fn generates_what_diffusers_pipeline_generates() {
     // The images vary, so agreement is not two constant outputs agreeing.
     assert!(want["images"].std(false).double_value(&[]) > 0.1);
 
+    // Two images per caption (diffusers' num_images_per_prompt), from the next seed.
+    let pair = pipeline
+        .generate(
+            &captions[..1],
+            &PipelineOptions {
+                count: 2,
+                seed: run.seed + 1,
+                ..o.clone()
+            },
+        )
+        .unwrap();
+    let pair = max_diff(&pair.images, &want["first_caption_twice"]);
+    assert!(
+        pair < 5e-4,
+        "two images per caption differ from diffusers' by {pair}"
+    );
+
     // Each stage alone, and what the noise order and super_res_last change.
     let last = pipeline.upsamplers[0].last_step.take();
     let without_last = pipeline.generate(captions, &o).unwrap();
