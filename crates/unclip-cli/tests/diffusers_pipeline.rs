@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use common::{read_tensors, run_fails};
 use tch::{Device, Kind, Tensor};
 use unclip_cli::pipeline::{NoiseOrder, Pipeline, PipelineOptions};
+use unclip_testkit::max_abs_diff;
 use unclip_train::precision::Precision;
 
 fn fixture() -> PathBuf {
@@ -93,14 +94,6 @@ fn options(pipeline: &Pipeline, run: &Run) -> PipelineOptions {
     o
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
-        .abs()
-        .max()
-        .double_value(&[])
-}
-
 #[test]
 fn generates_what_diffusers_pipeline_generates() {
     let tmp = tempfile::tempdir().unwrap();
@@ -117,8 +110,8 @@ fn generates_what_diffusers_pipeline_generates() {
     let o = options(&pipeline, &run);
 
     let g = pipeline.generate(captions, &o).unwrap();
-    let embeds = max_diff(&g.image_embeds, &want["image_embeds"]);
-    let images = max_diff(&g.images, &want["images"]);
+    let embeds = max_abs_diff(&g.image_embeds, &want["image_embeds"]);
+    let images = max_abs_diff(&g.images, &want["images"]);
     assert!(
         embeds < 1e-5,
         "prior samples differ from diffusers' by {embeds}"
@@ -138,7 +131,7 @@ fn generates_what_diffusers_pipeline_generates() {
             },
         )
         .unwrap();
-    let pair = max_diff(&pair.images, &want["first_caption_twice"]);
+    let pair = max_abs_diff(&pair.images, &want["first_caption_twice"]);
     assert!(
         pair < 5e-4,
         "two images per caption differ from diffusers' by {pair}"
@@ -147,7 +140,7 @@ fn generates_what_diffusers_pipeline_generates() {
     // Each stage alone, and what the noise order and super_res_last change.
     let last = pipeline.upsamplers[0].last_step.take();
     let without_last = pipeline.generate(captions, &o).unwrap();
-    let gap = max_diff(&without_last.images, &want["images"]);
+    let gap = max_abs_diff(&without_last.images, &want["images"]);
     assert!(
         gap > 1e-2,
         "super_res_last left the images unchanged ({gap})"
@@ -162,14 +155,14 @@ fn generates_what_diffusers_pipeline_generates() {
             },
         )
         .unwrap();
-    assert!(max_diff(&stages.images, &want["images"]) > 1e-2);
+    assert!(max_abs_diff(&stages.images, &want["images"]) > 1e-2);
     let upsamplers = std::mem::take(&mut pipeline.upsamplers);
     let decoder_only = PipelineOptions {
         upsampler_sampling: Vec::new(),
         ..o.clone()
     };
     let decoded = pipeline.generate(captions, &decoder_only).unwrap();
-    let decoder = max_diff(&decoded.images, &want["decoder"]);
+    let decoder = max_abs_diff(&decoded.images, &want["decoder"]);
     assert!(
         decoder < 2e-4,
         "decoder images differ from diffusers' by {decoder}"
@@ -243,7 +236,7 @@ fn sample_binary_writes_diffusers_images() {
             .to_kind(Kind::Float);
         let expected = ((want.get(i as i64) + 1.0) * 127.5).clamp(0.0, 255.0);
         // 8-bit rounding (or truncation) of the same image.
-        let diff = max_diff(&got, &expected);
+        let diff = max_abs_diff(&got, &expected);
         assert!(
             diff <= 1.0 + 1e-3,
             "caption {i}: {diff} levels from diffusers'"

@@ -7,6 +7,7 @@ use unclip_clip::config::{Activation, ClipConfig, TextConfig, VisionConfig};
 use unclip_clip::convert::{load_clip_weights, read_clip_weights};
 use unclip_clip::loss::contrastive_loss;
 use unclip_clip::Clip;
+use unclip_testkit::max_abs_diff;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -41,11 +42,6 @@ fn config(mlp_text: i64, mlp_vision: i64) -> ClipConfig {
     }
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
-
 /// open_clip's `CLIPVisionCfg(layers=(1, 2, 1, 1), width=16, image_size=64)`: 512 final channels,
 /// 8 heads (open_clip's width·32/64).
 fn resnet_config() -> ClipConfig {
@@ -75,17 +71,17 @@ fn check(weights: &str, io: &str, cfg: &ClipConfig) -> (nn::VarStore, Clip) {
     let text = model.encode_text(&io["ids"]).unwrap();
     let image = model.encode_image(&io["pixels"]).unwrap();
     let tol = 1e-4;
-    let d = max_diff(&text.embeds, &io["text_proj"]);
+    let d = max_abs_diff(&text.embeds, &io["text_proj"]);
     assert!(d <= tol, "{weights}: text embeddings off by {d}");
-    let d = max_diff(&image, &io["image_proj"]);
+    let d = max_abs_diff(&image, &io["image_proj"]);
     assert!(d <= tol, "{weights}: image embeddings off by {d}");
-    let d = max_diff(&text.tokens, &io["tokens"]);
+    let d = max_abs_diff(&text.tokens, &io["tokens"]);
     assert!(d <= tol, "{weights}: token features off by {d}");
     let out = contrastive_loss(&image, &text.embeds, &model.logit_scale(), None).unwrap();
     let d = (out.loss.double_value(&[]) - io["loss"].double_value(&[0])).abs();
     assert!(d <= tol, "{weights}: loss off by {d}");
     if let Some(want) = io.get("logits_per_image") {
-        let d = max_diff(&out.logits_per_image, want);
+        let d = max_abs_diff(&out.logits_per_image, want);
         assert!(d <= tol, "{weights}: logits off by {d}");
     }
     assert_eq!(text.tokens.kind(), Kind::Float);
@@ -129,20 +125,20 @@ fn matches_open_clip_resnet_in_eval_and_training_mode() {
     );
     model.set_training(true);
     let train = model.encode_image(&io["pixels"]).unwrap();
-    let d = max_diff(&train, &io["image_proj_train"]);
+    let d = max_abs_diff(&train, &io["image_proj_train"]);
     assert!(d <= 1e-4, "training-mode image embeddings off by {d}");
     // The pass moved the running averages as torch's momentum-0.1 update does.
     let running_var = &vs.variables()["visual.layer2.1.bn2.running_var"];
-    let d = max_diff(running_var, &io["layer2.1.bn2.running_var"]);
+    let d = max_abs_diff(running_var, &io["layer2.1.bn2.running_var"]);
     assert!(d <= 1e-5, "running variance off by {d}");
     model.set_training(false);
     let eval = model.encode_image(&io["pixels"]).unwrap();
-    let d = max_diff(&eval, &io["image_proj"]);
+    let d = max_abs_diff(&eval, &io["image_proj"]);
     assert!(
         d > 1e-3,
         "evaluation mode must use the (moved) running statistics: {d}"
     );
-    assert!(max_diff(&eval, &train) > 1e-2);
+    assert!(max_abs_diff(&eval, &train) > 1e-2);
 }
 
 #[test]

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 use unclip_clip::caption::TextCondition;
 use unclip_decoder::{AddedKvAttention, DecoderCondition, TextProj, UnclipDecoder};
+use unclip_testkit::max_abs_diff;
 use unclip_train::precision::Precision;
 
 fn fixture(name: &str) -> PathBuf {
@@ -25,11 +26,6 @@ fn load(vs: &nn::VarStore, name: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
-
 /// The attention block with the fixture's weights, its inputs and outputs, and its bool mask.
 fn added_kv_attention_fixture() -> (
     nn::VarStore,
@@ -49,12 +45,12 @@ fn added_kv_attention_matches_diffusers() {
     let (_vs, attn, io, mask) = added_kv_attention_fixture();
     let _g = tch::no_grad_guard();
     let out = attn.forward(&io["x"], &io["context"], Some(&mask)).unwrap();
-    let d = max_diff(&out, &io["out"]);
+    let d = max_abs_diff(&out, &io["out"]);
     assert!(d <= 1e-4, "attention differs by {d}");
     // The mask matters: without it the first row (2 padded tokens) changes, the second does not.
     let unmasked = attn.forward(&io["x"], &io["context"], None).unwrap();
-    assert!(max_diff(&unmasked.get(0), &io["out"].get(0)) > 1e-3);
-    assert!(max_diff(&unmasked.get(1), &io["out"].get(1)) <= 1e-4);
+    assert!(max_abs_diff(&unmasked.get(0), &io["out"].get(0)) > 1e-3);
+    assert!(max_abs_diff(&unmasked.get(1), &io["out"].get(1)) <= 1e-4);
 }
 
 #[test]
@@ -68,13 +64,13 @@ fn added_kv_attention_under_bf16_autocast_stays_near_diffusers_fp32() {
     let out = attn.forward(&io["x"], &io["context"], Some(&mask)).unwrap();
     let out = out.to_kind(Kind::Float);
     let scale = io["out"].abs().max().double_value(&[]);
-    let d = max_diff(&out, &io["out"]);
+    let d = max_abs_diff(&out, &io["out"]);
     assert!(
         d <= 0.01 * scale,
         "bf16 attention differs by {d} (output scale {scale})"
     );
     let unmasked = attn.forward(&io["x"], &io["context"], None).unwrap();
-    assert!(max_diff(&unmasked.get(0).to_kind(Kind::Float), &io["out"].get(0)) > 0.03 * scale);
+    assert!(max_abs_diff(&unmasked.get(0).to_kind(Kind::Float), &io["out"].get(0)) > 0.03 * scale);
 }
 
 #[test]
@@ -84,8 +80,8 @@ fn text_proj_matches_diffusers() {
     let io = load(&vs, "text_proj");
     let _g = tch::no_grad_guard();
     let c = proj.forward(&io["z_i"], &io["z_t"], &io["tokens"]).unwrap();
-    assert!(max_diff(&c.context, &io["context"]) <= 1e-4);
-    assert!(max_diff(&c.time_add, &io["time_add"]) <= 1e-4);
+    assert!(max_abs_diff(&c.context, &io["context"]) <= 1e-4);
+    assert!(max_abs_diff(&c.time_add, &io["time_add"]) <= 1e-4);
     let err = proj
         .forward(&io["z_i"], &io["z_t"], &io["tokens"].narrow(2, 0, 8))
         .unwrap_err();
@@ -132,7 +128,7 @@ fn unet_matches_diffusers_unclip_layout() {
             false,
         )
         .unwrap();
-    let d = max_diff(&out, &io["out"]);
+    let d = max_abs_diff(&out, &io["out"]);
     assert!(d <= 1e-4, "unet differs by {d}");
 }
 
@@ -179,7 +175,7 @@ fn a_diffusers_pipeline_directory_loads_with_its_outputs() {
         .model
         .forward_t(&io["x"], &io["t"], &cond, false)
         .unwrap();
-    let d = max_diff(&out, &io["out"]);
+    let d = max_abs_diff(&out, &io["out"]);
     assert!(d <= 1e-4, "loaded decoder differs from diffusers' by {d}");
 }
 
@@ -193,7 +189,7 @@ fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
     let (io, cond) = decoder_io();
     let _g = tch::no_grad_guard();
     let out = decoder.forward_t(&io["x"], &io["t"], &cond, false).unwrap();
-    let d = max_diff(&out, &io["out"]);
+    let d = max_abs_diff(&out, &io["out"]);
     assert!(d <= 1e-4, "decoder differs by {d}");
     // Dropout: row 0 loses its image embedding, row 1 its caption.
     let null = TextCondition {
@@ -209,12 +205,12 @@ fn decoder_matches_the_diffusers_unclip_pipeline_and_drops_conditioning() {
     let learned = &decoder
         .text_proj
         .learned_classifier_free_guidance_embeddings;
-    assert!(max_diff(&dropped.image_embeds.get(0), learned) == 0.0);
-    assert!(max_diff(&dropped.image_embeds.get(1), &cond.image_embeds.get(1)) == 0.0);
+    assert!(max_abs_diff(&dropped.image_embeds.get(0), learned) == 0.0);
+    assert!(max_abs_diff(&dropped.image_embeds.get(1), &cond.image_embeds.get(1)) == 0.0);
     let (kept, text) = (&cond.text, &dropped.text);
-    assert!(max_diff(&text.text_embeds.get(0), &kept.text_embeds.get(0)) == 0.0);
-    assert!(max_diff(&text.text_embeds.get(1), &null.text_embeds.get(0)) == 0.0);
-    assert!(max_diff(&text.tokens.get(1), &null.tokens.get(0)) == 0.0);
+    assert!(max_abs_diff(&text.text_embeds.get(0), &kept.text_embeds.get(0)) == 0.0);
+    assert!(max_abs_diff(&text.text_embeds.get(1), &null.text_embeds.get(0)) == 0.0);
+    assert!(max_abs_diff(&text.tokens.get(1), &null.tokens.get(0)) == 0.0);
     assert!(text.mask.get(1).equal(&null.mask.get(0)));
     assert!(text.mask.get(0).equal(&kept.mask.get(0)));
 }

@@ -9,6 +9,7 @@ use unclip_diffusion::{
     self_conditioned, training_estimate, BetaSchedule, ClipDenoised, DiffusionConfig,
     GaussianDiffusion, MeanType, Respacing, SamplerKind,
 };
+use unclip_testkit::max_abs_diff;
 
 fn config() -> DiffusionConfig {
     DiffusionConfig {
@@ -23,10 +24,6 @@ fn config() -> DiffusionConfig {
 /// outside [-1, 1] so that clipping shows.
 fn v_output(x: &Tensor, t: &Tensor) -> Tensor {
     x * 0.7 + t.to_kind(Kind::Double).view([-1, 1]) * 2e-3 - 0.4
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
 }
 
 #[test]
@@ -67,13 +64,13 @@ fn each_sampling_step_sees_the_clipped_x0_of_the_step_before() {
         );
         let ab = ac[step as usize];
         let x0 = (x * ab.sqrt() - out * (1.0 - ab).sqrt()).clamp(-1.0, 1.0);
-        assert!(max_diff(&calls[k][2], &x0) < 1e-12, "call {k}");
+        assert!(max_abs_diff(&calls[k][2], &x0) < 1e-12, "call {k}");
     }
     assert!(
         calls
             .iter()
             .skip(1)
-            .any(|c| max_diff(&c[2], &c[2].clamp(-0.99, 0.99)) > 0.0),
+            .any(|c| max_abs_diff(&c[2], &c[2].clamp(-0.99, 0.99)) > 0.0),
         "some estimates are clipped at ±1"
     );
     // The wrapper changes what the model sees, never the sampler's steps.
@@ -86,7 +83,7 @@ fn each_sampling_step_sees_the_clipped_x0_of_the_step_before() {
             None,
         )
         .unwrap();
-    assert_eq!(max_diff(&ours, &plain), 0.0);
+    assert_eq!(max_abs_diff(&ours, &plain), 0.0);
 }
 
 #[test]
@@ -119,7 +116,7 @@ fn training_sees_its_own_estimate_half_the_time_without_gradient() {
         if e.abs().sum(Kind::Double).double_value(&[]) == 0.0 {
             zeros += 1;
         } else {
-            assert!(max_diff(&e, &expected) < 1e-12);
+            assert!(max_abs_diff(&e, &expected) < 1e-12);
             own += 1;
         }
     }

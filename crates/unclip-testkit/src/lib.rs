@@ -26,6 +26,16 @@ where
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// The largest absolute difference between two tensors of the same shape (compared in f64, so
+/// that neither's precision is lost): what parity tests bound.
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "tensors of different shapes");
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
 /// Every scalar in the event files under `dir`, read with TensorBoard's own EventAccumulator
 /// (Python from the setup's venv): (tag, step) -> value.
 pub fn read_scalars(dir: &std::path::Path) -> std::collections::HashMap<(String, u64), f64> {

@@ -3,12 +3,9 @@ mod common;
 
 use std::collections::HashMap;
 use tch::{nn, Device, Kind, Tensor};
+use unclip_testkit::max_abs_diff;
 use unclip_train::config::TrainConfig;
 use unclip_train::optim::AdamW;
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).abs().max().double_value(&[])
-}
 
 #[test]
 fn adamw_with_groups_and_clipping_matches_pytorch() {
@@ -57,15 +54,15 @@ fn adamw_with_groups_and_clipping_matches_pytorch() {
         opt.clip_grad_norm(norm, 1.0).unwrap();
         opt.step(0.05).unwrap();
         for (n, v) in names.iter().zip(&vars) {
-            let d = max_diff(v, &f[&format!("after/{i}/{n}")]);
+            let d = max_abs_diff(v, &f[&format!("after/{i}/{n}")]);
             assert!(d < 1e-12, "{n} after step {i}: off by {d}");
         }
     }
     let state: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
     for n in names {
-        assert!(max_diff(&state[&format!("exp_avg.{n}")], &f[&format!("exp_avg/{n}")]) < 1e-12);
+        assert!(max_abs_diff(&state[&format!("exp_avg.{n}")], &f[&format!("exp_avg/{n}")]) < 1e-12);
         assert!(
-            max_diff(
+            max_abs_diff(
                 &state[&format!("exp_avg_sq.{n}")],
                 &f[&format!("exp_avg_sq/{n}")]
             ) < 1e-12
@@ -153,12 +150,12 @@ fn adamw_steps(channels_last: bool) -> Vec<Tensor> {
 fn adamw_updates_channels_last_parameters_as_contiguous_ones() {
     let (plain, cl) = (adamw_steps(false), adamw_steps(true));
     for (a, b) in plain.iter().zip(&cl) {
-        assert!(max_diff(a, b) < 1e-6, "off by {}", max_diff(a, b));
+        assert!(max_abs_diff(a, b) < 1e-6, "off by {}", max_abs_diff(a, b));
     }
     // The steps moved the weights (a no-op optimiser would pass the comparison).
     tch::manual_seed(3);
     let init = Tensor::randn([8, 4, 3, 3], (Kind::Float, Device::Cpu));
-    assert!(max_diff(&plain[0], &init) > 0.01);
+    assert!(max_abs_diff(&plain[0], &init) > 0.01);
 }
 
 #[test]
@@ -188,12 +185,12 @@ fn multi_tensor_ops_match_per_tensor_ops() {
     multi_tensor::lerp_(&a, &b, 0.25).unwrap();
     for ((x, x0), y) in a.iter().zip(&before).zip(&b) {
         let want = x0 * 0.75 + y * 0.25;
-        assert!(max_diff(x, &want) < 1e-6);
+        assert!(max_abs_diff(x, &want) < 1e-6);
     }
     multi_tensor::mul_(&a, -2.0).unwrap();
     for ((x, x0), y) in a.iter().zip(&before).zip(&b) {
         let want = (x0 * 0.75 + y * 0.25) * -2.0;
-        assert!(max_diff(x, &want) < 1e-5);
+        assert!(max_abs_diff(x, &want) < 1e-5);
     }
     multi_tensor::zero_(&a).unwrap();
     assert!(a.iter().all(|t| t.abs().max().double_value(&[]) == 0.0));
