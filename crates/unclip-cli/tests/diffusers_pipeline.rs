@@ -70,6 +70,27 @@ fn write_tower(dir: &Path, prefixes: &[&str]) {
     Tensor::write_safetensors(&tower, dir.join("model.safetensors")).unwrap();
 }
 
+/// `--diffusers DIR --clip (the fixture's CLIP) --device cpu --out OUT` and `extra`: the
+/// arguments `sample` and `evaluate` get here.
+fn pipeline_args(dir: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let clip = fixture().join("clip");
+    let mut args: Vec<String> = ["--diffusers", path(dir), "--clip", path(&clip)]
+        .into_iter()
+        .chain(["--device", "cpu", "--out", path(out)])
+        .map(String::from)
+        .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -192,17 +213,12 @@ fn sample_binary_writes_diffusers_images() {
     let run = run_json();
     let captions = &run.captions;
     let out = tmp.path().join("out");
-    let clip = fixture().join("clip");
     let seed = run.seed.to_string();
     let (prior_guidance, decoder_guidance) = (
         run.prior_guidance.to_string(),
         run.decoder_guidance.to_string(),
     );
-    let mut args = vec![
-        "--diffusers",
-        dir.to_str().unwrap(),
-        "--clip",
-        clip.to_str().unwrap(),
+    let mut extra = vec![
         "--count",
         "1",
         "--seed",
@@ -215,14 +231,12 @@ fn sample_binary_writes_diffusers_images() {
         &decoder_guidance,
         "--precision",
         "fp32",
-        "--device",
-        "cpu",
-        "--out",
-        out.to_str().unwrap(),
     ];
     for c in captions {
-        args.extend(["--caption", c]);
+        extra.extend(["--caption", c]);
     }
+    let args = pipeline_args(&dir, &out, &extra);
+    let args = strs(&args);
     let stdout = common::run(env!("CARGO_BIN_EXE_sample"), &args);
     assert!(stdout.contains("super_res_last"), "{stdout}");
     let want = read_tensors(&fixture().join("expected.safetensors"))["images"].shallow_clone();
@@ -253,7 +267,6 @@ fn sample_binary_writes_diffusers_images() {
 fn manipulates_images_with_a_pipeline_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = pipeline_dir(tmp.path());
-    let clip = fixture().join("clip");
     // A 16-px input: a red disc on grey.
     let input = tmp.path().join("disc.png");
     image::RgbImage::from_fn(16, 16, |x, y| {
@@ -267,25 +280,19 @@ fn manipulates_images_with_a_pipeline_directory() {
     .save(&input)
     .unwrap();
     let out = tmp.path().join("variations");
-    let stdout = common::run(
-        env!("CARGO_BIN_EXE_sample"),
+    let args = pipeline_args(
+        &dir,
+        &out,
         &[
-            "--diffusers",
-            dir.to_str().unwrap(),
-            "--clip",
-            clip.to_str().unwrap(),
             "--variations",
-            input.to_str().unwrap(),
+            path(&input),
             "--count",
             "2",
             "--decoder-sampling",
             "{steps: ddim10}",
-            "--device",
-            "cpu",
-            "--out",
-            out.to_str().unwrap(),
         ],
     );
+    let stdout = common::run(env!("CARGO_BIN_EXE_sample"), &strs(&args));
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manipulations.json")).unwrap())
             .unwrap();
@@ -322,7 +329,6 @@ fn manipulates_images_with_a_pipeline_directory() {
 fn evaluates_a_pipeline_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = pipeline_dir(tmp.path());
-    let clip = fixture().join("clip");
     let shards = unclip_data::shards::write_shapes_shards(&unclip_data::shards::ShapesSpec {
         count: 4,
         resolution: 32,
@@ -334,20 +340,8 @@ fn evaluates_a_pipeline_directory() {
     .unwrap();
     let evaluate = |out: &str, extra: &[&str]| {
         let out = tmp.path().join(out);
-        let mut args = vec![
-            "--diffusers",
-            dir.to_str().unwrap(),
-            "--clip",
-            clip.to_str().unwrap(),
-            "--data",
-            shards[0].to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        let stdout = common::run(env!("CARGO_BIN_EXE_evaluate"), &args);
+        let args = pipeline_args(&dir, &out, &[&["--data", path(&shards[0])], extra].concat());
+        let stdout = common::run(env!("CARGO_BIN_EXE_evaluate"), &strs(&args));
         let text = std::fs::read_to_string(out.join("report.json")).unwrap();
         (
             stdout,
@@ -392,38 +386,28 @@ fn takes_an_image_variation_pipeline_directory() {
         &dir.join("image_encoder"),
         &["vision_model.", "visual_projection."],
     );
-    let clip = fixture().join("clip");
     let input = tmp.path().join("input.png");
     image::RgbImage::from_fn(16, 16, |x, y| {
         image::Rgb([(x * 16) as u8, (y * 16) as u8, 90])
     })
     .save(&input)
     .unwrap();
-    let sample = |out: &str, extra: &[&str]| {
-        let out = tmp.path().join(out);
-        let mut args = vec![
-            "--diffusers",
-            dir.to_str().unwrap(),
-            "--clip",
-            clip.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        args.iter().map(|a| a.to_string()).collect::<Vec<String>>()
-    };
-    let args = sample(
-        "variations",
-        &["--variations", input.to_str().unwrap(), "--count", "1"],
+    let variations = tmp.path().join("variations");
+    let args = pipeline_args(
+        &dir,
+        &variations,
+        &["--variations", path(&input), "--count", "1"],
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    common::run(env!("CARGO_BIN_EXE_sample"), &args);
-    assert!(tmp.path().join("variations/000_02.png").is_file());
+    common::run(env!("CARGO_BIN_EXE_sample"), &strs(&args));
+    assert!(variations.join("000_02.png").is_file());
     // Captions without a prior: the decoder is given z_t.
-    let args = sample("captions", &["--caption", "a red circle", "--count", "1"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let captions = tmp.path().join("captions");
+    let args = pipeline_args(
+        &dir,
+        &captions,
+        &["--caption", "a red circle", "--count", "1"],
+    );
+    let args = strs(&args);
     let stdout = common::run(env!("CARGO_BIN_EXE_sample"), &args);
     assert!(stdout.contains("no prior"), "{stdout}");
     // Another image tower is refused, naming the part.
