@@ -86,12 +86,33 @@ fn task_config<T: serde::de::DeserializeOwned + Validate>(value: Value, what: &s
     Ok(cfg)
 }
 
-/// Errors unless every weight of the tower `dir/part` (`text_encoder`, or an image-variation
-/// pipeline's `image_encoder`) equals the CLIP's tensor of that name; a part the directory lacks
-/// is skipped.
-fn check_tower(dir: &Path, part: &str, encoder: &CaptionEncoder, clip: &Path) -> Result<()> {
-    let path = dir.join(part).join("model.safetensors");
-    if part != "text_encoder" && !path.is_file() {
+/// A CLIP tower a pipeline directory may hold: its part, what it is called in errors, and
+/// whether every pipeline has one.
+struct Tower {
+    part: &'static str,
+    name: &'static str,
+    required: bool,
+}
+
+/// The text encoder every pipeline has, and an image-variation pipeline's image encoder.
+const TOWERS: [Tower; 2] = [
+    Tower {
+        part: "text_encoder",
+        name: "text tower",
+        required: true,
+    },
+    Tower {
+        part: "image_encoder",
+        name: "image tower",
+        required: false,
+    },
+];
+
+/// Errors unless every weight of `dir/tower.part` equals the CLIP's tensor of that name (an
+/// optional tower the directory lacks is skipped).
+fn check_tower(dir: &Path, tower: &Tower, encoder: &CaptionEncoder, clip: &Path) -> Result<()> {
+    let path = dir.join(tower.part).join("model.safetensors");
+    if !tower.required && !path.is_file() {
         return Ok(());
     }
     let theirs =
@@ -108,15 +129,11 @@ fn check_tower(dir: &Path, part: &str, encoder: &CaptionEncoder, clip: &Path) ->
         });
         ensure!(
             same,
-            "--clip {}: its {} is not the pipeline's {part} ({} differs or is missing); give the \
-             CLIP the pipeline was trained with",
+            "--clip {}: its {} is not the pipeline's {} ({name} differs or is missing); give \
+             the CLIP the pipeline was trained with",
             clip.display(),
-            if part == "text_encoder" {
-                "text tower"
-            } else {
-                "image tower"
-            },
-            name
+            tower.name,
+            tower.part
         );
     }
     Ok(())
@@ -215,7 +232,7 @@ impl Pipeline {
         );
         let encoder = CaptionEncoder::load_with(clip, device, ClipEmbeddings::Raw)
             .with_context(|| format!("--clip {}", clip.display()))?;
-        for tower in ["text_encoder", "image_encoder"] {
+        for tower in &TOWERS {
             check_tower(dir, tower, &encoder, clip)?;
         }
         let source = |part: &str| format!("{} ({part})", dir.display());
