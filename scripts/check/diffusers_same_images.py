@@ -15,13 +15,16 @@ Prints, for diffusers' schedulers as shipped (tables in float32) and with their 
 within one level.
 """
 import argparse
-import math
+import os
+import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import UnCLIPPipeline
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from unclip_pipe import float64_tables, normalise_text_embeds  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("dir")
@@ -35,32 +38,14 @@ args = parser.parse_args()
 
 pipe = UnCLIPPipeline.from_pretrained(args.dir, torch_dtype=torch.float32)
 if args.wrap_normalised:
-    encode = pipe.text_encoder.forward
-
-    def normalised(*a, **k):
-        out = encode(*a, **k)
-        out.text_embeds = F.normalize(out.text_embeds, dim=-1)
-        return out
-
-    pipe.text_encoder.forward = normalised
+    normalise_text_embeds(pipe)
 ours = np.stack([np.asarray(Image.open(f"{args.ours}/{i:03d}_00.png").convert("RGB"), dtype=np.float64)
                  for i in range(len(args.captions))])
 
 
-def float64_tables(scheduler):
-    steps = scheduler.config.num_train_timesteps
-    alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    scheduler.betas = torch.tensor([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999)
-                                    for i in range(steps)], dtype=torch.float64)
-    scheduler.alphas = 1.0 - scheduler.betas
-    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
-    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
-
-
 for tables in ("float32 (as shipped)", "float64"):
     if tables == "float64":
-        for s in (pipe.prior_scheduler, pipe.decoder_scheduler, pipe.super_res_scheduler):
-            float64_tables(s)
+        float64_tables(pipe)
     with torch.no_grad():
         images = pipe(args.captions, generator=torch.Generator().manual_seed(args.seed),
                       prior_guidance_scale=args.prior_guidance, decoder_guidance_scale=args.decoder_guidance,

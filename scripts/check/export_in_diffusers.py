@@ -15,9 +15,11 @@ CLIPTextModelWithProjection's text_embeds as they come, so the text encoder is w
 them (as the README shows). Runs trained on raw embeddings take them as they come: with --raw the
 pipeline runs unwrapped, as diffusers ships it.
 """
-import io, sys, tarfile
+import io, os, sys, tarfile
 import numpy as np, torch, torch.nn.functional as F
 from diffusers import UnCLIPPipeline
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from unclip_pipe import normalise_text_embeds
 
 raw = "--raw" in sys.argv[1:]
 export_dir, shard, reference, out_png = [a for a in sys.argv[1:] if a != "--raw"][:4]
@@ -27,12 +29,7 @@ for name in ["prior", "decoder", "text_proj", "super_res_first", "super_res_last
     print(f"{name}: {type(getattr(pipe, name)).__name__}")
 
 if not raw:
-    encode = pipe.text_encoder.forward
-    def normalised(*args, **kwargs):
-        out = encode(*args, **kwargs)
-        out.text_embeds = F.normalize(out.text_embeds, dim=-1)
-        return out
-    pipe.text_encoder.forward = normalised
+    normalise_text_embeds(pipe)
 
 # The stored embeddings of the shard's first 64 captions.
 samples = {}
