@@ -1,10 +1,11 @@
 //! `embed` end to end: a CLIP run directory → embedding shards with the image shards' names and
-//! keys, normalised embeddings equal to the model's, token features, skips counted, resumable.
-use std::path::Path;
+//! keys, normalised embeddings equal to the model's, token features, skips counted, resumable,
+//! streamed shards.
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Tensor};
 use unclip_clip::load::load_clip;
-use unclip_data::embeddings::parse_embedding_sample;
+use unclip_data::embeddings::{parse_embedding_sample, EmbeddingSample};
 use unclip_data::reader::{ReaderConfig, ShardReader};
 use unclip_data::shapes::make_sample;
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
@@ -23,9 +24,32 @@ data:
   image: {resolution: 32}
 ";
 
-/// A run directory holding one checkpoint of a randomly initialised tiny CLIP.
-fn run_dir(dir: &Path) {
-    unclip_clip::load::write_random_run(dir, CONFIG, 1).unwrap();
+/// A temporary directory with `run/` (one checkpoint of a randomly initialised tiny CLIP) and
+/// `data/img-NNNNNN.tar` (`count` shapes samples, 6 a shard).
+fn fixture(count: u64, seed: u64) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    unclip_clip::load::write_random_run(&run, CONFIG, 1).unwrap();
+    let data = tmp.path().join("data");
+    write_shapes_shards(&ShapesSpec {
+        count,
+        resolution: 32,
+        seed,
+        shard_size: 6,
+        out: data.clone(),
+        prefix: "img".into(),
+    })
+    .unwrap();
+    (tmp, run, data)
+}
+
+/// An embedding shard's samples, in order.
+fn read_embeddings(shard: &Path) -> Vec<EmbeddingSample> {
+    let cfg = ReaderConfig::in_order(shard.display().to_string());
+    ShardReader::with_parser(&cfg, 0, parse_embedding_sample)
+        .unwrap()
+        .iter()
+        .collect()
 }
 
 fn embed(args: &[&str]) -> String {
@@ -43,19 +67,7 @@ fn embed(args: &[&str]) -> String {
 
 #[test]
 fn embeds_shards_resumably_with_the_models_embeddings() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    run_dir(&run);
-    let data = tmp.path().join("data");
-    write_shapes_shards(&ShapesSpec {
-        count: 12,
-        resolution: 32,
-        seed: 5,
-        shard_size: 6,
-        out: data.clone(),
-        prefix: "img".into(),
-    })
-    .unwrap();
+    let (tmp, run, data) = fixture(12, 5);
     // A third shard with an undecodable image.
     let bad = data.join("img-000002.tar");
     let mut w = webdataset::TarWriter::create(bad.to_str().unwrap()).unwrap();
@@ -97,16 +109,9 @@ fn embeds_shards_resumably_with_the_models_embeddings() {
     let clip = load_clip(&run, Device::Cpu).unwrap();
     let tok = ClipTokenizer::new();
     for shard in ["img-000000.tar", "img-000001.tar", "img-000002.tar"] {
-        let cfg = |p: &Path| ReaderConfig::in_order(p.display().to_string());
-        let images: Vec<_> = ShardReader::new(&cfg(&data.join(shard)), 0)
-            .unwrap()
-            .iter()
-            .collect();
-        let embs: Vec<_> =
-            ShardReader::with_parser(&cfg(&out.join(shard)), 0, parse_embedding_sample)
-                .unwrap()
-                .iter()
-                .collect();
+        let cfg = ReaderConfig::in_order(data.join(shard).display().to_string());
+        let images: Vec<_> = ShardReader::new(&cfg, 0).unwrap().iter().collect();
+        let embs = read_embeddings(&out.join(shard));
         let want_keys: Vec<&str> = images
             .iter()
             .map(|s| s.key.as_str())
@@ -159,19 +164,7 @@ fn run_embed_fails(args: &[&str]) -> String {
 
 #[test]
 fn raw_embeddings_are_the_projections_and_never_mix_with_normalised_ones() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
-    run_dir(&run);
-    let data = tmp.path().join("data");
-    write_shapes_shards(&ShapesSpec {
-        count: 6,
-        resolution: 32,
-        seed: 7,
-        shard_size: 6,
-        out: data.clone(),
-        prefix: "img".into(),
-    })
-    .unwrap();
+    let (tmp, run, data) = fixture(6, 7);
     let shards = format!("{}/img-000000.tar", data.display());
     let args = |out: &Path, raw: bool| {
         let mut a = vec![
@@ -192,13 +185,7 @@ fn raw_embeddings_are_the_projections_and_never_mix_with_normalised_ones() {
     let (normalised, raw) = (tmp.path().join("emb"), tmp.path().join("emb-raw"));
     embed(&strs(&args(&normalised, false)));
     embed(&strs(&args(&raw, true)));
-    let read = |dir: &Path| -> Vec<_> {
-        let cfg = ReaderConfig::in_order(dir.join("img-000000.tar").display().to_string());
-        ShardReader::with_parser(&cfg, 0, parse_embedding_sample)
-            .unwrap()
-            .iter()
-            .collect()
-    };
+    let read = |dir: &Path| read_embeddings(&dir.join("img-000000.tar"));
     let (unit, as_is) = (read(&normalised), read(&raw));
     assert_eq!(unit.len(), 6);
     let clip = load_clip(&run, Device::Cpu).unwrap();
@@ -240,4 +227,54 @@ fn raw_embeddings_are_the_projections_and_never_mix_with_normalised_ones() {
     );
     let err = run_embed_fails(&strs(&args(&raw, false)));
     assert!(err.contains("holds raw embeddings"), "{err}");
+}
+
+#[test]
+fn streamed_shards_embed_as_local_ones_and_a_failed_one_is_left_for_a_rerun() {
+    let (tmp, run, data) = fixture(12, 3);
+    // Shard 000001 is not there yet: its command fails, as a download would.
+    let later = tmp.path().join("img-000001.tar");
+    std::fs::rename(data.join("img-000001.tar"), &later).unwrap();
+    let (local, streamed) = (tmp.path().join("emb"), tmp.path().join("emb-pipe"));
+    let args = |shards: String, out: &Path| {
+        vec![
+            "--clip".to_string(),
+            run.display().to_string(),
+            "--shards".into(),
+            shards,
+            "--out".into(),
+            out.display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+        ]
+    };
+    let pipe = format!("pipe:cat {}/img-{{000000..000001}}.tar", data.display());
+    let err = run_embed_fails(&strs(&args(pipe.clone(), &streamed)));
+    assert!(
+        err.contains("1 shards could not be read")
+            && err.contains(&format!("pipe:cat {}/img-000001.tar", data.display()))
+            && err.contains("rerun"),
+        "{err}"
+    );
+    assert!(streamed.join("img-000000.tar").is_file());
+    assert!(!streamed.join("img-000001.tar").exists(), "not written");
+    // Once the shard is there, the same command embeds it and keeps the first.
+    std::fs::rename(&later, data.join("img-000001.tar")).unwrap();
+    let report = embed(&strs(&args(pipe, &streamed)));
+    assert!(
+        report.contains("wrote 1 embedding shards") && report.contains("(1 already there)"),
+        "{report}"
+    );
+    embed(&strs(&args(
+        format!("{}/img-{{000000..000001}}.tar", data.display()),
+        &local,
+    )));
+    for shard in ["img-000000.tar", "img-000001.tar"] {
+        let (a, b) = (
+            read_embeddings(&local.join(shard)),
+            read_embeddings(&streamed.join(shard)),
+        );
+        assert_eq!(a.len(), 6);
+        assert_eq!(a, b, "{shard}: streamed = local");
+    }
 }

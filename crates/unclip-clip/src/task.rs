@@ -186,7 +186,10 @@ pub fn ensure_shards(set: &ShardSet) -> Result<()> {
     let Some(g) = &set.generate else {
         return Ok(());
     };
-    if unclip_data::reader::shard_list(&set.shards).is_ok() {
+    // Streamed shards are never generated; a bad URL is the reader's error.
+    if unclip_data::reader::is_streamed(&set.shards)
+        || unclip_data::reader::shard_list(&set.shards).is_ok()
+    {
         return Ok(());
     }
     let path = std::path::Path::new(&set.shards);

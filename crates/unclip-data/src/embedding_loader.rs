@@ -93,6 +93,7 @@ impl Producer {
                         samples: self.epoch_samples,
                         skipped_read: skipped,
                         skipped_decode: 0,
+                        read_errors: reader.errors(),
                     });
                     self.epoch = None;
                     self.position = DataPosition {

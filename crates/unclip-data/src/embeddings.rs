@@ -21,7 +21,8 @@ use webdataset::{Sample, TarWriter, Value};
 
 use crate::npy::NpyArray;
 use crate::reader::{
-    bytes_of, rank_shards, shard_list, CaptionedImage, ReaderConfig, ShardReader, SkipCounter,
+    bytes_of, rank_shards, shard_list, shard_name, CaptionedImage, ReaderConfig, ShardReader,
+    SkipCounter,
 };
 use crate::shards::ShardError;
 
@@ -165,42 +166,55 @@ pub fn embedding_shard_for(
     image_shard: &Path,
     embedding_dir: &Path,
 ) -> Result<std::path::PathBuf, ShardError> {
-    let name = image_shard
-        .file_name()
-        .ok_or_else(|| io_err(image_shard, "not a shard file"))?;
-    Ok(embedding_dir.join(name))
+    Ok(embedding_dir.join(shard_name(image_shard)?))
 }
 
 /// Matches an image shard's keys with its embedding shard's keys. `embed` writes the embedding
 /// shard in the image shard's order and only leaves out samples it could not read, so the
 /// embedding keys must be a subsequence of the image keys. Returns, per image sample, the index of
-/// its embedding (None: no embedding, the sample is skipped); an embedding key that does not fit
-/// is an error naming it.
+/// its embedding (None: no embedding, the sample is skipped). An embedding out of order is an
+/// error naming its key, and so is one whose image is not there — unless `images_incomplete`
+/// (the image shard had unreadable samples this time, e.g. a stream cut short), which explains
+/// it: the embedding is then passed over.
 pub fn align_by_key(
     image_keys: &[String],
     embedding_keys: &[String],
     embedding_shard: &Path,
+    images_incomplete: bool,
 ) -> Result<Vec<Option<usize>>, ShardError> {
+    let index: std::collections::HashMap<&str, usize> = embedding_keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), i))
+        .collect();
+    let stray = |key: &str| {
+        io_err(
+            embedding_shard,
+            format!(
+                "embedding key {key:?} has no image with that key (in order) in the image shard; \
+                 the shards do not belong together"
+            ),
+        )
+    };
     let mut out = Vec::with_capacity(image_keys.len());
     let mut next = 0;
     for key in image_keys {
-        if embedding_keys.get(next) == Some(key) {
-            out.push(Some(next));
-            next += 1;
-        } else {
-            out.push(None);
+        match index.get(key.as_str()) {
+            Some(&i) if i >= next => {
+                if i > next && !images_incomplete {
+                    return Err(stray(&embedding_keys[next]));
+                }
+                out.push(Some(i));
+                next = i + 1;
+            }
+            Some(_) => return Err(stray(key)),
+            None => out.push(None),
         }
     }
-    if let Some(stray) = embedding_keys.get(next) {
-        return Err(io_err(
-            embedding_shard,
-            format!(
-                "embedding key {stray:?} has no image with that key (in order) in the image shard; \
-                 the shards do not belong together"
-            ),
-        ));
+    match embedding_keys.get(next) {
+        Some(key) if !images_incomplete => Err(stray(key)),
+        _ => Ok(out),
     }
-    Ok(out)
 }
 
 /// An image sample with its precomputed embeddings.
@@ -229,13 +243,23 @@ fn read_pair(
     skipped: &SkipCounter,
 ) -> Result<Vec<Paired>, ShardError> {
     let emb_path = embedding_shard_for(image_shard, embedding_dir)?;
-    let images = ShardReader::new(&single(image_shard), 0)?;
-    let embeddings = ShardReader::with_parser(&single(&emb_path), 0, parse_embedding_sample)?;
-    let images: Vec<CaptionedImage> = images.iter().collect();
-    let embs: Vec<EmbeddingSample> = embeddings.iter().collect();
+    let image_reader = ShardReader::new(&single(image_shard), 0)?;
+    let embedding_reader = ShardReader::with_parser(&single(&emb_path), 0, parse_embedding_sample)?;
+    let images: Vec<CaptionedImage> = image_reader.iter().collect();
+    let embs: Vec<EmbeddingSample> = embedding_reader.iter().collect();
+    // The images' unreadable samples count as skipped (the embeddings' show up as images without
+    // one); both readers' error messages are kept. Read errors in the image shard explain
+    // embeddings whose image is gone.
+    skipped.absorb(&image_reader.counter(), true);
+    skipped.absorb(&embedding_reader.counter(), false);
     let image_keys: Vec<String> = images.iter().map(|s| s.key.clone()).collect();
     let emb_keys: Vec<String> = embs.iter().map(|s| s.key.clone()).collect();
-    let matches = align_by_key(&image_keys, &emb_keys, &emb_path)?;
+    let matches = align_by_key(
+        &image_keys,
+        &emb_keys,
+        &emb_path,
+        !image_reader.errors().is_empty(),
+    )?;
     let mut embs: Vec<Option<EmbeddingSample>> = embs.into_iter().map(Some).collect();
     let mut out = Vec::with_capacity(images.len());
     for (img, m) in images.into_iter().zip(matches) {
@@ -291,6 +315,15 @@ impl PairedShardReader {
 
     pub fn skipped(&self) -> u64 {
         self.skipped.get()
+    }
+
+    /// The epoch's first read errors, of image and embedding shards alike.
+    pub fn errors(&self) -> Vec<String> {
+        self.skipped.errors()
+    }
+
+    pub(crate) fn counter(&self) -> SkipCounter {
+        self.skipped.clone()
     }
 }
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::embeddings::{EmbeddingSample, PairedShardReader};
 use crate::images::ImageTransform;
 use crate::prefetch::Prefetch;
-use crate::reader::{CaptionedImage, ReaderConfig, ShardReader};
+use crate::reader::{CaptionedImage, ReaderConfig, ShardReader, SkipCounter};
 use crate::shards::ShardError;
 
 /// Where a stream stands: `samples` samples of epoch `epoch` have been consumed.
@@ -76,7 +76,7 @@ impl Restartable for ImageLoader {
 }
 
 /// What one finished epoch read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EpochReport {
     pub epoch: u64,
     /// Samples that made it into batches.
@@ -85,15 +85,30 @@ pub struct EpochReport {
     pub skipped_read: u64,
     /// Images that would not decode.
     pub skipped_decode: u64,
+    /// The first read errors' messages (a shard that failed names its path or URL).
+    pub read_errors: Vec<String>,
 }
 
 impl EpochReport {
     /// The line trainers log for it on `rank`.
     pub fn message(&self, rank: usize) -> String {
         format!(
-            "data: epoch {} done on rank {rank}: {} samples, {} skipped as unreadable, {} undecodable",
-            self.epoch, self.samples, self.skipped_read, self.skipped_decode
+            "data: epoch {} done on rank {rank}: {} samples, {} skipped as unreadable, {} undecodable{}",
+            self.epoch,
+            self.samples,
+            self.skipped_read,
+            self.skipped_decode,
+            self.errors_note()
         )
+    }
+
+    /// `; read errors: …` when there were any, else empty.
+    pub fn errors_note(&self) -> String {
+        if self.read_errors.is_empty() {
+            String::new()
+        } else {
+            format!("; read errors: {}", self.read_errors.join(" | "))
+        }
     }
 }
 
@@ -165,10 +180,19 @@ struct Transformed {
 type Raw = (CaptionedImage, Option<EmbeddingSample>);
 type RawIter = Box<dyn Iterator<Item = Result<Raw, ShardError>> + Send>;
 
-/// One epoch's stream and how to ask it how many samples it skipped.
+/// One epoch's stream and the counters of what its readers skipped, and why.
 struct Epoch {
     iter: RawIter,
-    skipped: Box<dyn Fn() -> u64 + Send>,
+    counters: Vec<SkipCounter>,
+}
+
+impl Epoch {
+    fn skipped(&self) -> u64 {
+        self.counters.iter().map(SkipCounter::get).sum()
+    }
+    fn errors(&self) -> Vec<String> {
+        self.counters.iter().flat_map(SkipCounter::errors).collect()
+    }
 }
 
 /// One reader's stream over the shards `reader` selects.
@@ -176,18 +200,16 @@ fn open_stream(cfg: &LoaderConfig, reader: &ReaderConfig, epoch: u64) -> Result<
     Ok(match &cfg.embeddings {
         None => {
             let reader = ShardReader::new(reader, epoch)?;
-            let iter = reader.iter().map(|s| Ok((s, None)));
             Epoch {
-                iter: Box::new(iter),
-                skipped: Box::new(move || reader.skipped()),
+                counters: vec![reader.counter()],
+                iter: Box::new(reader.iter().map(|s| Ok((s, None)))),
             }
         }
         Some(dir) => {
             let reader = PairedShardReader::new(reader, dir, epoch)?;
-            let iter = reader.iter().map(|r| r.map(|(s, e)| (s, Some(e))));
             Epoch {
-                iter: Box::new(iter),
-                skipped: Box::new(move || reader.skipped()),
+                counters: vec![reader.counter()],
+                iter: Box::new(reader.iter().map(|r| r.map(|(s, e)| (s, Some(e))))),
             }
         }
     })
@@ -209,7 +231,7 @@ fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
             world_size: cfg.reader.world_size * workers,
             ..cfg.reader.clone()
         };
-        let Epoch { iter, skipped } =
+        let Epoch { iter, counters: c } =
             open_stream(cfg, &reader, epoch).map_err(|e| ShardError::Io {
                 path: cfg.reader.shards.clone().into(),
                 message: format!("reader worker {w} of {workers}: {e}"),
@@ -229,11 +251,11 @@ fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
                 message: e.to_string(),
             })?;
         receivers.push(rx);
-        counters.push(skipped);
+        counters.extend(c);
     }
     Ok(Epoch {
         iter: Box::new(RoundRobin { receivers, next: 0 }),
-        skipped: Box::new(move || counters.iter().map(|c| c()).sum()),
+        counters,
     })
 }
 
@@ -344,7 +366,7 @@ impl Producer {
 
     fn end_epoch(&mut self) -> Result<(), ShardError> {
         let epoch = self.reader.take().expect("an open epoch");
-        let skipped_read = (epoch.skipped)();
+        let skipped_read = epoch.skipped();
         self.skipped_total += skipped_read;
         if self.epoch_samples == 0 {
             return Err(ShardError::Io {
@@ -360,6 +382,7 @@ impl Producer {
             samples: self.epoch_samples,
             skipped_read,
             skipped_decode: self.epoch_decode_skips,
+            read_errors: epoch.errors(),
         });
         self.position = DataPosition {
             epoch: self.position.epoch + 1,
@@ -421,7 +444,7 @@ impl Producer {
             resolution: self.cfg.transform.resolution,
             position: self.position,
             finished_epochs: std::mem::take(&mut self.finished),
-            skipped_total: self.skipped_total + self.reader.as_ref().map_or(0, |e| (e.skipped)()),
+            skipped_total: self.skipped_total + self.reader.as_ref().map_or(0, Epoch::skipped),
             embeddings: Vec::new(),
         };
         for t in items {

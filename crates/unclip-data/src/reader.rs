@@ -1,13 +1,15 @@
 //! Reading captioned-image WebDataset shards (`KEY.jpg|png|webp` + `KEY.txt`, optional
-//! `KEY.json`): the brace-expanded shard list is checked before any work, each rank reads its own
+//! `KEY.json`), local or streamed from URLs (`pipe:`, `https://`, …): the brace-expanded shard
+//! list is checked before any work, each rank reads its own
 //! round-robin share, shard order and a sample buffer are shuffled from (seed, epoch), and a bad
 //! sample — unreadable tar entry, missing image or caption, non-UTF-8 caption — is skipped and
 //! counted instead of stopping the run.
 
 use crate::shards::ShardError;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use webdataset::io::{gopen, url};
 use webdataset::{Action, Error, Handler, Sample, Value, WebDataset};
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
@@ -51,27 +53,61 @@ pub struct CaptionedImage {
     pub metadata: Option<serde_json::Value>,
 }
 
-/// Counts what the pipeline dropped (read errors) and what this reader rejected.
+/// Counts what the pipeline dropped (read errors) and what this reader rejected, and keeps the
+/// first read errors' messages — a remote shard that fails names its URL there.
 #[derive(Debug, Default, Clone)]
-pub struct SkipCounter(Arc<AtomicU64>);
+pub struct SkipCounter {
+    count: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// Read-error messages kept per reader: enough to name the failing shards, bounded when a whole
+/// bucket is unreachable.
+const KEPT_ERRORS: usize = 8;
 
 impl SkipCounter {
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
     }
     pub(crate) fn bump(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The first read errors (at most 8), in the order met.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+    fn keep(&self, message: String) {
+        if let Ok(mut kept) = self.errors.lock() {
+            if kept.len() < KEPT_ERRORS {
+                kept.push(message);
+            }
+        }
+    }
+    /// Takes in `other`'s error messages, and its count when `count`.
+    pub(crate) fn absorb(&self, other: &SkipCounter, count: bool) {
+        if count {
+            self.count.fetch_add(other.get(), Ordering::Relaxed);
+        }
+        for message in other.errors() {
+            self.keep(message);
+        }
     }
 }
 
 impl Handler for SkipCounter {
-    fn handle(&self, _error: &Error) -> Action {
+    fn handle(&self, error: &Error) -> Action {
         self.bump();
+        self.keep(error.to_string());
         Action::Continue
     }
 }
 
-/// Every shard of `pattern`, which must exist.
+/// Every shard of `pattern`: local files, which must exist, or WebDataset URLs, streamed as
+/// Python's webdataset streams them — `pipe:COMMAND` (the command's standard output is the tar:
+/// `pipe:aws s3 cp s3://bucket/train-000000.tar -`), `http://` / `https://` (curl), `gs://`
+/// (gsutil), `hf://`, `ais://`, `file:` — whose scheme must have a reader. A remote shard cannot
+/// be checked without reading it; one that fails while read is skipped and reported
+/// ([`SkipCounter::errors`]).
 pub fn shard_list(pattern: &str) -> Result<Vec<PathBuf>, ShardError> {
     let bad = |message: String| ShardError::Io {
         path: PathBuf::from(pattern),
@@ -81,20 +117,64 @@ pub fn shard_list(pattern: &str) -> Result<Vec<PathBuf>, ShardError> {
     if names.is_empty() || pattern.trim().is_empty() {
         return Err(bad("the shard list is empty".into()));
     }
-    names
-        .into_iter()
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.is_file() {
-                Ok(p)
+    names.into_iter().map(|name| check_shard(&name)).collect()
+}
+
+/// Whether `shards` names streamed shards (a URL other than `file:`) rather than local files.
+pub fn is_streamed(shards: &str) -> bool {
+    !matches!(url::scheme(shards), None | Some("file"))
+}
+
+fn check_shard(name: &str) -> Result<PathBuf, ShardError> {
+    let err = |message: String| ShardError::Io {
+        path: PathBuf::from(name),
+        message,
+    };
+    match url::scheme(name) {
+        None | Some("file") => {
+            let local = PathBuf::from(url::to_local_path(name));
+            if local.is_file() {
+                Ok(PathBuf::from(name))
             } else {
-                Err(ShardError::Io {
-                    path: p,
-                    message: "shard not found".into(),
-                })
+                Err(err("shard not found".into()))
             }
-        })
-        .collect()
+        }
+        Some(scheme) if gopen::scheme_handler(scheme).is_some() => Ok(PathBuf::from(name)),
+        Some(scheme) => Err(err(format!(
+            "no reader for {scheme}: URLs (these are: {}); stream it through a command instead, \
+             e.g. pipe:aws s3 cp s3://bucket/train-000000.tar -",
+            gopen::registered_schemes()
+                .iter()
+                .map(|s| format!("{s}:"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// The file name a shard goes by — what `embed` names its embedding shard after: a path's or
+/// URL's last component, or for `pipe:` the last word of the command that names a `.tar`.
+pub fn shard_name(shard: &Path) -> Result<String, ShardError> {
+    let text = shard.to_string_lossy();
+    let err = || ShardError::Io {
+        path: shard.to_path_buf(),
+        message: "cannot tell the shard's file name (a pipe: command names it as its last \
+                  word ending in .tar or one with .tar in it)"
+            .into(),
+    };
+    let located = match text.strip_prefix("pipe:") {
+        Some(command) => command
+            .split_whitespace()
+            .map(|word| word.trim_matches(|c| c == '\'' || c == '"'))
+            .rfind(|word| word.contains(".tar"))
+            .ok_or_else(err)?,
+        None => &text,
+    };
+    let name = url::basename(located);
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(err());
+    }
+    Ok(name.to_string())
 }
 
 /// This rank's round-robin share of `shards`; every rank must get at least one.
@@ -191,6 +271,15 @@ impl<T: Send + 'static> ShardReader<T> {
     /// Samples skipped so far this epoch.
     pub fn skipped(&self) -> u64 {
         self.skipped.get()
+    }
+
+    /// The epoch's first read errors (see [`SkipCounter::errors`]).
+    pub fn errors(&self) -> Vec<String> {
+        self.skipped.errors()
+    }
+
+    pub(crate) fn counter(&self) -> SkipCounter {
+        self.skipped.clone()
     }
 }
 

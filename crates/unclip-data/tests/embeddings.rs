@@ -108,17 +108,32 @@ fn keys_align_as_a_subsequence_or_fail_naming_the_key() {
     let images = keys(&["a", "b", "c", "d"]);
     let p = Path::new("emb/x.tar");
     assert_eq!(
-        align_by_key(&images, &keys(&["a", "c", "d"]), p).unwrap(),
+        align_by_key(&images, &keys(&["a", "c", "d"]), p, false).unwrap(),
         vec![Some(0), None, Some(1), Some(2)]
     );
-    let err = align_by_key(&images, &keys(&["a", "z"]), p)
+    let err = align_by_key(&images, &keys(&["a", "z"]), p, false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("\"z\"") && err.contains("emb/x.tar"), "{err}");
-    let err = align_by_key(&images, &keys(&["b", "a"]), p)
+    let err = align_by_key(&images, &keys(&["b", "a"]), p, false)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("\"a\""), "{err}");
+    assert!(err.contains("\"b\""), "out of order: {err}");
+    // Image "b" unreadable this time: its embedding is passed over only when the image shard
+    // reported read errors, which explain it.
+    let read = keys(&["a", "c", "d"]);
+    let all = keys(&["a", "b", "c", "d"]);
+    assert_eq!(
+        align_by_key(&read, &all, p, true).unwrap(),
+        vec![Some(0), Some(2), Some(3)]
+    );
+    let err = align_by_key(&read, &all, p, false).unwrap_err().to_string();
+    assert!(err.contains("\"b\""), "{err}");
+    assert!(align_by_key(&keys(&["a", "b"]), &keys(&["a", "b", "x"]), p, true).is_ok());
+    let err = align_by_key(&read, &keys(&["c", "a"]), p, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"c\""), "out of order even so: {err}");
 }
 
 mod paired {
@@ -230,8 +245,8 @@ mod paired {
         let r = batches[3]
             .finished_epochs
             .first()
-            .copied()
-            .or(batches[2].finished_epochs.first().copied())
+            .cloned()
+            .or(batches[2].finished_epochs.first().cloned())
             .unwrap();
         assert_eq!((r.samples, r.skipped_read), (9, 1));
         // Resuming mid-stream continues with the same pairs.
@@ -239,6 +254,48 @@ mod paired {
         for (a, b) in batches[2..].iter().zip(&resumed) {
             assert_eq!((&a.keys, &a.embeddings), (&b.keys, &b.embeddings));
         }
+    }
+
+    /// Every image of one epoch's batches, checked against its own embedding, with the report.
+    fn one_epoch(cfg: LoaderConfig) -> (Vec<String>, unclip_data::loader::EpochReport) {
+        let mut loader = ImageLoader::start(cfg).unwrap();
+        let mut keys = Vec::new();
+        loop {
+            let b = loader.next_batch().unwrap();
+            if let Some(r) = b.finished_epochs.first() {
+                return (keys, r.clone());
+            }
+            for (key, e) in b.keys.iter().zip(&b.embeddings) {
+                assert_eq!(e.image_emb, [key.parse::<f32>().unwrap(); 4]);
+                keys.push(key.clone());
+            }
+        }
+    }
+
+    #[test]
+    fn image_shards_streamed_by_a_command_or_cut_short_keep_their_embeddings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (shards, emb) = dataset(tmp.path(), false);
+        let local = one_epoch(config(shards.clone(), emb.clone()));
+        // Streamed through a command, each shard still finds its embedding shard by name.
+        let piped = one_epoch(config(format!("pipe:cat {shards}"), emb.clone()));
+        assert_eq!(piped.0.len(), 9);
+        assert_eq!(piped, local);
+        // The first image shard cut short, as a dropped download leaves it: its readable images
+        // keep their embeddings, the lost ones are skipped and the error names the shard.
+        let first = tmp.path().join("img/train-000000.tar");
+        let bytes = std::fs::read(&first).unwrap();
+        std::fs::write(&first, &bytes[..bytes.len() * 2 / 5]).unwrap();
+        let (keys, report) = one_epoch(config(shards, emb));
+        assert!((4..9).contains(&keys.len()), "{keys:?}");
+        assert!(report.skipped_read >= 1, "{report:?}");
+        assert!(
+            report
+                .read_errors
+                .iter()
+                .any(|e| e.contains("train-000000.tar")),
+            "{report:?}"
+        );
     }
 
     #[test]

@@ -259,7 +259,7 @@ fn undecodable_images_are_skipped_and_reported() {
     let second = l.next_batch().unwrap();
     assert_eq!(second.keys, ["0005", "0000", "0002"]);
     assert_eq!(second.finished_epochs.len(), 1);
-    let r = second.finished_epochs[0];
+    let r = &second.finished_epochs[0];
     assert_eq!(
         (r.epoch, r.samples, r.skipped_decode, r.skipped_read),
         (0, 4, 2, 0)

@@ -1,8 +1,8 @@
 //! Reading shards: brace expansion, rank splits, seeded shuffles, bad samples skipped and counted,
-//! and shards written by Python's webdataset.
+//! shards written by Python's webdataset, and shards streamed from URLs and commands.
 use std::collections::BTreeSet;
 use std::path::Path;
-use unclip_data::reader::{rank_shards, shard_list, ReaderConfig, ShardReader};
+use unclip_data::reader::{rank_shards, shard_list, shard_name, ReaderConfig, ShardReader};
 use unclip_data::shapes::make_sample;
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
 use webdataset::{Sample, TarWriter, Value};
@@ -218,4 +218,74 @@ with wds.ShardWriter(sys.argv[1] + "/py-%06d.tar", maxcount=4) as sink:
         assert_eq!(s.metadata.as_ref().unwrap()["width"], 64);
     }
     assert_eq!(reader.skipped(), 0);
+}
+
+#[test]
+fn remote_shards_stream_through_pipe_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let local = shapes(tmp.path(), 35);
+    let read = |pattern: String| {
+        let cfg = ReaderConfig {
+            shard_shuffle: false,
+            shuffle_buffer: 0,
+            ..config(pattern)
+        };
+        let reader = ShardReader::new(&cfg, 0).unwrap();
+        let samples: Vec<_> = reader.iter().collect();
+        (samples, reader.skipped(), reader.errors())
+    };
+    let (want, _, _) = read(local.clone());
+    for pattern in [format!("pipe:cat {local}"), format!("file://{local}")] {
+        let (got, skipped, errors) = read(pattern.clone());
+        assert_eq!(got, want, "{pattern}");
+        assert_eq!((skipped, errors.len()), (0, 0), "{pattern}: {errors:?}");
+    }
+    // A shard whose command fails is skipped and reported by its URL; the others are read.
+    let dir = tmp.path().display();
+    let failing = format!("pipe:cat {dir}/{{train-000000,gone-000000,train-000001}}.tar");
+    let (got, skipped, errors) = read(failing);
+    assert_eq!(got.len(), 20, "the two readable shards");
+    assert_eq!(skipped, 1);
+    assert!(
+        errors.len() == 1 && errors[0].contains(&format!("pipe:cat {dir}/gone-000000.tar")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn urls_are_checked_for_a_reader_and_named_by_their_file() {
+    // No local check is possible for a URL, but a scheme nothing reads fails before any work.
+    let err = shard_list("s3://bucket/train-{000000..000001}.tar")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("s3://bucket/train-000000.tar")
+            && err.contains("no reader for s3:")
+            && err.contains("pipe:"),
+        "{err}"
+    );
+    let urls = shard_list("https://host/data/train-{000000..000001}.tar?download=1").unwrap();
+    assert_eq!(urls.len(), 2);
+    for (shard, name) in [
+        (
+            "https://host/data/train-000001.tar?download=1",
+            "train-000001.tar",
+        ),
+        ("pipe:aws s3 cp s3://bucket/laion/00042.tar -", "00042.tar"),
+        (
+            "pipe:curl -s -L 'https://host/x/train-000007.tar'",
+            "train-000007.tar",
+        ),
+        ("file:///data/shards/a-000000.tar", "a-000000.tar"),
+        ("data/shapes/clip64-000003.tar", "clip64-000003.tar"),
+    ] {
+        assert_eq!(shard_name(Path::new(shard)).unwrap(), name, "{shard}");
+    }
+    let err = shard_name(Path::new("pipe:generate-shards --seed 3"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pipe:generate-shards") && err.contains(".tar"),
+        "{err}"
+    );
 }

@@ -685,8 +685,12 @@ impl TrainTask for PriorTask {
         self.skipped_total = b.skipped_total;
         for r in &b.finished_epochs {
             eprintln!(
-                "data: epoch {} done on rank {}: {} samples, {} skipped as malformed",
-                r.epoch, self.loader_cfg.reader.rank, r.samples, r.skipped_read
+                "data: epoch {} done on rank {}: {} samples, {} skipped as malformed{}",
+                r.epoch,
+                self.loader_cfg.reader.rank,
+                r.samples,
+                r.skipped_read,
+                r.errors_note()
             );
         }
         self.to_batch(&b)

@@ -63,6 +63,7 @@ fn main() -> Result<()> {
             .context("progress template")?,
     );
     let (mut written, mut resumed, mut samples, mut skipped) = (0, 0, 0u64, 0u64);
+    let mut failed = Vec::new();
     let ctx = clip.model.cfg.text.context_length as usize;
     check_resumed_convention(&shards, &cli.out, convention)?;
     for shard in &shards {
@@ -74,6 +75,27 @@ fn main() -> Result<()> {
         }
         let reader = ShardReader::new(&ReaderConfig::in_order(shard.display().to_string()), 0)?;
         let raw: Vec<_> = reader.iter().collect();
+        let errors = reader.errors();
+        if raw.is_empty() && !errors.is_empty() {
+            // Nothing read (a failed download, a missing object): no shard is written, so a
+            // rerun tries it again instead of taking an empty one as done.
+            bar.println(format!(
+                "{}: not read, left for a rerun: {}",
+                shard.display(),
+                errors.join(" | ")
+            ));
+            failed.push(shard.display().to_string());
+            bar.inc(1);
+            continue;
+        }
+        if !errors.is_empty() {
+            bar.println(format!(
+                "{}: read errors, embedding the {} samples read: {}",
+                shard.display(),
+                raw.len(),
+                errors.join(" | ")
+            ));
+        }
         skipped += reader.skipped();
         let mut result = Vec::with_capacity(raw.len());
         for chunk in raw.chunks(cli.batch_size) {
@@ -152,6 +174,13 @@ fn main() -> Result<()> {
     println!(
         "wrote {written} embedding shards to {} ({resumed} already there): {samples} samples embedded, {skipped} skipped (unreadable or undecodable)",
         cli.out.display()
+    );
+    ensure!(
+        failed.is_empty(),
+        "{} shards could not be read and were not written ({}); rerun the same command to embed \
+         them, the shards written are kept",
+        failed.len(),
+        failed.join(", ")
     );
     Ok(())
 }

@@ -35,6 +35,7 @@ fn main() -> Result<()> {
     for set in [&cfg.task.data.train, &cfg.task.data.held_out] {
         if world > 1
             && set.generate.is_some()
+            && !unclip_data::reader::is_streamed(&set.shards)
             && unclip_data::reader::shard_list(&set.shards).is_err()
         {
             anyhow::bail!(
