@@ -12,11 +12,12 @@ REQS="$ROOT/scripts/requirements.txt"
 # says whether it is current, and a changed file only installs what is new.
 REQS_HASH=$(sha256sum "$REQS" | cut -d' ' -f1)
 VENV="$CACHE/venv-torch-2.11.0"
-APT_PACKAGES=(libgloo-dev pkg-config)
+APT_PACKAGES=(libgloo-dev pkg-config curl)
 
 say() { printf 'setup: %s\n' "$*"; }
 
-# 1. Debian packages (gloo headers for the c10d shim of distributed training).
+# 1. Debian packages (gloo headers for the c10d shim of distributed training; curl streams
+#    http(s):// shards).
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

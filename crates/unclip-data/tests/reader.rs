@@ -289,3 +289,67 @@ fn urls_are_checked_for_a_reader_and_named_by_their_file() {
         "{err}"
     );
 }
+
+/// Serves the files of `dir` over HTTP/1.0 on a free local port (404 for anything else) until the
+/// test ends; returns its base URL.
+fn serve(dir: &Path) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(&stream);
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap_or_default();
+                let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let file = dir.join(path.trim_start_matches('/'));
+                let mut out = &stream;
+                match std::fs::read(&file) {
+                    Ok(body) => {
+                        let head =
+                            format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = out
+                            .write_all(head.as_bytes())
+                            .and_then(|()| out.write_all(&body));
+                    }
+                    Err(_) => {
+                        let _ =
+                            out.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    base
+}
+
+#[test]
+fn shards_stream_over_http_through_curl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let local = shapes(tmp.path(), 30);
+    let base = serve(tmp.path());
+    let read = |pattern: String| {
+        let cfg = ReaderConfig {
+            shard_shuffle: false,
+            shuffle_buffer: 0,
+            ..config(pattern)
+        };
+        let reader = ShardReader::new(&cfg, 0).unwrap();
+        let samples: Vec<_> = reader.iter().collect();
+        (samples, reader.errors())
+    };
+    let (want, _) = read(local);
+    let (got, errors) = read(format!("{base}/train-{{000000..000002}}.tar"));
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(got, want);
+    // A shard the server does not have (404: curl fails at once) is skipped and named.
+    let (got, errors) = read(format!("{base}/train-{{000000,000009,000001}}.tar"));
+    assert_eq!(got.len(), 20);
+    assert!(
+        errors.len() == 1 && errors[0].contains(&format!("{base}/train-000009.tar")),
+        "{errors:?}"
+    );
+}
