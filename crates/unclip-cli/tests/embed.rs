@@ -249,6 +249,11 @@ fn streamed_shards_embed_as_local_ones_and_a_failed_one_is_left_for_a_rerun() {
         ]
     };
     let pipe = format!("pipe:cat {}/img-{{000000..000001}}.tar", data.display());
+    let err = run_embed_fails(&strs(&args(pipe.clone(), Path::new("https://host/emb"))));
+    assert!(
+        err.contains("--out https://host/emb") && err.contains("local"),
+        "{err}"
+    );
     let err = run_embed_fails(&strs(&args(pipe.clone(), &streamed)));
     assert!(
         err.contains("1 shards could not be read")

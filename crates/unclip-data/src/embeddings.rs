@@ -21,8 +21,8 @@ use webdataset::{Sample, TarWriter, Value};
 
 use crate::npy::NpyArray;
 use crate::reader::{
-    bytes_of, rank_shards, shard_list, shard_name, CaptionedImage, ReaderConfig, ShardReader,
-    SkipCounter,
+    bytes_of, is_streamed, rank_shards, shard_list, shard_name, CaptionedImage, ReaderConfig,
+    ShardReader, SkipCounter,
 };
 use crate::shards::ShardError;
 
@@ -161,12 +161,23 @@ pub fn parse_embedding_sample(s: &Sample) -> Option<EmbeddingSample> {
     })
 }
 
-/// The embedding shard that belongs to `image_shard`: same file name, in `embedding_dir`.
+/// Where the embedding shard of `image_shard` is: the image shard's file name ([`shard_name`])
+/// in `embedding_dir` — a local directory, a URL prefix (`https://host/emb`, `gs://bucket/emb`)
+/// or, where the name must go inside a command, a template whose `{}` it replaces
+/// (`pipe:aws s3 cp s3://bucket/emb/{} -`).
 pub fn embedding_shard_for(
     image_shard: &Path,
     embedding_dir: &Path,
 ) -> Result<std::path::PathBuf, ShardError> {
-    Ok(embedding_dir.join(shard_name(image_shard)?))
+    let name = shard_name(image_shard)?;
+    let dir = embedding_dir.to_string_lossy();
+    Ok(if dir.contains("{}") {
+        PathBuf::from(dir.replace("{}", &name))
+    } else if is_streamed(&dir) {
+        PathBuf::from(format!("{}/{name}", dir.trim_end_matches('/')))
+    } else {
+        PathBuf::from(webdataset::io::url::to_local_path(&dir)).join(name)
+    })
 }
 
 /// Matches an image shard's keys with its embedding shard's keys. `embed` writes the embedding
@@ -272,13 +283,26 @@ fn read_pair(
 }
 
 impl PairedShardReader {
-    /// Checks, before any training, that every embedding shard exists and that the first pair
-    /// of shards belongs together.
+    /// Checks, before any training, that every local embedding shard exists and that the first
+    /// pair of shards can be read and belongs together.
     pub fn new(cfg: &ReaderConfig, embedding_dir: &Path, epoch: u64) -> Result<Self, ShardError> {
+        Self::open(cfg, embedding_dir, epoch, true)
+    }
+
+    /// As [`PairedShardReader::new`], reading the first pair ahead only when `check_first_pair`:
+    /// the loader checks it once at the start, not at every epoch (a streamed shard would be
+    /// fetched twice, and a passing network error would end the run instead of being skipped).
+    pub(crate) fn open(
+        cfg: &ReaderConfig,
+        embedding_dir: &Path,
+        epoch: u64,
+        check_first_pair: bool,
+    ) -> Result<Self, ShardError> {
         let mut shards = rank_shards(&shard_list(&cfg.shards)?, cfg.rank, cfg.world_size)?;
         for s in &shards {
             let e = embedding_shard_for(s, embedding_dir)?;
-            if !e.is_file() {
+            // A streamed one is checked by reading the first pair below.
+            if !is_streamed(&e.to_string_lossy()) && !e.is_file() {
                 return Err(io_err(
                     &e,
                     format!("embedding shard for {} not found", s.display()),
@@ -289,7 +313,19 @@ impl PairedShardReader {
         if cfg.shard_shuffle {
             shards.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
         }
-        read_pair(&shards[0], embedding_dir, &SkipCounter::default())?;
+        let first = SkipCounter::default();
+        if check_first_pair
+            && read_pair(&shards[0], embedding_dir, &first)?.is_empty()
+            && !first.errors().is_empty()
+        {
+            return Err(io_err(
+                &shards[0],
+                format!(
+                    "no sample of the first shard pair could be read: {}",
+                    first.errors().join(" | ")
+                ),
+            ));
+        }
         Ok(Self {
             shards,
             embedding_dir: embedding_dir.to_path_buf(),

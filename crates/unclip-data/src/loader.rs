@@ -196,7 +196,12 @@ impl Epoch {
 }
 
 /// One reader's stream over the shards `reader` selects.
-fn open_stream(cfg: &LoaderConfig, reader: &ReaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
+fn open_stream(
+    cfg: &LoaderConfig,
+    reader: &ReaderConfig,
+    epoch: u64,
+    check: bool,
+) -> Result<Epoch, ShardError> {
     Ok(match &cfg.embeddings {
         None => {
             let reader = ShardReader::new(reader, epoch)?;
@@ -206,7 +211,7 @@ fn open_stream(cfg: &LoaderConfig, reader: &ReaderConfig, epoch: u64) -> Result<
             }
         }
         Some(dir) => {
-            let reader = PairedShardReader::new(reader, dir, epoch)?;
+            let reader = PairedShardReader::open(reader, dir, epoch, check)?;
             Epoch {
                 counters: vec![reader.counter()],
                 iter: Box::new(reader.iter().map(|r| r.map(|(s, e)| (s, Some(e))))),
@@ -218,10 +223,11 @@ fn open_stream(cfg: &LoaderConfig, reader: &ReaderConfig, epoch: u64) -> Result<
 /// This rank's stream for one epoch. With `workers` > 1 the rank's shards are split again
 /// between reader threads (worker w of W reads as rank `rank·W + w` of `world·W`), whose samples
 /// are interleaved round robin: a fixed order, so streams and resumes stay deterministic.
-fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
+/// `check`: read the first shard pair ahead (at the start only; see `PairedShardReader::open`).
+fn open_epoch(cfg: &LoaderConfig, epoch: u64, check: bool) -> Result<Epoch, ShardError> {
     let workers = cfg.workers.max(1);
     if workers == 1 {
-        return open_stream(cfg, &cfg.reader, epoch);
+        return open_stream(cfg, &cfg.reader, epoch, check);
     }
     let mut receivers = Vec::with_capacity(workers);
     let mut counters = Vec::with_capacity(workers);
@@ -232,7 +238,7 @@ fn open_epoch(cfg: &LoaderConfig, epoch: u64) -> Result<Epoch, ShardError> {
             ..cfg.reader.clone()
         };
         let Epoch { iter, counters: c } =
-            open_stream(cfg, &reader, epoch).map_err(|e| ShardError::Io {
+            open_stream(cfg, &reader, epoch, check).map_err(|e| ShardError::Io {
                 path: cfg.reader.shards.clone().into(),
                 message: format!("reader worker {w} of {workers}: {e}"),
             })?;
@@ -298,7 +304,7 @@ impl ImageLoader {
         }
         // Missing shards, impossible rank splits and embedding shards that do not belong fail
         // here, before training starts.
-        open_epoch(&cfg, cfg.start.epoch)?;
+        open_epoch(&cfg, cfg.start.epoch, true)?;
         let depth = cfg.prefetch;
         let mut producer = Producer::new(cfg);
         Ok(Self {
@@ -340,7 +346,7 @@ impl Producer {
     /// Up to `n` raw samples of the current epoch, opening epochs as needed; empty at epoch end.
     fn pull(&mut self, n: usize) -> Result<Vec<(u64, Raw)>, ShardError> {
         if self.reader.is_none() {
-            let mut epoch = open_epoch(&self.cfg, self.position.epoch)?;
+            let mut epoch = open_epoch(&self.cfg, self.position.epoch, false)?;
             // Resuming inside an epoch: the order is deterministic, so skip what was consumed.
             for _ in 0..self.position.samples {
                 match epoch.iter.next() {

@@ -273,14 +273,36 @@ mod paired {
     }
 
     #[test]
-    fn image_shards_streamed_by_a_command_or_cut_short_keep_their_embeddings() {
+    fn streamed_or_cut_short_shards_keep_their_embeddings() {
         let tmp = tempfile::tempdir().unwrap();
         let (shards, emb) = dataset(tmp.path(), false);
         let local = one_epoch(config(shards.clone(), emb.clone()));
-        // Streamed through a command, each shard still finds its embedding shard by name.
+        // Streamed through a command, each shard still finds its embedding shard by name; and
+        // the embedding shards stream too, from a URL prefix or a command template.
         let piped = one_epoch(config(format!("pipe:cat {shards}"), emb.clone()));
         assert_eq!(piped.0.len(), 9);
         assert_eq!(piped, local);
+        for streamed in [
+            format!("file://{}", emb.display()),
+            format!("pipe:cat {}/{{}}", emb.display()),
+        ] {
+            let got = one_epoch(config(
+                format!("pipe:cat {shards}"),
+                streamed.clone().into(),
+            ));
+            assert_eq!(got, local, "{streamed}");
+        }
+        // A wrong embedding location fails at the start, naming what could not be read.
+        let wrong = format!("pipe:cat {}/nothing/{{}}", tmp.path().display());
+        let err = ImageLoader::start(config(shards.clone(), wrong.into()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("no sample of the first shard pair could be read")
+                && err.contains("nothing/train-000000.tar"),
+            "{err}"
+        );
         // The first image shard cut short, as a dropped download leaves it: its readable images
         // keep their embeddings, the lost ones are skipped and the error names the shard.
         let first = tmp.path().join("img/train-000000.tar");

@@ -16,7 +16,7 @@ use unclip_data::embeddings::{
     EmbeddingSample,
 };
 use unclip_data::npy::{NpyArray, NpyData};
-use unclip_data::reader::{shard_list, ReaderConfig, ShardReader};
+use unclip_data::reader::{is_streamed, shard_list, ReaderConfig, ShardReader};
 use unclip_data::tokenizer::ClipTokenizer;
 use unclip_diffusion::device::parse_device;
 
@@ -48,6 +48,12 @@ struct Cli {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let device = parse_device(&cli.device)?;
+    let out = cli.out.to_string_lossy();
+    ensure!(
+        !is_streamed(&out) && !out.contains("{}"),
+        "--out {out}: embed writes its shards into a local directory; upload them from there \
+         (the trainers' data.embedding_dir may be a URL)"
+    );
     let shards = shard_list(&cli.shards)?;
     let convention = if cli.raw {
         ClipEmbeddings::Raw
