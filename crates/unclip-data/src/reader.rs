@@ -153,20 +153,21 @@ fn check_shard(name: &str) -> Result<PathBuf, ShardError> {
 }
 
 /// The file name a shard goes by — what `embed` names its embedding shard after: a path's or
-/// URL's last component, or for `pipe:` the last word of the command that names a `.tar`.
+/// URL's last component, or for `pipe:` the last word of the command that names a `.tar` or
+/// `.tgz`.
 pub fn shard_name(shard: &Path) -> Result<String, ShardError> {
     let text = shard.to_string_lossy();
     let err = || ShardError::Io {
         path: shard.to_path_buf(),
-        message: "cannot tell the shard's file name (a pipe: command names it as its last \
-                  word ending in .tar or one with .tar in it)"
+        message: "cannot tell the shard's file name (for a pipe: command, the last word \
+                  with .tar or .tgz in it)"
             .into(),
     };
     let located = match text.strip_prefix("pipe:") {
         Some(command) => command
             .split_whitespace()
             .map(|word| word.trim_matches(|c| c == '\'' || c == '"'))
-            .rfind(|word| word.contains(".tar"))
+            .rfind(|word| word.contains(".tar") || word.contains(".tgz"))
             .ok_or_else(err)?,
         None => &text,
     };

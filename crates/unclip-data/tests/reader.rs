@@ -277,6 +277,10 @@ fn urls_are_checked_for_a_reader_and_named_by_their_file() {
             "train-000007.tar",
         ),
         ("file:///data/shards/a-000000.tar", "a-000000.tar"),
+        (
+            "pipe:gsutil cat gs://b/imagenet-000012.tgz",
+            "imagenet-000012.tgz",
+        ),
         ("data/shapes/clip64-000003.tar", "clip64-000003.tar"),
     ] {
         assert_eq!(shard_name(Path::new(shard)).unwrap(), name, "{shard}");
