@@ -19,6 +19,8 @@ pub enum DiffusionError {
     },
     #[error("the model closure failed: {0}")]
     Model(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("checkpointed block: {0}")]
+    Checkpoint(String),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

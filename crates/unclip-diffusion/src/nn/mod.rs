@@ -3,6 +3,7 @@
 //! dicts map one to one.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod init;
 pub mod norm_act;
 pub mod resample;
@@ -11,6 +12,7 @@ pub mod timestep;
 pub mod transformer;
 
 pub use attention::{AttentionMask, KvCache, MultiHeadAttention};
+pub use checkpoint::checkpoint;
 pub use norm_act::{group_norm_act, group_norm_act_composite};
 pub use resample::{upsample_conv3x3, upsample_nearest, Downsample, Upsample};
 pub use resnet::{ResBlock, ResBlockConfig, Resample};
