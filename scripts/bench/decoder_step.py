@@ -13,7 +13,12 @@ steps of ours and of theirs many times, and drifts in a shared machine's speed h
 UNCLIP_BENCH_TORCH_FUSED=1 builds the optimiser as torch.optim.AdamW(fused=True), the fused kernel
 our runtime uses (the default, without it, is the single-tensor loop on CPU and foreach on CUDA).
 
-Usage: decoder_step.py CHANNELS(comma-separated) LAYERS HEAD_DIM CLIP_DIM TOKENS RESOLUTION BATCH STEPS DEVICE [bf16] [--serve]
+With `--checkpointing` the UNet runs with `enable_gradient_checkpointing()` (diffusers' activation
+checkpointing, as ours with `decoder.gradient_checkpointing`). On Linux it also prints
+`step_memory_mib`: the peak resident memory over the warm-up steps less the resident memory before
+them (activations, gradients, optimiser state), what the bench prints for ours too.
+
+Usage: decoder_step.py CHANNELS(comma-separated) LAYERS HEAD_DIM CLIP_DIM TOKENS RESOLUTION BATCH STEPS DEVICE [bf16] [--serve] [--checkpointing]
 """
 import math
 import os
@@ -26,7 +31,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
 serve = "--serve" in sys.argv
-args = [a for a in sys.argv[1:] if a != "--serve"]
+checkpointing = "--checkpointing" in sys.argv
+args = [a for a in sys.argv[1:] if a not in ("--serve", "--checkpointing")]
 channels = [int(c) for c in args[0].split(",")]
 layers, head_dim, clip_dim, tokens, res, batch, steps = map(int, args[1:8])
 device = args[8]
@@ -40,6 +46,8 @@ unet = UNet2DConditionModel(
     mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=channels,
     layers_per_block=layers, cross_attention_dim=clip_dim, attention_head_dim=head_dim,
     norm_num_groups=32, resnet_time_scale_shift="scale_shift", class_embed_type="identity").to(device).train()
+if checkpointing:
+    unet.enable_gradient_checkpointing()
 proj = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=clip_dim,
                            time_embed_dim=4 * channels[0], cross_attention_dim=clip_dim).to(device).train()
 params = list(unet.parameters()) + list(proj.parameters())
@@ -139,7 +147,21 @@ def report_flops():
     print("device_name", torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", flush=True)
 
 
+def resident_mib(field):
+    """VmRSS (now) or VmHWM (the peak so far) from /proc/self/status, in MiB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+
+
+before = resident_mib("VmRSS")
 timed(3)
+if before is not None and not device.startswith("cuda"):
+    print(f"step_memory_mib {resident_mib('VmHWM') - before:.1f}")
 if serve:
     report_flops()
     print("ready", flush=True)

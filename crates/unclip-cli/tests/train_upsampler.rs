@@ -240,6 +240,15 @@ fn dry_run_counts_the_committed_upsamplers() {
 fn train_upsampler_runs_data_parallel_and_resumes_exactly() {
     let (tmp, config) = setup();
     let dir = tmp.path();
+    // With activation checkpointing: each rank's backward recomputes its blocks before the
+    // gradients are averaged.
+    let yaml = std::fs::read_to_string(&config).unwrap();
+    let yaml = yaml.replace(
+        "  crop: 16\n",
+        "  crop: 16\n  gradient_checkpointing: true\n",
+    );
+    assert!(yaml.contains("gradient_checkpointing: true"));
+    std::fs::write(&config, yaml).unwrap();
     let full = dir.join("full");
     let outputs = launch_two_ranks(BIN, &config, &full, "20", false);
     // Each rank reads its own shard (24 images an epoch); only rank 0 samples and checkpoints.

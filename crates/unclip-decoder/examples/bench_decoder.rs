@@ -21,6 +21,11 @@
 //! Ours updates with PyTorch's fused AdamW (`unclip_train::multi_tensor`); diffusers' side with
 //! `torch.optim.AdamW`'s default, or its fused kernel too with `UNCLIP_BENCH_TORCH_FUSED=1`.
 //!
+//! `UNCLIP_BENCH_CHECKPOINTING=1` runs both sides with activation checkpointing (ours:
+//! `UNet::set_gradient_checkpointing`, `decoder.gradient_checkpointing` in configs; diffusers':
+//! `enable_gradient_checkpointing()`). On a CPU the bench also prints each side's step memory: the
+//! peak resident memory over the three warm-up steps less the resident memory before them.
+//!
 //! `UNCLIP_BENCH_PRECISION=bf16` runs both sides' forward and loss under bf16 autocast. On CUDA
 //! it also prints model-FLOPs utilisation: the matmul and convolution FLOPs of a step (counted by
 //! torch.utils.flop_counter on the diffusers side; the architectures are the same) per second,
@@ -83,8 +88,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dropout: 0.0,
         time_scale_shift: Default::default(),
     };
+    let checkpointing =
+        std::env::var("UNCLIP_BENCH_CHECKPOINTING").is_ok_and(|v| !v.is_empty() && v != "0");
     let vs = nn::VarStore::new(device);
-    let model = UnclipDecoder::new(vs.root(), &unet, clip_dim, 4)?;
+    let mut model = UnclipDecoder::new(vs.root(), &unet, clip_dim, 4)?;
+    model.unet.set_gradient_checkpointing(checkpointing);
     let mut opt = AdamW::new(&vs, &TrainConfig::default());
     let diffusion = GaussianDiffusion::new(&default_diffusion())?.to_device(device);
     let opts = (Kind::Float, device);
@@ -140,6 +148,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         .into(),
     );
+    if checkpointing {
+        script_args.push("--checkpointing".into());
+    }
     let script = "scripts/bench/decoder_step.py";
     let mut diffusers = ServedReference::spawn(&python, script, &script_args)?;
     // The same malloc settings, through glibc's environment tunables: how much of the lead is ours.
@@ -153,9 +164,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None
     };
 
+    let before = bench::resident_mib("VmRSS");
     for _ in 0..3 {
         step()?;
     }
+    let step_memory = before
+        .zip(bench::resident_mib("VmHWM"))
+        .map(|(before, peak)| peak - before);
     let unfused = std::env::var_os("UNCLIP_BENCH_UNFUSED").is_some();
     let mut ours_turn = |fused: bool| -> Result<f64, Box<dyn std::error::Error>> {
         norm_act::set_fused_cpu(fused);
@@ -209,9 +224,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!(
-        "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {rounds} rounds of {steps} steps a side, {} threads, {device:?}, {precision:?}",
-        tch::get_num_threads()
+        "decoder training step, channels {channel_list:?} × {layers} layers, {res} px, {tokens} tokens, batch {batch}, {rounds} rounds of {steps} steps a side, {} threads, {device:?}, {precision:?}{}",
+        tch::get_num_threads(),
+        if checkpointing { ", activation checkpointing" } else { "" }
     );
+    if let (Some(ours), Some(theirs), false) = (
+        step_memory,
+        diffusers.info("step_memory_mib"),
+        device.is_cuda(),
+    ) {
+        println!("step memory (peak resident less before the first step): ours {ours:.0} MiB, diffusers {theirs} MiB");
+    }
     let column = |i: usize| runs.iter().map(|r| r[i]).collect::<Vec<_>>();
     let ratios = |num: usize, den: usize| runs.iter().map(|r| r[num] / r[den]).collect::<Vec<_>>();
     let (ours_rounds, theirs_rounds, tuned_rounds) = (column(0), column(1), column(2));

@@ -4,10 +4,11 @@
 //! scale-shift ResBlocks that resample inside the block, and the identity class embedding through
 //! which the CLIP conditioning is added to the timestep embedding. Module paths are diffusers'.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::Tensor;
+use unclip_diffusion::nn::checkpoint::{checkpoint, Shared};
 use unclip_diffusion::nn::init;
 use unclip_diffusion::nn::norm_act::group_norm_silu;
 use unclip_diffusion::nn::resnet::{ResBlock, ResBlockConfig, Resample, TimeScaleShift};
@@ -237,18 +238,57 @@ struct Cond<'a> {
     mask: Option<&'a Tensor>,
 }
 
-fn attend(attn: &AddedKvAttention, h: &Tensor, cond: Option<&Cond>) -> Result<Tensor> {
+/// How a forward pass runs its blocks: `train` turns dropout on; `checkpoint` recomputes each
+/// ResBlock's and attention block's activations in backward instead of keeping them.
+#[derive(Clone, Copy)]
+struct Mode {
+    train: bool,
+    checkpoint: bool,
+}
+
+fn resnet_step(resnet: &Shared<ResBlock>, h: &Tensor, emb: &Tensor, mode: Mode) -> Result<Tensor> {
+    let train = mode.train;
+    if !mode.checkpoint {
+        return Ok(resnet.forward_t(h, Some(emb), train));
+    }
+    let block = resnet.clone();
+    let mut out = checkpoint(&[h, emb], move |xs: &[Tensor]| {
+        Ok::<_, String>(vec![block.forward_t(&xs[0], Some(&xs[1]), train)])
+    })?;
+    out.pop()
+        .context("a checkpointed ResBlock returned nothing")
+}
+
+fn attend(
+    attn: &Shared<AddedKvAttention>,
+    h: &Tensor,
+    cond: Option<&Cond>,
+    mode: Mode,
+) -> Result<Tensor> {
     let Some(cond) = cond else {
         bail!("unet: an attention block needs a context sequence")
     };
-    attn.forward(h, cond.context, cond.mask)
+    if !mode.checkpoint {
+        return attn.forward(h, cond.context, cond.mask);
+    }
+    let block = attn.clone();
+    // The mask is a constant of the batch; the context (from the text projection) is an input.
+    let mask = cond.mask.map(Tensor::shallow_clone);
+    let mut out = checkpoint(&[h, cond.context], move |xs: &[Tensor]| {
+        block
+            .forward(&xs[0], &xs[1], mask.as_ref())
+            .map(|y| vec![y])
+            .map_err(|e| format!("{e:#}"))
+    })?;
+    out.pop()
+        .context("a checkpointed attention block returned nothing")
 }
 
 #[derive(Debug)]
 struct Level {
-    resnets: Vec<ResBlock>,
-    attentions: Vec<AddedKvAttention>,
-    resampler: Option<ResBlock>,
+    resnets: Vec<Shared<ResBlock>>,
+    attentions: Vec<Shared<AddedKvAttention>>,
+    resampler: Option<Shared<ResBlock>>,
 }
 
 impl Level {
@@ -258,17 +298,17 @@ impl Level {
         emb: &Tensor,
         cond: Option<&Cond>,
         skips: &mut Vec<Tensor>,
-        train: bool,
+        mode: Mode,
     ) -> Result<Tensor> {
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward_t(&h, Some(emb), train);
+            h = resnet_step(resnet, &h, emb, mode)?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attend(attn, &h, cond)?;
+                h = attend(attn, &h, cond, mode)?;
             }
             skips.push(h.shallow_clone());
         }
         if let Some(down) = &self.resampler {
-            h = down.forward_t(&h, Some(emb), train);
+            h = resnet_step(down, &h, emb, mode)?;
             skips.push(h.shallow_clone());
         }
         Ok(h)
@@ -280,19 +320,19 @@ impl Level {
         emb: &Tensor,
         cond: Option<&Cond>,
         skips: &mut Vec<Tensor>,
-        train: bool,
+        mode: Mode,
     ) -> Result<Tensor> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             let Some(skip) = skips.pop() else {
                 bail!("unet: ran out of skip connections")
             };
-            h = resnet.forward_t(&Tensor::f_cat(&[&h, &skip], 1)?, Some(emb), train);
+            h = resnet_step(resnet, &Tensor::f_cat(&[&h, &skip], 1)?, emb, mode)?;
             if let Some(attn) = self.attentions.get(i) {
-                h = attend(attn, &h, cond)?;
+                h = attend(attn, &h, cond, mode)?;
             }
         }
         if let Some(up) = &self.resampler {
-            h = up.forward_t(&h, Some(emb), train);
+            h = resnet_step(up, &h, emb, mode)?;
         }
         Ok(h)
     }
@@ -303,13 +343,15 @@ pub struct UNet {
     conv_in: nn::Conv2D,
     time_embedding: TimestepMlp,
     down: Vec<Level>,
-    mid_resnets: Vec<ResBlock>,
+    mid_resnets: Vec<Shared<ResBlock>>,
     /// None in an attention-free UNet (the upsamplers').
-    mid_attention: Option<AddedKvAttention>,
+    mid_attention: Option<Shared<AddedKvAttention>>,
     up: Vec<Level>,
     conv_norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
     pub cfg: UNetConfig,
+    /// Recompute the blocks' activations in backward (see [`UNet::set_gradient_checkpointing`]).
+    gradient_checkpointing: bool,
 }
 
 impl UNet {
@@ -341,7 +383,7 @@ impl UNet {
             ..Default::default()
         };
         let res = |p: nn::Path, i: i64, o: i64, resample: Resample| {
-            ResBlock::new(
+            Shared::new(ResBlock::new(
                 p,
                 &ResBlockConfig {
                     groups: cfg.norm_num_groups,
@@ -351,7 +393,7 @@ impl UNet {
                     time_scale_shift: cfg.time_scale_shift,
                     ..ResBlockConfig::new(i, o, temb)
                 },
-            )
+            ))
         };
         let attn = |p: nn::Path, c: i64| {
             AddedKvAttention::new(
@@ -362,6 +404,7 @@ impl UNet {
                 cfg.cross_attention_dim,
                 cfg.norm_num_groups,
             )
+            .map(Shared::new)
         };
         let level =
             |bp: nn::Path, plan: &LevelPlan, resampler: (&str, Resample)| -> Result<Level> {
@@ -439,7 +482,15 @@ impl UNet {
             ),
             conv_out: init::conv2d(&p / "conv_out", boc[0], cfg.out_channels, 3, conv3),
             cfg: cfg.clone(),
+            gradient_checkpointing: false,
         })
+    }
+
+    /// With `on`, training forward passes keep only each ResBlock's and attention block's inputs
+    /// and recompute the rest in backward (diffusers' `enable_gradient_checkpointing`): the
+    /// activations' memory for about one more forward pass. Gradients are unchanged.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     pub fn device(&self) -> tch::Device {
@@ -494,18 +545,22 @@ impl UNet {
             Some(c) => emb + c,
             None => emb,
         };
+        let mode = Mode {
+            train,
+            checkpoint: train && self.gradient_checkpointing,
+        };
         let mut h = self.conv_in.forward(x);
         let mut skips = vec![h.shallow_clone()];
         for level in &self.down {
-            h = level.forward_down(h, &emb, cond, &mut skips, train)?;
+            h = level.forward_down(h, &emb, cond, &mut skips, mode)?;
         }
-        h = self.mid_resnets[0].forward_t(&h, Some(&emb), train);
+        h = resnet_step(&self.mid_resnets[0], &h, &emb, mode)?;
         if let Some(attn) = &self.mid_attention {
-            h = attend(attn, &h, cond)?;
+            h = attend(attn, &h, cond, mode)?;
         }
-        h = self.mid_resnets[1].forward_t(&h, Some(&emb), train);
+        h = resnet_step(&self.mid_resnets[1], &h, &emb, mode)?;
         for level in &self.up {
-            h = level.forward_up(h, &emb, cond, &mut skips, train)?;
+            h = level.forward_up(h, &emb, cond, &mut skips, mode)?;
         }
         ensure!(
             skips.is_empty(),

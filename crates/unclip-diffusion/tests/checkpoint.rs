@@ -37,6 +37,14 @@ impl Block {
     }
 }
 
+/// libtorch's CPU generator is global and a checkpoint's backward sets it back to replay dropout,
+/// so the tests that draw from it or run a backward take turns.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Parameter and input gradients of a three-block chain, plain or checkpointed.
 fn gradients(checkpointed: bool) -> Vec<Tensor> {
     tch::manual_seed(0);
@@ -69,6 +77,7 @@ fn gradients(checkpointed: bool) -> Vec<Tensor> {
 
 #[test]
 fn gradients_equal_the_plain_blocks_dropout_included() {
+    let _turn = turn();
     let (plain, ckpt) = (gradients(false), gradients(true));
     assert_eq!(plain.len(), 3 * 4 + 2 + 1);
     for (a, b) in plain.iter().zip(&ckpt) {
@@ -97,6 +106,7 @@ fn without_gradients_the_block_just_runs() {
 
 #[test]
 fn errors_in_the_forward_or_the_recomputation_are_reported() {
+    let _turn = turn();
     let x = Tensor::ones([2, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let err = checkpoint(&[&x], |_: &[Tensor]| Err::<Vec<Tensor>, _>("no such block"))
         .unwrap_err()

@@ -26,6 +26,17 @@ pub fn sync(device: Device) {
     }
 }
 
+/// This process's resident memory in MiB: `VmRSS` (now) or `VmHWM` (the peak so far), from
+/// /proc/self/status (None elsewhere). The reference scripts measure theirs the same way.
+pub fn resident_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 /// `unclip_train::malloc::retain_freed_memory`'s settings as glibc's environment tunables.
 const GLIBC_RETAIN_FREED: &str = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647";
 

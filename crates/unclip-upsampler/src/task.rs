@@ -52,6 +52,9 @@ pub struct UpsamplerSection {
     /// side); absent: whole images. Sampling always runs on whole images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crop: Option<u32>,
+    /// As `decoder.gradient_checkpointing`: recompute the UNet blocks' activations in backward.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 pub fn default_diffusion() -> DiffusionConfig {
@@ -338,7 +341,10 @@ impl UpsamplerTask {
         run_dir: Option<PathBuf>,
     ) -> Result<Self> {
         let device = vs.device();
-        let model = Upsampler::new(vs.root(), &cfg.upsampler.model)?;
+        let mut model = Upsampler::new(vs.root(), &cfg.upsampler.model)?;
+        model
+            .unet
+            .set_gradient_checkpointing(cfg.upsampler.gradient_checkpointing);
         if let Some(dir) = &cfg.upsampler.init_from {
             crate::diffusers::upsampler_dir(dir)
                 .and_then(|d| crate::diffusers::load_diffusers_upsampler_weights(vs, &d))

@@ -6,9 +6,14 @@
 //! with autograd off and saves only the inputs; its backward runs the closure again with autograd
 //! on — from the forward's RNG state (dropout draws the same masks) and autocast state — and
 //! backpropagates through it. Gradients equal the plain block's (tested).
+//!
+//! libtorch's CPU generator is process-wide: the recomputation sets it to the forward's state and
+//! back, so another thread drawing from it during a backward draws from a moved stream (the
+//! trainers draw from one thread; the data loaders use their own generators).
 
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -41,6 +46,38 @@ extern "C" {
         n_outputs: *mut i64,
     ) -> i32;
     fn unclip_checkpoint_last_error() -> *const c_char;
+}
+
+/// A module shared between its owner and the checkpointed closures that recompute it in backward,
+/// which keep it alive as long as the graph needs it.
+#[derive(Debug)]
+pub struct Shared<T>(Arc<T>);
+
+// SAFETY: tch marks tensors Send but not Sync; a Shared module is only read — by its owner's
+// forward and by the recomputation in backward, which autograd may run on another thread — and
+// concurrent reads of a libtorch tensor (atomic reference counts, ops that do not write their
+// inputs) are safe.
+unsafe impl<T: Send> Send for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    pub fn new(module: T) -> Self {
+        Self(Arc::new(module))
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// Outputs a block may return.
