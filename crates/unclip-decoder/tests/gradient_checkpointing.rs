@@ -79,8 +79,16 @@ static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// one (relative to its largest entry), the median parameter's within `median`.
 fn assert_same(cfg: &UNetConfig, attention: bool, precision: Precision, median: f64, worst: f64) {
     let _turn = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let runs = unclip_diffusion::nn::checkpoint::block_runs;
+    let start = runs();
     let (loss, plain) = run(cfg, attention, false, precision);
+    assert_eq!(runs(), start, "no block checkpointed");
     let (loss_ckpt, ckpt) = run(cfg, attention, true, precision);
+    // Each ResBlock — down: 2 + a downsampler, 2; the middle's 2; up: 3 + an upsampler, 3 — and
+    // each attention block (2 down, 1 in the middle, 3 up), run and recomputed.
+    let resnets = (2 + 1) + 2 + 2 + (3 + 1) + 3;
+    let attentions = if attention { 2 + 1 + 3 } else { 0 };
+    assert_eq!(runs() - start, 2 * (resnets + attentions));
     assert_eq!(loss, loss_ckpt, "the forward pass is the same");
     assert_eq!(plain.len(), ckpt.len());
     let mut diffs = Vec::new();

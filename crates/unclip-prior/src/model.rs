@@ -7,6 +7,7 @@ use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 use unclip_diffusion::nn::attention::{AttentionMask, MultiHeadAttention};
+use unclip_diffusion::nn::checkpoint::{checkpoint, Shared};
 use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
 
 use crate::config::PriorConfig;
@@ -54,6 +55,25 @@ impl Block {
     }
 }
 
+/// A training block, its activations recomputed in backward; the padding mask is a constant of
+/// the batch.
+fn checkpointed(block: &Shared<Block>, h: &Tensor, key_padding: &Tensor) -> Result<Tensor> {
+    let block = block.clone();
+    let key_padding = key_padding.shallow_clone();
+    let mut out = checkpoint(&[h], move |xs: &[Tensor]| {
+        let mask = AttentionMask {
+            causal: true,
+            key_padding: Some(&key_padding),
+        };
+        block
+            .forward_t(&xs[0], mask, true)
+            .map(|y| vec![y])
+            .map_err(|e| format!("{e:#}"))
+    })?;
+    out.pop()
+        .ok_or_else(|| anyhow::anyhow!("a checkpointed block returned nothing"))
+}
+
 #[derive(Debug)]
 pub struct DiffusionPrior {
     time_embedding: TimestepMlp,
@@ -63,7 +83,7 @@ pub struct DiffusionPrior {
     encoder_hidden_states_proj: nn::Linear,
     positional_embedding: Tensor,
     prd_embedding: Tensor,
-    blocks: Vec<Block>,
+    blocks: Vec<Shared<Block>>,
     norm_in: Option<nn::LayerNorm>,
     norm_out: nn::LayerNorm,
     proj_to_clip_embeddings: nn::Linear,
@@ -72,6 +92,9 @@ pub struct DiffusionPrior {
     clip_mean: Tensor,
     clip_std: Tensor,
     pub cfg: PriorConfig,
+    /// Recompute the transformer blocks' activations in backward (see
+    /// [`DiffusionPrior::set_gradient_checkpointing`]).
+    gradient_checkpointing: bool,
 }
 
 impl DiffusionPrior {
@@ -89,6 +112,7 @@ impl DiffusionPrior {
                     cfg.num_attention_heads,
                     cfg.dropout,
                 )
+                .map(Shared::new)
             })
             .collect::<Result<Vec<_>>>()?;
         let clip_mean = p.zeros_no_train("clip_mean", &[1, d]);
@@ -150,6 +174,7 @@ impl DiffusionPrior {
             clip_mean,
             clip_std,
             cfg: cfg.clone(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -220,11 +245,22 @@ impl DiffusionPrior {
             causal: true,
             key_padding: Some(&key_padding),
         };
+        let checkpointing = train && self.gradient_checkpointing;
         for block in &self.blocks {
-            h = block.forward_t(&h, mask, train)?;
+            h = if checkpointing {
+                checkpointed(block, &h, &key_padding)?
+            } else {
+                block.forward_t(&h, mask, train)?
+            };
         }
         let last = self.norm_out.forward(&h).select(1, -1);
         Ok(self.proj_to_clip_embeddings.forward(&last))
+    }
+
+    /// With `on`, training forward passes keep only each transformer block's input and recompute
+    /// its activations in backward (`prior.gradient_checkpointing`); gradients are unchanged.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// z_i → the standardised space the diffusion runs in.

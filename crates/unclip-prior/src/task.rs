@@ -74,6 +74,10 @@ pub struct PriorSection {
     /// training embeddings must follow it (`embed --raw` writes raw ones). Diffusion prior only.
     #[serde(default)]
     pub clip_embeddings: ClipEmbeddings,
+    /// Keep only each transformer block's input in training and recompute its activations in
+    /// backward: less memory for more compute. Diffusion prior only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 impl PriorSection {
@@ -281,6 +285,10 @@ impl Validate for PriorTrainConfig {
                 ensure!(
                     p.init_from.is_none(),
                     "prior.init_from loads a diffusers PriorTransformer: the diffusion prior's (kind: diffusion)"
+                );
+                ensure!(
+                    !p.gradient_checkpointing,
+                    "prior.gradient_checkpointing is for the diffusion prior (kind: diffusion)"
                 );
                 ensure!(
                     p.model.is_none(),
@@ -520,6 +528,9 @@ impl PriorTask {
             .with_context(|| format!("clip: {clip_name}"))?;
         check_clip_fits(&encoder, &cfg.prior, &clip_name)?;
         let mut model = Prior::new(vs.root(), &cfg.prior)?;
+        if let Prior::Diffusion(m) = &mut model {
+            m.set_gradient_checkpointing(cfg.prior.gradient_checkpointing);
+        }
         init_prior_weights(vs, "");
         // Every rank reads the same first samples, so all agree without communicating.
         let stats = read_in_order(&cfg.data.train, cfg.data.stats_samples)

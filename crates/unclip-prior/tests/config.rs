@@ -138,6 +138,10 @@ fn bad_configs_fail_naming_the_key() {
         (vec!["prior.autoregressive.text_width=20"], "text_width"),
         (vec!["data.stats_samples=4"], "data.stats_samples"),
         (
+            vec!["prior.gradient_checkpointing=true"],
+            "prior.gradient_checkpointing",
+        ),
+        (
             vec!["prior.model={num_attention_heads: 2, attention_head_dim: 8, num_layers: 1, embedding_dim: 16, num_embeddings: 8}"],
             "prior.model",
         ),

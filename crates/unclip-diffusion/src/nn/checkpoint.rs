@@ -13,6 +13,7 @@
 
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tch::Tensor;
@@ -80,6 +81,14 @@ impl<T> std::ops::Deref for Shared<T> {
     }
 }
 
+static BLOCK_RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times checkpointed blocks have run in this process, forwards and recomputations
+/// together (each block twice per training step): what shows that checkpointing is on.
+pub fn block_runs() -> u64 {
+    BLOCK_RUNS.load(Ordering::Relaxed)
+}
+
 /// Outputs a block may return.
 const MAX_OUTPUTS: usize = 16;
 
@@ -140,6 +149,7 @@ extern "C" fn run_block(
 ) -> i32 {
     // SAFETY: `closure` is the Block `checkpoint` boxed, alive until `drop_block`; each input is a
     // new at::Tensor* whose ownership passes here; `outputs` has room for `max_outputs`.
+    BLOCK_RUNS.fetch_add(1, Ordering::Relaxed);
     unsafe {
         let block = &*(closure as *const Block);
         let xs: Vec<Tensor> = (0..n_inputs as usize)
