@@ -7,6 +7,7 @@
 use anyhow::{bail, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
+use unclip_diffusion::nn::checkpoint::{checkpoint, Shared};
 use unclip_diffusion::nn::{AttentionMask, MultiHeadAttention};
 
 use crate::config::{Activation, ClipConfig, TextConfig, VisionConfig};
@@ -71,14 +72,34 @@ fn encoder(
     heads: i64,
     mlp: i64,
     cfg: &ClipConfig,
-) -> Result<Vec<EncoderLayer>> {
+) -> Result<Vec<Shared<EncoderLayer>>> {
     (0..layers)
-        .map(|i| EncoderLayer::new(&p / "layers" / i, width, heads, mlp, cfg))
+        .map(|i| EncoderLayer::new(&p / "layers" / i, width, heads, mlp, cfg).map(Shared::new))
         .collect()
 }
 
-fn run(layers: &[EncoderLayer], x: Tensor, causal: bool) -> Result<Tensor> {
-    layers.iter().try_fold(x, |x, l| l.forward(&x, causal))
+/// The layers in turn; with `checkpointing`, each recomputed in backward instead of keeping its
+/// activations (no effect where nothing needs a gradient).
+fn run(
+    layers: &[Shared<EncoderLayer>],
+    x: Tensor,
+    causal: bool,
+    checkpointing: bool,
+) -> Result<Tensor> {
+    layers.iter().try_fold(x, |x, l| {
+        if !checkpointing {
+            return l.forward(&x, causal);
+        }
+        let layer = l.clone();
+        let mut out = checkpoint(&[&x], move |xs: &[Tensor]| {
+            layer
+                .forward(&xs[0], causal)
+                .map(|y| vec![y])
+                .map_err(|e| format!("{e:#}"))
+        })?;
+        out.pop()
+            .ok_or_else(|| anyhow::anyhow!("a checkpointed layer returned nothing"))
+    })
 }
 
 /// The text tower's outputs.
@@ -95,7 +116,9 @@ pub struct TextFeatures {
 pub struct TextTransformer {
     token_embedding: nn::Embedding,
     position_embedding: nn::Embedding,
-    layers: Vec<EncoderLayer>,
+    layers: Vec<Shared<EncoderLayer>>,
+    /// Recompute the layers in backward (see [`Clip::set_gradient_checkpointing`]).
+    checkpointing: bool,
     final_layer_norm: nn::LayerNorm,
     cfg: TextConfig,
 }
@@ -118,6 +141,7 @@ impl TextTransformer {
                 Default::default(),
             ),
             layers: encoder(&p / "encoder", t.width, t.layers, t.heads, t.mlp(), cfg)?,
+            checkpointing: false,
             final_layer_norm: nn::layer_norm(
                 &p / "final_layer_norm",
                 vec![t.width],
@@ -143,7 +167,7 @@ impl TextTransformer {
         }
         let positions = Tensor::arange(size[1], (Kind::Int64, ids.device()));
         let x = self.token_embedding.forward(ids) + self.position_embedding.forward(&positions);
-        let x = run(&self.layers, x, true)?;
+        let x = run(&self.layers, x, true, self.checkpointing)?;
         let hidden = self.final_layer_norm.forward(&x);
         let end = ids.argmax(-1, false);
         Ok((hidden, end))
@@ -156,7 +180,9 @@ pub struct VisionTransformer {
     patch_embedding: nn::Conv2D,
     position_embedding: nn::Embedding,
     pre_layrnorm: nn::LayerNorm,
-    layers: Vec<EncoderLayer>,
+    layers: Vec<Shared<EncoderLayer>>,
+    /// Recompute the layers in backward (see [`Clip::set_gradient_checkpointing`]).
+    checkpointing: bool,
     post_layernorm: nn::LayerNorm,
     cfg: VisionConfig,
 }
@@ -197,6 +223,7 @@ impl VisionTransformer {
             ),
             pre_layrnorm: nn::layer_norm(&p / "pre_layrnorm", vec![v.width], ln),
             layers: encoder(&p / "encoder", v.width, v.layers, v.heads, v.mlp(), cfg)?,
+            checkpointing: false,
             post_layernorm: nn::layer_norm(&p / "post_layernorm", vec![v.width], ln),
             cfg: v.clone(),
         })
@@ -225,7 +252,7 @@ impl VisionTransformer {
         let x = self
             .pre_layrnorm
             .forward(&(x + self.position_embedding.forward(&positions)));
-        let x = run(&self.layers, x, false)?;
+        let x = run(&self.layers, x, false, self.checkpointing)?;
         Ok(self.post_layernorm.forward(&x.select(1, 0)))
     }
 }
@@ -288,6 +315,15 @@ impl Clip {
             training: false.into(),
             cfg: cfg.clone(),
         })
+    }
+
+    /// With `on`, the transformer layers (the text tower's and a ViT's; not a ResNet's blocks) keep
+    /// only their inputs when gradients are needed and recompute their activations in backward.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.text_model.checkpointing = on;
+        if let ImageEncoder::Vit { vision_model, .. } = &mut self.image_encoder {
+            vision_model.checkpointing = on;
+        }
     }
 
     /// Switches training mode (see `training`); returns the previous mode.

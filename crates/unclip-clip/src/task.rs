@@ -136,6 +136,10 @@ pub struct ClipTrainConfig {
     pub eval: ClipEvalConfig,
     #[serde(default)]
     pub hard_negatives: Option<HardNegativeConfig>,
+    /// Recompute the transformer layers' activations in backward instead of keeping them
+    /// ([`Clip::set_gradient_checkpointing`]): less memory for more compute.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 impl Validate for ClipTrainConfig {
@@ -301,7 +305,8 @@ impl ClipTask {
         rank: usize,
         world_size: usize,
     ) -> Result<Self> {
-        let model = Clip::new(vs.root(), &cfg.model)?;
+        let mut model = Clip::new(vs.root(), &cfg.model)?;
+        model.set_gradient_checkpointing(cfg.gradient_checkpointing);
         init_clip_weights(vs, &cfg.model, "");
         model.set_training(true);
         let loader_cfg = LoaderConfig {

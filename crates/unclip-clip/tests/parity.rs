@@ -3,7 +3,10 @@
 //! tower in evaluation and training mode.
 use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
-use unclip_clip::config::{Activation, ClipConfig, TextConfig, VisionConfig};
+mod common;
+
+use common::tiny_vit;
+use unclip_clip::config::{ClipConfig, VisionConfig};
 use unclip_clip::convert::{load_clip_weights, read_clip_weights};
 use unclip_clip::loss::contrastive_loss;
 use unclip_clip::Clip;
@@ -15,37 +18,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn config(mlp_text: i64, mlp_vision: i64) -> ClipConfig {
-    ClipConfig {
-        embed_dim: 24,
-        vision: VisionConfig {
-            image_size: 32,
-            patch_size: 8,
-            width: 48,
-            layers: 2,
-            heads: 4,
-            mlp_width: Some(mlp_vision),
-            resnet_layers: Vec::new(),
-        },
-        text: TextConfig {
-            vocab_size: 1000,
-            context_length: 16,
-            width: 32,
-            layers: 2,
-            heads: 4,
-            mlp_width: Some(mlp_text),
-        },
-        activation: Activation::QuickGelu,
-        logit_scale_init: 2.6592,
-        logit_scale_max: 100.0,
-        layer_norm_eps: 1e-5,
-    }
-}
-
 /// open_clip's `CLIPVisionCfg(layers=(1, 2, 1, 1), width=16, image_size=64)`: 512 final channels,
 /// 8 heads (open_clip's width·32/64).
 fn resnet_config() -> ClipConfig {
-    let mut cfg = config(64, 96);
+    let mut cfg = tiny_vit(64, 96);
     cfg.vision = VisionConfig {
         image_size: 64,
         patch_size: 0,
@@ -93,7 +69,7 @@ fn matches_transformers_clip_model() {
     check(
         "hf_clip/model.safetensors",
         "hf_io.safetensors",
-        &config(64, 96),
+        &tiny_vit(64, 96),
     );
 }
 
@@ -102,7 +78,7 @@ fn matches_open_clip_through_the_name_mapping() {
     check(
         "open_clip.safetensors",
         "open_clip_io.safetensors",
-        &config(64, 96),
+        &tiny_vit(64, 96),
     );
 }
 
@@ -144,7 +120,7 @@ fn matches_open_clip_resnet_in_eval_and_training_mode() {
 #[test]
 fn wrong_shapes_and_missing_weights_are_named() {
     let vs = nn::VarStore::new(tch::Device::Cpu);
-    let mut cfg = config(64, 96);
+    let mut cfg = tiny_vit(64, 96);
     cfg.text.width = 64;
     cfg.text.mlp_width = Some(128);
     let _model = Clip::new(vs.root(), &cfg).unwrap();
@@ -156,7 +132,7 @@ fn wrong_shapes_and_missing_weights_are_named() {
     let mut w = w;
     w.remove("logit_scale");
     let vs = nn::VarStore::new(tch::Device::Cpu);
-    let _model = Clip::new(vs.root(), &config(64, 96)).unwrap();
+    let _model = Clip::new(vs.root(), &tiny_vit(64, 96)).unwrap();
     let err = load_clip_weights(&vs, &w, "", "hf_clip")
         .unwrap_err()
         .to_string();
