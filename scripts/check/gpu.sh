@@ -9,7 +9,8 @@
 # then on the GPU machine, from the repository root: bash scripts/check/gpu.sh [OUT_DIR]
 # Checks (CHECKS picks some; default nccl,clip,bench): nccl: NCCL collectives on the GPU; clip:
 # train-clip on CUDA in fp32, bf16, fp16 (loss scaling) and bf16 + channels-last, loss falling in
-# each; bench: the decoder benchmark in bf16 with MFU (needs diffusers), whether CUDA too should
+# each; bench: the decoder benchmark in bf16 with MFU (needs diffusers), plain and with activation
+# checkpointing on both sides, whether CUDA too should
 # take the sub-pixel upsampling convolutions, and the prior benchmark (fp32, DALLE2-pytorch's
 # 12 × 768 prior); decoder: the shapes chain
 # on CUDA — the shapes CLIP (700 steps), its embeddings, train-decoder in bf16 for DECODER_STEPS
@@ -79,6 +80,9 @@ if wants bench bench_decoder; then
   if python3 -c 'import diffusers' 2>/dev/null; then
     step "decoder training step, bf16, against diffusers (paper-like widths at 64 px)"
     UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=6 \
+      check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 10
+    step "the same, both sides with activation checkpointing (decoder.gradient_checkpointing; diffusers' enable_gradient_checkpointing)"
+    UNCLIP_PYTHON=python3 UNCLIP_BENCH_PRECISION=bf16 UNCLIP_BENCH_ROUNDS=3 UNCLIP_BENCH_CHECKPOINTING=1 \
       check "$BIN/bench_decoder" 192,384,576,768 3 64 768 77 64 64 10
     step "the upsampling convolutions as sub-pixel convolutions on CUDA (bf16; CPU takes that path, CUDA not yet)"
     check python3 scripts/bench/decoder_alternatives.py subpixel cuda
