@@ -30,33 +30,6 @@ thread_local std::string last_error;
 
 constexpr int64_t kMaxOutputs = 16;
 
-// The Rust closure, freed with the graph node that holds it.
-struct Closure : torch::CustomClassHolder {
-  void* closure;
-  unclip_checkpoint_run run;
-  unclip_checkpoint_drop drop;
-  Closure(void* c, unclip_checkpoint_run r, unclip_checkpoint_drop d) : closure(c), run(r), drop(d) {}
-  ~Closure() override { drop(closure); }
-
-  std::vector<at::Tensor> call(const std::vector<at::Tensor>& inputs) const {
-    std::vector<at::Tensor*> in;
-    in.reserve(inputs.size());
-    for (const auto& t : inputs) in.push_back(new at::Tensor(t));
-    at::Tensor* out[kMaxOutputs] = {nullptr};
-    int64_t n_out = 0;
-    char error[1024] = {0};
-    int rc = run(closure, in.data(), static_cast<int64_t>(in.size()), out, kMaxOutputs, &n_out,
-                 error, sizeof error);
-    std::vector<at::Tensor> outputs;
-    for (int64_t i = 0; i < n_out; ++i) {
-      outputs.push_back(*out[i]);
-      delete out[i];
-    }
-    if (rc != 0) throw std::runtime_error(std::string("checkpoint: ") + error);
-    return outputs;
-  }
-};
-
 constexpr at::DeviceType kAutocastDevices[] = {at::kCPU, at::kCUDA};
 
 // The RNG and autocast state a forward ran under, to run its recomputation under the same.
@@ -134,22 +107,43 @@ class Restore {
   at::Tensor cuda_before_;
 };
 
+// The Rust closure and the state its forward ran under, freed with the graph node that holds
+// them.
+struct Closure : torch::CustomClassHolder {
+  void* closure;
+  unclip_checkpoint_run run;
+  unclip_checkpoint_drop drop;
+  State forward_state;
+  Closure(void* c, unclip_checkpoint_run r, unclip_checkpoint_drop d) : closure(c), run(r), drop(d) {}
+  ~Closure() override { drop(closure); }
+
+  std::vector<at::Tensor> call(const std::vector<at::Tensor>& inputs) const {
+    std::vector<at::Tensor*> in;
+    in.reserve(inputs.size());
+    for (const auto& t : inputs) in.push_back(new at::Tensor(t));
+    at::Tensor* out[kMaxOutputs] = {nullptr};
+    int64_t n_out = 0;
+    char error[1024] = {0};
+    int rc = run(closure, in.data(), static_cast<int64_t>(in.size()), out, kMaxOutputs, &n_out,
+                 error, sizeof error);
+    std::vector<at::Tensor> outputs;
+    for (int64_t i = 0; i < n_out; ++i) {
+      outputs.push_back(*out[i]);
+      delete out[i];
+    }
+    if (rc != 0) throw std::runtime_error(std::string("checkpoint: ") + error);
+    return outputs;
+  }
+};
+
 struct Checkpoint : public torch::autograd::Function<Checkpoint> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 c10::intrusive_ptr<Closure> closure,
                                                 at::TensorList input_list) {
     // A TensorList (not a vector) is what autograd counts as n differentiable inputs.
     std::vector<at::Tensor> inputs = input_list.vec();
-    auto state = std::make_shared<State>(State::capture(inputs));
+    closure->forward_state = State::capture(inputs);
     ctx->saved_data["closure"] = c10::IValue::make_capsule(closure);
-    ctx->saved_data["cpu_rng"] = state->cpu_rng;
-    ctx->saved_data["cuda_rng"] = state->cuda_rng;
-    ctx->saved_data["cuda_index"] = state->cuda_index;
-    for (int i = 0; i < 2; ++i) {
-      ctx->saved_data["autocast" + std::to_string(i)] = state->autocast[i];
-      ctx->saved_data["autocast_dtype" + std::to_string(i)] =
-          static_cast<int64_t>(state->autocast_dtype[i]);
-    }
     ctx->save_for_backward(inputs);
     // Autograd is off here (a custom Function's forward): no graph, no saved activations.
     return closure->call(inputs);
@@ -158,15 +152,6 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto closure = c10::static_intrusive_pointer_cast<Closure>(ctx->saved_data["closure"].toCapsule());
-    State state;
-    state.cpu_rng = ctx->saved_data["cpu_rng"].toTensor();
-    state.cuda_rng = ctx->saved_data["cuda_rng"].toTensor();
-    state.cuda_index = ctx->saved_data["cuda_index"].toInt();
-    for (int i = 0; i < 2; ++i) {
-      state.autocast[i] = ctx->saved_data["autocast" + std::to_string(i)].toBool();
-      state.autocast_dtype[i] = static_cast<at::ScalarType>(
-          ctx->saved_data["autocast_dtype" + std::to_string(i)].toInt());
-    }
     std::vector<at::Tensor> inputs;
     for (const auto& saved : ctx->get_saved_variables()) {
       at::Tensor d = saved.detach();
@@ -175,7 +160,7 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
     }
     std::vector<at::Tensor> outputs;
     {
-      Restore restore(state);
+      Restore restore(closure->forward_state);
       at::AutoGradMode grad(true);
       outputs = closure->call(inputs);
     }
