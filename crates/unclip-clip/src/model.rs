@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
-use unclip_diffusion::nn::checkpoint::{checkpoint, Shared};
+use unclip_diffusion::nn::checkpoint::{checkpoint_one, Shared};
 use unclip_diffusion::nn::{AttentionMask, MultiHeadAttention};
 
 use crate::config::{Activation, ClipConfig, TextConfig, VisionConfig};
@@ -91,14 +91,9 @@ fn run(
             return l.forward(&x, causal);
         }
         let layer = l.clone();
-        let mut out = checkpoint(&[&x], move |xs: &[Tensor]| {
-            layer
-                .forward(&xs[0], causal)
-                .map(|y| vec![y])
-                .map_err(|e| format!("{e:#}"))
-        })?;
-        out.pop()
-            .ok_or_else(|| anyhow::anyhow!("a checkpointed layer returned nothing"))
+        Ok(checkpoint_one(&[&x], move |xs: &[Tensor]| {
+            layer.forward(&xs[0], causal)
+        })?)
     })
 }
 

@@ -4,11 +4,11 @@
 //! scale-shift ResBlocks that resample inside the block, and the identity class embedding through
 //! which the CLIP conditioning is added to the timestep embedding. Module paths are diffusers'.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::Tensor;
-use unclip_diffusion::nn::checkpoint::{checkpoint, Shared};
+use unclip_diffusion::nn::checkpoint::{checkpoint_one, Shared};
 use unclip_diffusion::nn::init;
 use unclip_diffusion::nn::norm_act::group_norm_silu;
 use unclip_diffusion::nn::resnet::{ResBlock, ResBlockConfig, Resample, TimeScaleShift};
@@ -252,11 +252,9 @@ fn resnet_step(resnet: &Shared<ResBlock>, h: &Tensor, emb: &Tensor, mode: Mode) 
         return Ok(resnet.forward_t(h, Some(emb), train));
     }
     let block = resnet.clone();
-    let mut out = checkpoint(&[h, emb], move |xs: &[Tensor]| {
-        Ok::<_, String>(vec![block.forward_t(&xs[0], Some(&xs[1]), train)])
-    })?;
-    out.pop()
-        .context("a checkpointed ResBlock returned nothing")
+    Ok(checkpoint_one(&[h, emb], move |xs: &[Tensor]| {
+        Ok::<_, String>(block.forward_t(&xs[0], Some(&xs[1]), train))
+    })?)
 }
 
 fn attend(
@@ -274,14 +272,10 @@ fn attend(
     let block = attn.clone();
     // The mask is a constant of the batch; the context (from the text projection) is an input.
     let mask = cond.mask.map(Tensor::shallow_clone);
-    let mut out = checkpoint(&[h, cond.context], move |xs: &[Tensor]| {
-        block
-            .forward(&xs[0], &xs[1], mask.as_ref())
-            .map(|y| vec![y])
-            .map_err(|e| format!("{e:#}"))
-    })?;
-    out.pop()
-        .context("a checkpointed attention block returned nothing")
+    Ok(checkpoint_one(
+        &[h, cond.context],
+        move |xs: &[Tensor]| block.forward(&xs[0], &xs[1], mask.as_ref()),
+    )?)
 }
 
 #[derive(Debug)]

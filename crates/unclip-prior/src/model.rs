@@ -7,7 +7,7 @@ use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 use unclip_diffusion::nn::attention::{AttentionMask, MultiHeadAttention};
-use unclip_diffusion::nn::checkpoint::{checkpoint, Shared};
+use unclip_diffusion::nn::checkpoint::{checkpoint_one, Shared};
 use unclip_diffusion::nn::timestep::{timestep_embedding, TimestepMlp};
 
 use crate::config::PriorConfig;
@@ -60,18 +60,13 @@ impl Block {
 fn checkpointed(block: &Shared<Block>, h: &Tensor, key_padding: &Tensor) -> Result<Tensor> {
     let block = block.clone();
     let key_padding = key_padding.shallow_clone();
-    let mut out = checkpoint(&[h], move |xs: &[Tensor]| {
+    Ok(checkpoint_one(&[h], move |xs: &[Tensor]| {
         let mask = AttentionMask {
             causal: true,
             key_padding: Some(&key_padding),
         };
-        block
-            .forward_t(&xs[0], mask, true)
-            .map(|y| vec![y])
-            .map_err(|e| format!("{e:#}"))
-    })?;
-    out.pop()
-        .ok_or_else(|| anyhow::anyhow!("a checkpointed block returned nothing"))
+        block.forward_t(&xs[0], mask, true)
+    })?)
 }
 
 #[derive(Debug)]

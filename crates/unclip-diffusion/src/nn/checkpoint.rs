@@ -104,9 +104,10 @@ where
 {
     if !inputs.iter().any(|t| t.requires_grad()) {
         let owned: Vec<Tensor> = inputs.iter().map(|t| t.shallow_clone()).collect();
-        return f(&owned).map_err(|e| DiffusionError::Checkpoint(e.to_string()));
+        return f(&owned).map_err(|e| DiffusionError::Checkpoint(format!("{e:#}")));
     }
-    let block: Block = Box::new(move |xs: &[Tensor]| f(xs).map_err(|e| e.to_string()));
+    // `{:#}`: an anyhow error's whole chain of context.
+    let block: Block = Box::new(move |xs: &[Tensor]| f(xs).map_err(|e| format!("{e:#}")));
     let closure = Box::into_raw(Box::new(block)) as *mut c_void;
     let ptrs: Vec<*const C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
     let mut outputs = [std::ptr::null_mut::<C_tensor>(); MAX_OUTPUTS];
@@ -134,6 +135,19 @@ where
             .map(|&p| Tensor::from_ptr(p))
             .collect())
     }
+}
+
+/// [`checkpoint`] of a block with one output, as the layers of every network here are.
+pub fn checkpoint_one<F, E>(inputs: &[&Tensor], f: F) -> Result<Tensor>
+where
+    F: Fn(&[Tensor]) -> std::result::Result<Tensor, E> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let outputs = checkpoint(inputs, move |xs: &[Tensor]| f(xs).map(|y| vec![y]))?;
+    let n = outputs.len();
+    <[Tensor; 1]>::try_from(outputs)
+        .map(|[y]| y)
+        .map_err(|_| DiffusionError::Checkpoint(format!("{n} outputs, expected one")))
 }
 
 /// Called by the C++ Function, in forward and again in backward.

@@ -12,7 +12,7 @@ pub mod timestep;
 pub mod transformer;
 
 pub use attention::{AttentionMask, KvCache, MultiHeadAttention};
-pub use checkpoint::{checkpoint, Shared};
+pub use checkpoint::{checkpoint, checkpoint_one, Shared};
 pub use norm_act::{group_norm_act, group_norm_act_composite};
 pub use resample::{upsample_conv3x3, upsample_nearest, Downsample, Upsample};
 pub use resnet::{ResBlock, ResBlockConfig, Resample};
