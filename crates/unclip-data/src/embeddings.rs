@@ -353,11 +353,7 @@ impl PairedShardReader {
         self.skipped.get()
     }
 
-    /// The epoch's first read errors, of image and embedding shards alike.
-    pub fn errors(&self) -> Vec<String> {
-        self.skipped.errors()
-    }
-
+    /// What the epoch skipped and the first read errors, of image and embedding shards alike.
     pub(crate) fn counter(&self) -> SkipCounter {
         self.skipped.clone()
     }

@@ -2,7 +2,9 @@
 //! shards written by Python's webdataset, and shards streamed from URLs and commands.
 use std::collections::BTreeSet;
 use std::path::Path;
-use unclip_data::reader::{rank_shards, shard_list, shard_name, ReaderConfig, ShardReader};
+use unclip_data::reader::{
+    rank_shards, shard_list, shard_name, CaptionedImage, ReaderConfig, ShardReader,
+};
 use unclip_data::shapes::make_sample;
 use unclip_data::shards::{write_shapes_shards, ShapesSpec};
 use webdataset::{Sample, TarWriter, Value};
@@ -220,30 +222,27 @@ with wds.ShardWriter(sys.argv[1] + "/py-%06d.tar", maxcount=4) as sink:
     assert_eq!(reader.skipped(), 0);
 }
 
+/// Every sample of `pattern` in file order, what was skipped and the first read errors.
+fn read_in_order(pattern: String) -> (Vec<CaptionedImage>, u64, Vec<String>) {
+    let reader = ShardReader::new(&ReaderConfig::in_order(pattern), 0).unwrap();
+    let samples: Vec<_> = reader.iter().collect();
+    (samples, reader.skipped(), reader.errors())
+}
+
 #[test]
 fn remote_shards_stream_through_pipe_commands() {
     let tmp = tempfile::tempdir().unwrap();
     let local = shapes(tmp.path(), 35);
-    let read = |pattern: String| {
-        let cfg = ReaderConfig {
-            shard_shuffle: false,
-            shuffle_buffer: 0,
-            ..config(pattern)
-        };
-        let reader = ShardReader::new(&cfg, 0).unwrap();
-        let samples: Vec<_> = reader.iter().collect();
-        (samples, reader.skipped(), reader.errors())
-    };
-    let (want, _, _) = read(local.clone());
+    let (want, _, _) = read_in_order(local.clone());
     for pattern in [format!("pipe:cat {local}"), format!("file://{local}")] {
-        let (got, skipped, errors) = read(pattern.clone());
+        let (got, skipped, errors) = read_in_order(pattern.clone());
         assert_eq!(got, want, "{pattern}");
         assert_eq!((skipped, errors.len()), (0, 0), "{pattern}: {errors:?}");
     }
     // A shard whose command fails is skipped and reported by its URL; the others are read.
     let dir = tmp.path().display();
     let failing = format!("pipe:cat {dir}/{{train-000000,gone-000000,train-000001}}.tar");
-    let (got, skipped, errors) = read(failing);
+    let (got, skipped, errors) = read_in_order(failing);
     assert_eq!(got.len(), 20, "the two readable shards");
     assert_eq!(skipped, 1);
     assert!(
@@ -335,22 +334,12 @@ fn shards_stream_over_http_through_curl() {
     let tmp = tempfile::tempdir().unwrap();
     let local = shapes(tmp.path(), 30);
     let base = serve(tmp.path());
-    let read = |pattern: String| {
-        let cfg = ReaderConfig {
-            shard_shuffle: false,
-            shuffle_buffer: 0,
-            ..config(pattern)
-        };
-        let reader = ShardReader::new(&cfg, 0).unwrap();
-        let samples: Vec<_> = reader.iter().collect();
-        (samples, reader.errors())
-    };
-    let (want, _) = read(local);
-    let (got, errors) = read(format!("{base}/train-{{000000..000002}}.tar"));
+    let (want, _, _) = read_in_order(local);
+    let (got, _, errors) = read_in_order(format!("{base}/train-{{000000..000002}}.tar"));
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(got, want);
     // A shard the server does not have (404: curl fails at once) is skipped and named.
-    let (got, errors) = read(format!("{base}/train-{{000000,000009,000001}}.tar"));
+    let (got, _, errors) = read_in_order(format!("{base}/train-{{000000,000009,000001}}.tar"));
     assert_eq!(got.len(), 20);
     assert!(
         errors.len() == 1 && errors[0].contains(&format!("{base}/train-000009.tar")),

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use tch::{nn, Device, Kind, Tensor};
 use unclip_decoder::{UNet, UNetConfig};
-use unclip_testkit::max_abs_diff;
+use unclip_testkit::{gradients, relative_max_diff};
 use unclip_train::precision::{autocast, Precision};
 
 fn tiny(dropout: f64, attention: bool) -> UNetConfig {
@@ -63,11 +63,7 @@ fn run(
         out.to_kind(Kind::Float).square().mean(Kind::Float)
     };
     loss.backward();
-    let grads = vs
-        .variables()
-        .into_iter()
-        .map(|(name, v)| (name, v.grad()))
-        .collect();
+    let grads = gradients(&vs);
     (loss.double_value(&[]), grads)
 }
 
@@ -98,8 +94,7 @@ fn assert_same(cfg: &UNetConfig, attention: bool, precision: Precision, median: 
             g.defined() && c.defined(),
             "{name}: a gradient went missing"
         );
-        let scale = g.abs().max().double_value(&[]).max(1e-12);
-        let diff = max_abs_diff(g, c) / scale;
+        let diff = relative_max_diff(g, c);
         assert!(diff <= worst, "{name}: relative difference {diff}");
         diffs.push(diff);
     }

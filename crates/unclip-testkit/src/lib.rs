@@ -36,6 +36,23 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
         .double_value(&[])
 }
 
+/// `max_abs_diff(reference, other)` relative to the reference's largest magnitude (at least
+/// 1e-12): how gradients of very different scales are compared.
+pub fn relative_max_diff(reference: &tch::Tensor, other: &tch::Tensor) -> f64 {
+    let scale = reference.abs().max().double_value(&[]).max(1e-12);
+    max_abs_diff(reference, other) / scale
+}
+
+/// The gradient of every variable of `vs` that takes one, by name (undefined where the last
+/// backward did not reach it).
+pub fn gradients(vs: &tch::nn::VarStore) -> std::collections::BTreeMap<String, tch::Tensor> {
+    vs.variables()
+        .into_iter()
+        .filter(|(_, v)| v.requires_grad())
+        .map(|(name, v)| (name, v.grad()))
+        .collect()
+}
+
 /// Every scalar in the event files under `dir`, read with TensorBoard's own EventAccumulator
 /// (Python from the setup's venv): (tag, step) -> value.
 pub fn read_scalars(dir: &std::path::Path) -> std::collections::HashMap<(String, u64), f64> {
