@@ -122,7 +122,7 @@ pub fn shard_list(pattern: &str) -> Result<Vec<PathBuf>, ShardError> {
 
 /// Whether `shards` names streamed shards (a URL other than `file:`) rather than local files.
 pub fn is_streamed(shards: &str) -> bool {
-    !matches!(url::scheme(shards), None | Some("file"))
+    !url::is_local(shards)
 }
 
 fn check_shard(name: &str) -> Result<PathBuf, ShardError> {
