@@ -160,6 +160,9 @@ pub struct DistributedConfig {
     pub timeout_secs: u64,
     /// Gradients are all-reduced in buckets of at most this many MiB.
     pub bucket_mb: f64,
+    /// ZeRO stage 1: each rank keeps the AdamW moments and EMA weights of only its share of the
+    /// parameters (about 1/WORLD_SIZE of them) and updates those; the same updates as without.
+    pub shard_optimizer: bool,
 }
 
 impl Default for DistributedConfig {
@@ -167,6 +170,7 @@ impl Default for DistributedConfig {
         Self {
             timeout_secs: 600,
             bucket_mb: 25.0,
+            shard_optimizer: false,
         }
     }
 }

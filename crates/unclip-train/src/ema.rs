@@ -10,16 +10,25 @@ pub struct Ema {
     decay: f64,
     warmup: bool,
     updates: u64,
-    /// (name, live variable, shadow copy), in name order.
+    /// (name, live variable, shadow copy), in name order: every variable, or under ZeRO-1 those
+    /// this rank owns.
     params: Vec<(String, Tensor, Tensor)>,
 }
 
 impl Ema {
     pub fn new(vs: &VarStore, decay: f64, warmup: bool) -> Self {
-        let params = crate::named_variables(vs).into_iter().map(|(n, v)| {
-            let shadow = v.detach().copy();
-            (n, v, shadow)
-        });
+        Self::sharded(vs, decay, warmup, |_| true)
+    }
+
+    /// Shadowing only the variables `owns` names (ZeRO-1: see [`crate::shard`]).
+    pub fn sharded(vs: &VarStore, decay: f64, warmup: bool, owns: impl Fn(&str) -> bool) -> Self {
+        let params = crate::named_variables(vs)
+            .into_iter()
+            .filter(|(n, _)| owns(n))
+            .map(|(n, v)| {
+                let shadow = v.detach().copy();
+                (n, v, shadow)
+            });
         Self {
             decay,
             warmup,
@@ -48,17 +57,6 @@ impl Ema {
         Ok(())
     }
 
-    /// Exchanges the live weights and the shadow copy (exactly; calling it twice restores both),
-    /// so code that reads the model sees the EMA weights in between.
-    pub fn swap(&mut self) {
-        let _guard = tch::no_grad_guard();
-        for (_, var, shadow) in &mut self.params {
-            let live = var.detach().copy();
-            var.copy_(shadow);
-            shadow.copy_(&live);
-        }
-    }
-
     pub fn updates(&self) -> u64 {
         self.updates
     }
@@ -70,7 +68,8 @@ impl Ema {
             .collect()
     }
 
-    /// Restores the shadow weights; every variable must be present with its shape.
+    /// Restores the shadow weights (of the variables this rank keeps); each must be present with
+    /// its shape.
     pub fn load(&mut self, tensors: &HashMap<String, Tensor>, updates: u64) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for (name, _, shadow) in &mut self.params {
@@ -91,13 +90,37 @@ impl Ema {
     }
 }
 
+/// Runs `f` with `weights` (e.g. the EMA's [`Ema::tensors`], on any device) copied into the
+/// variables of `vs` they name, then puts the live values back exactly.
+pub fn with_weights<R>(vs: &VarStore, weights: &[(String, Tensor)], f: impl FnOnce() -> R) -> R {
+    let vars = vs.variables();
+    let live: Vec<(Tensor, Tensor)> = tch::no_grad(|| {
+        weights
+            .iter()
+            .filter_map(|(name, w)| {
+                let var = vars.get(name)?.shallow_clone();
+                let saved = var.detach().copy();
+                var.shallow_clone().copy_(w);
+                Some((var, saved))
+            })
+            .collect()
+    });
+    let out = f();
+    tch::no_grad(|| {
+        for (mut var, saved) in live {
+            var.copy_(&saved);
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::{nn, Device};
 
     #[test]
-    fn swap_exchanges_live_and_shadow_weights_exactly() {
+    fn the_model_sees_the_ema_weights_inside_with_weights_and_its_own_after() {
         let vs = VarStore::new(Device::Cpu);
         let w = vs.root().randn("w", &[4, 3], 0.0, 1.0);
         let _ = nn::linear(vs.root() / "l", 3, 2, Default::default());
@@ -116,11 +139,14 @@ mod tests {
             .1
             .copy();
         assert!(shadow.allclose(&(&before + 0.5), 1e-6, 1e-6, false));
-        ema.swap();
-        assert!(w.equal(&shadow), "the model sees the EMA weights");
-        ema.swap();
-        assert!(w.equal(&live), "swapping twice restores the live weights");
+        with_weights(&vs, &ema.tensors(), || {
+            assert!(w.equal(&shadow), "the model sees the EMA weights");
+        });
+        assert!(w.equal(&live), "the live weights come back exactly");
         let (_, _, s) = ema.params.iter().find(|(n, _, _)| n == "w").unwrap();
-        assert!(s.equal(&shadow), "and the shadow copy");
+        assert!(s.equal(&shadow), "and the shadow copy is untouched");
+        // Under sharding a rank shadows only what it owns.
+        let owned = Ema::sharded(&vs, 0.5, false, |n| n == "w");
+        assert_eq!(owned.tensors().len(), 1);
     }
 }

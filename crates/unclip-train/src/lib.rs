@@ -16,6 +16,7 @@ pub mod multi_tensor;
 pub mod optim;
 pub mod precision;
 pub mod publish;
+pub mod shard;
 pub mod toy;
 pub mod trainer;
 

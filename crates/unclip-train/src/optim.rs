@@ -8,12 +8,14 @@ use anyhow::{bail, Result};
 use std::collections::HashMap;
 use tch::{nn::VarStore, Tensor};
 
-/// One trainable tensor with its AdamW state.
+/// One trainable tensor with its AdamW state (undefined moments for a parameter another rank
+/// owns under ZeRO-1 sharding: this rank neither keeps its state nor updates it).
 #[derive(Debug)]
 struct Param {
     name: String,
     var: Tensor,
     decay: bool,
+    owned: bool,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
@@ -60,22 +62,39 @@ pub fn decays(name: &str, var: &Tensor) -> bool {
 impl AdamW {
     /// Over every trainable variable of `vs`, in name order.
     pub fn new(vs: &VarStore, cfg: &TrainConfig) -> Self {
+        Self::sharded(vs, cfg, |_| true)
+    }
+
+    /// Keeping state for and updating only the trainable variables `owns` names (ZeRO-1: see
+    /// [`crate::shard`]); the others' gradients still count in the norm and clipping.
+    pub fn sharded(vs: &VarStore, cfg: &TrainConfig, owns: impl Fn(&str) -> bool) -> Self {
         let params: Vec<Param> = crate::named_variables(vs)
             .into_iter()
             .filter(|(_, v)| v.requires_grad())
-            .map(|(name, var)| Param {
-                decay: decays(&name, &var),
-                exp_avg: var.zeros_like().detach(),
-                exp_avg_sq: var.zeros_like().detach(),
-                name,
-                var,
+            .map(|(name, var)| {
+                let owned = owns(&name);
+                let state = || {
+                    if owned {
+                        var.zeros_like().detach()
+                    } else {
+                        Tensor::new()
+                    }
+                };
+                Param {
+                    decay: decays(&name, &var),
+                    owned,
+                    exp_avg: state(),
+                    exp_avg_sq: state(),
+                    name,
+                    var,
+                }
             })
             .collect();
         let same_group = |a: &Param, b: &Param| {
             a.decay == b.decay && a.var.device() == b.var.device() && a.var.kind() == b.var.kind()
         };
         let mut groups: Vec<Group> = Vec::new();
-        for (i, p) in params.iter().enumerate() {
+        for (i, p) in params.iter().enumerate().filter(|(_, p)| p.owned) {
             match groups
                 .iter_mut()
                 .find(|g| same_group(&params[g.members[0]], p))
@@ -206,10 +225,10 @@ impl AdamW {
         }
     }
 
-    /// The moments as named tensors, for a checkpoint.
+    /// The moments this rank keeps as named tensors, for a checkpoint (all of them unsharded).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(2 * self.params.len());
-        for p in &self.params {
+        for p in self.params.iter().filter(|p| p.owned) {
             out.push((format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()));
             out.push((
                 format!("exp_avg_sq.{}", p.name),
@@ -219,10 +238,11 @@ impl AdamW {
         out
     }
 
-    /// Restores the moments and step count; every parameter must be present with its shape.
+    /// Restores the moments (of the parameters this rank owns) and step count; each must be
+    /// present with its shape.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        for p in &mut self.params {
+        for p in self.params.iter_mut().filter(|p| p.owned) {
             for (prefix, dst) in [
                 ("exp_avg", &mut p.exp_avg),
                 ("exp_avg_sq", &mut p.exp_avg_sq),

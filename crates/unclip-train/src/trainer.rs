@@ -4,13 +4,14 @@
 use crate::checkpoint::{self, CheckpointMeta, RetentionPolicy};
 use crate::config::{LoggingConfig, ProgressStyle, RuntimeConfig};
 use crate::distributed;
-use crate::ema::Ema;
+use crate::ema::{with_weights, Ema};
 use crate::logging::Logger;
 use crate::loss_scale::LossScaler;
 use crate::lr::learning_rate;
 use crate::named_variables;
 use crate::optim::AdamW;
 use crate::precision::{self, Precision};
+use crate::shard::Shards;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -265,9 +266,18 @@ pub fn train<T: TrainTask>(
         // Before the optimiser and EMA, whose state tensors copy the variables' layout.
         precision::to_channels_last(vs);
     }
-    let mut opt = AdamW::new(vs, cfg);
+    let named = named_variables(vs);
+    // ZeRO-1: this rank keeps optimiser state and EMA weights for its share of the variables.
+    let shards = match (&dist, runtime.distributed.shard_optimizer) {
+        (Some(pg), true) => Some(Shards::new(&named, pg.rank(), pg.world_size())),
+        _ => None,
+    };
+    let owns = |name: &str| shards.as_ref().is_none_or(|s| s.owns(name));
+    let mut opt = AdamW::sharded(vs, cfg, owns);
     let mut scaler = (cfg.precision == Precision::Fp16).then(|| LossScaler::new(&cfg.loss_scale));
-    let mut ema = cfg.ema_decay.map(|d| Ema::new(vs, d, cfg.ema_warmup));
+    let mut ema = cfg
+        .ema_decay
+        .map(|d| Ema::sharded(vs, d, cfg.ema_warmup, owns));
     let mut start = 0u64;
     let mut nonfinite_skipped = 0u64;
     let resumed_from = resolve_resume(run_dir, resume)?;
@@ -311,6 +321,14 @@ pub fn train<T: TrainTask>(
     }
     if let Some(dir) = &resumed_from {
         logger.message(&format!("resumed from {} at step {start}", dir.display()));
+    }
+    if let Some(s) = &shards {
+        let (own, all) = s.owned_numel();
+        logger.message(&format!(
+            "ZeRO-1: AdamW moments and EMA weights sharded over {} ranks; rank 0 keeps those of \
+             {own} of {all} parameters",
+            s.world_size()
+        ));
     }
     let policy = RetentionPolicy {
         keep_last: runtime.checkpoint.keep_last,
@@ -385,6 +403,9 @@ pub fn train<T: TrainTask>(
                     opt.clip_grad_norm(norm, max)?;
                 }
                 opt.step(lr)?;
+                if let (Some(shards), Some(pg)) = (&shards, &dist) {
+                    shards.broadcast_from_owners(pg, &named, bucket_bytes)?;
+                }
                 if let Some(s) = scaler.as_mut() {
                     s.stepped();
                 }
@@ -476,19 +497,33 @@ pub fn train<T: TrainTask>(
                 int_secs,
             ) = (0.0, 0.0, 0, 0, 0.0, 0.0);
         }
-        if rank0 && runtime.logging.images_every.is_some_and(|n| done % n == 0) {
-            // Samples show the EMA weights (what sampling and export use) when there are any.
-            if let Some(ema) = ema.as_mut() {
-                ema.swap();
+        let images_due = runtime.logging.images_every.is_some_and(|n| done % n == 0);
+        let checkpoint_due = done % runtime.checkpoint.every == 0 || done == cfg.steps;
+        // The EMA weights rank 0 samples with (what sampling and export use) and saves: its own,
+        // or under ZeRO-1 gathered from their owners, which every rank takes part in.
+        let full_ema = match (&ema, &shards, &dist) {
+            (Some(ema), Some(s), Some(pg)) if images_due || checkpoint_due => {
+                s.gather_ema(pg, &ema.tensors(), bucket_bytes)?
             }
-            let images = tch::no_grad(|| task.images(done));
-            if let Some(ema) = ema.as_mut() {
-                ema.swap();
-            }
+            (Some(ema), None, _) if rank0 && (images_due || checkpoint_due) => Some(ema.tensors()),
+            _ => None,
+        };
+        if rank0 && images_due {
+            let images = match &full_ema {
+                Some(weights) => with_weights(vs, weights, || tch::no_grad(|| task.images(done))),
+                None => tch::no_grad(|| task.images(done)),
+            };
             logger.images(done, &images?)?;
             logger.scalars(done, &task.sample_scalars());
         }
-        if rank0 && (done % runtime.checkpoint.every == 0 || done == cfg.steps) {
+        let optimizer_state = match (&shards, &dist) {
+            (Some(s), Some(pg)) if checkpoint_due => {
+                s.gather_optimizer_state(pg, &opt.state_tensors(), bucket_bytes)?
+            }
+            _ if rank0 && checkpoint_due => Some(opt.state_tensors()),
+            _ => None,
+        };
+        if let (true, Some(optimizer_state)) = (rank0, optimizer_state) {
             let mut meta = CheckpointMeta::new(done);
             meta.ema_updates = ema.as_ref().map_or(0, Ema::updates);
             meta.nonfinite_skipped = nonfinite_skipped;
@@ -497,13 +532,12 @@ pub fn train<T: TrainTask>(
             meta.optimizer_steps = Some(opt.steps_taken());
             meta.data_state = task.data_state();
             meta.config = config_json.clone();
-            let ema_tensors = ema.as_ref().map(Ema::tensors);
             let dir = checkpoint::save(
                 &ckpt_root,
                 &meta,
-                &named_variables(vs),
-                ema_tensors.as_deref(),
-                &opt.state_tensors(),
+                &named,
+                full_ema.as_deref(),
+                &optimizer_state,
             )?;
             policy.prune(&ckpt_root)?;
             last_checkpoint = Some(dir);

@@ -1,5 +1,6 @@
 //! Data-parallel training over Gloo on loopback: 2 ranks with half the batch each end with the
-//! same weights as one process over the whole batch. This test binary re-runs itself as the ranks.
+//! same weights as one process over the whole batch, with or without ZeRO-1 sharding of the
+//! optimiser state and EMA. This test binary re-runs itself as the ranks.
 mod common;
 
 use anyhow::Result;
@@ -29,6 +30,8 @@ distributed: {timeout_secs: 30, bucket_mb: 0.001}
 /// y = sin(x·w) on a fixed set of 256 points; each rank takes its slice of every global batch.
 struct Regression {
     mlp: nn::Sequential,
+    /// The model's variables, for the sum its "images" report.
+    vars: Vec<Tensor>,
     x: Tensor,
     y: Tensor,
     batch: i64,
@@ -52,6 +55,7 @@ impl Regression {
             .add(nn::linear(&p / "fc2", 32, 1, Default::default()));
         Self {
             mlp,
+            vars: vs.trainable_variables(),
             x,
             y,
             batch,
@@ -81,47 +85,59 @@ impl TrainTask for Regression {
             metrics,
         })
     }
+    /// The sum of the weights the model holds while sampling (the EMA's), as a 1×1 "image" in
+    /// [0, 1] would lose it: written to the run directory instead.
+    fn images(&mut self, step: u64) -> Result<Vec<(String, Tensor)>> {
+        let sum: f64 = self
+            .vars
+            .iter()
+            .map(|v| v.sum(Kind::Double).double_value(&[]))
+            .sum();
+        let dir = std::env::var("UNCLIP_TEST_RUN_DIR")?;
+        std::fs::write(
+            Path::new(&dir).join(format!("images-{step}.txt")),
+            sum.to_string(),
+        )?;
+        Ok(Vec::new())
+    }
 }
 
-fn run(dir: &Path, batch: usize) -> unclip_train::TrainSummary {
-    let cfg =
-        parse_config::<NoTaskSections>(CONFIG, &[format!("train.batch_size={batch}")]).unwrap();
+fn run(
+    dir: &Path,
+    batch: usize,
+    overrides: &[String],
+    resume: Option<&str>,
+) -> unclip_train::TrainSummary {
+    let mut overrides = overrides.to_vec();
+    overrides.push(format!("train.batch_size={batch}"));
+    let cfg = parse_config::<NoTaskSections>(CONFIG, &overrides).unwrap();
     let env = unclip_dist::DistEnv::from_env().unwrap();
     let (rank, world) = env.map_or((0, 1), |e| (e.rank as i64, e.world_size as i64));
     let vs = nn::VarStore::new(Device::Cpu);
     let mut task = Regression::new(&vs, batch as i64, rank, world);
-    train(&mut task, &vs, &cfg.runtime, &cfg.resolved, dir, None).unwrap()
+    train(&mut task, &vs, &cfg.runtime, &cfg.resolved, dir, resume).unwrap()
 }
 
 #[test]
-#[ignore = "a rank of two_gloo_ranks_match_one_process"]
+#[ignore = "a rank of the multi-process tests below"]
 fn data_parallel_rank() {
     let Ok(dir) = std::env::var("UNCLIP_TEST_RUN_DIR") else {
         return;
     };
-    let summary = run(Path::new(&dir), 16);
+    let overrides: Vec<String> = std::env::var("UNCLIP_TEST_SET")
+        .unwrap_or_default()
+        .split(';')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let resume = std::env::var("UNCLIP_TEST_RESUME").ok();
+    let summary = run(Path::new(&dir), 16, &overrides, resume.as_deref());
     println!("rank done at step {}", summary.final_step);
 }
 
-fn weights(dir: &Path, file: &str) -> HashMap<String, Tensor> {
-    let ck = dir.join("checkpoints/step-000000012").join(file);
-    Tensor::read_safetensors(&ck)
-        .unwrap_or_else(|e| panic!("{}: {e}", ck.display()))
-        .into_iter()
-        .collect()
-}
-
-#[test]
-fn two_gloo_ranks_match_one_process() {
-    let tmp = tempfile::tempdir().unwrap();
-    let single = tmp.path().join("single");
-    let losses = run(&single, 32).losses;
-    assert!(
-        losses.last().unwrap().1 < losses[0].1,
-        "the regression learns: {losses:?}"
-    );
-
-    let multi = tmp.path().join("multi");
+/// Two ranks of this binary training into `dir` with `overrides` (`;`-separated), to `steps`;
+/// returns rank 0's output.
+fn two_ranks(dir: &Path, overrides: &str, resume: Option<&str>, steps: u64) -> String {
     let exe = std::env::current_exe().unwrap();
     let args = [
         "--exact",
@@ -130,26 +146,61 @@ fn two_gloo_ranks_match_one_process() {
         "--nocapture",
         "--test-threads=1",
     ];
-    let env = [("UNCLIP_TEST_RUN_DIR", multi.to_str().unwrap())];
+    let mut env = vec![
+        ("UNCLIP_TEST_RUN_DIR", dir.to_str().unwrap()),
+        ("UNCLIP_TEST_SET", overrides),
+    ];
+    if let Some(r) = resume {
+        env.push(("UNCLIP_TEST_RESUME", r));
+    }
     let ranks = launch_local(&exe, &args, 2, &env, Duration::from_secs(120)).expect("ranks hang");
     for r in &ranks {
         assert!(
-            r.success && r.output.contains("rank done at step 12"),
+            r.success && r.output.contains(&format!("rank done at step {steps}")),
             "rank {} failed:\n{}",
             r.rank,
             r.output
         );
     }
+    ranks[0].output.clone()
+}
+
+fn checkpoint_file(dir: &Path, step: u64, file: &str) -> HashMap<String, Tensor> {
+    let ck = dir.join(format!("checkpoints/step-{step:09}")).join(file);
+    Tensor::read_safetensors(&ck)
+        .unwrap_or_else(|e| panic!("{}: {e}", ck.display()))
+        .into_iter()
+        .collect()
+}
+
+fn weights(dir: &Path, file: &str) -> HashMap<String, Tensor> {
+    checkpoint_file(dir, 12, file)
+}
+
+const CHECKPOINT_FILES: [&str; 3] = [
+    "model.safetensors",
+    "ema.safetensors",
+    "optimizer.safetensors",
+];
+
+#[test]
+fn two_gloo_ranks_match_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("single");
+    let losses = run(&single, 32, &[], None).losses;
+    assert!(
+        losses.last().unwrap().1 < losses[0].1,
+        "the regression learns: {losses:?}"
+    );
+
+    let multi = tmp.path().join("multi");
+    two_ranks(&multi, "", None, 12);
     assert!(!multi.join("checkpoints").read_dir().unwrap().any(|e| e
         .unwrap()
         .file_name()
         .to_string_lossy()
         .contains("partial")));
-    for file in [
-        "model.safetensors",
-        "ema.safetensors",
-        "optimizer.safetensors",
-    ] {
+    for file in CHECKPOINT_FILES {
         let (a, b) = (weights(&single, file), weights(&multi, file));
         assert_eq!(a.len(), b.len());
         for (k, t) in &a {
@@ -176,4 +227,67 @@ fn two_gloo_ranks_match_one_process() {
         (single_loss - multi_loss).abs() < 1e-5,
         "logged loss {single_loss} vs {multi_loss}"
     );
+}
+
+#[test]
+fn sharded_optimizer_state_gives_the_same_run_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = "logging.images_every=12";
+    let plain = tmp.path().join("plain");
+    two_ranks(&plain, images, None, 12);
+    let sharded = tmp.path().join("sharded");
+    let zero = format!("{images};distributed.shard_optimizer=true");
+    let log = two_ranks(&sharded, &zero, None, 12);
+    assert!(log.contains("ZeRO-1"), "rank 0 says it shards:\n{log}");
+
+    // Each rank updates its own share with the same all-reduced gradients: the same updates, and
+    // the checkpoint gathered to rank 0 holds every tensor, bit for bit.
+    for file in CHECKPOINT_FILES {
+        let (a, b) = (weights(&plain, file), weights(&sharded, file));
+        assert_eq!(a.len(), b.len(), "{file}: tensors");
+        for (k, t) in &a {
+            assert!(t.equal(&b[k]), "{file}: `{k}` differs with sharding");
+        }
+    }
+    // Rank 0 sampled with the whole EMA (gathered from both ranks' shares).
+    let ema_sum: f64 = weights(&sharded, "ema.safetensors")
+        .values()
+        .map(|t| t.sum(Kind::Double).double_value(&[]))
+        .sum();
+    for run in [&plain, &sharded] {
+        let logged: f64 = std::fs::read_to_string(run.join("images-12.txt"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            (logged - ema_sum).abs() < 1e-9,
+            "{}: images saw weights summing to {logged}, the EMA sums to {ema_sum}",
+            run.display()
+        );
+    }
+
+    // Stopped at step 6 and resumed (each rank loading its share): the uninterrupted run's.
+    let resumed = tmp.path().join("resumed");
+    two_ranks(&resumed, &format!("{zero};train.steps=6"), None, 6);
+    two_ranks(&resumed, &zero, Some("auto"), 12);
+    for file in CHECKPOINT_FILES {
+        let (a, b) = (weights(&sharded, file), weights(&resumed, file));
+        for (k, t) in &a {
+            assert!(t.equal(&b[k]), "{file}: `{k}` differs after resuming");
+        }
+    }
+    // The sharded checkpoint is an ordinary one: a single process resumes it.
+    let single = tmp.path().join("single");
+    let six = resumed.join("checkpoints/step-000000006");
+    assert!(six.is_dir(), "the step-6 checkpoint is kept");
+    let summary = run(&single, 32, &[], Some(six.to_str().unwrap()));
+    assert_eq!(summary.final_step, 12);
+    let (a, b) = (
+        weights(&sharded, "model.safetensors"),
+        weights(&single, "model.safetensors"),
+    );
+    for (k, t) in &a {
+        let d = (t - &b[k]).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "`{k}` differs by {d} resumed in one process");
+    }
 }
