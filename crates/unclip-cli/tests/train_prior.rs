@@ -4,8 +4,8 @@
 mod common;
 use common::{
     assert_same_tensors, dry_run_committed, dry_run_total, embedded_shapes, launch_two_ranks,
-    one_step_weights, pipeline_holding, prior_config_with, read_tensors, run, run_fails,
-    AUTOREGRESSIVE_PRIOR, DIFFUSION_PRIOR,
+    launch_two_ranks_with, one_step_weights, pipeline_holding, prior_config_with, read_tensors,
+    run, run_fails, AUTOREGRESSIVE_PRIOR, DIFFUSION_PRIOR,
 };
 use unclip_data::npy::NpyArray;
 
@@ -232,7 +232,8 @@ fn dry_run_prints_the_paper_priors_sizes() {
 
 /// The autoregressive prior on two data-parallel ranks (Gloo): each rank reads its own shard and
 /// fits the same codec; stopped at step 3 and resumed by both, it ends with the same weights and
-/// EMA as the run that did not stop.
+/// EMA as the run that did not stop — also when the stopped run shards its optimiser state and
+/// EMA (ZeRO-1), which changes none of the updates.
 #[test]
 fn two_ranks_train_the_autoregressive_prior_and_resume_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -252,9 +253,15 @@ fn two_ranks_train_the_autoregressive_prior_and_resume_exactly() {
     // Only rank 0 evaluates.
     assert!(outputs[0].contains("codec round trip") && !outputs[1].contains("codec round trip"));
     let split = dir.join("split");
-    launch_two_ranks(bin, &config, &split, "3", false);
-    launch_two_ranks(bin, &config, &split, "6", true);
-    for file in ["model.safetensors", "ema.safetensors"] {
+    let zero = ["distributed.shard_optimizer=true"];
+    launch_two_ranks_with(bin, &config, &split, "3", false, &zero);
+    let outputs = launch_two_ranks_with(bin, &config, &split, "6", true, &zero);
+    assert!(outputs[0].contains("ZeRO-1"), "{}", outputs[0]);
+    for file in [
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+    ] {
         let read = |run: &std::path::Path| {
             std::fs::read(run.join("checkpoints/step-000000006").join(file)).unwrap()
         };

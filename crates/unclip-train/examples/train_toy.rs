@@ -33,7 +33,7 @@ fn main() -> Result<()> {
     let mut task = ToyTask::new(&vs, &cfg.task, cfg.runtime.train.batch_size)?;
     if args.dry_run {
         print_dry_run_header(&args.config, &cfg.runtime, device);
-        print_parameter_summary(&vs);
+        print_parameter_summary(&vs, &cfg.runtime);
         return Ok(());
     }
     let summary = train_with_args(&mut task, &vs, &cfg, args)?;

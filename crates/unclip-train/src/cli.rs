@@ -89,14 +89,48 @@ pub fn print_dry_run_header(
     }
 }
 
-/// Prints parameter counts per top-level module and the total (`--dry-run`).
-pub fn print_parameter_summary(vs: &tch::nn::VarStore) {
+/// Prints parameter counts per top-level module, the total and the training state it needs
+/// (`--dry-run`).
+pub fn print_parameter_summary(vs: &tch::nn::VarStore, runtime: &crate::config::RuntimeConfig) {
     let summary = crate::trainer::parameter_summary(vs);
     for (module, n) in &summary {
         println!("  {module:<24} {n:>14} parameters");
     }
-    let total: i64 = summary.iter().map(|(_, n)| n).sum();
+    print_total(summary.iter().map(|(_, n)| n).sum(), runtime);
+}
+
+/// The total line, then the memory its training state takes per process: fp32 weights,
+/// gradients, AdamW's two moments and the EMA — with ZeRO-1 (`distributed.shard_optimizer`) the
+/// moments and EMA split over the ranks (WORLD_SIZE, or 8 when unset). Activations come on top.
+fn print_total(total: i64, runtime: &crate::config::RuntimeConfig) {
     println!("  {:<24} {total:>14} parameters", "total");
+    let (sharded, plain) = state_bytes_per_param(runtime.train.ema_decay.is_some());
+    let world = unclip_dist::DistEnv::from_env()
+        .ok()
+        .flatten()
+        .map(|e| e.world_size)
+        .filter(|&w| w > 1)
+        .unwrap_or(8);
+    let gib = |bytes_per_param: f64| total as f64 * bytes_per_param / (1u64 << 30) as f64;
+    let zero = gib(plain + sharded / world as f64);
+    let state = gib(plain + sharded);
+    if runtime.distributed.shard_optimizer {
+        println!(
+            "  training state per process: {zero:.1} GiB, sharded over {world} ranks \
+             (distributed.shard_optimizer; {state:.1} GiB unsharded); activations on top"
+        );
+    } else {
+        println!(
+            "  training state per process: {state:.1} GiB ({zero:.1} GiB over {world} ranks with \
+             distributed.shard_optimizer); activations on top"
+        );
+    }
+}
+
+/// Bytes of training state per parameter: (what ZeRO-1 shards — AdamW's moments and the EMA,
+/// fp32 — and what every rank keeps whole — fp32 weights and gradients).
+pub fn state_bytes_per_param(ema: bool) -> (f64, f64) {
+    (if ema { 12.0 } else { 8.0 }, 8.0)
 }
 
 /// Models above this many parameters are counted from their config by `--dry-run`, not built:
@@ -108,28 +142,31 @@ pub const DRY_RUN_BUILD_LIMIT: i64 = 300_000_000;
 /// [`DRY_RUN_BUILD_LIMIT`], those rows without building it.
 pub fn print_model_parameters(
     device: tch::Device,
+    runtime: &crate::config::RuntimeConfig,
     counted: &[(&str, i64)],
     build: impl FnOnce(tch::nn::Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     if counted.iter().map(|(_, n)| n).sum::<i64>() > DRY_RUN_BUILD_LIMIT {
-        print_counted_parameters(counted);
+        print_counted_parameters(counted, runtime);
     } else {
         let vs = tch::nn::VarStore::new(device);
         build(vs.root())?;
-        print_parameter_summary(&vs);
+        print_parameter_summary(&vs, runtime);
     }
     Ok(())
 }
 
 /// `--dry-run`'s summary for a model counted from its config: `(component, parameters)` rows and
 /// the total, in [`print_parameter_summary`]'s format.
-pub fn print_counted_parameters(components: &[(&str, i64)]) {
+pub fn print_counted_parameters(
+    components: &[(&str, i64)],
+    runtime: &crate::config::RuntimeConfig,
+) {
     println!("  (counted from the config, not built)");
     for (module, n) in components {
         println!("  {module:<24} {n:>14} parameters");
     }
-    let total: i64 = components.iter().map(|(_, n)| n).sum();
-    println!("  {:<24} {total:>14} parameters", "total");
+    print_total(components.iter().map(|(_, n)| n).sum(), runtime);
 }
 
 /// What every trainer binary does once its task is built: announce the run on rank 0, then train
@@ -295,7 +332,9 @@ pub fn image_trainer_main<M: ImageTrainer>(
     let device = cfg.runtime.device()?;
     if args.dry_run {
         print_dry_run_header(&args.config, &cfg.runtime, device);
-        return print_model_parameters(device, &M::counted(&cfg.task), |p| M::build(p, &cfg.task));
+        return print_model_parameters(device, &cfg.runtime, &M::counted(&cfg.task), |p| {
+            M::build(p, &cfg.task)
+        });
     }
     let run_dir = args.run_dir();
     train_and_report(

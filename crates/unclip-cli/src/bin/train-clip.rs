@@ -29,7 +29,7 @@ fn main() -> Result<()> {
         let vs = nn::VarStore::new(device);
         let _model = unclip_clip::Clip::new(vs.root(), &cfg.task.model)?;
         print_dry_run_header(&args.config, &cfg.runtime, device);
-        print_parameter_summary(&vs);
+        print_parameter_summary(&vs, &cfg.runtime);
         return Ok(());
     }
     for set in [&cfg.task.data.train, &cfg.task.data.held_out] {

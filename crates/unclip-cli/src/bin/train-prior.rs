@@ -162,9 +162,12 @@ fn main() -> Result<()> {
     if args.dry_run {
         print_dry_run_header(&args.config, &cfg.runtime, device);
         let prior = &cfg.task.prior;
-        return print_model_parameters(device, &[("prior", prior.parameter_count()?)], |p| {
-            Prior::new(p, prior).map(drop)
-        });
+        return print_model_parameters(
+            device,
+            &cfg.runtime,
+            &[("prior", prior.parameter_count()?)],
+            |p| Prior::new(p, prior).map(drop),
+        );
     }
     tch::manual_seed(cfg.runtime.seed as i64);
     let vs = nn::VarStore::new(device);

@@ -185,6 +185,18 @@ pub fn launch_two_ranks(
     steps: &str,
     resume: bool,
 ) -> Vec<String> {
+    launch_two_ranks_with(bin, config, run_dir, steps, resume, &[])
+}
+
+/// [`launch_two_ranks`] with more `--set` overrides.
+pub fn launch_two_ranks_with(
+    bin: &str,
+    config: &Path,
+    run_dir: &Path,
+    steps: &str,
+    resume: bool,
+    sets: &[&str],
+) -> Vec<String> {
     let steps = format!("train.steps={steps}");
     let mut args = vec![
         "--config",
@@ -198,6 +210,9 @@ pub fn launch_two_ranks(
         "--set",
         "distributed.timeout_secs=60",
     ];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
     if resume {
         args.extend(["--resume", "auto"]);
     }
