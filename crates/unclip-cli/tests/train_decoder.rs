@@ -365,12 +365,13 @@ fn dry_run_counts_the_paper_decoder_without_building_it() {
     // transformer, which this layout takes from CLIP).
     assert!((2_200_000_000..2_300_000_000).contains(&total), "{total}");
     // Its training state: 20 bytes a parameter (fp32 weights, gradients, AdamW's two moments,
-    // EMA); ZeRO-1 over 8 ranks keeps 8 + 12 / 8 of them.
+    // EMA); the config's ZeRO-1 over 8 ranks keeps 8 + 12 / 8 of them.
     let gib = |bytes: f64| format!("{:.1} GiB", total as f64 * bytes / (1u64 << 30) as f64);
     let state = format!(
-        "training state per process: {} ({} over 8 ranks",
-        gib(20.0),
-        gib(9.5)
+        "training state per process: {}, sharded over 8 ranks (distributed.shard_optimizer; {} \
+         unsharded)",
+        gib(9.5),
+        gib(20.0)
     );
     assert!(out.contains(&state), "{state} in {out}");
     // The paper's bf16 stays bf16; the shapes config's `auto` says what it picks here and why.

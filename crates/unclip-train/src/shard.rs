@@ -165,9 +165,19 @@ impl Shards {
     ) -> Result<Option<Vec<(String, Tensor)>>> {
         let _guard = tch::no_grad_guard();
         let by_key: HashMap<&str, &Tensor> = local.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let mut out: HashMap<String, Tensor> = HashMap::new();
         let keep = self.rank == 0;
-        exchange(pg, entries, &by_key, bucket_bytes, |entry, values| {
+        // Rank 0's own share needs no collective (nor a copy); the others' come to it.
+        let mut out: HashMap<String, Tensor> = HashMap::new();
+        if keep {
+            for e in entries.iter().filter(|e| e.owner == 0) {
+                let t = by_key
+                    .get(e.key.as_str())
+                    .with_context(|| format!("rank 0 owns `{}` but lacks it", e.key))?;
+                out.insert(e.key.clone(), t.shallow_clone());
+            }
+        }
+        let others: Vec<Entry> = entries.iter().filter(|e| e.owner != 0).cloned().collect();
+        exchange(pg, &others, &by_key, bucket_bytes, |entry, values| {
             if keep {
                 // A copy of its own, not a view that keeps the whole bucket alive.
                 let t = values.view(entry.shape.as_slice());

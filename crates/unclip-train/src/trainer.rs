@@ -322,7 +322,7 @@ pub fn train<T: TrainTask>(
     if let Some(dir) = &resumed_from {
         logger.message(&format!("resumed from {} at step {start}", dir.display()));
     }
-    if let Some(s) = &shards {
+    if let (Some(s), true) = (&shards, rank0) {
         let (own, all) = s.owned_numel();
         logger.message(&format!(
             "ZeRO-1: AdamW moments and EMA weights sharded over {} ranks; rank 0 keeps those of \
