@@ -189,14 +189,28 @@ pub fn train_with_args<T: crate::TrainTask, C>(
             vs.device()
         );
     }
-    crate::train(
+    let summary = crate::train(
         task,
         vs,
         &cfg.runtime,
         &cfg.resolved,
         &run_dir,
         args.resume.as_deref(),
-    )
+    )?;
+    if let Some(signal) = &summary.stopped_by {
+        // Not a finished run: no final report, and a non-zero exit for whatever runs next.
+        let saved = summary
+            .last_checkpoint
+            .as_ref()
+            .map_or("by rank 0".into(), |p| p.display().to_string());
+        anyhow::bail!(
+            "{signal}: training stopped at step {} of {}; checkpoint written {saved}; the same \
+             command with --resume auto continues it",
+            summary.final_step,
+            cfg.runtime.train.steps
+        );
+    }
+    Ok(summary)
 }
 
 /// What a trainer binary's `main` does once its config is loaded and it is to train: seeds

@@ -17,6 +17,7 @@ pub mod optim;
 pub mod precision;
 pub mod publish;
 pub mod shard;
+pub mod stop;
 pub mod toy;
 pub mod trainer;
 

@@ -72,6 +72,9 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// This process's rank (0 without c10d).
     pub rank: usize,
+    /// The signal that stopped the run before `train.steps` (SIGTERM, SIGUSR1, SIGINT), after a
+    /// checkpoint of the step it was in; every rank stops at the same step.
+    pub stopped_by: Option<String>,
 }
 
 /// The seed of a step: runs resumed at any step draw the same random numbers as uninterrupted ones.
@@ -344,6 +347,9 @@ pub fn train<T: TrainTask>(
     let (mut int_data_secs, mut int_secs) = (0.0f64, 0.0f64);
     let mut int_metrics: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     let run_start = Instant::now();
+    crate::stop::install().context("installing the SIGTERM / SIGUSR1 / SIGINT handlers")?;
+    let mut stopped_by = None;
+    let mut final_step = cfg.steps.max(start);
 
     for step in start..cfg.steps {
         let step_start = Instant::now();
@@ -369,9 +375,16 @@ pub fn train<T: TrainTask>(
                 kept.push(batch);
             }
         }
-        // Ranks agree on the loss (so all skip a non-finite step together) and average gradients.
-        let local = [loss_sum / cfg.grad_accum as f64, samples as f64, data_secs];
+        // Ranks agree on the loss (so all skip a non-finite step together) and on stopping (a
+        // signal to any rank stops all after this step), and average gradients.
+        let local = [
+            loss_sum / cfg.grad_accum as f64,
+            samples as f64,
+            data_secs,
+            crate::stop::as_flag(),
+        ];
         let reduced = distributed::mean_over_ranks(dist.as_deref(), &local)?;
+        let stop_now = reduced[3] > 0.0;
         let world = dist.as_ref().map_or(1, |g| g.world_size());
         let (loss, data_secs) = (reduced[0], reduced[2]);
         let samples = (reduced[1] * world as f64).round() as usize;
@@ -446,7 +459,7 @@ pub fn train<T: TrainTask>(
         int_samples += samples;
         int_data_secs += data_secs;
         int_secs += step_start.elapsed().as_secs_f64();
-        let log_step = done % runtime.logging.every == 0 || done == cfg.steps;
+        let log_step = done % runtime.logging.every == 0 || done == cfg.steps || stop_now;
         let samples_per_sec = int_samples as f64 / int_secs.max(1e-9);
         let eta =
             run_start.elapsed().as_secs_f64() / (done - start) as f64 * (cfg.steps - done) as f64;
@@ -498,7 +511,7 @@ pub fn train<T: TrainTask>(
             ) = (0.0, 0.0, 0, 0, 0.0, 0.0);
         }
         let images_due = runtime.logging.images_every.is_some_and(|n| done % n == 0);
-        let checkpoint_due = done % runtime.checkpoint.every == 0 || done == cfg.steps;
+        let checkpoint_due = done % runtime.checkpoint.every == 0 || done == cfg.steps || stop_now;
         // The EMA weights rank 0 samples with (what sampling and export use) and saves: its own,
         // or under ZeRO-1 gathered from their owners, which every rank takes part in.
         let full_ema = match (&ema, &shards, &dist) {
@@ -542,17 +555,28 @@ pub fn train<T: TrainTask>(
             policy.prune(&ckpt_root)?;
             last_checkpoint = Some(dir);
         }
+        if stop_now {
+            let signal = crate::stop::requested().unwrap_or("another rank's signal");
+            logger.message(&format!(
+                "{signal}: stopped at step {done} of {} after writing its checkpoint",
+                cfg.steps
+            ));
+            stopped_by = Some(signal.to_string());
+            final_step = done;
+            break;
+        }
     }
     logger.finish();
     if let Some(pg) = &dist {
         pg.barrier().context("final barrier")?;
     }
     Ok(TrainSummary {
-        final_step: cfg.steps.max(start),
+        final_step,
         losses,
         nonfinite_skipped,
         resumed_from,
         last_checkpoint,
         rank,
+        stopped_by,
     })
 }

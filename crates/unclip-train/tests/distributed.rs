@@ -68,6 +68,12 @@ impl Regression {
 impl TrainTask for Regression {
     type Batch = (Tensor, Tensor);
     fn next_batch(&mut self, step: u64, micro: usize) -> Result<(Tensor, Tensor)> {
+        // Rank 1 alone is sent SIGTERM at this step.
+        let sigterm_at = std::env::var("UNCLIP_TEST_SIGTERM_AT").ok();
+        if self.rank == 1 && micro == 0 && sigterm_at == Some(step.to_string()) {
+            // SAFETY: raise only delivers the signal to this process, whose handlers are set.
+            assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        }
         let global = self.batch * self.world;
         let start = ((step as i64 * 2 + micro as i64) * global + self.rank * self.batch) % 256;
         Ok((
@@ -133,11 +139,25 @@ fn data_parallel_rank() {
     let resume = std::env::var("UNCLIP_TEST_RESUME").ok();
     let summary = run(Path::new(&dir), 16, &overrides, resume.as_deref());
     println!("rank done at step {}", summary.final_step);
+    if let Some(signal) = summary.stopped_by {
+        println!("stopped by {signal}");
+    }
 }
 
 /// Two ranks of this binary training into `dir` with `overrides` (`;`-separated), to `steps`;
 /// returns rank 0's output.
 fn two_ranks(dir: &Path, overrides: &str, resume: Option<&str>, steps: u64) -> String {
+    two_ranks_with(dir, overrides, resume, steps, &[])[0].clone()
+}
+
+/// [`two_ranks`] with more environment; every rank's output.
+fn two_ranks_with(
+    dir: &Path,
+    overrides: &str,
+    resume: Option<&str>,
+    steps: u64,
+    extra_env: &[(&str, &str)],
+) -> Vec<String> {
     let exe = std::env::current_exe().unwrap();
     let args = [
         "--exact",
@@ -153,6 +173,7 @@ fn two_ranks(dir: &Path, overrides: &str, resume: Option<&str>, steps: u64) -> S
     if let Some(r) = resume {
         env.push(("UNCLIP_TEST_RESUME", r));
     }
+    env.extend_from_slice(extra_env);
     let ranks = launch_local(&exe, &args, 2, &env, Duration::from_secs(120)).expect("ranks hang");
     for r in &ranks {
         assert!(
@@ -162,7 +183,7 @@ fn two_ranks(dir: &Path, overrides: &str, resume: Option<&str>, steps: u64) -> S
             r.output
         );
     }
-    ranks[0].output.clone()
+    ranks.into_iter().map(|r| r.output).collect()
 }
 
 fn checkpoint_file(dir: &Path, step: u64, file: &str) -> HashMap<String, Tensor> {
@@ -182,6 +203,17 @@ const CHECKPOINT_FILES: [&str; 3] = [
     "ema.safetensors",
     "optimizer.safetensors",
 ];
+
+/// The step-12 checkpoints of runs `a` and `b` hold the same tensors, bit for bit.
+fn assert_same_checkpoints(a: &Path, b: &Path, what: &str) {
+    for file in CHECKPOINT_FILES {
+        let (ta, tb) = (weights(a, file), weights(b, file));
+        assert_eq!(ta.len(), tb.len(), "{file}: tensors");
+        for (k, t) in &ta {
+            assert!(t.equal(&tb[k]), "{file}: `{k}` differs {what}");
+        }
+    }
+}
 
 #[test]
 fn two_gloo_ranks_match_one_process() {
@@ -242,13 +274,7 @@ fn sharded_optimizer_state_gives_the_same_run_and_resumes_exactly() {
 
     // Each rank updates its own share with the same all-reduced gradients: the same updates, and
     // the checkpoint gathered to rank 0 holds every tensor, bit for bit.
-    for file in CHECKPOINT_FILES {
-        let (a, b) = (weights(&plain, file), weights(&sharded, file));
-        assert_eq!(a.len(), b.len(), "{file}: tensors");
-        for (k, t) in &a {
-            assert!(t.equal(&b[k]), "{file}: `{k}` differs with sharding");
-        }
-    }
+    assert_same_checkpoints(&plain, &sharded, "with sharding");
     // Rank 0 sampled with the whole EMA (gathered from both ranks' shares).
     let ema_sum: f64 = weights(&sharded, "ema.safetensors")
         .values()
@@ -270,12 +296,7 @@ fn sharded_optimizer_state_gives_the_same_run_and_resumes_exactly() {
     let resumed = tmp.path().join("resumed");
     two_ranks(&resumed, &format!("{zero};train.steps=6"), None, 6);
     two_ranks(&resumed, &zero, Some("auto"), 12);
-    for file in CHECKPOINT_FILES {
-        let (a, b) = (weights(&sharded, file), weights(&resumed, file));
-        for (k, t) in &a {
-            assert!(t.equal(&b[k]), "{file}: `{k}` differs after resuming");
-        }
-    }
+    assert_same_checkpoints(&sharded, &resumed, "after resuming");
     // The sharded checkpoint is an ordinary one: a single process resumes it.
     let single = tmp.path().join("single");
     let six = resumed.join("checkpoints/step-000000006");
@@ -290,4 +311,24 @@ fn sharded_optimizer_state_gives_the_same_run_and_resumes_exactly() {
         let d = (t - &b[k]).abs().max().double_value(&[]);
         assert!(d < 1e-5, "`{k}` differs by {d} resumed in one process");
     }
+}
+
+#[test]
+fn sigterm_to_one_rank_stops_both_after_the_same_step_and_resume_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zero = "distributed.shard_optimizer=true";
+    let whole = tmp.path().join("whole");
+    two_ranks(&whole, zero, None, 12);
+    // Rank 1 is signalled during step 4: both finish step 4, rank 0 saves it, both return.
+    let stopped = tmp.path().join("stopped");
+    let outputs = two_ranks_with(&stopped, zero, None, 5, &[("UNCLIP_TEST_SIGTERM_AT", "4")]);
+    assert!(outputs[1].contains("stopped by SIGTERM"), "{}", outputs[1]);
+    assert!(
+        outputs[0].contains("stopped by another rank's signal"),
+        "{}",
+        outputs[0]
+    );
+    assert!(stopped.join("checkpoints/step-000000005").is_dir());
+    two_ranks(&stopped, zero, Some("auto"), 12);
+    assert_same_checkpoints(&whole, &stopped, "after the stop and resume");
 }

@@ -29,10 +29,13 @@ pub fn fixture(file: &str) -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// [`ToyTask`] that can crash in `next_batch` or return a NaN loss at chosen steps.
+/// [`ToyTask`] that can crash in `next_batch`, send its own process a signal there, or return a
+/// NaN loss at chosen steps.
 pub struct FaultyToy {
     pub inner: ToyTask,
     pub crash_at: Option<u64>,
+    /// (step, signal number)
+    pub signal_at: Option<(u64, i32)>,
     pub poison: Vec<u64>,
     step: u64,
 }
@@ -42,6 +45,7 @@ impl FaultyToy {
         Self {
             inner: ToyTask::new(vs, cfg, batch).unwrap(),
             crash_at: None,
+            signal_at: None,
             poison: Vec::new(),
             step: 0,
         }
@@ -53,6 +57,12 @@ impl TrainTask for FaultyToy {
     fn next_batch(&mut self, step: u64, micro: usize) -> Result<Tensor> {
         if Some(step) == self.crash_at {
             anyhow::bail!("simulated crash at step {step}");
+        }
+        if let Some((at, signal)) = self.signal_at {
+            if at == step && micro == 0 {
+                // SAFETY: raise only delivers the signal to this process, whose handlers are set.
+                assert_eq!(unsafe { libc::raise(signal) }, 0);
+            }
         }
         self.step = step;
         self.inner.next_batch(step, micro)

@@ -1,0 +1,57 @@
+//! Stopping on request: SIGTERM (what SLURM, Kubernetes and torchrun send before they kill a
+//! job), SIGUSR1 (SLURM's `--signal=USR1@120` warning) and SIGINT (Ctrl-C) make the training loop
+//! finish its step, write a checkpoint and return, so a preempted job loses nothing. A second
+//! Ctrl-C ends the process at once.
+
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+const SIGNALS: [(i32, &str); 3] = [
+    (SIGTERM, "SIGTERM"),
+    (SIGUSR1, "SIGUSR1"),
+    (SIGINT, "SIGINT"),
+];
+
+/// One flag per signal, set by its handler.
+fn flags() -> &'static [(Arc<AtomicBool>, &'static str); 3] {
+    static FLAGS: OnceLock<[(Arc<AtomicBool>, &'static str); 3]> = OnceLock::new();
+    FLAGS.get_or_init(|| SIGNALS.map(|(_, name)| (Arc::new(AtomicBool::new(false)), name)))
+}
+
+/// Installs the handlers (once per process; later calls only clear the flags) and clears any
+/// earlier request, so each run starts unrequested.
+pub fn install() -> std::io::Result<()> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    if INSTALLED.get().is_none() {
+        for ((signal, _), (flag, _)) in SIGNALS.iter().zip(flags()) {
+            if *signal == SIGINT {
+                // A second Ctrl-C, with the first still pending, exits as Ctrl-C does.
+                signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())?;
+            }
+            signal_hook::flag::register(*signal, flag.clone())?;
+        }
+        let _ = INSTALLED.set(());
+    }
+    for (flag, _) in flags() {
+        flag.store(false, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// The signal that asked the run to stop, if one has.
+pub fn requested() -> Option<&'static str> {
+    flags()
+        .iter()
+        .find(|(flag, _)| flag.load(Ordering::SeqCst))
+        .map(|(_, name)| *name)
+}
+
+/// What a rank reports to the others: 1.0 when it was asked to stop.
+pub fn as_flag() -> f64 {
+    if requested().is_some() {
+        1.0
+    } else {
+        0.0
+    }
+}
