@@ -104,7 +104,8 @@ impl Shards {
         out
     }
 
-    /// After the owners' updates, every rank takes each variable's values from its owner.
+    /// After the owners' updates, every rank takes each trainable variable's values from its
+    /// owner (the others never change, and stay as rank 0 broadcast them at the start).
     pub fn broadcast_from_owners(
         &self,
         pg: &ProcessGroup,
@@ -116,7 +117,7 @@ impl Shards {
         let rank = self.rank;
         exchange(
             pg,
-            &self.entries(false, &[""]),
+            &self.entries(true, &[""]),
             &by_name,
             bucket_bytes,
             |entry, values| {
