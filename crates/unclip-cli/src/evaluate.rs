@@ -4,6 +4,7 @@
 //! (FD_CLIP) and, on shapes scenes, the model-free shape count.
 
 use std::path::Path;
+pub use unclip_clip::metrics::{precision_recall, Manifold, NEAREST_K};
 
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
@@ -249,6 +250,9 @@ pub struct ImageRow {
     pub clip_image_score: f64,
     /// Fréchet distance between the CLIP image embeddings of the images and of the real ones.
     pub fd_clip: f64,
+    /// Precision, recall, density and coverage of the images' CLIP image embeddings against the
+    /// real ones' ([`NEAREST_K`] neighbours); None with too few of either.
+    pub manifold: Option<Manifold>,
     /// On shapes scenes: the images' shapes counted against their captions' scenes.
     pub shapes: Option<ShapeTally>,
 }
@@ -325,6 +329,7 @@ pub fn score_pipeline(
             .double_value(&[]),
         // Between normalised embeddings, whichever scale the decoder takes.
         fd_clip: frechet_distance(&z_x, &unit(&held.image_embeds)?)?,
+        manifold: precision_recall(&unit(&held.image_embeds)?, &unit(&z_x)?, NEAREST_K)?,
         shapes,
     })
 }

@@ -1,9 +1,11 @@
 //! `evaluate`'s figures against closed forms: the Fréchet distance (2-D Gaussians in general
 //! position, commuting covariances in any dimension, shifts), the covariance against torch's
-//! `cov`, CLIP's top-1 retrieval and the distinct-caption index.
+//! `cov`, CLIP's top-1 retrieval and the distinct-caption index; precision, recall, density and
+//! coverage against the `prdc` package (fixtures from scripts/fixtures/prdc_metrics.py).
+use std::collections::HashMap;
 use tch::{Kind, Tensor};
 use unclip_cli::evaluate::{
-    caption_top1, frechet_distance, frechet_distance_of, moments, HeldOutImages,
+    caption_top1, frechet_distance, frechet_distance_of, moments, precision_recall, HeldOutImages,
 };
 
 fn f64s(t: &Tensor) -> Vec<f64> {
@@ -123,4 +125,50 @@ fn distinct_captions_index_each_sample_by_first_appearance() {
     let (distinct, own) = held.distinct_captions();
     assert_eq!(distinct, ["red", "blue", "green"]);
     assert_eq!(own, [0, 1, 0, 2]);
+}
+
+#[test]
+fn precision_recall_density_and_coverage_match_prdc() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/prdc/prdc.safetensors");
+    let f: HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} (run scripts/fixtures/prdc_metrics.py): {e}",
+                path.display()
+            )
+        })
+        .into_iter()
+        .collect();
+    let real = &f["real"];
+    for case in ["same", "shifted", "collapsed", "spread", "few"] {
+        for k in [3usize, 5] {
+            let m = precision_recall(real, &f[&format!("{case}.fake")], k)
+                .unwrap()
+                .expect("enough samples");
+            let want = f64s(&f[&format!("{case}.k{k}")]);
+            let got = [m.precision, m.recall, m.density, m.coverage];
+            for (name, (g, w)) in ["precision", "recall", "density", "coverage"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                assert!(
+                    (g - w).abs() < 1e-12,
+                    "{case}, k = {k}: {name} {g} vs prdc's {w}"
+                );
+            }
+        }
+    }
+    // A set against itself: every sample inside its own ball.
+    let m = precision_recall(real, real, 5).unwrap().unwrap();
+    assert_eq!((m.precision, m.recall, m.coverage), (1.0, 1.0, 1.0));
+    // Balls need more than k samples in each set.
+    assert!(precision_recall(real, &real.narrow(0, 0, 5), 5)
+        .unwrap()
+        .is_none());
+    assert!(
+        precision_recall(&real.narrow(0, 0, 6), &real.narrow(0, 0, 6), 5)
+            .unwrap()
+            .is_some()
+    );
 }

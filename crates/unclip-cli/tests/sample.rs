@@ -630,6 +630,11 @@ fn evaluate_scores_the_prior_alone(runs: &Runs) {
         for key in ["cos_sample_zi", "cos_sample_zt"] {
             assert!(f(&row[key]).abs() <= 1.0 + 1e-6, "{row}");
         }
+        // More held-out captions than the 5 neighbours: the samples' precision and recall.
+        assert!(stored.len() > 5);
+        for key in ["precision", "recall", "coverage"] {
+            assert!((0.0..=1.0).contains(&f(&row["manifold"][key])), "{row}");
+        }
     }
     assert_ne!(rows[0]["cos_sample_zi"], rows[1]["cos_sample_zi"]);
     assert_eq!(report["prior"]["sampling"], "Ddim 8");
@@ -737,6 +742,13 @@ fn evaluate_scores_the_pipelines_images(runs: &Runs) {
         let top1 = f(&row["clip_top1"]);
         assert!((0.0..=1.0).contains(&top1), "{row}");
         assert!(f(&row["fd_clip"]) > 0.0, "{row}");
+        // 16 images against 8 real ones: enough for 5-neighbour balls (the figures are checked
+        // against prdc in evaluate_metrics).
+        let m = &row["manifold"];
+        for key in ["precision", "recall", "coverage"] {
+            assert!((0.0..=1.0).contains(&f(&m[key])), "{key} in {row}");
+        }
+        assert!(f(&m["density"]) >= 0.0, "{row}");
     }
     assert_ne!(rows[0]["clip_score"], rows[1]["clip_score"]);
     assert!(report["prior_eval"]["rows"].as_array().unwrap().len() == 1);

@@ -7,6 +7,7 @@ pub mod config;
 pub mod convert;
 pub mod load;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod resnet;
 pub mod task;

@@ -3,7 +3,8 @@
 
 use anyhow::{bail, Result};
 use tch::{nn, Tensor};
-use unclip_diffusion::embedding::mean_cosine;
+use unclip_clip::metrics::{precision_recall, NEAREST_K};
+use unclip_diffusion::embedding::{l2_normalize, mean_cosine};
 use unclip_diffusion::SamplerConfig;
 
 use crate::autoregressive::{ArSampling, AutoregressivePrior};
@@ -125,6 +126,11 @@ impl Prior {
                 guidance_scale: scale,
                 cos_true: mean_cosine(&s.image_embeds, &h.image_embeds)?,
                 cos_text: mean_cosine(&s.image_embeds, &h.text.text_embeds)?,
+                manifold: precision_recall(
+                    &l2_normalize(&h.image_embeds)?,
+                    &l2_normalize(&s.image_embeds)?,
+                    NEAREST_K,
+                )?,
             });
         }
         Ok(EvalReport {

@@ -386,6 +386,9 @@ pub struct EvalRow {
     pub cos_true: f64,
     /// Mean cosine(sampled z_i, z_t).
     pub cos_text: f64,
+    /// Precision (fidelity) and recall (diversity) of the sampled z_i against the true ones, as
+    /// unit vectors; None with too few captions.
+    pub manifold: Option<unclip_clip::metrics::Manifold>,
 }
 
 #[derive(Debug, Clone)]
@@ -399,14 +402,18 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
-    /// One line: the baseline, then cos(sample, true z_i) / cos(sample, z_t) per guidance scale.
+    /// One line: the baseline, then cos(sample, true z_i) / cos(sample, z_t) per guidance scale
+    /// (and the samples' precision / recall against the true z_i).
     pub fn summary(&self) -> String {
         let rows: Vec<String> = self
             .rows
             .iter()
             .map(|r| {
+                let manifold = r.manifold.map_or(String::new(), |m| {
+                    format!(" (precision {:.3}, recall {:.3})", m.precision, m.recall)
+                });
                 format!(
-                    "guidance {} {:.4}/{:.4}",
+                    "guidance {} {:.4}/{:.4}{manifold}",
                     r.guidance_scale, r.cos_true, r.cos_text
                 )
             })
@@ -766,6 +773,10 @@ impl TrainTask for PriorTask {
                     let g = r.guidance_scale;
                     metrics.push((format!("heldout_cos_true_g{g}"), r.cos_true));
                     metrics.push((format!("heldout_cos_text_g{g}"), r.cos_text));
+                    if let Some(m) = r.manifold {
+                        metrics.push((format!("heldout_precision_g{g}"), m.precision));
+                        metrics.push((format!("heldout_recall_g{g}"), m.recall));
+                    }
                 }
             }
         }

@@ -143,6 +143,7 @@ fn prior_eval_json(r: &EvalReport) -> Value {
             "guidance": row.guidance_scale,
             "cos_sample_zi": row.cos_true,
             "cos_sample_zt": row.cos_text,
+            "manifold": row.manifold,
         })).collect::<Vec<_>>(),
     })
 }
@@ -178,8 +179,14 @@ fn image_row_line(r: &ImageRow) -> String {
         _ => "z_t, no prior".to_string(),
     };
     let shapes = r.shapes.map_or(String::new(), |s| format!("; {s}"));
+    let manifold = r.manifold.map_or(String::new(), |m| {
+        format!(
+            ", precision {:.3}, recall {:.3}, density {:.3}, coverage {:.3}",
+            m.precision, m.recall, m.density, m.coverage
+        )
+    });
     format!(
-        "{prior}, decoder guidance {}: CLIP score {:.4}, caption top-1 {:.1} %, cos(CLIP(image), z_i) {:.4}, FD_CLIP {:.4}{shapes}",
+        "{prior}, decoder guidance {}: CLIP score {:.4}, caption top-1 {:.1} %, cos(CLIP(image), z_i) {:.4}, FD_CLIP {:.4}{manifold}{shapes}",
         r.decoder_guidance,
         r.clip_score,
         100.0 * r.clip_top1,

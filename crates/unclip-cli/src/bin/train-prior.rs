@@ -66,8 +66,11 @@ fn print_report(report: &EvalReport, count: usize, what: &str) {
         println!("  cosine(true z_i, z_i through the codec) {c:.4} (the ceiling)");
     }
     for r in &report.rows {
+        let manifold = r.manifold.map_or(String::new(), |m| {
+            format!("  precision {:.3} recall {:.3}", m.precision, m.recall)
+        });
         println!(
-            "  guidance {:>4}: cosine(sampled z_i, true z_i) {:.4}  cosine(sampled z_i, z_t) {:.4}",
+            "  guidance {:>4}: cosine(sampled z_i, true z_i) {:.4}  cosine(sampled z_i, z_t) {:.4}{manifold}",
             r.guidance_scale, r.cos_true, r.cos_text
         );
     }
