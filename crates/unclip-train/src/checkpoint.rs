@@ -26,6 +26,9 @@ pub struct CheckpointMeta {
     /// checkpoints, which had `step`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer_steps: Option<u64>,
+    /// How many processes trained the run (absent in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
     /// The fp16 loss scaler's state (absent for other precisions and older checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<crate::loss_scale::LossScaleState>,
@@ -44,6 +47,7 @@ impl CheckpointMeta {
             nonfinite_skipped: 0,
             seed: 0,
             optimizer_steps: None,
+            world_size: None,
             loss_scale: None,
             data_state: serde_json::Value::Null,
             config: serde_json::Value::Null,

@@ -204,6 +204,19 @@ pub fn parameter_summary(vs: &VarStore) -> Vec<(String, i64)> {
     by_module.into_iter().collect()
 }
 
+/// What to tell a run resumed on another number of processes than saved its checkpoint: the
+/// weights and optimiser state carry over whole (checkpoints are unsharded), the data position
+/// does not quite — it counts rank 0's samples in the old split of the shards among the ranks.
+pub fn world_size_note(saved: Option<usize>, now: usize) -> Option<String> {
+    let saved = saved.filter(|&s| s != now)?;
+    Some(format!(
+        "resuming on {now} process(es) a run that {saved} saved: weights, EMA and optimiser state \
+         carry over whole, but the data position is rank 0's in the old split of the shards, so \
+         this epoch's remaining samples are read as the new split places them (some again, some \
+         not until the next epoch)"
+    ))
+}
+
 /// Resolves `--resume`: `auto` is the newest complete checkpoint of the run (none: fresh start).
 pub fn resolve_resume(run_dir: &Path, resume: Option<&str>) -> Result<Option<PathBuf>> {
     match resume {
@@ -236,6 +249,7 @@ pub fn train<T: TrainTask>(
     let cfg = &train_cfg;
     let dist = distributed::group_from_env(&runtime.distributed, vs.device())?.map(Rc::new);
     let rank = dist.as_ref().map_or(0, |g| g.rank());
+    let world_size = dist.as_ref().map_or(1, |g| g.world_size());
     let rank0 = rank == 0;
     let ckpt_root = checkpoint::checkpoints_dir(run_dir);
     if resume.is_none() {
@@ -283,6 +297,7 @@ pub fn train<T: TrainTask>(
         .map(|d| Ema::sharded(vs, d, cfg.ema_warmup, owns));
     let mut start = 0u64;
     let mut nonfinite_skipped = 0u64;
+    let mut resume_note = None;
     let resumed_from = resolve_resume(run_dir, resume)?;
     if let Some(dir) = &resumed_from {
         let ck = checkpoint::load(dir)?;
@@ -306,6 +321,7 @@ pub fn train<T: TrainTask>(
         task.restore_data_state(&ck.meta.data_state)?;
         start = ck.meta.step;
         nonfinite_skipped = ck.meta.nonfinite_skipped;
+        resume_note = world_size_note(ck.meta.world_size, world_size);
     }
 
     // Only rank 0 writes logs and checkpoints.
@@ -324,6 +340,13 @@ pub fn train<T: TrainTask>(
     }
     if let Some(dir) = &resumed_from {
         logger.message(&format!("resumed from {} at step {start}", dir.display()));
+    }
+    if let (Some(note), true) = (&resume_note, rank0) {
+        logger.message(note);
+    }
+    if runtime.distributed.shard_optimizer && dist.is_none() && rank0 {
+        logger
+            .message("distributed.shard_optimizer: a single process has nothing to shard it over");
     }
     if let (Some(s), true) = (&shards, rank0) {
         let (own, all) = s.owned_numel();
@@ -385,9 +408,8 @@ pub fn train<T: TrainTask>(
         ];
         let reduced = distributed::mean_over_ranks(dist.as_deref(), &local)?;
         let stop_now = reduced[3] > 0.0;
-        let world = dist.as_ref().map_or(1, |g| g.world_size());
         let (loss, data_secs) = (reduced[0], reduced[2]);
-        let samples = (reduced[1] * world as f64).round() as usize;
+        let samples = (reduced[1] * world_size as f64).round() as usize;
         if let (Some(pg), true) = (&dist, loss.is_finite()) {
             distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
         }
@@ -543,6 +565,7 @@ pub fn train<T: TrainTask>(
             meta.seed = runtime.seed;
             meta.loss_scale = scaler.as_ref().map(LossScaler::state);
             meta.optimizer_steps = Some(opt.steps_taken());
+            meta.world_size = Some(world_size);
             meta.data_state = task.data_state();
             meta.config = config_json.clone();
             let dir = checkpoint::save(

@@ -11,6 +11,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 use unclip_dist::launch::launch_local;
 use unclip_train::config::{parse_config, Validate};
+use unclip_train::trainer::world_size_note;
 use unclip_train::{train, StepOutput, TrainTask};
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -301,8 +302,27 @@ fn sharded_optimizer_state_gives_the_same_run_and_resumes_exactly() {
     let single = tmp.path().join("single");
     let six = resumed.join("checkpoints/step-000000006");
     assert!(six.is_dir(), "the step-6 checkpoint is kept");
+    let saved_by = |ck: &Path| {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ck.join("meta.json")).unwrap()).unwrap();
+        meta["world_size"].as_u64()
+    };
+    assert_eq!(saved_by(&six), Some(2));
+    // Resumed on another world size, the run says what does not carry over exactly.
+    let note = world_size_note(Some(2), 1).expect("a note for 2 -> 1");
+    assert!(note.contains("1 process(es) a run that 2 saved") && note.contains("data position"));
+    assert_eq!(world_size_note(Some(2), 2), None);
+    assert_eq!(
+        world_size_note(None, 1),
+        None,
+        "older checkpoints say nothing"
+    );
     let summary = run(&single, 32, &[], Some(six.to_str().unwrap()));
     assert_eq!(summary.final_step, 12);
+    assert_eq!(
+        saved_by(&single.join("checkpoints/step-000000012")),
+        Some(1)
+    );
     let (a, b) = (
         weights(&sharded, "model.safetensors"),
         weights(&single, "model.safetensors"),
