@@ -152,6 +152,14 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// What gradients are averaged in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceDtype {
+    Fp32,
+    Bf16,
+}
+
 /// `distributed:` — data-parallel training (active when launched with RANK / WORLD_SIZE).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -160,6 +168,10 @@ pub struct DistributedConfig {
     pub timeout_secs: u64,
     /// Gradients are all-reduced in buckets of at most this many MiB.
     pub bucket_mb: f64,
+    /// The type gradients travel in when averaged: `fp32`, or `bf16` (half the bytes, as
+    /// PyTorch's `bf16_compress_hook`: each rank's gradients rounded to bfloat16, averaged, and
+    /// widened back).
+    pub reduce_dtype: ReduceDtype,
     /// ZeRO stage 1: each rank keeps the AdamW moments and EMA weights of only its share of the
     /// parameters (about 1/WORLD_SIZE of them) and updates those; the same updates as without.
     pub shard_optimizer: bool,
@@ -170,6 +182,7 @@ impl Default for DistributedConfig {
         Self {
             timeout_secs: 600,
             bucket_mb: 25.0,
+            reduce_dtype: ReduceDtype::Fp32,
             shard_optimizer: false,
         }
     }

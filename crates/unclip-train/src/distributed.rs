@@ -1,11 +1,11 @@
 //! Data parallelism over c10d: the group from the torchrun environment (Gloo on CPU, NCCL on
 //! CUDA), rank 0's weights broadcast at start, gradients averaged in buckets after backward.
 
-use crate::config::DistributedConfig;
+use crate::config::{DistributedConfig, ReduceDtype};
 use anyhow::{anyhow, bail, Context, Result};
 use std::time::Duration;
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 use unclip_diffusion::device::parse_device;
 use unclip_dist::{DistEnv, ProcessGroup};
 
@@ -107,11 +107,13 @@ pub fn broadcast_variables(pg: &ProcessGroup, vs: &VarStore) -> Result<()> {
 }
 
 /// Averages the gradients of `vars` over ranks, flattening them into buckets of at most
-/// `bucket_bytes` so each collective moves a large contiguous buffer.
+/// `bucket_bytes` so each collective moves a large contiguous buffer; with `ReduceDtype::Bf16`
+/// the buckets travel as bfloat16.
 pub fn all_reduce_gradients<'a>(
     pg: &ProcessGroup,
     vars: impl Iterator<Item = &'a Tensor>,
     bucket_bytes: usize,
+    dtype: ReduceDtype,
 ) -> Result<()> {
     let _guard = tch::no_grad_guard();
     let grads: Vec<Tensor> = vars.map(|v| v.grad()).filter(|g| g.defined()).collect();
@@ -125,6 +127,9 @@ pub fn all_reduce_gradients<'a>(
                 &bucket.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
                 0,
             );
+            if dtype == ReduceDtype::Bf16 {
+                flat = flat.to_kind(Kind::BFloat16);
+            }
             pg.all_reduce_mean(&mut flat)
                 .context("averaging gradients")?;
             let mut offset = 0i64;

@@ -278,6 +278,7 @@ pub fn train<T: TrainTask>(
     precision::set_tf32(cfg.tf32);
     crate::malloc::retain_freed_memory();
     let bucket_bytes = (runtime.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
+    let reduce_dtype = runtime.distributed.reduce_dtype;
 
     if cfg.channels_last {
         // Before the optimiser and EMA, whose state tensors copy the variables' layout.
@@ -411,7 +412,7 @@ pub fn train<T: TrainTask>(
         let (loss, data_secs) = (reduced[0], reduced[2]);
         let samples = (reduced[1] * world_size as f64).round() as usize;
         if let (Some(pg), true) = (&dist, loss.is_finite()) {
-            distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
+            distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes, reduce_dtype)?;
         }
         let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss)?;
         if let (Some(rho), Gradients::Finite(norm)) = (cfg.sam_rho, gradients) {
@@ -424,7 +425,7 @@ pub fn train<T: TrainTask>(
             }
             let second = distributed::mean_over_ranks(dist.as_deref(), &[second])?[0];
             if let (Some(pg), true) = (&dist, second.is_finite()) {
-                distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes)?;
+                distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes, reduce_dtype)?;
             }
             opt.sam_descend(perturbation);
             gradients = check_gradients(&mut opt, scaler.as_mut(), second)?;

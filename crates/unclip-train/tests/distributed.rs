@@ -352,3 +352,31 @@ fn sigterm_to_one_rank_stops_both_after_the_same_step_and_resume_is_exact() {
     two_ranks(&stopped, zero, Some("auto"), 12);
     assert_same_checkpoints(&whole, &stopped, "after the stop and resume");
 }
+
+#[test]
+fn bf16_gradient_averaging_trains_like_fp32_in_half_the_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fp32 = tmp.path().join("fp32");
+    two_ranks(&fp32, "", None, 12);
+    let bf16 = tmp.path().join("bf16");
+    two_ranks(&bf16, "distributed.reduce_dtype=bf16", None, 12);
+    let (a, b) = (
+        weights(&fp32, "model.safetensors"),
+        weights(&bf16, "model.safetensors"),
+    );
+    let mut largest = 0.0f64;
+    for (k, t) in &a {
+        let d = (t - &b[k]).abs().max().double_value(&[]);
+        let scale = t.abs().max().double_value(&[]);
+        assert!(
+            d <= 2e-2 * scale.max(1.0),
+            "`{k}` moved {d} with bf16 gradients"
+        );
+        largest = largest.max(d);
+    }
+    // bfloat16 keeps 8 bits of mantissa: the gradients really travelled rounded.
+    assert!(
+        largest > 0.0,
+        "bf16 averaging left the weights bit-identical"
+    );
+}
