@@ -114,6 +114,8 @@ pub struct LoggingConfig {
     /// Scalars are averaged over and written every this many steps.
     pub every: u64,
     pub tensorboard: bool,
+    /// Also append every logged scalar to `<run>/metrics.jsonl`, a JSON object per line.
+    pub jsonl: bool,
     pub progress: ProgressStyle,
     /// Log the task's sample images every this many steps (none: never).
     pub images_every: Option<u64>,
@@ -124,6 +126,7 @@ impl Default for LoggingConfig {
         Self {
             every: 10,
             tensorboard: true,
+            jsonl: true,
             progress: ProgressStyle::Auto,
             images_every: None,
         }

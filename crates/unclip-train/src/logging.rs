@@ -1,4 +1,5 @@
-//! TensorBoard scalars (tensorboard-rs) and console progress (an indicatif bar on a terminal,
+//! TensorBoard scalars (tensorboard-rs), the same scalars as JSON lines (`metrics.jsonl`, for
+//! scripts and plots without TensorBoard) and console progress (an indicatif bar on a terminal,
 //! plain periodic lines otherwise).
 
 use crate::config::{LoggingConfig, ProgressStyle};
@@ -11,6 +12,8 @@ use tensorboard_rs::summary_writer::SummaryWriter;
 
 pub struct Logger {
     tb: Option<SummaryWriter>,
+    /// `<run>/metrics.jsonl`, appended to (a resumed run continues the file).
+    jsonl: Option<(std::fs::File, std::path::PathBuf)>,
     bar: Option<ProgressBar>,
     lines: bool,
     total: u64,
@@ -36,6 +39,17 @@ impl Logger {
         } else {
             None
         };
+        let jsonl = if cfg.jsonl {
+            let path = run_dir.join("metrics.jsonl");
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            Some((file, path))
+        } else {
+            None
+        };
         let terminal = std::io::stdout().is_terminal();
         let (bar, lines) = match cfg.progress {
             ProgressStyle::Off => (false, false),
@@ -55,6 +69,7 @@ impl Logger {
         });
         Ok(Self {
             tb,
+            jsonl,
             bar,
             lines,
             total: total_steps,
@@ -81,13 +96,33 @@ impl Logger {
         Ok(())
     }
 
-    pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) {
+    /// `values` at `step`: to TensorBoard, and as one line `{"step": …, "time": …, tag: value, …}`
+    /// (Unix seconds; a non-finite value as null) to `metrics.jsonl`.
+    pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
         if let Some(tb) = &mut self.tb {
             for (tag, v) in values {
                 tb.add_scalar(tag, *v as f32, step as usize);
             }
             tb.flush();
         }
+        if let Some((file, path)) = &mut self.jsonl {
+            let time = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let mut line = serde_json::Map::new();
+            line.insert("step".into(), step.into());
+            line.insert("time".into(), time.into());
+            for (tag, v) in values {
+                line.insert(tag.clone(), (*v).into());
+            }
+            use std::io::Write;
+            writeln!(file, "{}", serde_json::Value::Object(line))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// After every step: moves the bar; on log steps prints a line when not on a terminal.

@@ -331,6 +331,7 @@ pub fn train<T: TrainTask>(
     } else {
         LoggingConfig {
             tensorboard: false,
+            jsonl: false,
             progress: ProgressStyle::Off,
             ..runtime.logging.clone()
         }
@@ -523,7 +524,7 @@ pub fn train<T: TrainTask>(
             for (k, v) in distributed::mean_metrics(dist.as_deref(), local)? {
                 scalars.push((format!("train/{k}"), v));
             }
-            logger.scalars(done, &scalars);
+            logger.scalars(done, &scalars)?;
             (
                 int_loss,
                 int_norm,
@@ -550,7 +551,7 @@ pub fn train<T: TrainTask>(
                 None => tch::no_grad(|| task.images(done)),
             };
             logger.images(done, &images?)?;
-            logger.scalars(done, &task.sample_scalars());
+            logger.scalars(done, &task.sample_scalars())?;
         }
         let optimizer_state = match (&shards, &dist) {
             (Some(s), Some(pg)) if checkpoint_due => {

@@ -208,6 +208,36 @@ fn tensorboard_reads_the_scalars_back() {
         (got - want).abs() < 1e-5 * want.abs(),
         "logged {got} vs {want}"
     );
+    // metrics.jsonl holds the same scalars, a line per logged step (and per sample set).
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut seen = 0;
+    for line in &lines {
+        let step = line["step"].as_u64().unwrap();
+        assert!(line["time"].as_f64().unwrap() > 1.7e9, "{line}");
+        for (tag, v) in line.as_object().unwrap() {
+            if tag == "step" || tag == "time" {
+                continue;
+            }
+            let tb = scalars[&(tag.clone(), step)];
+            let v = v.as_f64().unwrap();
+            // TensorBoard keeps f32.
+            assert!(
+                (tb - v).abs() <= 1e-6 * v.abs().max(1e-3),
+                "{tag} at {step}: {v} vs {tb}"
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(
+        seen,
+        scalars.len(),
+        "every TensorBoard scalar is in metrics.jsonl"
+    );
+    assert_eq!(lines.len(), 8 + 2, "8 logged steps and 2 sample sets");
     let frac = scalars[&("perf/data_wait_fraction".to_string(), 40)];
     assert!((0.0..=1.0).contains(&frac));
     // The task's scores of its samples, at the image steps only.
