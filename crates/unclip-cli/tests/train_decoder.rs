@@ -7,7 +7,7 @@ use std::path::Path;
 mod common;
 use common::{
     decoder_config, dry_run_committed, dry_run_total, embed_shapes, embedded_shapes,
-    launch_two_ranks, run, run_fails,
+    launch_two_ranks, launch_two_ranks_with, run, run_fails,
 };
 use unclip_data::embeddings::ClipEmbeddings;
 use unclip_decoder::task::{
@@ -414,10 +414,13 @@ fn train_decoder_runs_data_parallel_and_resumes_exactly() {
         );
     }
     // Interrupted at step 20 and resumed by both ranks: the same weights, EMA and optimiser state
-    // (every rank's data position and generator come back, not only rank 0's).
+    // (every rank's data position and generator come back, not only rank 0's) — with the
+    // optimiser state and EMA sharded over the ranks (ZeRO-1), which changes no update.
     let split = dir.join("split");
-    launch_two_ranks(decoder, &config, &split, "20", false);
-    launch_two_ranks(decoder, &config, &split, "40", true);
+    let zero = ["distributed.shard_optimizer=true"];
+    launch_two_ranks_with(decoder, &config, &split, "20", false, &zero);
+    let outputs = launch_two_ranks_with(decoder, &config, &split, "40", true, &zero);
+    assert!(outputs[0].contains("ZeRO-1"), "{}", outputs[0]);
     same_step_40(
         &full,
         &split,
