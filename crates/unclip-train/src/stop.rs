@@ -19,14 +19,34 @@ fn flags() -> &'static [(Arc<AtomicBool>, &'static str); 3] {
     FLAGS.get_or_init(|| SIGNALS.map(|(_, name)| (Arc::new(AtomicBool::new(false)), name)))
 }
 
-/// Installs the handlers (once per process; later calls only clear the flags) and clears any
-/// earlier request, so each run starts unrequested.
-pub fn install() -> std::io::Result<()> {
+/// True while no run trains: the signals then act as they would without these handlers.
+fn disarmed() -> &'static Arc<AtomicBool> {
+    static DISARMED: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    DISARMED.get_or_init(|| Arc::new(AtomicBool::new(true)))
+}
+
+/// Armed handlers for a training run; dropped, the signals act as before again (a single Ctrl-C
+/// ends a finished run's report or sampling). signal-hook's handlers cannot be removed without
+/// leaving the signals ignored, so they stay installed and emulate the default action when
+/// disarmed.
+pub struct Handlers(());
+
+impl Drop for Handlers {
+    fn drop(&mut self) {
+        disarmed().store(true, Ordering::SeqCst);
+    }
+}
+
+/// Installs the handlers (once per process) and arms them, with every flag cleared, until the
+/// returned guard is dropped.
+pub fn install() -> std::io::Result<Handlers> {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     if INSTALLED.get().is_none() {
         for ((signal, _), (flag, _)) in SIGNALS.iter().zip(flags()) {
+            // In registration order: disarmed, the default action; a second Ctrl-C while the
+            // first is pending, an exit as Ctrl-C's; otherwise the flag.
+            signal_hook::flag::register_conditional_default(*signal, disarmed().clone())?;
             if *signal == SIGINT {
-                // A second Ctrl-C, with the first still pending, exits as Ctrl-C does.
                 signal_hook::flag::register_conditional_shutdown(SIGINT, 130, flag.clone())?;
             }
             signal_hook::flag::register(*signal, flag.clone())?;
@@ -36,7 +56,8 @@ pub fn install() -> std::io::Result<()> {
     for (flag, _) in flags() {
         flag.store(false, Ordering::SeqCst);
     }
-    Ok(())
+    disarmed().store(false, Ordering::SeqCst);
+    Ok(Handlers(()))
 }
 
 /// The signal that asked the run to stop, if one has.

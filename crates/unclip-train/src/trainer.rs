@@ -372,7 +372,8 @@ pub fn train<T: TrainTask>(
     let (mut int_data_secs, mut int_secs) = (0.0f64, 0.0f64);
     let mut int_metrics: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     let run_start = Instant::now();
-    crate::stop::install().context("installing the SIGTERM / SIGUSR1 / SIGINT handlers")?;
+    let _handlers =
+        crate::stop::install().context("installing the SIGTERM / SIGUSR1 / SIGINT handlers")?;
     let mut stopped_by = None;
     let mut final_step = cfg.steps.max(start);
 

@@ -80,3 +80,68 @@ fn a_signal_stops_after_its_step_with_a_checkpoint_and_resume_is_exact() {
         }
     }
 }
+
+/// The child process of the test below: `UNCLIP_TEST_STOP_MODE` says what it does.
+#[test]
+#[ignore = "a child process of signals_act_as_before_outside_training"]
+fn signal_child() {
+    let Ok(mode) = std::env::var("UNCLIP_TEST_STOP_MODE") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg: RunConfig<ToyConfig> = parse_config(
+        CONFIG,
+        &["train.steps=4".into(), "checkpoint.every=100".into()],
+    )
+    .unwrap();
+    tch::manual_seed(123);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut task = FaultyToy::new(&vs, &cfg.task, cfg.runtime.train.batch_size);
+    if mode == "twice" {
+        // Ctrl-C pressed twice during step 2: the second ends the process at once.
+        task.signal_at = Some((2, libc::SIGINT));
+        task.signal_twice = true;
+    }
+    let summary = train(
+        &mut task,
+        &vs,
+        &cfg.runtime,
+        &cfg.resolved,
+        tmp.path(),
+        None,
+    )
+    .unwrap();
+    println!("trained to step {}", summary.final_step);
+    if mode == "after" {
+        // The run is over: SIGTERM terminates, as without the handlers.
+        // SAFETY: raise only delivers the signal to this process.
+        unsafe { libc::raise(libc::SIGTERM) };
+    }
+    println!("survived");
+}
+
+#[test]
+fn signals_act_as_before_outside_training() {
+    use std::os::unix::process::ExitStatusExt;
+    let child = |mode: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "signal_child",
+                "--include-ignored",
+                "--nocapture",
+            ])
+            .env("UNCLIP_TEST_STOP_MODE", mode)
+            .output()
+            .unwrap()
+    };
+    let out = child("after");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("trained to step 4"), "{text}");
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{text}");
+    assert!(!text.contains("survived"), "{text}");
+    let out = child("twice");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{text}");
+    assert!(!text.contains("trained to step"), "{text}");
+}

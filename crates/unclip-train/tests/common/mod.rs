@@ -36,6 +36,8 @@ pub struct FaultyToy {
     pub crash_at: Option<u64>,
     /// (step, signal number)
     pub signal_at: Option<(u64, i32)>,
+    /// Send it twice.
+    pub signal_twice: bool,
     pub poison: Vec<u64>,
     step: u64,
 }
@@ -46,6 +48,7 @@ impl FaultyToy {
             inner: ToyTask::new(vs, cfg, batch).unwrap(),
             crash_at: None,
             signal_at: None,
+            signal_twice: false,
             poison: Vec::new(),
             step: 0,
         }
@@ -60,8 +63,11 @@ impl TrainTask for FaultyToy {
         }
         if let Some((at, signal)) = self.signal_at {
             if at == step && micro == 0 {
-                // SAFETY: raise only delivers the signal to this process, whose handlers are set.
-                assert_eq!(unsafe { libc::raise(signal) }, 0);
+                for _ in 0..if self.signal_twice { 2 } else { 1 } {
+                    // SAFETY: raise only delivers the signal to this process, whose handlers are
+                    // set.
+                    assert_eq!(unsafe { libc::raise(signal) }, 0);
+                }
             }
         }
         self.step = step;
