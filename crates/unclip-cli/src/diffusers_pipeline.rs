@@ -115,8 +115,10 @@ fn check_tower(dir: &Path, tower: &Tower, encoder: &CaptionEncoder, clip: &Path)
     if !tower.required && !path.is_file() {
         return Ok(());
     }
-    let theirs =
+    let mut theirs =
         Tensor::read_safetensors(&path).with_context(|| format!("reading {}", path.display()))?;
+    // The file's order comes through a hash map: by name, the same tensor is named every time.
+    theirs.sort_by(|a, b| a.0.cmp(&b.0));
     let ours = encoder.clip.vs.variables();
     for (name, t) in &theirs {
         let same = ours.get(name).is_some_and(|o| {
