@@ -1,7 +1,8 @@
 //! The training runtime every unCLIP trainer shares. A model crate supplies a [`TrainTask`]
 //! ("build the model", "loss for a batch"); this crate owns the loop: configs, AdamW with
 //! savable state, learning-rate schedule, gradient clipping and accumulation, EMA, atomic
-//! checkpoints with exact resume, TensorBoard scalars and a progress display.
+//! checkpoints with exact resume (and a checkpoint on SIGTERM), TensorBoard scalars and
+//! `metrics.jsonl`, a progress display, and data parallelism over c10d with optional ZeRO-1.
 
 pub mod checkpoint;
 pub mod cli;
