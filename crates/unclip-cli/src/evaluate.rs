@@ -318,6 +318,8 @@ pub fn score_pipeline(
     let z_x = Tensor::f_cat(&z_x, 0)?;
     let own = Tensor::from_slice(&own).repeat_interleave_self_int(k, 0, None);
     let z_t = z_t.to_device(Device::Cpu);
+    // Between normalised embeddings, whichever scale the decoder takes.
+    let real = unit(&held.image_embeds)?;
     Ok(ImageRow {
         conditioning,
         prior_guidance: (conditioning == Conditioning::Prior).then_some(o.prior_guidance),
@@ -327,9 +329,8 @@ pub fn score_pipeline(
         clip_image_score: Tensor::f_cat(&clip_image, 0)?
             .mean(Kind::Double)
             .double_value(&[]),
-        // Between normalised embeddings, whichever scale the decoder takes.
-        fd_clip: frechet_distance(&z_x, &unit(&held.image_embeds)?)?,
-        manifold: precision_recall(&unit(&held.image_embeds)?, &unit(&z_x)?, NEAREST_K)?,
+        fd_clip: frechet_distance(&z_x, &real)?,
+        manifold: precision_recall(&real, &unit(&z_x)?, NEAREST_K)?,
         shapes,
     })
 }

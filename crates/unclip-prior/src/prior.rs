@@ -111,6 +111,7 @@ impl Prior {
             }
             Self::Diffusion(_) => None,
         };
+        let true_unit = l2_normalize(&h.image_embeds)?;
         let mut rows = Vec::new();
         for &scale in &settings.guidance_scales {
             tch::manual_seed(settings.seed);
@@ -126,11 +127,7 @@ impl Prior {
                 guidance_scale: scale,
                 cos_true: mean_cosine(&s.image_embeds, &h.image_embeds)?,
                 cos_text: mean_cosine(&s.image_embeds, &h.text.text_embeds)?,
-                manifold: precision_recall(
-                    &l2_normalize(&h.image_embeds)?,
-                    &l2_normalize(&s.image_embeds)?,
-                    NEAREST_K,
-                )?,
+                manifold: precision_recall(&true_unit, &l2_normalize(&s.image_embeds)?, NEAREST_K)?,
             });
         }
         Ok(EvalReport {

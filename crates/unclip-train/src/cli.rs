@@ -129,7 +129,7 @@ fn print_total(total: i64, runtime: &crate::config::RuntimeConfig) {
 
 /// Bytes of training state per parameter: (what ZeRO-1 shards — AdamW's moments and the EMA,
 /// fp32 — and what every rank keeps whole — fp32 weights and gradients).
-pub fn state_bytes_per_param(ema: bool) -> (f64, f64) {
+fn state_bytes_per_param(ema: bool) -> (f64, f64) {
     (if ema { 12.0 } else { 8.0 }, 8.0)
 }
 

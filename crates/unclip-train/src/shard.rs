@@ -132,7 +132,7 @@ impl Shards {
     }
 
     /// Rank 0 receives the whole EMA (every variable; `local` holds this rank's shadows by
-    /// name), on the CPU; None on other ranks.
+    /// name): its own share as it holds it, the other ranks' on the CPU; None on other ranks.
     pub fn gather_ema(
         &self,
         pg: &ProcessGroup,
@@ -144,8 +144,8 @@ impl Shards {
     }
 
     /// Rank 0 receives the whole optimiser state (`exp_avg.NAME`, `exp_avg_sq.NAME` of every
-    /// trainable variable, as [`crate::optim::AdamW::state_tensors`] names them), on the CPU;
-    /// None on other ranks.
+    /// trainable variable, as [`crate::optim::AdamW::state_tensors`] names them): its own share
+    /// as it holds it, the other ranks' on the CPU; None on other ranks.
     pub fn gather_optimizer_state(
         &self,
         pg: &ProcessGroup,

@@ -5,7 +5,7 @@
 
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 const SIGNALS: [(i32, &str); 3] = [
     (SIGTERM, "SIGTERM"),
@@ -40,8 +40,10 @@ impl Drop for Handlers {
 /// Installs the handlers (once per process) and arms them, with every flag cleared, until the
 /// returned guard is dropped.
 pub fn install() -> std::io::Result<Handlers> {
-    static INSTALLED: OnceLock<()> = OnceLock::new();
-    if INSTALLED.get().is_none() {
+    // Under a lock: two runs starting at once must not register the handlers twice.
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if !*installed {
         for ((signal, _), (flag, _)) in SIGNALS.iter().zip(flags()) {
             // In registration order: disarmed, the default action; a second Ctrl-C while the
             // first is pending, an exit as Ctrl-C's; otherwise the flag.
@@ -51,7 +53,7 @@ pub fn install() -> std::io::Result<Handlers> {
             }
             signal_hook::flag::register(*signal, flag.clone())?;
         }
-        let _ = INSTALLED.set(());
+        *installed = true;
     }
     for (flag, _) in flags() {
         flag.store(false, Ordering::SeqCst);

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 use unclip_dist::launch::launch_local;
+use unclip_testkit::max_abs_diff;
 use unclip_train::config::{parse_config, Validate};
 use unclip_train::trainer::world_size_note;
 use unclip_train::{train, StepOutput, TrainTask};
@@ -237,7 +238,7 @@ fn two_gloo_ranks_match_one_process() {
         let (a, b) = (weights(&single, file), weights(&multi, file));
         assert_eq!(a.len(), b.len());
         for (k, t) in &a {
-            let d = (t - &b[k]).abs().max().double_value(&[]);
+            let d = max_abs_diff(t, &b[k]);
             assert!(
                 d < 1e-5,
                 "{file}: `{k}` differs by {d} between 1 process and 2 ranks"
@@ -328,7 +329,7 @@ fn sharded_optimizer_state_gives_the_same_run_and_resumes_exactly() {
         weights(&single, "model.safetensors"),
     );
     for (k, t) in &a {
-        let d = (t - &b[k]).abs().max().double_value(&[]);
+        let d = max_abs_diff(t, &b[k]);
         assert!(d < 1e-5, "`{k}` differs by {d} resumed in one process");
     }
 }
@@ -366,7 +367,7 @@ fn bf16_gradient_averaging_trains_like_fp32_in_half_the_bytes() {
     );
     let mut largest = 0.0f64;
     for (k, t) in &a {
-        let d = (t - &b[k]).abs().max().double_value(&[]);
+        let d = max_abs_diff(t, &b[k]);
         let scale = t.abs().max().double_value(&[]);
         assert!(
             d <= 2e-2 * scale.max(1.0),
