@@ -6,7 +6,7 @@ fn main() {
         Some(includes) => {
             unclip_build::compile_libtorch_shim_with(
                 "unclip_c10d",
-                &["csrc/c10d_shim.cpp"],
+                &["csrc/c10d_shim.cpp", "csrc/grad_reducer.cpp"],
                 &["USE_C10D_GLOO", "USE_C10D_NCCL"],
                 &includes,
             );
@@ -18,7 +18,7 @@ fn main() {
             println!("cargo:warning=c10d shim built without NCCL (CPU-only libtorch or no CUDA/NCCL headers)");
             unclip_build::compile_libtorch_shim(
                 "unclip_c10d",
-                &["csrc/c10d_shim.cpp"],
+                &["csrc/c10d_shim.cpp", "csrc/grad_reducer.cpp"],
                 &["USE_C10D_GLOO"],
             );
         }

@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,13 @@ c10::intrusive_ptr<c10d::Store> rendezvous(const char* host, int port, int rank,
 }
 
 }  // namespace
+
+// For grad_reducer.cpp.
+c10d::Backend* unclip_c10d_backend(void* group) { return static_cast<Group*>(group)->backend.get(); }
+std::chrono::milliseconds unclip_c10d_timeout(void* group) {
+  return static_cast<Group*>(group)->timeout;
+}
+int unclip_c10d_guarded(const std::function<void()>& f) { return guarded(f); }
 
 extern "C" {
 

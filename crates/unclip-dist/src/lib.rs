@@ -1,12 +1,14 @@
 //! Data-parallel training on PyTorch's own distributed engine (c10d), through a thin C++ shim:
 //! TCPStore rendezvous, and ProcessGroupGloo (CPU tensors) or ProcessGroupNCCL (CUDA tensors;
-//! in builds against a CUDA libtorch) collectives: broadcast, all-reduce, all-gather, barrier.
+//! in builds against a CUDA libtorch) collectives: broadcast, all-reduce, all-gather, barrier; and
+//! [`GradReducer`], gradients averaged in buckets from backward's hooks, as DDP's Reducer.
 //! Launched like PyTorch jobs: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`
 //! from the environment (torchrun, SLURM wrappers); none set means one process.
 
 pub mod launch;
 
 use std::ffi::{c_char, c_int, c_long, c_void, CStr, CString};
+use std::marker::PhantomData;
 use std::time::Duration;
 use tch::Tensor;
 use thiserror::Error;
@@ -46,6 +48,22 @@ mod ffi {
             input: *mut c_void,
         ) -> c_int;
         pub fn unclip_c10d_barrier(group: *mut c_void) -> c_int;
+        pub fn unclip_c10d_reducer_new(
+            group: *mut c_void,
+            vars: *const *mut c_void,
+            n: i64,
+            bucket_bytes: i64,
+            bf16: c_int,
+        ) -> *mut c_void;
+        pub fn unclip_c10d_reducer_free(reducer: *mut c_void);
+        pub fn unclip_c10d_reducer_arm(reducer: *mut c_void, overlap: c_int) -> c_int;
+        pub fn unclip_c10d_reducer_wait(
+            reducer: *mut c_void,
+            late: *mut c_int,
+            started: *mut i64,
+            buckets: *mut i64,
+        ) -> c_int;
+        pub fn unclip_c10d_reducer_finish(reducer: *mut c_void, copy: c_int) -> c_int;
     }
 }
 
@@ -294,5 +312,108 @@ impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: created by unclip_c10d_init and freed once.
         unsafe { ffi::unclip_c10d_free(self.ptr) }
+    }
+}
+
+/// What [`GradReducer::wait`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reduced {
+    /// On some rank a gradient arrived after its bucket had started, so the averages miss it:
+    /// every rank drops them (`finish(false)`) and averages again. An overlapped step costs one
+    /// more one-number all-reduce to agree on this.
+    pub late: bool,
+    /// Buckets started during backward (the overlap), of `buckets`.
+    pub started_in_backward: usize,
+    pub buckets: usize,
+}
+
+/// Averages the gradients of a set of variables over a group, in buckets (DDP's Reducer, in
+/// less). Armed before the backward whose gradients are to be averaged, it can start each bucket's
+/// all-reduce from a hook on the variables' gradient accumulators as soon as the bucket's gradients
+/// are in, so communication overlaps the rest of backward; the first overlapped backward fixes the
+/// buckets in the order rank 0's gradients arrived. Buckets start in the same order on every rank
+/// whatever order gradients arrive in, and [`GradReducer::wait`] starts any left (a variable no
+/// rank used, or a rank that skipped backward), so the ranks' collectives always match. A
+/// gradient defined on any rank comes out defined on all.
+///
+/// Use: [`arm`](GradReducer::arm), backward, [`wait`](GradReducer::wait), then
+/// [`finish`](GradReducer::finish) with `copy = true` to write the averages into the gradients —
+/// or, when `wait` reported a gradient that arrived after its bucket had started (a variable
+/// accumulated more often than at the first step), `finish(false)` and a non-overlapped round
+/// (`arm(false)`, `wait`, `finish(true)`): the gradients are untouched until `finish(true)`.
+pub struct GradReducer<'a> {
+    ptr: *mut c_void,
+    _group: PhantomData<&'a ProcessGroup>,
+}
+
+impl<'a> GradReducer<'a> {
+    /// A reducer over `vars` (on the group's device), buckets of at most `bucket_bytes` (the first
+    /// at most 1 MiB, so communication starts early), sent as bfloat16 when `bf16`.
+    pub fn new<'v>(
+        pg: &'a ProcessGroup,
+        vars: impl IntoIterator<Item = &'v Tensor>,
+        bucket_bytes: usize,
+        bf16: bool,
+    ) -> Result<Self> {
+        let vars: Vec<&Tensor> = vars.into_iter().collect();
+        for v in &vars {
+            pg.check_device(v)?;
+        }
+        let ptrs: Vec<*mut c_void> = vars.iter().map(|v| v.as_ptr() as *mut c_void).collect();
+        // SAFETY: live group and tensor pointers; the shim copies the tensors (sharing storage).
+        let ptr = unsafe {
+            ffi::unclip_c10d_reducer_new(
+                pg.ptr,
+                ptrs.as_ptr(),
+                ptrs.len() as i64,
+                bucket_bytes as i64,
+                c_int::from(bf16),
+            )
+        };
+        if ptr.is_null() {
+            return Err(last_error("gradient reducer"));
+        }
+        Ok(Self {
+            ptr,
+            _group: PhantomData,
+        })
+    }
+
+    /// Before the backward whose gradients are to be averaged: `overlap` starts buckets from
+    /// backward's hooks, otherwise all start in [`GradReducer::wait`].
+    pub fn arm(&self, overlap: bool) -> Result<()> {
+        // SAFETY: live reducer.
+        check("gradient reducer", unsafe {
+            ffi::unclip_c10d_reducer_arm(self.ptr, c_int::from(overlap))
+        })
+    }
+
+    /// After backward: starts the buckets not yet started and waits for all.
+    pub fn wait(&self) -> Result<Reduced> {
+        let (mut late, mut started, mut buckets): (c_int, i64, i64) = (0, 0, 0);
+        // SAFETY: live reducer, valid out pointers.
+        check("gradient reducer", unsafe {
+            ffi::unclip_c10d_reducer_wait(self.ptr, &mut late, &mut started, &mut buckets)
+        })?;
+        Ok(Reduced {
+            late: late != 0,
+            started_in_backward: started as usize,
+            buckets: buckets as usize,
+        })
+    }
+
+    /// Writes the averages into the gradients (`copy`), or drops them.
+    pub fn finish(&self, copy: bool) -> Result<()> {
+        // SAFETY: live reducer.
+        check("gradient reducer", unsafe {
+            ffi::unclip_c10d_reducer_finish(self.ptr, c_int::from(copy))
+        })
+    }
+}
+
+impl Drop for GradReducer<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by unclip_c10d_reducer_new and freed once.
+        unsafe { ffi::unclip_c10d_reducer_free(self.ptr) }
     }
 }

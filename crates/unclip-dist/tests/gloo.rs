@@ -2,7 +2,7 @@
 use std::time::Duration;
 use tch::{Kind, Tensor};
 use unclip_dist::launch::launch_local;
-use unclip_dist::{DistEnv, ProcessGroup};
+use unclip_dist::{DistEnv, GradReducer, ProcessGroup, Reduced};
 
 /// Runs `worker` (an ignored test of this file) as ranks 0..world: (exit ok, output) each.
 fn launch(worker: &str, world: usize) -> Vec<(bool, String)> {
@@ -96,6 +96,138 @@ fn a_dead_rank_is_an_error_not_a_hang() {
         !*ok && out.contains("rank 0 error: c10d all_reduce"),
         "rank 0 should fail cleanly:\n{out}"
     );
+}
+
+/// The reducer test's variables: one over the 1 MiB first bucket, two small ones, and one that
+/// only rank 0 uses.
+fn reducer_vars() -> Vec<Tensor> {
+    let a = Tensor::arange(300_000, (Kind::Float, tch::Device::Cpu)) * 1e-6;
+    let b = Tensor::linspace(-1.0, 1.0, 1000, (Kind::Float, tch::Device::Cpu));
+    let c = Tensor::linspace(0.5, 2.0, 50, (Kind::Float, tch::Device::Cpu));
+    let only0 = Tensor::ones([5], (Kind::Float, tch::Device::Cpu));
+    [a, b, c, only0]
+        .into_iter()
+        .map(|t| t.set_requires_grad(true))
+        .collect()
+}
+
+/// Rank `rank`'s loss at `round` on `vars` (rank 0 alone uses the last variable).
+fn reducer_loss(vars: &[Tensor], rank: usize, round: i64) -> Tensor {
+    tch::manual_seed(1000 * round + rank as i64);
+    let x: Vec<Tensor> = vars.iter().map(Tensor::randn_like).collect();
+    let mut loss = (&vars[0] * &x[0]).sum(Kind::Float)
+        + (vars[1].sin() * &x[1]).sum(Kind::Float)
+        + (&vars[2] * &vars[2] * &x[2]).sum(Kind::Float);
+    if rank == 0 {
+        loss += (&vars[3] * &x[3]).sum(Kind::Float);
+    }
+    loss
+}
+
+/// Rank `rank`'s gradients for `rounds` backward passes on fresh copies of the variables (None:
+/// no gradient).
+fn reducer_local_grads(rank: usize, rounds: &[i64]) -> Vec<Option<Tensor>> {
+    let vars = reducer_vars();
+    for &r in rounds {
+        reducer_loss(&vars, rank, r).backward();
+    }
+    vars.iter()
+        .map(|v| Some(v.grad()).filter(Tensor::defined))
+        .collect()
+}
+
+/// Checks that every gradient is the two ranks' mean, bit for bit; `round` names the rounds.
+fn assert_mean_grads(vars: &[Tensor], rounds: &[i64], bf16: bool, what: &str) {
+    let (g0, g1) = (
+        reducer_local_grads(0, rounds),
+        reducer_local_grads(1, rounds),
+    );
+    for (i, v) in vars.iter().enumerate() {
+        let (a, b) = (g0[i].as_ref(), g1[i].as_ref());
+        let zeros = v.zeros_like();
+        let (a, b) = (a.unwrap_or(&zeros), b.unwrap_or(&zeros));
+        let want = if bf16 {
+            ((a.to_kind(Kind::BFloat16) + b.to_kind(Kind::BFloat16)) / 2.0).to_kind(Kind::Float)
+        } else {
+            (a + b) / 2.0
+        };
+        let got = v.grad();
+        assert!(got.defined(), "{what}: variable {i} has no gradient");
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        assert_eq!(
+            diff, 0.0,
+            "{what}: variable {i} differs from the mean by {diff}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "a rank of the gradient reducer test"]
+fn grad_reducer_worker() {
+    let Some(pg) = worker_group() else { return };
+    let rank = pg.rank();
+    let vars = reducer_vars();
+    let step = |reducer: &GradReducer, overlap: bool, rounds: &[i64]| -> Reduced {
+        for v in &vars {
+            let g = v.grad();
+            if g.defined() {
+                let _ = g.shallow_clone().zero_();
+            }
+        }
+        reducer.arm(overlap).unwrap();
+        for &r in rounds {
+            reducer_loss(&vars, rank, r).backward();
+        }
+        let reduced = reducer.wait().unwrap();
+        if reduced.late {
+            // As the trainer does: drop the overlapped averages, average again afterwards.
+            reducer.finish(false).unwrap();
+            reducer.arm(false).unwrap();
+            assert!(!reducer.wait().unwrap().late);
+        }
+        reducer.finish(true).unwrap();
+        reduced
+    };
+    {
+        let reducer = GradReducer::new(&pg, &vars, 4096, false).unwrap();
+        // The first overlapped step fixes the buckets (so starts none in backward); rank 1 gets
+        // the variable only rank 0 used.
+        let first = step(&reducer, true, &[1]);
+        assert!(!first.late && first.started_in_backward == 0, "{first:?}");
+        assert_mean_grads(&vars, &[1], false, "first overlapped step");
+        let second = step(&reducer, true, &[2]);
+        assert!(!second.late && second.buckets >= 2, "{second:?}");
+        if rank == 0 {
+            // Every gradient arrives here, so every bucket starts during backward.
+            assert_eq!(second.started_in_backward, second.buckets, "{second:?}");
+        }
+        assert_mean_grads(&vars, &[2], false, "overlapped step");
+        // Two backward passes in one armed step: every variable's second gradient arrives after
+        // its bucket started, which `wait` reports on both ranks.
+        assert!(step(&reducer, true, &[3, 4]).late);
+        assert_mean_grads(&vars, &[3, 4], false, "late gradients, averaged again");
+        let plain = step(&reducer, false, &[5]);
+        assert!(!plain.late && plain.started_in_backward == 0, "{plain:?}");
+        assert_mean_grads(&vars, &[5], false, "not overlapped");
+    }
+    let reducer = GradReducer::new(&pg, &vars, 1 << 20, true).unwrap();
+    assert!(!step(&reducer, true, &[6]).late);
+    assert!(!step(&reducer, true, &[7]).late);
+    assert_mean_grads(&vars, &[7], true, "bf16, overlapped");
+    let err = reducer.wait().unwrap_err().to_string();
+    assert!(err.contains("wait without arm"), "{err}");
+    println!("rank {rank} ok");
+}
+
+#[test]
+fn grad_reducer_averages_buckets_overlapped_with_backward() {
+    let results = launch("grad_reducer_worker", 2);
+    for (rank, (ok, out)) in results.iter().enumerate() {
+        assert!(
+            *ok && out.contains(&format!("rank {rank} ok")),
+            "rank {rank} failed:\n{out}"
+        );
+    }
 }
 
 #[test]

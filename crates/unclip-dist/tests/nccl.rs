@@ -3,7 +3,7 @@
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 use unclip_dist::launch::{free_port, launch_local};
-use unclip_dist::{nccl_available, DistEnv, ProcessGroup};
+use unclip_dist::{nccl_available, DistEnv, GradReducer, ProcessGroup};
 
 #[test]
 fn nccl_is_built_against_a_cuda_libtorch() {
@@ -78,7 +78,50 @@ fn check_collectives(pg: &ProcessGroup) {
         .all_reduce_sum(&mut Tensor::ones([1], (Kind::Float, Device::Cpu)))
         .unwrap_err();
     assert!(err.to_string().contains("takes tensors on Cuda"), "{err}");
+    check_grad_reducer(pg);
     println!("rank {} ok", pg.rank());
+}
+
+/// Gradients averaged from backward's hooks, which on CUDA run on autograd's device thread.
+fn check_grad_reducer(pg: &ProcessGroup) {
+    let (rank, world) = (pg.rank() as f64, pg.world_size() as f64);
+    let dev = pg.device();
+    let a = Tensor::ones([300_000], (Kind::Float, dev)).set_requires_grad(true);
+    let b = Tensor::linspace(-1.0, 1.0, 1000, (Kind::Float, dev)).set_requires_grad(true);
+    let reducer = GradReducer::new(pg, [&a, &b], 4096, false).unwrap();
+    for step in 0..3 {
+        for v in [&a, &b] {
+            let g = v.grad();
+            if g.defined() {
+                let _ = g.shallow_clone().zero_();
+            }
+        }
+        reducer.arm(true).unwrap();
+        let loss =
+            ((&a * (rank + 1.0)).sum(Kind::Float) + (&b * &b).sum(Kind::Float)) * (rank + 1.0);
+        loss.backward();
+        let reduced = reducer.wait().unwrap();
+        reducer.finish(true).unwrap();
+        assert!(!reduced.late, "{reduced:?}");
+        if step > 0 {
+            assert_eq!(reduced.started_in_backward, reduced.buckets, "{reduced:?}");
+        }
+        // Means over ranks of (r + 1)² and 2b(r + 1).
+        let mean_sq: f64 = (0..world as usize)
+            .map(|r| ((r + 1) * (r + 1)) as f64)
+            .sum::<f64>()
+            / world;
+        let want_a = Tensor::full([300_000], mean_sq, (Kind::Float, dev));
+        let want_b = &b.detach() * (world + 1.0);
+        assert!(
+            a.grad().allclose(&want_a, 1e-6, 1e-6, false),
+            "step {step}: a"
+        );
+        assert!(
+            b.grad().allclose(&want_b, 1e-6, 1e-6, false),
+            "step {step}: b"
+        );
+    }
 }
 
 #[test]

@@ -163,6 +163,31 @@ pub enum ReduceDtype {
     Bf16,
 }
 
+/// When a step's gradient buckets are all-reduced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradReduce {
+    /// During backward on CUDA, where NCCL runs on its own stream beside the backward kernels;
+    /// after it on CPU, where Gloo's threads would take cores from backward (measured no faster on
+    /// two CPU ranks of one node).
+    Auto,
+    /// Each bucket as soon as its gradients are in, overlapping the rest of backward.
+    DuringBackward,
+    /// All after backward.
+    AfterBackward,
+}
+
+impl GradReduce {
+    /// Whether buckets start during backward on `device`.
+    pub fn overlaps(self, device: tch::Device) -> bool {
+        match self {
+            GradReduce::Auto => device.is_cuda(),
+            GradReduce::DuringBackward => true,
+            GradReduce::AfterBackward => false,
+        }
+    }
+}
+
 /// `distributed:` — data-parallel training (active when launched with RANK / WORLD_SIZE).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -171,6 +196,9 @@ pub struct DistributedConfig {
     pub timeout_secs: u64,
     /// Gradients are all-reduced in buckets of at most this many MiB.
     pub bucket_mb: f64,
+    /// When gradient buckets are averaged: during backward, each as soon as its gradients are in
+    /// (as PyTorch's DDP), or all after backward; `auto`: during on CUDA, after on CPU.
+    pub grad_reduce: GradReduce,
     /// The type gradients travel in when averaged: `fp32`, or `bf16` (half the bytes, as
     /// PyTorch's `bf16_compress_hook`: each rank's gradients rounded to bfloat16, averaged, and
     /// widened back).
@@ -185,6 +213,7 @@ impl Default for DistributedConfig {
         Self {
             timeout_secs: 600,
             bucket_mb: 25.0,
+            grad_reduce: GradReduce::Auto,
             reduce_dtype: ReduceDtype::Fp32,
             shard_optimizer: false,
         }

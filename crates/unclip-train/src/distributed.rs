@@ -1,13 +1,13 @@
 //! Data parallelism over c10d: the group from the torchrun environment (Gloo on CPU, NCCL on
-//! CUDA), rank 0's weights broadcast at start, gradients averaged in buckets after backward.
+//! CUDA), rank 0's weights broadcast at start, gradients averaged in buckets during backward.
 
 use crate::config::{DistributedConfig, ReduceDtype};
 use anyhow::{anyhow, bail, Context, Result};
 use std::time::Duration;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 use unclip_diffusion::device::parse_device;
-use unclip_dist::{DistEnv, ProcessGroup};
+use unclip_dist::{DistEnv, GradReducer, ProcessGroup};
 
 /// This process's device for `spec` (`auto | cpu | cuda | cuda:N`): in a multi-process CUDA
 /// job, `auto` and `cuda` mean the GPU of this rank's LOCAL_RANK, as torchrun jobs expect.
@@ -106,44 +106,61 @@ pub fn broadcast_variables(pg: &ProcessGroup, vs: &VarStore) -> Result<()> {
     })
 }
 
-/// Averages the gradients of `vars` over ranks, flattening them into buckets of at most
-/// `bucket_bytes` so each collective moves a large contiguous buffer; with `ReduceDtype::Bf16`
-/// the buckets travel as bfloat16.
-pub fn all_reduce_gradients<'a>(
-    pg: &ProcessGroup,
-    vars: impl Iterator<Item = &'a Tensor>,
-    bucket_bytes: usize,
-    dtype: ReduceDtype,
-) -> Result<()> {
-    let _guard = tch::no_grad_guard();
-    let grads: Vec<Tensor> = vars.map(|v| v.grad()).filter(|g| g.defined()).collect();
-    let mut bucket: Vec<&Tensor> = Vec::new();
-    let mut bytes = 0usize;
-    for (i, g) in grads.iter().enumerate() {
-        bucket.push(g);
-        bytes += g.numel() * g.kind().elt_size_in_bytes();
-        if bytes >= bucket_bytes || i + 1 == grads.len() {
-            let mut flat = Tensor::cat(
-                &bucket.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
-                0,
-            );
-            if dtype == ReduceDtype::Bf16 {
-                flat = flat.to_kind(Kind::BFloat16);
-            }
-            pg.all_reduce_mean(&mut flat)
-                .context("averaging gradients")?;
-            let mut offset = 0i64;
-            for g in &bucket {
-                let n = g.numel() as i64;
-                g.shallow_clone()
-                    .copy_(&flat.narrow(0, offset, n).view_as(g));
-                offset += n;
-            }
-            bucket.clear();
-            bytes = 0;
-        }
+/// The trainer's gradient averaging: c10d buckets of at most `distributed.bucket_mb`, travelling
+/// as `distributed.reduce_dtype`, started during or after backward as `distributed.grad_reduce`
+/// says.
+pub struct GradientAverager<'a> {
+    reducer: GradReducer<'a>,
+    overlap: bool,
+    /// Steps whose overlapped averages were dropped and redone (a gradient came in late).
+    pub late_steps: u64,
+    /// The last step's buckets started during backward, of how many.
+    pub last: Option<(usize, usize)>,
+}
+
+impl<'a> GradientAverager<'a> {
+    pub fn new<'v>(
+        pg: &'a ProcessGroup,
+        vars: impl IntoIterator<Item = &'v Tensor>,
+        cfg: &DistributedConfig,
+    ) -> Result<Self> {
+        let bucket_bytes = (cfg.bucket_mb * 1024.0 * 1024.0) as usize;
+        let bf16 = cfg.reduce_dtype == ReduceDtype::Bf16;
+        Ok(Self {
+            reducer: GradReducer::new(pg, vars, bucket_bytes, bf16)
+                .context("setting up gradient averaging")?,
+            overlap: cfg.grad_reduce.overlaps(pg.device()),
+            late_steps: 0,
+            last: None,
+        })
     }
-    Ok(())
+
+    /// Whether buckets start during backward.
+    pub fn overlaps(&self) -> bool {
+        self.overlap
+    }
+
+    /// Before the backward whose gradients are to be averaged (a step's last micro-batch).
+    pub fn arm(&self) -> Result<()> {
+        Ok(self.reducer.arm(self.overlap)?)
+    }
+
+    /// After it: every variable's gradient is the mean over ranks (every rank calls this, also
+    /// one whose non-finite loss skipped backward, so the collectives match).
+    pub fn average(&mut self) -> Result<()> {
+        let reduced = self.reducer.wait().context("averaging gradients")?;
+        if reduced.late {
+            // A variable accumulated more often than at the first step (a changing graph): the
+            // averages miss part of it, so average the untouched gradients again, after backward.
+            self.reducer.finish(false)?;
+            self.reducer.arm(false)?;
+            self.reducer.wait().context("averaging gradients")?;
+            self.late_steps += 1;
+        }
+        self.reducer.finish(true).context("averaging gradients")?;
+        self.last = Some((reduced.started_in_backward, reduced.buckets));
+        Ok(())
+    }
 }
 
 /// Means of `values` over ranks (identity without a group).

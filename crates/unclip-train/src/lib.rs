@@ -2,7 +2,8 @@
 //! ("build the model", "loss for a batch"); this crate owns the loop: configs, AdamW with
 //! savable state, learning-rate schedule, gradient clipping and accumulation, EMA, atomic
 //! checkpoints with exact resume (and a checkpoint on SIGTERM), TensorBoard scalars and
-//! `metrics.jsonl`, a progress display, and data parallelism over c10d with optional ZeRO-1.
+//! `metrics.jsonl`, a progress display, and data parallelism over c10d (gradients averaged during
+//! backward on CUDA) with optional ZeRO-1.
 
 pub mod checkpoint;
 pub mod cli;

@@ -278,7 +278,6 @@ pub fn train<T: TrainTask>(
     precision::set_tf32(cfg.tf32);
     crate::malloc::retain_freed_memory();
     let bucket_bytes = (runtime.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
-    let reduce_dtype = runtime.distributed.reduce_dtype;
 
     if cfg.channels_last {
         // Before the optimiser and EMA, whose state tensors copy the variables' layout.
@@ -358,6 +357,14 @@ pub fn train<T: TrainTask>(
             s.world_size()
         ));
     }
+    let mut averager = match &dist {
+        Some(pg) => Some(distributed::GradientAverager::new(
+            pg,
+            opt.variables(),
+            &runtime.distributed,
+        )?),
+        None => None,
+    };
     let policy = RetentionPolicy {
         keep_last: runtime.checkpoint.keep_last,
         milestone_every: runtime.checkpoint.milestone_every,
@@ -389,6 +396,9 @@ pub fn train<T: TrainTask>(
             let t0 = Instant::now();
             let batch = task.next_batch(step, micro)?;
             data_secs += t0.elapsed().as_secs_f64();
+            if let (Some(a), true) = (&averager, micro + 1 == cfg.grad_accum) {
+                a.arm()?;
+            }
             let (out, value) = loss_and_backward(task, &batch, vs.device(), cfg, scaler.as_ref())?;
             loss_sum += value;
             samples += out.samples;
@@ -401,8 +411,26 @@ pub fn train<T: TrainTask>(
                 kept.push(batch);
             }
         }
+        if let Some(a) = averager.as_mut() {
+            let late_before = a.late_steps;
+            a.average()?;
+            if let (Some((started, buckets)), true) = (a.last, rank0 && step == start + 1) {
+                logger.message(&if a.overlaps() {
+                    format!("gradients averaged in {buckets} bucket(s), {started} started during backward")
+                } else {
+                    format!("gradients averaged in {buckets} bucket(s) after backward")
+                });
+            }
+            if a.late_steps == 1 && late_before == 0 && rank0 {
+                logger.message(&format!(
+                    "step {step}: a gradient came in after its bucket had been sent (the graph \
+                     changed since the first step); averaged again after backward, as whenever \
+                     this recurs"
+                ));
+            }
+        }
         // Ranks agree on the loss (so all skip a non-finite step together) and on stopping (a
-        // signal to any rank stops all after this step), and average gradients.
+        // signal to any rank stops all after this step).
         let local = [
             loss_sum / cfg.grad_accum as f64,
             samples as f64,
@@ -413,22 +441,22 @@ pub fn train<T: TrainTask>(
         let stop_now = reduced[3] > 0.0;
         let (loss, data_secs) = (reduced[0], reduced[2]);
         let samples = (reduced[1] * world_size as f64).round() as usize;
-        if let (Some(pg), true) = (&dist, loss.is_finite()) {
-            distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes, reduce_dtype)?;
-        }
         let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss)?;
         if let (Some(rho), Gradients::Finite(norm)) = (cfg.sam_rho, gradients) {
             // SAM (Foret et al. 2021): the gradient at w + ρ·g/‖g‖, applied at w.
             let perturbation = opt.sam_ascend(rho, norm);
             opt.zero_grad()?;
             let mut second = 0.0f64;
-            for batch in &kept {
+            for (k, batch) in kept.iter().enumerate() {
+                if let (Some(a), true) = (&averager, k + 1 == kept.len()) {
+                    a.arm()?;
+                }
                 second += loss_and_backward(task, batch, vs.device(), cfg, scaler.as_ref())?.1;
             }
-            let second = distributed::mean_over_ranks(dist.as_deref(), &[second])?[0];
-            if let (Some(pg), true) = (&dist, second.is_finite()) {
-                distributed::all_reduce_gradients(pg, opt.variables(), bucket_bytes, reduce_dtype)?;
+            if let Some(a) = averager.as_mut() {
+                a.average()?;
             }
+            let second = distributed::mean_over_ranks(dist.as_deref(), &[second])?[0];
             opt.sam_descend(perturbation);
             gradients = check_gradients(&mut opt, scaler.as_mut(), second)?;
         }

@@ -1,7 +1,8 @@
 //! Config loading: every error names the key (and the file), before any work.
 mod common;
 
-use unclip_train::config::{load_config, parse_config, LrSchedule};
+use tch::Device;
+use unclip_train::config::{load_config, parse_config, GradReduce, LrSchedule};
 use unclip_train::toy::ToyConfig;
 
 fn err(text: &str, overrides: &[&str]) -> String {
@@ -32,6 +33,23 @@ fn good_configs_load_with_defaults_and_overrides() {
     )
     .unwrap();
     assert_eq!(cfg.runtime.checkpoint.every, 7);
+}
+
+#[test]
+fn gradient_buckets_start_during_backward_on_cuda_unless_set() {
+    let cfg = parse_config::<ToyConfig>(common::CONFIG, &[]).unwrap();
+    let auto = cfg.runtime.distributed.grad_reduce;
+    assert_eq!(auto, GradReduce::Auto);
+    assert!(auto.overlaps(Device::Cuda(0)) && !auto.overlaps(Device::Cpu));
+    let set = |v: &str| {
+        parse_config::<ToyConfig>(common::CONFIG, &[format!("distributed.grad_reduce={v}")])
+            .unwrap()
+            .runtime
+            .distributed
+            .grad_reduce
+    };
+    assert!(set("during_backward").overlaps(Device::Cpu));
+    assert!(!set("after_backward").overlaps(Device::Cuda(0)));
 }
 
 #[test]
@@ -70,6 +88,11 @@ fn bad_configs_name_the_key() {
             base,
             &["diffusion.schedule=sigmoid"],
             "unknown noise schedule `sigmoid`",
+        ),
+        (
+            base,
+            &["distributed.grad_reduce=sideways"],
+            "distributed.grad_reduce: unknown variant `sideways`",
         ),
         (base, &["train.lr"], "expected KEY=VALUE"),
         (

@@ -355,6 +355,68 @@ fn sigterm_to_one_rank_stops_both_after_the_same_step_and_resume_is_exact() {
 }
 
 #[test]
+fn gradient_buckets_sent_during_backward_give_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let overlapped = tmp.path().join("overlapped");
+    // Buckets of ~200 bytes: several, every one sent from backward's hooks.
+    let small = "distributed.bucket_mb=0.0002;distributed.grad_reduce=during_backward";
+    let log = two_ranks(&overlapped, small, None, 12);
+    let line = log
+        .lines()
+        .find(|l| l.contains("started during backward"))
+        .unwrap_or_else(|| panic!("rank 0 says how the gradients were averaged:\n{log}"));
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        numbers.len() == 2 && numbers[0] > 1 && numbers[1] == numbers[0],
+        "{line}"
+    );
+    assert!(
+        !log.contains("after its bucket had been sent"),
+        "no step fell back to averaging after backward:\n{log}"
+    );
+    let after = tmp.path().join("after");
+    two_ranks(
+        &after,
+        &format!("{small};distributed.grad_reduce=after_backward"),
+        None,
+        12,
+    );
+    assert_same_checkpoints(
+        &overlapped,
+        &after,
+        "when the buckets are sent after backward",
+    );
+}
+
+#[test]
+fn sam_over_two_ranks_with_buckets_sent_during_backward_matches_one_process() {
+    // Both of SAM's backward passes are averaged over the ranks from backward's hooks.
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("single");
+    run(&single, 32, &["train.sam_rho=0.05".to_string()], None);
+    let multi = tmp.path().join("multi");
+    two_ranks(
+        &multi,
+        "train.sam_rho=0.05;distributed.bucket_mb=0.0002;distributed.grad_reduce=during_backward",
+        None,
+        12,
+    );
+    for file in CHECKPOINT_FILES {
+        let (a, b) = (weights(&single, file), weights(&multi, file));
+        for (k, t) in &a {
+            let d = max_abs_diff(t, &b[k]);
+            assert!(
+                d < 1e-5,
+                "{file}: `{k}` differs by {d} between 1 process and 2 ranks"
+            );
+        }
+    }
+}
+
+#[test]
 fn bf16_gradient_averaging_trains_like_fp32_in_half_the_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let fp32 = tmp.path().join("fp32");

@@ -1,0 +1,348 @@
+// Gradient averaging in buckets, overlapped with backward as DDP's Reducer does, in less: a hook on
+// each variable's gradient accumulator marks it ready; while armed, a bucket's all-reduce starts as
+// soon as its variables are all in and every earlier bucket has started, so the collectives run
+// while autograd computes the remaining gradients. Buckets start in the same order on every rank
+// whatever order their gradients arrive in, and `wait` starts any not yet started (a variable
+// unused this step, or a rank whose non-finite loss skipped backward), so the ranks' collectives
+// always match. Each bucket carries a flag per variable (its gradient is defined on this rank), so
+// a gradient defined on any rank is defined on all afterwards and stays undefined on none.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// From c10d_shim.cpp.
+c10d::Backend* unclip_c10d_backend(void* group);
+std::chrono::milliseconds unclip_c10d_timeout(void* group);
+// Runs f, turning an exception into 1 and unclip_c10d_last_error's message.
+int unclip_c10d_guarded(const std::function<void()>& f);
+
+namespace {
+
+// DDP's first bucket is small so that communication starts early in backward.
+constexpr int64_t kFirstBucketBytes = 1 << 20;
+
+int guarded(const std::function<void()>& f) { return unclip_c10d_guarded(f); }
+
+struct Reducer {
+  void* group;
+  c10d::Backend* backend;
+  std::chrono::milliseconds timeout;
+  std::vector<at::Tensor> vars;
+  bool bf16;
+  int64_t bucket_bytes;
+  // Kept alive so the hooks stay registered (a variable holds its accumulator weakly).
+  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
+  std::vector<uintptr_t> hook_keys;
+
+  // Buckets in launch order, and each variable's bucket.
+  std::vector<std::vector<size_t>> buckets;
+  std::vector<size_t> bucket_of;
+  // Accumulations a variable receives in one backward (learned at the first overlapped step; a
+  // reentrant checkpoint can accumulate a variable shared by two segments twice).
+  std::vector<int64_t> expected;
+  bool learned = false;
+
+  // This backward.
+  std::mutex mu;
+  bool armed = false;
+  bool overlap = false;
+  bool late = false;  // a gradient arrived after its bucket had started
+  std::vector<int64_t> fires;
+  std::vector<size_t> first_fired;  // variables in the order their gradients first arrived
+  std::vector<int64_t> waiting;     // per bucket, variables not yet complete
+  std::vector<at::Tensor> flats;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  size_t next = 0;
+  size_t started_in_backward = 0;
+
+  void build_buckets(const std::vector<size_t>& order) {
+    buckets.clear();
+    bucket_of.assign(vars.size(), 0);
+    int64_t bytes = 0;
+    for (size_t i : order) {
+      int64_t cap = buckets.size() <= 1 ? std::min(kFirstBucketBytes, bucket_bytes) : bucket_bytes;
+      if (buckets.empty() || bytes >= cap) {
+        buckets.emplace_back();
+        bytes = 0;
+      }
+      buckets.back().push_back(i);
+      bucket_of[i] = buckets.size() - 1;
+      bytes += vars[i].numel() * vars[i].element_size();
+    }
+  }
+
+  void launch(size_t b) {
+    std::vector<at::Tensor> parts;
+    std::vector<bool> defined;
+    for (size_t i : buckets[b]) {
+      const at::Tensor& g = vars[i].grad();
+      parts.push_back(g.defined() ? g.reshape({-1}) : at::zeros({vars[i].numel()}, vars[i].options()));
+      defined.push_back(g.defined());
+    }
+    // The flags made on the device (no host-to-device copy from backward's thread).
+    auto opts = parts[0].options();
+    if (std::all_of(defined.begin(), defined.end(), [](bool d) { return d; })) {
+      parts.push_back(at::ones({static_cast<int64_t>(defined.size())}, opts));
+    } else {
+      for (bool d : defined) {
+        parts.push_back(d ? at::ones({1}, opts) : at::zeros({1}, opts));
+      }
+    }
+    at::Tensor flat = at::cat(parts, 0);
+    if (bf16) {
+      flat = flat.to(at::kBFloat16);
+    }
+    std::vector<at::Tensor> ts{flat};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    works[b] = backend->allreduce(ts, o);
+    flats[b] = flat;
+  }
+
+  void launch_ready() {
+    while (next < buckets.size() && waiting[next] == 0) {
+      launch(next++);
+      started_in_backward += 1;
+    }
+  }
+
+  void on_accumulated(size_t i) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!armed || !overlap) {
+      return;
+    }
+    if (fires[i]++ == 0) {
+      first_fired.push_back(i);
+    }
+    if (!learned) {
+      return;
+    }
+    size_t b = bucket_of[i];
+    if (b < next) {
+      late = true;
+      return;
+    }
+    if (fires[i] == expected[i]) {
+      waiting[b] -= 1;
+      launch_ready();
+    }
+  }
+
+  void arm(bool overlapped) {
+    std::lock_guard<std::mutex> lock(mu);
+    armed = true;
+    overlap = overlapped;
+    late = false;
+    fires.assign(vars.size(), 0);
+    first_fired.clear();
+    flats.assign(buckets.size(), at::Tensor());
+    works.assign(buckets.size(), c10::intrusive_ptr<c10d::Work>());
+    waiting.assign(buckets.size(), 0);
+    for (size_t i = 0; i < vars.size(); ++i) {
+      if (!learned || expected[i] > 0) {
+        waiting[bucket_of[i]] += 1;
+      }
+    }
+    next = 0;
+    started_in_backward = 0;
+  }
+
+  // The first overlapped backward fixes the buckets: rank 0's arrival order (then the variables
+  // that had no gradient, last first), so every rank buckets alike.
+  void learn() {
+    std::vector<int64_t> local(2 * vars.size(), 0);
+    std::vector<bool> seen(vars.size(), false);
+    size_t k = 0;
+    for (size_t i : first_fired) {
+      local[k++] = static_cast<int64_t>(i);
+      seen[i] = true;
+    }
+    for (size_t j = vars.size(); j-- > 0;) {
+      if (!seen[j]) {
+        local[k++] = static_cast<int64_t>(j);
+      }
+    }
+    for (size_t i = 0; i < vars.size(); ++i) {
+      local[vars.size() + i] = fires[i];
+    }
+    at::Tensor t = at::tensor(local, at::kLong).to(vars[0].device());
+    std::vector<at::Tensor> ts{t};
+    c10d::BroadcastOptions o;
+    o.rootRank = 0;
+    wait_work(backend->broadcast(ts, o));
+    at::Tensor agreed = t.cpu();
+    const int64_t* p = agreed.data_ptr<int64_t>();
+    std::vector<size_t> order(p, p + vars.size());
+    expected.assign(p + vars.size(), p + 2 * vars.size());
+    build_buckets(order);
+    learned = true;
+    flats.assign(buckets.size(), at::Tensor());
+    works.assign(buckets.size(), c10::intrusive_ptr<c10d::Work>());
+    next = 0;
+  }
+
+  void wait_work(const c10::intrusive_ptr<c10d::Work>& work) {
+    if (!work->wait(timeout)) {
+      throw std::runtime_error("collective timed out");
+    }
+  }
+
+  // Starts every bucket not yet started, in order, and waits for all. Returns whether, on any
+  // rank, a gradient arrived after its bucket had started (all then average again, unoverlapped).
+  bool wait() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!armed) {
+      throw std::runtime_error("gradient reducer: wait without arm");
+    }
+    armed = false;
+    if (overlap && !learned) {
+      learn();
+    }
+    while (next < buckets.size()) {
+      launch(next++);
+    }
+    for (auto& w : works) {
+      wait_work(w);
+    }
+    if (!overlap) {
+      return false;
+    }
+    // Every rank must drop the averages if any rank's were incomplete.
+    at::Tensor any = at::full({1}, late ? 1.0f : 0.0f, vars[0].options().dtype(at::kFloat));
+    std::vector<at::Tensor> ts{any};
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    wait_work(backend->allreduce(ts, o));
+    return any.item<float>() > 0.0f;
+  }
+
+  // Copies the averages back into the gradients (copy), or drops them.
+  void finish(bool copy) {
+    std::lock_guard<std::mutex> lock(mu);
+    at::NoGradGuard no_grad;
+    if (copy) {
+      const double world = static_cast<double>(backend->getSize());
+      for (size_t b = 0; b < buckets.size(); ++b) {
+        at::Tensor flat = flats[b];
+        if (!flat.defined()) {
+          throw std::runtime_error("gradient reducer: finish before wait");
+        }
+        // Gloo has no AVG: sum, then divide, in the type the bucket travelled in.
+        flat.div_(world);
+        int64_t offset = 0;
+        int64_t n_vars = static_cast<int64_t>(buckets[b].size());
+        int64_t total = flat.numel() - n_vars;
+        at::Tensor flags = flat.narrow(0, total, n_vars).cpu().to(at::kFloat);
+        const float* defined = flags.data_ptr<float>();
+        for (size_t k = 0; k < buckets[b].size(); ++k) {
+          at::Tensor& var = vars[buckets[b][k]];
+          int64_t n = var.numel();
+          if (defined[k] > 0.0f) {
+            at::Tensor& g = var.mutable_grad();
+            if (!g.defined()) {
+              g = at::zeros_like(var);
+            }
+            g.copy_(flat.narrow(0, offset, n).view(var.sizes()));
+          }
+          offset += n;
+        }
+      }
+    }
+    flats.assign(buckets.size(), at::Tensor());
+    works.assign(buckets.size(), c10::intrusive_ptr<c10d::Work>());
+  }
+
+  ~Reducer() {
+    for (size_t i = 0; i < accumulators.size(); ++i) {
+      if (accumulators[i]) {
+        accumulators[i]->del_post_hook(hook_keys[i]);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// A reducer over `n` variables (at::Tensor*, every one on the group's device). Until the first
+// overlapped backward, buckets take the variables last first (backward's order, roughly).
+void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t bucket_bytes,
+                              int bf16) {
+  Reducer* out = nullptr;
+  int rc = guarded([&] {
+    if (n <= 0) {
+      throw std::runtime_error("gradient reducer: no variables");
+    }
+    auto r = std::make_unique<Reducer>();
+    r->group = group;
+    r->backend = unclip_c10d_backend(group);
+    r->timeout = unclip_c10d_timeout(group);
+    r->bf16 = bf16 != 0;
+    r->bucket_bytes = bucket_bytes;
+    for (int64_t i = 0; i < n; ++i) {
+      r->vars.push_back(*vars[i]);
+    }
+    std::vector<size_t> order;
+    for (size_t j = r->vars.size(); j-- > 0;) {
+      order.push_back(j);
+    }
+    r->build_buckets(order);
+    Reducer* self = r.get();
+    for (size_t i = 0; i < r->vars.size(); ++i) {
+      if (!r->vars[i].requires_grad()) {
+        r->accumulators.push_back(nullptr);
+        r->hook_keys.push_back(0);
+        continue;
+      }
+      auto acc = torch::autograd::impl::grad_accumulator(r->vars[i]);
+      auto key = acc->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+          [self, i](const torch::autograd::variable_list& outputs,
+                    const torch::autograd::variable_list&) {
+            self->on_accumulated(i);
+            return outputs;
+          }));
+      r->accumulators.push_back(acc);
+      r->hook_keys.push_back(key);
+    }
+    out = r.release();
+  });
+  return rc == 0 ? out : nullptr;
+}
+
+void unclip_c10d_reducer_free(void* reducer) { delete static_cast<Reducer*>(reducer); }
+
+// Before the backward whose gradients are to be averaged (the last micro-batch's): overlapped
+// (buckets start from the hooks) or not (all start in `wait`).
+int unclip_c10d_reducer_arm(void* reducer, int overlap) {
+  return guarded([&] { static_cast<Reducer*>(reducer)->arm(overlap != 0); });
+}
+
+// late: whether the averages are to be dropped (see Reducer::wait); started / buckets: how many
+// buckets started during backward, of how many.
+int unclip_c10d_reducer_wait(void* reducer, int* late, int64_t* started, int64_t* buckets) {
+  return guarded([&] {
+    auto* r = static_cast<Reducer*>(reducer);
+    *late = r->wait() ? 1 : 0;
+    *started = static_cast<int64_t>(r->started_in_backward);
+    *buckets = static_cast<int64_t>(r->buckets.size());
+  });
+}
+
+int unclip_c10d_reducer_finish(void* reducer, int copy) {
+  return guarded([&] { static_cast<Reducer*>(reducer)->finish(copy != 0); });
+}
+
+}  // extern "C"
