@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
+use unclip_diffusion::nn::checkpoint::{checkpoint_one, Shared};
 use unclip_dist::launch::launch_local;
 use unclip_testkit::max_abs_diff;
 use unclip_train::config::{parse_config, Validate};
@@ -31,7 +32,11 @@ distributed: {timeout_secs: 30, bucket_mb: 0.001}
 
 /// y = sin(x·w) on a fixed set of 256 points; each rank takes its slice of every global batch.
 struct Regression {
-    mlp: nn::Sequential,
+    fc1: Shared<nn::Linear>,
+    fc2: nn::Linear,
+    /// fc1 used by two activation-checkpointed blocks, so its gradient accumulates twice in each
+    /// backward (once in each block's recomputation).
+    checkpointed: bool,
     /// The model's variables, for the sum its "images" report.
     vars: Vec<Tensor>,
     x: Tensor,
@@ -42,7 +47,7 @@ struct Regression {
 }
 
 impl Regression {
-    fn new(vs: &nn::VarStore, batch: i64, rank: i64, world: i64) -> Self {
+    fn new(vs: &nn::VarStore, batch: i64, rank: i64, world: i64, checkpointed: bool) -> Self {
         let x = Tensor::linspace(-2.0, 2.0, 256 * 4, (Kind::Float, Device::Cpu))
             .view([256, 4])
             .sin()
@@ -51,12 +56,12 @@ impl Regression {
         let y = x.matmul(&w).sin();
         tch::manual_seed(11); // identical initial weights in every process (rank 0's are broadcast anyway)
         let p = vs.root();
-        let mlp = nn::seq()
-            .add(nn::linear(&p / "fc1", 4, 32, Default::default()))
-            .add_fn(|t| t.tanh())
-            .add(nn::linear(&p / "fc2", 32, 1, Default::default()));
+        let fc1 = Shared::new(nn::linear(&p / "fc1", 4, 32, Default::default()));
+        let fc2 = nn::linear(&p / "fc2", 32, 1, Default::default());
         Self {
-            mlp,
+            fc1,
+            fc2,
+            checkpointed,
             vars: vs.trainable_variables(),
             x,
             y,
@@ -84,7 +89,20 @@ impl TrainTask for Regression {
         ))
     }
     fn loss(&mut self, (x, y): &(Tensor, Tensor)) -> Result<StepOutput> {
-        let loss = (self.mlp.forward(x) - y).square().mean(Kind::Float);
+        let hidden = if self.checkpointed {
+            // The blocks need an input that wants a gradient, or there is nothing to recompute.
+            let x = x.detach().set_requires_grad(true);
+            let block = |scale: f64| {
+                let fc1 = self.fc1.clone();
+                checkpoint_one(&[&x], move |xs: &[Tensor]| {
+                    Ok::<_, String>(fc1.forward(&(&xs[0] * scale)).tanh())
+                })
+            };
+            block(1.0)? + block(0.5)?
+        } else {
+            self.fc1.forward(x).tanh()
+        };
+        let loss = (self.fc2.forward(&hidden) - y).square().mean(Kind::Float);
         // A metric that differs per rank: rank 0 must log its mean over ranks.
         let metrics = vec![("rank_id".to_string(), self.rank as f64)];
         Ok(StepOutput {
@@ -116,13 +134,24 @@ fn run(
     overrides: &[String],
     resume: Option<&str>,
 ) -> unclip_train::TrainSummary {
+    run_model(dir, batch, overrides, resume, false)
+}
+
+/// [`run`], with `checkpointed` choosing the model (see [`Regression`]).
+fn run_model(
+    dir: &Path,
+    batch: usize,
+    overrides: &[String],
+    resume: Option<&str>,
+    checkpointed: bool,
+) -> unclip_train::TrainSummary {
     let mut overrides = overrides.to_vec();
     overrides.push(format!("train.batch_size={batch}"));
     let cfg = parse_config::<NoTaskSections>(CONFIG, &overrides).unwrap();
     let env = unclip_dist::DistEnv::from_env().unwrap();
     let (rank, world) = env.map_or((0, 1), |e| (e.rank as i64, e.world_size as i64));
     let vs = nn::VarStore::new(Device::Cpu);
-    let mut task = Regression::new(&vs, batch as i64, rank, world);
+    let mut task = Regression::new(&vs, batch as i64, rank, world, checkpointed);
     train(&mut task, &vs, &cfg.runtime, &cfg.resolved, dir, resume).unwrap()
 }
 
@@ -139,7 +168,14 @@ fn data_parallel_rank() {
         .map(String::from)
         .collect();
     let resume = std::env::var("UNCLIP_TEST_RESUME").ok();
-    let summary = run(Path::new(&dir), 16, &overrides, resume.as_deref());
+    let checkpointed = std::env::var("UNCLIP_TEST_CHECKPOINTED").is_ok();
+    let summary = run_model(
+        Path::new(&dir),
+        16,
+        &overrides,
+        resume.as_deref(),
+        checkpointed,
+    );
     println!("rank done at step {}", summary.final_step);
     if let Some(signal) = summary.stopped_by {
         println!("stopped by {signal}");
@@ -403,6 +439,38 @@ fn sam_over_two_ranks_with_buckets_sent_during_backward_matches_one_process() {
         "train.sam_rho=0.05;distributed.bucket_mb=0.0002;distributed.grad_reduce=during_backward",
         None,
         12,
+    );
+    for file in CHECKPOINT_FILES {
+        let (a, b) = (weights(&single, file), weights(&multi, file));
+        for (k, t) in &a {
+            let d = max_abs_diff(t, &b[k]);
+            assert!(
+                d < 1e-5,
+                "{file}: `{k}` differs by {d} between 1 process and 2 ranks"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_variable_accumulated_twice_per_backward_is_averaged_during_backward() {
+    // fc1 in two activation-checkpointed blocks: its gradient accumulates once in each block's
+    // recomputation, which the first step learns, so its bucket waits for both.
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("single");
+    run_model(&single, 32, &[], None, true);
+    let multi = tmp.path().join("multi");
+    let log = two_ranks_with(
+        &multi,
+        "distributed.bucket_mb=0.0002;distributed.grad_reduce=during_backward",
+        None,
+        12,
+        &[("UNCLIP_TEST_CHECKPOINTED", "1")],
+    )
+    .remove(0);
+    assert!(
+        log.contains("started during backward") && !log.contains("after its bucket had been sent"),
+        "every step averaged during backward:\n{log}"
     );
     for file in CHECKPOINT_FILES {
         let (a, b) = (weights(&single, file), weights(&multi, file));
