@@ -58,7 +58,8 @@ struct Reducer {
   std::mutex mu;
   bool armed = false;
   bool overlap = false;
-  bool late = false;  // a gradient arrived after its bucket had started
+  bool late = false;     // a gradient arrived after its bucket had started
+  bool written = false;  // wait wrote the averages already (buckets sent one at a time)
   std::vector<int64_t> fires;
   std::vector<size_t> first_fired;  // variables in the order their gradients first arrived
   std::vector<int64_t> waiting;     // per bucket, variables not yet complete
@@ -143,6 +144,7 @@ struct Reducer {
   void arm(bool overlapped) {
     std::lock_guard<std::mutex> lock(mu);
     armed = true;
+    written = false;
     overlap = overlapped;
     late = false;
     fires.assign(vars.size(), 0);
@@ -201,23 +203,36 @@ struct Reducer {
 
   // Starts every bucket not yet started, in order, and waits for all. Returns whether, on any
   // rank, a gradient arrived after its bucket had started (all then average again, unoverlapped).
+  // When no bucket started during backward (not overlapped, or the step that fixes the buckets),
+  // the buckets go one at a time, each written back before the next is made, so they hold one
+  // bucket's copy of the gradients rather than all of them; finish then has nothing left to do.
   bool wait() {
     std::lock_guard<std::mutex> lock(mu);
     if (!armed) {
       throw std::runtime_error("gradient reducer: wait without arm");
     }
     armed = false;
-    if (overlap && !learned) {
+    bool learning = overlap && !learned;
+    if (learning) {
       learn();
+    }
+    if (!overlap || learning) {
+      for (size_t b = 0; b < buckets.size(); ++b) {
+        launch(b);
+        wait_work(works[b]);
+        write_back(b);
+        flats[b] = at::Tensor();
+        works[b].reset();
+      }
+      next = buckets.size();
+      written = true;
+      return false;
     }
     while (next < buckets.size()) {
       launch(next++);
     }
     for (auto& w : works) {
       wait_work(w);
-    }
-    if (!overlap) {
-      return false;
     }
     // Every rank must drop the averages if any rank's were incomplete.
     at::Tensor any = at::full({1}, late ? 1.0f : 0.0f, vars[0].options().dtype(at::kFloat));
@@ -228,36 +243,44 @@ struct Reducer {
     return any.item<float>() > 0.0f;
   }
 
-  // Copies the averages back into the gradients (copy), or drops them.
+  // Bucket b's sums, divided by the world size, into its variables' gradients (each defined if
+  // any rank's was).
+  void write_back(size_t b) {
+    at::NoGradGuard no_grad;
+    at::Tensor flat = flats[b];
+    // Gloo has no AVG: sum, then divide, in the type the bucket travelled in.
+    flat.div_(static_cast<double>(backend->getSize()));
+    int64_t n_vars = static_cast<int64_t>(buckets[b].size());
+    at::Tensor flags = flat.narrow(0, flat.numel() - n_vars, n_vars).cpu().to(at::kFloat);
+    const float* defined = flags.data_ptr<float>();
+    int64_t offset = 0;
+    for (size_t k = 0; k < buckets[b].size(); ++k) {
+      at::Tensor& var = vars[buckets[b][k]];
+      int64_t n = var.numel();
+      if (defined[k] > 0.0f) {
+        at::Tensor& g = var.mutable_grad();
+        if (!g.defined()) {
+          g = at::zeros_like(var);
+        }
+        g.copy_(flat.narrow(0, offset, n).view(var.sizes()));
+      }
+      offset += n;
+    }
+  }
+
+  // Writes the averages into the gradients (copy), or drops them.
   void finish(bool copy) {
     std::lock_guard<std::mutex> lock(mu);
-    at::NoGradGuard no_grad;
+    if (written) {
+      written = false;
+      return;
+    }
     if (copy) {
-      const double world = static_cast<double>(backend->getSize());
       for (size_t b = 0; b < buckets.size(); ++b) {
-        at::Tensor flat = flats[b];
-        if (!flat.defined()) {
+        if (!flats[b].defined()) {
           throw std::runtime_error("gradient reducer: finish before wait");
         }
-        // Gloo has no AVG: sum, then divide, in the type the bucket travelled in.
-        flat.div_(world);
-        int64_t offset = 0;
-        int64_t n_vars = static_cast<int64_t>(buckets[b].size());
-        int64_t total = flat.numel() - n_vars;
-        at::Tensor flags = flat.narrow(0, total, n_vars).cpu().to(at::kFloat);
-        const float* defined = flags.data_ptr<float>();
-        for (size_t k = 0; k < buckets[b].size(); ++k) {
-          at::Tensor& var = vars[buckets[b][k]];
-          int64_t n = var.numel();
-          if (defined[k] > 0.0f) {
-            at::Tensor& g = var.mutable_grad();
-            if (!g.defined()) {
-              g = at::zeros_like(var);
-            }
-            g.copy_(flat.narrow(0, offset, n).view(var.sizes()));
-          }
-          offset += n;
-        }
+        write_back(b);
       }
     }
     flats.assign(buckets.size(), at::Tensor());
