@@ -5,7 +5,10 @@
 // whatever order their gradients arrive in, and `wait` starts any not yet started (a variable
 // unused this step, or a rank whose non-finite loss skipped backward), so the ranks' collectives
 // always match. Each bucket carries a flag per variable (its gradient is defined on this rank), so
-// a gradient defined on any rank is defined on all afterwards and stays undefined on none.
+// a gradient defined on any rank is defined on all afterwards and stays undefined on none. With
+// bucket views (fp32 buckets of dense variables, once the buckets are fixed), each gradient is a
+// view into its bucket's buffer, as DDP's gradient_as_bucket_view: backward accumulates straight
+// into the buffer that is all-reduced in place, with no copy of the gradients.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
@@ -41,6 +44,7 @@ struct Reducer {
   std::chrono::milliseconds timeout;
   std::vector<at::Tensor> vars;
   bool bf16;
+  bool want_views;
   int64_t bucket_bytes;
   // Kept alive so the hooks stay registered (a variable holds its accumulator weakly).
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
@@ -53,6 +57,11 @@ struct Reducer {
   // reentrant checkpoint can accumulate a variable shared by two segments twice).
   std::vector<int64_t> expected;
   bool learned = false;
+  // Bucket views: each bucket's buffer (its variables' gradients, then a flag each) and each
+  // variable's gradient view into it.
+  bool use_views = false;
+  std::vector<at::Tensor> buffers;
+  std::vector<at::Tensor> views;
 
   // This backward.
   std::mutex mu;
@@ -84,7 +93,85 @@ struct Reducer {
     }
   }
 
+  // Gradients as views into per-bucket buffers, when every variable can be one (dense, and of its
+  // bucket's type); the current gradients move into them.
+  void set_up_views() {
+    if (bf16) {
+      return;
+    }
+    for (const auto& bucket : buckets) {
+      for (size_t i : bucket) {
+        const at::Tensor& v = vars[i];
+        if (!v.is_non_overlapping_and_dense() || v.scalar_type() != vars[bucket[0]].scalar_type()) {
+          return;
+        }
+      }
+    }
+    at::NoGradGuard no_grad;
+    views.assign(vars.size(), at::Tensor());
+    buffers.clear();
+    for (const auto& bucket : buckets) {
+      int64_t total = 0;
+      for (size_t i : bucket) {
+        total += vars[i].numel();
+      }
+      at::Tensor buffer = at::zeros({total + static_cast<int64_t>(bucket.size())},
+                                    vars[bucket[0]].options());
+      int64_t offset = 0;
+      for (size_t i : bucket) {
+        at::Tensor& var = vars[i];
+        at::Tensor view = buffer.as_strided(var.sizes(), var.strides(), buffer.storage_offset() + offset);
+        at::Tensor& g = var.mutable_grad();
+        if (g.defined()) {
+          view.copy_(g);
+          g = view;
+        }
+        views[i] = view;
+        offset += var.numel();
+      }
+      buffers.push_back(buffer);
+    }
+    use_views = true;
+  }
+
+  // Fills bucket b's buffer for sending: a gradient that is not its view (undefined, or a tensor
+  // something else put there) is copied in and replaced by the view; the flags set.
+  at::Tensor fill_buffer(size_t b) {
+    at::NoGradGuard no_grad;
+    at::Tensor buffer = buffers[b];
+    int64_t n_vars = static_cast<int64_t>(buckets[b].size());
+    at::Tensor flags = buffer.narrow(0, buffer.numel() - n_vars, n_vars);
+    bool all_defined = true;
+    for (size_t k = 0; k < buckets[b].size(); ++k) {
+      size_t i = buckets[b][k];
+      at::Tensor& g = vars[i].mutable_grad();
+      if (!g.defined()) {
+        views[i].zero_();
+        all_defined = false;
+      } else if (!g.is_same(views[i])) {
+        views[i].copy_(g);
+        g = views[i];
+      }
+    }
+    if (all_defined) {
+      flags.fill_(1);
+    } else {
+      for (size_t k = 0; k < buckets[b].size(); ++k) {
+        flags.narrow(0, k, 1).fill_(vars[buckets[b][k]].grad().defined() ? 1 : 0);
+      }
+    }
+    return buffer;
+  }
+
   void launch(size_t b) {
+    if (use_views) {
+      std::vector<at::Tensor> ts{fill_buffer(b)};
+      c10d::AllreduceOptions o;
+      o.reduceOp = c10d::ReduceOp::SUM;
+      works[b] = backend->allreduce(ts, o);
+      flats[b] = ts[0];
+      return;
+    }
     std::vector<at::Tensor> parts;
     std::vector<bool> defined;
     for (size_t i : buckets[b]) {
@@ -177,7 +264,9 @@ struct Reducer {
       }
     }
     for (size_t i = 0; i < vars.size(); ++i) {
-      local[vars.size() + i] = fires[i];
+      // A variable that had no gradient at this step is still waited for (it may have one at the
+      // next; its bucket then starts at the end of backward when it does not).
+      local[vars.size() + i] = accumulators[i] ? std::max<int64_t>(fires[i], 1) : 0;
     }
     at::Tensor t = at::tensor(local, at::kLong).to(vars[0].device());
     std::vector<at::Tensor> ts{t};
@@ -189,6 +278,9 @@ struct Reducer {
     std::vector<size_t> order(p, p + vars.size());
     expected.assign(p + vars.size(), p + 2 * vars.size());
     build_buckets(order);
+    if (want_views) {
+      set_up_views();
+    }
     learned = true;
     flats.assign(buckets.size(), at::Tensor());
     works.assign(buckets.size(), c10::intrusive_ptr<c10d::Work>());
@@ -240,7 +332,15 @@ struct Reducer {
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
     wait_work(backend->allreduce(ts, o));
-    return any.item<float>() > 0.0f;
+    bool late_anywhere = any.item<float>() > 0.0f;
+    if (late_anywhere && use_views) {
+      // The buffers were all-reduced in place: the local gradients are gone.
+      throw std::runtime_error(
+          "a gradient arrived after its bucket had been sent (a variable accumulated more often "
+          "than at the first step: the model's graph changes between steps); set "
+          "distributed.grad_reduce: after_backward for this model");
+    }
+    return late_anywhere;
   }
 
   // Bucket b's sums, divided by the world size, into its variables' gradients (each defined if
@@ -253,6 +353,16 @@ struct Reducer {
     int64_t n_vars = static_cast<int64_t>(buckets[b].size());
     at::Tensor flags = flat.narrow(0, flat.numel() - n_vars, n_vars).cpu().to(at::kFloat);
     const float* defined = flags.data_ptr<float>();
+    if (use_views) {
+      // The averages are in the views already; a gradient only other ranks had becomes one.
+      for (size_t k = 0; k < buckets[b].size(); ++k) {
+        at::Tensor& g = vars[buckets[b][k]].mutable_grad();
+        if (defined[k] > 0.0f && !g.defined()) {
+          g = views[buckets[b][k]];
+        }
+      }
+      return;
+    }
     int64_t offset = 0;
     for (size_t k = 0; k < buckets[b].size(); ++k) {
       at::Tensor& var = vars[buckets[b][k]];
@@ -301,9 +411,10 @@ struct Reducer {
 extern "C" {
 
 // A reducer over `n` variables (at::Tensor*, every one on the group's device). Until the first
-// overlapped backward, buckets take the variables last first (backward's order, roughly).
+// overlapped backward, buckets take the variables last first (backward's order, roughly). views:
+// gradients become views into the fp32 buckets from the first overlapped step on.
 void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t bucket_bytes,
-                              int bf16) {
+                              int bf16, int views) {
   Reducer* out = nullptr;
   int rc = guarded([&] {
     if (n <= 0) {
@@ -314,6 +425,7 @@ void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t
     r->backend = unclip_c10d_backend(group);
     r->timeout = unclip_c10d_timeout(group);
     r->bf16 = bf16 != 0;
+    r->want_views = views != 0;
     r->bucket_bytes = bucket_bytes;
     for (int64_t i = 0; i < n; ++i) {
       r->vars.push_back(*vars[i]);

@@ -54,6 +54,7 @@ mod ffi {
             n: i64,
             bucket_bytes: i64,
             bf16: c_int,
+            views: c_int,
         ) -> *mut c_void;
         pub fn unclip_c10d_reducer_free(reducer: *mut c_void);
         pub fn unclip_c10d_reducer_arm(reducer: *mut c_void, overlap: c_int) -> c_int;
@@ -348,12 +349,17 @@ pub struct GradReducer<'a> {
 
 impl<'a> GradReducer<'a> {
     /// A reducer over `vars` (on the group's device), buckets of at most `bucket_bytes` (the first
-    /// at most 1 MiB, so communication starts early), sent as bfloat16 when `bf16`.
+    /// at most 1 MiB, so communication starts early), sent as bfloat16 when `bf16`. With
+    /// `bucket_views`, from the first overlapped step on each gradient is a view into its fp32
+    /// bucket (when every variable is dense and its bucket's type), as DDP's
+    /// `gradient_as_bucket_view`: no second copy of the gradients, none made per step — but a
+    /// late gradient is then an error, as the buffers were averaged in place.
     pub fn new<'v>(
         pg: &'a ProcessGroup,
         vars: impl IntoIterator<Item = &'v Tensor>,
         bucket_bytes: usize,
         bf16: bool,
+        bucket_views: bool,
     ) -> Result<Self> {
         let vars: Vec<&Tensor> = vars.into_iter().collect();
         for v in &vars {
@@ -368,6 +374,7 @@ impl<'a> GradReducer<'a> {
                 ptrs.len() as i64,
                 bucket_bytes as i64,
                 c_int::from(bf16),
+                c_int::from(bucket_views),
             )
         };
         if ptr.is_null() {

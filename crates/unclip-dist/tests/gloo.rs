@@ -98,14 +98,17 @@ fn a_dead_rank_is_an_error_not_a_hang() {
     );
 }
 
-/// The reducer test's variables: one over the 1 MiB first bucket, two small ones, and one that
-/// only rank 0 uses.
+/// The reducer test's variables: one over the 1 MiB first bucket, two small ones, a channels-last
+/// one, and one that only rank 0 uses.
 fn reducer_vars() -> Vec<Tensor> {
     let a = Tensor::arange(300_000, (Kind::Float, tch::Device::Cpu)) * 1e-6;
     let b = Tensor::linspace(-1.0, 1.0, 1000, (Kind::Float, tch::Device::Cpu));
     let c = Tensor::linspace(0.5, 2.0, 50, (Kind::Float, tch::Device::Cpu));
+    let d = Tensor::linspace(-2.0, 2.0, 120, (Kind::Float, tch::Device::Cpu))
+        .view([2, 4, 5, 3])
+        .permute([0, 3, 1, 2]); // [2, 3, 4, 5] with channels-last strides
     let only0 = Tensor::ones([5], (Kind::Float, tch::Device::Cpu));
-    [a, b, c, only0]
+    [a, b, c, d, only0]
         .into_iter()
         .map(|t| t.set_requires_grad(true))
         .collect()
@@ -117,9 +120,10 @@ fn reducer_loss(vars: &[Tensor], rank: usize, round: i64) -> Tensor {
     let x: Vec<Tensor> = vars.iter().map(Tensor::randn_like).collect();
     let mut loss = (&vars[0] * &x[0]).sum(Kind::Float)
         + (vars[1].sin() * &x[1]).sum(Kind::Float)
-        + (&vars[2] * &vars[2] * &x[2]).sum(Kind::Float);
+        + (&vars[2] * &vars[2] * &x[2]).sum(Kind::Float)
+        + (vars[3].cos() * &x[3]).sum(Kind::Float);
     if rank == 0 {
-        loss += (&vars[3] * &x[3]).sum(Kind::Float);
+        loss += (&vars[4] * &x[4]).sum(Kind::Float);
     }
     loss
 }
@@ -167,8 +171,8 @@ fn grad_reducer_worker() {
     let Some(pg) = worker_group() else { return };
     let rank = pg.rank();
     let vars = reducer_vars();
-    let step = |reducer: &GradReducer, overlap: bool, rounds: &[i64]| -> Reduced {
-        for v in &vars {
+    let step = |reducer: &GradReducer, vars: &[Tensor], overlap: bool, rounds: &[i64]| -> Reduced {
+        for v in vars {
             let g = v.grad();
             if g.defined() {
                 let _ = g.shallow_clone().zero_();
@@ -176,7 +180,7 @@ fn grad_reducer_worker() {
         }
         reducer.arm(overlap).unwrap();
         for &r in rounds {
-            reducer_loss(&vars, rank, r).backward();
+            reducer_loss(vars, rank, r).backward();
         }
         let reduced = reducer.wait().unwrap();
         if reduced.late {
@@ -189,13 +193,13 @@ fn grad_reducer_worker() {
         reduced
     };
     {
-        let reducer = GradReducer::new(&pg, &vars, 4096, false).unwrap();
+        let reducer = GradReducer::new(&pg, &vars, 4096, false, false).unwrap();
         // The first overlapped step fixes the buckets (so starts none in backward); rank 1 gets
         // the variable only rank 0 used.
-        let first = step(&reducer, true, &[1]);
+        let first = step(&reducer, &vars, true, &[1]);
         assert!(!first.late && first.started_in_backward == 0, "{first:?}");
         assert_mean_grads(&vars, &[1], false, "first overlapped step");
-        let second = step(&reducer, true, &[2]);
+        let second = step(&reducer, &vars, true, &[2]);
         assert!(!second.late && second.buckets >= 2, "{second:?}");
         if rank == 0 {
             // Every gradient arrives here, so every bucket starts during backward.
@@ -204,18 +208,41 @@ fn grad_reducer_worker() {
         assert_mean_grads(&vars, &[2], false, "overlapped step");
         // Two backward passes in one armed step: every variable's second gradient arrives after
         // its bucket started, which `wait` reports on both ranks.
-        assert!(step(&reducer, true, &[3, 4]).late);
+        assert!(step(&reducer, &vars, true, &[3, 4]).late);
         assert_mean_grads(&vars, &[3, 4], false, "late gradients, averaged again");
-        let plain = step(&reducer, false, &[5]);
+        let plain = step(&reducer, &vars, false, &[5]);
         assert!(!plain.late && plain.started_in_backward == 0, "{plain:?}");
         assert_mean_grads(&vars, &[5], false, "not overlapped");
     }
-    let reducer = GradReducer::new(&pg, &vars, 1 << 20, true).unwrap();
-    assert!(!step(&reducer, true, &[6]).late);
-    assert!(!step(&reducer, true, &[7]).late);
-    assert_mean_grads(&vars, &[7], true, "bf16, overlapped");
+    {
+        // Bucket views (bf16 buckets cannot be views: copies, as above).
+        let reducer = GradReducer::new(&pg, &vars, 1 << 20, true, true).unwrap();
+        assert!(!step(&reducer, &vars, true, &[6]).late);
+        assert!(!step(&reducer, &vars, true, &[7]).late);
+        assert_mean_grads(&vars, &[7], true, "bf16, overlapped");
+        let err = reducer.wait().unwrap_err().to_string();
+        assert!(err.contains("wait without arm"), "{err}");
+    }
+    // Gradients as views into fp32 buckets, averaged in place.
+    let vars = reducer_vars();
+    let reducer = GradReducer::new(&pg, &vars, 4096, false, true).unwrap();
+    assert!(!step(&reducer, &vars, true, &[8]).late);
+    assert_mean_grads(&vars, &[8], false, "bucket views, first step");
+    let second = step(&reducer, &vars, true, &[9]);
+    if rank == 0 {
+        assert_eq!(second.started_in_backward, second.buckets, "{second:?}");
+    }
+    assert_mean_grads(&vars, &[9], false, "bucket views");
+    let plain = step(&reducer, &vars, false, &[10]);
+    assert_eq!(plain.started_in_backward, 0);
+    assert_mean_grads(&vars, &[10], false, "bucket views, not overlapped");
+    // Averaged in place, a late gradient cannot be averaged again: a clear error on both ranks.
+    reducer.arm(true).unwrap();
+    for r in [11, 12] {
+        reducer_loss(&vars, rank, r).backward();
+    }
     let err = reducer.wait().unwrap_err().to_string();
-    assert!(err.contains("wait without arm"), "{err}");
+    assert!(err.contains("grad_reduce: after_backward"), "{err}");
     println!("rank {rank} ok");
 }
 

@@ -88,7 +88,7 @@ fn check_grad_reducer(pg: &ProcessGroup) {
     let dev = pg.device();
     let a = Tensor::ones([300_000], (Kind::Float, dev)).set_requires_grad(true);
     let b = Tensor::linspace(-1.0, 1.0, 1000, (Kind::Float, dev)).set_requires_grad(true);
-    let reducer = GradReducer::new(pg, [&a, &b], 4096, false).unwrap();
+    let reducer = GradReducer::new(pg, [&a, &b], 4096, false, true).unwrap();
     for step in 0..3 {
         for v in [&a, &b] {
             let g = v.grad();

@@ -127,7 +127,7 @@ impl<'a> GradientAverager<'a> {
         let bucket_bytes = (cfg.bucket_mb * 1024.0 * 1024.0) as usize;
         let bf16 = cfg.reduce_dtype == ReduceDtype::Bf16;
         Ok(Self {
-            reducer: GradReducer::new(pg, vars, bucket_bytes, bf16)
+            reducer: GradReducer::new(pg, vars, bucket_bytes, bf16, true)
                 .context("setting up gradient averaging")?,
             overlap: cfg.grad_reduce.overlaps(pg.device()),
             late_steps: 0,
