@@ -376,7 +376,7 @@ pub fn train<T: TrainTask>(
     // Sums over the current logging interval.
     let (mut int_loss, mut int_norm, mut int_steps, mut int_samples) =
         (0.0f64, 0.0f64, 0u64, 0usize);
-    let (mut int_data_secs, mut int_secs) = (0.0f64, 0.0f64);
+    let (mut int_data_secs, mut int_reduce_secs, mut int_secs) = (0.0f64, 0.0f64, 0.0f64);
     let mut int_metrics: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     let run_start = Instant::now();
     let _handlers =
@@ -411,9 +411,12 @@ pub fn train<T: TrainTask>(
                 kept.push(batch);
             }
         }
+        let mut reduce_secs = 0.0f64;
         if let Some(a) = averager.as_mut() {
             let late_before = a.late_steps;
+            let t0 = Instant::now();
             a.average()?;
+            reduce_secs = t0.elapsed().as_secs_f64();
             if let (Some((started, buckets)), true) = (a.last, rank0 && step == start + 1) {
                 logger.message(&if a.overlaps() {
                     format!("gradients averaged in {buckets} bucket(s), {started} started during backward")
@@ -436,10 +439,11 @@ pub fn train<T: TrainTask>(
             samples as f64,
             data_secs,
             crate::stop::as_flag(),
+            reduce_secs,
         ];
         let reduced = distributed::mean_over_ranks(dist.as_deref(), &local)?;
         let stop_now = reduced[3] > 0.0;
-        let (loss, data_secs) = (reduced[0], reduced[2]);
+        let (loss, data_secs, reduce_secs) = (reduced[0], reduced[2], reduced[4]);
         let samples = (reduced[1] * world_size as f64).round() as usize;
         let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss)?;
         if let (Some(rho), Gradients::Finite(norm)) = (cfg.sam_rho, gradients) {
@@ -511,6 +515,7 @@ pub fn train<T: TrainTask>(
         let done = step + 1;
         int_samples += samples;
         int_data_secs += data_secs;
+        int_reduce_secs += reduce_secs;
         int_secs += step_start.elapsed().as_secs_f64();
         let log_step = done % runtime.logging.every == 0 || done == cfg.steps || stop_now;
         let samples_per_sec = int_samples as f64 / int_secs.max(1e-9);
@@ -539,6 +544,13 @@ pub fn train<T: TrainTask>(
                     nonfinite_skipped as f64,
                 ),
             ];
+            if dist.is_some() {
+                // What gradient averaging left the step waiting for after backward.
+                scalars.push((
+                    "perf/grad_reduce_wait_fraction".to_string(),
+                    int_reduce_secs / int_secs.max(1e-9),
+                ));
+            }
             if let Some(s) = &scaler {
                 scalars.push(("train/loss_scale".to_string(), s.scale()));
                 scalars.push((
@@ -560,8 +572,9 @@ pub fn train<T: TrainTask>(
                 int_steps,
                 int_samples,
                 int_data_secs,
+                int_reduce_secs,
                 int_secs,
-            ) = (0.0, 0.0, 0, 0, 0.0, 0.0);
+            ) = (0.0, 0.0, 0, 0, 0.0, 0.0, 0.0);
         }
         let images_due = runtime.logging.images_every.is_some_and(|n| done % n == 0);
         let checkpoint_due = done % runtime.checkpoint.every == 0 || done == cfg.steps || stop_now;

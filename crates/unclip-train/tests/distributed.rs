@@ -290,8 +290,12 @@ fn two_gloo_ranks_match_one_process() {
     );
     let scalars = unclip_testkit::read_scalars(&multi.join("tensorboard"));
     assert_eq!(scalars[&("train/rank_id".to_string(), 12)], 0.5);
-    let single_loss =
-        unclip_testkit::read_scalars(&single.join("tensorboard"))[&("train/loss".to_string(), 12)];
+    // The share of the step spent on averaging gradients, logged only over several processes.
+    let wait = scalars[&("perf/grad_reduce_wait_fraction".to_string(), 12)];
+    assert!(wait > 0.0 && wait < 1.0, "grad_reduce_wait_fraction {wait}");
+    let single_scalars = unclip_testkit::read_scalars(&single.join("tensorboard"));
+    assert!(!single_scalars.contains_key(&("perf/grad_reduce_wait_fraction".to_string(), 12)));
+    let single_loss = single_scalars[&("train/loss".to_string(), 12)];
     let multi_loss = scalars[&("train/loss".to_string(), 12)];
     assert!(
         (single_loss - multi_loss).abs() < 1e-5,
