@@ -167,25 +167,10 @@ pub enum ReduceDtype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GradReduce {
-    /// During backward on CUDA, where NCCL runs on its own stream beside the backward kernels;
-    /// after it on CPU, where Gloo's threads would take cores from backward (measured no faster on
-    /// two CPU ranks of one node).
-    Auto,
-    /// Each bucket as soon as its gradients are in, overlapping the rest of backward.
+    /// Each bucket as soon as its gradients are in, overlapping the rest of backward (as DDP).
     DuringBackward,
-    /// All after backward.
+    /// All after backward, one bucket at a time.
     AfterBackward,
-}
-
-impl GradReduce {
-    /// Whether buckets start during backward on `device`.
-    pub fn overlaps(self, device: tch::Device) -> bool {
-        match self {
-            GradReduce::Auto => device.is_cuda(),
-            GradReduce::DuringBackward => true,
-            GradReduce::AfterBackward => false,
-        }
-    }
 }
 
 /// `distributed:` — data-parallel training (active when launched with RANK / WORLD_SIZE).
@@ -197,7 +182,7 @@ pub struct DistributedConfig {
     /// Gradients are all-reduced in buckets of at most this many MiB.
     pub bucket_mb: f64,
     /// When gradient buckets are averaged: during backward, each as soon as its gradients are in
-    /// (as PyTorch's DDP), or all after backward; `auto`: during on CUDA, after on CPU.
+    /// (as PyTorch's DDP), or all after backward.
     pub grad_reduce: GradReduce,
     /// The type gradients travel in when averaged: `fp32`, or `bf16` (half the bytes, as
     /// PyTorch's `bf16_compress_hook`: each rank's gradients rounded to bfloat16, averaged, and
@@ -213,7 +198,7 @@ impl Default for DistributedConfig {
         Self {
             timeout_secs: 600,
             bucket_mb: 25.0,
-            grad_reduce: GradReduce::Auto,
+            grad_reduce: GradReduce::DuringBackward,
             reduce_dtype: ReduceDtype::Fp32,
             shard_optimizer: false,
         }

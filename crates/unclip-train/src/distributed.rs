@@ -1,7 +1,7 @@
 //! Data parallelism over c10d: the group from the torchrun environment (Gloo on CPU, NCCL on
 //! CUDA), rank 0's weights broadcast at start, gradients averaged in buckets during backward.
 
-use crate::config::{DistributedConfig, ReduceDtype};
+use crate::config::{DistributedConfig, GradReduce, ReduceDtype};
 use anyhow::{anyhow, bail, Context, Result};
 use std::time::Duration;
 use tch::nn::VarStore;
@@ -129,7 +129,7 @@ impl<'a> GradientAverager<'a> {
         Ok(Self {
             reducer: GradReducer::new(pg, vars, bucket_bytes, bf16, true)
                 .context("setting up gradient averaging")?,
-            overlap: cfg.grad_reduce.overlaps(pg.device()),
+            overlap: cfg.grad_reduce == GradReduce::DuringBackward,
             late_steps: 0,
             last: None,
         })
