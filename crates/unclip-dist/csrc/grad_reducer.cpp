@@ -39,7 +39,6 @@ constexpr int64_t kFirstBucketBytes = 1 << 20;
 int guarded(const std::function<void()>& f) { return unclip_c10d_guarded(f); }
 
 struct Reducer {
-  void* group;
   c10d::Backend* backend;
   std::chrono::milliseconds timeout;
   std::vector<at::Tensor> vars;
@@ -134,69 +133,65 @@ struct Reducer {
     use_views = true;
   }
 
-  // Fills bucket b's buffer for sending: a gradient that is not its view (undefined, or a tensor
+  bool all_grads_defined(size_t b) const {
+    return std::all_of(buckets[b].begin(), buckets[b].end(),
+                       [&](size_t i) { return vars[i].grad().defined(); });
+  }
+
+  // Bucket b's flags, one per variable: 1 where its gradient is defined here. Made on the device
+  // (no host-to-device copy from backward's thread).
+  at::Tensor defined_flags(size_t b, const at::TensorOptions& opts) const {
+    if (all_grads_defined(b)) {
+      return at::ones({static_cast<int64_t>(buckets[b].size())}, opts);
+    }
+    std::vector<at::Tensor> flags;
+    for (size_t i : buckets[b]) {
+      flags.push_back(vars[i].grad().defined() ? at::ones({1}, opts) : at::zeros({1}, opts));
+    }
+    return at::cat(flags, 0);
+  }
+
+  // Bucket b's buffer, ready to send: a gradient that is not its view (undefined, or a tensor
   // something else put there) is copied in and replaced by the view; the flags set.
   at::Tensor fill_buffer(size_t b) {
     at::NoGradGuard no_grad;
     at::Tensor buffer = buffers[b];
     int64_t n_vars = static_cast<int64_t>(buckets[b].size());
-    at::Tensor flags = buffer.narrow(0, buffer.numel() - n_vars, n_vars);
-    bool all_defined = true;
-    for (size_t k = 0; k < buckets[b].size(); ++k) {
-      size_t i = buckets[b][k];
+    buffer.narrow(0, buffer.numel() - n_vars, n_vars).copy_(defined_flags(b, buffer.options()));
+    for (size_t i : buckets[b]) {
       at::Tensor& g = vars[i].mutable_grad();
       if (!g.defined()) {
         views[i].zero_();
-        all_defined = false;
       } else if (!g.is_same(views[i])) {
         views[i].copy_(g);
         g = views[i];
       }
     }
-    if (all_defined) {
-      flags.fill_(1);
-    } else {
-      for (size_t k = 0; k < buckets[b].size(); ++k) {
-        flags.narrow(0, k, 1).fill_(vars[buckets[b][k]].grad().defined() ? 1 : 0);
-      }
-    }
     return buffer;
   }
 
-  void launch(size_t b) {
-    if (use_views) {
-      std::vector<at::Tensor> ts{fill_buffer(b)};
-      c10d::AllreduceOptions o;
-      o.reduceOp = c10d::ReduceOp::SUM;
-      works[b] = backend->allreduce(ts, o);
-      flats[b] = ts[0];
-      return;
-    }
+  // Bucket b's gradients and flags copied into one flat tensor (in bf16 when it travels so).
+  at::Tensor copy_bucket(size_t b) {
     std::vector<at::Tensor> parts;
-    std::vector<bool> defined;
     for (size_t i : buckets[b]) {
       const at::Tensor& g = vars[i].grad();
       parts.push_back(g.defined() ? g.reshape({-1}) : at::zeros({vars[i].numel()}, vars[i].options()));
-      defined.push_back(g.defined());
     }
-    // The flags made on the device (no host-to-device copy from backward's thread).
-    auto opts = parts[0].options();
-    if (std::all_of(defined.begin(), defined.end(), [](bool d) { return d; })) {
-      parts.push_back(at::ones({static_cast<int64_t>(defined.size())}, opts));
-    } else {
-      for (bool d : defined) {
-        parts.push_back(d ? at::ones({1}, opts) : at::zeros({1}, opts));
-      }
-    }
+    parts.push_back(defined_flags(b, parts[0].options()));
     at::Tensor flat = at::cat(parts, 0);
-    if (bf16) {
-      flat = flat.to(at::kBFloat16);
-    }
-    std::vector<at::Tensor> ts{flat};
+    return bf16 ? flat.to(at::kBFloat16) : flat;
+  }
+
+  c10::intrusive_ptr<c10d::Work> all_reduce_sum(at::Tensor t) {
+    std::vector<at::Tensor> ts{std::move(t)};
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
-    works[b] = backend->allreduce(ts, o);
-    flats[b] = flat;
+    return backend->allreduce(ts, o);
+  }
+
+  void launch(size_t b) {
+    flats[b] = use_views ? fill_buffer(b) : copy_bucket(b);
+    works[b] = all_reduce_sum(flats[b]);
   }
 
   void launch_ready() {
@@ -328,10 +323,7 @@ struct Reducer {
     }
     // Every rank must drop the averages if any rank's were incomplete.
     at::Tensor any = at::full({1}, late ? 1.0f : 0.0f, vars[0].options().dtype(at::kFloat));
-    std::vector<at::Tensor> ts{any};
-    c10d::AllreduceOptions o;
-    o.reduceOp = c10d::ReduceOp::SUM;
-    wait_work(backend->allreduce(ts, o));
+    wait_work(all_reduce_sum(any));
     bool late_anywhere = any.item<float>() > 0.0f;
     if (late_anywhere && use_views) {
       // The buffers were all-reduced in place: the local gradients are gone.
@@ -350,9 +342,14 @@ struct Reducer {
     at::Tensor flat = flats[b];
     // Gloo has no AVG: sum, then divide, in the type the bucket travelled in.
     flat.div_(static_cast<double>(backend->getSize()));
+    // The flags are read back (a device sync) only when some gradient here is undefined: where
+    // all are defined, this rank's own flags make every sum positive.
     int64_t n_vars = static_cast<int64_t>(buckets[b].size());
-    at::Tensor flags = flat.narrow(0, flat.numel() - n_vars, n_vars).cpu().to(at::kFloat);
-    const float* defined = flags.data_ptr<float>();
+    std::vector<float> defined(buckets[b].size(), 1.0f);
+    if (!all_grads_defined(b)) {
+      at::Tensor flags = flat.narrow(0, flat.numel() - n_vars, n_vars).cpu().to(at::kFloat);
+      defined.assign(flags.data_ptr<float>(), flags.data_ptr<float>() + n_vars);
+    }
     if (use_views) {
       // The averages are in the views already; a gradient only other ranks had becomes one.
       for (size_t k = 0; k < buckets[b].size(); ++k) {
@@ -421,7 +418,6 @@ void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t
       throw std::runtime_error("gradient reducer: no variables");
     }
     auto r = std::make_unique<Reducer>();
-    r->group = group;
     r->backend = unclip_c10d_backend(group);
     r->timeout = unclip_c10d_timeout(group);
     r->bf16 = bf16 != 0;

@@ -193,6 +193,13 @@ pub struct DistributedConfig {
     pub shard_optimizer: bool,
 }
 
+impl DistributedConfig {
+    /// `bucket_mb` in bytes.
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_mb * 1024.0 * 1024.0) as usize
+    }
+}
+
 impl Default for DistributedConfig {
     fn default() -> Self {
         Self {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 use unclip_diffusion::device::parse_device;
-use unclip_dist::{DistEnv, GradReducer, ProcessGroup};
+use unclip_dist::{DistEnv, GradReducer, ProcessGroup, Reduced};
 
 /// This process's device for `spec` (`auto | cpu | cuda | cuda:N`): in a multi-process CUDA
 /// job, `auto` and `cuda` mean the GPU of this rank's LOCAL_RANK, as torchrun jobs expect.
@@ -114,8 +114,11 @@ pub struct GradientAverager<'a> {
     overlap: bool,
     /// Steps whose overlapped averages were dropped and redone (a gradient came in late).
     pub late_steps: u64,
-    /// The last step's buckets started during backward, of how many.
-    pub last: Option<(usize, usize)>,
+    /// What the last average saw.
+    pub last: Option<Reduced>,
+    /// Seconds spent in [`GradientAverager::average`] since the last
+    /// [`GradientAverager::take_wait_secs`].
+    wait_secs: f64,
 }
 
 impl<'a> GradientAverager<'a> {
@@ -124,14 +127,14 @@ impl<'a> GradientAverager<'a> {
         vars: impl IntoIterator<Item = &'v Tensor>,
         cfg: &DistributedConfig,
     ) -> Result<Self> {
-        let bucket_bytes = (cfg.bucket_mb * 1024.0 * 1024.0) as usize;
         let bf16 = cfg.reduce_dtype == ReduceDtype::Bf16;
         Ok(Self {
-            reducer: GradReducer::new(pg, vars, bucket_bytes, bf16, true)
+            reducer: GradReducer::new(pg, vars, cfg.bucket_bytes(), bf16, true)
                 .context("setting up gradient averaging")?,
             overlap: cfg.grad_reduce == GradReduce::DuringBackward,
             late_steps: 0,
             last: None,
+            wait_secs: 0.0,
         })
     }
 
@@ -148,6 +151,7 @@ impl<'a> GradientAverager<'a> {
     /// After it: every variable's gradient is the mean over ranks (every rank calls this, also
     /// one whose non-finite loss skipped backward, so the collectives match).
     pub fn average(&mut self) -> Result<()> {
+        let start = std::time::Instant::now();
         let reduced = self.reducer.wait().context("averaging gradients")?;
         if reduced.late {
             // A variable accumulated more often than at the first step (a changing graph): the
@@ -158,8 +162,14 @@ impl<'a> GradientAverager<'a> {
             self.late_steps += 1;
         }
         self.reducer.finish(true).context("averaging gradients")?;
-        self.last = Some((reduced.started_in_backward, reduced.buckets));
+        self.last = Some(reduced);
+        self.wait_secs += start.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// The seconds averaging took since the last call (SAM's second average included).
+    pub fn take_wait_secs(&mut self) -> f64 {
+        std::mem::take(&mut self.wait_secs)
     }
 }
 

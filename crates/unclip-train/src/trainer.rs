@@ -277,7 +277,7 @@ pub fn train<T: TrainTask>(
     }
     precision::set_tf32(cfg.tf32);
     crate::malloc::retain_freed_memory();
-    let bucket_bytes = (runtime.distributed.bucket_mb * 1024.0 * 1024.0) as usize;
+    let bucket_bytes = runtime.distributed.bucket_bytes();
 
     if cfg.channels_last {
         // Before the optimiser and EMA, whose state tensors copy the variables' layout.
@@ -414,14 +414,20 @@ pub fn train<T: TrainTask>(
         let mut reduce_secs = 0.0f64;
         if let Some(a) = averager.as_mut() {
             let late_before = a.late_steps;
-            let t0 = Instant::now();
             a.average()?;
-            reduce_secs = t0.elapsed().as_secs_f64();
-            if let (Some((started, buckets)), true) = (a.last, rank0 && step == start + 1) {
+            // This step's, and the previous step's SAM second average.
+            reduce_secs = a.take_wait_secs();
+            if let (Some(r), true) = (a.last, rank0 && step == start + 1) {
                 logger.message(&if a.overlaps() {
-                    format!("gradients averaged in {buckets} bucket(s), {started} started during backward")
+                    format!(
+                        "gradients averaged in {} bucket(s), {} started during backward",
+                        r.buckets, r.started_in_backward
+                    )
                 } else {
-                    format!("gradients averaged in {buckets} bucket(s) after backward")
+                    format!(
+                        "gradients averaged in {} bucket(s) after backward",
+                        r.buckets
+                    )
                 });
             }
             if a.late_steps == 1 && late_before == 0 && rank0 {

@@ -242,6 +242,21 @@ const CHECKPOINT_FILES: [&str; 3] = [
     "optimizer.safetensors",
 ];
 
+/// The step-12 checkpoints of a one-process run and a 2-rank run hold the same tensors to 1e-5.
+fn assert_matches_one_process(single: &Path, multi: &Path) {
+    for file in CHECKPOINT_FILES {
+        let (a, b) = (weights(single, file), weights(multi, file));
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            let d = max_abs_diff(t, &b[k]);
+            assert!(
+                d < 1e-5,
+                "{file}: `{k}` differs by {d} between 1 process and 2 ranks"
+            );
+        }
+    }
+}
+
 /// The step-12 checkpoints of runs `a` and `b` hold the same tensors, bit for bit.
 fn assert_same_checkpoints(a: &Path, b: &Path, what: &str) {
     for file in CHECKPOINT_FILES {
@@ -270,17 +285,7 @@ fn two_gloo_ranks_match_one_process() {
         .file_name()
         .to_string_lossy()
         .contains("partial")));
-    for file in CHECKPOINT_FILES {
-        let (a, b) = (weights(&single, file), weights(&multi, file));
-        assert_eq!(a.len(), b.len());
-        for (k, t) in &a {
-            let d = max_abs_diff(t, &b[k]);
-            assert!(
-                d < 1e-5,
-                "{file}: `{k}` differs by {d} between 1 process and 2 ranks"
-            );
-        }
-    }
+    assert_matches_one_process(&single, &multi);
     // Only rank 0 wrote logs, and they hold means over ranks.
     assert_eq!(
         std::fs::read_dir(multi.join("tensorboard"))
@@ -444,16 +449,7 @@ fn sam_over_two_ranks_with_buckets_sent_during_backward_matches_one_process() {
         None,
         12,
     );
-    for file in CHECKPOINT_FILES {
-        let (a, b) = (weights(&single, file), weights(&multi, file));
-        for (k, t) in &a {
-            let d = max_abs_diff(t, &b[k]);
-            assert!(
-                d < 1e-5,
-                "{file}: `{k}` differs by {d} between 1 process and 2 ranks"
-            );
-        }
-    }
+    assert_matches_one_process(&single, &multi);
 }
 
 #[test]
@@ -476,16 +472,7 @@ fn a_variable_accumulated_twice_per_backward_is_averaged_during_backward() {
         log.contains("started during backward") && !log.contains("after its bucket had been sent"),
         "every step averaged during backward:\n{log}"
     );
-    for file in CHECKPOINT_FILES {
-        let (a, b) = (weights(&single, file), weights(&multi, file));
-        for (k, t) in &a {
-            let d = max_abs_diff(t, &b[k]);
-            assert!(
-                d < 1e-5,
-                "{file}: `{k}` differs by {d} between 1 process and 2 ranks"
-            );
-        }
-    }
+    assert_matches_one_process(&single, &multi);
 }
 
 #[test]
