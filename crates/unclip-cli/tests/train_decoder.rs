@@ -365,12 +365,12 @@ fn dry_run_counts_the_paper_decoder_without_building_it() {
     // transformer, which this layout takes from CLIP).
     assert!((2_200_000_000..2_300_000_000).contains(&total), "{total}");
     // Its training state: 20 bytes a parameter (fp32 weights, gradients, AdamW's two moments,
-    // EMA); the config's ZeRO-1 over 8 ranks keeps 8 + 12 / 8 of them.
+    // EMA); the config's ZeRO-2 over 8 ranks keeps 4 + 16 / 8 of them.
     let gib = |bytes: f64| format!("{:.1} GiB", total as f64 * bytes / (1u64 << 30) as f64);
     let state = format!(
-        "training state per process: {}, sharded over 8 ranks (distributed.shard_optimizer; {} \
-         unsharded)",
-        gib(9.5),
+        "training state per process: {}, sharded over 8 ranks (distributed.shard_optimizer, \
+         shard_gradients; {} unsharded)",
+        gib(6.0),
         gib(20.0)
     );
     assert!(out.contains(&state), "{state} in {out}");
@@ -415,12 +415,16 @@ fn train_decoder_runs_data_parallel_and_resumes_exactly() {
     }
     // Interrupted at step 20 and resumed by both ranks: the same weights, EMA and optimiser state
     // (every rank's data position and generator come back, not only rank 0's) — with the
-    // optimiser state and EMA sharded over the ranks (ZeRO-1), which changes no update.
+    // averaged gradients, optimiser state and EMA sharded over the ranks (ZeRO-2), which changes
+    // no update.
     let split = dir.join("split");
-    let zero = ["distributed.shard_optimizer=true"];
+    let zero = [
+        "distributed.shard_optimizer=true",
+        "distributed.shard_gradients=true",
+    ];
     launch_two_ranks_with(decoder, &config, &split, "20", false, &zero);
     let outputs = launch_two_ranks_with(decoder, &config, &split, "40", true, &zero);
-    assert!(outputs[0].contains("ZeRO-1"), "{}", outputs[0]);
+    assert!(outputs[0].contains("ZeRO-2"), "{}", outputs[0]);
     same_step_40(
         &full,
         &split,

@@ -8,7 +8,10 @@
 // a gradient defined on any rank is defined on all afterwards and stays undefined on none. With
 // bucket views (fp32 buckets of dense variables, once the buckets are fixed), each gradient is a
 // view into its bucket's buffer, as DDP's gradient_as_bucket_view: backward accumulates straight
-// into the buffer that is all-reduced in place, with no copy of the gradients.
+// into the buffer that is all-reduced in place, with no copy of the gradients. Sharded (ZeRO-2),
+// each variable has an owner rank: buckets hold one owner's variables and are reduced to it alone,
+// and the other ranks drop their copy of those gradients as soon as the bucket is sent, so each
+// rank keeps only its own share of the averaged gradients.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
@@ -45,12 +48,17 @@ struct Reducer {
   bool bf16;
   bool want_views;
   int64_t bucket_bytes;
+  int64_t rank = 0;
+  int64_t world = 1;
+  // ZeRO-2: each variable's owner (empty: every rank keeps every average).
+  std::vector<int64_t> owners;
   // Kept alive so the hooks stay registered (a variable holds its accumulator weakly).
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
   std::vector<uintptr_t> hook_keys;
 
-  // Buckets in launch order, and each variable's bucket.
+  // Buckets in launch order, each bucket's owner (sharded) and each variable's bucket.
   std::vector<std::vector<size_t>> buckets;
+  std::vector<int64_t> bucket_owner;
   std::vector<size_t> bucket_of;
   // Accumulations a variable receives in one backward (learned at the first overlapped step; a
   // reentrant checkpoint can accumulate a variable shared by two segments twice).
@@ -76,29 +84,70 @@ struct Reducer {
   size_t next = 0;
   size_t started_in_backward = 0;
 
+  bool sharded() const { return !owners.empty(); }
+
+  // Whether this rank keeps bucket b's averages (under ZeRO-2, only its owner does).
+  bool kept_here(size_t b) const { return !sharded() || bucket_owner[b] == rank; }
+
+  // Buckets of the variables in `order` (sharded: one open bucket per owner), launched in the
+  // order their last variable comes; each owner's first bucket is small.
   void build_buckets(const std::vector<size_t>& order) {
-    buckets.clear();
-    bucket_of.assign(vars.size(), 0);
-    int64_t bytes = 0;
-    for (size_t i : order) {
-      int64_t cap = buckets.size() <= 1 ? std::min(kFirstBucketBytes, bucket_bytes) : bucket_bytes;
-      if (buckets.empty() || bytes >= cap) {
-        buckets.emplace_back();
-        bytes = 0;
+    size_t groups = sharded() ? static_cast<size_t>(world) : 1;
+    std::vector<std::vector<size_t>> open(groups);
+    std::vector<int64_t> bytes(groups, 0);
+    std::vector<size_t> made(groups, 0);
+    std::vector<std::pair<size_t, size_t>> closed_at;  // (position of the last variable, index)
+    std::vector<std::vector<size_t>> all;
+    std::vector<int64_t> all_owner;
+    auto close = [&](size_t g, size_t position) {
+      closed_at.emplace_back(position, all.size());
+      all.push_back(std::move(open[g]));
+      all_owner.push_back(sharded() ? static_cast<int64_t>(g) : -1);
+      open[g].clear();
+      bytes[g] = 0;
+      made[g] += 1;
+    };
+    std::vector<size_t> last_position(groups, 0);
+    for (size_t position = 0; position < order.size(); ++position) {
+      size_t i = order[position];
+      size_t g = sharded() ? static_cast<size_t>(owners[i]) : 0;
+      int64_t cap = made[g] == 0 ? std::min(kFirstBucketBytes, bucket_bytes) : bucket_bytes;
+      if (!open[g].empty() && bytes[g] >= cap) {
+        close(g, last_position[g]);
       }
-      buckets.back().push_back(i);
-      bucket_of[i] = buckets.size() - 1;
-      bytes += vars[i].numel() * vars[i].element_size();
+      open[g].push_back(i);
+      last_position[g] = position;
+      bytes[g] += vars[i].numel() * vars[i].element_size();
+    }
+    for (size_t g = 0; g < groups; ++g) {
+      if (!open[g].empty()) {
+        close(g, last_position[g]);
+      }
+    }
+    std::sort(closed_at.begin(), closed_at.end());
+    buckets.clear();
+    bucket_owner.clear();
+    bucket_of.assign(vars.size(), 0);
+    for (const auto& [position, index] : closed_at) {
+      for (size_t i : all[index]) {
+        bucket_of[i] = buckets.size();
+      }
+      buckets.push_back(std::move(all[index]));
+      bucket_owner.push_back(all_owner[index]);
     }
   }
 
-  // Gradients as views into per-bucket buffers, when every variable can be one (dense, and of its
-  // bucket's type); the current gradients move into them.
+  // Gradients as views into per-bucket buffers (of the buckets this rank keeps), when every
+  // variable can be one (dense, and of its bucket's type); the current gradients move into them.
   void set_up_views() {
     if (bf16) {
       return;
     }
-    for (const auto& bucket : buckets) {
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      const auto& bucket = buckets[b];
+      if (!kept_here(b)) {
+        continue;
+      }
       for (size_t i : bucket) {
         const at::Tensor& v = vars[i];
         if (!v.is_non_overlapping_and_dense() || v.scalar_type() != vars[bucket[0]].scalar_type()) {
@@ -108,8 +157,12 @@ struct Reducer {
     }
     at::NoGradGuard no_grad;
     views.assign(vars.size(), at::Tensor());
-    buffers.clear();
-    for (const auto& bucket : buckets) {
+    buffers.assign(buckets.size(), at::Tensor());
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      const auto& bucket = buckets[b];
+      if (!kept_here(b)) {
+        continue;
+      }
       int64_t total = 0;
       for (size_t i : bucket) {
         total += vars[i].numel();
@@ -119,7 +172,7 @@ struct Reducer {
       int64_t offset = 0;
       for (size_t i : bucket) {
         at::Tensor& var = vars[i];
-        at::Tensor view = buffer.as_strided(var.sizes(), var.strides(), buffer.storage_offset() + offset);
+        at::Tensor view = slot(buffer, i, offset);
         at::Tensor& g = var.mutable_grad();
         if (g.defined()) {
           view.copy_(g);
@@ -128,9 +181,22 @@ struct Reducer {
         views[i] = view;
         offset += var.numel();
       }
-      buffers.push_back(buffer);
+      buffers[b] = buffer;
     }
     use_views = true;
+  }
+
+  bool viewed(size_t b) const { return use_views && buffers[b].defined(); }
+
+  // Variable i's place in a flat bucket, from `offset`: in its own memory order where it is dense
+  // (a channels-last variable too), as its view is, otherwise row-major. Every rank lays a bucket
+  // out alike, views or copies (under ZeRO-2 the owner's bucket is a view, the others' copies).
+  at::Tensor slot(const at::Tensor& flat, size_t i, int64_t offset) const {
+    const at::Tensor& v = vars[i];
+    if (v.is_non_overlapping_and_dense()) {
+      return flat.as_strided(v.sizes(), v.strides(), flat.storage_offset() + offset);
+    }
+    return flat.narrow(0, offset, v.numel()).view(v.sizes());
   }
 
   bool all_grads_defined(size_t b) const {
@@ -172,14 +238,28 @@ struct Reducer {
 
   // Bucket b's gradients and flags copied into one flat tensor (in bf16 when it travels so).
   at::Tensor copy_bucket(size_t b) {
-    std::vector<at::Tensor> parts;
+    at::NoGradGuard no_grad;
+    int64_t total = 0;
+    for (size_t i : buckets[b]) {
+      total += vars[i].numel();
+    }
+    int64_t n_vars = static_cast<int64_t>(buckets[b].size());
+    const at::Tensor& first = vars[buckets[b][0]];
+    at::Tensor flat = at::empty({total + n_vars},
+                                first.options().dtype(bf16 ? at::kBFloat16 : first.scalar_type()));
+    int64_t offset = 0;
     for (size_t i : buckets[b]) {
       const at::Tensor& g = vars[i].grad();
-      parts.push_back(g.defined() ? g.reshape({-1}) : at::zeros({vars[i].numel()}, vars[i].options()));
+      at::Tensor place = slot(flat, i, offset);
+      if (g.defined()) {
+        place.copy_(g);
+      } else {
+        place.zero_();
+      }
+      offset += vars[i].numel();
     }
-    parts.push_back(defined_flags(b, parts[0].options()));
-    at::Tensor flat = at::cat(parts, 0);
-    return bf16 ? flat.to(at::kBFloat16) : flat;
+    flat.narrow(0, total, n_vars).copy_(defined_flags(b, first.options()));
+    return flat;
   }
 
   c10::intrusive_ptr<c10d::Work> all_reduce_sum(at::Tensor t) {
@@ -189,9 +269,27 @@ struct Reducer {
     return backend->allreduce(ts, o);
   }
 
+  c10::intrusive_ptr<c10d::Work> reduce_sum(at::Tensor t, int64_t root) {
+    std::vector<at::Tensor> ts{std::move(t)};
+    c10d::ReduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    o.rootRank = root;
+    return backend->reduce(ts, o);
+  }
+
   void launch(size_t b) {
-    flats[b] = use_views ? fill_buffer(b) : copy_bucket(b);
-    works[b] = all_reduce_sum(flats[b]);
+    flats[b] = viewed(b) ? fill_buffer(b) : copy_bucket(b);
+    if (!sharded()) {
+      works[b] = all_reduce_sum(flats[b]);
+      return;
+    }
+    works[b] = reduce_sum(flats[b], bucket_owner[b]);
+    if (!kept_here(b)) {
+      // Their copy is on its way to the owner: the gradients go now, while backward runs on.
+      for (size_t i : buckets[b]) {
+        vars[i].mutable_grad().reset();
+      }
+    }
   }
 
   void launch_ready() {
@@ -325,8 +423,8 @@ struct Reducer {
     at::Tensor any = at::full({1}, late ? 1.0f : 0.0f, vars[0].options().dtype(at::kFloat));
     wait_work(all_reduce_sum(any));
     bool late_anywhere = any.item<float>() > 0.0f;
-    if (late_anywhere && use_views) {
-      // The buffers were all-reduced in place: the local gradients are gone.
+    if (late_anywhere && (use_views || sharded())) {
+      // The buffers were reduced in place, or (sharded) dropped: the local gradients are gone.
       throw std::runtime_error(
           "a gradient arrived after its bucket had been sent (a variable accumulated more often "
           "than at the first step: the model's graph changes between steps); set "
@@ -338,6 +436,9 @@ struct Reducer {
   // Bucket b's sums, divided by the world size, into its variables' gradients (each defined if
   // any rank's was).
   void write_back(size_t b) {
+    if (!kept_here(b)) {
+      return;  // the owner's (launch dropped this rank's copy)
+    }
     at::NoGradGuard no_grad;
     at::Tensor flat = flats[b];
     // Gloo has no AVG: sum, then divide, in the type the bucket travelled in.
@@ -350,7 +451,7 @@ struct Reducer {
       at::Tensor flags = flat.narrow(0, flat.numel() - n_vars, n_vars).cpu().to(at::kFloat);
       defined.assign(flags.data_ptr<float>(), flags.data_ptr<float>() + n_vars);
     }
-    if (use_views) {
+    if (viewed(b)) {
       // The averages are in the views already; a gradient only other ranks had becomes one.
       for (size_t k = 0; k < buckets[b].size(); ++k) {
         at::Tensor& g = vars[buckets[b][k]].mutable_grad();
@@ -369,7 +470,7 @@ struct Reducer {
         if (!g.defined()) {
           g = at::zeros_like(var);
         }
-        g.copy_(flat.narrow(0, offset, n).view(var.sizes()));
+        g.copy_(slot(flat, buckets[b][k], offset));
       }
       offset += n;
     }
@@ -409,9 +510,10 @@ extern "C" {
 
 // A reducer over `n` variables (at::Tensor*, every one on the group's device). Until the first
 // overlapped backward, buckets take the variables last first (backward's order, roughly). views:
-// gradients become views into the fp32 buckets from the first overlapped step on.
+// gradients become views into the fp32 buckets from the first overlapped step on. owners (null:
+// not sharded): each variable's rank under ZeRO-2, which alone receives its average.
 void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t bucket_bytes,
-                              int bf16, int views) {
+                              int bf16, int views, const int64_t* owners) {
   Reducer* out = nullptr;
   int rc = guarded([&] {
     if (n <= 0) {
@@ -423,8 +525,18 @@ void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t
     r->bf16 = bf16 != 0;
     r->want_views = views != 0;
     r->bucket_bytes = bucket_bytes;
+    r->rank = r->backend->getRank();
+    r->world = r->backend->getSize();
     for (int64_t i = 0; i < n; ++i) {
       r->vars.push_back(*vars[i]);
+      if (owners != nullptr) {
+        if (owners[i] < 0 || owners[i] >= r->world) {
+          throw std::runtime_error("gradient reducer: variable " + std::to_string(i) +
+                                   " has owner " + std::to_string(owners[i]) + ", not a rank of " +
+                                   std::to_string(r->world));
+        }
+        r->owners.push_back(owners[i]);
+      }
     }
     std::vector<size_t> order;
     for (size_t j = r->vars.size(); j-- > 0;) {

@@ -55,6 +55,7 @@ mod ffi {
             bucket_bytes: i64,
             bf16: c_int,
             views: c_int,
+            owners: *const i64,
         ) -> *mut c_void;
         pub fn unclip_c10d_reducer_free(reducer: *mut c_void);
         pub fn unclip_c10d_reducer_arm(reducer: *mut c_void, overlap: c_int) -> c_int;
@@ -328,6 +329,36 @@ pub struct Reduced {
     pub buckets: usize,
 }
 
+/// How a [`GradReducer`] buckets and sends the gradients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReducerOptions {
+    /// Bucket size in bytes (the first at most 1 MiB, so communication starts early).
+    pub bucket_bytes: usize,
+    /// Buckets travel as bfloat16 (rounded, summed, widened back).
+    pub bf16: bool,
+    /// From the first overlapped step on, each gradient is a view into its fp32 bucket (when
+    /// every variable is dense and its bucket's type), as DDP's `gradient_as_bucket_view`: no
+    /// second copy of the gradients, none made per step — but a late gradient is then an error,
+    /// as the buffers were averaged in place.
+    pub bucket_views: bool,
+    /// ZeRO-2: each variable's owner rank, which alone receives its average (buckets hold one
+    /// owner's variables and are reduced to it); every other rank drops its gradient of the
+    /// variable once the bucket is sent, so it ends undefined there. A late gradient is an error.
+    /// None: every rank keeps every average.
+    pub owners: Option<Vec<usize>>,
+}
+
+impl Default for ReducerOptions {
+    fn default() -> Self {
+        Self {
+            bucket_bytes: 25 << 20,
+            bf16: false,
+            bucket_views: false,
+            owners: None,
+        }
+    }
+}
+
 /// Averages the gradients of a set of variables over a group, in buckets (DDP's Reducer, in
 /// less). Armed before the backward whose gradients are to be averaged, it can start each bucket's
 /// all-reduce from a hook on the variables' gradient accumulators as soon as the bucket's gradients
@@ -348,33 +379,39 @@ pub struct GradReducer<'a> {
 }
 
 impl<'a> GradReducer<'a> {
-    /// A reducer over `vars` (on the group's device), buckets of at most `bucket_bytes` (the first
-    /// at most 1 MiB, so communication starts early), sent as bfloat16 when `bf16`. With
-    /// `bucket_views`, from the first overlapped step on each gradient is a view into its fp32
-    /// bucket (when every variable is dense and its bucket's type), as DDP's
-    /// `gradient_as_bucket_view`: no second copy of the gradients, none made per step — but a
-    /// late gradient is then an error, as the buffers were averaged in place.
+    /// A reducer over `vars` (on the group's device), bucketed and sent as `options` say.
     pub fn new<'v>(
         pg: &'a ProcessGroup,
         vars: impl IntoIterator<Item = &'v Tensor>,
-        bucket_bytes: usize,
-        bf16: bool,
-        bucket_views: bool,
+        options: &ReducerOptions,
     ) -> Result<Self> {
         let vars: Vec<&Tensor> = vars.into_iter().collect();
         for v in &vars {
             pg.check_device(v)?;
         }
+        let owners: Option<Vec<i64>> = match &options.owners {
+            Some(o) if o.len() != vars.len() => {
+                return Err(DistError::Invalid(format!(
+                    "gradient reducer: {} owners for {} variables",
+                    o.len(),
+                    vars.len()
+                )))
+            }
+            Some(o) => Some(o.iter().map(|&r| r as i64).collect()),
+            None => None,
+        };
         let ptrs: Vec<*mut c_void> = vars.iter().map(|v| v.as_ptr() as *mut c_void).collect();
-        // SAFETY: live group and tensor pointers; the shim copies the tensors (sharing storage).
+        // SAFETY: live group and tensor pointers, `owners` (when given) one per variable; the
+        // shim copies the tensors (sharing storage) and the owners.
         let ptr = unsafe {
             ffi::unclip_c10d_reducer_new(
                 pg.ptr,
                 ptrs.as_ptr(),
                 ptrs.len() as i64,
-                bucket_bytes as i64,
-                c_int::from(bf16),
-                c_int::from(bucket_views),
+                options.bucket_bytes as i64,
+                c_int::from(options.bf16),
+                c_int::from(options.bucket_views),
+                owners.as_ref().map_or(std::ptr::null(), |o| o.as_ptr()),
             )
         };
         if ptr.is_null() {

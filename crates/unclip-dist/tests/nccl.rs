@@ -3,7 +3,7 @@
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 use unclip_dist::launch::{free_port, launch_local};
-use unclip_dist::{nccl_available, DistEnv, GradReducer, ProcessGroup};
+use unclip_dist::{nccl_available, DistEnv, GradReducer, ProcessGroup, ReducerOptions};
 
 #[test]
 fn nccl_is_built_against_a_cuda_libtorch() {
@@ -82,45 +82,57 @@ fn check_collectives(pg: &ProcessGroup) {
     println!("rank {} ok", pg.rank());
 }
 
-/// Gradients averaged from backward's hooks, which on CUDA run on autograd's device thread.
+/// Gradients averaged from backward's hooks, which on CUDA run on autograd's device thread: to
+/// every rank, and sharded (ZeRO-2: `a` reduced to rank 0 alone, `b` to the last rank).
 fn check_grad_reducer(pg: &ProcessGroup) {
     let (rank, world) = (pg.rank() as f64, pg.world_size() as f64);
     let dev = pg.device();
-    let a = Tensor::ones([300_000], (Kind::Float, dev)).set_requires_grad(true);
-    let b = Tensor::linspace(-1.0, 1.0, 1000, (Kind::Float, dev)).set_requires_grad(true);
-    let reducer = GradReducer::new(pg, [&a, &b], 4096, false, true).unwrap();
-    for step in 0..3 {
-        for v in [&a, &b] {
-            let g = v.grad();
-            if g.defined() {
-                let _ = g.shallow_clone().zero_();
+    for owners in [None, Some(vec![0, pg.world_size() - 1])] {
+        let a = Tensor::ones([300_000], (Kind::Float, dev)).set_requires_grad(true);
+        let b = Tensor::linspace(-1.0, 1.0, 1000, (Kind::Float, dev)).set_requires_grad(true);
+        let options = ReducerOptions {
+            bucket_bytes: 4096,
+            bucket_views: true,
+            owners: owners.clone(),
+            ..Default::default()
+        };
+        let reducer = GradReducer::new(pg, [&a, &b], &options).unwrap();
+        let keeps = |i: usize| owners.as_ref().is_none_or(|o| o[i] == pg.rank());
+        for step in 0..3 {
+            for v in [&a, &b] {
+                let g = v.grad();
+                if g.defined() {
+                    let _ = g.shallow_clone().zero_();
+                }
+            }
+            reducer.arm(true).unwrap();
+            let loss =
+                ((&a * (rank + 1.0)).sum(Kind::Float) + (&b * &b).sum(Kind::Float)) * (rank + 1.0);
+            loss.backward();
+            let reduced = reducer.wait().unwrap();
+            reducer.finish(true).unwrap();
+            assert!(!reduced.late, "{reduced:?}");
+            if step > 0 {
+                assert_eq!(reduced.started_in_backward, reduced.buckets, "{reduced:?}");
+            }
+            // Means over ranks of (r + 1)² and 2b(r + 1).
+            let mean_sq: f64 = (0..world as usize)
+                .map(|r| ((r + 1) * (r + 1)) as f64)
+                .sum::<f64>()
+                / world;
+            let want_a = Tensor::full([300_000], mean_sq, (Kind::Float, dev));
+            let want_b = &b.detach() * (world + 1.0);
+            for (i, (v, want)) in [(&a, want_a), (&b, want_b)].into_iter().enumerate() {
+                if keeps(i) {
+                    assert!(
+                        v.grad().allclose(&want, 1e-6, 1e-6, false),
+                        "step {step}, owners {owners:?}: variable {i}"
+                    );
+                } else {
+                    assert!(!v.grad().defined(), "step {step}: rank {rank} dropped {i}");
+                }
             }
         }
-        reducer.arm(true).unwrap();
-        let loss =
-            ((&a * (rank + 1.0)).sum(Kind::Float) + (&b * &b).sum(Kind::Float)) * (rank + 1.0);
-        loss.backward();
-        let reduced = reducer.wait().unwrap();
-        reducer.finish(true).unwrap();
-        assert!(!reduced.late, "{reduced:?}");
-        if step > 0 {
-            assert_eq!(reduced.started_in_backward, reduced.buckets, "{reduced:?}");
-        }
-        // Means over ranks of (r + 1)² and 2b(r + 1).
-        let mean_sq: f64 = (0..world as usize)
-            .map(|r| ((r + 1) * (r + 1)) as f64)
-            .sum::<f64>()
-            / world;
-        let want_a = Tensor::full([300_000], mean_sq, (Kind::Float, dev));
-        let want_b = &b.detach() * (world + 1.0);
-        assert!(
-            a.grad().allclose(&want_a, 1e-6, 1e-6, false),
-            "step {step}: a"
-        );
-        assert!(
-            b.grad().allclose(&want_b, 1e-6, 1e-6, false),
-            "step {step}: b"
-        );
     }
 }
 

@@ -72,6 +72,14 @@ int unclip_foreach_global_norm(at::Tensor* const* ts, int n, double* out) {
   });
 }
 
+// Every tensor's L2 norm, as unclip_foreach_global_norm computes them, written into `out` (n
+// elements on their device): the per-rank part of a norm over gradients sharded across ranks.
+int unclip_foreach_norms(at::Tensor* const* ts, int n, at::Tensor* out) {
+  return guarded([&] {
+    if (n > 0) out->copy_(at::stack(at::_foreach_norm(list(ts, n), 2)));
+  });
+}
+
 int unclip_foreach_mul_scalar_(at::Tensor* const* ts, int n, double factor) {
   return guarded([&] {
     if (n > 0) at::_foreach_mul_(list(ts, n), factor);

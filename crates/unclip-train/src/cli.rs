@@ -101,10 +101,17 @@ pub fn print_parameter_summary(vs: &tch::nn::VarStore, runtime: &crate::config::
 
 /// The total line, then the memory its training state takes per process: fp32 weights,
 /// gradients, AdamW's two moments and the EMA — with ZeRO-1 (`distributed.shard_optimizer`) the
-/// moments and EMA split over the ranks (WORLD_SIZE, or 8 when unset). Activations come on top.
+/// moments and EMA split over the ranks (WORLD_SIZE, or 8 when unset), with ZeRO-2
+/// (`shard_gradients` too) the gradients as well. Activations come on top.
 fn print_total(total: i64, runtime: &crate::config::RuntimeConfig) {
     println!("  {:<24} {total:>14} parameters", "total");
-    let (sharded, plain) = state_bytes_per_param(runtime.train.ema_decay.is_some());
+    let ema = if runtime.train.ema_decay.is_some() {
+        4.0
+    } else {
+        0.0
+    };
+    // fp32 weights, gradients, two moments, EMA.
+    let (weights, grads, optimizer) = (4.0, 4.0, 8.0 + ema);
     let world = unclip_dist::DistEnv::from_env()
         .ok()
         .flatten()
@@ -112,25 +119,30 @@ fn print_total(total: i64, runtime: &crate::config::RuntimeConfig) {
         .filter(|&w| w > 1)
         .unwrap_or(8);
     let gib = |bytes_per_param: f64| total as f64 * bytes_per_param / (1u64 << 30) as f64;
-    let zero = gib(plain + sharded / world as f64);
-    let state = gib(plain + sharded);
-    if runtime.distributed.shard_optimizer {
+    let w = world as f64;
+    let state = gib(weights + grads + optimizer);
+    let zero1 = gib(weights + grads + optimizer / w);
+    let zero2 = gib(weights + (grads + optimizer) / w);
+    let d = &runtime.distributed;
+    if d.shard_optimizer && d.shard_gradients {
         println!(
-            "  training state per process: {zero:.1} GiB, sharded over {world} ranks \
-             (distributed.shard_optimizer; {state:.1} GiB unsharded); activations on top"
+            "  training state per process: {zero2:.1} GiB, sharded over {world} ranks \
+             (distributed.shard_optimizer, shard_gradients; {state:.1} GiB unsharded); \
+             activations on top"
+        );
+    } else if d.shard_optimizer {
+        println!(
+            "  training state per process: {zero1:.1} GiB, sharded over {world} ranks \
+             (distributed.shard_optimizer; {zero2:.1} GiB with shard_gradients too, {state:.1} GiB \
+             unsharded); activations on top"
         );
     } else {
         println!(
-            "  training state per process: {state:.1} GiB ({zero:.1} GiB over {world} ranks with \
-             distributed.shard_optimizer); activations on top"
+            "  training state per process: {state:.1} GiB ({zero1:.1} GiB over {world} ranks with \
+             distributed.shard_optimizer, {zero2:.1} GiB with shard_gradients too); activations \
+             on top"
         );
     }
-}
-
-/// Bytes of training state per parameter: (what ZeRO-1 shards — AdamW's moments and the EMA,
-/// fp32 — and what every rank keeps whole — fp32 weights and gradients).
-fn state_bytes_per_param(ema: bool) -> (f64, f64) {
-    (if ema { 12.0 } else { 8.0 }, 8.0)
 }
 
 /// Models above this many parameters are counted from their config by `--dry-run`, not built:

@@ -191,6 +191,10 @@ pub struct DistributedConfig {
     /// ZeRO stage 1: each rank keeps the AdamW moments and EMA weights of only its share of the
     /// parameters (about 1/WORLD_SIZE of them) and updates those; the same updates as without.
     pub shard_optimizer: bool,
+    /// ZeRO stage 2 (with `shard_optimizer`): each gradient is reduced to the rank that owns the
+    /// variable rather than to every rank, and the others drop it once it is sent, so each rank
+    /// holds about 1/WORLD_SIZE of the averaged gradients; the same updates as without.
+    pub shard_gradients: bool,
 }
 
 impl DistributedConfig {
@@ -208,6 +212,7 @@ impl Default for DistributedConfig {
             grad_reduce: GradReduce::DuringBackward,
             reduce_dtype: ReduceDtype::Fp32,
             shard_optimizer: false,
+            shard_gradients: false,
         }
     }
 }
@@ -298,6 +303,12 @@ impl RuntimeConfig {
         }
         if self.checkpoint.milestone_every == Some(0) {
             bail!("checkpoint.milestone_every must be > 0");
+        }
+        if self.distributed.shard_gradients && !self.distributed.shard_optimizer {
+            bail!(
+                "distributed.shard_gradients: true needs distributed.shard_optimizer: true (ZeRO-2 \
+                 reduces each gradient to the rank that keeps the variable's optimiser state)"
+            );
         }
         crate::distributed::process_device(&self.device)?;
         Ok(())

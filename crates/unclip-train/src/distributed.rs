@@ -2,12 +2,13 @@
 //! CUDA), rank 0's weights broadcast at start, gradients averaged in buckets during backward.
 
 use crate::config::{DistributedConfig, GradReduce, ReduceDtype};
+use crate::optim::AdamW;
 use anyhow::{anyhow, bail, Context, Result};
 use std::time::Duration;
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 use unclip_diffusion::device::parse_device;
-use unclip_dist::{DistEnv, GradReducer, ProcessGroup, Reduced};
+use unclip_dist::{DistEnv, GradReducer, ProcessGroup, Reduced, ReducerOptions};
 
 /// This process's device for `spec` (`auto | cpu | cuda | cuda:N`): in a multi-process CUDA
 /// job, `auto` and `cuda` mean the GPU of this rank's LOCAL_RANK, as torchrun jobs expect.
@@ -122,14 +123,21 @@ pub struct GradientAverager<'a> {
 }
 
 impl<'a> GradientAverager<'a> {
+    /// `owners` (ZeRO-2): each variable's rank, which alone keeps its average.
     pub fn new<'v>(
         pg: &'a ProcessGroup,
         vars: impl IntoIterator<Item = &'v Tensor>,
         cfg: &DistributedConfig,
+        owners: Option<Vec<usize>>,
     ) -> Result<Self> {
-        let bf16 = cfg.reduce_dtype == ReduceDtype::Bf16;
+        let options = ReducerOptions {
+            bucket_bytes: cfg.bucket_bytes(),
+            bf16: cfg.reduce_dtype == ReduceDtype::Bf16,
+            bucket_views: true,
+            owners,
+        };
         Ok(Self {
-            reducer: GradReducer::new(pg, vars, cfg.bucket_bytes(), bf16, true)
+            reducer: GradReducer::new(pg, vars, &options)
                 .context("setting up gradient averaging")?,
             overlap: cfg.grad_reduce == GradReduce::DuringBackward,
             late_steps: 0,
@@ -171,6 +179,20 @@ impl<'a> GradientAverager<'a> {
     pub fn take_wait_secs(&mut self) -> f64 {
         std::mem::take(&mut self.wait_secs)
     }
+}
+
+/// The global L2 norm of gradients sharded over the ranks (ZeRO-2: each on its owner alone),
+/// bit for bit what [`AdamW::grad_norm`] gives over the whole set on one rank: the ranks' per-
+/// variable norms, summed (each is nonzero on one rank only, so exactly), then the norm of those
+/// of the gradients that exist, in name order.
+pub fn sharded_grad_norm(pg: &ProcessGroup, opt: &AdamW) -> Result<f64> {
+    let mut parts = opt.gradient_norm_parts()?;
+    pg.all_reduce_sum(&mut parts)
+        .context("summing the gradient norms over ranks")?;
+    let n = parts.size()[0] / 2;
+    let defined = parts.narrow(0, n, n).gt(0.0);
+    let norms = parts.narrow(0, 0, n).masked_select(&defined);
+    Ok(norms.to_kind(Kind::Double).norm().double_value(&[]))
 }
 
 /// Means of `values` over ranks (identity without a group).

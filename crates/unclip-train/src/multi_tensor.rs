@@ -26,6 +26,7 @@ extern "C" {
         eps: f64,
     ) -> c_int;
     fn unclip_foreach_global_norm(ts: *const TensorPtr, n: c_int, out: *mut f64) -> c_int;
+    fn unclip_foreach_norms(ts: *const TensorPtr, n: c_int, out: TensorPtr) -> c_int;
     fn unclip_foreach_mul_scalar_(ts: *const TensorPtr, n: c_int, factor: f64) -> c_int;
     fn unclip_foreach_zero_(ts: *const TensorPtr, n: c_int) -> c_int;
     fn unclip_foreach_lerp_scalar_(
@@ -118,6 +119,23 @@ pub fn global_norm(ts: &[impl Borrow<Tensor>]) -> Result<f64> {
     checked(
         unsafe { unclip_foreach_global_norm(p.as_ptr(), n, &mut out) },
         "gradient norm",
+    )?;
+    Ok(out)
+}
+
+/// Each tensor's L2 norm, as [`global_norm`] computes them (in the first tensor's dtype, on its
+/// device; empty for no tensors).
+pub fn norms(ts: &[impl Borrow<Tensor>]) -> Result<Tensor> {
+    let Some(first) = ts.first() else {
+        return Ok(Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu)));
+    };
+    let first = first.borrow();
+    let out = Tensor::empty([ts.len() as i64], (first.kind(), first.device()));
+    let (n, p) = (count(ts)?, pointers(ts));
+    // SAFETY: n live tensors, only read; `out` a live tensor of n elements, written in place.
+    checked(
+        unsafe { unclip_foreach_norms(p.as_ptr(), n, out.as_ptr() as TensorPtr) },
+        "gradient norms",
     )?;
     Ok(out)
 }

@@ -122,6 +122,11 @@ impl AdamW {
         self.params.iter().map(|p| &p.var)
     }
 
+    /// The optimised variables' names, in the order of [`AdamW::variables`].
+    pub fn variable_names(&self) -> impl Iterator<Item = &str> {
+        self.params.iter().map(|p| p.name.as_str())
+    }
+
     pub fn steps_taken(&self) -> u64 {
         self.step
     }
@@ -152,6 +157,33 @@ impl AdamW {
     /// precision, as torch's clip_grad_norm_, and a single read back to the host.
     pub fn grad_norm(&self) -> Result<f64> {
         multi_tensor::global_norm(&self.gradients())
+    }
+
+    /// This rank's part of a global norm over gradients sharded across ranks (ZeRO-2): for every
+    /// optimised variable in name order its gradient's L2 norm (0 without one here), then a flag
+    /// each (1 where it has one) — one fp32 tensor of 2 · variables, so that a sum over ranks,
+    /// where each gradient lives on one rank, is exact.
+    pub fn gradient_norm_parts(&self) -> Result<Tensor> {
+        let n = self.params.len() as i64;
+        let device = self
+            .params
+            .first()
+            .map_or(tch::Device::Cpu, |p| p.var.device());
+        let (index, grads): (Vec<i64>, Vec<Tensor>) = self
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as i64, p.var.grad()))
+            .filter(|(_, g)| g.defined())
+            .unzip();
+        let parts = Tensor::zeros([2 * n], (tch::Kind::Float, device));
+        if !grads.is_empty() {
+            let index = Tensor::from_slice(&index).to_device(device);
+            let norms = multi_tensor::norms(&grads)?.to_kind(tch::Kind::Float);
+            let _ = parts.narrow(0, 0, n).index_copy_(0, &index, &norms);
+            let _ = parts.narrow(0, n, n).index_fill_(0, &index, 1.0);
+        }
+        Ok(parts)
     }
 
     /// Scales gradients so their global norm is at most `max_norm` (as torch's clip_grad_norm_).

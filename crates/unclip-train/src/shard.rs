@@ -1,8 +1,9 @@
 //! ZeRO stage 1 (Rajbhandari et al. 2020), as PyTorch's `ZeroRedundancyOptimizer` does it: each
 //! variable is owned by one rank, which alone keeps its AdamW moments and EMA weights and updates
-//! it; after each step the owners broadcast their variables. Gradients are still all-reduced in
-//! full, so the updates are the unsharded run's, bit for bit. Checkpoints are gathered to rank 0
-//! in the unsharded format: any run resumes any checkpoint, whatever its world size or sharding.
+//! it; after each step the owners broadcast their variables. Gradients are all-reduced in full —
+//! or, with ZeRO stage 2, reduced to each variable's owner alone ([`crate::distributed`]) — so the
+//! updates are the unsharded run's, bit for bit. Checkpoints are gathered to rank 0 in the
+//! unsharded format: any run resumes any checkpoint, whatever its world size or sharding.
 
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -75,9 +76,12 @@ impl Shards {
 
     /// Whether this rank owns variable `name`.
     pub fn owns(&self, name: &str) -> bool {
-        self.vars
-            .iter()
-            .any(|v| v.name == name && v.owner == self.rank)
+        self.owner(name) == Some(self.rank)
+    }
+
+    /// The rank that owns variable `name`.
+    pub fn owner(&self, name: &str) -> Option<usize> {
+        self.vars.iter().find(|v| v.name == name).map(|v| v.owner)
     }
 
     /// (elements this rank owns, elements in all) over the trainable variables.

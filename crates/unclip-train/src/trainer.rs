@@ -123,17 +123,23 @@ enum Gradients {
     NonFinite,
 }
 
-/// Checks the (all-reduced) gradients of a step whose mean loss was `loss`; with a loss scaler,
+/// Checks the (averaged) gradients of a step whose mean loss was `loss`; with a loss scaler,
 /// divides the scale back out of finite gradients, or backs the scale off after an overflow.
+/// `sharded_over`: the gradients are ZeRO-2's, each on its owner alone, so the norm is summed
+/// over the group.
 fn check_gradients(
     opt: &mut AdamW,
     loss_scale: Option<&mut LossScaler>,
     loss: f64,
+    sharded_over: Option<&ProcessGroup>,
 ) -> Result<Gradients> {
     if !loss.is_finite() {
         return Ok(Gradients::NonFinite);
     }
-    let norm = opt.grad_norm()?;
+    let norm = match sharded_over {
+        Some(pg) => distributed::sharded_grad_norm(pg, opt)?,
+        None => opt.grad_norm()?,
+    };
     Ok(match loss_scale {
         None if norm.is_finite() => Gradients::Finite(norm),
         None => Gradients::NonFinite,
@@ -290,6 +296,11 @@ pub fn train<T: TrainTask>(
         _ => None,
     };
     let owns = |name: &str| shards.as_ref().is_none_or(|s| s.owns(name));
+    // ZeRO-2: gradients reduced to their owners alone; the norm is then summed over the group.
+    let grads_sharded_over = match (&dist, &shards) {
+        (Some(pg), Some(_)) if runtime.distributed.shard_gradients => Some(pg.as_ref()),
+        _ => None,
+    };
     let mut opt = AdamW::sharded(vs, cfg, owns);
     let mut scaler = (cfg.precision == Precision::Fp16).then(|| LossScaler::new(&cfg.loss_scale));
     let mut ema = cfg
@@ -351,18 +362,37 @@ pub fn train<T: TrainTask>(
     }
     if let (Some(s), true) = (&shards, rank0) {
         let (own, all) = s.owned_numel();
+        let what = if grads_sharded_over.is_some() {
+            "ZeRO-2: averaged gradients, AdamW moments and EMA weights"
+        } else {
+            "ZeRO-1: AdamW moments and EMA weights"
+        };
         logger.message(&format!(
-            "ZeRO-1: AdamW moments and EMA weights sharded over {} ranks; rank 0 keeps those of \
-             {own} of {all} parameters",
+            "{what} sharded over {} ranks; rank 0 keeps those of {own} of {all} parameters",
             s.world_size()
         ));
     }
+    if runtime.distributed.shard_gradients && dist.is_none() && rank0 {
+        logger
+            .message("distributed.shard_gradients: a single process has nothing to shard it over");
+    }
     let mut averager = match &dist {
-        Some(pg) => Some(distributed::GradientAverager::new(
-            pg,
-            opt.variables(),
-            &runtime.distributed,
-        )?),
+        Some(pg) => {
+            let owners = match (&shards, grads_sharded_over) {
+                (Some(s), Some(_)) => Some(
+                    opt.variable_names()
+                        .map(|name| s.owner(name).context("a variable outside the partition"))
+                        .collect::<Result<Vec<_>>>()?,
+                ),
+                _ => None,
+            };
+            Some(distributed::GradientAverager::new(
+                pg,
+                opt.variables(),
+                &runtime.distributed,
+                owners,
+            )?)
+        }
         None => None,
     };
     let policy = RetentionPolicy {
@@ -451,10 +481,19 @@ pub fn train<T: TrainTask>(
         let stop_now = reduced[3] > 0.0;
         let (loss, data_secs, reduce_secs) = (reduced[0], reduced[2], reduced[4]);
         let samples = (reduced[1] * world_size as f64).round() as usize;
-        let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss)?;
+        let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss, grads_sharded_over)?;
+        // Under ZeRO-2 a rank changes only the variables whose gradients it holds; their owners
+        // then send the new values to every rank.
+        let share_owned = |named: &[(String, Tensor)]| -> Result<()> {
+            if let (Some(s), Some(pg)) = (&shards, grads_sharded_over) {
+                s.broadcast_from_owners(pg, named, bucket_bytes)?;
+            }
+            Ok(())
+        };
         if let (Some(rho), Gradients::Finite(norm)) = (cfg.sam_rho, gradients) {
             // SAM (Foret et al. 2021): the gradient at w + ρ·g/‖g‖, applied at w.
             let perturbation = opt.sam_ascend(rho, norm);
+            share_owned(&named)?;
             opt.zero_grad()?;
             let mut second = 0.0f64;
             for (k, batch) in kept.iter().enumerate() {
@@ -468,7 +507,11 @@ pub fn train<T: TrainTask>(
             }
             let second = distributed::mean_over_ranks(dist.as_deref(), &[second])?[0];
             opt.sam_descend(perturbation);
-            gradients = check_gradients(&mut opt, scaler.as_mut(), second)?;
+            gradients = check_gradients(&mut opt, scaler.as_mut(), second, grads_sharded_over)?;
+            if !matches!(gradients, Gradients::Finite(_)) {
+                // No update follows to share: take the others' variables back off w + e here.
+                share_owned(&named)?;
+            }
         }
         // A skipped step still counts as done: its checkpoint and logs are written as usual.
         let lr = learning_rate(cfg, step);

@@ -94,6 +94,11 @@ fn bad_configs_name_the_key() {
             &["distributed.grad_reduce=sideways"],
             "distributed.grad_reduce: unknown variant `sideways`",
         ),
+        (
+            base,
+            &["distributed.shard_gradients=true"],
+            "distributed.shard_gradients: true needs distributed.shard_optimizer: true",
+        ),
         (base, &["train.lr"], "expected KEY=VALUE"),
         (
             base,

@@ -44,6 +44,10 @@ struct Regression {
     batch: i64,
     rank: i64,
     world: i64,
+    /// The step being trained and the losses computed in it: SAM's second pass starts after
+    /// `grad_accum` of them.
+    step: u64,
+    losses_in_step: usize,
 }
 
 impl Regression {
@@ -68,6 +72,8 @@ impl Regression {
             batch,
             rank,
             world,
+            step: 0,
+            losses_in_step: 0,
         }
     }
 }
@@ -80,6 +86,9 @@ impl TrainTask for Regression {
         if self.rank == 1 && micro == 0 && sigterm_at == Some(step.to_string()) {
             // SAFETY: raise only delivers the signal to this process, whose handlers are set.
             assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        }
+        if micro == 0 {
+            (self.step, self.losses_in_step) = (step, 0);
         }
         let global = self.batch * self.world;
         let start = ((step as i64 * 2 + micro as i64) * global + self.rank * self.batch) % 256;
@@ -102,7 +111,13 @@ impl TrainTask for Regression {
         } else {
             self.fc1.forward(x).tanh()
         };
-        let loss = (self.fc2.forward(&hidden) - y).square().mean(Kind::Float);
+        let mut loss = (self.fc2.forward(&hidden) - y).square().mean(Kind::Float);
+        // SAM's second pass of this step goes non-finite, on rank 0 (grad_accum is 2).
+        self.losses_in_step += 1;
+        let nan_at = std::env::var("UNCLIP_TEST_SAM_NAN_AT").ok();
+        if self.rank == 0 && self.losses_in_step > 2 && nan_at == Some(self.step.to_string()) {
+            loss *= f64::NAN;
+        }
         // A metric that differs per rank: rank 0 must log its mean over ranks.
         let metrics = vec![("rank_id".to_string(), self.rank as f64)];
         Ok(StepOutput {
@@ -501,4 +516,46 @@ fn bf16_gradient_averaging_trains_like_fp32_in_half_the_bytes() {
         largest > 0.0,
         "bf16 averaging left the weights bit-identical"
     );
+}
+
+#[test]
+fn sharded_gradients_give_the_same_run_during_or_after_backward_and_with_sam() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Buckets of ~200 bytes, so each rank owns several and sends the other's from the hooks.
+    let small = "distributed.bucket_mb=0.0002;logging.images_every=12";
+    let zero2 = "distributed.shard_optimizer=true;distributed.shard_gradients=true";
+    let plain = tmp.path().join("plain");
+    two_ranks(&plain, small, None, 12);
+    let sharded = tmp.path().join("sharded");
+    let log = two_ranks(&sharded, &format!("{small};{zero2}"), None, 12);
+    assert!(
+        log.contains("ZeRO-2") && log.contains("started during backward"),
+        "rank 0 says it shards the gradients, sent during backward:\n{log}"
+    );
+    // The owners' averages, the norm summed over the ranks (clipping is on) and the owners'
+    // updates: the unsharded run's, bit for bit, and its EMA sampled by rank 0.
+    assert_same_checkpoints(&plain, &sharded, "with sharded gradients");
+    let read = |run: &Path| std::fs::read_to_string(run.join("images-12.txt")).unwrap();
+    assert_eq!(read(&plain), read(&sharded));
+    let after = tmp.path().join("after");
+    let after_backward = format!("{small};{zero2};distributed.grad_reduce=after_backward");
+    two_ranks(&after, &after_backward, None, 12);
+    assert_same_checkpoints(&plain, &after, "with sharded gradients sent after backward");
+
+    // SAM: the owners perturb their variables and share them; when the perturbed pass goes
+    // non-finite at step 5, they share them again, restored, as no update follows.
+    let sam = "train.sam_rho=0.05";
+    let nan = [("UNCLIP_TEST_SAM_NAN_AT", "5")];
+    let plain_sam = tmp.path().join("plain-sam");
+    let log = two_ranks_with(&plain_sam, &format!("{small};{sam}"), None, 12, &nan).remove(0);
+    assert!(log.contains("step 5: non-finite"), "{log}");
+    let sharded_sam = tmp.path().join("sharded-sam");
+    two_ranks_with(
+        &sharded_sam,
+        &format!("{small};{zero2};{sam}"),
+        None,
+        12,
+        &nan,
+    );
+    assert_same_checkpoints(&plain_sam, &sharded_sam, "with SAM and sharded gradients");
 }
