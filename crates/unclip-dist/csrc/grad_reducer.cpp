@@ -297,6 +297,19 @@ struct Reducer {
       launch(next++);
       started_in_backward += 1;
     }
+    release_sent();
+  }
+
+  // ZeRO-2: the copy of a bucket sent to another rank is needed only until its reduce is done;
+  // freeing those that are, during backward, keeps the copies from adding up to a whole set of
+  // gradients. (A failed one is kept, for wait to report.)
+  void release_sent() {
+    for (size_t b = 0; sharded() && b < next; ++b) {
+      if (!kept_here(b) && works[b] && works[b]->isCompleted() && works[b]->isSuccess()) {
+        works[b].reset();
+        flats[b] = at::Tensor();
+      }
+    }
   }
 
   void on_accumulated(size_t i) {
@@ -417,7 +430,9 @@ struct Reducer {
       launch(next++);
     }
     for (auto& w : works) {
-      wait_work(w);
+      if (w) {
+        wait_work(w);  // (none where release_sent freed a finished one)
+      }
     }
     // Every rank must drop the averages if any rank's were incomplete.
     at::Tensor any = at::full({1}, late ? 1.0f : 0.0f, vars[0].options().dtype(at::kFloat));
@@ -485,6 +500,9 @@ struct Reducer {
     }
     if (copy) {
       for (size_t b = 0; b < buckets.size(); ++b) {
+        if (!kept_here(b)) {
+          continue;  // the owner's
+        }
         if (!flats[b].defined()) {
           throw std::runtime_error("gradient reducer: finish before wait");
         }

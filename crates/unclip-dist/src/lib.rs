@@ -1,7 +1,8 @@
 //! Data-parallel training on PyTorch's own distributed engine (c10d), through a thin C++ shim:
 //! TCPStore rendezvous, and ProcessGroupGloo (CPU tensors) or ProcessGroupNCCL (CUDA tensors;
 //! in builds against a CUDA libtorch) collectives: broadcast, all-reduce, all-gather, barrier; and
-//! [`GradReducer`], gradients averaged in buckets from backward's hooks, as DDP's Reducer.
+//! [`GradReducer`], gradients averaged in buckets from backward's hooks, as DDP's Reducer (or, under
+//! ZeRO-2, reduced to the rank that owns them).
 //! Launched like PyTorch jobs: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`
 //! from the environment (torchrun, SLURM wrappers); none set means one process.
 

@@ -3,7 +3,7 @@
 //! savable state, learning-rate schedule, gradient clipping and accumulation, EMA, atomic
 //! checkpoints with exact resume (and a checkpoint on SIGTERM), TensorBoard scalars and
 //! `metrics.jsonl`, a progress display, and data parallelism over c10d (gradients averaged during
-//! backward, as DDP) with optional ZeRO-1.
+//! backward, as DDP) with optional ZeRO-1 / ZeRO-2.
 
 pub mod checkpoint;
 pub mod cli;
