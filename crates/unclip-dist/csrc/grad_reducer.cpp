@@ -302,10 +302,10 @@ struct Reducer {
 
   // ZeRO-2: the copy of a bucket sent to another rank is needed only until its reduce is done;
   // freeing those that are, during backward, keeps the copies from adding up to a whole set of
-  // gradients. (A failed one is kept, for wait to report.)
+  // gradients. (A failed one is kept, for wait to report; NCCL's work has no isSuccess.)
   void release_sent() {
     for (size_t b = 0; sharded() && b < next; ++b) {
-      if (!kept_here(b) && works[b] && works[b]->isCompleted() && works[b]->isSuccess()) {
+      if (!kept_here(b) && works[b] && works[b]->isCompleted() && !works[b]->exception()) {
         works[b].reset();
         flats[b] = at::Tensor();
       }
