@@ -76,6 +76,9 @@ struct Reducer {
   bool overlap = false;
   bool late = false;     // a gradient arrived after its bucket had started
   bool written = false;  // wait wrote the averages already (buckets sent one at a time)
+  // This backward completes the gradients (the sums become means); otherwise (ZeRO-2 over several
+  // micro-batches) the owners keep the sums, which the next backward adds to.
+  bool last_backward = true;
   std::vector<int64_t> fires;
   std::vector<size_t> first_fired;  // variables in the order their gradients first arrived
   std::vector<int64_t> waiting;     // per bucket, variables not yet complete
@@ -334,8 +337,14 @@ struct Reducer {
     }
   }
 
-  void arm(bool overlapped) {
+  void arm(bool overlapped, bool last) {
     std::lock_guard<std::mutex> lock(mu);
+    if (!last && !sharded()) {
+      // Every rank would add its next gradients to the sums it received, counting them again.
+      throw std::runtime_error(
+          "gradient reducer: only a sharded reducer sums over several backward passes");
+    }
+    last_backward = last;
     armed = true;
     written = false;
     overlap = overlapped;
@@ -448,16 +457,18 @@ struct Reducer {
     return late_anywhere;
   }
 
-  // Bucket b's sums, divided by the world size, into its variables' gradients (each defined if
-  // any rank's was).
+  // Bucket b's sums, divided by the world size after the last backward, into its variables'
+  // gradients (each defined if any rank's was).
   void write_back(size_t b) {
     if (!kept_here(b)) {
       return;  // the owner's (launch dropped this rank's copy)
     }
     at::NoGradGuard no_grad;
     at::Tensor flat = flats[b];
-    // Gloo has no AVG: sum, then divide, in the type the bucket travelled in.
-    flat.div_(static_cast<double>(backend->getSize()));
+    if (last_backward) {
+      // Gloo has no AVG: sum, then divide, in the type the bucket travelled in.
+      flat.div_(static_cast<double>(backend->getSize()));
+    }
     // The flags are read back (a device sync) only when some gradient here is undefined: where
     // all are defined, this rank's own flags make every sum positive.
     int64_t n_vars = static_cast<int64_t>(buckets[b].size());
@@ -585,10 +596,11 @@ void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t
 
 void unclip_c10d_reducer_free(void* reducer) { delete static_cast<Reducer*>(reducer); }
 
-// Before the backward whose gradients are to be averaged (the last micro-batch's): overlapped
-// (buckets start from the hooks) or not (all start in `wait`).
-int unclip_c10d_reducer_arm(void* reducer, int overlap) {
-  return guarded([&] { static_cast<Reducer*>(reducer)->arm(overlap != 0); });
+// Before the backward whose gradients are to be averaged (the last micro-batch's; under ZeRO-2
+// every micro-batch's, `last` on the last): overlapped (buckets start from the hooks) or not (all
+// start in `wait`).
+int unclip_c10d_reducer_arm(void* reducer, int overlap, int last) {
+  return guarded([&] { static_cast<Reducer*>(reducer)->arm(overlap != 0, last != 0); });
 }
 
 // late: whether the averages are to be dropped (see Reducer::wait); started / buckets: how many

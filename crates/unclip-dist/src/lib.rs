@@ -59,7 +59,7 @@ mod ffi {
             owners: *const i64,
         ) -> *mut c_void;
         pub fn unclip_c10d_reducer_free(reducer: *mut c_void);
-        pub fn unclip_c10d_reducer_arm(reducer: *mut c_void, overlap: c_int) -> c_int;
+        pub fn unclip_c10d_reducer_arm(reducer: *mut c_void, overlap: c_int, last: c_int) -> c_int;
         pub fn unclip_c10d_reducer_wait(
             reducer: *mut c_void,
             late: *mut c_int,
@@ -427,9 +427,17 @@ impl<'a> GradReducer<'a> {
     /// Before the backward whose gradients are to be averaged: `overlap` starts buckets from
     /// backward's hooks, otherwise all start in [`GradReducer::wait`].
     pub fn arm(&self, overlap: bool) -> Result<()> {
+        self.arm_backward(overlap, true)
+    }
+
+    /// Under ZeRO-2 (`owners`), before each of several backward passes whose gradients add up
+    /// (micro-batches): each is reduced to the owners as it comes, so no rank accumulates the
+    /// others' gradients; the owners keep the sums, which the next backward adds to, and divide
+    /// them into means after the one armed with `last`. An unsharded reducer takes only `last`.
+    pub fn arm_backward(&self, overlap: bool, last: bool) -> Result<()> {
         // SAFETY: live reducer.
         check("gradient reducer", unsafe {
-            ffi::unclip_c10d_reducer_arm(self.ptr, c_int::from(overlap))
+            ffi::unclip_c10d_reducer_arm(self.ptr, c_int::from(overlap), c_int::from(last))
         })
     }
 

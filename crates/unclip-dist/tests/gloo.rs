@@ -313,6 +313,45 @@ fn sharded_grad_reducer_worker() {
         let plain = reducer_step(&reducer, &vars, rank, false, &[3]);
         assert_eq!(plain.started_in_backward, 0, "{what}: {plain:?}");
         assert_mean_grads_kept(&vars, &[3], bf16, kept, &format!("{what}, after backward"));
+        // Two micro-batches, each reduced to the owners as it comes: the owner ends with the mean
+        // of the ranks' sums (in another order than one rank's accumulation: to rounding).
+        for v in &vars {
+            if v.grad().defined() {
+                let _ = v.grad().zero_();
+            }
+        }
+        for (r, last) in [(6, false), (7, true)] {
+            reducer.arm_backward(true, last).unwrap();
+            reducer_loss(&vars, rank, r).backward();
+            assert!(!reducer.wait().unwrap().late);
+            reducer.finish(true).unwrap();
+            for (i, v) in vars.iter().enumerate() {
+                assert_eq!(
+                    v.grad().defined(),
+                    kept(i),
+                    "{what}: variable {i} after round {r}"
+                );
+            }
+        }
+        let (g0, g1) = (
+            reducer_local_grads(0, &[6, 7]),
+            reducer_local_grads(1, &[6, 7]),
+        );
+        for (i, v) in vars.iter().enumerate().filter(|(i, _)| kept(*i)) {
+            let zeros = v.zeros_like();
+            let (a, b) = (
+                g0[i].as_ref().unwrap_or(&zeros),
+                g1[i].as_ref().unwrap_or(&zeros),
+            );
+            let want = (a + b) / 2.0;
+            let scale = want.abs().max().double_value(&[]).max(1.0);
+            let diff = (v.grad() - &want).abs().max().double_value(&[]);
+            let tolerance = if bf16 { 2e-2 } else { 1e-6 } * scale;
+            assert!(
+                diff <= tolerance,
+                "{what}: variable {i} summed over micro-batches is off by {diff}"
+            );
+        }
         // The other rank's gradients were dropped as their buckets left: a late one cannot be
         // averaged again, whether or not the buckets are views.
         reducer.arm(true).unwrap();
@@ -323,6 +362,10 @@ fn sharded_grad_reducer_worker() {
         assert!(err.contains("grad_reduce: after_backward"), "{what}: {err}");
     }
     let vars = reducer_vars();
+    // Summing over backward passes is for owners: unsharded, every rank would count the sums again.
+    let plain = GradReducer::new(&pg, &vars, &ReducerOptions::default()).unwrap();
+    let err = plain.arm_backward(true, false).unwrap_err().to_string();
+    assert!(err.contains("only a sharded reducer"), "{err}");
     let bad = ReducerOptions {
         owners: Some(vec![0, 1, 2, 0, 1]),
         ..Default::default()

@@ -192,8 +192,9 @@ pub struct DistributedConfig {
     /// parameters (about 1/WORLD_SIZE of them) and updates those; the same updates as without.
     pub shard_optimizer: bool,
     /// ZeRO stage 2 (with `shard_optimizer`): each gradient is reduced to the rank that owns the
-    /// variable rather than to every rank, and the others drop it once it is sent, so each rank
-    /// holds about 1/WORLD_SIZE of the averaged gradients; the same updates as without.
+    /// variable rather than to every rank, after every micro-batch, and the others drop it once
+    /// it is sent, so each rank holds about 1/WORLD_SIZE of the gradients; the same updates as
+    /// without (over several micro-batches summed in another order: to rounding).
     pub shard_gradients: bool,
 }
 

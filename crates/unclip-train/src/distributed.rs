@@ -113,6 +113,8 @@ pub fn broadcast_variables(pg: &ProcessGroup, vs: &VarStore) -> Result<()> {
 pub struct GradientAverager<'a> {
     reducer: GradReducer<'a>,
     overlap: bool,
+    /// ZeRO-2: gradients go to their owners after every micro-batch's backward.
+    sharded: bool,
     /// Steps whose overlapped averages were dropped and redone (a gradient came in late).
     pub late_steps: u64,
     /// What the last average saw.
@@ -130,6 +132,7 @@ impl<'a> GradientAverager<'a> {
         cfg: &DistributedConfig,
         owners: Option<Vec<usize>>,
     ) -> Result<Self> {
+        let sharded = owners.is_some();
         let options = ReducerOptions {
             bucket_bytes: cfg.bucket_bytes(),
             bf16: cfg.reduce_dtype == ReduceDtype::Bf16,
@@ -140,6 +143,7 @@ impl<'a> GradientAverager<'a> {
             reducer: GradReducer::new(pg, vars, &options)
                 .context("setting up gradient averaging")?,
             overlap: cfg.grad_reduce == GradReduce::DuringBackward,
+            sharded,
             late_steps: 0,
             last: None,
             wait_secs: 0.0,
@@ -151,13 +155,20 @@ impl<'a> GradientAverager<'a> {
         self.overlap
     }
 
-    /// Before the backward whose gradients are to be averaged (a step's last micro-batch).
-    pub fn arm(&self) -> Result<()> {
-        Ok(self.reducer.arm(self.overlap)?)
+    /// Whether gradients are reduced after every micro-batch (ZeRO-2), not only the last.
+    pub fn every_micro_batch(&self) -> bool {
+        self.sharded
     }
 
-    /// After it: every variable's gradient is the mean over ranks (every rank calls this, also
-    /// one whose non-finite loss skipped backward, so the collectives match).
+    /// Before a backward whose gradients are to be averaged: a step's last micro-batch (`last`),
+    /// or under ZeRO-2 each of them.
+    pub fn arm(&self, last: bool) -> Result<()> {
+        Ok(self.reducer.arm_backward(self.overlap, last)?)
+    }
+
+    /// After it: every variable's gradient is the mean over ranks — under ZeRO-2 on its owner
+    /// alone, and until the last micro-batch the sum so far (every rank calls this, also one
+    /// whose non-finite loss skipped backward, so the collectives match).
     pub fn average(&mut self) -> Result<()> {
         let start = std::time::Instant::now();
         let reduced = self.reducer.wait().context("averaging gradients")?;

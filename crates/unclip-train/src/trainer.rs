@@ -426,10 +426,15 @@ pub fn train<T: TrainTask>(
             let t0 = Instant::now();
             let batch = task.next_batch(step, micro)?;
             data_secs += t0.elapsed().as_secs_f64();
-            if let (Some(a), true) = (&averager, micro + 1 == cfg.grad_accum) {
-                a.arm()?;
+            let last = micro + 1 == cfg.grad_accum;
+            if let Some(a) = averager.as_ref().filter(|a| last || a.every_micro_batch()) {
+                a.arm(last)?;
             }
             let (out, value) = loss_and_backward(task, &batch, vs.device(), cfg, scaler.as_ref())?;
+            if let Some(a) = averager.as_mut().filter(|a| !last && a.every_micro_batch()) {
+                // ZeRO-2: this micro-batch's gradients go to their owners now.
+                a.average()?;
+            }
             loss_sum += value;
             samples += out.samples;
             for (k, v) in out.metrics {
@@ -497,10 +502,14 @@ pub fn train<T: TrainTask>(
             opt.zero_grad()?;
             let mut second = 0.0f64;
             for (k, batch) in kept.iter().enumerate() {
-                if let (Some(a), true) = (&averager, k + 1 == kept.len()) {
-                    a.arm()?;
+                let last = k + 1 == kept.len();
+                if let Some(a) = averager.as_ref().filter(|a| last || a.every_micro_batch()) {
+                    a.arm(last)?;
                 }
                 second += loss_and_backward(task, batch, vs.device(), cfg, scaler.as_ref())?.1;
+                if let Some(a) = averager.as_mut().filter(|a| !last && a.every_micro_batch()) {
+                    a.average()?;
+                }
             }
             if let Some(a) = averager.as_mut() {
                 a.average()?;

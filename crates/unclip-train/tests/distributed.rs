@@ -44,9 +44,10 @@ struct Regression {
     batch: i64,
     rank: i64,
     world: i64,
-    /// The step being trained and the losses computed in it: SAM's second pass starts after
-    /// `grad_accum` of them.
+    /// The step being trained, its batches and the losses computed in it: SAM's second pass is
+    /// the losses beyond the batches.
     step: u64,
+    batches_in_step: usize,
     losses_in_step: usize,
 }
 
@@ -73,6 +74,7 @@ impl Regression {
             rank,
             world,
             step: 0,
+            batches_in_step: 0,
             losses_in_step: 0,
         }
     }
@@ -88,8 +90,9 @@ impl TrainTask for Regression {
             assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
         }
         if micro == 0 {
-            (self.step, self.losses_in_step) = (step, 0);
+            (self.step, self.batches_in_step, self.losses_in_step) = (step, 0, 0);
         }
+        self.batches_in_step += 1;
         let global = self.batch * self.world;
         let start = ((step as i64 * 2 + micro as i64) * global + self.rank * self.batch) % 256;
         Ok((
@@ -112,10 +115,11 @@ impl TrainTask for Regression {
             self.fc1.forward(x).tanh()
         };
         let mut loss = (self.fc2.forward(&hidden) - y).square().mean(Kind::Float);
-        // SAM's second pass of this step goes non-finite, on rank 0 (grad_accum is 2).
+        // SAM's second pass of this step goes non-finite, on rank 0.
         self.losses_in_step += 1;
+        let second_pass = self.losses_in_step > self.batches_in_step;
         let nan_at = std::env::var("UNCLIP_TEST_SAM_NAN_AT").ok();
-        if self.rank == 0 && self.losses_in_step > 2 && nan_at == Some(self.step.to_string()) {
+        if self.rank == 0 && second_pass && nan_at == Some(self.step.to_string()) {
             loss *= f64::NAN;
         }
         // A metric that differs per rank: rank 0 must log its mean over ranks.
@@ -259,15 +263,17 @@ const CHECKPOINT_FILES: [&str; 3] = [
 
 /// The step-12 checkpoints of a one-process run and a 2-rank run hold the same tensors to 1e-5.
 fn assert_matches_one_process(single: &Path, multi: &Path) {
+    assert_close_checkpoints(single, multi, "between 1 process and 2 ranks");
+}
+
+/// The step-12 checkpoints of runs `a` and `b` hold the same tensors to 1e-5.
+fn assert_close_checkpoints(a: &Path, b: &Path, what: &str) {
     for file in CHECKPOINT_FILES {
-        let (a, b) = (weights(single, file), weights(multi, file));
-        assert_eq!(a.len(), b.len());
-        for (k, t) in &a {
-            let d = max_abs_diff(t, &b[k]);
-            assert!(
-                d < 1e-5,
-                "{file}: `{k}` differs by {d} between 1 process and 2 ranks"
-            );
+        let (ta, tb) = (weights(a, file), weights(b, file));
+        assert_eq!(ta.len(), tb.len());
+        for (k, t) in &ta {
+            let d = max_abs_diff(t, &tb[k]);
+            assert!(d < 1e-5, "{file}: `{k}` differs by {d} {what}");
         }
     }
 }
@@ -518,12 +524,16 @@ fn bf16_gradient_averaging_trains_like_fp32_in_half_the_bytes() {
     );
 }
 
+/// ZeRO-2: gradients, optimiser state and EMA sharded over the ranks.
+const ZERO2: &str = "distributed.shard_optimizer=true;distributed.shard_gradients=true";
+
 #[test]
 fn sharded_gradients_give_the_same_run_during_or_after_backward_and_with_sam() {
     let tmp = tempfile::tempdir().unwrap();
-    // Buckets of ~200 bytes, so each rank owns several and sends the other's from the hooks.
-    let small = "distributed.bucket_mb=0.0002;logging.images_every=12";
-    let zero2 = "distributed.shard_optimizer=true;distributed.shard_gradients=true";
+    // Buckets of ~200 bytes, so each rank owns several and sends the other's from the hooks; one
+    // micro-batch a step (over several, the sums run in another order: below).
+    let small = "distributed.bucket_mb=0.0002;logging.images_every=12;train.grad_accum=1";
+    let zero2 = ZERO2;
     let plain = tmp.path().join("plain");
     two_ranks(&plain, small, None, 12);
     let sharded = tmp.path().join("sharded");
@@ -558,4 +568,40 @@ fn sharded_gradients_give_the_same_run_during_or_after_backward_and_with_sam() {
         &nan,
     );
     assert_same_checkpoints(&plain_sam, &sharded_sam, "with SAM and sharded gradients");
+}
+
+#[test]
+fn sharded_gradients_are_reduced_after_every_micro_batch() {
+    // Two micro-batches a step (the config's): under ZeRO-2 each is reduced to the owners as it
+    // comes, so the owners sum the ranks' gradients micro-batch by micro-batch rather than each
+    // rank its own first — the same run to rounding, and not bit for bit.
+    let tmp = tempfile::tempdir().unwrap();
+    let small = "distributed.bucket_mb=0.0002";
+    let zero2 = ZERO2;
+    let plain = tmp.path().join("plain");
+    two_ranks(&plain, small, None, 12);
+    for (name, extra) in [
+        ("during", ""),
+        ("after", ";distributed.grad_reduce=after_backward"),
+        ("sam", ";train.sam_rho=0.05"),
+    ] {
+        let reference = if name == "sam" {
+            let dir = tmp.path().join("plain-sam");
+            two_ranks(&dir, &format!("{small};train.sam_rho=0.05"), None, 12);
+            dir
+        } else {
+            plain.clone()
+        };
+        let sharded = tmp.path().join(name);
+        two_ranks(&sharded, &format!("{small};{zero2}{extra}"), None, 12);
+        assert_close_checkpoints(&reference, &sharded, &format!("with ZeRO-2 ({name})"));
+        let (a, b) = (
+            weights(&reference, "model.safetensors"),
+            weights(&sharded, "model.safetensors"),
+        );
+        assert!(
+            a.iter().any(|(k, t)| !t.equal(&b[k])),
+            "{name}: bit-identical, so the micro-batches were not reduced one by one"
+        );
+    }
 }
