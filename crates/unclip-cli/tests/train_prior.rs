@@ -233,7 +233,8 @@ fn dry_run_prints_the_paper_priors_sizes() {
 /// The autoregressive prior on two data-parallel ranks (Gloo): each rank reads its own shard and
 /// fits the same codec; stopped at step 3 and resumed by both, it ends with the same weights and
 /// EMA as the run that did not stop — also when the stopped run shards its optimiser state and
-/// EMA (ZeRO-1), which changes none of the updates.
+/// EMA (ZeRO-1), which changes none of the updates; so does a run that shards the gradients too
+/// (ZeRO-2).
 #[test]
 fn two_ranks_train_the_autoregressive_prior_and_resume_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -257,6 +258,14 @@ fn two_ranks_train_the_autoregressive_prior_and_resume_exactly() {
     launch_two_ranks_with(bin, &config, &split, "3", false, &zero);
     let outputs = launch_two_ranks_with(bin, &config, &split, "6", true, &zero);
     assert!(outputs[0].contains("ZeRO-1"), "{}", outputs[0]);
+    // And with the averaged gradients sharded too (ZeRO-2), uninterrupted.
+    let zero2 = dir.join("zero2");
+    let sharded = [
+        "distributed.shard_optimizer=true",
+        "distributed.shard_gradients=true",
+    ];
+    let outputs = launch_two_ranks_with(bin, &config, &zero2, "6", false, &sharded);
+    assert!(outputs[0].contains("ZeRO-2"), "{}", outputs[0]);
     for file in [
         "model.safetensors",
         "ema.safetensors",
@@ -266,5 +275,6 @@ fn two_ranks_train_the_autoregressive_prior_and_resume_exactly() {
             std::fs::read(run.join("checkpoints/step-000000006").join(file)).unwrap()
         };
         assert!(read(&full) == read(&split), "{file} differs after resume");
+        assert!(read(&full) == read(&zero2), "{file} differs under ZeRO-2");
     }
 }
