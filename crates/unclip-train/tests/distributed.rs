@@ -215,6 +215,25 @@ fn two_ranks_with(
     steps: u64,
     extra_env: &[(&str, &str)],
 ) -> Vec<String> {
+    let ranks = launch_ranks(dir, overrides, resume, extra_env);
+    for r in &ranks {
+        assert!(
+            r.success && r.output.contains(&format!("rank done at step {steps}")),
+            "rank {} failed:\n{}",
+            r.rank,
+            r.output
+        );
+    }
+    ranks.into_iter().map(|r| r.output).collect()
+}
+
+/// Two ranks of this binary training into `dir`, however they end.
+fn launch_ranks(
+    dir: &Path,
+    overrides: &str,
+    resume: Option<&str>,
+    extra_env: &[(&str, &str)],
+) -> Vec<unclip_dist::launch::RankOutput> {
     let exe = std::env::current_exe().unwrap();
     let args = [
         "--exact",
@@ -231,16 +250,7 @@ fn two_ranks_with(
         env.push(("UNCLIP_TEST_RESUME", r));
     }
     env.extend_from_slice(extra_env);
-    let ranks = launch_local(&exe, &args, 2, &env, Duration::from_secs(120)).expect("ranks hang");
-    for r in &ranks {
-        assert!(
-            r.success && r.output.contains(&format!("rank done at step {steps}")),
-            "rank {} failed:\n{}",
-            r.rank,
-            r.output
-        );
-    }
-    ranks.into_iter().map(|r| r.output).collect()
+    launch_local(&exe, &args, 2, &env, Duration::from_secs(120)).expect("ranks hang")
 }
 
 fn checkpoint_file(dir: &Path, step: u64, file: &str) -> HashMap<String, Tensor> {
@@ -568,6 +578,25 @@ fn sharded_gradients_give_the_same_run_during_or_after_backward_and_with_sam() {
         &nan,
     );
     assert_same_checkpoints(&plain_sam, &sharded_sam, "with SAM and sharded gradients");
+}
+
+#[test]
+fn sharded_gradients_of_a_layer_accumulated_twice_per_backward() {
+    // fc1 in two activation-checkpointed blocks accumulates twice per backward: ZeRO-2's first
+    // step learns it (sending after backward), later steps wait for both before sending fc1's
+    // bucket to its owner — during or after backward, as one process trains.
+    let tmp = tempfile::tempdir().unwrap();
+    let twice = [("UNCLIP_TEST_CHECKPOINTED", "1")];
+    let single = tmp.path().join("single");
+    run_model(&single, 32, &[], None, true);
+    for grad_reduce in ["during_backward", "after_backward"] {
+        let multi = tmp.path().join(grad_reduce);
+        let overrides =
+            format!("distributed.bucket_mb=0.0002;{ZERO2};distributed.grad_reduce={grad_reduce}");
+        let log = two_ranks_with(&multi, &overrides, None, 12, &twice).remove(0);
+        assert!(!log.contains("after its bucket had been sent"), "{log}");
+        assert_matches_one_process(&single, &multi);
+    }
 }
 
 #[test]
