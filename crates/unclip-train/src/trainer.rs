@@ -112,6 +112,29 @@ fn loss_and_backward<T: TrainTask>(
     Ok((out, value))
 }
 
+/// [`loss_and_backward`] with gradient averaging around it: armed before the step's `last`
+/// micro-batch (under ZeRO-2 before each), and under ZeRO-2 each micro-batch but the last sent
+/// to the owners right after its backward (the caller averages the last).
+fn averaged_micro_batch<T: TrainTask>(
+    task: &mut T,
+    batch: &T::Batch,
+    device: tch::Device,
+    cfg: &crate::config::TrainConfig,
+    loss_scale: Option<&LossScaler>,
+    averager: Option<&mut distributed::GradientAverager>,
+    last: bool,
+) -> Result<(StepOutput, f64)> {
+    let averager = averager.filter(|a| last || a.every_micro_batch());
+    if let Some(a) = &averager {
+        a.arm(last)?;
+    }
+    let out = loss_and_backward(task, batch, device, cfg, loss_scale)?;
+    if let (Some(a), false) = (averager, last) {
+        a.average()?;
+    }
+    Ok(out)
+}
+
 /// What a step's gradients allow.
 #[derive(Debug, Clone, Copy)]
 enum Gradients {
@@ -426,15 +449,15 @@ pub fn train<T: TrainTask>(
             let t0 = Instant::now();
             let batch = task.next_batch(step, micro)?;
             data_secs += t0.elapsed().as_secs_f64();
-            let last = micro + 1 == cfg.grad_accum;
-            if let Some(a) = averager.as_ref().filter(|a| last || a.every_micro_batch()) {
-                a.arm(last)?;
-            }
-            let (out, value) = loss_and_backward(task, &batch, vs.device(), cfg, scaler.as_ref())?;
-            if let Some(a) = averager.as_mut().filter(|a| !last && a.every_micro_batch()) {
-                // ZeRO-2: this micro-batch's gradients go to their owners now.
-                a.average()?;
-            }
+            let (out, value) = averaged_micro_batch(
+                task,
+                &batch,
+                vs.device(),
+                cfg,
+                scaler.as_ref(),
+                averager.as_mut(),
+                micro + 1 == cfg.grad_accum,
+            )?;
             loss_sum += value;
             samples += out.samples;
             for (k, v) in out.metrics {
@@ -503,13 +526,10 @@ pub fn train<T: TrainTask>(
             let mut second = 0.0f64;
             for (k, batch) in kept.iter().enumerate() {
                 let last = k + 1 == kept.len();
-                if let Some(a) = averager.as_ref().filter(|a| last || a.every_micro_batch()) {
-                    a.arm(last)?;
-                }
-                second += loss_and_backward(task, batch, vs.device(), cfg, scaler.as_ref())?.1;
-                if let Some(a) = averager.as_mut().filter(|a| !last && a.every_micro_batch()) {
-                    a.average()?;
-                }
+                let averager = averager.as_mut();
+                let scale = scaler.as_ref();
+                second +=
+                    averaged_micro_batch(task, batch, vs.device(), cfg, scale, averager, last)?.1;
             }
             if let Some(a) = averager.as_mut() {
                 a.average()?;
