@@ -166,11 +166,7 @@ struct Reducer {
       if (!kept_here(b)) {
         continue;
       }
-      int64_t total = 0;
-      for (size_t i : bucket) {
-        total += vars[i].numel();
-      }
-      at::Tensor buffer = at::zeros({total + static_cast<int64_t>(bucket.size())},
+      at::Tensor buffer = at::zeros({bucket_numel(b) + static_cast<int64_t>(bucket.size())},
                                     vars[bucket[0]].options());
       int64_t offset = 0;
       for (size_t i : bucket) {
@@ -190,6 +186,15 @@ struct Reducer {
   }
 
   bool viewed(size_t b) const { return use_views && buffers[b].defined(); }
+
+  // Elements of bucket b's gradients (its flags follow them in a flat bucket).
+  int64_t bucket_numel(size_t b) const {
+    int64_t total = 0;
+    for (size_t i : buckets[b]) {
+      total += vars[i].numel();
+    }
+    return total;
+  }
 
   // Variable i's place in a flat bucket, from `offset`: in its own memory order where it is dense
   // (a channels-last variable too), as its view is, otherwise row-major. Every rank lays a bucket
@@ -242,10 +247,7 @@ struct Reducer {
   // Bucket b's gradients and flags copied into one flat tensor (in bf16 when it travels so).
   at::Tensor copy_bucket(size_t b) {
     at::NoGradGuard no_grad;
-    int64_t total = 0;
-    for (size_t i : buckets[b]) {
-      total += vars[i].numel();
-    }
+    int64_t total = bucket_numel(b);
     int64_t n_vars = static_cast<int64_t>(buckets[b].size());
     const at::Tensor& first = vars[buckets[b][0]];
     at::Tensor flat = at::empty({total + n_vars},
@@ -467,7 +469,7 @@ struct Reducer {
     at::Tensor flat = flats[b];
     if (last_backward) {
       // Gloo has no AVG: sum, then divide, in the type the bucket travelled in.
-      flat.div_(static_cast<double>(backend->getSize()));
+      flat.div_(static_cast<double>(world));
     }
     // The flags are read back (a device sync) only when some gradient here is undefined: where
     // all are defined, this rank's own flags make every sum positive.

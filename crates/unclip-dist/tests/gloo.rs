@@ -35,6 +35,16 @@ fn worker_group() -> Option<ProcessGroup> {
     Some(ProcessGroup::gloo(&env, Duration::from_secs(10)).unwrap())
 }
 
+/// Runs `worker` as two ranks, each of which must end printing `rank R ok`.
+fn assert_every_rank_ok(worker: &str) {
+    for (rank, (ok, out)) in launch(worker, 2).iter().enumerate() {
+        assert!(
+            *ok && out.contains(&format!("rank {rank} ok")),
+            "rank {rank} failed:\n{out}"
+        );
+    }
+}
+
 #[test]
 #[ignore = "a rank of collectives_agree_across_two_ranks"]
 fn collectives_worker() {
@@ -65,13 +75,7 @@ fn collectives_worker() {
 
 #[test]
 fn collectives_agree_across_two_ranks() {
-    let results = launch("collectives_worker", 2);
-    for (rank, (ok, out)) in results.iter().enumerate() {
-        assert!(
-            *ok && out.contains(&format!("rank {rank} ok")),
-            "rank {rank} failed:\n{out}"
-        );
-    }
+    assert_every_rank_ok("collectives_worker");
 }
 
 #[test]
@@ -186,9 +190,6 @@ fn grad_reducer_worker() {
     let Some(pg) = worker_group() else { return };
     let rank = pg.rank();
     let vars = reducer_vars();
-    let step = |reducer: &GradReducer, vars: &[Tensor], overlap: bool, rounds: &[i64]| {
-        reducer_step(reducer, vars, rank, overlap, rounds)
-    };
     let options = |bucket_bytes: usize, bf16: bool, bucket_views: bool| ReducerOptions {
         bucket_bytes,
         bf16,
@@ -199,10 +200,10 @@ fn grad_reducer_worker() {
         let reducer = GradReducer::new(&pg, &vars, &options(4096, false, false)).unwrap();
         // The first overlapped step fixes the buckets (so starts none in backward); rank 1 gets
         // the variable only rank 0 used.
-        let first = step(&reducer, &vars, true, &[1]);
+        let first = reducer_step(&reducer, &vars, rank, true, &[1]);
         assert!(!first.late && first.started_in_backward == 0, "{first:?}");
         assert_mean_grads(&vars, &[1], false, "first overlapped step");
-        let second = step(&reducer, &vars, true, &[2]);
+        let second = reducer_step(&reducer, &vars, rank, true, &[2]);
         assert!(!second.late && second.buckets >= 2, "{second:?}");
         if rank == 0 {
             // Every gradient arrives here, so every bucket starts during backward.
@@ -211,17 +212,17 @@ fn grad_reducer_worker() {
         assert_mean_grads(&vars, &[2], false, "overlapped step");
         // Two backward passes in one armed step: every variable's second gradient arrives after
         // its bucket started, which `wait` reports on both ranks.
-        assert!(step(&reducer, &vars, true, &[3, 4]).late);
+        assert!(reducer_step(&reducer, &vars, rank, true, &[3, 4]).late);
         assert_mean_grads(&vars, &[3, 4], false, "late gradients, averaged again");
-        let plain = step(&reducer, &vars, false, &[5]);
+        let plain = reducer_step(&reducer, &vars, rank, false, &[5]);
         assert!(!plain.late && plain.started_in_backward == 0, "{plain:?}");
         assert_mean_grads(&vars, &[5], false, "not overlapped");
     }
     {
         // Bucket views (bf16 buckets cannot be views: copies, as above).
         let reducer = GradReducer::new(&pg, &vars, &options(1 << 20, true, true)).unwrap();
-        assert!(!step(&reducer, &vars, true, &[6]).late);
-        assert!(!step(&reducer, &vars, true, &[7]).late);
+        assert!(!reducer_step(&reducer, &vars, rank, true, &[6]).late);
+        assert!(!reducer_step(&reducer, &vars, rank, true, &[7]).late);
         assert_mean_grads(&vars, &[7], true, "bf16, overlapped");
         let err = reducer.wait().unwrap_err().to_string();
         assert!(err.contains("wait without arm"), "{err}");
@@ -229,14 +230,14 @@ fn grad_reducer_worker() {
     // Gradients as views into fp32 buckets, averaged in place.
     let vars = reducer_vars();
     let reducer = GradReducer::new(&pg, &vars, &options(4096, false, true)).unwrap();
-    assert!(!step(&reducer, &vars, true, &[8]).late);
+    assert!(!reducer_step(&reducer, &vars, rank, true, &[8]).late);
     assert_mean_grads(&vars, &[8], false, "bucket views, first step");
-    let second = step(&reducer, &vars, true, &[9]);
+    let second = reducer_step(&reducer, &vars, rank, true, &[9]);
     if rank == 0 {
         assert_eq!(second.started_in_backward, second.buckets, "{second:?}");
     }
     assert_mean_grads(&vars, &[9], false, "bucket views");
-    let plain = step(&reducer, &vars, false, &[10]);
+    let plain = reducer_step(&reducer, &vars, rank, false, &[10]);
     assert_eq!(plain.started_in_backward, 0);
     assert_mean_grads(&vars, &[10], false, "bucket views, not overlapped");
     // Averaged in place, a late gradient cannot be averaged again: a clear error on both ranks.
@@ -249,6 +250,16 @@ fn grad_reducer_worker() {
     println!("rank {rank} ok");
 }
 
+/// Zeroes every gradient that exists, in place (views into buckets stay views).
+fn zero_grads(vars: &[Tensor]) {
+    for v in vars {
+        let g = v.grad();
+        if g.defined() {
+            let _ = g.shallow_clone().zero_();
+        }
+    }
+}
+
 /// One armed step of `reducer`: zeroed gradients, backward of `rounds`, wait, finish — or, when
 /// a gradient came in late, as the trainer does: drop the overlapped averages and average again
 /// after backward.
@@ -259,12 +270,7 @@ fn reducer_step(
     overlap: bool,
     rounds: &[i64],
 ) -> Reduced {
-    for v in vars {
-        let g = v.grad();
-        if g.defined() {
-            let _ = g.shallow_clone().zero_();
-        }
-    }
+    zero_grads(vars);
     reducer.arm(overlap).unwrap();
     for &r in rounds {
         reducer_loss(vars, rank, r).backward();
@@ -315,11 +321,7 @@ fn sharded_grad_reducer_worker() {
         assert_mean_grads_kept(&vars, &[3], bf16, kept, &format!("{what}, after backward"));
         // Two micro-batches, each reduced to the owners as it comes: the owner ends with the mean
         // of the ranks' sums (in another order than one rank's accumulation: to rounding).
-        for v in &vars {
-            if v.grad().defined() {
-                let _ = v.grad().zero_();
-            }
-        }
+        zero_grads(&vars);
         for (r, last) in [(6, false), (7, true)] {
             reducer.arm_backward(true, last).unwrap();
             reducer_loss(&vars, rank, r).backward();
@@ -382,24 +384,12 @@ fn sharded_grad_reducer_worker() {
 
 #[test]
 fn sharded_grad_reducer_leaves_each_mean_on_its_owner_alone() {
-    let results = launch("sharded_grad_reducer_worker", 2);
-    for (rank, (ok, out)) in results.iter().enumerate() {
-        assert!(
-            *ok && out.contains(&format!("rank {rank} ok")),
-            "rank {rank} failed:\n{out}"
-        );
-    }
+    assert_every_rank_ok("sharded_grad_reducer_worker");
 }
 
 #[test]
 fn grad_reducer_averages_buckets_overlapped_with_backward() {
-    let results = launch("grad_reducer_worker", 2);
-    for (rank, (ok, out)) in results.iter().enumerate() {
-        assert!(
-            *ok && out.contains(&format!("rank {rank} ok")),
-            "rank {rank} failed:\n{out}"
-        );
-    }
+    assert_every_rank_ok("grad_reducer_worker");
 }
 
 #[test]

@@ -418,6 +418,14 @@ pub fn train<T: TrainTask>(
         }
         None => None,
     };
+    // Under ZeRO-1 / ZeRO-2 a rank changes only the variables it owns (after an update; under
+    // ZeRO-2 also by SAM's perturbation); their owners then send the new values to every rank.
+    let share_owned = || -> Result<()> {
+        if let (Some(s), Some(pg)) = (&shards, &dist) {
+            s.broadcast_from_owners(pg, &named, bucket_bytes)?;
+        }
+        Ok(())
+    };
     let policy = RetentionPolicy {
         keep_last: runtime.checkpoint.keep_last,
         milestone_every: runtime.checkpoint.milestone_every,
@@ -510,18 +518,12 @@ pub fn train<T: TrainTask>(
         let (loss, data_secs, reduce_secs) = (reduced[0], reduced[2], reduced[4]);
         let samples = (reduced[1] * world_size as f64).round() as usize;
         let mut gradients = check_gradients(&mut opt, scaler.as_mut(), loss, grads_sharded_over)?;
-        // Under ZeRO-2 a rank changes only the variables whose gradients it holds; their owners
-        // then send the new values to every rank.
-        let share_owned = |named: &[(String, Tensor)]| -> Result<()> {
-            if let (Some(s), Some(pg)) = (&shards, grads_sharded_over) {
-                s.broadcast_from_owners(pg, named, bucket_bytes)?;
-            }
-            Ok(())
-        };
         if let (Some(rho), Gradients::Finite(norm)) = (cfg.sam_rho, gradients) {
             // SAM (Foret et al. 2021): the gradient at w + ρ·g/‖g‖, applied at w.
             let perturbation = opt.sam_ascend(rho, norm);
-            share_owned(&named)?;
+            if grads_sharded_over.is_some() {
+                share_owned()?;
+            }
             opt.zero_grad()?;
             let mut second = 0.0f64;
             for (k, batch) in kept.iter().enumerate() {
@@ -537,9 +539,9 @@ pub fn train<T: TrainTask>(
             let second = distributed::mean_over_ranks(dist.as_deref(), &[second])?[0];
             opt.sam_descend(perturbation);
             gradients = check_gradients(&mut opt, scaler.as_mut(), second, grads_sharded_over)?;
-            if !matches!(gradients, Gradients::Finite(_)) {
+            if grads_sharded_over.is_some() && !matches!(gradients, Gradients::Finite(_)) {
                 // No update follows to share: take the others' variables back off w + e here.
-                share_owned(&named)?;
+                share_owned()?;
             }
         }
         // A skipped step still counts as done: its checkpoint and logs are written as usual.
@@ -551,9 +553,7 @@ pub fn train<T: TrainTask>(
                     opt.clip_grad_norm(norm, max)?;
                 }
                 opt.step(lr)?;
-                if let (Some(shards), Some(pg)) = (&shards, &dist) {
-                    shards.broadcast_from_owners(pg, &named, bucket_bytes)?;
-                }
+                share_owned()?;
                 if let Some(s) = scaler.as_mut() {
                     s.stepped();
                 }

@@ -543,11 +543,10 @@ fn sharded_gradients_give_the_same_run_during_or_after_backward_and_with_sam() {
     // Buckets of ~200 bytes, so each rank owns several and sends the other's from the hooks; one
     // micro-batch a step (over several, the sums run in another order: below).
     let small = "distributed.bucket_mb=0.0002;logging.images_every=12;train.grad_accum=1";
-    let zero2 = ZERO2;
     let plain = tmp.path().join("plain");
     two_ranks(&plain, small, None, 12);
     let sharded = tmp.path().join("sharded");
-    let log = two_ranks(&sharded, &format!("{small};{zero2}"), None, 12);
+    let log = two_ranks(&sharded, &format!("{small};{ZERO2}"), None, 12);
     assert!(
         log.contains("ZeRO-2") && log.contains("started during backward"),
         "rank 0 says it shards the gradients, sent during backward:\n{log}"
@@ -558,7 +557,7 @@ fn sharded_gradients_give_the_same_run_during_or_after_backward_and_with_sam() {
     let read = |run: &Path| std::fs::read_to_string(run.join("images-12.txt")).unwrap();
     assert_eq!(read(&plain), read(&sharded));
     let after = tmp.path().join("after");
-    let after_backward = format!("{small};{zero2};distributed.grad_reduce=after_backward");
+    let after_backward = format!("{small};{ZERO2};distributed.grad_reduce=after_backward");
     two_ranks(&after, &after_backward, None, 12);
     assert_same_checkpoints(&plain, &after, "with sharded gradients sent after backward");
 
@@ -572,7 +571,7 @@ fn sharded_gradients_give_the_same_run_during_or_after_backward_and_with_sam() {
     let sharded_sam = tmp.path().join("sharded-sam");
     two_ranks_with(
         &sharded_sam,
-        &format!("{small};{zero2};{sam}"),
+        &format!("{small};{ZERO2};{sam}"),
         None,
         12,
         &nan,
@@ -606,7 +605,6 @@ fn sharded_gradients_are_reduced_after_every_micro_batch() {
     // rank its own first — the same run to rounding, and not bit for bit.
     let tmp = tempfile::tempdir().unwrap();
     let small = "distributed.bucket_mb=0.0002";
-    let zero2 = ZERO2;
     let plain = tmp.path().join("plain");
     two_ranks(&plain, small, None, 12);
     for (name, extra) in [
@@ -622,7 +620,7 @@ fn sharded_gradients_are_reduced_after_every_micro_batch() {
             plain.clone()
         };
         let sharded = tmp.path().join(name);
-        two_ranks(&sharded, &format!("{small};{zero2}{extra}"), None, 12);
+        two_ranks(&sharded, &format!("{small};{ZERO2}{extra}"), None, 12);
         assert_close_checkpoints(&reference, &sharded, &format!("with ZeRO-2 ({name})"));
         let (a, b) = (
             weights(&reference, "model.safetensors"),
