@@ -11,7 +11,10 @@
 // into the buffer that is all-reduced in place, with no copy of the gradients. Sharded (ZeRO-2),
 // each variable has an owner rank: buckets hold one owner's variables and are reduced to it alone,
 // and the other ranks drop their copy of those gradients as soon as the bucket is sent, so each
-// rank keeps only its own share of the averaged gradients.
+// rank keeps only its own share of the averaged gradients — from the first step on: that step
+// sends buckets of the expected order (DDP's first iteration), and a gradient that arrives after
+// its bucket left (a variable accumulated twice, as by a reentrant checkpoint) follows after
+// backward in a second reduce, which its owner adds.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
@@ -24,8 +27,11 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <queue>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 // From c10d_shim.cpp.
@@ -52,6 +58,8 @@ struct Reducer {
   int64_t world = 1;
   // ZeRO-2: each variable's owner (empty: every rank keeps every average).
   std::vector<int64_t> owners;
+  // The order gradients are expected in before any has been seen (the constructor's).
+  std::vector<size_t> expected_order;
   // Kept alive so the hooks stay registered (a variable holds its accumulator weakly).
   std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;
   std::vector<uintptr_t> hook_keys;
@@ -79,6 +87,11 @@ struct Reducer {
   // This backward completes the gradients (the sums become means); otherwise (ZeRO-2 over several
   // micro-batches) the owners keep the sums, which the next backward adds to.
   bool last_backward = true;
+  // ZeRO-2's first overlapped backward: buckets of the expected order start from the hooks before
+  // the order is learned; `late_vars` marks gradients that arrived after their bucket left.
+  bool guessing = false;
+  bool predicted = false;  // this step's order was read off its graph (the first call only)
+  std::vector<uint8_t> late_vars;
   std::vector<int64_t> fires;
   std::vector<size_t> first_fired;  // variables in the order their gradients first arrived
   std::vector<int64_t> waiting;     // per bucket, variables not yet complete
@@ -86,6 +99,12 @@ struct Reducer {
   std::vector<c10::intrusive_ptr<c10d::Work>> works;
   size_t next = 0;
   size_t started_in_backward = 0;
+  size_t sent_buckets = 0;  // buckets this step sent (before the guessing step's rebuild)
+  // Bytes of gradients complete but not yet sent during backward: per bucket, in all, and the
+  // most at once (a bucket filling, and any held behind an earlier bucket that still waits).
+  std::vector<int64_t> complete_bytes;
+  int64_t waiting_bytes = 0;
+  int64_t peak_waiting_bytes = 0;
 
   bool sharded() const { return !owners.empty(); }
 
@@ -188,9 +207,11 @@ struct Reducer {
   bool viewed(size_t b) const { return use_views && buffers[b].defined(); }
 
   // Elements of bucket b's gradients (its flags follow them in a flat bucket).
-  int64_t bucket_numel(size_t b) const {
+  int64_t bucket_numel(size_t b) const { return numel_of(buckets[b]); }
+
+  int64_t numel_of(const std::vector<size_t>& list) const {
     int64_t total = 0;
-    for (size_t i : buckets[b]) {
+    for (size_t i : list) {
       total += vars[i].numel();
     }
     return total;
@@ -207,19 +228,20 @@ struct Reducer {
     return flat.narrow(0, offset, v.numel()).view(v.sizes());
   }
 
-  bool all_grads_defined(size_t b) const {
-    return std::all_of(buckets[b].begin(), buckets[b].end(),
-                       [&](size_t i) { return vars[i].grad().defined(); });
+  bool all_grads_defined(size_t b) const { return all_grads_defined(buckets[b]); }
+
+  bool all_grads_defined(const std::vector<size_t>& list) const {
+    return std::all_of(list.begin(), list.end(), [&](size_t i) { return vars[i].grad().defined(); });
   }
 
-  // Bucket b's flags, one per variable: 1 where its gradient is defined here. Made on the device
-  // (no host-to-device copy from backward's thread).
-  at::Tensor defined_flags(size_t b, const at::TensorOptions& opts) const {
-    if (all_grads_defined(b)) {
-      return at::ones({static_cast<int64_t>(buckets[b].size())}, opts);
+  // The flags of `list`, one per variable: 1 where its gradient is defined here. Made on the
+  // device (no host-to-device copy from backward's thread).
+  at::Tensor defined_flags(const std::vector<size_t>& list, const at::TensorOptions& opts) const {
+    if (all_grads_defined(list)) {
+      return at::ones({static_cast<int64_t>(list.size())}, opts);
     }
     std::vector<at::Tensor> flags;
-    for (size_t i : buckets[b]) {
+    for (size_t i : list) {
       flags.push_back(vars[i].grad().defined() ? at::ones({1}, opts) : at::zeros({1}, opts));
     }
     return at::cat(flags, 0);
@@ -231,7 +253,7 @@ struct Reducer {
     at::NoGradGuard no_grad;
     at::Tensor buffer = buffers[b];
     int64_t n_vars = static_cast<int64_t>(buckets[b].size());
-    buffer.narrow(0, buffer.numel() - n_vars, n_vars).copy_(defined_flags(b, buffer.options()));
+    buffer.narrow(0, buffer.numel() - n_vars, n_vars).copy_(defined_flags(buckets[b], buffer.options()));
     for (size_t i : buckets[b]) {
       at::Tensor& g = vars[i].mutable_grad();
       if (!g.defined()) {
@@ -245,15 +267,18 @@ struct Reducer {
   }
 
   // Bucket b's gradients and flags copied into one flat tensor (in bf16 when it travels so).
-  at::Tensor copy_bucket(size_t b) {
+  at::Tensor copy_bucket(size_t b) { return flatten(buckets[b]); }
+
+  // The gradients of `list` (zeros where undefined), then a defined-flag each, in one flat tensor.
+  at::Tensor flatten(const std::vector<size_t>& list) const {
     at::NoGradGuard no_grad;
-    int64_t total = bucket_numel(b);
-    int64_t n_vars = static_cast<int64_t>(buckets[b].size());
-    const at::Tensor& first = vars[buckets[b][0]];
+    int64_t total = numel_of(list);
+    int64_t n_vars = static_cast<int64_t>(list.size());
+    const at::Tensor& first = vars[list[0]];
     at::Tensor flat = at::empty({total + n_vars},
                                 first.options().dtype(bf16 ? at::kBFloat16 : first.scalar_type()));
     int64_t offset = 0;
-    for (size_t i : buckets[b]) {
+    for (size_t i : list) {
       const at::Tensor& g = vars[i].grad();
       at::Tensor place = slot(flat, i, offset);
       if (g.defined()) {
@@ -263,7 +288,7 @@ struct Reducer {
       }
       offset += vars[i].numel();
     }
-    flat.narrow(0, total, n_vars).copy_(defined_flags(b, first.options()));
+    flat.narrow(0, total, n_vars).copy_(defined_flags(list, first.options()));
     return flat;
   }
 
@@ -289,8 +314,10 @@ struct Reducer {
       return;
     }
     works[b] = reduce_sum(flats[b], bucket_owner[b]);
-    if (!kept_here(b)) {
-      // Their copy is on its way to the owner: the gradients go now, while backward runs on.
+    if (!kept_here(b) || guessing) {
+      // Their copy is on its way to the owner: the gradients go now, while backward runs on. (At
+      // the guessing step the owner's too: the copy becomes its sums, and a gradient arriving
+      // later is then the part still to be added.)
       for (size_t i : buckets[b]) {
         vars[i].mutable_grad().reset();
       }
@@ -299,6 +326,7 @@ struct Reducer {
 
   void launch_ready() {
     while (next < buckets.size() && waiting[next] == 0) {
+      waiting_bytes -= complete_bytes[next];
       launch(next++);
       started_in_backward += 1;
     }
@@ -325,15 +353,24 @@ struct Reducer {
     if (fires[i]++ == 0) {
       first_fired.push_back(i);
     }
-    if (!learned) {
+    if (!learned && !guessing) {
       return;
     }
     size_t b = bucket_of[i];
     if (b < next) {
-      late = true;
+      if (guessing) {
+        late_vars[i] = 1;
+      } else {
+        late = true;
+      }
       return;
     }
-    if (fires[i] == expected[i]) {
+    // (At the guessing step a variable is expected once.)
+    if (fires[i] == (guessing ? 1 : expected[i])) {
+      int64_t bytes = vars[i].numel() * vars[i].element_size();
+      complete_bytes[b] += bytes;
+      waiting_bytes += bytes;
+      peak_waiting_bytes = std::max(peak_waiting_bytes, waiting_bytes);
       waiting[b] -= 1;
       launch_ready();
     }
@@ -351,11 +388,22 @@ struct Reducer {
     written = false;
     overlap = overlapped;
     late = false;
+    guessing = sharded() && overlapped && !learned;
+    predicted = false;
+    late_vars.assign(vars.size(), 0);
     fires.assign(vars.size(), 0);
     first_fired.clear();
+    reset_buckets_state();
+  }
+
+  // The per-bucket state of the step armed, for the current buckets.
+  void reset_buckets_state() {
     flats.assign(buckets.size(), at::Tensor());
     works.assign(buckets.size(), c10::intrusive_ptr<c10d::Work>());
     waiting.assign(buckets.size(), 0);
+    complete_bytes.assign(buckets.size(), 0);
+    waiting_bytes = 0;
+    peak_waiting_bytes = 0;
     for (size_t i = 0; i < vars.size(); ++i) {
       if (!learned || expected[i] > 0) {
         waiting[bucket_of[i]] += 1;
@@ -363,6 +411,114 @@ struct Reducer {
     }
     next = 0;
     started_in_backward = 0;
+  }
+
+  // Between the guessing step's forward and its backward: the order its gradients will arrive in,
+  // read off the loss's graph as autograd's engine walks it — rank 0's, for every rank, so they
+  // bucket alike. Variables the graph does not show (used inside an activation checkpoint, whose
+  // graph backward makes, or not used) follow in the expected order. A no-op at other steps and
+  // after the first call of a step (on every rank alike, as every rank calls it alike).
+  void predict(const at::Tensor& loss) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!armed || !guessing || predicted) {
+      return;
+    }
+    predicted = true;
+    std::vector<int64_t> local(vars.size(), 0);
+    if (rank == 0) {
+      std::vector<size_t> order = engine_order(loss);
+      std::copy(order.begin(), order.end(), local.begin());
+    }
+    std::vector<int64_t> agreed = rank0s(local);
+    build_buckets(std::vector<size_t>(agreed.begin(), agreed.end()));
+    reset_buckets_state();
+  }
+
+  // Rank 0's `local`, on every rank.
+  std::vector<int64_t> rank0s(const std::vector<int64_t>& local) {
+    at::Tensor t = at::tensor(local, at::kLong).to(vars[0].device());
+    std::vector<at::Tensor> ts{t};
+    c10d::BroadcastOptions o;
+    o.rootRank = 0;
+    wait_work(backend->broadcast(ts, o));
+    at::Tensor agreed = t.cpu();
+    const int64_t* p = agreed.data_ptr<int64_t>();
+    return std::vector<int64_t>(p, p + local.size());
+  }
+
+  // The variables in the order autograd's engine reaches their gradient accumulators from `loss`
+  // (one device): a node runs once every node feeding it has, and of the nodes ready the one made
+  // last runs first (an accumulator, numbered last of all, at once). The ones the graph does not
+  // reach go, in the expected order, where the first activation checkpoint's node runs (its
+  // variables' gradients come from there: unclip-diffusion's `Checkpoint`, PyTorch's
+  // `CheckpointFunctionBackward`), or else last.
+  std::vector<size_t> engine_order(const at::Tensor& loss) const {
+    using torch::autograd::Node;
+    std::vector<size_t> order;
+    std::vector<bool> placed(vars.size(), false);
+    std::vector<bool> reached(vars.size(), false);
+    auto place_unreached = [&] {
+      for (size_t i : expected_order) {
+        if (!reached[i] && !placed[i]) {
+          order.push_back(i);
+          placed[i] = true;
+        }
+      }
+    };
+    const std::shared_ptr<Node>& root = loss.grad_fn();
+    if (root) {
+      std::unordered_map<const Node*, size_t> var_of;
+      for (size_t i = 0; i < vars.size(); ++i) {
+        if (accumulators[i]) {
+          var_of[accumulators[i].get()] = i;
+        }
+      }
+      std::unordered_map<const Node*, int64_t> feeding;
+      std::vector<Node*> stack{root.get()};
+      std::unordered_set<const Node*> seen{root.get()};
+      while (!stack.empty()) {
+        Node* n = stack.back();
+        stack.pop_back();
+        for (const auto& edge : n->next_edges()) {
+          Node* f = edge.function.get();
+          if (f == nullptr) {
+            continue;
+          }
+          feeding[f] += 1;
+          if (seen.insert(f).second) {
+            stack.push_back(f);
+            auto found = var_of.find(f);
+            if (found != var_of.end()) {
+              reached[found->second] = true;
+            }
+          }
+        }
+      }
+      auto runs_later = [](const Node* a, const Node* b) {
+        return a->sequence_nr() < b->sequence_nr();
+      };
+      std::priority_queue<Node*, std::vector<Node*>, decltype(runs_later)> ready(runs_later);
+      ready.push(root.get());
+      while (!ready.empty()) {
+        Node* n = ready.top();
+        ready.pop();
+        auto found = var_of.find(n);
+        if (found != var_of.end() && !placed[found->second]) {
+          order.push_back(found->second);
+          placed[found->second] = true;
+        } else if (n->name().find("Checkpoint") != std::string::npos) {
+          place_unreached();
+        }
+        for (const auto& edge : n->next_edges()) {
+          Node* f = edge.function.get();
+          if (f != nullptr && --feeding[f] == 0) {
+            ready.push(f);
+          }
+        }
+      }
+    }
+    place_unreached();
+    return order;
   }
 
   // The first overlapped backward fixes the buckets: rank 0's arrival order (then the variables
@@ -385,13 +541,8 @@ struct Reducer {
       // next; its bucket then starts at the end of backward when it does not).
       local[vars.size() + i] = accumulators[i] ? std::max<int64_t>(fires[i], 1) : 0;
     }
-    at::Tensor t = at::tensor(local, at::kLong).to(vars[0].device());
-    std::vector<at::Tensor> ts{t};
-    c10d::BroadcastOptions o;
-    o.rootRank = 0;
-    wait_work(backend->broadcast(ts, o));
-    at::Tensor agreed = t.cpu();
-    const int64_t* p = agreed.data_ptr<int64_t>();
+    std::vector<int64_t> agreed = rank0s(local);
+    const int64_t* p = agreed.data();
     std::vector<size_t> order(p, p + vars.size());
     expected.assign(p + vars.size(), p + 2 * vars.size());
     build_buckets(order);
@@ -421,6 +572,11 @@ struct Reducer {
       throw std::runtime_error("gradient reducer: wait without arm");
     }
     armed = false;
+    sent_buckets = buckets.size();
+    if (guessing) {
+      finish_guessing();
+      return false;
+    }
     bool learning = overlap && !learned;
     if (learning) {
       learn();
@@ -457,6 +613,73 @@ struct Reducer {
           "distributed.grad_reduce: after_backward for this model");
     }
     return late_anywhere;
+  }
+
+  // The end of the guessing step: the buckets not yet started go, then the gradients that arrived
+  // after their bucket had left (every rank learns which), reduced to their owners, who add them to
+  // the buckets' sums; then the order this step's gradients came in fixes the buckets.
+  void finish_guessing() {
+    // (Still guessing: the buckets started here drop the owner's gradients too.)
+    while (next < buckets.size()) {
+      launch(next++);
+    }
+    for (auto& w : works) {
+      if (w) {
+        wait_work(w);
+      }
+    }
+    at::Tensor flags = at::tensor(std::vector<float>(late_vars.begin(), late_vars.end()))
+                           .to(vars[0].device());
+    wait_work(all_reduce_sum(flags));
+    at::Tensor agreed = flags.cpu();
+    std::vector<std::vector<size_t>> late_of(static_cast<size_t>(world));
+    for (size_t i = 0; i < vars.size(); ++i) {
+      if (agreed.data_ptr<float>()[i] > 0.0f) {
+        late_of[static_cast<size_t>(owners[i])].push_back(i);
+      }
+    }
+    std::vector<at::Tensor> extra(vars.size());
+    for (size_t o = 0; o < late_of.size(); ++o) {
+      const auto& list = late_of[o];
+      if (list.empty()) {
+        continue;
+      }
+      at::Tensor flat = flatten(list);
+      wait_work(reduce_sum(flat, static_cast<int64_t>(o)));
+      int64_t offset = 0;
+      for (size_t i : list) {
+        if (static_cast<int64_t>(o) == rank) {
+          extra[i] = slot(flat, i, offset);
+        }
+        vars[i].mutable_grad().reset();
+        offset += vars[i].numel();
+      }
+    }
+    at::NoGradGuard no_grad;
+    for (size_t b = 0; b < buckets.size(); ++b) {
+      write_back(b);
+      flats[b] = at::Tensor();
+      works[b].reset();
+    }
+    for (size_t i = 0; i < vars.size(); ++i) {
+      if (!extra[i].defined()) {
+        continue;
+      }
+      at::Tensor add = extra[i].to(vars[i].scalar_type());
+      if (last_backward) {
+        add.div_(static_cast<double>(world));
+      }
+      at::Tensor& g = vars[i].mutable_grad();
+      if (g.defined()) {
+        g.add_(add);
+      } else {
+        g = add.clone();
+      }
+    }
+    sent_buckets = buckets.size();
+    guessing = false;
+    learn();
+    written = true;
   }
 
   // Bucket b's sums, divided by the world size after the last backward, into its variables'
@@ -540,11 +763,12 @@ struct Reducer {
 extern "C" {
 
 // A reducer over `n` variables (at::Tensor*, every one on the group's device). Until the first
-// overlapped backward, buckets take the variables last first (backward's order, roughly). views:
+// overlapped backward, buckets take the variables in `order` (indices, the order their gradients
+// are expected to arrive in; null: last first, backward's order roughly). views:
 // gradients become views into the fp32 buckets from the first overlapped step on. owners (null:
 // not sharded): each variable's rank under ZeRO-2, which alone receives its average.
 void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t bucket_bytes,
-                              int bf16, int views, const int64_t* owners) {
+                              int bf16, int views, const int64_t* owners, const int64_t* order) {
   Reducer* out = nullptr;
   int rc = guarded([&] {
     if (n <= 0) {
@@ -569,11 +793,24 @@ void* unclip_c10d_reducer_new(void* group, at::Tensor** vars, int64_t n, int64_t
         r->owners.push_back(owners[i]);
       }
     }
-    std::vector<size_t> order;
-    for (size_t j = r->vars.size(); j-- > 0;) {
-      order.push_back(j);
+    std::vector<size_t> expected_order;
+    if (order != nullptr) {
+      std::vector<bool> seen(r->vars.size(), false);
+      for (int64_t k = 0; k < n; ++k) {
+        if (order[k] < 0 || order[k] >= n || seen[static_cast<size_t>(order[k])]) {
+          throw std::runtime_error("gradient reducer: the expected order is not a permutation of " +
+                                   std::to_string(n) + " variables");
+        }
+        seen[static_cast<size_t>(order[k])] = true;
+        expected_order.push_back(static_cast<size_t>(order[k]));
+      }
+    } else {
+      for (size_t j = r->vars.size(); j-- > 0;) {
+        expected_order.push_back(j);
+      }
     }
-    r->build_buckets(order);
+    r->build_buckets(expected_order);
+    r->expected_order = std::move(expected_order);
     Reducer* self = r.get();
     for (size_t i = 0; i < r->vars.size(); ++i) {
       if (!r->vars[i].requires_grad()) {
@@ -606,14 +843,22 @@ int unclip_c10d_reducer_arm(void* reducer, int overlap, int last) {
 }
 
 // late: whether the averages are to be dropped (see Reducer::wait); started / buckets: how many
-// buckets started during backward, of how many.
-int unclip_c10d_reducer_wait(void* reducer, int* late, int64_t* started, int64_t* buckets) {
+// buckets started during backward, of how many; peak_waiting: the most bytes of gradients that
+// were complete but not yet sent at once during backward.
+int unclip_c10d_reducer_wait(void* reducer, int* late, int64_t* started, int64_t* buckets,
+                             int64_t* peak_waiting) {
   return guarded([&] {
     auto* r = static_cast<Reducer*>(reducer);
     *late = r->wait() ? 1 : 0;
     *started = static_cast<int64_t>(r->started_in_backward);
-    *buckets = static_cast<int64_t>(r->buckets.size());
+    *buckets = static_cast<int64_t>(r->sent_buckets);
+    *peak_waiting = r->peak_waiting_bytes;
   });
+}
+
+// Between the forward and the backward of an armed step, on every rank: see Reducer::predict.
+int unclip_c10d_reducer_predict(void* reducer, const at::Tensor* loss) {
+  return guarded([&] { static_cast<Reducer*>(reducer)->predict(*loss); });
 }
 
 int unclip_c10d_reducer_finish(void* reducer, int copy) {

@@ -57,6 +57,7 @@ mod ffi {
             bf16: c_int,
             views: c_int,
             owners: *const i64,
+            order: *const i64,
         ) -> *mut c_void;
         pub fn unclip_c10d_reducer_free(reducer: *mut c_void);
         pub fn unclip_c10d_reducer_arm(reducer: *mut c_void, overlap: c_int, last: c_int) -> c_int;
@@ -65,7 +66,9 @@ mod ffi {
             late: *mut c_int,
             started: *mut i64,
             buckets: *mut i64,
+            peak_waiting: *mut i64,
         ) -> c_int;
+        pub fn unclip_c10d_reducer_predict(reducer: *mut c_void, loss: *const c_void) -> c_int;
         pub fn unclip_c10d_reducer_finish(reducer: *mut c_void, copy: c_int) -> c_int;
     }
 }
@@ -328,6 +331,10 @@ pub struct Reduced {
     /// Buckets started during backward (the overlap), of `buckets`.
     pub started_in_backward: usize,
     pub buckets: usize,
+    /// During an overlapped backward, the most bytes of gradients that were complete but not yet
+    /// sent at once: the buckets filling, and any gradients held behind an earlier bucket that
+    /// still waited for a later one (where the buckets' order is not backward's). Zero otherwise.
+    pub peak_waiting_bytes: usize,
 }
 
 /// How a [`GradReducer`] buckets and sends the gradients.
@@ -344,9 +351,16 @@ pub struct ReducerOptions {
     pub bucket_views: bool,
     /// ZeRO-2: each variable's owner rank, which alone receives its average (buckets hold one
     /// owner's variables and are reduced to it); every other rank drops its gradient of the
-    /// variable once the bucket is sent, so it ends undefined there. A late gradient is an error.
+    /// variable once the bucket is sent, so it ends undefined there — from the first overlapped
+    /// step on, whose buckets follow `expected_order`; a gradient arriving after its bucket left
+    /// is sent after backward at that step (a variable accumulated twice), an error at later ones.
     /// None: every rank keeps every average.
     pub owners: Option<Vec<usize>>,
+    /// The order the gradients are expected to arrive in (indices into the variables), which
+    /// buckets them until the first overlapped step has shown the real one — under ZeRO-2 that
+    /// step's buckets go during backward, so a good guess keeps gradients from piling up. None:
+    /// last first (backward's order where variables are listed as the forward pass uses them).
+    pub expected_order: Option<Vec<usize>>,
 }
 
 impl Default for ReducerOptions {
@@ -356,6 +370,7 @@ impl Default for ReducerOptions {
             bf16: false,
             bucket_views: false,
             owners: None,
+            expected_order: None,
         }
     }
 }
@@ -401,9 +416,21 @@ impl<'a> GradReducer<'a> {
             Some(o) => Some(o.iter().map(|&r| r as i64).collect()),
             None => None,
         };
+        // (The shim checks it is a permutation.)
+        let order: Option<Vec<i64>> = match &options.expected_order {
+            Some(o) if o.len() != vars.len() => {
+                return Err(DistError::Invalid(format!(
+                    "gradient reducer: an expected order of {} for {} variables",
+                    o.len(),
+                    vars.len()
+                )))
+            }
+            Some(o) => Some(o.iter().map(|&i| i as i64).collect()),
+            None => None,
+        };
         let ptrs: Vec<*mut c_void> = vars.iter().map(|v| v.as_ptr() as *mut c_void).collect();
-        // SAFETY: live group and tensor pointers, `owners` (when given) one per variable; the
-        // shim copies the tensors (sharing storage) and the owners.
+        // SAFETY: live group and tensor pointers, `owners` and `order` (when given) one per
+        // variable; the shim copies the tensors (sharing storage), the owners and the order.
         let ptr = unsafe {
             ffi::unclip_c10d_reducer_new(
                 pg.ptr,
@@ -413,6 +440,7 @@ impl<'a> GradReducer<'a> {
                 c_int::from(options.bf16),
                 c_int::from(options.bucket_views),
                 owners.as_ref().map_or(std::ptr::null(), |o| o.as_ptr()),
+                order.as_ref().map_or(std::ptr::null(), |o| o.as_ptr()),
             )
         };
         if ptr.is_null() {
@@ -441,17 +469,38 @@ impl<'a> GradReducer<'a> {
         })
     }
 
+    /// Between the forward and the backward of the first overlapped step under ZeRO-2 (`owners`),
+    /// on every rank: buckets that step by the order its gradients will arrive in, read off
+    /// `loss`'s graph as autograd's engine walks it (rank 0's, for all), instead of
+    /// [`ReducerOptions::expected_order`] — which still places the variables the graph does not
+    /// show (used inside an activation checkpoint, or not at all). A no-op at other steps and
+    /// after the step's first call (its later backward passes find the buckets fixed).
+    pub fn expect_gradients_of(&self, loss: &Tensor) -> Result<()> {
+        // SAFETY: live reducer and tensor.
+        check("gradient reducer", unsafe {
+            ffi::unclip_c10d_reducer_predict(self.ptr, loss.as_ptr() as *const c_void)
+        })
+    }
+
     /// After backward: starts the buckets not yet started and waits for all.
     pub fn wait(&self) -> Result<Reduced> {
-        let (mut late, mut started, mut buckets): (c_int, i64, i64) = (0, 0, 0);
+        let (mut late, mut started, mut buckets, mut peak_waiting): (c_int, i64, i64, i64) =
+            (0, 0, 0, 0);
         // SAFETY: live reducer, valid out pointers.
         check("gradient reducer", unsafe {
-            ffi::unclip_c10d_reducer_wait(self.ptr, &mut late, &mut started, &mut buckets)
+            ffi::unclip_c10d_reducer_wait(
+                self.ptr,
+                &mut late,
+                &mut started,
+                &mut buckets,
+                &mut peak_waiting,
+            )
         })?;
         Ok(Reduced {
             late: late != 0,
             started_in_backward: started as usize,
             buckets: buckets as usize,
+            peak_waiting_bytes: peak_waiting as usize,
         })
     }
 

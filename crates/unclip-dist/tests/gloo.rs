@@ -157,30 +157,69 @@ fn assert_mean_grads_kept(
     kept: impl Fn(usize) -> bool,
     what: &str,
 ) {
+    check_owner_means(vars, rounds, bf16, kept, what, true)
+}
+
+/// The owners' gradients are the mean over ranks of each rank's sum over `rounds`, reduced round
+/// by round (so in another order than one rank's accumulation: to rounding); the others have none.
+fn assert_mean_sums_kept(
+    vars: &[Tensor],
+    rounds: &[i64],
+    bf16: bool,
+    kept: impl Fn(usize) -> bool,
+    what: &str,
+) {
+    check_owner_means(vars, rounds, bf16, kept, what, false)
+}
+
+/// The gradients `kept` names are the ranks' mean over `rounds` — bit for bit (`exact`, in the
+/// type the buckets travelled in), or to rounding; the others have none.
+fn check_owner_means(
+    vars: &[Tensor],
+    rounds: &[i64],
+    bf16: bool,
+    kept: impl Fn(usize) -> bool,
+    what: &str,
+    exact: bool,
+) {
     let (g0, g1) = (
         reducer_local_grads(0, rounds),
         reducer_local_grads(1, rounds),
     );
     for (i, v) in vars.iter().enumerate() {
-        let (a, b) = (g0[i].as_ref(), g1[i].as_ref());
-        let zeros = v.zeros_like();
-        let (a, b) = (a.unwrap_or(&zeros), b.unwrap_or(&zeros));
-        let want = if bf16 {
-            ((a.to_kind(Kind::BFloat16) + b.to_kind(Kind::BFloat16)) / 2.0).to_kind(Kind::Float)
-        } else {
-            (a + b) / 2.0
-        };
         let got = v.grad();
         if !kept(i) {
             assert!(!got.defined(), "{what}: variable {i} kept its gradient");
             continue;
         }
         assert!(got.defined(), "{what}: variable {i} has no gradient");
-        let diff = (&got - &want).abs().max().double_value(&[]);
-        assert_eq!(
-            diff, 0.0,
-            "{what}: variable {i} differs from the mean by {diff}"
+        let zeros = v.zeros_like();
+        let (a, b) = (
+            g0[i].as_ref().unwrap_or(&zeros),
+            g1[i].as_ref().unwrap_or(&zeros),
         );
+        let diff = |want: &Tensor| (&got - want).abs().max().double_value(&[]);
+        if exact {
+            let want = if bf16 {
+                ((a.to_kind(Kind::BFloat16) + b.to_kind(Kind::BFloat16)) / 2.0).to_kind(Kind::Float)
+            } else {
+                (a + b) / 2.0
+            };
+            let diff = diff(&want);
+            assert_eq!(
+                diff, 0.0,
+                "{what}: variable {i} differs from the mean by {diff}"
+            );
+        } else {
+            let want = (a + b) / 2.0;
+            let scale = want.abs().max().double_value(&[]).max(1.0);
+            let tolerance = if bf16 { 2e-2 } else { 1e-6 } * scale;
+            let diff = diff(&want);
+            assert!(
+                diff <= tolerance,
+                "{what}: variable {i}'s sum is off by {diff}"
+            );
+        }
     }
 }
 
@@ -194,7 +233,7 @@ fn grad_reducer_worker() {
         bucket_bytes,
         bf16,
         bucket_views,
-        owners: None,
+        ..Default::default()
     };
     {
         let reducer = GradReducer::new(&pg, &vars, &options(4096, false, false)).unwrap();
@@ -273,7 +312,10 @@ fn reducer_step(
     zero_grads(vars);
     reducer.arm(overlap).unwrap();
     for &r in rounds {
-        reducer_loss(vars, rank, r).backward();
+        let loss = reducer_loss(vars, rank, r);
+        // (Under ZeRO-2 the first step's buckets then follow the graph.)
+        reducer.expect_gradients_of(&loss).unwrap();
+        loss.backward();
     }
     let reduced = reducer.wait().unwrap();
     if reduced.late {
@@ -301,11 +343,19 @@ fn sharded_grad_reducer_worker() {
             bf16,
             bucket_views,
             owners: Some(owners.clone()),
+            expected_order: None,
         };
         let reducer = GradReducer::new(&pg, &vars, &options).unwrap();
-        // The first step fixes the buckets; the owner holds each mean, the other rank nothing.
+        // The first step sends buckets of the expected order during backward (rank 0 has every
+        // gradient, so all of them), then fixes the buckets; the owner holds each mean, the other
+        // rank nothing.
         let first = reducer_step(&reducer, &vars, rank, true, &[1]);
-        assert_eq!(first.started_in_backward, 0, "{what}: {first:?}");
+        if rank == 0 {
+            assert_eq!(
+                first.started_in_backward, first.buckets,
+                "{what}: {first:?}"
+            );
+        }
         assert_mean_grads_kept(&vars, &[1], bf16, kept, &format!("{what}, first step"));
         let second = reducer_step(&reducer, &vars, rank, true, &[2]);
         assert!(second.buckets >= 2, "{what}: {second:?}");
@@ -335,25 +385,13 @@ fn sharded_grad_reducer_worker() {
                 );
             }
         }
-        let (g0, g1) = (
-            reducer_local_grads(0, &[6, 7]),
-            reducer_local_grads(1, &[6, 7]),
+        assert_mean_sums_kept(
+            &vars,
+            &[6, 7],
+            bf16,
+            kept,
+            &format!("{what}, micro-batches"),
         );
-        for (i, v) in vars.iter().enumerate().filter(|(i, _)| kept(*i)) {
-            let zeros = v.zeros_like();
-            let (a, b) = (
-                g0[i].as_ref().unwrap_or(&zeros),
-                g1[i].as_ref().unwrap_or(&zeros),
-            );
-            let want = (a + b) / 2.0;
-            let scale = want.abs().max().double_value(&[]).max(1.0);
-            let diff = (v.grad() - &want).abs().max().double_value(&[]);
-            let tolerance = if bf16 { 2e-2 } else { 1e-6 } * scale;
-            assert!(
-                diff <= tolerance,
-                "{what}: variable {i} summed over micro-batches is off by {diff}"
-            );
-        }
         // The other rank's gradients were dropped as their buckets left: a late one cannot be
         // averaged again, whether or not the buckets are views.
         reducer.arm(true).unwrap();
@@ -362,8 +400,80 @@ fn sharded_grad_reducer_worker() {
         }
         let err = reducer.wait().unwrap_err().to_string();
         assert!(err.contains("grad_reduce: after_backward"), "{what}: {err}");
+        drop(reducer);
+
+        // At the first step a gradient arriving after its bucket left (two backward passes: a
+        // variable accumulated twice, as by a reentrant checkpoint) is sent after backward and
+        // added by its owner — here every one of rank 0's, whatever the expected order.
+        let vars = reducer_vars();
+        let options = ReducerOptions {
+            expected_order: Some(vec![0, 1, 2, 3, 4]),
+            ..options
+        };
+        let reducer = GradReducer::new(&pg, &vars, &options).unwrap();
+        let first = reducer_step(&reducer, &vars, rank, true, &[11, 12]);
+        assert!(!first.late, "{what}: {first:?}");
+        assert_mean_sums_kept(&vars, &[11, 12], bf16, kept, &format!("{what}, twice"));
+        // The steps after it have learned the two accumulations: every bucket waits for both.
+        let second = reducer_step(&reducer, &vars, rank, true, &[13, 14]);
+        assert!(!second.late, "{what}: {second:?}");
+        assert_mean_sums_kept(
+            &vars,
+            &[13, 14],
+            bf16,
+            kept,
+            &format!("{what}, twice again"),
+        );
     }
+    // The expected order decides what the first step holds back: a chain's gradients arrive last
+    // layer first. Buckets in that order go one by one; in the opposite order every gradient waits
+    // for the first layer's bucket, whose gradient comes last — unless the order is read off the
+    // loss's graph before backward.
+    let layer_bytes = 64 * 64 * 4;
+    let chain_peak_waiting = |order: Vec<usize>, from_graph: bool| -> usize {
+        let layers: Vec<Tensor> = (0..4)
+            .map(|k| {
+                (Tensor::eye(64, (Kind::Float, tch::Device::Cpu)) * (1.0 + 0.1 * k as f64))
+                    .set_requires_grad(true)
+            })
+            .collect();
+        let options = ReducerOptions {
+            bucket_bytes: layer_bytes,
+            owners: Some(vec![0, 1, 0, 1]),
+            expected_order: Some(order),
+            ..Default::default()
+        };
+        let reducer = GradReducer::new(&pg, &layers, &options).unwrap();
+        reducer.arm(true).unwrap();
+        let mut h = Tensor::ones([8, 64], (Kind::Float, tch::Device::Cpu)) * (rank + 1) as f64;
+        for w in &layers {
+            h = h.matmul(w).tanh();
+        }
+        let loss = h.sum(Kind::Float);
+        if from_graph {
+            reducer.expect_gradients_of(&loss).unwrap();
+        }
+        loss.backward();
+        let reduced = reducer.wait().unwrap();
+        reducer.finish(true).unwrap();
+        assert_eq!(reduced.started_in_backward, 4, "{reduced:?}");
+        reduced.peak_waiting_bytes
+    };
+    assert_eq!(chain_peak_waiting(vec![3, 2, 1, 0], false), layer_bytes);
+    assert_eq!(chain_peak_waiting(vec![0, 1, 2, 3], false), 4 * layer_bytes);
+    assert_eq!(chain_peak_waiting(vec![0, 1, 2, 3], true), layer_bytes);
     let vars = reducer_vars();
+    for (order, message) in [
+        (vec![0, 1, 2, 3], "an expected order of 4 for 5 variables"),
+        (vec![0, 1, 2, 3, 3], "not a permutation of 5 variables"),
+    ] {
+        let bad = ReducerOptions {
+            expected_order: Some(order),
+            ..Default::default()
+        };
+        let err = GradReducer::new(&pg, &vars, &bad).err().expect(message);
+        assert!(err.to_string().contains(message), "{err}");
+    }
     // Summing over backward passes is for owners: unsharded, every rank would count the sums again.
     let plain = GradReducer::new(&pg, &vars, &ReducerOptions::default()).unwrap();
     let err = plain.arm_backward(true, false).unwrap_err().to_string();

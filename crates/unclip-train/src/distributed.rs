@@ -4,6 +4,7 @@
 use crate::config::{DistributedConfig, GradReduce, ReduceDtype};
 use crate::optim::AdamW;
 use anyhow::{anyhow, bail, Context, Result};
+use std::collections::HashMap;
 use std::time::Duration;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -125,10 +126,12 @@ pub struct GradientAverager<'a> {
 }
 
 impl<'a> GradientAverager<'a> {
-    /// `owners` (ZeRO-2): each variable's rank, which alone keeps its average.
-    pub fn new<'v>(
+    /// `owners` (ZeRO-2): each variable's rank, which alone keeps its average. `vs` holds the
+    /// variables: the order they were created in gives the order their gradients are expected in.
+    pub fn new(
         pg: &'a ProcessGroup,
-        vars: impl IntoIterator<Item = &'v Tensor>,
+        vs: &VarStore,
+        vars: &[&Tensor],
         cfg: &DistributedConfig,
         owners: Option<Vec<usize>>,
     ) -> Result<Self> {
@@ -138,9 +141,10 @@ impl<'a> GradientAverager<'a> {
             bf16: cfg.reduce_dtype == ReduceDtype::Bf16,
             bucket_views: true,
             owners,
+            expected_order: Some(expected_gradient_order(vs, vars)),
         };
         Ok(Self {
-            reducer: GradReducer::new(pg, vars, &options)
+            reducer: GradReducer::new(pg, vars.iter().copied(), &options)
                 .context("setting up gradient averaging")?,
             overlap: cfg.grad_reduce == GradReduce::DuringBackward,
             sharded,
@@ -164,6 +168,13 @@ impl<'a> GradientAverager<'a> {
     /// or under ZeRO-2 each of them.
     pub fn arm(&self, last: bool) -> Result<()> {
         Ok(self.reducer.arm_backward(self.overlap, last)?)
+    }
+
+    /// Between an armed step's forward and backward: under ZeRO-2 the first step's buckets follow
+    /// the order `loss`'s graph will give the gradients in (see
+    /// [`GradReducer::expect_gradients_of`]); every rank calls it.
+    pub fn expect_gradients_of(&self, loss: &Tensor) -> Result<()> {
+        Ok(self.reducer.expect_gradients_of(loss)?)
     }
 
     /// After it: every variable's gradient is the mean over ranks — under ZeRO-2 on its owner
@@ -190,6 +201,29 @@ impl<'a> GradientAverager<'a> {
     pub fn take_wait_secs(&mut self) -> f64 {
         std::mem::take(&mut self.wait_secs)
     }
+}
+
+/// Indices of `vars` (variables of `vs`) in the order backward is expected to give their
+/// gradients: the last created first, as DDP assumes — a model builds its modules in the order its
+/// forward pass uses them, so a name order would misplace, say, a time embedding that every block
+/// reads (its gradient is among the last to arrive). Variables `vs` does not list go last.
+pub fn expected_gradient_order(vs: &VarStore, vars: &[&Tensor]) -> Vec<usize> {
+    let created: HashMap<usize, usize> = vs
+        .trainable_variables()
+        .iter()
+        .enumerate()
+        .map(|(k, t)| (t.data_ptr() as usize, k))
+        .collect();
+    let mut order: Vec<usize> = (0..vars.len()).collect();
+    // Stable: variables sharing no known position keep their (name) order among themselves.
+    order.sort_by_key(|&i| {
+        std::cmp::Reverse(
+            created
+                .get(&(vars[i].data_ptr() as usize))
+                .map_or(0, |&k| k + 1),
+        )
+    });
+    order
 }
 
 /// The global L2 norm of gradients sharded over the ranks (ZeRO-2: each on its owner alone),
@@ -254,7 +288,33 @@ pub fn mean_metrics(
 
 #[cfg(test)]
 mod tests {
-    use super::cpu_threads_per_rank;
+    use super::{cpu_threads_per_rank, expected_gradient_order};
+    use tch::nn::VarStore;
+    use unclip_diffusion::toy::ToyDenoiser;
+
+    #[test]
+    fn gradients_are_expected_last_created_first_not_in_name_order() {
+        let vs = VarStore::new(tch::Device::Cpu);
+        let _model = ToyDenoiser::new(vs.root() / "denoiser", 8, 2, 2);
+        let named = crate::named_variables(&vs);
+        let vars: Vec<&tch::Tensor> = named.iter().map(|(_, v)| v).collect();
+        let order: Vec<&str> = expected_gradient_order(&vs, &vars)
+            .into_iter()
+            .map(|i| named[i].0.as_str())
+            .collect();
+        // Built input, time embedding, layers, output: backward meets the output first and the
+        // time embedding, which every layer reads, last — where the name order has it first.
+        let position = |name: &str| order.iter().position(|n| *n == name).unwrap();
+        assert_eq!(order.len(), named.len());
+        assert!(order[0].starts_with("denoiser.output."), "{order:?}");
+        assert!(position("denoiser.layers.1.weight") < position("denoiser.layers.0.weight"));
+        assert!(position("denoiser.layers.0.weight") < position("denoiser.input.weight"));
+        let time = order
+            .iter()
+            .position(|n| n.starts_with("denoiser.time_embedding."))
+            .unwrap();
+        assert!(time > position("denoiser.layers.0.weight"), "{order:?}");
+    }
 
     #[test]
     fn cpu_ranks_share_the_cores_unless_omp_num_threads_says() {

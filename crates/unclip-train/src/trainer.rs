@@ -93,11 +93,16 @@ fn loss_and_backward<T: TrainTask>(
     device: tch::Device,
     cfg: &crate::config::TrainConfig,
     loss_scale: Option<&LossScaler>,
+    averager: Option<&distributed::GradientAverager>,
 ) -> Result<(StepOutput, f64)> {
     let out = {
         let _autocast = precision::autocast(device, cfg.precision);
         task.loss(batch)?
     };
+    if let Some(a) = averager {
+        // Every rank, also one whose loss is not finite (rank 0's graph decides).
+        a.expect_gradients_of(&out.loss)?;
+    }
     let value = out.loss.to_kind(Kind::Double).double_value(&[]);
     if value.is_finite() {
         let loss = match out.loss.kind() {
@@ -128,7 +133,7 @@ fn averaged_micro_batch<T: TrainTask>(
     if let Some(a) = &averager {
         a.arm(last)?;
     }
-    let out = loss_and_backward(task, batch, device, cfg, loss_scale)?;
+    let out = loss_and_backward(task, batch, device, cfg, loss_scale, averager.as_deref())?;
     if let (Some(a), false) = (averager, last) {
         a.average()?;
     }
@@ -411,7 +416,8 @@ pub fn train<T: TrainTask>(
             };
             Some(distributed::GradientAverager::new(
                 pg,
-                opt.variables(),
+                vs,
+                &opt.variables().collect::<Vec<_>>(),
                 &runtime.distributed,
                 owners,
             )?)
@@ -483,11 +489,28 @@ pub fn train<T: TrainTask>(
             a.average()?;
             // This step's, and the previous step's SAM second average.
             reduce_secs = a.take_wait_secs();
+            if let (Some(r), true) = (a.last, rank0 && step == start) {
+                if a.overlaps() && a.every_micro_batch() {
+                    // How well the order predicted before backward held: gradients behind a
+                    // bucket that still waits for a later one are held until it goes.
+                    logger.message(&format!(
+                        "first step: gradients sent to their owners in {} bucket(s) of the \
+                         order the loss's graph gives, {} started during backward, at most {:.1} \
+                         MiB waiting to be sent at once",
+                        r.buckets,
+                        r.started_in_backward,
+                        r.peak_waiting_bytes as f64 / (1 << 20) as f64
+                    ));
+                }
+            }
             if let (Some(r), true) = (a.last, rank0 && step == start + 1) {
                 logger.message(&if a.overlaps() {
                     format!(
-                        "gradients averaged in {} bucket(s), {} started during backward",
-                        r.buckets, r.started_in_backward
+                        "gradients averaged in {} bucket(s), {} started during backward, at \
+                         most {:.1} MiB waiting to be sent at once",
+                        r.buckets,
+                        r.started_in_backward,
+                        r.peak_waiting_bytes as f64 / (1 << 20) as f64
                     )
                 } else {
                     format!(
