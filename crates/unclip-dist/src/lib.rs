@@ -337,6 +337,9 @@ pub struct Reduced {
     pub peak_waiting_bytes: usize,
 }
 
+/// Gradient buckets' default size: DDP's (`bucket_cap_mb` 25).
+pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
+
 /// How a [`GradReducer`] buckets and sends the gradients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReducerOptions {
@@ -366,7 +369,7 @@ pub struct ReducerOptions {
 impl Default for ReducerOptions {
     fn default() -> Self {
         Self {
-            bucket_bytes: 25 << 20,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
             bf16: false,
             bucket_views: false,
             owners: None,

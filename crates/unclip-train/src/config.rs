@@ -209,7 +209,7 @@ impl Default for DistributedConfig {
     fn default() -> Self {
         Self {
             timeout_secs: 600,
-            bucket_mb: 25.0,
+            bucket_mb: unclip_dist::DEFAULT_BUCKET_BYTES as f64 / (1 << 20) as f64,
             grad_reduce: GradReduce::DuringBackward,
             reduce_dtype: ReduceDtype::Fp32,
             shard_optimizer: false,

@@ -33,6 +33,9 @@ struct Entry {
 #[derive(Debug, Clone)]
 pub struct Shards {
     vars: Vec<Owned>,
+    /// Each variable's owner by name (looked up once per variable at start-up: a scan of `vars`
+    /// would make that quadratic in the number of variables).
+    owner_of: HashMap<String, usize>,
     rank: usize,
     world: usize,
 }
@@ -60,7 +63,7 @@ impl Shards {
     pub fn new(vars: &[(String, Tensor)], rank: usize, world: usize) -> Self {
         let sizes: Vec<usize> = vars.iter().map(|(_, t)| t.numel()).collect();
         let owners = partition(&sizes, world);
-        let vars = vars
+        let vars: Vec<Owned> = vars
             .iter()
             .zip(owners)
             .map(|((name, t), owner)| Owned {
@@ -71,7 +74,13 @@ impl Shards {
                 owner,
             })
             .collect();
-        Self { vars, rank, world }
+        let owner_of = vars.iter().map(|v| (v.name.clone(), v.owner)).collect();
+        Self {
+            vars,
+            owner_of,
+            rank,
+            world,
+        }
     }
 
     /// Whether this rank owns variable `name`.
@@ -81,7 +90,7 @@ impl Shards {
 
     /// The rank that owns variable `name`.
     pub fn owner(&self, name: &str) -> Option<usize> {
-        self.vars.iter().find(|v| v.name == name).map(|v| v.owner)
+        self.owner_of.get(name).copied()
     }
 
     /// (elements this rank owns, elements in all) over the trainable variables.
