@@ -12,9 +12,10 @@
 // each variable has an owner rank: buckets hold one owner's variables and are reduced to it alone,
 // and the other ranks drop their copy of those gradients as soon as the bucket is sent, so each
 // rank keeps only its own share of the averaged gradients — from the first step on: that step
-// sends buckets of the expected order (DDP's first iteration), and a gradient that arrives after
-// its bucket left (a variable accumulated twice, as by a reentrant checkpoint) follows after
-// backward in a second reduce, which its owner adds.
+// sends buckets in the order read off the loss's graph before backward (where DDP's first
+// iteration guesses from the parameters' order), and a gradient that arrives after its bucket left
+// (a variable accumulated twice, as by a reentrant checkpoint) follows after backward in a second
+// reduce, which its owner adds.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/utils/lambda_post_hook.h>
@@ -87,8 +88,9 @@ struct Reducer {
   // This backward completes the gradients (the sums become means); otherwise (ZeRO-2 over several
   // micro-batches) the owners keep the sums, which the next backward adds to.
   bool last_backward = true;
-  // ZeRO-2's first overlapped backward: buckets of the expected order start from the hooks before
-  // the order is learned; `late_vars` marks gradients that arrived after their bucket left.
+  // ZeRO-2's first overlapped backward: buckets of the order predicted (see predict) start from the
+  // hooks before the order is learned; `late_vars` marks gradients that arrived after their bucket
+  // left.
   bool guessing = false;
   bool predicted = false;  // this step's order was read off its graph (the first call only)
   std::vector<uint8_t> late_vars;
@@ -253,7 +255,8 @@ struct Reducer {
     at::NoGradGuard no_grad;
     at::Tensor buffer = buffers[b];
     int64_t n_vars = static_cast<int64_t>(buckets[b].size());
-    buffer.narrow(0, buffer.numel() - n_vars, n_vars).copy_(defined_flags(buckets[b], buffer.options()));
+    buffer.narrow(0, buffer.numel() - n_vars, n_vars)
+        .copy_(defined_flags(buckets[b], buffer.options()));
     for (size_t i : buckets[b]) {
       at::Tensor& g = vars[i].mutable_grad();
       if (!g.defined()) {
@@ -415,9 +418,8 @@ struct Reducer {
 
   // Between the guessing step's forward and its backward: the order its gradients will arrive in,
   // read off the loss's graph as autograd's engine walks it — rank 0's, for every rank, so they
-  // bucket alike. Variables the graph does not show (used inside an activation checkpoint, whose
-  // graph backward makes, or not used) follow in the expected order. A no-op at other steps and
-  // after the first call of a step (on every rank alike, as every rank calls it alike).
+  // bucket alike (see engine_order). A no-op at other steps and after the first call of a step (on
+  // every rank alike, as every rank calls it alike).
   void predict(const at::Tensor& loss) {
     std::lock_guard<std::mutex> lock(mu);
     if (!armed || !guessing || predicted) {

@@ -355,14 +355,16 @@ pub struct ReducerOptions {
     /// ZeRO-2: each variable's owner rank, which alone receives its average (buckets hold one
     /// owner's variables and are reduced to it); every other rank drops its gradient of the
     /// variable once the bucket is sent, so it ends undefined there — from the first overlapped
-    /// step on, whose buckets follow `expected_order`; a gradient arriving after its bucket left
-    /// is sent after backward at that step (a variable accumulated twice), an error at later ones.
-    /// None: every rank keeps every average.
+    /// step on, whose buckets follow the loss's graph ([`GradReducer::expect_gradients_of`]) or
+    /// else `expected_order`; a gradient arriving after its bucket left is sent after backward at
+    /// that step (a variable accumulated twice), an error at later ones. None: every rank keeps
+    /// every average.
     pub owners: Option<Vec<usize>>,
     /// The order the gradients are expected to arrive in (indices into the variables), which
     /// buckets them until the first overlapped step has shown the real one — under ZeRO-2 that
-    /// step's buckets go during backward, so a good guess keeps gradients from piling up. None:
-    /// last first (backward's order where variables are listed as the forward pass uses them).
+    /// step's buckets go during backward, so a good guess keeps gradients from piling up (the
+    /// loss's graph, where given, orders the variables it shows; this, the rest). None: last first
+    /// (backward's order where variables are listed as the forward pass uses them).
     pub expected_order: Option<Vec<usize>>,
 }
 

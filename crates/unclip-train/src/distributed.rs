@@ -127,7 +127,8 @@ pub struct GradientAverager<'a> {
 
 impl<'a> GradientAverager<'a> {
     /// `owners` (ZeRO-2): each variable's rank, which alone keeps its average. `vs` holds the
-    /// variables: the order they were created in gives the order their gradients are expected in.
+    /// variables: the order they were created in gives the order their gradients are expected in
+    /// where the loss's graph does not ([`GradientAverager::expect_gradients_of`]).
     pub fn new(
         pg: &'a ProcessGroup,
         vs: &VarStore,
@@ -204,9 +205,12 @@ impl<'a> GradientAverager<'a> {
 }
 
 /// Indices of `vars` (variables of `vs`) in the order backward is expected to give their
-/// gradients: the last created first, as DDP assumes — a model builds its modules in the order its
-/// forward pass uses them, so a name order would misplace, say, a time embedding that every block
-/// reads (its gradient is among the last to arrive). Variables `vs` does not list go last.
+/// gradients: the last created first, as DDP assumes — a model mostly builds its modules in the
+/// order its forward pass uses them, so a name order would misplace, say, a time embedding that
+/// every block reads (its gradient is among the last to arrive). Not always (the decoder builds
+/// its text projection after the UNet, and uses it first): ZeRO-2's first step orders the
+/// variables its loss's graph shows by the graph, and this places the rest (inside activation
+/// checkpoints). Variables `vs` does not list go last.
 pub fn expected_gradient_order(vs: &VarStore, vars: &[&Tensor]) -> Vec<usize> {
     let created: HashMap<usize, usize> = vs
         .trainable_variables()
