@@ -389,7 +389,9 @@ impl Default for ReducerOptions {
 /// rank used, or a rank that skipped backward), so the ranks' collectives always match. A
 /// gradient defined on any rank comes out defined on all.
 ///
-/// Use: [`arm`](GradReducer::arm), backward, [`wait`](GradReducer::wait), then
+/// Use: [`arm`](GradReducer::arm), forward, under ZeRO-2
+/// [`expect_gradients_of`](GradReducer::expect_gradients_of) the loss (the first step's buckets
+/// then follow its graph), backward, [`wait`](GradReducer::wait), then
 /// [`finish`](GradReducer::finish) with `copy = true` to write the averages into the gradients —
 /// or, when `wait` reported a gradient that arrived after its bucket had started (a variable
 /// accumulated more often than at the first step), `finish(false)` and a non-overlapped round
