@@ -595,14 +595,7 @@ struct Reducer {
       written = true;
       return false;
     }
-    while (next < buckets.size()) {
-      launch(next++);
-    }
-    for (auto& w : works) {
-      if (w) {
-        wait_work(w);  // (none where release_sent freed a finished one)
-      }
-    }
+    send_rest_and_wait();
     // Every rank must drop the averages if any rank's were incomplete.
     at::Tensor any = at::full({1}, late ? 1.0f : 0.0f, vars[0].options().dtype(at::kFloat));
     wait_work(all_reduce_sum(any));
@@ -617,19 +610,24 @@ struct Reducer {
     return late_anywhere;
   }
 
-  // The end of the guessing step: the buckets not yet started go, then the gradients that arrived
-  // after their bucket had left (every rank learns which), reduced to their owners, who add them to
-  // the buckets' sums; then the order this step's gradients came in fixes the buckets.
-  void finish_guessing() {
-    // (Still guessing: the buckets started here drop the owner's gradients too.)
+  // Starts the buckets not started during backward, in order, and waits for all.
+  void send_rest_and_wait() {
     while (next < buckets.size()) {
       launch(next++);
     }
     for (auto& w : works) {
       if (w) {
-        wait_work(w);
+        wait_work(w);  // (none where release_sent freed a finished one)
       }
     }
+  }
+
+  // The end of the guessing step: the buckets not yet started go, then the gradients that arrived
+  // after their bucket had left (every rank learns which), reduced to their owners, who add them to
+  // the buckets' sums; then the order this step's gradients came in fixes the buckets.
+  void finish_guessing() {
+    // (Still guessing: the buckets started here drop the owner's gradients too.)
+    send_rest_and_wait();
     at::Tensor flags = at::tensor(std::vector<float>(late_vars.begin(), late_vars.end()))
                            .to(vars[0].device());
     wait_work(all_reduce_sum(flags));
@@ -678,7 +676,6 @@ struct Reducer {
         g = add.clone();
       }
     }
-    sent_buckets = buckets.size();
     guessing = false;
     learn();
     written = true;
